@@ -1,0 +1,1 @@
+"""Exporters: one registered class per target format (see exporters.registry)."""

