@@ -1,0 +1,36 @@
+"""Run one exporter: preflight, export, evaluate each artifact against the reference, write its report.
+
+Shared by `mergeq export` and the pipeline, so both produce the same artifacts and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporters.registry import get_exporter
+from exporters.report import ArtifactReport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    text: Path | None  # evaluation text; None means the demo evaluation text
+    reference: Path | None  # the fp16 checkpoint to compare against; None means the exported model itself
+    enabled: bool = True
+
+
+def run_export(target: str, model_dir: Path, out_dir: Path, options, evaluation: EvalSettings) -> list[ArtifactReport]:
+    exporter = get_exporter(target)()
+    for warning in exporter.preflight(model_dir, options):
+        log.warning("%s: %s", target, warning)
+    reports = exporter.export(model_dir, out_dir, options)
+    for report in reports:
+        if evaluation.enabled:
+            from exporters.evaluate import evaluate_into_report
+
+            evaluate_into_report(report, reference=evaluation.reference or model_dir, text=evaluation.text)
+        report.write(Path(report.path) if Path(report.path).is_dir() else Path(report.path).parent)
+    return reports
