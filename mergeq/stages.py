@@ -1,0 +1,99 @@
+"""Incremental stages: a stage whose inputs, options and tool versions hash the same is skipped.
+
+Each stage writes its output directory atomically, then a stamp `OUT/.mergeq/stages/NAME.json` holding
+the input key and the sha256 of every output file. A stage is done only when its stamp matches its key
+and its files still hash as stamped; a run killed at any moment therefore redoes at most the stage it
+was in, and leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergeq.atomic import write_json
+from mergeq.errors import MergeqError
+from mergeq.hashing import sha256_file
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".mergeq"
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under `root`, keyed by POSIX path relative to it, sorted."""
+    root = Path(root)
+    if root.is_file():
+        return {root.name: sha256_file(root)}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and STATE_DIR not in p.relative_to(root).parts)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+
+
+def stage_key(name: str, inputs: dict, options: dict, versions: dict) -> str:
+    blob = json.dumps({"stage": name, "inputs": inputs, "options": options, "versions": versions},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class Stage:
+    name: str
+    output: Path  # the directory (or file) the stage produces
+    key: str
+
+    def stamp_path(self, out_root: Path) -> Path:
+        return Path(out_root) / STATE_DIR / "stages" / f"{self.name}.json"
+
+    def is_done(self, out_root: Path) -> bool:
+        stamp = self.stamp_path(out_root)
+        if not stamp.exists() or not self.output.exists():
+            return False
+        try:
+            recorded = json.loads(stamp.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        if recorded.get("key") != self.key:
+            return False
+        return recorded.get("files") == tree_hashes(self.output)
+
+    def mark_done(self, out_root: Path) -> None:
+        write_json(self.stamp_path(out_root), {"stage": self.name, "key": self.key, "files": tree_hashes(self.output)})
+
+    def clear(self, out_root: Path) -> None:
+        self.stamp_path(out_root).unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive lock on an output directory: a second `mergeq run` on it refuses, clearly."""
+
+    def __init__(self, out_root: Path):
+        self.path = Path(out_root) / STATE_DIR / "lock"
+        self.handle = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise MergeqError(
+                f"another mergeq run (pid {holder}) is writing to {self.path.parent.parent}",
+                hint="wait for it to finish, or choose another --out directory",
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
