@@ -1,0 +1,176 @@
+"""`mergeq run`: adapter -> merged fp16 -> every export -> reports, model cards and a summary.
+
+Stages are incremental and resumable (mergeq.stages): unchanged stages are skipped, and a killed run
+started again finishes with the same artifacts.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exporters.report import ArtifactReport
+from mergeq.atomic import atomic_dir, write_json
+from mergeq.config import AdapterSpec, EvalSpec, MergeSpec, PipelineConfig, parse_config
+from mergeq.errors import MergeqError
+from mergeq.exporting import EvalSettings, run_export
+from mergeq.stages import RunLock, Stage, stage_key, tree_hashes
+
+log = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "mergeq")
+DEMO_EXPORTS = {"gguf": {"quant": ["Q8_0", "Q4_K_M"]}, "awq": {"group_size": 64}, "gptq": {"group_size": 64}}
+
+
+@dataclass
+class RunResult:
+    out: Path
+    reports: list[ArtifactReport] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def demo_config() -> PipelineConfig:
+    """The embedded demo: demo base + demo QLoRA adapter -> merged -> GGUF Q8_0/Q4_K_M, AWQ, GPTQ."""
+    from mergeq.demo import demo_assets
+
+    assets = demo_assets()
+    data = {
+        "merge": {"base": str(assets.base), "qlora_base": str(assets.base_nf4),
+                  "adapters": [{"path": str(assets.adapter), "weight": 1.0}]},
+        "eval": {"text": str(assets.eval_text)},
+        **DEMO_EXPORTS,
+    }
+    return parse_config(data)
+
+
+def check_out_dir(config: PipelineConfig, out: Path) -> None:
+    """The output may not be inside an input, nor escape through a symlink."""
+    out_resolved = out.resolve()
+    if out.is_symlink() or any(p.is_symlink() for p in out.parents if p.exists() and p != p.parent and p.is_relative_to(Path.cwd())):
+        raise MergeqError(f"output directory {out} goes through a symlink (to {out_resolved})",
+                          hint="give the real path as --out")
+    inputs = [config.merge.base, *(a.path for a in config.merge.adapters)]
+    if config.merge.qlora_base:
+        inputs.append(config.merge.qlora_base)
+    for source in inputs:
+        src = Path(source).resolve()
+        if out_resolved == src or out_resolved.is_relative_to(src):
+            raise MergeqError(f"output directory {out} is inside the input {source}",
+                              hint="choose an --out directory outside every input")
+        if src.is_relative_to(out_resolved):
+            raise MergeqError(f"input {source} is inside the output directory {out}",
+                              hint="choose an --out directory that holds no input")
+
+
+def run_pipeline(config: PipelineConfig, out: Path, *, preflight_only: bool = False) -> RunResult:
+    out = Path(out)
+    check_out_dir(config, out)
+    preflight(config)
+    if preflight_only:
+        return RunResult(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        write_json(out / "resolved_config.json", config.resolved())
+        return _run_stages(config, out)
+
+
+def preflight(config: PipelineConfig) -> None:
+    """Every exporter checks its options against the base's shapes before any work starts."""
+    from exporters.registry import get_exporter
+
+    for target, options in config.exports.items():
+        for warning in get_exporter(target)().preflight(config.merge.base, options):
+            log.warning("%s: %s", target, warning)
+
+
+def _run_stages(config: PipelineConfig, out: Path) -> RunResult:
+    result = RunResult(out)
+    tool_versions = versions()
+    merged = out / "merged"
+    merge_stage = Stage("merge", merged, stage_key(
+        "merge", _merge_inputs(config.merge), config.resolved()["merge"], tool_versions))
+    _run_stage(merge_stage, out, result, lambda tmp: _merge(config.merge, tmp))
+    merged_hash = stage_key("merged", tree_hashes(merged), {}, {})
+    evaluation = EvalSettings(text=config.evaluation.text, reference=merged, enabled=config.evaluation.enabled)
+
+    for target, options in config.exports.items():
+        stage = Stage(target, out / target, stage_key(
+            target, {"merged": merged_hash, "eval": _eval_inputs(config.evaluation)},
+            config.export_args[target], {**tool_versions, **_tool_versions(target)}))
+        _run_stage(stage, out, result, lambda tmp, t=target, o=options: _export(t, merged, tmp, o, evaluation))
+    result.reports = collect_reports(out)
+    from exporters.report import write_summary
+
+    write_summary(result.reports, out)
+    return result
+
+
+def _run_stage(stage: Stage, out: Path, result: RunResult, work) -> None:
+    if stage.is_done(out):
+        log.info("stage %s: unchanged inputs, options and versions, skipped", stage.name)
+        result.skipped.append(stage.name)
+        return
+    stage.clear(out)
+    started = time.monotonic()
+    log.info("stage %s: running", stage.name)
+    try:
+        with atomic_dir(stage.output, overwrite=True) as tmp:
+            work(tmp)
+    except MergeqError as err:
+        raise type(err)(f"stage {stage.name} failed: {err}") from err
+    stage.mark_done(out)
+    result.ran.append(stage.name)
+    log.info("stage %s: done in %.1f s", stage.name, time.monotonic() - started)
+
+
+def _merge_inputs(spec: MergeSpec) -> dict:
+    inputs = {"base": tree_hashes(spec.base), "adapters": [
+        {"files": tree_hashes(a.path), "weight": a.weight} for a in spec.adapters]}
+    if spec.qlora_base:
+        inputs["qlora_base"] = tree_hashes(spec.qlora_base)
+    return inputs
+
+
+def _eval_inputs(spec: EvalSpec) -> dict:
+    return {"text": tree_hashes(spec.text) if spec.text else "demo", "enabled": spec.enabled}
+
+
+def _tool_versions(target: str) -> dict:
+    if target != "gguf":
+        return {}
+    from exporters import llamacpp
+
+    return {"llama.cpp": llamacpp.version_info()}
+
+
+def _merge(spec: MergeSpec, tmp: Path) -> None:
+    from merge.merger import MergeConfig, run_merge
+
+    run_merge(MergeConfig(
+        base=spec.base, adapters=[(a.path, a.weight) for a in spec.adapters], out=tmp,
+        dtype=spec.dtype, qlora_base=spec.qlora_base, validate=spec.validate, overwrite=True))
+
+
+def _export(target: str, merged: Path, tmp: Path, options, evaluation: EvalSettings) -> None:
+    run_export(target, merged, tmp, options, evaluation)
+
+
+def collect_reports(out: Path) -> list[ArtifactReport]:
+    from exporters.report import load_report
+
+    return [load_report(p) for p in sorted(out.rglob("report.json")) if ".mergeq" not in p.parts]
