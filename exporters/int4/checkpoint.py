@@ -1,0 +1,170 @@
+"""On-disk checkpoints: lazy, memory-mapped tensor access to a Hugging Face safetensors model, and a
+sharded writer that never holds more than one shard of output in memory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mergeq.atomic import write_json
+from mergeq.errors import MergeqError
+
+# Files a serving stack needs besides the weights: tokenizer, chat template, generation defaults.
+AUXILIARY_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise MergeqError(f"{path} not found", hint="--model must be a Hugging Face checkpoint directory with config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MergeqError(f"{path} is not valid JSON: {exc}") from exc
+
+
+class TensorSource:
+    """Name -> tensor for a (possibly sharded) safetensors checkpoint; each read maps only that tensor."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: self.model_dir / file for name, file in weight_map.items()}
+        else:
+            files = sorted(self.model_dir.glob("*.safetensors"))
+            if not files:
+                raise MergeqError(
+                    f"no *.safetensors files in {self.model_dir}",
+                    hint="export the merged model with safetensors (save_pretrained(..., safe_serialization=True))",
+                )
+            self._file_of = {}
+            for file in files:
+                with safe_open(file, "pt") as handle:
+                    for name in handle.keys():
+                        self._file_of[name] = file
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, "pt")
+        return self._handles[file]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(self._require(name)).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._handle(self._require(name)).get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(self._require(name)).get_tensor(name)
+
+    def _require(self, name: str) -> Path:
+        try:
+            return self._file_of[name]
+        except KeyError:
+            raise MergeqError(f"tensor {name!r} is missing from {self.model_dir}") from None
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self._file_of.values()))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class ShardWriter:
+    """Collects output tensors and writes them as safetensors shards of at most `max_shard_bytes`.
+
+    Shards are named model-0000i-of-0000n.safetensors (with model.safetensors.index.json), or
+    model.safetensors when everything fits in one. Byte-identical for identical input.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 << 30):
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in shard for shard in self._shards):
+            raise MergeqError(f"tensor {name!r} written twice")
+        tensor = tensor.detach().to("cpu").contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor
+        self._pending_bytes += size
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append(sorted(self._pending))
+        self.total_bytes += self._pending_bytes
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def finish(self) -> list[Path]:
+        self._flush()
+        count = len(self._shards)
+        if count == 1:
+            final = self.out_dir / "model.safetensors"
+            (self.out_dir / ".shard-00000.safetensors").rename(final)
+            return [final]
+        weight_map = {}
+        paths = []
+        for i, names in enumerate(self._shards):
+            final = self.out_dir / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.out_dir / f".shard-{i:05d}.safetensors").rename(final)
+            paths.append(final)
+            for name in names:
+                weight_map[name] = final.name
+        write_json(
+            self.out_dir / "model.safetensors.index.json",
+            {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))},
+        )
+        return paths
+
+
+def copy_auxiliary_files(model_dir: Path, out_dir: Path) -> list[str]:
+    """Copy tokenizer, chat template and generation config; return the names copied."""
+    copied = []
+    for name in AUXILIARY_FILES:
+        source = Path(model_dir) / name
+        if source.is_file():
+            shutil.copyfile(source, Path(out_dir) / name)
+            copied.append(name)
+    return copied
+
+
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    source = TensorSource(model_dir)
+    for name in source.names():
+        yield name, source.get(name)
