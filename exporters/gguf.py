@@ -1,0 +1,399 @@
+"""The `gguf` exporter: a merged checkpoint -> GGUF files made by the pinned llama.cpp's own tools.
+
+    mergeq export gguf --model DIR --out DIR --quant Q4_K_M [--quant Q8_0 ...] [--imatrix --calib FILE]
+
+The pinned convert_hf_to_gguf.py writes one f16 (or bf16) intermediate GGUF, once; llama-quantize makes
+every requested type from it (`f16`/`bf16` themselves are the intermediate or a copy of it). With
+`--imatrix`, llama-imatrix first computes an importance matrix from the calibration text.
+
+Output layout, one directory per requested type (the orchestration writes report.json next to each):
+
+    OUT/<TYPE>/<model>-<TYPE>.gguf     e.g. OUT/Q4_K_M/merged-Q4_K_M.gguf
+    OUT/<TYPE>/report.json
+
+Each type directory appears in one rename when its GGUF is complete; the intermediate and the imatrix
+live in OUT/.gguf-work.tmp-*/ and are removed at the end. A killed export leaves only `.…tmp-…` entries
+(removed by the next run), never a finished-looking GGUF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from exporters import llamacpp
+from exporters.gguf_inspect import read_ggufs, size_info
+from exporters.registry import register
+from exporters.report import ArtifactReport, StageCost
+from mergeq.atomic import atomic_dir, remove_stale_tmp
+from mergeq.errors import MergeqError
+from mergeq.hashing import sha256_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUANTS = ("Q8_0", "Q4_K_M")
+INTERMEDIATES = ("f16", "bf16")
+FLOAT_TYPES = {"F16": "f16", "BF16": "bf16"}
+WORK_NAME = "gguf-work"  # OUT/.gguf-work.tmp-*: the intermediate and the imatrix, removed at the end
+DISK_MARGIN = 1.05  # planned bytes are estimates: ask for 5% more (plus 64 MiB)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Upper bound of the size of a quantized file relative to f16: the mixtures and fallbacks never put a
+# quantized tensor above Q8_0 (8.5 bits) unless a shape forces F16, which planned_bytes covers by 1.0.
+QUANTIZED_BOUND = 8.5 / 16
+
+
+@dataclass(frozen=True)
+class GGUFOptions:
+    quants: tuple[str, ...] = DEFAULT_QUANTS  # llama-quantize spellings, request order, no duplicates
+    imatrix: bool = False
+    calib: Path | None = None
+    imatrix_ctx: int = 512
+    intermediate: str = "auto"  # "f16", "bf16", or "auto": bf16 for a bfloat16 checkpoint, else f16
+    threads: int | None = None  # llama.cpp threads (default: its own, all cores)
+
+
+# ----------------------------------------------------------------------------------------------- model facts
+
+
+def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise MergeqError(f"model directory {model_dir} does not exist", hint="pass the merged checkpoint with --model")
+    if not path.is_file():
+        raise MergeqError(f"{path} is missing: {model_dir} is not a Hugging Face checkpoint",
+                          hint="pass the directory that holds config.json and the safetensors weights")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise MergeqError(f"{path} is not valid JSON: {err}") from err
+
+
+def architecture(config: dict) -> str | None:
+    """The architecture name the converter routes on (the text model's, for a multimodal config)."""
+    text = config.get("text_config") or {}
+    if text.get("architectures"):
+        return text["architectures"][0]
+    arches = config.get("architectures") or []
+    return arches[0] if arches else None
+
+
+def intermediate_type(config: dict, options: GGUFOptions) -> str:
+    if options.intermediate != "auto":
+        return options.intermediate
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
+    return "bf16" if "bfloat16" in dtype else "f16"
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
+def f16_bytes_estimate(model_dir: Path, config: dict) -> int:
+    """About what the model takes at 16 bits: its weight files, scaled by the stored element size."""
+    total = sum(p.stat().st_size for p in weight_files(model_dir))
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
+    return total // 2 if "float32" in dtype else total
+
+
+def planned_bytes(quant: str, f16_bytes: int) -> int:
+    if quant in ("F16", "BF16"):
+        return f16_bytes
+    if quant == "F32":
+        return 2 * f16_bytes
+    return int(f16_bytes * QUANTIZED_BOUND)
+
+
+def chat_template(model_dir: Path) -> str | None:
+    """The checkpoint's chat template: chat_template.jinja, else tokenizer_config.json's."""
+    jinja = Path(model_dir) / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = Path(model_dir) / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text()).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def free_bytes(path: Path) -> int:
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_disk(model_dir: Path, config: dict, options: GGUFOptions, where: Path) -> dict[str, int]:
+    """Raise unless `where` has room for the intermediate and every planned file; returns the plan."""
+    inter = intermediate_type(config, options)
+    f16 = f16_bytes_estimate(model_dir, config)
+    plan = {"intermediate": f16}
+    for quant in options.quants:
+        if FLOAT_TYPES.get(quant) != inter:  # the intermediate itself becomes that artifact
+            plan[quant] = planned_bytes(quant, f16)
+    need = int(sum(plan.values()) * DISK_MARGIN) + (64 << 20)
+    if (free := free_bytes(where)) < need:
+        detail = ", ".join(f"{k} ~{v / 2**20:.0f} MiB" for k, v in plan.items())
+        raise MergeqError(f"not enough free disk for the GGUF export: about {need / 2**20:.0f} MiB needed "
+                          f"({detail}), {free / 2**20:.0f} MiB free at {where}",
+                          hint="free some space, or choose fewer --quant types")
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------- the exporter
+
+
+@register("gguf")
+class GGUFExporter:
+    """GGUF files for llama.cpp, made by the pinned llama.cpp converter and llama-quantize"""
+
+    def __init__(self) -> None:
+        self._preflight_warnings: list[str] = []
+
+    # -- options
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--quant", action="append", metavar="TYPE",
+            help="llama-quantize type to write (repeatable or comma-separated): Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, "
+                 f"IQ4_XS, ..., F16, BF16 (default: {' '.join(DEFAULT_QUANTS)})")
+        parser.add_argument("--imatrix", action="store_true",
+                            help="quantize with an importance matrix computed by llama-imatrix from --calib")
+        parser.add_argument("--calib", type=Path, metavar="FILE", help="calibration text for --imatrix")
+        parser.add_argument("--imatrix-ctx", type=int, default=512, metavar="N",
+                            help="llama-imatrix context (tokens per chunk; the text needs at least 2N tokens)")
+        parser.add_argument("--intermediate", choices=("auto", *INTERMEDIATES), default="auto",
+                            help="type of the one intermediate GGUF (auto: bf16 for bfloat16 checkpoints, else f16)")
+        parser.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads (default: all cores)")
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> GGUFOptions:
+        requested = [part.strip() for value in (getattr(args, "quant", None) or DEFAULT_QUANTS)
+                     for part in str(value).split(",") if part.strip()]
+        quants = []
+        pin = llamacpp.load_pin()
+        for name in requested:
+            canonical = llamacpp.canonical_quant_type(name, pin)
+            if canonical is None or canonical == "COPY":
+                known = ", ".join(t for t in pin.quant_types if t != "COPY")
+                raise MergeqError(f"--quant {name!r} is not a llama-quantize type",
+                                  hint=f"llama.cpp {pin.commit} (llama-cpp-python {pin.version}) knows: {known}")
+            if canonical not in quants:
+                quants.append(canonical)
+        imatrix, calib = bool(getattr(args, "imatrix", False)), getattr(args, "calib", None)
+        if imatrix and calib is None:
+            raise MergeqError("--imatrix needs --calib FILE: the text that llama-imatrix runs through the model")
+        if calib is not None and not imatrix:
+            raise MergeqError("--calib is only used with --imatrix", hint="add --imatrix, or drop --calib")
+        if not imatrix and (need := [q for q in quants if q in pin.needs_imatrix]):
+            raise MergeqError(f"--quant {', '.join(need)} requires an importance matrix",
+                              hint="add --imatrix --calib FILE, or choose e.g. IQ4_XS, Q3_K_M or Q4_K_M")
+        ctx = int(getattr(args, "imatrix_ctx", 512) or 512)
+        threads = getattr(args, "threads", None)
+        if ctx < 8:
+            raise MergeqError(f"--imatrix-ctx {ctx} is too small", hint="use at least 8 (default 512)")
+        if threads is not None and threads < 1:
+            raise MergeqError(f"--threads {threads} must be at least 1")
+        return GGUFOptions(quants=tuple(quants), imatrix=imatrix, calib=Path(calib) if calib else None,
+                           imatrix_ctx=ctx, intermediate=getattr(args, "intermediate", "auto") or "auto",
+                           threads=threads)
+
+    # -- preflight
+
+    def preflight(self, model_dir: Path, options: GGUFOptions) -> list[str]:
+        """Everything checkable before work: architecture, weights, tokenizer, calibration text, disk, build tools."""
+        model_dir = Path(model_dir)
+        config = read_config(model_dir)
+        warnings: list[str] = []
+        arch = architecture(config)
+        supported = llamacpp.supported_architectures()
+        if arch is None:
+            raise MergeqError(f"{model_dir / 'config.json'} names no architecture (\"architectures\" is missing)",
+                              hint="the converter picks its model class by that name")
+        if arch not in supported:
+            pin = llamacpp.load_pin()
+            raise MergeqError(
+                f"architecture {arch!r} ({model_dir / 'config.json'}) is not supported by the pinned llama.cpp "
+                f"converter ({pin.commit}); it supports {len(supported)} architectures: {', '.join(supported)}",
+                hint="export this model with `mergeq export awq` or `gptq` instead")
+        if not weight_files(model_dir):
+            raise MergeqError(f"{model_dir} holds no .safetensors or .bin weights")
+        if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+            raise MergeqError(f"{model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
+                              hint="save the tokenizer next to the merged weights: GGUF files carry it")
+        if chat_template(model_dir) is None:
+            warnings.append(f"{model_dir} has no chat template; the GGUF files will carry none")
+        if options.imatrix:
+            calib = Path(options.calib)
+            if not calib.is_file():
+                raise MergeqError(f"calibration text {calib} does not exist", hint="pass a text file with --calib")
+            if calib.stat().st_size == 0:
+                raise MergeqError(f"calibration text {calib} is empty")
+        check_disk(model_dir, config, options, model_dir)  # export() checks again where OUT really is
+        if not llamacpp.is_built():
+            llamacpp.find_build_tools()  # raises a clear error now rather than after the merge
+            warnings.append("llama.cpp is not built yet: the export builds it first (a few minutes, once); "
+                            "`mergeq setup-llamacpp` does it ahead of time")
+        self._preflight_warnings = list(warnings)
+        return warnings
+
+    # -- export
+
+    def export(self, model_dir: Path, out_dir: Path, options: GGUFOptions) -> list[ArtifactReport]:
+        model_dir, out_dir = Path(model_dir), Path(out_dir)
+        config = read_config(model_dir)
+        inter = intermediate_type(config, options)
+        stem = model_dir.resolve().name
+        check_disk(model_dir, config, options, out_dir)
+        where = llamacpp.ensure_built()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(out_dir / WORK_NAME)
+        work = Path(tempfile.mkdtemp(prefix=f".{WORK_NAME}.tmp-", dir=out_dir))
+        hasher = ThreadPoolExecutor(max_workers=1)
+        try:
+            inputs: Future = hasher.submit(_input_hashes, model_dir, options)
+            return self._export(model_dir, out_dir, options, inter, stem, work, inputs, where)
+        finally:
+            hasher.shutdown(wait=True)
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _export(self, model_dir, out_dir, options, inter, stem, work, inputs, where) -> list[ArtifactReport]:
+        from mergeq.progress import progress_bar
+
+        threads = ("-t", str(options.threads)) if options.threads else ()
+        stages: dict[str, StageCost] = {}
+        logs: dict[str, str] = {}
+        intermediate = work / f"{stem}-{inter.upper()}.gguf"
+        steps = 1 + int(options.imatrix) + len(options.quants)
+        with progress_bar() as bar:
+            task = bar.add_task(f"GGUF: convert to {inter}", total=steps)
+            result = llamacpp.run_tool(llamacpp.converter_command(model_dir, intermediate, inter),
+                                       hint="the pinned converter could not read this checkpoint")
+            stages["convert"] = StageCost(round(result.seconds, 3), result.peak_rss_bytes)
+            bar.advance(task)
+            imatrix_file = None
+            if options.imatrix:
+                bar.update(task, description="GGUF: llama-imatrix")
+                imatrix_file = work / "imatrix.gguf"
+                result = llamacpp.run_tool(llamacpp.tool_command(
+                    "llama-imatrix", "-m", intermediate, "-f", options.calib, "-o", imatrix_file,
+                    "-c", str(options.imatrix_ctx), "--no-ppl", *threads),
+                    hint=f"the calibration text needs at least 2 x --imatrix-ctx ({2 * options.imatrix_ctx}) tokens")
+                stages["imatrix"] = StageCost(round(result.seconds, 3), result.peak_rss_bytes)
+                bar.advance(task)
+            finals: dict[str, Path] = {}
+            keep_intermediate = None
+            for quant in options.quants:
+                final_dir = out_dir / quant
+                name = f"{stem}-{quant}.gguf"
+                if FLOAT_TYPES.get(quant) == inter:
+                    keep_intermediate = quant  # moved into place after the other types are made from it
+                    finals[quant] = final_dir / name
+                    continue
+                bar.update(task, description=f"GGUF: llama-quantize {quant}")
+                with atomic_dir(final_dir, overwrite=True) as tmp:
+                    args = ["--imatrix", imatrix_file] if imatrix_file is not None and quant not in FLOAT_TYPES else []
+                    result = llamacpp.run_tool(
+                        llamacpp.tool_command("llama-quantize", *args, intermediate, tmp / name, quant, *threads[1:]),
+                        hint=_quantize_hint(quant))
+                stages[f"quantize_{quant}"] = StageCost(round(result.seconds, 3), result.peak_rss_bytes)
+                logs[quant] = result.stdout + result.stderr
+                finals[quant] = final_dir / name
+                bar.advance(task)
+            if keep_intermediate is not None:
+                with atomic_dir(out_dir / keep_intermediate, overwrite=True) as tmp:
+                    os.replace(intermediate, tmp / finals[keep_intermediate].name)
+                bar.advance(task)
+        return self._reports(model_dir, options, inter, finals, stages, logs, inputs.result(), imatrix_file is not None)
+
+    def _reports(self, model_dir, options, inter, finals, stages, logs, input_hashes, used_imatrix):
+        pin = llamacpp.load_pin()
+        summaries = read_ggufs(list(finals.values()))
+        template = chat_template(model_dir)
+        reports = []
+        for (quant, path), summary in zip(finals.items(), summaries):
+            size, warnings = size_info(summary, quant, pin.default_types.get(quant), logs.get(quant))
+            warnings = self._preflight_warnings + warnings
+            shape_fallbacks = [f for f in size.fallbacks if f["kind"] == "shape"]
+            if shape_fallbacks:
+                cols = sorted({f["columns"] for f in shape_fallbacks})
+                warnings.append(
+                    f"{quant}: {len(shape_fallbacks)} of {sum(t.is_matrix for t in summary.tensors)} weight matrices "
+                    f"fell back to other types: their row length ({', '.join(map(str, cols))}) is not a multiple "
+                    "of the block size of the requested type (see fallbacks)")
+            stored_template = summary.metadata.get("tokenizer.chat_template")
+            if template is not None and stored_template != template:
+                warnings.append(f"{quant}: the chat template in the GGUF differs from the checkpoint's")
+            own = {"convert": stages["convert"]}
+            if "imatrix" in stages:
+                own["imatrix"] = stages["imatrix"]
+            if f"quantize_{quant}" in stages:
+                own["quantize"] = stages[f"quantize_{quant}"]
+            reports.append(ArtifactReport(
+                format="gguf", quant=quant, path=str(path), size=size, stages=own,
+                provenance={
+                    "inputs": input_hashes,
+                    "options": _jsonable(asdict(options)),
+                    "intermediate": inter,
+                    "imatrix": {"used": used_imatrix and quant not in FLOAT_TYPES,
+                                "calib": str(options.calib) if options.calib else None,
+                                "calib_sha256": input_hashes.get("calib_sha256"),
+                                "ctx": options.imatrix_ctx if used_imatrix else None},
+                    "tools": {"llama.cpp": llamacpp.version_info()},
+                },
+                warnings=warnings,
+                extra={"gguf": {
+                    "architecture": summary.metadata.get("general.architecture"),
+                    "file_type": summary.metadata.get("general.file_type"),
+                    "tensor_count": len(summary.tensors),
+                    "parameters": summary.parameters,
+                    "tokenizer_model": summary.metadata.get("tokenizer.ggml.model"),
+                    "vocab_size": summary.array_lengths.get("tokenizer.ggml.tokens"),
+                    "add_bos_token": summary.metadata.get("tokenizer.ggml.add_bos_token"),
+                    "chat_template": stored_template is not None,
+                    "chat_template_matches": None if template is None else stored_template == template,
+                }},
+            ))
+        return reports
+
+
+def _quantize_hint(quant: str) -> str:
+    return (f"llama-quantize could not make {quant}; if it asks for an importance matrix, add --imatrix --calib FILE")
+
+
+def _input_hashes(model_dir: Path, options: GGUFOptions) -> dict:
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    hashes = {"model": {p.name: sha256_file(p) for p in files}}
+    if options.calib is not None:
+        hashes["calib_sha256"] = sha256_file(options.calib)
+    return hashes
+
+
+def _jsonable(data):
+    return json.loads(json.dumps(data, default=str))
+
+
+def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> Path:
+    """One GGUF of `model_dir` by the pinned converter, written atomically (for callers other than export,
+    e.g. an evaluator that needs the f16 GGUF of a reference checkpoint)."""
+    outfile = Path(outfile)
+    outfile.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(outfile)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{outfile.name}.tmp-", dir=outfile.parent))
+    try:
+        llamacpp.run_tool(llamacpp.converter_command(model_dir, tmp / outfile.name, outtype),
+                          hint="the pinned converter could not read this checkpoint")
+        os.replace(tmp / outfile.name, outfile)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return outfile
