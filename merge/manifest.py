@@ -1,0 +1,78 @@
+"""merge_manifest.json: where a merged checkpoint came from and what was done to it.
+
+sha256 of every input file, each adapter's config and the scale actually applied to every module, the
+output dtype and layout, tool versions, and the validation numbers. No timestamps: equal inputs give an
+equal manifest.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+from pathlib import Path
+
+from mergeq import __version__
+from mergeq.hashing import sha256_file
+
+MANIFEST_NAME = "merge_manifest.json"
+SCHEMA = 1
+PACKAGES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "numpy")
+
+
+def versions() -> dict[str, str]:
+    found = {"mergeq": __version__, "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every regular file directly in `folder` (checkpoints and adapters are flat folders)."""
+    folder = Path(folder)
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _source_entry(source) -> dict:
+    entry = {"path": str(source.folder), "format": source.ckpt.format, "kind": source.kind,
+             "files": folder_hashes(source.folder)}
+    if source.quant:
+        entry["quantized_tensors"] = len(source.quant)
+    if source.requantize is not None:
+        entry["requantized"] = {"quant_type": source.requantize.quant_type, "blocksize": source.requantize.blocksize,
+                                "double_quant": source.requantize.double_quant,
+                                "tensors": len(source.requantized)}
+    return entry
+
+
+def build(*, config, chosen, sources, facts: dict, aux: list[str], adapters: list[dict], validation: dict | None,
+          fidelity: dict | None, warnings: list[str]) -> dict:
+    adapter_entries = []
+    for entry, adapter in zip(adapters, chosen.adapters):
+        adapter_entries.append({**entry, "files": folder_hashes(adapter.path)})
+    return {
+        "schema": SCHEMA,
+        "tool": "mergeq merge",
+        "dtype": config.dtype,
+        "inputs": {
+            "sources": {s.label: _source_entry(s) for s in sources},
+            "adapters": adapter_entries,
+        },
+        "merge_target": chosen.label,
+        "method": "fp32 accumulation, one cast; several adapters: W + sum_i weight_i * (merge_i(W) - W)",
+        "output": {
+            "shards": facts["shards"],
+            "total_bytes": facts["index"]["metadata"]["total_size"],
+            "tensors": len(facts["index"]["weight_map"]),
+            "tied_embeddings": facts["tied"],
+            "lm_head_written_separately": facts["lm_head_written_separately"],
+            "vocab_size": facts["vocab_size"],
+            "copied_files": aux,
+        },
+        "validation": validation if validation is not None else {"skipped": "--no-validate"},
+        "qlora_fidelity": fidelity,
+        "versions": versions(),
+        "warnings": list(warnings),
+    }

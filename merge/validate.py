@@ -1,0 +1,194 @@
+"""Built-in validation: the merged checkpoint against the unmerged base + adapter(s) run by PEFT.
+
+A few fixed prompts go through both models in fp32 on the CPU; the manifest records the largest
+|logit difference| and the mean KL divergence KL(reference || merged) per token. For a QLoRA adapter the
+reference is the 4-bit base it was trained on (bitsandbytes runs on the CPU), so the numbers say how
+faithful the merged checkpoint is to the model that was actually trained.
+
+With both a 4-bit and an fp16 base (`--qlora-base` and `--base`), both merge targets are compared to that
+same reference, and the closer one is chosen.
+
+This loads whole models (it is the reference); `--no-validate` turns it off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergeq.errors import MergeqError
+
+log = logging.getLogger(__name__)
+
+PROMPTS = (
+    "The capital of France is",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "Explain in one sentence why the sky is blue.",
+    "import os\nimport sys\n\n\ndef main():\n",
+)
+RANDOM_PROMPT_LENGTH = 24
+
+
+@dataclass
+class Reference:
+    base: Path  # the base the adapters were trained on (4-bit for QLoRA)
+    adapters: list  # AdapterRef
+    vocab_size: int | None = None  # the merged vocabulary (resized embeddings)
+    tokenizer_dirs: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    results: dict[str, dict]
+    best: str
+    fidelity: dict | None
+    warnings: list[str]
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def prompt_ids(tokenizer_dirs: list[Path], vocab_size: int) -> tuple[list[torch.Tensor], str]:
+    """Token ids of the fixed prompts; fixed random ids when no tokenizer fits this vocabulary."""
+    for folder in tokenizer_dirs:
+        if not any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            continue
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as err:  # noqa: BLE001
+            log.debug("tokenizer in %s not usable: %s", folder, err)
+            continue
+        ids = [torch.tensor([tokenizer(p)["input_ids"]], dtype=torch.int64) for p in PROMPTS]
+        if all(int(t.max()) < vocab_size for t in ids):
+            return ids, f"tokenizer from {folder}"
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, vocab_size, (1, RANDOM_PROMPT_LENGTH), generator=generator) for _ in PROMPTS]
+    return ids, "fixed random token ids (no tokenizer)"
+
+
+def _adapter_flags(path: Path) -> dict:
+    config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    return {"dora": bool(config.get("use_dora")),
+            "extra": bool(config.get("modules_to_save") or config.get("trainable_token_indices"))}
+
+
+def reference_skip_reason(adapters: list) -> str | None:
+    """Why PEFT cannot run exactly this combination unmerged, or None when it can."""
+    if len(adapters) == 1 and adapters[0].weight == 1.0:
+        return None
+    flags = [_adapter_flags(a.path) for a in adapters]
+    if any(f["extra"] for f in flags):
+        return "PEFT runs modules_to_save / trainable tokens of only one adapter at a time at weight 1"
+    if any(f["dora"] and a.weight != 1.0 for f, a in zip(flags, adapters)):
+        return "PEFT has no unmerged form of a DoRA adapter at a weight other than 1"
+    return None
+
+
+def _load(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    kwargs = {"dtype": torch.float32}
+    if config.get("quantization_config"):
+        kwargs["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    model.eval()
+    return model
+
+
+def reference_model(reference: Reference):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model = _load(reference.base)
+    if reference.vocab_size and model.get_input_embeddings().weight.shape[0] != reference.vocab_size:
+        model.resize_token_embeddings(reference.vocab_size, mean_resizing=False)
+    names = [f"a{i}" for i in range(len(reference.adapters))]
+    peft_model = PeftModel.from_pretrained(model, str(reference.adapters[0].path), adapter_name=names[0])
+    for name, adapter in zip(names[1:], reference.adapters[1:]):
+        peft_model.load_adapter(str(adapter.path), adapter_name=name)
+    if len(names) > 1:
+        peft_model.base_model.set_adapter(names)
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for name, adapter in zip(names, reference.adapters):
+                if name in module.scaling and adapter.weight != 1.0:
+                    module.scaling[name] *= adapter.weight
+    peft_model.eval()
+    return peft_model
+
+
+@torch.no_grad()
+def logits_of(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(input_ids=ids).logits[0].to(torch.float64) for ids in prompts]
+
+
+def compare(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> dict:
+    max_abs = 0.0
+    kl_sum = 0.0
+    positions = 0
+    for ref, got in zip(reference, merged):
+        if ref.shape != got.shape:
+            raise MergeqError(f"validation: merged logits {tuple(got.shape)} vs reference {tuple(ref.shape)}")
+        max_abs = max(max_abs, float((ref - got).abs().max()))
+        log_p = torch.log_softmax(ref, dim=-1)
+        log_q = torch.log_softmax(got, dim=-1)
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        positions += ref.shape[0]
+    return {"max_abs_logit_delta": _round(max_abs), "mean_kl": _round(kl_sum / max(positions, 1)),
+            "positions": positions}
+
+
+def compare_candidates(reference: Reference, folders: dict[str, Path], kl_warn: float, logit_warn: float) -> Outcome:
+    """Validate each merged candidate folder against the PEFT reference; pick the lowest mean KL."""
+    warnings: list[str] = []
+    skip = reference_skip_reason(reference.adapters)
+    if skip is not None:
+        if len(folders) > 1:
+            raise MergeqError(f"cannot compare merge targets: {skip}", hint="pass only one base")
+        label = next(iter(folders))
+        warnings.append(f"validation skipped: {skip}")
+        return Outcome({label: {"skipped": skip}}, label, None, warnings)
+    ref_model = reference_model(reference)
+    vocab = ref_model.get_input_embeddings().weight.shape[0]
+    prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, vocab)
+    ref_logits = logits_of(ref_model, prompts)
+    quantized = bool(getattr(ref_model.base_model.model.config, "quantization_config", None))
+    del ref_model
+    described = ("PEFT, unmerged adapter(s) on the 4-bit base (bitsandbytes, CPU)" if quantized
+                 else "PEFT, unmerged adapter(s) on the base")
+    results: dict[str, dict] = {}
+    for label, folder in folders.items():
+        model = _load(folder)
+        numbers = compare(ref_logits, logits_of(model, prompts))
+        del model
+        numbers.update({"reference": described, "prompts": len(prompts), "prompt_source": prompt_source,
+                        "thresholds": {"mean_kl": kl_warn, "max_abs_logit_delta": logit_warn}})
+        numbers["ok"] = numbers["mean_kl"] <= kl_warn and numbers["max_abs_logit_delta"] <= logit_warn
+        results[label] = numbers
+    best = min(results, key=lambda k: (results[k]["mean_kl"], k))
+    for label, numbers in results.items():
+        if not numbers["ok"] and (len(results) == 1 or label == best):
+            warnings.append(
+                f"merged model ({label}) differs from the unmerged reference: mean KL {numbers['mean_kl']:.4g} "
+                f"(threshold {kl_warn}), max |delta logit| {numbers['max_abs_logit_delta']:.4g} "
+                f"(threshold {logit_warn})")
+    fidelity = None
+    if len(results) > 1:
+        fidelity = {
+            "reference": described,
+            "candidates": {k: {"mean_kl": v["mean_kl"], "max_abs_logit_delta": v["max_abs_logit_delta"]}
+                           for k, v in results.items()},
+            "chosen": best,
+            "why": "lowest mean KL to the trained (4-bit base + adapter) model on the validation prompts",
+        }
+        log.info("QLoRA merge target: %s (mean KL %s) vs %s", best, results[best]["mean_kl"],
+                 ", ".join(f"{k} {v['mean_kl']}" for k, v in results.items() if k != best))
+    return Outcome(results, best, fidelity, warnings)
