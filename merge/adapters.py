@@ -88,7 +88,8 @@ class Adapter:
     config: dict
     weights_file: Path
     loras: dict[str, LoraModule] = field(default_factory=dict)
-    replacements: dict[str, Replacement] = field(default_factory=dict)  # by base tensor name
+    replacements: dict[str, Replacement] = field(default_factory=dict)  # modules_to_save, by base tensor name
+    base_layers: dict[str, Replacement] = field(default_factory=dict)  # saved (resized) base layers, by tensor
     tokens: dict[str, TokenRows] = field(default_factory=dict)  # by module name
     _st: SafetensorsFile | None = None
     _bin: dict[str, torch.Tensor] | None = None
@@ -232,7 +233,9 @@ def _classify(adapter: Adapter, input_embedding: str | None) -> None:
                              (".lora_magnitude_vector.weight", "m"), (".lora_magnitude_vector", "m"),
                              (".token_adapter.trainable_tokens_delta", "tokens"),
                              (".token_adapter.base_layer.weight", "base.weight"),
-                             (".base_layer.weight", "base.weight"), (".base_layer.bias", "base.bias")):
+                             (".base_layer.weight", "base.weight"), (".base_layer.bias", "base.bias"),
+                             (".original_module.weight", "base.weight"), (".original_module.bias", "base.bias"),
+                             (".modules_to_save.weight", "mts.weight"), (".modules_to_save.bias", "mts.bias")):
             if name.endswith(suffix):
                 parts.setdefault(name[: -len(suffix)], {})[role] = key
                 break
@@ -249,10 +252,14 @@ def _classify(adapter: Adapter, input_embedding: str | None) -> None:
                     hint="the adapter config and weights do not belong together",
                 )
     for module, roles in parts.items():
-        if "base.weight" in roles:
-            adapter.replacements[f"{module}.weight"] = Replacement(f"{module}.weight", roles["base.weight"], "base_layer")
-        if "base.bias" in roles:
-            adapter.replacements[f"{module}.bias"] = Replacement(f"{module}.bias", roles["base.bias"], "base_layer")
+        for param in ("weight", "bias"):  # the wrapper's own copy, saved next to the plain key with embedding layers
+            tensor = f"{module}.{param}"
+            if f"mts.{param}" in roles and tensor not in adapter.replacements:
+                adapter.replacements[tensor] = Replacement(tensor, roles[f"mts.{param}"], "modules_to_save")
+        for param in ("weight", "bias"):
+            if f"base.{param}" in roles:
+                tensor = f"{module}.{param}"
+                adapter.base_layers[tensor] = Replacement(tensor, roles[f"base.{param}"], "base_layer")
         if "tokens" in roles:
             indices = _token_indices(config, module, input_embedding)
             if indices is None:
@@ -297,8 +304,8 @@ def describe_adapter(adapter: Adapter) -> dict:
         "weight": adapter.weight,
         "config": adapter.config,
         "variants": variants,
-        "modules_to_save": sorted(r.tensor for r in adapter.replacements.values() if r.source == "modules_to_save"),
-        "saved_base_layers": sorted(r.tensor for r in adapter.replacements.values() if r.source == "base_layer"),
+        "modules_to_save": sorted(adapter.replacements),
+        "saved_base_layers": sorted(adapter.base_layers),
         "trainable_tokens": {m: t.indices for m, t in sorted(adapter.tokens.items())},
         "scales": {m.module: m.scale for m in sorted(adapter.loras.values(), key=lambda m: m.module)},
         "applied_scales": {m.module: m.scale * adapter.weight

@@ -194,14 +194,16 @@ class Source:
         unmatched: list[str] = []
         mismatches: list[str] = []
         for adapter in self.adapters:
+            for rep in adapter.base_layers.values():
+                if rep.tensor not in known:
+                    unmatched.append(f"{rep.tensor} (saved base layer, adapter {adapter.path})")
+                    continue
+                self.base_layers.setdefault(rep.tensor, (adapter, rep))
             for rep in adapter.replacements.values():
                 if rep.tensor not in known:
-                    unmatched.append(f"{rep.tensor} ({rep.source}, adapter {adapter.path})")
+                    unmatched.append(f"{rep.tensor} (modules_to_save, adapter {adapter.path})")
                     continue
-                if rep.source == "base_layer":
-                    self.base_layers.setdefault(rep.tensor, (adapter, rep))
-                else:
-                    self._add(rep.tensor, adapter, Op("replace", replacement=rep, key=rep.key))
+                self._add(rep.tensor, adapter, Op("replace", replacement=rep, key=rep.key))
             for lora in adapter.loras.values():
                 target = f"{lora.module}.weight"
                 if target not in known:
@@ -265,9 +267,8 @@ class Source:
         if len(shape) != len(base) or shape[1:] != base[1:] or shape[0] < base[0]:
             mismatches.append(f"{rep.tensor}: adapter's saved base layer {list(shape)} vs base {list(base)}")
         for other in self.adapters:
-            orep = other.replacements.get(rep.tensor)
-            if other is not adapter and orep is not None and orep.source == "base_layer" \
-                    and tuple(other.shape(orep.key)) != shape:
+            orep = other.base_layers.get(rep.tensor)
+            if other is not adapter and orep is not None and tuple(other.shape(orep.key)) != shape:
                 raise MergeqError(f"adapters {adapter.path} and {other.path} do not share one base: their saved "
                                   f"{rep.tensor} differ in shape", hint="merge adapters trained on one base only")
 
