@@ -1,0 +1,76 @@
+"""Load an int4 checkpoint with implementations mergeq did not write; save its logits and weights.
+
+Runs inside the `int4-loaders` peer environment (mergeq.peers), never in mergeq's own:
+  - quant_method gptq / awq: transformers' own GPTQ/AWQ integration, which builds GPTQModel's torch
+    quantized linear layers (GPTQModel 7.7); their weights are GPTQModel's own dequantization.
+  - quant_method compressed-tensors: transformers' compressed-tensors integration with dequantize=True,
+    so compressed-tensors' own decompressor (0.20) unpacks every layer into a dense weight.
+
+Usage: python load_int4.py MODEL_DIR TOKENS_JSON OUT.safetensors
+Writes `logits` (float32, [batch, seq, vocab]) and `weight:<module>` (float32, [out, in]) for every quantized
+linear layer, and prints one JSON line describing what was loaded.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # GPTQModel compiles its dequant with inductor: slow on CPU
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+
+def load(model_dir: str):
+    with open(os.path.join(model_dir, "config.json")) as handle:
+        method = json.load(handle)["quantization_config"]["quant_method"]
+    kwargs = {"dtype": torch.float16, "device_map": "cpu"}
+    if method == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    return method, AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+
+
+def packed_modules(model_dir: str) -> set[str]:
+    """Modules stored as compressed-tensors packed weights in the checkpoint itself."""
+    names = set()
+    for file in sorted(os.listdir(model_dir)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, file), "pt") as handle:
+                names.update(k[: -len(".weight_packed")] for k in handle.keys() if k.endswith(".weight_packed"))
+    return names
+
+
+def quantized_weights(method: str, model, model_dir: str) -> dict[str, torch.Tensor]:
+    weights = {}
+    packed = packed_modules(model_dir) if method == "compressed-tensors" else set()
+    for name, module in model.named_modules():
+        if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):  # GPTQModel layer: [in, out]
+            weights[name] = module.dequantize_weight().T.float().contiguous()
+        elif name in packed:  # decompressed into a dense nn.Linear by compressed-tensors
+            weights[name] = module.weight.detach().float().contiguous()
+    return weights
+
+
+def main() -> None:
+    model_dir, tokens_json, out = sys.argv[1:4]
+    method, model = load(model_dir)
+    model.eval()
+    weights = quantized_weights(method, model, model_dir)
+    if not weights:
+        sys.exit(f"no quantized layer found in {model_dir}: the loader did not recognise the checkpoint")
+    with open(tokens_json) as handle:
+        ids = torch.tensor(json.load(handle), dtype=torch.long)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    tensors = {"logits": logits.contiguous(), **{f"weight:{k}": v for k, v in weights.items()}}
+    save_file(tensors, out)
+    kinds = sorted({type(m).__module__ + "." + type(m).__name__ for n, m in model.named_modules() if n in weights})
+    print(json.dumps({"method": method, "layers": len(weights), "layer_types": kinds}))
+
+
+if __name__ == "__main__":
+    main()
