@@ -361,10 +361,12 @@ def print_reports(reports: list[ArtifactReport], as_json: bool = False) -> None:
 
     table = Table(title="mergeq artifacts (quality against the fp16 reference)")
     for column in TABLE_COLUMNS:
-        table.add_column(column, justify="left" if column == "artifact" else "right")
+        table.add_column(column, justify="left" if column == "artifact" else "right", no_wrap=True)
     for row in report_rows(reports):
         table.add_row(*row)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # piped or captured: one line per artifact, not wrapped to 80 columns
     console.print(table)
     for r in reports:
         for warning in r.warnings:
