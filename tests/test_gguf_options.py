@@ -1,0 +1,115 @@
+"""GGUF exporter options and preflight: every bad input is refused up front with a clear message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from exporters import gguf as gguf_exporter
+from exporters.gguf import GGUFExporter, GGUFOptions
+from exporters.registry import get_exporter
+from mergeq.errors import MergeqError
+
+
+def parse(*argv: str) -> GGUFOptions:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    GGUFExporter.add_arguments(parser)
+    return GGUFExporter.options_from_args(parser.parse_args(list(argv)))
+
+
+def test_registered_as_gguf():
+    assert get_exporter("gguf") is GGUFExporter and GGUFExporter.name == "gguf"
+
+
+def test_type_names_are_canonicalised_and_deduplicated():
+    options = parse("--quant", "q4_k_m", "--quant", "Q8_0,f16", "--quant", "Q4_K_M")
+    assert options.quants == ("Q4_K_M", "Q8_0", "F16")
+    assert parse().quants == ("Q8_0", "Q4_K_M")
+
+
+def test_bad_type_name_lists_the_known_ones():
+    with pytest.raises(MergeqError) as caught:
+        parse("--quant", "Q4_K_XL")
+    text = str(caught.value)
+    assert "--quant 'Q4_K_XL' is not a llama-quantize type" in text
+    assert "Q4_K_M" in text and "IQ4_XS" in text and "0c1e57098" in text
+    with pytest.raises(MergeqError, match="not a llama-quantize type"):
+        parse("--quant", "COPY")
+
+
+def test_imatrix_options_go_together():
+    with pytest.raises(MergeqError, match="--imatrix needs --calib FILE"):
+        parse("--imatrix")
+    with pytest.raises(MergeqError, match="--calib is only used with --imatrix"):
+        parse("--calib", "x.txt")
+    with pytest.raises(MergeqError, match="IQ2_XXS requires an importance matrix"):
+        parse("--quant", "iq2_xxs")
+    options = parse("--quant", "IQ2_XXS", "--imatrix", "--calib", "c.txt", "--imatrix-ctx", "64")
+    assert options.imatrix and options.calib == Path("c.txt") and options.imatrix_ctx == 64
+
+
+def test_pipeline_config_uses_the_same_validation():
+    from mergeq.config import _Reader, _read_export
+
+    reader = _Reader(None, "")
+    options, resolved = _read_export(reader, "gguf", {"quant": ["q8_0", "Q4_K_M"]})
+    assert options.quants == ("Q8_0", "Q4_K_M") and not reader.problems
+    assert _read_export(reader, "gguf", {"quant": ["Q9_9"]}) is None
+    assert "not a llama-quantize type" in reader.problems[-1]
+
+
+def _checkpoint(path: Path, config: dict, *, tokenizer=True, weights=True) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    if tokenizer:
+        (path / "tokenizer.json").write_text("{}")
+    if weights:
+        (path / "model.safetensors").write_bytes(b"\0" * 1024)
+    return path
+
+
+def test_preflight_refuses_missing_pieces(tmp_path):
+    exporter = GGUFExporter()
+    with pytest.raises(MergeqError, match="does not exist"):
+        exporter.preflight(tmp_path / "nope", GGUFOptions())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MergeqError, match=r"config.json is missing"):
+        exporter.preflight(tmp_path / "empty", GGUFOptions())
+
+
+@pytest.mark.llamacpp
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    model = _checkpoint(tmp_path / "m", {"architectures": ["FancyNewForCausalLM"]})
+    with pytest.raises(MergeqError) as caught:
+        GGUFExporter().preflight(model, GGUFOptions())
+    text = str(caught.value)
+    assert "'FancyNewForCausalLM'" in text and "not supported by the pinned llama.cpp converter" in text
+    assert "LlamaForCausalLM" in text and "Qwen2ForCausalLM" in text
+
+
+@pytest.mark.llamacpp
+def test_preflight_checks_weights_tokenizer_calib_and_disk(tmp_path, monkeypatch):
+    llama = {"architectures": ["LlamaForCausalLM"], "torch_dtype": "float16"}
+    with pytest.raises(MergeqError, match="holds no .safetensors or .bin weights"):
+        GGUFExporter().preflight(_checkpoint(tmp_path / "a", llama, weights=False), GGUFOptions())
+    with pytest.raises(MergeqError, match="has no tokenizer"):
+        GGUFExporter().preflight(_checkpoint(tmp_path / "b", llama, tokenizer=False), GGUFOptions())
+    model = _checkpoint(tmp_path / "c", llama)
+    with pytest.raises(MergeqError, match="calibration text .* does not exist"):
+        GGUFExporter().preflight(model, GGUFOptions(imatrix=True, calib=tmp_path / "missing.txt"))
+    warnings = GGUFExporter().preflight(model, GGUFOptions())
+    assert any("no chat template" in w for w in warnings)
+    monkeypatch.setattr(gguf_exporter, "free_bytes", lambda path: 1000)
+    with pytest.raises(MergeqError, match="not enough free disk for the GGUF export") as caught:
+        GGUFExporter().preflight(model, GGUFOptions(quants=("Q8_0", "F32")))
+    assert "F32" in str(caught.value) and "intermediate" in str(caught.value)
+
+
+def test_planned_sizes_bound_the_types():
+    f16 = 1000
+    assert gguf_exporter.planned_bytes("F16", f16) == f16
+    assert gguf_exporter.planned_bytes("F32", f16) == 2 * f16
+    assert gguf_exporter.planned_bytes("Q4_K_M", f16) == gguf_exporter.planned_bytes("Q8_0", f16) < f16
