@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Benchmark: `mergeq export gguf` (convert + two quantization types, evaluation off) against the same
+pinned llama.cpp tools run by hand, in one run, on the same checkpoint.
+
+    .venv/bin/python scripts/bench_gguf.py [--model DIR] [--quant Q8_0 --quant Q4_K_M] [--repeats 3]
+
+"By hand" is exactly what a user would type: the pinned convert_hf_to_gguf.py to an f16 GGUF (with the
+pinned gguf-py), then llama-quantize once per type. mergeq's side is the real CLI in a subprocess
+(start-up, preflight, hashing, the tools, reading the files back, the reports). The two alternate, each
+`--repeats` times, and the fastest of each is compared (the machine is shared; the minimum is the least
+disturbed run). Target: ratio <= 1.1. The llama.cpp build happens before timing starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGET = 1.1
+
+
+def by_hand(model: Path, work: Path, quants: list[str]) -> float:
+    from exporters import llamacpp
+
+    where = llamacpp.layout()
+    env = {**os.environ, "PYTHONPATH": str(where.gguf_py)}
+    env.pop("NO_LOCAL_GGUF", None)
+    f16 = work / "model-f16.gguf"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(where.converter), str(model), "--outfile", str(f16), "--outtype", "f16"],
+                   env=env, check=True, capture_output=True)
+    for quant in quants:
+        subprocess.run([str(where.bin / "llama-quantize"), str(f16), str(work / f"model-{quant}.gguf"), quant],
+                       check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def with_mergeq(model: Path, work: Path, quants: list[str]) -> float:
+    argv = [sys.executable, "-m", "mergeq.cli", "-q", "export", "gguf", "--model", str(model), "--out", str(work),
+            "--no-eval"]
+    for quant in quants:
+        argv += ["--quant", quant]
+    started = time.perf_counter()
+    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="checkpoint (default: the demo base)")
+    parser.add_argument("--quant", action="append", help="types (default: Q8_0 and Q4_K_M)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    quants = args.quant or ["Q8_0", "Q4_K_M"]
+
+    from exporters import llamacpp
+
+    llamacpp.ensure_built()
+    if args.model is None:
+        from mergeq.demo import demo_base
+
+        args.model = demo_base()
+    times: dict[str, list[float]] = {"by hand": [], "mergeq": []}
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
+        for repeat in range(args.repeats):
+            order = [("by hand", by_hand), ("mergeq", with_mergeq)]
+            if repeat % 2:
+                order.reverse()
+            for name, run in order:
+                work = Path(tmp) / f"{name.replace(' ', '-')}-{repeat}"
+                work.mkdir()
+                times[name].append(run(args.model, work, quants))
+                shutil.rmtree(work)
+    best = {name: min(values) for name, values in times.items()}
+    ratio = best["mergeq"] / best["by hand"]
+    print(f"GGUF export of {args.model} to {', '.join(quants)} ({args.repeats} runs each, evaluation excluded)")
+    print(f"{'':10} {'best s':>8}  runs")
+    for name, values in times.items():
+        print(f"{name:10} {best[name]:8.2f}  " + " ".join(f"{v:.2f}" for v in values))
+    print(f"ratio mergeq / by hand: {ratio:.3f} (target <= {TARGET}): {'OK' if ratio <= TARGET else 'OVER TARGET'}")
+    return 0 if ratio <= TARGET else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The GGUF export on tiny random Llama models built here (needs the pinned llama.cpp build: `llamacpp`).
+
+Row lengths are chosen so the k-quant shape rules are exercised both ways: hidden 96 is a multiple of 32
+but not of 256 (every k-quant tensor falls back), hidden 256 is a multiple of both (none does).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from exporters import llamacpp
+from exporters.gguf import GGUFExporter, GGUFOptions
+from exporters.gguf_inspect import read_gguf, read_ggufs
+from mergeq.errors import MergeqError, ToolError
+from mergeq.hashing import sha256_file
+
+pytestmark = pytest.mark.llamacpp
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+CORPUS = "\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7} and then sleeps" for i in range(300))
+
+
+def tiny_llama(path: Path, hidden: int, *, layers: int = 2, seed: int = 0) -> Path:
+    """A random fp16 Llama with a SentencePiece tokenizer trained here and a chat template."""
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path.mkdir(parents=True)
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines()), model_writer=model_file, vocab_size=128, model_type="unigram",
+        character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2)
+    (path / "tokenizer.model").write_bytes(model_file.getvalue())
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
+                         max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(path)
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "chat_template": TEMPLATE}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def built():
+    return llamacpp.ensure_built()
+
+
+@pytest.fixture(scope="module")
+def model96(tmp_path_factory, built):
+    return tiny_llama(tmp_path_factory.mktemp("m") / "tiny96", 96)
+
+
+@pytest.fixture(scope="module")
+def model256(tmp_path_factory, built):
+    return tiny_llama(tmp_path_factory.mktemp("m") / "tiny256", 256)
+
+
+@pytest.fixture(scope="module")
+def export96(model96, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out96")
+    exporter = GGUFExporter()
+    options = GGUFOptions(quants=("Q8_0", "Q4_K_M", "F16"))
+    warnings = exporter.preflight(model96, options)
+    return out, exporter.export(model96, out, options), warnings
+
+
+def test_layout_one_directory_per_type_and_no_leftovers(export96):
+    out, reports, _ = export96
+    assert [r.quant for r in reports] == ["Q8_0", "Q4_K_M", "F16"]
+    for report in reports:
+        assert Path(report.path) == out / report.quant / f"tiny96-{report.quant}.gguf"
+        assert Path(report.path).is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["F16", "Q4_K_M", "Q8_0"], "work files must be gone"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.gguf")) == [
+        "F16/tiny96-F16.gguf", "Q4_K_M/tiny96-Q4_K_M.gguf", "Q8_0/tiny96-Q8_0.gguf"]
+
+
+def test_tensor_types_and_shape_fallbacks(export96):
+    _, reports, _ = export96
+    by = {r.quant: r for r in reports}
+    f16 = by["F16"].size
+    assert f16.tensor_types == {"F16": 16, "F32": 5} and f16.fallbacks == []
+    assert f16.bits_per_quantized_weight is None
+    q8 = by["Q8_0"].size
+    assert q8.tensor_types == {"F32": 5, "Q8_0": 16} and q8.fallbacks == []
+    assert q8.bits_per_quantized_weight == pytest.approx(8.5)
+    q4 = by["Q4_K_M"].size
+    # 96 columns are not a multiple of 256: no k-quant tensor can exist in this file
+    assert not any(t.endswith("_K") for t in q4.tensor_types)
+    shape = [f for f in q4.fallbacks if f["kind"] == "shape"]
+    assert len(shape) == 16 and all(f["columns"] in (96, 192) for f in shape)
+    for f in shape:
+        assert f["wanted"] in ("Q4_K", "Q6_K") and f["got"] == {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[f["wanted"]]
+        assert f"{f['columns']} columns are not a multiple of 256" in f["why"]
+    assert {f["tensor"] for f in shape if f["wanted"] == "Q6_K"} >= {"output.weight"}
+    assert any("fell back to other types" in w for w in by["Q4_K_M"].warnings)
+    # the histogram counts every tensor of the file
+    summary = read_gguf(Path(by["Q4_K_M"].path))
+    assert sum(q4.tensor_types.values()) == len(summary.tensors) == 21
+
+
+def test_sizes_and_bits_per_weight_are_computed_from_the_file(export96):
+    _, reports, _ = export96
+    for report in reports:
+        path = Path(report.path)
+        summary = read_gguf(path)
+        size = report.size
+        assert size.size_bytes == path.stat().st_size
+        assert size.fp16_bytes == 2 * summary.parameters
+        assert size.bits_per_weight == pytest.approx(8 * path.stat().st_size / summary.parameters)
+    by = {r.quant: r.size for r in reports}
+    assert by["Q4_K_M"].size_bytes < by["Q8_0"].size_bytes < by["F16"].size_bytes
+    assert 5.0 < by["Q4_K_M"].bits_per_quantized_weight < 8.5  # Q5_0 (5.5) and Q8_0 (8.5) fallbacks
+
+
+def test_tokenizer_and_chat_template_are_preserved(export96, model96):
+    _, reports, _ = export96
+    for summary in read_ggufs([Path(r.path) for r in reports]):
+        assert summary.metadata["tokenizer.chat_template"] == TEMPLATE
+        assert summary.metadata["tokenizer.ggml.model"] == "llama"
+        assert summary.array_lengths["tokenizer.ggml.tokens"] == 128
+    for report in reports:
+        assert report.extra["gguf"]["chat_template_matches"] is True
+        assert report.extra["gguf"]["vocab_size"] == 128
+
+
+def test_reports_carry_provenance_and_stages(export96, model96):
+    _, reports, _ = export96
+    for report in reports:
+        data = report.to_json()
+        assert data["format"] == "gguf" and data["quant"] == report.quant
+        assert data["provenance"]["inputs"]["model"]["model.safetensors"] == sha256_file(model96 / "model.safetensors")
+        assert data["provenance"]["tools"]["llama.cpp"] == llamacpp.version_info()
+        assert data["provenance"]["imatrix"]["used"] is False
+        assert data["provenance"]["intermediate"] == "f16"
+        assert data["seconds"]["convert"] > 0 and data["peak_rss_bytes"]["convert"] > 0
+        assert ("quantize" in data["seconds"]) == (report.quant != "F16")
+        json.dumps(data)
+
+
+def test_no_fallbacks_when_rows_fit_the_blocks(model256, tmp_path):
+    (report,) = GGUFExporter().export(model256, tmp_path, GGUFOptions(quants=("Q4_K_M",)))
+    size = report.size
+    assert [f for f in size.fallbacks if f["kind"] == "shape"] == []
+    assert size.tensor_types.get("Q4_K", 0) > 0
+    # Q4_K_M's own mixture gives some tensors Q6_K: listed as mixture, not as shape fallbacks
+    mixture = {f["tensor"]: f["got"] for f in size.fallbacks}
+    assert mixture and set(mixture.values()) <= {"Q6_K", "Q5_K"}
+    assert all(f["kind"] == "mixture" and "mixture rules" in f["why"] for f in size.fallbacks)
+    assert not any("fell back" in w for w in report.warnings)
+
+
+def test_same_inputs_give_byte_identical_files(model96, tmp_path):
+    options = GGUFOptions(quants=("Q4_K_M",))
+    first = GGUFExporter().export(model96, tmp_path / "a", options)[0]
+    second = GGUFExporter().export(model96, tmp_path / "b", options)[0]
+    assert sha256_file(Path(first.path)) == sha256_file(Path(second.path))
+
+
+def test_imatrix_is_used_and_recorded(model96, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CORPUS)
+    options = GGUFOptions(quants=("Q4_K_M", "F16"), imatrix=True, calib=calib, imatrix_ctx=64)
+    reports = {r.quant: r for r in GGUFExporter().export(model96, tmp_path / "out", options)}
+    record = reports["Q4_K_M"].provenance["imatrix"]
+    assert record == {"used": True, "calib": str(calib), "calib_sha256": sha256_file(calib), "ctx": 64}
+    assert reports["F16"].provenance["imatrix"]["used"] is False
+    assert "imatrix" in reports["Q4_K_M"].stages
+    meta = read_gguf(Path(reports["Q4_K_M"].path)).metadata
+    assert meta.get("quantize.imatrix.chunks_count", 0) > 0
+    plain = GGUFExporter().export(model96, tmp_path / "plain", GGUFOptions(quants=("Q4_K_M",)))[0]
+    assert sha256_file(Path(plain.path)) != sha256_file(Path(reports["Q4_K_M"].path))
+
+
+def test_llama_cpp_failure_is_a_tool_error_and_leaves_nothing_finished(model96, tmp_path):
+    calib = tmp_path / "short.txt"
+    calib.write_text("too short")
+    out = tmp_path / "out"
+    with pytest.raises(ToolError) as caught:
+        GGUFExporter().export(model96, out, GGUFOptions(quants=("Q4_K_M",), imatrix=True, calib=calib))
+    text = str(caught.value)
+    assert text.startswith("llama-imatrix failed") and "tokens" in text and "--imatrix-ctx" in text
+    assert list(out.rglob("*.gguf")) == [] and list(out.iterdir()) == []
+
+
+def test_converter_failure_is_a_tool_error(model96, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in model96.iterdir():
+        (broken / item.name).symlink_to(item)
+    (broken / "model.safetensors").unlink()
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(ToolError, match=r"^convert_hf_to_gguf.py failed"):
+        GGUFExporter().export(broken, tmp_path / "out", GGUFOptions(quants=("Q8_0",)))
+    assert list((tmp_path / "out").rglob("*.gguf")) == []
+
+
+def test_killed_export_leaves_no_finished_looking_file(tmp_path, built):
+    model = tiny_llama(tmp_path / "bigger", 512, layers=8)
+    out = tmp_path / "out"
+    script = ("import sys; from pathlib import Path; from exporters.gguf import GGUFExporter, GGUFOptions\n"
+              "GGUFExporter().export(Path(sys.argv[1]), Path(sys.argv[2]), GGUFOptions(quants=('Q8_0', 'Q4_K_M', 'Q6_K')))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(model), str(out)], cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(out.glob(".gguf-work.tmp-*/*.gguf")):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)  # the export and the llama.cpp tool it is running
+    proc.wait()
+    visible = [p for p in out.rglob("*.gguf") if not any(".tmp-" in part for part in p.relative_to(out).parts)]
+    assert any(".tmp-" in p.name for p in out.iterdir()), "the kill should have hit unfinished work"
+    # whatever is visible is a complete file (a type finished before the kill); partial ones stay hidden
+    for summary in read_ggufs(visible) if visible else []:
+        assert summary.size_bytes >= sum(t.n_bytes for t in summary.tensors)
+    GGUFExporter().export(model, out, GGUFOptions(quants=("Q8_0",)))
+    assert not [p for p in out.iterdir() if ".gguf-work.tmp-" in p.name]
+
+
+def test_unknown_quant_type_from_llama_quantize_side_is_refused_before_work(model96, tmp_path):
+    with pytest.raises(MergeqError):
+        GGUFExporter.options_from_args(type("A", (), {"quant": ["Q3_K_XXL"]})())
+    assert not (tmp_path / "out").exists()
