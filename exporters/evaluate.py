@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.metrics import MetricSums, Windows, check_finite, first_scored, log_softmax64, make_windows
+from exporters.metrics import MetricSums, Windows, check_finite, first_scored, log_probs, make_windows
 from exporters.report import ArtifactReport, QualityInfo, SizeInfo, measure_stage
 from mergeq.atomic import atomic_dir, write_json
 from mergeq.errors import MergeqError, ToolError
 from mergeq.hashing import sha256_file
+from mergeq.locks import exclusive
 from mergeq.paths import cache_root
 from mergeq.progress import track
 
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 CACHE_KEEP = 3  # reference cache entries kept (newest used first); each is n_scored x vocab x 4 bytes
+EVICT_AFTER = 3600  # seconds: an entry used more recently is never evicted (another run may be reading it)
 INT4_METHODS = ("awq", "gptq", "compressed-tensors")
 LLAMA_LOGITS_MAGIC = b"_logits_"
 
@@ -55,7 +58,7 @@ class EvalOptions:
 
     n_ctx: int = 512  # tokens per window (llama-perplexity's -c)
     max_windows: int = 16  # at most this many windows from the start of the text
-    batch_windows: int = 2  # windows per torch forward pass
+    batch_windows: int = 1  # windows per torch forward pass
     threads: int | None = None  # llama.cpp threads (default: all cores)
     cache_dir: Path | None = None  # reference cache (default: cache_root()/eval)
 
@@ -277,7 +280,7 @@ def load_torch_model(artifact: Path, kind: str):
 
 
 def torch_logprobs(model, windows: Windows, batch: int, label: str) -> Iterator[tuple[int, torch.Tensor]]:
-    """(window index, float64 log-probabilities [scored, vocab]) for every window, in order."""
+    """(window index, fp32 log-probabilities [scored, vocab]) for every window, in order."""
     import inspect
 
     first = first_scored(windows.n_ctx)
@@ -290,7 +293,7 @@ def torch_logprobs(model, windows: Windows, batch: int, label: str) -> Iterator[
             logits = model(input_ids=ids, use_cache=False, **kwargs).logits[:, -keep:-1]
             check_finite(logits, label)
             for j in range(ids.shape[0]):
-                yield start + j, log_softmax64(logits[j])
+                yield start + j, log_probs(logits[j])
 
 
 # ------------------------------------------------------------------------------- the reference cache
@@ -325,21 +328,19 @@ def reference_logprobs(reference: Path, windows: Windows, options: EvalOptions) 
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
     root = options.resolved_cache()
     entry = root / f"ref-{key}"
-    if (entry / "meta.json").is_file():
-        os.utime(entry / "meta.json")
-        log.info("reference log-probs from cache %s", entry)
-        return ReferenceLogprobs(entry, windows.n_windows)
-    model = load_torch_model(reference, "hf")
-    try:
-        with atomic_dir(entry) as tmp:
-            for i, lp in torch_logprobs(model, windows, _batch(options), f"reference {Path(reference).name}"):
-                save_file({"logprobs": lp.to(torch.float32).contiguous()}, str(tmp / f"window-{i:04d}.safetensors"))
-            write_json(tmp / "meta.json", {**key_data, "reference_path": str(reference), "windows": windows.n_windows})
-    except FileExistsError:
-        pass  # another process cached the same reference meanwhile
-    finally:
-        del model
-    _evict(root, keep=entry)
+    with exclusive(root / f"ref-{key}.lock", f"another process is computing the reference {reference}; waiting"):
+        if (entry / "meta.json").is_file():
+            os.utime(entry / "meta.json")
+            log.info("reference log-probs from cache %s", entry)
+        else:
+            model = load_torch_model(reference, "hf")
+            with atomic_dir(entry) as tmp:
+                for i, lp in torch_logprobs(model, windows, _batch(options), f"reference {Path(reference).name}"):
+                    save_file({"logprobs": lp.contiguous()}, str(tmp / f"window-{i:04d}.safetensors"))
+                write_json(tmp / "meta.json", {**key_data, "reference_path": str(reference),
+                                               "windows": windows.n_windows})
+            del model
+    _evict(root)
     return ReferenceLogprobs(entry, windows.n_windows)
 
 
@@ -347,11 +348,15 @@ def _batch(options: EvalOptions) -> int:
     return max(1, options.batch_windows)
 
 
-def _evict(root: Path, keep: Path) -> None:
-    entries = [p for p in root.glob("ref-*") if (p / "meta.json").is_file() and p != keep]
+def _evict(root: Path) -> None:
+    """Keep the CACHE_KEEP most recently used references, and any used in the last EVICT_AFTER seconds."""
+    entries = [p for p in root.glob("ref-*") if p.is_dir() and (p / "meta.json").is_file()]
     entries.sort(key=lambda p: (p / "meta.json").stat().st_mtime, reverse=True)
-    for old in entries[CACHE_KEEP - 1 :]:
-        shutil.rmtree(old, ignore_errors=True)
+    now = time.time()
+    for old in entries[CACHE_KEEP:]:
+        if now - (old / "meta.json").stat().st_mtime > EVICT_AFTER:
+            shutil.rmtree(old, ignore_errors=True)
+            (root / f"{old.name}.lock").unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- llama.cpp
@@ -368,11 +373,10 @@ class LlamaLogprobs:
     _blocks: np.ndarray  # uint16 [n_chunk, scored, row]
 
     def window(self, i: int) -> torch.Tensor:
-        """float64 log-probabilities [scored, n_vocab], dequantized as llama.cpp does."""
+        """fp32 log-probabilities [scored, n_vocab], dequantized as llama.cpp does (scale * q + min)."""
         block = np.asarray(self._blocks[i])
         params = np.ascontiguousarray(block[:, :4]).view(np.float32)  # [scored, 2]: scale, min log-prob
-        q = block[:, 4 : 4 + self.n_vocab].astype(np.float64)
-        lp = q * params[:, :1].astype(np.float64) + params[:, 1:2].astype(np.float64)
+        lp = block[:, 4 : 4 + self.n_vocab].astype(np.float32) * params[:, :1] + params[:, 1:2]
         return torch.from_numpy(lp)
 
 

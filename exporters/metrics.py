@@ -104,15 +104,16 @@ class MetricSums:
         return self.top1_same / self.count
 
 
-def log_softmax64(logits: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities in float64, whatever the logits' dtype."""
-    return torch.log_softmax(logits.to(torch.float64), dim=-1)
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probabilities, whatever the logits' dtype."""
+    return torch.log_softmax(logits.to(torch.float32), dim=-1)
 
 
 def token_metrics(reference_logprobs: torch.Tensor, artifact_logprobs: torch.Tensor, targets: torch.Tensor):
     """Per scored token: artifact NLL, reference NLL, KL(P_ref || P_art) over the full vocabulary, same argmax.
 
-    Inputs are log-probabilities [T, V] (any float dtype; the sums are done in float64).
+    Inputs are log-probabilities [T, V]. Element-wise work is fp32 (the reference is stored in fp32); every
+    sum over the vocabulary and the per-token results are float64.
     """
     if reference_logprobs.shape != artifact_logprobs.shape:
         raise MergeqError(
@@ -120,14 +121,17 @@ def token_metrics(reference_logprobs: torch.Tensor, artifact_logprobs: torch.Ten
             f"{tuple(artifact_logprobs.shape)} log-probabilities",
             hint="evaluate an artifact against the checkpoint it was exported from",
         )
-    ref = reference_logprobs.to(torch.float64)
-    art = artifact_logprobs.to(torch.float64)
+    ref = reference_logprobs.to(torch.float32)
+    art = artifact_logprobs.to(torch.float32)
     idx = targets.view(-1, 1)
-    nll = -art.gather(1, idx).squeeze(1)
-    ref_nll = -ref.gather(1, idx).squeeze(1)
+    nll = -art.gather(1, idx).squeeze(1).to(torch.float64)
+    ref_nll = -ref.gather(1, idx).squeeze(1).to(torch.float64)
     p = ref.exp()
-    # 0 * log 0 is 0: a token the reference gives probability 0 adds nothing, whatever the artifact says.
-    kl = torch.where(p > 0, p * (ref - art), torch.zeros_like(p)).sum(dim=1)
+    terms = p * (ref - art)
+    if bool(torch.isinf(ref).any()):
+        # 0 * log 0 is 0: a token the reference gives probability 0 adds nothing, whatever the artifact says
+        terms = torch.where(p > 0, terms, torch.zeros_like(terms))
+    kl = terms.sum(dim=1, dtype=torch.float64)
     same = ref.argmax(dim=1) == art.argmax(dim=1)  # first maximal index on ties, as llama.cpp does
     return nll, ref_nll, kl, same
 
