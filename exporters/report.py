@@ -411,8 +411,8 @@ def summary_figure(reports: list[ArtifactReport]):
     colors = [FORMAT_COLORS.get(r.format, "#666666") for r in shown]
     ax.scatter(xs, ys, c=colors, s=60, zorder=3, gid="artifacts", edgecolors="black", linewidths=0.5)
     for r, x, y in zip(shown, xs, ys):
-        ax.annotate(f"{r.label}\n{y:.2f} ppl, {x:.0f} MiB", (x, y), xytext=(6, 6), textcoords="offset points",
-                    fontsize=8)
+        ax.annotate(f"{r.label}\n{y:.2f} ppl (x{r.quality.perplexity_ratio:.3f}), {x:.0f} MiB", (x, y),
+                    xytext=(6, 6), textcoords="offset points", fontsize=8)
     references = sorted({(r.size.fp16_bytes, r.quality.reference_perplexity) for r in shown if r.size.fp16_bytes})
     if references:
         fp16_bytes, ref_ppl = references[0]

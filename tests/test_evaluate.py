@@ -343,3 +343,22 @@ def test_eval_command(tiny, tmp_path, capsys, monkeypatch):
     code = main(["eval", "--model", str(broken), "--reference", str(ref), "--text", str(text), "--n-ctx", "32"])
     err = "".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert code == 2 and "broken/model.safetensors" in err and "truncated" in err and "Traceback" not in err
+
+
+def test_reference_cache_keeps_recent_entries(tmp_path):
+    import os
+    import time
+
+    from exporters.evaluate import CACHE_KEEP, EVICT_AFTER, _evict
+
+    now = time.time()
+    ages = [10, 20, 30, 2 * EVICT_AFTER, 3 * EVICT_AFTER, 60]  # seconds since last use
+    for i, age in enumerate(ages):
+        entry = tmp_path / f"ref-{i}"
+        entry.mkdir()
+        (entry / "meta.json").write_text("{}")
+        os.utime(entry / "meta.json", (now - age, now - age))
+    _evict(tmp_path)
+    kept = sorted(p.name for p in tmp_path.glob("ref-*"))
+    # the CACHE_KEEP most recent stay, and so does any entry used within EVICT_AFTER
+    assert CACHE_KEEP == 3 and kept == ["ref-0", "ref-1", "ref-2", "ref-5"]
