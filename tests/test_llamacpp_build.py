@@ -1,0 +1,65 @@
+"""The built pinned llama.cpp: tools in place, stamped with the pinned commit, not rebuilt, and agreeing with
+the pin's type tables. Builds on first use (about 5 minutes on 2 cores, then cached)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+
+from exporters import llamacpp
+from mergeq.cli import main
+
+pytestmark = pytest.mark.llamacpp
+
+
+@pytest.fixture(scope="module")
+def where():
+    return llamacpp.ensure_built()
+
+
+def test_every_pinned_tool_is_built_and_executable(where):
+    pin = llamacpp.load_pin()
+    for name in pin.targets:
+        path = llamacpp.tool_path(name)
+        assert path == where.bin / name and path.is_file()
+        assert pin.commit.encode() in path.read_bytes(), f"{name} does not carry the pinned commit"
+    version = subprocess.run([str(where.bin / "llama-perplexity"), "--version"], capture_output=True, text=True)
+    assert f"commit {pin.commit}" in version.stdout + version.stderr
+
+
+def test_llama_quantize_knows_exactly_the_pinned_types(where):
+    pin = llamacpp.load_pin()
+    result = subprocess.run([str(where.bin / "llama-quantize"), "--help"], capture_output=True, text=True)
+    listed = re.findall(r"^\s+\d+\s+or\s+(\S+)\s+:", result.stdout + result.stderr, re.MULTILINE)
+    assert tuple(listed) == tuple(t for t in pin.quant_types if t != "COPY")
+    assert re.search(r"^\s+COPY\s+:", result.stdout + result.stderr, re.MULTILINE)
+
+
+def test_built_means_no_rebuild(where):
+    stamp = where.stamp.stat().st_mtime_ns
+    binary = (where.bin / "llama-quantize").stat().st_mtime_ns
+    started = time.perf_counter()
+    assert main(["-q", "setup-llamacpp"]) == 0
+    assert time.perf_counter() - started < 5
+    assert where.stamp.stat().st_mtime_ns == stamp and (where.bin / "llama-quantize").stat().st_mtime_ns == binary
+    assert llamacpp.is_built()
+
+
+def test_doctor_reports_the_build(where):
+    rows = dict(llamacpp.doctor_rows())
+    assert rows["llama.cpp build"].startswith("built in ")
+    for name in llamacpp.load_pin().targets:
+        assert rows[f"llama.cpp tool: {name}"] == str(where.bin / name)
+
+
+def test_converter_uses_the_pinned_gguf_py(where, tmp_path):
+    command = llamacpp.converter_command(tmp_path, tmp_path / "x.gguf")
+    assert command.argv[1] == str(where.converter)
+    assert command.env["PYTHONPATH"].split(":")[0] == str(where.gguf_py)
+    assert command.env["NO_LOCAL_GGUF"] is None
+    probe = llamacpp.run_tool(llamacpp.ToolCommand("probe", (command.argv[0], "-c", "import gguf; print(gguf.__file__)"),
+                                                   env=command.env))
+    assert probe.stdout.strip().startswith(str(where.gguf_py))
