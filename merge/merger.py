@@ -29,7 +29,7 @@ from merge.adapters import Adapter, LoraModule, Replacement, describe_adapter, l
 from merge.checkpoint import Checkpoint
 from merge.model_info import ModelInfo, describe
 from merge.qlora import (QuantSettings, check_quantization_config, dequantize, quantize_dequantize,
-                         quantized_shape, quantized_weights)
+                         quantized_shape, quantized_weights, read_state)
 from merge.writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, ShardedWriter
 from mergeq.atomic import atomic_dir, write_json
 from mergeq.errors import MergeqError
@@ -158,6 +158,8 @@ class Source:
                               "carries a 4-bit quant state", hint="re-save the 4-bit checkpoint with transformers")
         self.aux = {f"{w}.{s}" for w in self.quant
                     for s in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")} | set(self.quant.values())
+        for weight, state_key in self.quant.items():  # every quant state is validated before any output
+            read_state(self.ckpt, weight, state_key)
         self.base_names = [n for n in self.ckpt.names() if n not in self.aux]
         self.info: ModelInfo = describe(self.config, self.base_names)
         self.shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}

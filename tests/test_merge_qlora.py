@@ -1,0 +1,170 @@
+"""QLoRA bases: bitsandbytes 4-bit checkpoints quantized on the CPU, dequantized by our code, merged, validated."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge.checkpoint import Checkpoint
+from merge.merger import AdapterRef, MergeConfig, run_merge
+from merge.qlora import QuantSettings, dequantize, quantized_weights
+from mergeq.errors import MergeqError
+
+
+def quantize_checkpoint(src, dst, quant_type="nf4", double_quant=True):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")
+        model.save_pretrained(dst)
+    return dst
+
+
+def merged_tensors(folder):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        out.update(load_file(folder / shard))
+    return out
+
+
+def bnb_generic_dequantize(packed, state):
+    """bitsandbytes' device-independent dequantization (its CPU C kernel in 0.50.2 mis-indexes blocks when a
+    row length is not a multiple of the blocksize, e.g. 96 columns with blocksize 64)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.functional import dequantize_blockwise
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    code = state.code.to(torch.float32)
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), code, state.blocksize, state.shape,
+                                    state.dtype)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("intermediate", [128, 96])
+def test_dequantize_matches_bitsandbytes(tmp_path, builders, quant_type, double_quant, intermediate):
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    base = builders.llama(tmp_path / "base", hidden=64, intermediate=intermediate)
+    q = quantize_checkpoint(base, tmp_path / "q", quant_type, double_quant)
+    ckpt = Checkpoint(q)
+    found = quantized_weights(ckpt.names())
+    assert len(found) == 2 * 7  # every Linear of both layers; lm_head stays in full precision
+    raw = load_file(q / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    for weight, state_key in found.items():
+        ours = dequantize(ckpt, weight, state_key)
+        parts = {k[len(weight) + 1:]: v for k, v in raw.items() if k.startswith(weight + ".")}
+        state = QuantState.from_dict(parts, device="cpu")
+        aligned = state.shape[-1] % state.blocksize == 0
+        theirs = dequantize_4bit(raw[weight], state) if aligned else bnb_generic_dequantize(raw[weight], state)
+        assert torch.equal(ours, theirs), weight
+        assert ours.shape == original[weight].shape
+        # and it is a 4-bit approximation of the original, not garbage
+        err = (ours - original[weight]).abs().max() / original[weight].abs().max()
+        assert 0 < err < 0.25, (weight, float(err))
+
+
+@pytest.fixture
+def qlora_setup(tmp_path, builders):
+    base = builders.llama(tmp_path / "base", hidden=64, intermediate=128)
+    q = quantize_checkpoint(base, tmp_path / "base-nf4")
+    adapter = builders.adapter(base, tmp_path / "adapter", r=8, lora_alpha=16,
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"])
+    return base, q, adapter
+
+
+def test_qlora_merge_is_faithful_to_the_4bit_model(tmp_path, qlora_setup):
+    base, q, adapter = qlora_setup
+    out = tmp_path / "out"
+    result = run_merge(MergeConfig(base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=out, dtype="float32"))
+    validation = result.manifest["validation"]
+    assert "4-bit" in validation["reference"]
+    assert validation["mean_kl"] < 1e-6 and validation["max_abs_logit_delta"] < 1e-2, validation
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    merged = merged_tensors(out)
+    assert not any(k.endswith(("absmax", "quant_map")) or "quant_state" in k for k in merged)
+    # merged weight == bnb's dequantized weight + scale * B @ A
+    ckpt = Checkpoint(q)
+    name = "model.layers.1.mlp.down_proj.weight"
+    dq = dequantize(ckpt, name, quantized_weights(ckpt.names())[name])
+    lora = load_file(adapter / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.1.mlp.down_proj"
+    expected = dq + 2.0 * lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"]
+    assert float((merged[name] - expected).abs().max()) <= 1e-5
+
+
+def test_fidelity_compares_both_merge_targets(tmp_path, qlora_setup):
+    base, q, adapter = qlora_setup
+    out = tmp_path / "out"
+    result = run_merge(MergeConfig(base=base, qlora_base=q, adapters=[AdapterRef(adapter)], out=out))
+    fidelity = result.manifest["qlora_fidelity"]
+    kl = {k: v["mean_kl"] for k, v in fidelity["candidates"].items()}
+    assert set(kl) == {"base", "qlora-base"}
+    assert fidelity["chosen"] == "qlora-base" and kl["qlora-base"] < kl["base"], fidelity
+    assert result.manifest["merge_target"] == "qlora-base"
+    assert not list(out.glob(".candidate-*"))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "merge_manifest.json",
+                                                     "model-00001-of-00001.safetensors",
+                                                     "model.safetensors.index.json"]
+
+
+def test_requantized_fp_base_equals_the_4bit_checkpoint(tmp_path, qlora_setup):
+    base, q, adapter = qlora_setup
+    a = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "a", dtype="float32",
+                              validate=False, requantize=QuantSettings("nf4", 64, True)))
+    b = run_merge(MergeConfig(base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "b",
+                              dtype="float32", validate=False))
+    ta, tb = merged_tensors(a.out), merged_tensors(b.out)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+    assert a.manifest["inputs"]["sources"]["base"]["requantized"]["tensors"] == 14
+
+
+def _corrupt(q, edit):
+    path = q / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+STATE = "model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"
+
+
+def _set_state(tensors, **changes):
+    meta = json.loads(bytes(tensors[STATE].numpy().tobytes()))
+    meta.update(changes)
+    tensors[STATE] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("case, edit, message", [
+    ("missing absmax", lambda t: t.pop("model.layers.0.mlp.up_proj.weight.absmax"),
+     "missing tensor model.layers.0.mlp.up_proj.weight.absmax"),
+    ("wrong blocksize", lambda t: _set_state(t, blocksize=128), "wrong blocksize"),
+    ("bad blocksize", lambda t: _set_state(t, blocksize=100), "blocksize 100"),
+    ("missing nested", lambda t: t.pop("model.layers.0.mlp.up_proj.weight.nested_absmax"), "nested_absmax"),
+    ("bad shape", lambda t: _set_state(t, shape=[128, 65]), "packed bytes cannot hold"),
+    ("garbage state", lambda t: t.__setitem__(STATE, torch.tensor([1, 2, 255], dtype=torch.uint8)), "not JSON"),
+])
+def test_corrupt_quant_state(tmp_path, qlora_setup, case, edit, message):
+    base, q, adapter = qlora_setup
+    _corrupt(q, edit)
+    out = tmp_path / "out"
+    with pytest.raises(MergeqError) as err:
+        run_merge(MergeConfig(base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=out, validate=False))
+    assert message in str(err.value), str(err.value)
+    assert "model.layers.0.mlp.up_proj.weight" in str(err.value)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
