@@ -6,9 +6,10 @@ Runs inside the `int4-loaders` peer environment (mergeq.peers), never in mergeq'
   - quant_method compressed-tensors: transformers' compressed-tensors integration with dequantize=True,
     so compressed-tensors' own decompressor (0.20) unpacks every layer into a dense weight.
 
-Usage: python load_int4.py MODEL_DIR TOKENS_JSON OUT.safetensors
-Writes `logits` (float32, [batch, seq, vocab]) and `weight:<module>` (float32, [out, in]) for every quantized
-linear layer, and prints one JSON line describing what was loaded.
+Usage: python load_int4.py TOKENS_JSON MODEL_DIR OUT.safetensors [MODEL_DIR OUT.safetensors ...]
+The model runs in float32 (packed codes and fp16 scales are exact in it). For each model, writes `logits`
+(float32, [batch, seq, vocab]) and `weight:<module>` (float32, [out, in]) for every quantized linear layer,
+and prints one JSON line describing what was loaded. Several models share one process: imports are slow.
 """
 
 import json
@@ -26,7 +27,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 def load(model_dir: str):
     with open(os.path.join(model_dir, "config.json")) as handle:
         method = json.load(handle)["quantization_config"]["quant_method"]
-    kwargs = {"dtype": torch.float16, "device_map": "cpu"}
+    kwargs = {"dtype": torch.float32, "device_map": "cpu"}
     if method == "compressed-tensors":
         from transformers import CompressedTensorsConfig
 
@@ -55,21 +56,28 @@ def quantized_weights(method: str, model, model_dir: str) -> dict[str, torch.Ten
     return weights
 
 
-def main() -> None:
-    model_dir, tokens_json, out = sys.argv[1:4]
+def run_one(model_dir: str, ids: torch.Tensor, out: str) -> None:
     method, model = load(model_dir)
     model.eval()
     weights = quantized_weights(method, model, model_dir)
     if not weights:
         sys.exit(f"no quantized layer found in {model_dir}: the loader did not recognise the checkpoint")
-    with open(tokens_json) as handle:
-        ids = torch.tensor(json.load(handle), dtype=torch.long)
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     tensors = {"logits": logits.contiguous(), **{f"weight:{k}": v for k, v in weights.items()}}
     save_file(tensors, out)
     kinds = sorted({type(m).__module__ + "." + type(m).__name__ for n, m in model.named_modules() if n in weights})
-    print(json.dumps({"method": method, "layers": len(weights), "layer_types": kinds}))
+    print(json.dumps({"model": model_dir, "method": method, "layers": len(weights), "layer_types": kinds}), flush=True)
+
+
+def main() -> None:
+    tokens_json, pairs = sys.argv[1], sys.argv[2:]
+    if not pairs or len(pairs) % 2:
+        sys.exit(__doc__)
+    with open(tokens_json) as handle:
+        ids = torch.tensor(json.load(handle), dtype=torch.long)
+    for model_dir, out in zip(pairs[::2], pairs[1::2]):
+        run_one(model_dir, ids, out)
 
 
 if __name__ == "__main__":
