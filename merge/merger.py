@@ -79,11 +79,16 @@ class MergeConfig:
     kl_warn: float = 0.01
     logit_warn: float = 1.0
 
+    def __post_init__(self):
+        self.base = Path(self.base) if self.base is not None else None
+        self.qlora_base = Path(self.qlora_base) if self.qlora_base is not None else None
+        self.out = Path(self.out)
+
     def adapter_refs(self) -> list[AdapterRef]:
         refs = []
         for item in self.adapters:
             if isinstance(item, AdapterRef):
-                refs.append(item)
+                refs.append(AdapterRef(Path(item.path), float(item.weight)))
             elif isinstance(item, (tuple, list)):
                 refs.append(AdapterRef(Path(item[0]), float(item[1])))
             else:

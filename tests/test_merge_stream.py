@@ -1,0 +1,119 @@
+"""Streaming and determinism: peak memory does not grow with depth; equal inputs give byte-identical outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merge.merger import AdapterRef, MergeConfig, run_merge
+from merge.synthetic import LlamaShape, write_llama, write_lora
+from merge.writer import OutTensor, ShardedWriter
+
+MEASURE = textwrap.dedent("""
+    import json, resource, sys
+    from merge.merger import AdapterRef, MergeConfig, run_merge
+    base, adapter, out = sys.argv[1:4]
+    run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter, 1.0)], out=out, validate=False,
+                          max_shard_bytes=16 * 1024 * 1024))
+    print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+""")
+
+
+def peak_rss_kib(base, adapter, out) -> int:
+    env = {**os.environ, "MERGEQ_QUIET": "1"}
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(base), str(adapter), str(out)],
+                            capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_kib"]
+
+
+def test_peak_memory_does_not_grow_with_depth(tmp_path):
+    peaks = {}
+    sizes = {}
+    for layers in (2, 14):
+        shape = LlamaShape(hidden=512, intermediate=2048, layers=layers, heads=8, kv_heads=4, vocab=1024)
+        base = write_llama(tmp_path / f"base{layers}", shape, max_shard_bytes=16 * 1024 * 1024)
+        adapter = write_lora(tmp_path / f"lora{layers}", shape, base, r=16, alpha=32)
+        peaks[layers] = peak_rss_kib(base, adapter, tmp_path / f"out{layers}")
+        sizes[layers] = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+        assert len(list((tmp_path / f"out{layers}").glob("model-*.safetensors"))) == len(list(base.glob("model-*")))
+    extra_model_mib = (sizes[14] - sizes[2]) / 2**20  # ~100 MiB more fp16 weights
+    growth_mib = (peaks[14] - peaks[2]) / 1024
+    assert extra_model_mib > 90
+    # holding the model (or its fp32 copy) would add >= 100 MiB; a streaming merge adds ~nothing
+    assert growth_mib < 25, f"peak RSS grew {growth_mib:.1f} MiB for {extra_model_mib:.0f} MiB more weights: {peaks}"
+
+
+def _all_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_outputs_are_byte_identical(tmp_path, builders):
+    base = builders.llama(tmp_path / "base", dtype=torch.float16)
+    adapter = builders.adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, use_dora=True,
+                               target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["lm_head"])
+    outs = []
+    for name in ("one", "two"):
+        run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / name))
+        outs.append(_all_bytes(tmp_path / name))
+    assert outs[0].keys() == outs[1].keys()
+    for name in outs[0]:
+        assert outs[0][name] == outs[1][name], f"{name} differs between two identical merges"
+    manifest = json.loads(outs[0]["merge_manifest.json"])
+    assert manifest["validation"]["mean_kl"] < 1e-3, manifest["validation"]
+    files = manifest["inputs"]["sources"]["base"]["files"]
+    assert set(files) == {p.name for p in base.iterdir()} and all(len(h) == 64 for h in files.values())
+    assert manifest["inputs"]["adapters"][0]["config"]["use_dora"] is True
+    assert manifest["inputs"]["adapters"][0]["scales"]["model.layers.0.self_attn.q_proj"] == 2.0
+    assert manifest["versions"]["torch"] == torch.__version__
+
+
+def test_shards_and_index(tmp_path, builders):
+    base = builders.llama(tmp_path / "base")
+    adapter = builders.adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "out", validate=False,
+                                   max_shard_bytes=20_000))
+    assert len(result.shards) >= 3
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(result.shards)
+    original = load_file(base / "model.safetensors")
+    assert set(index["weight_map"]) == set(original)
+    for shard in result.shards:
+        for name, tensor in load_file(tmp_path / "out" / shard).items():
+            assert tensor.dtype == torch.float16 and tensor.shape == original[name].shape
+    # the same base stored as shards + index merges to the same bytes as the single file
+    sharded = tmp_path / "base-sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_bytes((base / "config.json").read_bytes())
+    writer = ShardedWriter(sharded, [OutTensor(n, t.dtype, tuple(t.shape)) for n, t in original.items()], 30_000)
+    for name, tensor in original.items():
+        writer.write(name, tensor)
+    writer.finish()
+    again = run_merge(MergeConfig(base=sharded, adapters=[AdapterRef(adapter)], out=tmp_path / "again",
+                                  validate=False, max_shard_bytes=20_000))
+    for shard in result.shards:
+        assert (tmp_path / "out" / shard).read_bytes() == (tmp_path / "again" / shard).read_bytes()
+    assert again.manifest["inputs"]["sources"]["base"]["format"] == "safetensors"
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_validation_numbers_are_recorded(tmp_path, builders, weight):
+    base = builders.llama(tmp_path / "base")
+    adapter = builders.adapter(base, tmp_path / "adapter", r=4, lora_alpha=12, target_modules=["q_proj", "up_proj"])
+    result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter, weight)], out=tmp_path / "out"))
+    validation = result.manifest["validation"]
+    assert validation["positions"] > 0 and validation["ok"] is True
+    assert 0 <= validation["mean_kl"] < 1e-4 and validation["max_abs_logit_delta"] < 0.05
+    # a threshold the fp16 cast cannot meet is reported as a warning
+    strict = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter, weight)], out=tmp_path / "strict",
+                                   kl_warn=0.0, logit_warn=0.0))
+    assert strict.manifest["validation"]["ok"] is False
+    assert any("differs from the unmerged reference" in w for w in strict.warnings)
