@@ -288,7 +288,8 @@ class GGUFExporter:
                 result = llamacpp.run_tool(llamacpp.tool_command(
                     "llama-imatrix", "-m", intermediate, "-f", options.calib, "-o", imatrix_file,
                     "-c", str(options.imatrix_ctx), "--no-ppl", *threads),
-                    hint=f"the calibration text needs at least 2 x --imatrix-ctx ({2 * options.imatrix_ctx}) tokens")
+                    hint=f"if it reports too few tokens: the calibration text needs at least 2 x --imatrix-ctx "
+                         f"({2 * options.imatrix_ctx}) tokens; give a longer --calib or a smaller --imatrix-ctx")
                 stages["imatrix"] = StageCost(round(result.seconds, 3), result.peak_rss_bytes)
                 bar.advance(task)
             finals: dict[str, Path] = {}

@@ -176,11 +176,10 @@ def size_info(summary: GGUFSummary, quant: str, wanted_type: str | None, quantiz
               ) -> tuple[SizeInfo, list[str]]:
     """SizeInfo of one GGUF requested as `quant` (whose tensors should be `wanted_type`), plus warnings.
 
-    A quantized-model tensor that got another type than `wanted_type` is listed in `fallbacks` as
-    kind "shape" (its row length is not a multiple of the wanted type's block, so llama-quantize fell back)
-    or kind "mixture" (the file type's own rules give that tensor another type, e.g. more bits for
-    ffn_down in Q4_K_M). Shape fallbacks come from llama-quantize's log when given, and are checked
-    against the file; without a log they are derived from the shapes and block sizes.
+    Every weight matrix that got another type than `wanted_type` is listed in `fallbacks`, as kind "shape"
+    when its row length is not a multiple of the wanted type's block (llama-quantize announced a fallback,
+    which is checked against the file; or its rules picked a fitting type themselves, as for the output
+    tensor), else as kind "mixture" (the file type's own rules, e.g. Q6_K for some ffn_down in Q4_K_M).
     """
     warnings: list[str] = []
     parameters = summary.parameters
@@ -196,14 +195,18 @@ def size_info(summary: GGUFSummary, quant: str, wanted_type: str | None, quantiz
             if not tensor.is_matrix or tensor.type == wanted_type:
                 continue
             entry = logged.fallbacks.get(tensor.name) if logged is not None else None
-            if entry is None and logged is None and wanted_block and tensor.columns % wanted_block:
-                entry = ShapeFallback(tensor.name, tensor.columns, wanted_block, wanted_type, tensor.type)
-            if entry is not None:
+            if entry is not None:  # announced by llama-quantize, and checked against the file above
                 rule = "" if entry.wanted == wanted_type else f"{quant}'s rules give this tensor {entry.wanted}; "
                 why = (f"{rule}{entry.columns} columns are not a multiple of {entry.block} "
                        f"({entry.wanted} block size), so llama-quantize fell back to {tensor.type}")
                 fallbacks.append({"tensor": tensor.name, "wanted": entry.wanted, "got": tensor.type,
                                   "why": why, "kind": "shape", "columns": entry.columns})
+            elif wanted_block and tensor.columns % wanted_block:
+                # not announced: the rules picked a fitting type themselves (the output tensor goes to Q8_0)
+                why = (f"{tensor.columns} columns are not a multiple of {wanted_block} ({wanted_type} block size); "
+                       f"llama-quantize's rules put this tensor in {tensor.type}")
+                fallbacks.append({"tensor": tensor.name, "wanted": wanted_type, "got": tensor.type,
+                                  "why": why, "kind": "shape", "columns": tensor.columns})
             else:
                 why = (f"{quant}'s mixture rules keep this tensor in {tensor.type}" if tensor.type in UNQUANTIZED
                        else f"{quant}'s mixture rules give this tensor {tensor.type} instead of {wanted_type}")
