@@ -50,6 +50,7 @@ CACHE_KEEP = 3  # reference cache entries kept (newest used first); each is n_sc
 EVICT_AFTER = 3600  # seconds: an entry used more recently is never evicted (another run may be reading it)
 INT4_METHODS = ("awq", "gptq", "compressed-tensors")
 LLAMA_LOGITS_MAGIC = b"_logits_"
+LLAMA_BAND_NATS = 16.0  # llama-perplexity stores log-probs within 16 nats of the top token, 16 bits each
 
 
 @dataclass(frozen=True)
@@ -372,12 +373,23 @@ class LlamaLogprobs:
     tokens: np.ndarray  # int32 [n_chunk * n_ctx]
     _blocks: np.ndarray  # uint16 [n_chunk, scored, row]
 
-    def window(self, i: int) -> torch.Tensor:
-        """fp32 log-probabilities [scored, n_vocab], dequantized as llama.cpp does (scale * q + min)."""
+    def window(self, i: int, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 log-probabilities [scored, n_vocab], dequantized as llama.cpp does (scale * q + min).
+
+        llama.cpp keeps a band of 16 nats below each position's top token; a token below it is stored at the
+        band's bottom, so only "at or below the bottom" is known. Given the reference's log-probabilities,
+        such a token takes the lower of the bottom and the reference's value: where the reference puts it in
+        the tail too, no divergence is claimed that cannot be measured (the bottom itself would make KL
+        negative); where the reference gives it real probability, the bottom bounds the divergence from below.
+        """
         block = np.asarray(self._blocks[i])
         params = np.ascontiguousarray(block[:, :4]).view(np.float32)  # [scored, 2]: scale, min log-prob
-        lp = block[:, 4 : 4 + self.n_vocab].astype(np.float32) * params[:, :1] + params[:, 1:2]
-        return torch.from_numpy(lp)
+        q = block[:, 4 : 4 + self.n_vocab]
+        lp = torch.from_numpy(q.astype(np.float32) * params[:, :1] + params[:, 1:2])
+        if reference is None:
+            return lp
+        clamped = torch.from_numpy((q == 0) & (params[:, :1] * 65535 >= LLAMA_BAND_NATS * (1 - 1e-4)))
+        return torch.where(clamped, torch.minimum(lp, reference.to(torch.float32)), lp)
 
 
 def read_llama_logprobs(path: Path) -> LlamaLogprobs:
@@ -528,7 +540,7 @@ def _evaluate_gguf(artifact, reference, eval_text, windows, options, warnings, p
                 raise MergeqError(
                     f"{artifact} has a vocabulary of {llama.n_vocab} tokens, the reference {reference} "
                     f"{ref_lp.shape[-1]}", hint="evaluate the GGUF against the checkpoint it was converted from")
-            sums.add(ref_lp, llama.window(i), win.targets[i])
+            sums.add(ref_lp, llama.window(i, ref_lp), win.targets[i])
     if printed is None:
         warnings.append("llama-perplexity printed no perplexity; it is computed from its saved log-probabilities")
         perplexity = sums.perplexity

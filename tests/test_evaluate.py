@@ -158,7 +158,14 @@ def test_read_llama_logprobs_round_trip(tmp_path):
     window = got.window(1).numpy()
     assert window.shape == (4, 11)
     assert np.abs(window - lp[1]).max() < 16 / 65535  # within one quantization step
-    assert got.window(0)[0, 3].item() == pytest.approx(lp[0, 0].max() - 16, abs=1e-3)
+    bottom = lp[0, 0].max() - 16
+    assert got.window(0)[0, 3].item() == pytest.approx(bottom, abs=1e-3)
+    # below the band only "at or below the bottom" is known: the reference's value if it is lower too
+    ref = torch.from_numpy(lp[0]).float()
+    assert got.window(0, ref)[0, 3].item() == pytest.approx(lp[0, 0, 3], abs=1e-5)
+    ref[0, 3] = bottom + 5.0  # the reference gives it real probability: the bottom bounds the divergence
+    assert got.window(0, ref)[0, 3].item() == pytest.approx(bottom, abs=1e-3)
+    assert torch.equal(got.window(1, torch.from_numpy(lp[1]).float()), got.window(1))  # nothing clamped there
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(MergeqError, match="bytes, expected"):
         read_llama_logprobs(path)
