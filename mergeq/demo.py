@@ -21,14 +21,15 @@ import importlib.util
 import json
 import logging
 import os
+import platform
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mergeq.atomic import atomic_dir, write_json
 from mergeq.errors import MergeqError
-from mergeq.hashing import sha256_file
+from mergeq.hashing import sha256_file, sha256_text
 from mergeq.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -203,9 +204,119 @@ def _ensure_base(assets: DemoAssets, rebuild: bool) -> bool:
     timings: dict = {}
     log.info("building the demo base (fp16 SmolLM2-135M-Instruct from the %s wheel) in %s", WHEEL_MODULE, assets.base)
     with _timed(timings, "seconds"), atomic_dir(assets.base, overwrite=True) as tmp:
+        os.chmod(tmp, 0o755)
         info = build_base(tmp)
     _record_facts(assets.root, "base", {**info, "build_seconds": timings["seconds"]})
     return True
+
+
+# ----------------------------------------------------------------------------------------------- texts
+
+
+def _texts_complete(assets: DemoAssets) -> bool:
+    return all(p.is_file() for p in (assets.train_text, assets.calib_text, assets.eval_text))
+
+
+def _ensure_texts(assets: DemoAssets, rebuild: bool) -> bool:
+    if _texts_complete(assets) and not rebuild:
+        return False
+    from mergeq.demo_texts import build_texts, documents
+
+    start = time.perf_counter()
+    texts = build_texts()
+    info: dict = {"python": platform.python_version(), "splits": {}}
+    with atomic_dir(assets.texts, overwrite=True) as tmp:
+        os.chmod(tmp, 0o755)
+        for split in ("train", "calib", "eval"):
+            text = getattr(texts, split)
+            (tmp / f"{split}.txt").write_text(text, encoding="utf-8")
+            info["splits"][split] = {
+                "chars": len(text),
+                "documents": len(documents(text)),
+                "modules": texts.modules[split],
+                "sha256": sha256_text(text),
+                "tokens": _count_tokens(assets.base, text),
+            }
+    info["build_seconds"] = round(time.perf_counter() - start, 2)
+    _record_facts(assets.root, "texts", info)
+    return True
+
+
+def _count_tokens(base: Path, text: str) -> int | None:
+    if not _base_complete(base):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------------- 4-bit twin, adapter
+
+
+def _nf4_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def _ensure_nf4(assets: DemoAssets, rebuild: bool) -> bool:
+    if _nf4_complete(assets.base_nf4) and not rebuild:
+        return False
+    from mergeq.demo_train import build_base_nf4
+
+    log.info("building the NF4 double-quant twin of the demo base in %s", assets.base_nf4)
+    start = time.perf_counter()
+    with atomic_dir(assets.base_nf4, overwrite=True) as tmp:
+        os.chmod(tmp, 0o755)
+        info = build_base_nf4(assets.base, tmp)
+    _record_facts(assets.root, "base_nf4", {**info, "build_seconds": round(time.perf_counter() - start, 2)})
+    return True
+
+
+def _adapter_complete(assets: DemoAssets) -> bool:
+    files = all((assets.adapter / n).is_file() for n in ("adapter_config.json", "adapter_model.safetensors"))
+    return files and "adapter" in read_facts(assets.root)
+
+
+def _ensure_adapter(assets: DemoAssets, rebuild: bool) -> bool:
+    if _adapter_complete(assets) and not rebuild:
+        return False
+    from mergeq.demo_train import EvalSettings, TrainSettings, measure, train_adapter
+
+    train_settings, eval_settings = TrainSettings(), EvalSettings()
+    timings: dict = {}
+    log.info(
+        "QLoRA-training the demo adapter on the 4-bit base (CPU, %d steps of %dx%d tokens)",
+        train_settings.steps,
+        train_settings.batch_size,
+        train_settings.block_tokens,
+    )
+    with atomic_dir(assets.adapter, overwrite=True) as tmp:
+        os.chmod(tmp, 0o755)
+        with _timed(timings, "train_seconds"):
+            training = train_adapter(assets.base_nf4, assets.train_text.read_text(encoding="utf-8"), tmp, train_settings)
+        log.info("measuring held-out perplexity on %s", assets.eval_text)
+        with _timed(timings, "measure_seconds"):
+            ppl = measure(assets.base, assets.base_nf4, tmp, assets.eval_text.read_text(encoding="utf-8"), eval_settings)
+        check_adapter_gain(ppl)
+    info = {**training, "perplexity": ppl, "eval_settings": asdict(eval_settings), **timings}
+    info["adapter_sha256"] = sha256_file(assets.adapter / "adapter_model.safetensors")
+    _record_facts(assets.root, "adapter", info)
+    return True
+
+
+MIN_GAIN = 0.03  # the adapter must cut the 4-bit base's held-out perplexity by at least 3%
+
+
+def check_adapter_gain(ppl: dict) -> None:
+    """Fail loudly unless the adapter is measurably better than the 4-bit base it was trained on."""
+    base = ppl["base_nf4"]["perplexity"]
+    tuned = ppl["base_nf4_plus_adapter"]["perplexity"]
+    if not tuned < base * (1 - MIN_GAIN):
+        raise MergeqError(
+            f"the demo adapter does not help: held-out perplexity {tuned:.3f} with it vs {base:.3f} without "
+            f"(needs at least {MIN_GAIN:.0%} lower)",
+            hint="this is a bug in the demo training settings (mergeq/demo_train.py); nothing was written",
+        )
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -216,6 +327,58 @@ def demo_base(*, rebuild: bool = False, root: Path | None = None) -> Path:
     assets = layout(root)
     if _base_complete(assets.base) and not rebuild:
         return assets.base
+
+
+def _all_complete(assets: DemoAssets) -> bool:
+    return (
+        _base_complete(assets.base)
+        and _texts_complete(assets)
+        and _nf4_complete(assets.base_nf4)
+        and _adapter_complete(assets)
+    )
+
+
+def demo_assets(*, rebuild: bool = False, root: Path | None = None) -> DemoAssets:
+    """All demo assets, building whatever is missing (a few minutes of CPU the first time).
+
+    A part that gets rebuilt also rebuilds everything made from it (base -> base-nf4 -> adapter,
+    texts -> adapter). `rebuild` rebuilds all of them.
+    """
+    assets = layout(root)
+    if not rebuild and _all_complete(assets):
+        return assets
+    with build_lock(assets.root):
+        base_new = _ensure_base(assets, rebuild)
+        texts_new = _ensure_texts(assets, rebuild)
+        nf4_new = _ensure_nf4(assets, rebuild or base_new)
+        _ensure_adapter(assets, rebuild or nf4_new or texts_new)
+    return assets
     with build_lock(assets.root):
         _ensure_base(assets, rebuild)
     return assets.base
+
+
+def _all_complete(assets: DemoAssets) -> bool:
+    return (
+        _base_complete(assets.base)
+        and _texts_complete(assets)
+        and _nf4_complete(assets.base_nf4)
+        and _adapter_complete(assets)
+    )
+
+
+def demo_assets(*, rebuild: bool = False, root: Path | None = None) -> DemoAssets:
+    """All demo assets, building whatever is missing (a few minutes of CPU the first time).
+
+    A part that gets rebuilt also rebuilds everything made from it (base -> base-nf4 -> adapter,
+    texts -> adapter). `rebuild` rebuilds all of them.
+    """
+    assets = layout(root)
+    if not rebuild and _all_complete(assets):
+        return assets
+    with build_lock(assets.root):
+        base_new = _ensure_base(assets, rebuild)
+        texts_new = _ensure_texts(assets, rebuild)
+        nf4_new = _ensure_nf4(assets, rebuild or base_new)
+        _ensure_adapter(assets, rebuild or nf4_new or texts_new)
+    return assets
