@@ -93,6 +93,7 @@ class TensorSource:
         return sum(f.stat().st_size for f in set(self._file_of.values()))
 
     def close(self) -> None:
+        """Unmap every file: pages read so far stop counting against this process's memory."""
         self._handles.clear()
 
 
@@ -103,7 +104,7 @@ class ShardWriter:
     model.safetensors when everything fits in one. Byte-identical for identical input.
     """
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 << 30):
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 1 << 30):
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}

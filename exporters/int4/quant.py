@@ -69,10 +69,16 @@ class QuantizedLinear:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out, inf = self.codes.shape
+        groups = self.scales.shape[1]
+        scale = self.scales.to(torch.float32)
+        zero = self.zeros.to(torch.float32)
+        codes = self.codes.to(torch.float32)
+        if inf % groups == 0 and torch.equal(self.g_idx.long(), default_g_idx(inf, inf // groups, self.g_idx.device).long()):
+            grouped = codes.view(out, groups, inf // groups)
+            return ((grouped - zero[..., None]) * scale[..., None]).view(out, inf).to(dtype)
         g = self.g_idx.long()
-        scale = self.scales.to(torch.float32)[:, g]
-        zero = self.zeros.to(torch.float32)[:, g]
-        return ((self.codes.to(torch.float32) - zero) * scale).to(dtype)
+        return ((codes - zero[:, g]) * scale[:, g]).to(dtype)
 
 
 def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
@@ -96,6 +102,27 @@ def group_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, to
         scale = _fp16_scale((wmax - wmin) / scheme.maxq)
         zero = torch.clamp(torch.round(-wmin / scale), scheme.min_zero, scheme.maxq)
     return scale, zero
+
+
+def group_params_mse(w: torch.Tensor, scheme: QuantScheme, *, grid: int = 20, max_shrink: float = 0.8,
+                     norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like group_params, but the range is shrunk (step 1/grid, down to 1 - max_shrink) where that lowers
+    sum |Q(w) - w|^norm over the row: clipping a few large weights buys resolution for the rest."""
+    best_scale, best_zero = group_params(w, scheme)
+    best_err = _lp_error(w, best_scale, best_zero, scheme.maxq, norm)
+    for step in range(1, int(max_shrink * grid) + 1):
+        factor = 1 - step / grid
+        scale, zero = group_params(w * factor, scheme)
+        err = _lp_error(w, scale, zero, scheme.maxq, norm)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _lp_error(w, scale, zero, maxq, norm):
+    return (fake_quantize(w, scale[..., None], zero[..., None], maxq) - w).abs().pow(norm).sum(dim=-1)
 
 
 def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -145,9 +172,10 @@ def rtn_quantize(w: torch.Tensor, scheme: QuantScheme, bias: torch.Tensor | None
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """int64 words in [0, 2**32) -> int32 with the same bit pattern."""
-    words = torch.where(words >= (1 << 31), words - (1 << 32), words)
-    return words.to(torch.int32)
+    """int64 words in [0, 2**32) -> int32 with the same bit pattern (the low half of each int64)."""
+    low_first = torch.tensor([1], dtype=torch.int16).view(torch.uint8)[0].item() == 1
+    halves = words.contiguous().view(torch.int32).view(*words.shape, 2)
+    return halves[..., 0 if low_first else 1].contiguous()
 
 
 def pack_last(codes: torch.Tensor, bits: int, order: list[int] | None = None) -> torch.Tensor:

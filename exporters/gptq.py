@@ -1,0 +1,29 @@
+"""The gptq exporter: mergeq's own GPTQ, streamed layer by layer, written for vLLM (gptq or compressed-tensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporters.int4.export import Int4Options, add_int4_arguments, export_int4, options_from_args, plan
+from exporters.registry import register
+from exporters.report import ArtifactReport
+
+
+@register("gptq")
+class GptqExporter:
+    """int4 GPTQ checkpoint for vLLM (quant_method gptq, or compressed-tensors pack-quantized)."""
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        add_int4_arguments(parser, method="gptq", samples=128, seq_len=512)
+
+    @classmethod
+    def options_from_args(cls, args) -> Int4Options:
+        return options_from_args(args, "gptq")
+
+    def preflight(self, model_dir: Path, options: Int4Options) -> list[str]:
+        the_plan = plan(Path(model_dir), options)
+        return the_plan.warnings + the_plan.choices
+
+    def export(self, model_dir: Path, out_dir: Path, options: Int4Options) -> list[ArtifactReport]:
+        return [export_int4(Path(model_dir), Path(out_dir), options)]

@@ -1,0 +1,60 @@
+"""Tiny random Llama / Mistral / Qwen2 checkpoints with a byte-level tokenizer, for the int4 tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def byte_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=None)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_model(folder: Path, family: str = "llama", *, layers: int = 2, hidden: int = 64, intermediate: int = 128,
+               heads: int = 4, kv_heads: int = 2, seed: int = 0, dtype=torch.float16, tokenizer: bool = True) -> Path:
+    """A random decoder-only checkpoint of `family`, with outlier input channels like real LLMs have."""
+    import transformers
+
+    torch.manual_seed(seed)
+    names = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+    config_cls, model_cls = (getattr(transformers, n) for n in names[family])
+    config = config_cls(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                # a few loud channels make activation-aware methods matter
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+                param[: max(1, hidden // 16)] *= 8.0
+            elif name.endswith(".bias"):
+                param.copy_(0.02 * torch.randn_like(param))
+    model.to(dtype).save_pretrained(folder)
+    if tokenizer:
+        byte_tokenizer(folder)
+    return Path(folder)
+
+
+def calibration_text(path: Path, chars: int = 20000, seed: int = 0) -> Path:
+    """Deterministic pseudo-text: words over a small alphabet, so byte tokens repeat with structure."""
+    generator = torch.Generator().manual_seed(seed)
+    words = ["alpha", "beta", "gamma", "delta", "layer", "scale", "merge", "token", "group", "zero", "the", "of"]
+    picks = torch.randint(0, len(words), (chars // 5,), generator=generator).tolist()
+    text = " ".join(words[i] for i in picks)
+    Path(path).write_text(text[:chars])
+    return Path(path)
