@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -459,12 +460,12 @@ def _is_float(dtype: torch.dtype) -> bool:
 
 
 def _finalize(name: str, value: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    if not torch.isfinite(value).all():
+    peak = float(value.abs().amax()) if value.numel() else 0.0  # NaN propagates through amax; one pass
+    if not math.isfinite(peak):
         bad = int((~torch.isfinite(value)).sum())
         raise MergeqError(f"merged tensor {name} has {bad} NaN or Inf value(s)",
                           hint="check the base and adapter for NaN/Inf, and the adapter weights")
     if out_dtype == torch.float16:
-        peak = float(value.abs().max()) if value.numel() else 0.0
         if peak > FP16_MAX:
             raise MergeqError(f"merged tensor {name} reaches {peak:.6g}, beyond float16's largest value 65504",
                               hint="use --dtype bfloat16")
