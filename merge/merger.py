@@ -615,7 +615,8 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
                 tokenizer_dirs = [r.path for r in refs] + [Path(p) for p in (config.base, config.qlora_base) if p]
                 reference = validate_mod.Reference(base=reference_base, adapters=refs,
                                                    vocab_size=facts[chosen.label]["vocab_size"],
-                                                   tokenizer_dirs=tokenizer_dirs)
+                                                   tokenizer_dirs=tokenizer_dirs,
+                                                   quantize=None if config.qlora_base else config.requantize)
                 outcome = validate_mod.compare_candidates(reference, folders, config.kl_warn, config.logit_warn)
                 warnings.extend(outcome.warnings)
                 if len(sources) > 1:

@@ -39,6 +39,7 @@ class Reference:
     adapters: list  # AdapterRef
     vocab_size: int | None = None  # the merged vocabulary (resized embeddings)
     tokenizer_dirs: list[Path] = field(default_factory=list)
+    quantize: object | None = None  # QuantSettings: quantize an fp16 base on load, as the QLoRA run did
 
 
 @dataclass
@@ -91,11 +92,21 @@ def reference_skip_reason(adapters: list) -> str | None:
     return None
 
 
-def _load(folder: Path):
+def _load(folder: Path, quantize=None):
     from transformers import AutoModelForCausalLM
 
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     kwargs = {"dtype": torch.float32}
+    if quantize is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantize.quant_type, bnb_4bit_use_double_quant=quantize.double_quant,
+            bnb_4bit_compute_dtype=torch.float32)
+        kwargs["device_map"] = "cpu"
+        if quantize.blocksize != 64:
+            raise MergeqError(f"validation: transformers quantizes with blocksize 64, not {quantize.blocksize}",
+                              hint="use --no-validate with another --quant-blocksize")
     if config.get("quantization_config"):
         kwargs["device_map"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
@@ -107,7 +118,7 @@ def reference_model(reference: Reference):
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    model = _load(reference.base)
+    model = _load(reference.base, reference.quantize)
     if reference.vocab_size and model.get_input_embeddings().weight.shape[0] != reference.vocab_size:
         model.resize_token_embeddings(reference.vocab_size, mean_resizing=False)
     names = [f"a{i}" for i in range(len(reference.adapters))]

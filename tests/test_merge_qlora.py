@@ -168,3 +168,13 @@ def test_corrupt_quant_state(tmp_path, qlora_setup, case, edit, message):
     assert message in str(err.value), str(err.value)
     assert "model.layers.0.mlp.up_proj.weight" in str(err.value)
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_requantized_target_is_validated_against_the_4bit_model(tmp_path, qlora_setup):
+    base, _, adapter = qlora_setup
+    result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "out", dtype="float32",
+                                   requantize=QuantSettings("nf4", 64, True)))
+    validation = result.manifest["validation"]
+    assert "4-bit" in validation["reference"]
+    assert validation["mean_kl"] < 1e-6, validation
+    assert result.manifest["inputs"]["sources"]["base"]["requantized"]["quant_type"] == "nf4"
