@@ -208,19 +208,25 @@ def _read_export(reader: _Reader, target: str, table):
         reader.problem(target, "", "must be a table of that exporter's options")
         return None
     parser = export_parser(target)
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    actions: dict[str, list[argparse.Action]] = {}
+    for action in parser._actions:
+        if action.option_strings:
+            actions.setdefault(action.dest, []).append(action)
     argv: list[str] = []
     for key, value in table.items():
-        action = actions.get(key)
-        if action is None:
+        if key not in actions:
             reader.problem(target, key, f"unknown option; {target} takes {', '.join(sorted(actions))}")
             continue
-        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        action = actions[key][0]
+        flag = _long_flag(action)
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(value, bool):
                 reader.problem(target, key, f"expected true/false, got {value!r}")
-            elif value == isinstance(action, argparse._StoreTrueAction):
-                argv.append(flag)
+                continue
+            # the flag that sets this value (`sym = false` may be spelled --asym, a store_false on dest sym)
+            setters = [a for a in actions[key] if a.const is value]
+            if setters:
+                argv.append(_long_flag(setters[0]))
             continue
         values = value if isinstance(value, list) else [value]
         if isinstance(value, list) and not isinstance(action, argparse._AppendAction) and not action.nargs:
@@ -245,6 +251,10 @@ def _read_export(reader: _Reader, target: str, table):
         reader.problem(target, "", str(err))
         return None
     return options, {k: v for k, v in sorted(vars(namespace).items())}
+
+
+def _long_flag(action: argparse.Action) -> str:
+    return next((f for f in action.option_strings if f.startswith("--")), action.option_strings[0])
 
 
 def _scalar(value, reader: _Reader, target: str) -> str:
