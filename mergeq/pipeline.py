@@ -104,15 +104,16 @@ def _run_stages(config: PipelineConfig, out: Path) -> RunResult:
     merged = out / "merged"
     merge_stage = Stage("merge", merged, stage_key(
         "merge", _merge_inputs(config.merge), config.resolved()["merge"], tool_versions))
-    _run_stage(merge_stage, out, result, lambda tmp: _merge(config.merge, tmp))
-    merged_hash = stage_key("merged", tree_hashes(merged), {}, {})
     evaluation = EvalSettings(text=config.evaluation.text, reference=merged, enabled=config.evaluation.enabled)
+    _run_stage(merge_stage, out, result, lambda tmp: _merge(config, tmp, evaluation))
+    merged_hash = stage_key("merged", model_files(merged), {}, {})
 
     for target, options in config.exports.items():
         stage = Stage(target, out / target, stage_key(
             target, {"merged": merged_hash, "eval": _eval_inputs(config.evaluation)},
             config.export_args[target], {**tool_versions, **_tool_versions(target)}))
-        _run_stage(stage, out, result, lambda tmp, t=target, o=options: _export(t, merged, tmp, o, evaluation))
+        _run_stage(stage, out, result,
+                   lambda tmp, t=target, o=options: _export(t, merged, tmp, o, evaluation, str(config.merge.base)))
     result.reports = collect_reports(out)
     from exporters.report import write_summary
 
@@ -158,16 +159,57 @@ def _tool_versions(target: str) -> dict:
     return {"llama.cpp": llamacpp.version_info()}
 
 
-def _merge(spec: MergeSpec, tmp: Path) -> None:
+def model_files(directory: Path) -> dict[str, str]:
+    """The hashes of a checkpoint's model files: what downstream stages depend on (not its report or card)."""
+    return {name: digest for name, digest in tree_hashes(directory).items() if name not in DOC_FILES}
+
+
+DOC_FILES = ("report.json", "report.md", "README.md")
+
+
+def _merge(config: PipelineConfig, tmp: Path, evaluation: EvalSettings) -> None:
     from merge.merger import MergeConfig, run_merge
 
+    spec = config.merge
     run_merge(MergeConfig(
         base=spec.base, adapters=[(a.path, a.weight) for a in spec.adapters], out=tmp,
         dtype=spec.dtype, qlora_base=spec.qlora_base, validate=spec.validate, overwrite=True))
+    report = reference_report(tmp, spec)
+    if evaluation.enabled:
+        from exporters.evaluate import evaluate_into_report
+
+        evaluate_into_report(report, reference=tmp, text=evaluation.text)
+    _finish_reports([report], tmp, "merged", base_model=str(spec.base))
 
 
-def _export(target: str, merged: Path, tmp: Path, options, evaluation: EvalSettings) -> None:
-    run_export(target, merged, tmp, options, evaluation)
+def reference_report(merged: Path, spec: MergeSpec) -> ArtifactReport:
+    """The merged checkpoint's own report: the fp16/bf16 reference every export is compared with."""
+    from exporters.evaluate import artifact_size
+
+    size, quant = artifact_size(merged, merged)
+    return ArtifactReport(format="hf", quant=quant, path=str(merged), size=size,
+                          provenance={"merge_manifest": "merge_manifest.json", "dtype": spec.dtype})
+
+
+def _export(target: str, merged: Path, tmp: Path, options, evaluation: EvalSettings, base_model: str) -> None:
+    reports = run_export(target, merged, tmp, options, evaluation)
+    _finish_reports(reports, tmp, target, base_model=base_model)
+
+
+def _finish_reports(reports: list[ArtifactReport], stage_dir: Path, stage_name: str, *, base_model: str) -> None:
+    """Make report paths relative to the run's output (they were written in a temporary stage dir) and add
+    a model card to every artifact directory."""
+    from mergeq.modelcard import write_model_card
+
+    by_dir: dict[Path, list[ArtifactReport]] = {}
+    for report in reports:
+        artifact = Path(report.path)
+        folder = artifact if artifact.is_dir() else artifact.parent
+        report.path = (Path(stage_name) / artifact.relative_to(stage_dir)).as_posix()
+        report.write(folder)
+        by_dir.setdefault(folder, []).append(report)
+    for folder, group in by_dir.items():
+        write_model_card(group, base_model=base_model, artifact_dir=folder)
 
 
 def collect_reports(out: Path) -> list[ArtifactReport]:
