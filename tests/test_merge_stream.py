@@ -35,6 +35,7 @@ def peak_rss_kib(base, adapter, out) -> int:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_kib"]
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_depth(tmp_path):
     peaks = {}
     sizes = {}
