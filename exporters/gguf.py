@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -255,19 +254,19 @@ class GGUFExporter:
         inter = intermediate_type(config, options)
         stem = model_dir.resolve().name
         check_disk(model_dir, config, options, out_dir)
-        where = llamacpp.ensure_built()
+        llamacpp.ensure_built()
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(out_dir / WORK_NAME)
         work = Path(tempfile.mkdtemp(prefix=f".{WORK_NAME}.tmp-", dir=out_dir))
         hasher = ThreadPoolExecutor(max_workers=1)
         try:
             inputs: Future = hasher.submit(_input_hashes, model_dir, options)
-            return self._export(model_dir, out_dir, options, inter, stem, work, inputs, where)
+            return self._export(model_dir, out_dir, options, inter, stem, work, inputs)
         finally:
             hasher.shutdown(wait=True)
             shutil.rmtree(work, ignore_errors=True)
 
-    def _export(self, model_dir, out_dir, options, inter, stem, work, inputs, where) -> list[ArtifactReport]:
+    def _export(self, model_dir, out_dir, options, inter, stem, work, inputs) -> list[ArtifactReport]:
         from mergeq.progress import progress_bar
 
         threads = ("-t", str(options.threads)) if options.threads else ()
