@@ -200,6 +200,8 @@ def train_adapter(base_nf4: Path, train_text: str, out: Path, settings: TrainSet
             losses.append(float(loss.detach()))
             recent = sum(losses[-10:]) / len(losses[-10:])
             bar.update(task, advance=1, description=f"QLoRA training (loss {recent:.3f})")
+            if (step + 1) % 16 == 0:  # also in the log, for runs without a terminal (CI)
+                log.info("QLoRA step %d/%d: loss %.4f", step + 1, settings.steps, recent)
     model.eval()
     model.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub; it says nothing about this adapter
