@@ -116,6 +116,8 @@ class ShardWriter:
         if name in self._pending or any(name in shard for shard in self._shards):
             raise MergeqError(f"tensor {name!r} written twice")
         tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # a view into something larger: store only its own bytes
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()

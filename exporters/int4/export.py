@@ -44,6 +44,7 @@ class Int4Options:
     damp_percent: float = 0.01
     act_order: str = "static"  # GPTQ without --desc-act: "static" (default) or "none"
     gptq_mse: bool = False
+    max_shard_bytes: int = 1 << 30  # output buffered before a shard is written
 
     @property
     def format_name(self) -> str:
@@ -228,7 +229,7 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
                            damp_percent=options.damp_percent, device=options.device)
     config = read_config(model_dir)
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        writer = ShardWriter(tmp)
+        writer = ShardWriter(tmp, max_shard_bytes=options.max_shard_bytes)
         sink = FormatSink(fmt, writer, the_plan.scheme, options.desc_act)
         result = quantize_streaming(model_dir, None if calibration is None else calibration.tokens, engine, sink)
         writer.finish()

@@ -157,7 +157,7 @@ def _split(layer: nn.Module, group: LinearGroup, stacked: QuantizedLinear) -> di
             codes=stacked.codes[start : start + rows],
             scales=stacked.scales[start : start + rows],
             zeros=stacked.zeros[start : start + rows],
-            g_idx=stacked.g_idx,
+            g_idx=stacked.g_idx.clone(),
             bias=None if module.bias is None else module.bias.detach().clone(),
         )
         module.weight.data.copy_(piece.dequantize(module.weight.dtype))

@@ -1,0 +1,285 @@
+"""The int4 exporters end to end on tiny random Llama / Mistral / Qwen2 models: formats read back,
+streaming equals whole-model quantization, memory stays flat with depth, bytes are deterministic, and
+preflight names the layers it rejects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporters.int4 import kernels
+from exporters.int4.arch import architecture_of
+from exporters.int4.calibration import load_calibration
+from exporters.int4.export import Int4Options, export_int4, plan
+from exporters.int4.formats import dequantized_state_dict, read_quantized
+from exporters.int4.layerwise import EngineOptions, LayerContext, quantize_layer, rotary_embeddings
+from exporters.int4.quant import QuantScheme
+from mergeq.errors import MergeqError
+from int4_models import byte_tokenizer, calibration_text, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _options(method, calib, **kw):
+    base = dict(method=method, calib=calib, samples=8, seq_len=64, group_size=32, device="cpu")
+    base.update(kw)
+    return Int4Options(**base)
+
+
+def _loss(model_dir_or_state, base_dir, tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if isinstance(model_dir_or_state, dict):
+        result = model.load_state_dict(model_dir_or_state, strict=False)
+        assert not result.unexpected_keys and not result.missing_keys, result
+    with torch.inference_mode():
+        return float(model(tokens, labels=tokens).loss)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_export_reads_back_for_every_family(tmp_path, family, method):
+    base = tiny_model(tmp_path / "base", family)
+    calib = calibration_text(tmp_path / "calib.txt")
+    report = export_int4(base, tmp_path / "out", _options(method, calib))
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == method and qc["bits"] == 4 and qc["group_size"] == 32
+    assert config["dtype"] == "float16"
+    if method == "awq":
+        assert qc["version"] == "gemm" and qc["zero_point"] is True and report.extra["sym"] is False
+    else:
+        assert qc["sym"] is True and qc["desc_act"] is False and qc["checkpoint_format"] == "gptq"
+    assert (out / "tokenizer.json").is_file()
+    linears, plain = read_quantized(out)
+    arch = architecture_of(config)
+    assert len(linears) == 2 * len(arch.linears)
+    assert all(not name.endswith("proj.weight") for name in plain)  # no float copy of a quantized weight
+    assert "lm_head.weight" in plain and "model.embed_tokens.weight" in plain
+    if family == "qwen2":
+        assert linears["model.layers.0.self_attn.q_proj"].bias is not None
+    state = dequantized_state_dict(out)
+    tokens = load_calibration(calib, __import__("transformers").AutoTokenizer.from_pretrained(base), 4, 64).tokens
+    fp_loss = _loss(None, base, tokens)
+    q_loss = _loss(state, base, tokens)
+    assert abs(q_loss - fp_loss) < 0.05 * fp_loss
+    assert report.size.bits_per_quantized_weight < 5.5
+    assert report.extra["calib_sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
+    assert report.extra["calib_samples"] == 8 and report.extra["calib_seq_len"] == 64
+    assert set(report.extra["vllm_kernel_by_tp"]) == {"1", "2", "4", "8"}
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_compressed_tensors_export_matches_native(tmp_path, sym):
+    base = tiny_model(tmp_path / "base", hidden=128, intermediate=256)  # Marlin-sized: asymmetric needs it
+    calib = calibration_text(tmp_path / "calib.txt")
+    export_int4(base, tmp_path / "native", _options("gptq", calib, sym=sym))
+    export_int4(base, tmp_path / "ct", _options("gptq", calib, sym=sym, format="compressed-tensors"))
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["config_groups"]["group_0"]["weights"]["symmetric"] is sym
+    native = dequantized_state_dict(tmp_path / "native")
+    ct = dequantized_state_dict(tmp_path / "ct")
+    assert native.keys() == ct.keys()
+    for name in native:
+        if name.endswith("proj.weight") and not sym:
+            continue  # GPTQ v1 cannot hold a zero point of 0, so the asymmetric grids differ slightly
+        assert torch.equal(native[name].float(), ct[name].float()), name
+
+
+def test_streaming_matches_whole_model_quantization(tmp_path):
+    """The streamed export equals quantizing the layers of a fully loaded transformers model, whose own
+    forward (embeddings, rotary, masks) produces each layer's input."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tiny_model(tmp_path / "base", "llama", layers=3)
+    calib = calibration_text(tmp_path / "calib.txt")
+    export_int4(base, tmp_path / "out", _options("gptq", calib, samples=6, seq_len=48))
+    streamed, _ = read_quantized(tmp_path / "out")
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.config._attn_implementation = "sdpa"
+    tokens = load_calibration(calib, AutoTokenizer.from_pretrained(base), 6, 48).tokens
+    config = json.loads((base / "config.json").read_text())
+    arch = architecture_of(config)
+    options = EngineOptions(method="gptq", scheme=QuantScheme(4, 32, True))
+    ctx = LayerContext(arch=arch, options=options, seq_len=48,
+                       position_embeddings=rotary_embeddings(arch, model.config, 48, "cpu"))
+
+    class Captured(Exception):
+        pass
+
+    for index, layer in enumerate(model.model.layers):
+        captured = {}
+
+        def hook(_module, args, kwargs):
+            captured["x"] = args[0] if args else kwargs["hidden_states"]
+            raise Captured
+
+        handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+        with pytest.raises(Captured), torch.inference_mode():
+            model.model(tokens)
+        handle.remove()
+        _, quantized, _ = quantize_layer(layer, [captured["x"].clone()], ctx)
+        for name, q in quantized.items():
+            mine = streamed[f"model.layers.{index}.{name}"]
+            agree = (mine.codes.long() == q.codes.long()).float().mean().item()
+            assert agree > 0.995, (index, name, agree)
+            assert torch.allclose(mine.dequantize(), q.dequantize(), atol=1e-2)
+
+
+def _write_synthetic(folder: Path, layers: int, hidden: int = 512, inter: int = 1536) -> int:
+    """A Llama checkpoint of random fp16 tensors, written directly (no transformers init): returns bytes."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"model.embed_tokens.weight": torch.randn(256, hidden, generator=g).half() * 0.02,
+               "model.norm.weight": torch.ones(hidden).half(), "lm_head.weight": torch.randn(256, hidden).half() * 0.02}
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+              "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    for i in range(layers):
+        for name, shape in shapes.items():
+            tensors[f"model.layers.{i}.{name}.weight"] = (torch.randn(*shape, generator=g) * 0.02).half()
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(hidden).half()
+        tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(hidden).half()
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "vocab_size": 256, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False, "dtype": "float16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return (folder / "model.safetensors").stat().st_size
+
+
+def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
+    calib = calibration_text(tmp_path / "calib.txt")
+    script = textwrap.dedent("""
+        import json, resource, sys
+        from pathlib import Path
+        from exporters.int4.export import Int4Options, export_int4
+        model, out, calib = (Path(a) for a in sys.argv[1:4])
+        export_int4(model, out, Int4Options(method="gptq", calib=calib, samples=4, seq_len=32, group_size=128,
+                                            act_order="none", device="cpu", max_shard_bytes=4 << 20))
+        print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    """)
+    results = {}
+    for layers in (2, 12):
+        model = tmp_path / f"m{layers}"
+        size = _write_synthetic(model, layers)
+        byte_tokenizer(model)
+        run = subprocess.run([sys.executable, "-c", script, str(model), str(tmp_path / f"o{layers}"), str(calib)],
+                             cwd=REPO, capture_output=True, text=True, env={"MERGEQ_QUIET": "1", "PATH": "/usr/bin:/bin"})
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[layers] = (size, json.loads(run.stdout.strip().splitlines()[-1])["peak_rss"])
+    assert len(list((tmp_path / "o12").glob("model-*.safetensors"))) > 1  # output streamed into shards
+    grown_model = results[12][0] - results[2][0]
+    grown_rss = results[12][1] - results[2][1]
+    assert grown_model > 60e6
+    assert grown_rss < 0.3 * grown_model, (results, grown_rss / grown_model)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_export_is_byte_identical_across_runs(tmp_path, method):
+    base = tiny_model(tmp_path / "base", "qwen2")
+    calib = calibration_text(tmp_path / "calib.txt")
+    for run in ("a", "b"):
+        export_int4(base, tmp_path / run, _options(method, calib))
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_preflight_names_the_layers_and_suggests_a_group_size(tmp_path):
+    base = tiny_model(tmp_path / "base", hidden=96, intermediate=192, heads=4, kv_heads=2, tokenizer=False)
+    with pytest.raises(MergeqError) as err:
+        plan(base, Int4Options(method="gptq", group_size=64))
+    text = str(err.value)
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj"):
+        assert name in text
+    assert "mlp.down_proj" not in text.split("hint")[0]  # 192 is divisible by 64
+    assert "--group-size 32" in text
+    chosen = plan(base, Int4Options(method="gptq"))
+    assert chosen.scheme.group_size == 32 and "128 does not divide" in chosen.choices[0]
+
+
+def test_preflight_refuses_what_vllm_cannot_load(tmp_path):
+    demo_like = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+                 "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 30}
+    arch = architecture_of(demo_like)
+    sym = kernels.predict_kernels(demo_like, arch, "gptq", QuantScheme(4, 64, True), False)
+    assert sym["method"] == "gptq_marlin"
+    assert sym["tp"]["1"]["kernels"] == {"qkv_proj": "exllama", "o_proj": "exllama", "gate_up_proj": "exllama",
+                                         "down_proj": "marlin"}
+    assert not sym["tp"]["2"]["ok"] and "9 attention heads" in sym["tp"]["2"]["problems"][0]
+    assert kernels.predict_kernels(demo_like, arch, "gptq", QuantScheme(4, 64, False), False)["method"] == "gptq"
+    awq = kernels.predict_kernels(demo_like, arch, "awq", QuantScheme(4, 64, False), False)
+    assert awq["method"] == "awq_marlin" and awq["tp"]["1"]["kernels"]["qkv_proj"] == "awq_gemm"
+    ct_asym = kernels.predict_kernels(demo_like, arch, "compressed-tensors", QuantScheme(4, 64, False), False)
+    assert not ct_asym["tp"]["1"]["ok"]
+    big = dict(demo_like, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               head_dim=128)
+    marlin = kernels.predict_kernels(big, arch, "gptq", QuantScheme(4, 128, True), True)
+    assert all(entry["kernels"] == dict.fromkeys(entry["kernels"], "marlin") and entry["ok"]
+               for entry in marlin["tp"].values())
+    # desc_act with the input of o_proj/down_proj split: Marlin takes it, Exllama would not
+    assert kernels.summarize(marlin)["8"] == "gptq_marlin: marlin x4"
+
+    base = tiny_model(tmp_path / "base", hidden=64, intermediate=192, tokenizer=False)
+    with pytest.raises(MergeqError, match="vLLM would refuse"):
+        plan(base, Int4Options(method="gptq", group_size=32, sym=False, format="compressed-tensors"))
+    with pytest.raises(MergeqError, match="desc-act"):
+        plan(base, Int4Options(method="awq", desc_act=True))
+
+
+def test_calibration_errors_and_warnings(tmp_path):
+    base = tiny_model(tmp_path / "base")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(MergeqError, match="has no text"):
+        export_int4(base, tmp_path / "o1", _options("gptq", empty))
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    with pytest.raises(MergeqError, match="fewer than one sample"):
+        export_int4(base, tmp_path / "o2", _options("gptq", short))
+    assert not (tmp_path / "o2").exists()  # nothing partial
+    records = tmp_path / "calib.jsonl"
+    records.write_text("\n".join(json.dumps({"text": "alpha beta gamma " * 20}) for _ in range(5)) + "\n")
+    report = export_int4(base, tmp_path / "o3", _options("awq", records, samples=64, seq_len=64))
+    assert report.extra["calib_samples"] < 64
+    assert any("instead of the 64 asked for" in w for w in report.warnings)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"prompt": "no text field"}\n')
+    with pytest.raises(MergeqError, match="bad.jsonl:2"):
+        export_int4(base, tmp_path / "o4", _options("gptq", bad))
+
+
+def test_cli_export_writes_artifact_and_refuses_foreign_output(tmp_path):
+    from mergeq.cli import main
+
+    base = tiny_model(tmp_path / "base")
+    calib = calibration_text(tmp_path / "calib.txt")
+    out = tmp_path / "gptq"
+    argv = ["export", "gptq", "--model", str(base), "--out", str(out), "--no-eval", "--calib", str(calib),
+            "--samples", "4", "--seq-len", "32", "--group-size", "32", "--device", "cpu"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "gptq" and report["quant"] == "w4g32-sym"
+    assert report["extra"]["vllm_kernel_by_tp"]["1"].startswith("gptq_marlin")
+    assert json.loads((out / "quantize_config.json").read_text())["bits"] == 4
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(argv[:5] + [str(foreign)] + argv[6:]) == 2
+    assert (foreign / "notes.txt").read_text() == "keep me"
