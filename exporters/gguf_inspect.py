@@ -1,7 +1,8 @@
 """What is inside a GGUF file, read with the pinned llama.cpp's own gguf-py, and the size part of its report.
 
 The installed `gguf` package can lag behind the pinned llama.cpp (it may not know a newer tensor type), so
-files are read in a subprocess whose `gguf` is the pinned tree's gguf-py (`read_ggufs`). From the tensor
+type ids, names and block sizes come from the pinned tree's gguf-py. `read_gguf` parses only the header
+(gguf-py's GGUFReader takes seconds on a 49k-token vocabulary; tests check both agree). From the tensor
 list and llama-quantize's log, `size_info` builds the report's SizeInfo: bytes, bits per weight over the
 quantized tensors and over the whole file, the tensor-type histogram, and every quantized tensor that got
 another type than the requested one, with the reason.
@@ -9,11 +10,16 @@ another type than the requested one, with the reason.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
+import mmap
 import re
+import struct
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from exporters.report import SizeInfo
@@ -66,72 +72,172 @@ class GGUFSummary:
 # ----------------------------------------------------------------------------------------------- reading
 
 
+@lru_cache(maxsize=2)
+def pinned_constants(gguf_py: Path | None = None):
+    """The pinned gguf-py's constants module (type ids, block sizes), loaded on its own under a private name.
+
+    constants.py imports nothing but the standard library, so it loads without the rest of the pinned
+    package and without touching the installed `gguf`.
+    """
+    from exporters import llamacpp
+
+    path = Path(gguf_py or llamacpp.ensure_source().gguf_py) / "gguf" / "constants.py"
+    spec = importlib.util.spec_from_file_location("mergeq_pinned_gguf_constants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_SCALARS = {  # GGUFValueType name -> struct format (little-endian)
+    "UINT8": "<B", "INT8": "<b", "UINT16": "<H", "INT16": "<h", "UINT32": "<I", "INT32": "<i",
+    "FLOAT32": "<f", "BOOL": "<?", "UINT64": "<Q", "INT64": "<q", "FLOAT64": "<d",
+}
+
+
+class _Cursor:
+    """Reads GGUF header values from a memory map, failing clearly at the end of the data."""
+
+    def __init__(self, data, path: Path):
+        self.data, self.path, self.pos = data, path, 0
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise MergeqError(f"GGUF file {self.path} is truncated: its header ends after {len(self.data)} bytes",
+                              hint="the file is incomplete or damaged; export it again")
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        length = self.take("<Q")
+        if self.pos + length > len(self.data):
+            self.take(f"<{length}s")  # raises the truncation error
+        raw = bytes(self.data[self.pos:self.pos + length])
+        self.pos += length
+        return raw.decode("utf-8", errors="replace")
+
+    def skip(self, size: int) -> None:
+        if self.pos + size > len(self.data):
+            self.take(f"<{size}s")
+        self.pos += size
+
+
+def read_gguf(path: Path) -> GGUFSummary:
+    """Tensor infos and scalar metadata of one GGUF, parsed from its header (tensor data is not read).
+
+    The format is GGUF v2/v3 as written by the pinned gguf-py; type ids, names and block sizes come from
+    the pinned gguf-py's constants. Scalar metadata are kept; of arrays (token lists) only the length.
+    A file that is not GGUF, or whose header or tensor data is cut short, raises MergeqError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MergeqError(f"GGUF file {path} does not exist")
+    constants = pinned_constants()
+    value_types = constants.GGUFValueType
+    qtypes = constants.GGMLQuantizationType
+    sizes = {t.name: size for t, size in constants.GGML_QUANT_SIZES.items()}
+    size_bytes = path.stat().st_size
+    if size_bytes < 24:
+        raise MergeqError(f"{path} is not a GGUF file ({size_bytes} bytes)", hint="export it again")
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        cur = _Cursor(data, path)
+        if cur.take("<I") != constants.GGUF_MAGIC:
+            raise MergeqError(f"{path} is not a GGUF file (wrong magic)", hint="pass a .gguf file written by llama.cpp")
+        version = cur.take("<I")
+        if version not in (2, 3):
+            raise MergeqError(f"{path}: GGUF version {version} is not supported (2 or 3 expected)")
+        n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
+        metadata: dict = {}
+        arrays: dict = {}
+
+        def value(kind: int):
+            name = value_types(kind).name
+            if name == "STRING":
+                return cur.string()
+            return cur.take(_SCALARS[name])
+
+        for _ in range(n_kv):
+            key = cur.string()
+            kind = cur.take("<I")
+            if kind == value_types.ARRAY:
+                item, count = cur.take("<I"), cur.take("<Q")
+                arrays[key] = count
+                if item == value_types.STRING:
+                    for _ in range(count):
+                        cur.skip(cur.take("<Q"))
+                elif item == value_types.ARRAY:
+                    raise MergeqError(f"{path}: nested array in {key!r} is not supported")
+                else:
+                    cur.skip(count * struct.calcsize(_SCALARS[value_types(item).name]))
+            else:
+                metadata[key] = value(kind)
+        tensors, offsets = [], []
+        for _ in range(n_tensors):
+            name = cur.string()
+            shape = tuple(cur.take("<Q") for _ in range(cur.take("<I")))
+            type_id, offset = cur.take("<I"), cur.take("<Q")
+            try:
+                type_name = qtypes(type_id).name
+            except ValueError:
+                raise MergeqError(f"{path}: tensor {name!r} has type id {type_id}, unknown to the pinned gguf-py") from None
+            block, type_size = sizes[type_name]
+            n_elements = math.prod(shape)
+            tensors.append(TensorInfo(name, type_name, shape, n_elements, n_elements // block * type_size))
+            offsets.append(offset)
+        alignment = int(metadata.get("general.alignment", constants.GGUF_DEFAULT_ALIGNMENT))
+        data_start = -(-cur.pos // alignment) * alignment
+        end = max((o + t.n_bytes for o, t in zip(offsets, tensors)), default=0)
+        if data_start + end > size_bytes:
+            raise MergeqError(f"GGUF file {path} is truncated: its tensors need {data_start + end} bytes, "
+                              f"the file has {size_bytes}", hint="the file is incomplete or damaged; export it again")
+    return GGUFSummary(path=path, size_bytes=size_bytes, metadata=metadata, array_lengths=arrays, tensors=tensors,
+                       block_sizes={name: block for name, (block, _) in sizes.items()})
+
+
+def read_ggufs(paths: list[Path]) -> list[GGUFSummary]:
+    return [read_gguf(p) for p in paths]
+
+
 def _probe(paths: list[str]) -> list[dict]:
-    """Runs inside the subprocess whose `gguf` is the pinned gguf-py."""
+    """Runs inside a subprocess whose `gguf` is the pinned gguf-py: its own GGUFReader's view of the files."""
     import gguf
-    from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
+    from gguf import GGUFReader, GGUFValueType
 
     results = []
     for path in paths:
         reader = GGUFReader(path, "r")
         metadata, arrays = {}, {}
         for name, fld in reader.fields.items():
-            if not fld.types:
+            if not fld.types or name.startswith("GGUF."):
                 continue
             if fld.types[0] == GGUFValueType.ARRAY:
                 arrays[name] = len(fld.data)
             else:
                 value = fld.contents()
                 metadata[name] = value.item() if hasattr(value, "item") else value
-        tensors = [
-            {"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
-             "n_elements": int(t.n_elements), "n_bytes": int(t.n_bytes)}
-            for t in reader.tensors
-        ]
-        results.append({"path": path, "metadata": metadata, "arrays": arrays, "tensors": tensors})
-    blocks = {t.name: int(size[0]) for t, size in GGML_QUANT_SIZES.items()}
-    return [{**r, "block_sizes": blocks, "gguf_py": gguf.__file__} for r in results]
+        tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
+                    "n_elements": int(t.n_elements), "n_bytes": int(t.n_bytes)} for t in reader.tensors]
+        results.append({"path": path, "metadata": metadata, "arrays": arrays, "tensors": tensors,
+                        "gguf_py": gguf.__file__})
+    return results
 
 
 def _main() -> None:
     json.dump(_probe(sys.argv[1:]), sys.stdout, default=str)
 
 
-def read_ggufs(paths: list[Path]) -> list[GGUFSummary]:
-    """Read tensor infos and scalar metadata of each GGUF, with the pinned gguf-py (one subprocess for all)."""
+def read_with_gguf_py(paths: list[Path]) -> list[dict]:
+    """The pinned gguf-py GGUFReader's view of the files, from a subprocess (slow on large vocabularies:
+    the reference that tests compare `read_gguf` with)."""
     from exporters import llamacpp
 
-    paths = [Path(p) for p in paths]
-    for path in paths:
-        if not path.is_file():
-            raise MergeqError(f"GGUF file {path} does not exist")
     where = llamacpp.ensure_source()
-    command = llamacpp.ToolCommand(
+    result = llamacpp.run_tool(llamacpp.ToolCommand(
         "gguf-py reader",
         (sys.executable, "-c", "from exporters.gguf_inspect import _main; _main()", *map(str, paths)),
-        env=llamacpp.pinned_python_env(where, llamacpp.REPO_ROOT),
-        cwd=llamacpp.REPO_ROOT,
-    )
-    try:
-        result = llamacpp.run_tool(command)
-    except MergeqError as err:
-        raise MergeqError(f"cannot read GGUF {', '.join(map(str, paths))}: {err}",
-                          hint="the file is truncated or not a GGUF file; export it again") from err
-    summaries = []
-    for path, raw in zip(paths, json.loads(result.stdout)):
-        if not str(raw["gguf_py"]).startswith(str(where.gguf_py)):
-            raise MergeqError(f"the GGUF reader imported {raw['gguf_py']}, not the pinned gguf-py in {where.gguf_py}")
-        summaries.append(GGUFSummary(
-            path=path, size_bytes=path.stat().st_size, metadata=raw["metadata"], array_lengths=raw["arrays"],
-            tensors=[TensorInfo(t["name"], t["type"], tuple(t["shape"]), t["n_elements"], t["n_bytes"])
-                     for t in raw["tensors"]],
-            block_sizes=raw["block_sizes"],
-        ))
-    return summaries
-
-
-def read_gguf(path: Path) -> GGUFSummary:
-    return read_ggufs([path])[0]
+        env=llamacpp.pinned_python_env(where, llamacpp.REPO_ROOT), cwd=llamacpp.REPO_ROOT))
+    return json.loads(result.stdout)
 
 
 # ----------------------------------------------------------------------------------------------- llama-quantize's log

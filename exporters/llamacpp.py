@@ -46,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PIN_FILE = REPO_ROOT / "third_party" / "llama.cpp.toml"
 SDIST_ENV = "MERGEQ_LLAMACPP_SDIST"  # a local copy of the pinned sdist (offline machines); still sha256-checked
 STAMP_NAME = "build.json"
+ARCHITECTURES_NAME = "text_architectures.json"
 STDERR_TAIL = 15  # lines of a failed tool's stderr quoted in the error
 INSTALL_HINT = "install them with: apt-get install cmake g++ make   (or: pip install cmake, plus a C++ compiler)"
 
@@ -536,10 +537,19 @@ def supported_architectures(pin: Pin | None = None) -> list[str]:
     An architecture is supported when conversion/__init__.py routes it (TEXT_MODEL_MAP) and a class in
     conversion/*.py registers it with `@ModelBase.register(...)` without being a multimodal projector class
     (MmprojModel or model_arch MMPROJ, directly or by inheritance). Only the source is parsed: no converter
-    code runs. tests/test_llamacpp.py checks the result against the converter's live registry.
+    code runs. tests/test_llamacpp.py checks the result against the converter's live registry. The list is
+    cached next to the tree (`text_architectures.json`).
     """
     where = ensure_source(pin)
-    conversion = where.src / "conversion"
+    cached = where.root / ARCHITECTURES_NAME
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(cached.read_text())
+    found = _scan_architectures(where.src / "conversion")
+    write_json(cached, found)
+    return found
+
+
+def _scan_architectures(conversion: Path) -> list[str]:
     routed = set(_literal_assignment(conversion / "__init__.py", "TEXT_MODEL_MAP"))
     classes: dict[str, tuple[list[str], list[str], bool]] = {}  # name -> (bases, registered names, MMPROJ arch)
     for path in sorted(conversion.glob("*.py")):

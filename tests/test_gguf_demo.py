@@ -10,7 +10,7 @@ import pytest
 
 from exporters import llamacpp
 from exporters.gguf import GGUFExporter, GGUFOptions
-from exporters.gguf_inspect import read_gguf
+from exporters.gguf_inspect import read_gguf, read_with_gguf_py
 
 pytestmark = [pytest.mark.demo, pytest.mark.llamacpp, pytest.mark.slow]
 
@@ -102,3 +102,13 @@ def test_chat_template_equals_the_checkpoints(demo):
     template = (base / "chat_template.jinja").read_text()
     for report in reports.values():
         assert read_gguf(Path(report.path)).metadata["tokenizer.chat_template"] == template
+
+
+def test_header_reader_agrees_with_gguf_py_on_a_real_vocabulary(demo):
+    _, reports, _, _, _ = demo
+    path = Path(reports["Q4_K_M"].path)
+    ours, (theirs,) = read_gguf(path), read_with_gguf_py([path])
+    assert ours.metadata == theirs["metadata"] and ours.array_lengths == theirs["arrays"]
+    assert ours.array_lengths["tokenizer.ggml.tokens"] == 49152
+    assert [(t.name, t.type, t.n_bytes) for t in ours.tensors] == [
+        (t["name"], t["type"], t["n_bytes"]) for t in theirs["tensors"]]

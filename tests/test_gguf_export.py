@@ -19,7 +19,7 @@ import pytest
 
 from exporters import llamacpp
 from exporters.gguf import GGUFExporter, GGUFOptions
-from exporters.gguf_inspect import read_gguf, read_ggufs
+from exporters.gguf_inspect import read_gguf, read_ggufs, read_with_gguf_py
 from mergeq.errors import MergeqError, ToolError
 from mergeq.hashing import sha256_file
 
@@ -141,6 +141,32 @@ def test_tokenizer_and_chat_template_are_preserved(export96, model96):
     for report in reports:
         assert report.extra["gguf"]["chat_template_matches"] is True
         assert report.extra["gguf"]["vocab_size"] == VOCAB
+
+
+def test_header_reader_agrees_with_the_pinned_gguf_py_reader(export96):
+    _, reports, _ = export96
+    paths = [Path(r.path) for r in reports]
+    for ours, theirs in zip(read_ggufs(paths), read_with_gguf_py(paths)):
+        assert theirs["gguf_py"].startswith(str(llamacpp.layout().gguf_py))
+        assert ours.metadata == theirs["metadata"]
+        assert ours.array_lengths == theirs["arrays"]
+        assert [(t.name, t.type, list(t.shape), t.n_elements, t.n_bytes) for t in ours.tensors] == [
+            (t["name"], t["type"], t["shape"], t["n_elements"], t["n_bytes"]) for t in theirs["tensors"]]
+
+
+def test_truncated_or_foreign_files_are_named(export96, tmp_path):
+    _, reports, _ = export96
+    data = Path(reports[0].path).read_bytes()
+    for name, content, message in [
+        ("cut-data.gguf", data[:-100], "is truncated: its tensors need"),
+        ("cut-header.gguf", data[:300], "is truncated: its header ends"),
+        ("foreign.gguf", b"PK\x03\x04" + data[4:2000], "is not a GGUF file"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(MergeqError, match=message) as caught:
+            read_gguf(path)
+        assert str(path) in str(caught.value)
 
 
 def test_reports_carry_provenance_and_stages(export96, model96):

@@ -243,6 +243,7 @@ def test_supported_architectures_equal_the_converters_registered_classes():
         "conversion import", (sys.executable, "-c", script), env=llamacpp.pinned_python_env(where), cwd=where.src))
     registered = json.loads(result.stdout.strip().splitlines()[-1])
     assert static == registered
+    assert llamacpp._scan_architectures(where.src / "conversion") == registered
 
 
 @pytest.mark.llamacpp
