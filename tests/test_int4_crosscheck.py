@@ -50,13 +50,6 @@ CASES = {
     "ct-gptq-desc-act": ("gptq", ["--format", "compressed-tensors", "--desc-act"]),
     "ct-awq-asym": ("awq", ["--format", "compressed-tensors"]),
 }
-# Known format bugs in our writer, each with the peer's exact complaint. strict: once fixed, the xpass fails
-# and the marker must go.
-KNOWN_BUGS = {
-    "ct-gptq-desc-act": "exporters/int4/formats.py writes actorder 'group' with weight_g_idx; compressed-tensors "
-                        "0.19 and 0.20 reject it: \"actorder='group' has been removed. Consider using "
-                        "actorder='weight' or actorder=None instead.\"",
-}
 TAMPERED = "awq-plain-order"
 QUANTIZED = sorted(f"model.layers.{i}.{proj}" for i in range(2) for proj in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -120,10 +113,9 @@ def artifacts(tmp_path_factory, peer_python) -> dict:
     args = [tokens]
     for name, directory in dirs.items():
         args += [directory, work / f"{name}.peer.safetensors"]
-    run = peers.run_measured([str(peer_python), str(LOADER), *map(str, args)], label="int4-loaders", check=False)
+    run = peers.run_measured([str(peer_python), str(LOADER), *map(str, args)], label="int4-loaders")
     loaded = {Path(d["model"]).name: d for d in map(json.loads, (x for x in run.output.splitlines() if x.startswith("{")))}
-    assert set(loaded) == set(dirs), f"the peer loader stopped early (exit {run.returncode}):\n{run.output[-3000:]}"
-    peer = {name: load_file(work / f"{name}.peer.safetensors") for name in dirs if "error" not in loaded[name]}
+    peer = {name: load_file(work / f"{name}.peer.safetensors") for name in dirs}
     return {"dirs": dirs, "peer": peer, "loaded": loaded, "base": base, "tampered_layer": tampered_layer}
 
 
@@ -135,8 +127,8 @@ def our_side(model_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 
     state = dequantized_state_dict(model_dir, torch.float32)
     config = AutoConfig.from_pretrained(model_dir)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config.quantization_config = None
+    del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, f"{model_dir}: tensors the model does not have: {unexpected}"
@@ -147,13 +139,9 @@ def our_side(model_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return state, logits
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[c])) if c in KNOWN_BUGS else c
-    for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_peer_reads_our_checkpoint_as_we_do(artifacts, case):
     directory = artifacts["dirs"][case]
-    error = artifacts["loaded"][case].get("error")
-    assert error is None, f"{case}: the independent loader refused our checkpoint: {error}"
     peer = artifacts["peer"][case]
     state, logits = our_side(directory)
 
@@ -177,8 +165,6 @@ def test_peer_kernels_are_not_ours(artifacts):
     compressed-tensors decompressed it."""
     for case in CASES:
         info = artifacts["loaded"][case]
-        if "error" in info:
-            continue  # reported by test_peer_reads_our_checkpoint_as_we_do
         kinds = " ".join(info["layer_types"])
         if case.startswith("ct-"):
             assert info["method"] == "compressed-tensors" and kinds == "torch.nn.modules.linear.Linear"
