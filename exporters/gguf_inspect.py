@@ -278,6 +278,27 @@ def parse_quantize_log(text: str) -> QuantizeLog:
 # ----------------------------------------------------------------------------------------------- the size report
 
 
+def file_quant(summary: GGUFSummary) -> str | None:
+    """The llama-quantize type name recorded in the file (general.file_type), e.g. "Q4_K_M", "F16"."""
+    code = summary.metadata.get("general.file_type")
+    if code is None:
+        return None
+    try:
+        name = pinned_constants().LlamaFileType(int(code)).name
+    except ValueError:
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def size_info_for_file(summary: GGUFSummary) -> tuple[SizeInfo, str, list[str]]:
+    """size_info for a GGUF without its export log (e.g. `mergeq eval`): the type comes from the file."""
+    from exporters import llamacpp
+
+    quant = file_quant(summary) or summary.path.stem
+    info, warnings = size_info(summary, quant, llamacpp.load_pin().default_types.get(quant))
+    return info, quant, warnings
+
+
 def size_info(summary: GGUFSummary, quant: str, wanted_type: str | None, quantize_log: str | None = None
               ) -> tuple[SizeInfo, list[str]]:
     """SizeInfo of one GGUF requested as `quant` (whose tensors should be `wanted_type`), plus warnings.

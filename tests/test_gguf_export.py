@@ -19,7 +19,7 @@ import pytest
 
 from exporters import llamacpp
 from exporters.gguf import GGUFExporter, GGUFOptions
-from exporters.gguf_inspect import read_gguf, read_ggufs, read_with_gguf_py
+from exporters.gguf_inspect import read_gguf, read_ggufs, read_with_gguf_py, size_info_for_file
 from mergeq.errors import MergeqError, ToolError
 from mergeq.hashing import sha256_file
 
@@ -116,6 +116,17 @@ def test_tensor_types_and_shape_fallbacks(export96):
     # the histogram counts every tensor of the file
     summary = read_gguf(Path(by["Q4_K_M"].path))
     assert sum(q4.tensor_types.values()) == len(summary.tensors) == 21
+
+
+def test_size_info_without_the_log_derives_the_same_fallbacks(export96):
+    """What `mergeq eval` gets for a bare GGUF: the type from general.file_type, fallbacks from the shapes."""
+    _, reports, _ = export96
+    for report in reports:
+        info, quant, _ = size_info_for_file(read_gguf(Path(report.path)))
+        assert quant == report.quant
+        assert info.tensor_types == report.size.tensor_types and info.size_bytes == report.size.size_bytes
+        derived = {(f["tensor"], f["got"], f["kind"]) for f in info.fallbacks}
+        assert derived == {(f["tensor"], f["got"], f["kind"]) for f in report.size.fallbacks}
 
 
 def test_sizes_and_bits_per_weight_are_computed_from_the_file(export96):
