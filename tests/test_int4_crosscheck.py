@@ -6,7 +6,8 @@ tiny random Llama built here:
   mergeq.peers: transformers' GPTQ/AWQ integration with GPTQModel's torch kernels, and compressed-tensors'
   own decompressor), and returns every quantized layer's dequantized weight and the model's logits;
 - mergeq's side is exporters.int4.formats.dequantized_state_dict loaded into a plain transformers model.
-Both run in float32, so the weights agree to fp16 rounding of the scales and the logits to float32 noise.
+Both sides run in float32 over the weights as a float16 runtime holds them ((code - zero) * scale rounded
+once to float16), so the dequantized weights must agree bit for bit and the logits to float32 noise.
 
 A negative control packs one AWQ layer in plain nibble order instead of AWQ's interleave (the classic
 writer bug) and checks that the comparison catches it.
@@ -49,6 +50,13 @@ CASES = {
     "ct-gptq-sym": ("gptq", ["--format", "compressed-tensors"]),
     "ct-gptq-desc-act": ("gptq", ["--format", "compressed-tensors", "--desc-act"]),
     "ct-awq-asym": ("awq", ["--format", "compressed-tensors"]),
+}
+# Known format bugs in our writer, each with the peer's exact complaint. strict: once fixed, the xpass fails
+# and the marker must go.
+KNOWN_BUGS = {
+    "ct-gptq-desc-act": "exporters/int4/formats.py writes actorder 'group' with weight_g_idx; compressed-tensors "
+                        "0.19 and 0.20 reject it: \"actorder='group' has been removed. Consider using "
+                        "actorder='weight' or actorder=None instead.\"",
 }
 TAMPERED = "awq-plain-order"
 QUANTIZED = sorted(f"model.layers.{i}.{proj}" for i in range(2) for proj in (
@@ -113,22 +121,25 @@ def artifacts(tmp_path_factory, peer_python) -> dict:
     args = [tokens]
     for name, directory in dirs.items():
         args += [directory, work / f"{name}.peer.safetensors"]
-    run = peers.run_measured([str(peer_python), str(LOADER), *map(str, args)], label="int4-loaders")
+    run = peers.run_measured([str(peer_python), str(LOADER), *map(str, args)], label="int4-loaders", check=False)
     loaded = {Path(d["model"]).name: d for d in map(json.loads, (x for x in run.output.splitlines() if x.startswith("{")))}
-    peer = {name: load_file(work / f"{name}.peer.safetensors") for name in dirs}
+    assert set(loaded) == set(dirs), f"the peer loader stopped early (exit {run.returncode}):\n{run.output[-3000:]}"
+    peer = {name: load_file(work / f"{name}.peer.safetensors") for name in dirs if "error" not in loaded[name]}
     return {"dirs": dirs, "peer": peer, "loaded": loaded, "base": base, "tampered_layer": tampered_layer}
 
 
 def our_side(model_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """mergeq's own unpacking: the dequantized state dict in a plain float32 transformers model."""
+    """mergeq's own unpacking: the dequantized state dict, rounded to float16 as the checkpoint's dtype, in a
+    plain float32 transformers model. Returns (float16-rounded state dict, logits)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from exporters.int4.formats import dequantized_state_dict
 
-    state = dequantized_state_dict(model_dir, torch.float32)
+    state = {k: v.half().float() if v.is_floating_point() else v
+             for k, v in dequantized_state_dict(model_dir, torch.float32).items()}
     config = AutoConfig.from_pretrained(model_dir)
-    config.quantization_config = None
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, f"{model_dir}: tensors the model does not have: {unexpected}"
@@ -139,24 +150,27 @@ def our_side(model_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return state, logits
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[c])) if c in KNOWN_BUGS else c
+    for c in CASES])
 def test_peer_reads_our_checkpoint_as_we_do(artifacts, case):
     directory = artifacts["dirs"][case]
+    error = artifacts["loaded"][case].get("error")
+    assert error is None, f"{case}: the independent loader refused our checkpoint: {error}"
     peer = artifacts["peer"][case]
     state, logits = our_side(directory)
 
     peer_weights = {k.removeprefix("weight:"): v for k, v in peer.items() if k.startswith("weight:")}
     assert sorted(peer_weights) == QUANTIZED, f"{case}: the peer found other quantized layers than we wrote"
     for name, weight in peer_weights.items():
-        ours = state[f"{name}.weight"]
-        # The peer may dequantize in float16: (code - zero) * scale rounded to 11 bits.
-        torch.testing.assert_close(weight, ours, rtol=1e-3, atol=1e-6, msg=lambda m, n=name: f"{case} {n}: {m}")
+        torch.testing.assert_close(weight, state[f"{name}.weight"], rtol=0, atol=0,
+                                   msg=lambda m, n=name: f"{case} {n}: {m}")
     # the weights really are quantized (not the fp16 originals passed through)
     base = load_file(next(artifacts["base"].glob("*.safetensors")))
     w = state["model.layers.0.mlp.down_proj.weight"]
     assert not torch.allclose(w, base["model.layers.0.mlp.down_proj.weight"].float(), atol=1e-4)
 
-    torch.testing.assert_close(peer["logits"], logits, rtol=1e-4, atol=1e-4, msg=lambda m: f"{case} logits: {m}")
+    torch.testing.assert_close(peer["logits"], logits, rtol=1e-5, atol=1e-5, msg=lambda m: f"{case} logits: {m}")
     assert artifacts["loaded"][case]["layers"] == len(QUANTIZED)
 
 
@@ -165,6 +179,8 @@ def test_peer_kernels_are_not_ours(artifacts):
     compressed-tensors decompressed it."""
     for case in CASES:
         info = artifacts["loaded"][case]
+        if "error" in info:
+            continue  # reported by test_peer_reads_our_checkpoint_as_we_do
         kinds = " ".join(info["layer_types"])
         if case.startswith("ct-"):
             assert info["method"] == "compressed-tensors" and kinds == "torch.nn.modules.linear.Linear"
@@ -179,7 +195,7 @@ def test_crosscheck_catches_a_wrong_nibble_order(artifacts):
     state, _ = our_side(artifacts["dirs"]["awq"])
     peer = artifacts["peer"][TAMPERED]
     bad = artifacts["tampered_layer"]
-    assert not torch.allclose(peer[f"weight:{bad}"], state[f"{bad}.weight"], rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(peer[f"weight:{bad}"], state[f"{bad}.weight"], rtol=1e-2, atol=1e-3)
     good = "model.layers.0.mlp.down_proj"
-    torch.testing.assert_close(peer[f"weight:{good}"], state[f"{good}.weight"], rtol=1e-3, atol=1e-6)
-    assert not torch.allclose(peer["logits"], artifacts["peer"]["awq"]["logits"], atol=1e-4)
+    torch.testing.assert_close(peer[f"weight:{good}"], state[f"{good}.weight"], rtol=0, atol=0)
+    assert not torch.allclose(peer["logits"], artifacts["peer"]["awq"]["logits"], rtol=1e-2, atol=1e-3)

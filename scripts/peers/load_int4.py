@@ -9,12 +9,13 @@ Runs inside the `int4-loaders` peer environment (mergeq.peers), never in mergeq'
 Usage: python load_int4.py TOKENS_JSON MODEL_DIR OUT.safetensors [MODEL_DIR OUT.safetensors ...]
 The model runs in float32 (packed codes and fp16 scales are exact in it). For each model, writes `logits`
 (float32, [batch, seq, vocab]) and `weight:<module>` (float32, [out, in]) for every quantized linear layer,
-and prints one JSON line describing what was loaded. Several models share one process: imports are slow.
+and prints one JSON line describing what was loaded (or the error, and goes on with the next). Several models share one process: imports are slow.
 """
 
 import json
 import os
 import sys
+import traceback
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # GPTQModel compiles its dequant with inductor: slow on CPU
 
@@ -61,7 +62,7 @@ def run_one(model_dir: str, ids: torch.Tensor, out: str) -> None:
     model.eval()
     weights = quantized_weights(method, model, model_dir)
     if not weights:
-        sys.exit(f"no quantized layer found in {model_dir}: the loader did not recognise the checkpoint")
+        raise RuntimeError(f"no quantized layer found in {model_dir}: the loader did not recognise the checkpoint")
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     tensors = {"logits": logits.contiguous(), **{f"weight:{k}": v for k, v in weights.items()}}
@@ -76,8 +77,15 @@ def main() -> None:
         sys.exit(__doc__)
     with open(tokens_json) as handle:
         ids = torch.tensor(json.load(handle), dtype=torch.long)
+    failed = 0
     for model_dir, out in zip(pairs[::2], pairs[1::2]):
-        run_one(model_dir, ids, out)
+        try:
+            run_one(model_dir, ids, out)
+        except Exception as exc:  # report it and go on with the next model
+            failed += 1
+            traceback.print_exc()
+            print(json.dumps({"model": model_dir, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
