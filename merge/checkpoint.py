@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from mergeq.errors import MergeqError
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+CHUNK_BYTES = 16 * 1024 * 1024
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -177,14 +179,36 @@ class SafetensorsFile:
         self._drop(info)
         return out
 
+    def chunks(self, name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+        """Flat, read-only views of one tensor, `max_bytes` at a time, each dropped from memory after use.
+
+        For copying a tensor through unchanged without ever holding all of it. Callers must not write to them.
+        """
+        info = self.tensors[name]
+        size = itemsize(info.dtype)
+        step = max(1, max_bytes // size)
+        mapped = self._mapped() if info.numel else None
+        for first in range(0, info.numel, step):
+            count = min(step, info.numel - first)
+            offset = info.begin + first * size
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                view = torch.frombuffer(mapped, dtype=info.dtype, count=count, offset=offset)
+            yield view
+            del view
+            self._drop_range(offset, offset + count * size)
+
     def _drop(self, info: TensorInfo) -> None:
-        """Release the pages of this tensor from the process (they stay in the page cache)."""
-        if self._map is None or not hasattr(self._map, "madvise"):
+        self._drop_range(info.begin, info.end)
+
+    def _drop_range(self, begin: int, end: int) -> None:
+        """Release these pages from the process (they stay in the page cache)."""
+        if self._map is None or not hasattr(self._map, "madvise") or end <= begin:
             return
         page = mmap.PAGESIZE
-        start = (info.begin // page) * page
+        start = (begin // page) * page
         try:
-            self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
         except (OSError, ValueError):
             pass
 
@@ -337,6 +361,17 @@ class Checkpoint:
             return info.dtype, info.shape
         tensor = self._load_bin(path)[name]
         return tensor.dtype, tuple(tensor.shape)
+
+    def chunks(self, name: str, max_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+        """Flat pieces of one tensor (views into the map for safetensors; pieces of the tensor for pickles)."""
+        path = self._where[name]
+        if path in self._st:
+            yield from self._st[path].chunks(name, max_bytes)
+            return
+        flat = self._load_bin(path)[name].reshape(-1)
+        step = max(1, max_bytes // flat.element_size())
+        for first in range(0, flat.numel(), step):
+            yield flat[first:first + step]
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self._where:

@@ -35,9 +35,9 @@ def folder_hashes(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _source_entry(source) -> dict:
+def _source_entry(source, hashes: dict) -> dict:
     entry = {"path": str(source.folder), "format": source.ckpt.format, "kind": source.kind,
-             "files": folder_hashes(source.folder)}
+             "files": hashes.get(source.folder) or folder_hashes(source.folder)}
     if source.quant:
         entry["quantized_tensors"] = len(source.quant)
     if source.requantize is not None:
@@ -48,16 +48,17 @@ def _source_entry(source) -> dict:
 
 
 def build(*, config, chosen, sources, facts: dict, aux: list[str], adapters: list[dict], validation: dict | None,
-          fidelity: dict | None, warnings: list[str]) -> dict:
+          fidelity: dict | None, warnings: list[str], hashes: dict | None = None) -> dict:
+    hashes = hashes or {}
     adapter_entries = []
     for entry, adapter in zip(adapters, chosen.adapters):
-        adapter_entries.append({**entry, "files": folder_hashes(adapter.path)})
+        adapter_entries.append({**entry, "files": hashes.get(adapter.path) or folder_hashes(adapter.path)})
     return {
         "schema": SCHEMA,
         "tool": "mergeq merge",
         "dtype": config.dtype,
         "inputs": {
-            "sources": {s.label: _source_entry(s) for s in sources},
+            "sources": {s.label: _source_entry(s, hashes) for s in sources},
             "adapters": adapter_entries,
         },
         "merge_target": chosen.label,

@@ -20,6 +20,7 @@ import logging
 import math
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,6 +338,12 @@ class Source:
 
     # -------------------------------------------------------------------------------------------- computing
 
+    def untouched(self, name: str) -> bool:
+        """Copied through as it is (only cast): no adapter, quantization or tied-embedding logic involved."""
+        return (name not in self.ops and name not in self.base_layers and name not in self.quant
+                and name not in self.requantized and name in self.shapes
+                and not (self.info.tied and name in (self.in_w, self.out_w)))
+
     def base_tensor(self, name: str) -> torch.Tensor:
         """The base's value of one tensor, as a fresh fp32 tensor (dequantized / resized as needed)."""
         if name in self.base_layers:
@@ -424,12 +431,13 @@ def _apply_lora(adapter: Adapter, op: Op, current: torch.Tensor, base: torch.Ten
     lora = op.lora
     a = adapter.tensor(lora.a_key)
     b = adapter.tensor(lora.b_key)
+    transposed = op.kind == "embedding" or op.fan_in_fan_out  # weight is stored (in, out) / (vocab, dim)
+    if lora.magnitude_key is None:  # W + scale * B @ A in one fused pass (transposed: A^T B^T = (B A)^T)
+        return torch.addmm(current, a.T, b.T, alpha=lora.scale) if transposed else \
+            torch.addmm(current, b, a, alpha=lora.scale)
     delta = b @ a  # (out, in) for linear; (dim, vocab) for an embedding
     delta.mul_(lora.scale)
     del a, b
-    transposed = op.kind == "embedding" or op.fan_in_fan_out  # weight is stored (in, out) / (vocab, dim)
-    if lora.magnitude_key is None:
-        return current + (delta.T if transposed else delta)
     # DoRA: rescale each output row (column of the stored weight when transposed) to the trained magnitude;
     # the norm is taken on the unmerged base weight plus this adapter's delta, as PEFT does.
     magnitude = adapter.tensor(lora.magnitude_key)
@@ -472,6 +480,22 @@ def _finalize(name: str, value: torch.Tensor, out_dtype: torch.dtype) -> torch.T
     return value.to(out_dtype)
 
 
+def _copy_parts(source: Source, name: str, out_dtype: torch.dtype):
+    """An unchanged tensor, piece by piece from the memory map: checked, cast, never whole in memory."""
+    for part in source.ckpt.chunks(name):
+        if part.dtype.is_floating_point:
+            peak = float(part.abs().amax()) if part.numel() else 0.0
+            if not math.isfinite(peak):
+                raise MergeqError(f"base tensor {name} has NaN or Inf value(s)",
+                                  hint="the base checkpoint is broken; re-download or re-save it")
+            if out_dtype == torch.float16 and peak > FP16_MAX:
+                raise MergeqError(f"base tensor {name} reaches {peak:.6g}, beyond float16's largest value 65504",
+                                  hint="use --dtype bfloat16")
+            yield part.to(out_dtype)
+        else:
+            yield part
+
+
 def stream_merge(source: Source, folder: Path, max_shard_bytes: int) -> dict:
     """Merge `source` into `folder` (already existing, empty): shards + index. Returns facts for the manifest."""
     out_dtype = source.out_dtype
@@ -498,6 +522,9 @@ def stream_merge(source: Source, folder: Path, max_shard_bytes: int) -> dict:
     written_sums: dict[str, torch.Tensor] = {}
     try:
         for spec in track(planned, f"merging into {out_dtype}".replace("torch.", "")):
+            if source.untouched(spec.name):
+                writer.write_parts(spec.name, _copy_parts(source, spec.name, out_dtype))
+                continue
             if _is_float(spec.dtype):
                 value = _finalize(spec.name, source.compute(spec.name), out_dtype)
             else:
@@ -593,6 +620,10 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
     sources = [Source(folder, label, refs, out_dtype, requant) for label, folder, requant in candidates]
     for adapter in sources[0].adapters:
         adapter.check_finite()
+    # input hashes for the manifest: read in a background thread while the merge streams (hashlib drops the GIL)
+    hasher = ThreadPoolExecutor(max_workers=1)
+    hashing = {folder: hasher.submit(manifest_mod.folder_hashes, folder)
+               for folder in dict.fromkeys([s.folder for s in sources] + [r.path for r in refs])}
     warnings: list[str] = []
     result_validation = None
     fidelity = None
@@ -634,9 +665,11 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
             manifest = manifest_mod.build(
                 config=config, chosen=chosen, sources=sources, facts=chosen_facts, aux=aux,
                 adapters=[describe_adapter(a) for a in chosen.adapters],
-                validation=result_validation, fidelity=fidelity, warnings=warnings)
+                validation=result_validation, fidelity=fidelity, warnings=warnings,
+                hashes={folder: future.result() for folder, future in hashing.items()})
             write_json(tmp / manifest_mod.MANIFEST_NAME, manifest)
     finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
         for source in sources:
             source.close()
     for warning in warnings:

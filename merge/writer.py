@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,23 +80,43 @@ class ShardedWriter:
         return self._order[self._next][1] if self._next < len(self._order) else None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        planned = self._begin(name)
+        if planned.dtype != tensor.dtype or tuple(tensor.shape) != planned.shape:
+            raise RuntimeError(f"writer expected {planned.name} {planned.dtype} {planned.shape}, "
+                               f"got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        if planned.nbytes:
+            self._put(tensor)
+        self._next += 1
+
+    def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write one tensor given as consecutive flat pieces (row-major order), never whole in memory."""
+        planned = self._begin(name)
+        written = 0
+        for part in parts:
+            if part.dtype != planned.dtype:
+                raise RuntimeError(f"writer expected {planned.dtype} pieces of {name}, got {part.dtype}")
+            written += part.numel() * part.element_size()
+            self._put(part)
+        if written != planned.nbytes:
+            raise RuntimeError(f"writer got {written} bytes for {name}, planned {planned.nbytes}")
+        self._next += 1
+
+    def _begin(self, name: str) -> OutTensor:
         if self._next >= len(self._order):
             raise RuntimeError(f"writer got unplanned tensor {name}")
         shard_index, planned = self._order[self._next]
-        if planned.name != name or planned.dtype != tensor.dtype or tuple(tensor.shape) != planned.shape:
-            raise RuntimeError(
-                f"writer expected {planned.name} {planned.dtype} {planned.shape}, "
-                f"got {name} {tensor.dtype} {tuple(tensor.shape)}"
-            )
+        if planned.name != name:
+            raise RuntimeError(f"writer expected {planned.name}, got {name}")
         if shard_index != self._open_shard:
             self._close_handle()
             self._handle = open(self.folder / self.names[shard_index], "wb")
             self._handle.write(_header_bytes(self.shards[shard_index]))
             self._open_shard = shard_index
-        if planned.nbytes:
-            flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            self._handle.write(flat.numpy().data)
-        self._next += 1
+        return planned
+
+    def _put(self, tensor: torch.Tensor) -> None:
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._handle.write(flat.numpy().data)
 
     def _close_handle(self) -> None:
         if self._handle is not None:
