@@ -239,11 +239,11 @@ class GGUFExporter:
             if calib.stat().st_size == 0:
                 raise MergeqError(f"calibration text {calib} is empty")
         check_disk(model_dir, config, options, model_dir)  # export() checks again where OUT really is
+        self._preflight_warnings = list(warnings)  # facts about the input: they go into every report
         if not llamacpp.is_built():
             llamacpp.find_build_tools()  # raises a clear error now rather than after the merge
             warnings.append("llama.cpp is not built yet: the export builds it first (a few minutes, once); "
                             "`mergeq setup-llamacpp` does it ahead of time")
-        self._preflight_warnings = list(warnings)
         return warnings
 
     # -- export

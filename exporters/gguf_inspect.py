@@ -94,6 +94,9 @@ _SCALARS = {  # GGUFValueType name -> struct format (little-endian)
 }
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     """Reads GGUF header values from a memory map, failing clearly at the end of the data."""
 
@@ -116,6 +119,15 @@ class _Cursor:
         raw = bytes(self.data[self.pos:self.pos + length])
         self.pos += length
         return raw.decode("utf-8", errors="replace")
+
+    def skip_strings(self, count: int) -> None:
+        """Step over `count` length-prefixed strings (token lists: a tight loop, nothing decoded)."""
+        data, pos, unpack, end = self.data, self.pos, _U64.unpack_from, len(self.data)
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            pos += 8 + unpack(data, pos)[0]
+        self.skip(pos - self.pos)
 
     def skip(self, size: int) -> None:
         if self.pos + size > len(self.data):
@@ -164,8 +176,7 @@ def read_gguf(path: Path) -> GGUFSummary:
                 item, count = cur.take("<I"), cur.take("<Q")
                 arrays[key] = count
                 if item == value_types.STRING:
-                    for _ in range(count):
-                        cur.skip(cur.take("<Q"))
+                    cur.skip_strings(count)
                 elif item == value_types.ARRAY:
                     raise MergeqError(f"{path}: nested array in {key!r} is not supported")
                 else:
