@@ -67,24 +67,25 @@ def _fake_quant_error(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
 
 
 def search_scales(weight: torch.Tensor, stats: InputStats, scheme: QuantScheme, grid: int = 20) -> ScaleResult:
-    """Best per-input-channel scale for the stacked weight [out, in] of linears sharing one input."""
+    """Best per-input-channel scale for the stacked weight [out, in] of linears sharing one input.
+
+    The alpha grid has `grid` points in [0, 1); it is searched coarse to fine (every second point, then the
+    two neighbours of the best), which finds the grid's best point whenever the loss is unimodal in alpha."""
     x_mean = stats.mean_abs.clamp(min=1e-8)
-    best = None
-    rtn_loss = None
-    for step in range(grid):
-        alpha = step / grid
-        s = x_mean.pow(alpha).clamp(min=1e-4)
-        s = s / torch.sqrt(s.max() * s.min())
-        # ||(Q(W s)/s - W) X^T|| = ||(Q(W s) - W s) (X / s)^T||
-        error = _fake_quant_error(weight * s, scheme)
-        loss = float((error @ (stats.sketch / s).t()).square().sum())
-        if step == 0:
-            rtn_loss = loss
-        if best is None or loss < best.loss:
-            best = ScaleResult(scales=s, alpha=alpha, loss=loss, rtn_loss=rtn_loss)
-    assert best is not None
-    best.rtn_loss = rtn_loss
-    return best
+    losses: dict[int, tuple[float, torch.Tensor]] = {}
+
+    def evaluate(step: int) -> float:
+        if step not in losses:
+            s = x_mean.pow(step / grid).clamp(min=1e-4)
+            s = s / torch.sqrt(s.max() * s.min())
+            # ||(Q(W s)/s - W) X^T|| = ||(Q(W s) - W s) (X / s)^T||
+            error = _fake_quant_error(weight * s, scheme)
+            losses[step] = (float((error @ (stats.sketch / s).t()).square().sum()), s)
+        return losses[step][0]
+
+    coarse = min(range(0, grid, 2), key=evaluate)
+    best = min((step for step in (coarse - 1, coarse, coarse + 1) if 0 <= step < grid), key=evaluate)
+    return ScaleResult(scales=losses[best][1], alpha=best / grid, loss=losses[best][0], rtn_loss=evaluate(0))
 
 
 def search_clip(weight: torch.Tensor, sketch: torch.Tensor, scheme: QuantScheme, *, grid: int = 20,
@@ -104,8 +105,8 @@ def search_clip(weight: torch.Tensor, sketch: torch.Tensor, scheme: QuantScheme,
         clipped = torch.maximum(torch.minimum(wg, bound[..., None]), -bound[..., None])
         scale, zero = group_params(clipped, scheme)
         q = (quantize_codes(clipped, scale[..., None], zero[..., None], scheme.maxq) - zero[..., None]) * scale[..., None]
-        delta = q - wg  # [out, groups, gs]
-        loss = torch.einsum("ogk,gkl,ogl->og", delta, hgg, delta)
+        delta = (q - wg).transpose(0, 1)  # [groups, out, gs]
+        loss = (torch.bmm(delta, hgg) * delta).sum(-1).t()  # [out, groups]
         better = loss < best_loss
         best_loss = torch.where(better, loss, best_loss)
         best_bound = torch.where(better, bound, best_bound)

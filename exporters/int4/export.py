@@ -45,6 +45,7 @@ class Int4Options:
     act_order: str = "static"  # GPTQ without --desc-act: "static" (default) or "none"
     gptq_mse: bool = False
     max_shard_bytes: int = 1 << 30  # output buffered before a shard is written
+    awq_sketch_rows: int = 128  # rows of the CountSketch AWQ measures output error against
 
     @property
     def format_name(self) -> str:
@@ -75,7 +76,11 @@ def add_int4_arguments(parser: argparse.ArgumentParser, *, method: str, samples:
     symmetry.add_argument("--asym", dest="sym", action="store_false",
                           help="asymmetric codes with zero points" + (" (default)" if method == "awq" else ""))
     if method == "gptq":
-        parser.add_argument("--desc-act", action="store_true", help="GPTQ activation order (writes g_idx)")
+        parser.add_argument("--desc-act", action="store_true",
+                            help="GPTQ dynamic activation order: groups follow it (writes g_idx; Exllama cannot split it)")
+        parser.add_argument("--act-order", choices=("static", "none"), default="static",
+                            help="without --desc-act: process columns by activation order with fixed contiguous groups "
+                                 "(static, default) or in plain order (none)")
         parser.add_argument("--damp-percent", type=float, default=0.01,
                             help="GPTQ dampening as a fraction of the mean Hessian diagonal (default 0.01)")
     parser.add_argument("--format", choices=FORMAT_CHOICES, default="native",
@@ -99,6 +104,7 @@ def options_from_args(args, method: str) -> Int4Options:
         seq_len=args.seq_len,
         device=args.device,
         damp_percent=getattr(args, "damp_percent", 0.01),
+        act_order=getattr(args, "act_order", "static"),
     )
 
 
@@ -226,6 +232,7 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
 
     engine = EngineOptions(method=options.method, scheme=the_plan.scheme, desc_act=options.desc_act,
                            act_order=options.act_order, gptq_mse=options.gptq_mse,
+                           awq_sketch_rows=options.awq_sketch_rows,
                            damp_percent=options.damp_percent, device=options.device)
     config = read_config(model_dir)
     with atomic_dir(out_dir, overwrite=True) as tmp:
@@ -278,6 +285,7 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
     }
     if options.method == "gptq":
         extra["damp_percent"] = options.damp_percent
+        extra["act_order"] = "dynamic" if options.desc_act else options.act_order
     if options.method == "awq":
         alphas = [a for info in result.layer_info for a in info.get("alpha", {}).values() if a is not None]
         extra["awq_mean_alpha"] = round(sum(alphas) / len(alphas), 4) if alphas else None

@@ -51,7 +51,7 @@ class EngineOptions:
     block_size: int = 128  # GPTQ lazy-batch block
     awq_grid: int = 20  # AWQ alpha grid points in [0, 1)
     awq_clip: bool = True
-    awq_sketch_rows: int = 256
+    awq_sketch_rows: int = 128
     device: str = "cpu"
     chunk_tokens: int = 4096  # calibration tokens pushed through a layer at once
 
