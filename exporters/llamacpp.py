@@ -281,8 +281,10 @@ def run_tool(
                 env[key] = value
     started = time.perf_counter()
     try:
+        from mergeq import faults  # inert unless MERGEQ_FAULT names this tool (hostile-input tests)
+
         proc = subprocess.Popen(
-            command.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=command.cwd,
+            faults.tool_argv(command.name, command.argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=command.cwd,
             text=True, errors="replace", bufsize=1,
         )
     except FileNotFoundError as err:

@@ -7,12 +7,16 @@ and the next attempt removes those leftovers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from mergeq import faults
+from mergeq.errors import MergeqError
 
 TMP_MARK = ".tmp-"
 
@@ -54,6 +58,7 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
     try:
         yield tmp
+        faults.commit_point(tmp, final, renamed=False)
         old = None
         if final.exists():
             if not overwrite:
@@ -61,11 +66,15 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
             old = final.with_name(_tmp_prefix(final) + "old")
             os.replace(final, old)
         os.replace(tmp, final)
+        faults.commit_point(tmp, final, renamed=True)
         fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-    except BaseException:
+    except BaseException as err:
+        needed = _disk_full_size(err, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if needed is not None:
+            raise disk_full(final, needed) from err
         raise
 
 
@@ -81,11 +90,46 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        faults.commit_point(tmp, final, renamed=False)
         os.replace(tmp, final)
+        faults.commit_point(tmp, final, renamed=True)
         fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as err:
+        needed = _disk_full_size(err, tmp)
         tmp.unlink(missing_ok=True)
+        if needed is not None:
+            raise disk_full(final, needed) from err
         raise
+
+
+def _disk_full_size(err: BaseException, tmp: Path) -> int | None:
+    """For a full disk (ENOSPC, EDQUOT): the bytes written to `tmp` before it failed; else None."""
+    if not isinstance(err, OSError) or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    if tmp.is_file():
+        return tmp.stat().st_size
+    return sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def disk_full(final: Path, needed: int) -> MergeqError:
+    """The error for a write that ran out of space: where, how much it needed, how much is free."""
+    probe = Path(final).absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    return MergeqError(
+        f"no space left on the device while writing {final}: it needed at least {_human(needed)} "
+        f"({needed} bytes, written before the write failed), {_human(free)} free at {probe}; "
+        f"nothing was replaced and the partial files were removed",
+        hint=f"free at least {_human(needed)} at {probe} (or write elsewhere) and run again")
 
 
 def write_json(final: Path, data) -> None:

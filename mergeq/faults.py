@@ -1,0 +1,83 @@
+"""Fault injection for the hostile-input tests: inert unless `MERGEQ_FAULT` is set.
+
+`MERGEQ_FAULT` holds comma-separated specs, each `ACTION@ARG`:
+
+- `enospc@GLOB`     the disk "fills" while an atomic writer (mergeq.atomic) writes a final path whose name
+                    matches GLOB: OSError(ENOSPC) is raised just before its rename, with everything written.
+- `kill@N`          SIGKILL this process at the Nth commit point. Every atomic commit has two points:
+                    just before its rename (odd) and just after it (even), counted across the process.
+- `wait@N:PATH`     at commit point N, block until PATH exists (a run held open for a concurrency test).
+- `crash@TOOL`      the llama.cpp tool TOOL (exporters.llamacpp.run_tool) writes half an output file and a
+                    few stderr lines, then aborts (SIGABRT).
+- `killtool@TOOL`   the same, but the tool dies by SIGKILL.
+
+Real runs never set the variable; each hook then costs one environment lookup.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ENV = "MERGEQ_FAULT"
+
+_points = 0  # commit points seen in this process
+
+# The stand-in for a crashing tool: argv[1] is the mode, argv[2] the tool name, the rest its real arguments.
+# It leaves a partial file where the tool would have written its output (any .gguf argument that does
+# not exist yet), says a few things on stderr like a real tool, then dies.
+_TOOL_STANDIN = r"""
+import os, signal, sys
+mode, name, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+for arg in args:
+    if arg.endswith(".gguf") and not os.path.exists(arg):
+        with open(arg, "wb") as handle:
+            handle.write(b"GGUF" + b"\0" * 4096)
+print(f"{name}: loading model", file=sys.stderr)
+print(f"{name}: quantizing tensor blk.0.attn_q.weight", file=sys.stderr)
+print(f"{name}: injected fault ({mode}): dying mid-quantization", file=sys.stderr, flush=True)
+os.kill(os.getpid(), signal.SIGKILL if mode == "killtool" else signal.SIGABRT)
+"""
+
+
+def _specs() -> list[tuple[str, str]]:
+    raw = os.environ.get(ENV, "")
+    specs = []
+    for part in raw.split(","):
+        action, _, arg = part.strip().partition("@")
+        if action:
+            specs.append((action, arg))
+    return specs
+
+
+def commit_point(tmp: Path, final: Path, *, renamed: bool) -> None:
+    """Called by mergeq.atomic just before (renamed=False) and just after (renamed=True) each rename."""
+    specs = _specs()
+    if not specs:
+        return
+    global _points
+    _points += 1
+    for action, arg in specs:
+        if action == "enospc" and not renamed and fnmatch.fnmatch(Path(final).name, arg):
+            raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV})", str(tmp))
+        if action == "kill" and arg.isdigit() and int(arg) == _points:
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "wait":
+            number, _, path = arg.partition(":")
+            if number.isdigit() and int(number) == _points:
+                while not Path(path).exists():
+                    time.sleep(0.05)
+
+
+def tool_argv(name: str, argv: tuple[str, ...]) -> tuple[str, ...]:
+    """The argv to run for llama.cpp tool `name`: its own, or a stand-in that crashes like it."""
+    for action, arg in _specs():
+        if action in ("crash", "killtool") and arg == name:
+            return (sys.executable, "-c", _TOOL_STANDIN, action, name, *map(str, argv[1:]))
+    return argv
