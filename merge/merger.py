@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FP16_MAX = 65504.0
+BLOCK_FLOATS = 1 << 20  # fp32 values per block of rows in the row-blocked LoRA merge (4 MiB)
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
              "spiece.model", "vocab.txt", "generation_config.json")
@@ -338,6 +339,14 @@ class Source:
 
     # -------------------------------------------------------------------------------------------- computing
 
+    def plain_lora(self, name: str) -> bool:
+        """Only plain LoRA products change this 2-D base tensor: it can be merged block of rows by block."""
+        ops = self.ops.get(name)
+        return bool(ops) and name not in self.base_layers and name not in self.quant \
+            and name not in self.requantized and name in self.shapes and len(self.shapes[name][1]) == 2 \
+            and not (self.info.tied and name in (self.in_w, self.out_w)) \
+            and all(op.kind in ("lora", "embedding") and op.lora.magnitude_key is None for _, op in ops)
+
     def untouched(self, name: str) -> bool:
         """Copied through as it is (only cast): no adapter, quantization or tied-embedding logic involved."""
         return (name not in self.ops and name not in self.base_layers and name not in self.quant
@@ -467,30 +476,62 @@ def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
-def _finalize(name: str, value: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    peak = float(value.abs().amax()) if value.numel() else 0.0  # NaN propagates through amax; one pass
-    if not math.isfinite(peak):
+def _check_values(name: str, value: torch.Tensor, out_dtype: torch.dtype, what: str = "merged tensor") -> None:
+    """Finite, and within float16's range when writing float16 (one pass: aminmax propagates NaN)."""
+    if not value.numel():
+        return
+    lo, hi = (float(x) for x in torch.aminmax(value))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(value)).sum())
-        raise MergeqError(f"merged tensor {name} has {bad} NaN or Inf value(s)",
+        raise MergeqError(f"{what} {name} has {bad} NaN or Inf value(s)",
                           hint="check the base and adapter for NaN/Inf, and the adapter weights")
-    if out_dtype == torch.float16:
-        if peak > FP16_MAX:
-            raise MergeqError(f"merged tensor {name} reaches {peak:.6g}, beyond float16's largest value 65504",
-                              hint="use --dtype bfloat16")
+    peak = max(-lo, hi)
+    if out_dtype == torch.float16 and peak > FP16_MAX:
+        raise MergeqError(f"{what} {name} reaches {peak:.6g}, beyond float16's largest value 65504",
+                          hint="use --dtype bfloat16")
+
+
+def _finalize(name: str, value: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    _check_values(name, value, out_dtype)
     return value.to(out_dtype)
+
+
+def _lora_parts(source: Source, name: str, out_dtype: torch.dtype):
+    """W + sum_i weight_i * scale_i * B_i A_i, block of rows by block of rows, straight from the memory map.
+
+    Each block is converted to fp32, gets every adapter's product added in place, is checked and cast: the
+    fp32 work happens in cache-sized pieces and the whole tensor is never in memory.
+    """
+    factors = []
+    for adapter, op in source.ops[name]:
+        a = adapter.tensor(op.lora.a_key)
+        b = adapter.tensor(op.lora.b_key)
+        transposed = op.kind == "embedding" or op.fan_in_fan_out  # stored (in, out): rows of A^T B^T
+        left, right = (a.T.contiguous(), b.T.contiguous()) if transposed else (b, a)
+        factors.append((left, right, op.lora.scale * adapter.weight))
+    dtype, shape = source.ckpt.info(name)
+    cols = shape[1]
+    rows_per_block = max(1, BLOCK_FLOATS // cols)
+    first = 0
+    for part in source.ckpt.chunks(name, rows_per_block * cols * part_size(dtype)):
+        block = part.reshape(-1, cols).to(torch.float32, copy=True)  # never write into the read-only map
+        last = first + block.shape[0]
+        for left, right, alpha in factors:
+            block.addmm_(left[first:last], right, alpha=alpha)
+        _check_values(name, block, out_dtype)
+        yield block.to(out_dtype)
+        first = last
+
+
+def part_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _copy_parts(source: Source, name: str, out_dtype: torch.dtype):
     """An unchanged tensor, piece by piece from the memory map: checked, cast, never whole in memory."""
     for part in source.ckpt.chunks(name):
         if part.dtype.is_floating_point:
-            peak = float(part.abs().amax()) if part.numel() else 0.0
-            if not math.isfinite(peak):
-                raise MergeqError(f"base tensor {name} has NaN or Inf value(s)",
-                                  hint="the base checkpoint is broken; re-download or re-save it")
-            if out_dtype == torch.float16 and peak > FP16_MAX:
-                raise MergeqError(f"base tensor {name} reaches {peak:.6g}, beyond float16's largest value 65504",
-                                  hint="use --dtype bfloat16")
+            _check_values(name, part, out_dtype, what="base tensor")
             yield part.to(out_dtype)
         else:
             yield part
@@ -524,6 +565,9 @@ def stream_merge(source: Source, folder: Path, max_shard_bytes: int) -> dict:
         for spec in track(planned, f"merging into {out_dtype}".replace("torch.", "")):
             if source.untouched(spec.name):
                 writer.write_parts(spec.name, _copy_parts(source, spec.name, out_dtype))
+                continue
+            if source.plain_lora(spec.name):
+                writer.write_parts(spec.name, _lora_parts(source, spec.name, out_dtype))
                 continue
             if _is_float(spec.dtype):
                 value = _finalize(spec.name, source.compute(spec.name), out_dtype)
