@@ -19,9 +19,11 @@ from __future__ import annotations
 import ast
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -176,6 +178,18 @@ def _stamp_content(pin: Pin) -> dict:
     }
 
 
+def cpu_fingerprint() -> str:
+    """Which CPU the build is for: the build uses -march=native (GGML_NATIVE), so binaries built on one CPU
+    may die with SIGILL on another (a CI cache restored on a different runner). A new CPU means a clean rebuild."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                break
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:16]
+
+
 def read_stamp(where: Layout) -> dict | None:
     try:
         return json.loads(where.stamp.read_text())
@@ -188,7 +202,7 @@ def is_built(pin: Pin | None = None) -> bool:
     pin = pin or load_pin()
     where = layout(pin)
     stamp = read_stamp(where)
-    if stamp is None or stamp.get("pin") != _stamp_content(pin):
+    if stamp is None or stamp.get("pin") != _stamp_content(pin) or stamp.get("cpu") != cpu_fingerprint():
         return False
     return all(os.access(where.bin / name, os.X_OK) for name in pin.targets)
 
@@ -436,7 +450,7 @@ def _build(pin: Pin, where: Layout, tools: BuildTools, jobs: int) -> None:
         cache_source = found.group(1) if found else None
     if (generator and generator != tools.generator) or (cache_source and Path(cache_source) != where.src):
         shutil.rmtree(where.build)  # configured for another generator or tree: start clean
-    hint = INSTALL_HINT + "; the full log is above (run with -v)"
+    hint = INSTALL_HINT + "; run with -v to see the whole build log"
     env = {"CC": tools.c_compiler, "CXX": tools.cxx_compiler}
     with _progress_bar() as bar:
         task = bar.add_task(f"llama.cpp {pin.version}: configure", total=100)
@@ -482,11 +496,16 @@ def ensure_built(pin: Pin | None = None, *, sdist: Path | None = None, jobs: int
             archive = fetch_sdist(pin, where, sdist)
             log.info("extracting %s from %s", pin.tree, archive.name)
             extract_tree(pin, archive, where)
+        stamp = read_stamp(where)
+        if stamp is not None and stamp.get("cpu") != cpu_fingerprint() and where.build.exists():
+            log.info("the cached llama.cpp build is for another CPU; rebuilding it from scratch")
+            shutil.rmtree(where.build)
         where.stamp.unlink(missing_ok=True)
         log.info("building llama.cpp %s (%s) in %s; this takes a few minutes, once", pin.version, pin.commit, where.build)
         _build(pin, where, tools, jobs or os.cpu_count() or 2)
         write_json(where.stamp, {
-            "pin": _stamp_content(pin), "generator": tools.generator, "compiler": tools.cxx_compiler,
+            "pin": _stamp_content(pin), "cpu": cpu_fingerprint(), "generator": tools.generator,
+            "compiler": tools.cxx_compiler,
             "seconds": round(time.perf_counter() - started, 1),
         })
     log.info("llama.cpp %s ready in %s", pin.version, where.bin)

@@ -275,3 +275,23 @@ def test_pinned_quant_tables_match_the_pinned_sources():
     requires = requires[:requires.index("default:")]
     assert set(re.findall(r"case GGML_TYPE_(\w+):", requires)) == {
         "IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S", "Q2_K"}
+
+
+def test_a_build_for_another_cpu_is_not_built(fake_pin):
+    """The build uses -march=native: a cache restored on another CPU must be rebuilt, not run."""
+    pin, _ = fake_pin
+    where = llamacpp.layout(pin)
+    where.bin.mkdir(parents=True)
+    for name in pin.targets:
+        (where.bin / name).write_text("#!/bin/sh\n")
+        (where.bin / name).chmod(0o755)
+    stamp = {"pin": llamacpp._stamp_content(pin), "cpu": llamacpp.cpu_fingerprint()}
+    where.stamp.write_text(json.dumps(stamp))
+    assert llamacpp.is_built(pin)
+    where.stamp.write_text(json.dumps({**stamp, "cpu": "another-cpu"}))
+    assert not llamacpp.is_built(pin)
+    where.stamp.write_text(json.dumps({**stamp, "pin": {**stamp["pin"], "cmake_args": ["-DOTHER=ON"]}}))
+    assert not llamacpp.is_built(pin)
+    where.stamp.write_text(json.dumps(stamp))
+    (where.bin / pin.targets[0]).unlink()
+    assert not llamacpp.is_built(pin)
