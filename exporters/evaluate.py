@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import struct
 import shutil
 import tempfile
 import time
@@ -36,7 +37,7 @@ import torch
 
 from exporters.metrics import MetricSums, Windows, check_finite, first_scored, log_probs, make_windows
 from exporters.report import ArtifactReport, QualityInfo, SizeInfo, measure_stage
-from mergeq.atomic import atomic_dir, write_json
+from mergeq.atomic import atomic_dir, atomic_file, write_json
 from mergeq.errors import MergeqError, ToolError
 from mergeq.hashing import sha256_file
 from mergeq.locks import exclusive
@@ -234,19 +235,25 @@ def tokenize(tokenizer, text: str) -> tuple[list[int], int | None]:
     return ([bos] if bos is not None else []) + ids, bos
 
 
-def text_windows(reference: Path, text: EvalText, options: EvalOptions) -> Windows:
-    ids, bos = tokenize(load_tokenizer(reference), text.text)
-    return make_windows(ids, options.n_ctx, options.max_windows, bos, source=str(text.path))
-
-
 # --------------------------------------------------------------------------------------- torch models
 
 
 def load_torch_model(artifact: Path, kind: str):
     """An fp32 torch model of the artifact as written on disk ("hf" or "int4" directories)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # mergeq shows its own progress; transformers' bar per load is noise
+    try:
+        return _load_torch_model(Path(artifact), kind)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _load_torch_model(artifact: Path, kind: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    artifact = Path(artifact)
     try:
         if kind == "hf":
             check_checkpoint(artifact)
@@ -363,80 +370,83 @@ def _evict(root: Path) -> None:
 # ------------------------------------------------------------------------------------------- llama.cpp
 
 
-@dataclass
-class LlamaLogprobs:
-    """What `llama-perplexity --kl-divergence-base` wrote: tokens and quantized log-probs per scored position."""
+def write_llama_base(path: Path, reference: ReferenceLogprobs, windows: Windows) -> None:
+    """The reference as llama-perplexity's `--kl-divergence-base` file: our tokens and 16-bit log-probabilities.
 
-    n_ctx: int
-    n_vocab: int
-    n_chunk: int
-    tokens: np.ndarray  # int32 [n_chunk * n_ctx]
-    _blocks: np.ndarray  # uint16 [n_chunk, scored, row]
-
-    def window(self, i: int, reference: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 log-probabilities [scored, n_vocab], dequantized as llama.cpp does (scale * q + min).
-
-        llama.cpp keeps a band of 16 nats below each position's top token; a token below it is stored at the
-        band's bottom, so only "at or below the bottom" is known. Given the reference's log-probabilities,
-        such a token takes the lower of the bottom and the reference's value: where the reference puts it in
-        the tail too, no divergence is claimed that cannot be measured (the bottom itself would make KL
-        negative); where the reference gives it real probability, the bottom bounds the divergence from below.
-        """
-        block = np.asarray(self._blocks[i])
-        params = np.ascontiguousarray(block[:, :4]).view(np.float32)  # [scored, 2]: scale, min log-prob
-        q = block[:, 4 : 4 + self.n_vocab]
-        lp = torch.from_numpy(q.astype(np.float32) * params[:, :1] + params[:, 1:2])
-        if reference is None:
-            return lp
-        clamped = torch.from_numpy((q == 0) & (params[:, :1] * 65535 >= LLAMA_BAND_NATS * (1 - 1e-4)))
-        return torch.where(clamped, torch.minimum(lp, reference.to(torch.float32)), lp)
-
-
-def read_llama_logprobs(path: Path) -> LlamaLogprobs:
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(20)
-    if len(head) < 20 or head[:8] != LLAMA_LOGITS_MAGIC:
-        raise ToolError(f"llama-perplexity wrote no log-probabilities to {path}", hint="rerun with -v to see its output")
-    n_ctx, n_vocab, n_chunk = np.frombuffer(head[8:20], dtype="<i4").tolist()
-    scored = n_ctx - 1 - n_ctx // 2
+    Layout (little-endian): "_logits_", n_ctx, n_vocab, n_chunk (int32), the windows' tokens (int32), then for
+    every scored position a row of 2 + (n_vocab rounded up to even) + 2 uint16: the fp32 scale and minimum,
+    then round((logprob - minimum) / scale), where minimum = max(lowest log-prob, top log-prob - 16) and
+    scale = (top - minimum) / 65535 (0 for tokens at or below the minimum). llama.cpp evaluates exactly these
+    tokens, so the GGUF is scored on the reference tokenizer's windows whatever its own tokenizer does.
+    """
+    first = reference.window(0)
+    n_vocab = int(first.shape[-1])
     row = 2 * ((n_vocab + 1) // 2) + 4
-    offset = 20 + 4 * n_chunk * n_ctx
-    expected = offset + 2 * n_chunk * scored * row
-    if size != expected:
-        raise ToolError(f"llama-perplexity's log-probability file {path} has {size} bytes, expected {expected}",
-                        hint="the run was interrupted; rerun the evaluation")
-    tokens = np.fromfile(path, dtype="<i4", count=n_chunk * n_ctx, offset=20)
-    blocks = np.memmap(path, dtype="<u2", mode="r", offset=offset, shape=(n_chunk, scored, row))
-    return LlamaLogprobs(n_ctx, n_vocab, n_chunk, tokens, blocks)
+    with atomic_file(path, "wb") as handle:
+        handle.write(LLAMA_LOGITS_MAGIC + struct.pack("<iii", windows.n_ctx, n_vocab, windows.n_windows))
+        handle.write(windows.tokens.to(torch.int32).numpy().astype("<i4").tobytes())
+        for i in range(windows.n_windows):
+            handle.write(quantize_logprobs(reference.window(i), row).numpy().tobytes())
 
 
-_PPL_FINAL = re.compile(r"Final estimate: PPL = ([0-9.eE+-]+|nan|inf)")
-_PPL_RUNNING = re.compile(r"\[(\d+)\]([0-9.eE+-]+|nan|inf),")
+def quantize_logprobs(lp: torch.Tensor, row: int) -> torch.Tensor:
+    """llama.cpp's 16-bit rows ([T, row] uint16 as int32-safe values) of fp32 log-probabilities [T, V]."""
+    lp = lp.to(torch.float32)
+    top = lp.max(dim=1, keepdim=True).values
+    low = torch.maximum(lp.min(dim=1, keepdim=True).values, top - LLAMA_BAND_NATS)
+    scale = (top - low) / 65535
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.where(lp > low, torch.round((lp - low) / safe), torch.zeros_like(lp)).clamp_(0, 65535)
+    out = np.zeros((lp.shape[0], row), dtype="<u2")
+    out[:, :4] = torch.cat([scale, low], dim=1).numpy().astype("<f4").view("<u2")
+    out[:, 4 : 4 + lp.shape[1]] = q.to(torch.int32).numpy().astype("<u2")
+    return torch.from_numpy(out.view(np.int16))
 
 
-def parse_perplexity_output(output: str) -> float | None:
-    """llama-perplexity's final perplexity from its log (the last running value if no final line)."""
-    found = _PPL_FINAL.findall(output)
-    if found:
-        return float(found[-1])
-    running = _PPL_RUNNING.findall(output)
-    return float(running[-1][1]) if running else None
+_KL_PATTERNS = {
+    "perplexity": re.compile(r"Mean PPL\(Q\)\s*:\s*([-+0-9.eE]+|nan|inf)"),
+    "reference_perplexity": re.compile(r"Mean PPL\(base\)\s*:\s*([-+0-9.eE]+|nan|inf)"),
+    "kl_divergence": re.compile(r"Mean\s+KLD:\s*([-+0-9.eE]+|nan|inf)"),
+    "top1_percent": re.compile(r"Same top p:\s*([-+0-9.eE]+|nan|inf)"),
+    "chunks": re.compile(r"computing over (\d+) chunks, n_ctx=(\d+)"),
+}
 
 
-def run_llama_perplexity(gguf: Path, text: EvalText, windows: Windows, options: EvalOptions, out: Path) -> tuple[float | None, str]:
-    """Run llama-perplexity over the same windows, saving the artifact's log-probabilities to `out`."""
+def parse_kl_output(output: str) -> dict[str, float]:
+    """The final statistics of `llama-perplexity --kl-divergence` from its log."""
+    found: dict[str, float] = {}
+    for key, pattern in _KL_PATTERNS.items():
+        matches = pattern.findall(output)
+        if not matches:
+            raise ToolError(f"llama-perplexity printed no {key.replace('_', ' ')}",
+                            hint="its output format changed or the run stopped early; rerun with -v")
+        last = matches[-1]
+        if key == "chunks":
+            found["chunks"], found["n_ctx"] = float(last[0]), float(last[1])
+        else:
+            found[key] = float(last)
+    return found
+
+
+_TOKEN_COUNT = re.compile(r"tokenizes to only (\d+) tokens")
+
+
+def llama_token_count(gguf: Path, text: str, n_ctx_probe: int, options: EvalOptions) -> int | None:
+    """How many tokens llama.cpp makes of `text` (with its BOS), from llama-perplexity's too-short message.
+
+    With a context of `n_ctx_probe` >= half the text's tokens, llama-perplexity only loads the model,
+    tokenizes, prints the count and stops.
+    """
     from exporters import llamacpp
 
-    n_ctx = windows.n_ctx
-    threads = options.threads or os.cpu_count() or 1
-    command = llamacpp.tool_command(
-        "llama-perplexity", "-m", gguf, "-f", text.path, "-c", n_ctx, "-b", n_ctx * max(1, 2048 // n_ctx),
-        "--chunks", windows.n_windows, "-t", threads, "--kl-divergence-base", out)
-    log.info("running %s", " ".join(command.argv))
-    result = llamacpp.run_tool(command, hint=f"if {gguf} is damaged, export it again")
-    output = result.stdout + "\n" + result.stderr
-    return parse_perplexity_output(output), output
+    with tempfile.TemporaryDirectory(prefix="mergeq-eval-") as tmp:
+        probe = Path(tmp) / "prefix.txt"
+        probe.write_text(text + "\n", encoding="utf-8")  # llama.cpp drops one trailing newline
+        command = llamacpp.tool_command("llama-perplexity", "-m", gguf, "-f", probe, "-c", n_ctx_probe,
+                                        "-b", min(2048, n_ctx_probe), "-t", options.threads or os.cpu_count() or 1)
+        result = llamacpp.run_tool(command, hint=f"if {gguf} is damaged, export it again")
+    found = _TOKEN_COUNT.findall(result.stdout + result.stderr)
+    return int(found[-1]) if found else None
 
 
 def llama_version() -> dict:
@@ -481,7 +491,9 @@ def evaluate_full(artifact: Path, reference: Path, text: Path | None, settings: 
     check_checkpoint(reference)
     kind = detect_format(artifact)
     eval_text = load_text(text)
-    windows = text_windows(reference, eval_text, options)
+    tokenizer = load_tokenizer(reference)
+    ids, bos = tokenize(tokenizer, eval_text.text)
+    windows = make_windows(ids, options.n_ctx, options.max_windows, bos, source=str(eval_text.path))
     warnings: list[str] = []
     provenance = {
         "text": str(eval_text.path), "text_sha256": eval_text.sha256, "reference": str(reference),
@@ -489,18 +501,24 @@ def evaluate_full(artifact: Path, reference: Path, text: Path | None, settings: 
         "windows": windows.n_windows, "text_tokens": windows.text_tokens, "versions": _versions(),
     }
     if kind == "gguf":
-        sums, perplexity, evaluator = _evaluate_gguf(artifact, reference, eval_text, windows, options, warnings, provenance)
+        stats, sums = _evaluate_gguf(artifact, reference, windows, options, provenance)
+        _check_tokenization(artifact, tokenizer, eval_text, windows, options, warnings)
+        quality = QualityInfo(
+            perplexity=stats["perplexity"], reference_perplexity=sums.reference_perplexity,
+            kl_divergence=stats["kl_divergence"], top1_agreement=stats["top1_percent"] / 100,
+            eval_tokens=windows.scored_tokens, text_sha256=eval_text.sha256, context_length=windows.n_ctx,
+            evaluator="llama.cpp", windows=windows.n_windows, text_tokens=windows.text_tokens)
     else:
         sums = _evaluate_torch(artifact, kind, reference, windows, options)
-        perplexity, evaluator = sums.perplexity, "torch"
-    for name, value in (("perplexity", perplexity), ("KL divergence", sums.kl_divergence)):
+        quality = QualityInfo(
+            perplexity=sums.perplexity, reference_perplexity=sums.reference_perplexity,
+            kl_divergence=sums.kl_divergence, top1_agreement=sums.top1_agreement, eval_tokens=sums.count,
+            text_sha256=eval_text.sha256, context_length=windows.n_ctx, evaluator="torch",
+            windows=windows.n_windows, text_tokens=windows.text_tokens)
+    for name, value in (("perplexity", quality.perplexity), ("KL divergence", quality.kl_divergence)):
         if not math.isfinite(value):
             raise MergeqError(f"{artifact} gives a non-finite {name} ({value})",
                               hint="the artifact's weights are damaged or overflow; export it again")
-    quality = QualityInfo(
-        perplexity=perplexity, reference_perplexity=sums.reference_perplexity, kl_divergence=sums.kl_divergence,
-        top1_agreement=sums.top1_agreement, eval_tokens=sums.count, text_sha256=eval_text.sha256,
-        context_length=windows.n_ctx, evaluator=evaluator, windows=windows.n_windows, text_tokens=windows.text_tokens)
     return EvalResult(quality, warnings, provenance)
 
 
@@ -518,60 +536,68 @@ def _evaluate_torch(artifact: Path, kind: str, reference: Path, windows: Windows
     return sums
 
 
-def _evaluate_gguf(artifact, reference, eval_text, windows, options, warnings, provenance):
-    gguf_vocab = check_gguf(artifact).array_lengths.get("tokenizer.ggml.tokens", 0)
-    with tempfile.TemporaryDirectory(prefix="mergeq-eval-") as tmp:
-        out = Path(tmp) / "logprobs.bin"
-        printed, output = run_llama_perplexity(artifact, eval_text, windows, options, out)
-        llama = read_llama_logprobs(out)
-        provenance["llama.cpp"] = llama_version()
-        if llama.n_ctx != windows.n_ctx or llama.n_chunk > windows.n_windows:
-            raise ToolError(f"llama-perplexity on {artifact} used n_ctx {llama.n_ctx} and {llama.n_chunk} windows, "
-                            f"mergeq asked for {windows.n_ctx} and {windows.n_windows}")
-        ids_llama = torch.from_numpy(llama.tokens.astype(np.int64)).view(llama.n_chunk, windows.n_ctx)
-        win = _windows_as_llama(windows, ids_llama, warnings)
-        if gguf_vocab and gguf_vocab != llama.n_vocab:
-            warnings.append(f"GGUF vocabulary has {gguf_vocab} tokens, llama.cpp scored {llama.n_vocab}")
-        ref = reference_logprobs(reference, win, options)
-        sums = MetricSums()
-        for i in track(range(llama.n_chunk), f"eval {artifact.name}"):
-            ref_lp = ref.window(i)
-            if ref_lp.shape[-1] != llama.n_vocab:
-                raise MergeqError(
-                    f"{artifact} has a vocabulary of {llama.n_vocab} tokens, the reference {reference} "
-                    f"{ref_lp.shape[-1]}", hint="evaluate the GGUF against the checkpoint it was converted from")
-            sums.add(ref_lp, llama.window(i, ref_lp), win.targets[i])
-    if printed is None:
-        warnings.append("llama-perplexity printed no perplexity; it is computed from its saved log-probabilities")
-        perplexity = sums.perplexity
-    else:
-        perplexity = printed
-        if abs(math.log(printed) - math.log(sums.perplexity)) > 0.01:
-            warnings.append(f"llama-perplexity printed PPL {printed:.4f} but its saved log-probabilities give "
-                            f"{sums.perplexity:.4f}")
-    return sums, perplexity, "llama.cpp"
+def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: EvalOptions, provenance: dict):
+    """llama-perplexity in KL-divergence mode against the cached reference: our windows, llama.cpp's logits."""
+    from exporters import llamacpp
+
+    summary = check_gguf(artifact)
+    ref = reference_logprobs(reference, windows, options)
+    n_vocab = int(ref.window(0).shape[-1])
+    gguf_vocab = summary.array_lengths.get("tokenizer.ggml.tokens")
+    if gguf_vocab is not None and gguf_vocab != n_vocab:
+        raise MergeqError(f"{artifact} has a vocabulary of {gguf_vocab} tokens, the reference {reference} {n_vocab}",
+                          hint="evaluate the GGUF against the checkpoint it was converted from")
+    base = ref.directory / "llama-base.bin"
+    with exclusive(ref.directory.parent / f"{ref.directory.name}.lock", "waiting for the reference cache"):
+        if not base.is_file():
+            write_llama_base(base, ref, windows)
+    threads = options.threads or os.cpu_count() or 1
+    n_ctx = windows.n_ctx
+    command = llamacpp.tool_command(
+        "llama-perplexity", "-m", artifact, "--kl-divergence", "--kl-divergence-base", base, "-c", n_ctx,
+        "-b", n_ctx * max(1, 2048 // n_ctx), "-t", threads)
+    log.info("running %s", " ".join(command.argv))
+    result = llamacpp.run_tool(command, hint=f"if {artifact} is damaged, export it again")
+    stats = parse_kl_output(result.stdout + "\n" + result.stderr)
+    provenance["llama.cpp"] = llama_version()
+    if (int(stats["chunks"]), int(stats["n_ctx"])) != (windows.n_windows, n_ctx):
+        raise ToolError(f"llama-perplexity on {artifact} evaluated {int(stats['chunks'])} windows of "
+                        f"{int(stats['n_ctx'])} tokens, mergeq asked for {windows.n_windows} of {n_ctx}")
+    sums = MetricSums()  # the reference's own numbers, exact, from the cache
+    for i in range(windows.n_windows):
+        lp = ref.window(i)
+        sums.add(lp, lp, windows.targets[i])
+    if abs(stats["reference_perplexity"] / sums.reference_perplexity - 1) > 1e-3:
+        raise ToolError(f"llama-perplexity read the reference perplexity as {stats['reference_perplexity']:.4f}, "
+                        f"mergeq computed {sums.reference_perplexity:.4f}", hint="the reference cache may be damaged; "
+                        f"remove {ref.directory} and rerun")
+    return stats, sums
 
 
-def _windows_as_llama(windows: Windows, ids_llama: torch.Tensor, warnings: list[str]) -> Windows:
-    """The windows llama.cpp evaluated; warn if its tokenization differs from the reference tokenizer's."""
-    n = ids_llama.shape[0]
-    if n < windows.n_windows:
-        warnings.append(f"llama.cpp tokenized the text into fewer tokens than the reference tokenizer: "
-                        f"{n} windows instead of {windows.n_windows}")
-    theirs = ids_llama.clone()
-    if windows.bos_id is not None:
-        theirs[:, 0] = windows.bos_id  # llama.cpp saves the original first tokens, but evaluates BOS there
-    ours = windows.tokens[:n]
-    if torch.equal(ours, theirs):
-        if n == windows.n_windows:
-            return windows
-        return Windows(ours, windows.targets[:n], windows.n_ctx, windows.text_tokens, windows.bos_id)
-    where = int((ours.flatten() != theirs.flatten()).nonzero()[0, 0])
-    warnings.append(f"llama.cpp tokenizes the evaluation text differently from the reference tokenizer "
-                    f"(first difference at token {where}); the GGUF is scored on llama.cpp's tokens, and the "
-                    "reference log-probabilities are computed on those same tokens")
-    first = first_scored(windows.n_ctx)
-    return Windows(theirs, ids_llama[:, first + 1 :].clone(), windows.n_ctx, windows.text_tokens, windows.bos_id)
+def _check_tokenization(artifact: Path, tokenizer, eval_text: EvalText, windows: Windows, options: EvalOptions,
+                        warnings: list[str]) -> None:
+    """Warn when llama.cpp would tokenize the evaluated text into another number of tokens than the reference."""
+    tokenizer_ids = windows.n_windows * windows.n_ctx
+    prefix, hf_count = eval_text_prefix(tokenizer, eval_text, windows)
+    count = llama_token_count(artifact, prefix, hf_count, options)
+    if count is None:
+        warnings.append("could not read llama.cpp's token count of the evaluation text")
+    elif count != hf_count:
+        warnings.append(
+            f"llama.cpp tokenizes the evaluated text ({tokenizer_ids} reference tokens) into {count} tokens, the "
+            f"reference tokenizer into {hf_count}: in llama.cpp this model sees other tokens for the same text. "
+            "The scores here use the reference tokenizer's tokens for every format, so they stay comparable")
+
+
+def eval_text_prefix(tokenizer, eval_text: EvalText, windows: Windows) -> tuple[str, int]:
+    """The text the evaluated windows cover, and its token count with the reference tokenizer (with BOS)."""
+    encoding = tokenizer(eval_text.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    bos = 1 if windows.bos_id is not None else 0
+    used = windows.n_windows * windows.n_ctx - bos  # text tokens inside the windows
+    end = encoding["offset_mapping"][used - 1][1]
+    prefix = eval_text.text[:end]
+    count = len(tokenizer(prefix, add_special_tokens=False, verbose=False)["input_ids"]) + bos
+    return prefix, count
 
 
 def _versions() -> dict:

@@ -16,12 +16,12 @@ from conftest import tiny_llama
 
 from exporters.evaluate import (
     EvalOptions,
-    _windows_as_llama,
+    ReferenceLogprobs,
     evaluate,
     evaluate_full,
     evaluate_into_report,
-    parse_perplexity_output,
-    read_llama_logprobs,
+    parse_kl_output,
+    write_llama_base,
 )
 from exporters.metrics import MetricSums, make_windows, scored_per_window, token_metrics
 from exporters.report import ArtifactReport, SizeInfo
@@ -102,73 +102,67 @@ def test_fewer_than_two_windows_is_a_clear_error():
         make_windows(list(range(100)), n_ctx=7, max_windows=16, bos_id=None)
 
 
-def test_llama_tokens_that_differ_are_used_with_a_warning():
-    w = make_windows(list(range(100, 140)), n_ctx=10, max_windows=4, bos_id=1)
-    same = torch.tensor(list(range(100, 140))).view(4, 10)
-    warnings: list[str] = []
-    assert _windows_as_llama(w, same, warnings) is w and warnings == []
-    other = same.clone()
-    other[2, 7] = 5
-    got = _windows_as_llama(w, other, warnings)
-    assert "differently" in warnings[0] and "token 27" in warnings[0]
-    assert got.targets[2].tolist() == [126, 5, 128, 129] and got.tokens[2, 0].item() == 1
-    warnings.clear()
-    fewer = _windows_as_llama(w, same[:3], warnings)
-    assert fewer.n_windows == 3 and "3 windows instead of 4" in warnings[0]
+KL_LOG = """kl_divergence: computing over 16 chunks, n_ctx=512, batch_size=2048, n_seq=4
+chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence              \u0394p RMS            Same top p
+   1       9.8570 \u00b1    0.4474       0.00251 \u00b1    0.00131       0.00029 \u00b1    0.00002     0.612 \u00b1  0.050 %    99.608 \u00b1  0.392 %
+====== Perplexity statistics ======
+Mean PPL(Q)                   :   7.674472 \u00b1   0.296123
+Mean PPL(base)                :   7.185863 \u00b1   0.279970
+====== KL divergence statistics ======
+Mean    KLD:   0.055709 \u00b1   0.001496
+Maximum KLD:   3.114870
+====== Token probability statistics ======
+RMS \u0394p    :  6.012 \u00b1 0.160 %
+Same top p: 87.892 \u00b1 0.511 %
+"""
 
 
-def test_parse_llama_perplexity_output():
-    out = "perplexity: calculating perplexity over 4 chunks\n[1]12.3456,[2]13.0001,[3]12.9,[4]13.1234,\n" \
-          "Final estimate: PPL = 13.1234 +/- 0.41234\n"
-    assert parse_perplexity_output(out) == 13.1234
-    assert parse_perplexity_output("[1]12.3456,[2]13.5000,\nUnexpected negative standard deviation") == 13.5
-    assert parse_perplexity_output("failed to decode") is None
+def test_parse_llama_kl_output():
+    stats = parse_kl_output(KL_LOG)
+    assert stats == {"chunks": 16, "n_ctx": 512, "perplexity": 7.674472, "reference_perplexity": 7.185863,
+                     "kl_divergence": 0.055709, "top1_percent": 87.892}
+    with pytest.raises(MergeqError, match="no kl divergence"):
+        parse_kl_output(KL_LOG.replace("Mean    KLD", "Mean KLD?"))
 
 
-def write_llama_logits_file(path: Path, logprobs: np.ndarray, tokens: np.ndarray, n_ctx: int) -> None:
-    """Our own writer of the format llama-perplexity's --kl-divergence-base saves (16-bit log-probs)."""
-    n_chunk, scored, n_vocab = logprobs.shape
+def read_llama_base(path: Path):
+    """Our own reader of llama-perplexity's --kl-divergence-base format, to check the writer."""
+    data = path.read_bytes()
+    assert data[:8] == b"_logits_"
+    n_ctx, n_vocab, n_chunk = struct.unpack("<iii", data[8:20])
+    tokens = np.frombuffer(data, dtype="<i4", count=n_ctx * n_chunk, offset=20)
     row = 2 * ((n_vocab + 1) // 2) + 4
-    with open(path, "wb") as handle:
-        handle.write(b"_logits_" + struct.pack("<iii", n_ctx, n_vocab, n_chunk))
-        handle.write(tokens.astype("<i4").tobytes())
-        for chunk in logprobs:
-            for lp in chunk.astype(np.float32):
-                top = lp.max()
-                low = max(lp.min(), top - 16)
-                scale = (top - low) / 65535
-                q = np.where(lp > low, np.rint((lp - low) / scale), 0).astype("<u2")
-                out = np.zeros(row, dtype="<u2")
-                out[:4] = np.array([scale, low], dtype="<f4").view("<u2")
-                out[4 : 4 + n_vocab] = q
-                handle.write(out.tobytes())
+    scored = n_ctx - 1 - n_ctx // 2
+    blocks = np.frombuffer(data, dtype="<u2", offset=20 + 4 * n_ctx * n_chunk).reshape(n_chunk, scored, row)
+    params = np.ascontiguousarray(blocks[..., :4]).view("<f4")  # [n_chunk, scored, 2]: scale, minimum
+    q = blocks[..., 4 : 4 + n_vocab]
+    return n_ctx, n_vocab, n_chunk, tokens, q, params, len(data)
 
 
-def test_read_llama_logprobs_round_trip(tmp_path):
+def test_reference_as_llama_base_file(tmp_path):
+    from safetensors.torch import save_file
+
     rng = np.random.default_rng(0)
-    logits = rng.normal(0, 3, size=(2, 4, 11))  # 2 chunks of n_ctx 10 (4 scored each), odd vocab 11
-    lp = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
-    lp[0, 0, 3] = lp[0, 0].max() - 30  # far below the 16-nat band: clamped to its bottom
-    tokens = np.arange(20, dtype=np.int32)
-    path = tmp_path / "logits.bin"
-    write_llama_logits_file(path, lp, tokens, n_ctx=10)
-    got = read_llama_logprobs(path)
-    assert (got.n_ctx, got.n_vocab, got.n_chunk) == (10, 11, 2)
-    assert got.tokens.tolist() == list(range(20))
-    window = got.window(1).numpy()
-    assert window.shape == (4, 11)
-    assert np.abs(window - lp[1]).max() < 16 / 65535  # within one quantization step
-    bottom = lp[0, 0].max() - 16
-    assert got.window(0)[0, 3].item() == pytest.approx(bottom, abs=1e-3)
-    # below the band only "at or below the bottom" is known: the reference's value if it is lower too
-    ref = torch.from_numpy(lp[0]).float()
-    assert got.window(0, ref)[0, 3].item() == pytest.approx(lp[0, 0, 3], abs=1e-5)
-    ref[0, 3] = bottom + 5.0  # the reference gives it real probability: the bottom bounds the divergence
-    assert got.window(0, ref)[0, 3].item() == pytest.approx(bottom, abs=1e-3)
-    assert torch.equal(got.window(1, torch.from_numpy(lp[1]).float()), got.window(1))  # nothing clamped there
-    path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(MergeqError, match="bytes, expected"):
-        read_llama_logprobs(path)
+    logits = rng.normal(0, 3, size=(2, 4, 11))  # 2 windows of n_ctx 10 (4 scored each), odd vocab 11
+    lp = torch.log_softmax(torch.from_numpy(logits), -1).float()
+    lp[0, 0, 3] = lp[0, 0].max() - 30  # far below the 16-nat band: stored at its bottom
+    lp[0, 0] = torch.log_softmax(lp[0, 0], -1)
+    cache = tmp_path / "ref"
+    cache.mkdir()
+    for i in range(2):
+        save_file({"logprobs": lp[i].contiguous()}, str(cache / f"window-{i:04d}.safetensors"))
+    windows = make_windows(list(range(100, 125)), n_ctx=10, max_windows=2, bos_id=1)
+    write_llama_base(tmp_path / "base.bin", ReferenceLogprobs(cache, 2), windows)
+    n_ctx, n_vocab, n_chunk, tokens, q, params, size = read_llama_base(tmp_path / "base.bin")
+    assert (n_ctx, n_vocab, n_chunk) == (10, 11, 2)
+    assert size == 20 + 4 * 20 + 2 * 2 * 4 * (12 + 4)  # header, tokens, rows of 4 + 12 (11 rounded up) uint16
+    assert tokens.tolist() == [1, *range(101, 110), 1, *range(111, 120)]
+    decoded = q.astype(np.float32) * params[..., :1] + params[..., 1:2]
+    inside = np.ones_like(decoded, dtype=bool)
+    inside[0, 0, 3] = False
+    assert np.abs(decoded - lp.numpy())[inside].max() <= 0.5 * params[..., 0].max() + 1e-6
+    assert decoded[0, 0, 3] == pytest.approx(lp[0, 0].max().item() - 16, abs=1e-4) and q[0, 0, 3] == 0
+    assert (q.max(axis=-1) == 65535).all()  # each row's top token at the top of the band
 
 
 # ------------------------------------------------------------------------------- whole evaluations
