@@ -176,6 +176,8 @@ class Source:
                 else self.ckpt.info(name)
         self.adapters = [load_adapter(ref.path, ref.weight, i, self.info.input_embedding)
                          for i, ref in enumerate(adapters_refs)]
+        for adapter in self.adapters:
+            _check_architecture(adapter, self.config, self.folder)
         self.requantized: set[str] = set()
         if requantize is not None:
             if self.kind != "plain":
@@ -251,7 +253,8 @@ class Source:
             self.out_shapes[name] = self._check_shapes(name, mismatches)
         if mismatches:
             raise MergeqError(
-                f"adapter does not fit the base {self.folder} ({len(mismatches)} shape mismatch(es)); first: "
+                f"adapter {', '.join(str(a.path) for a in self.adapters)} does not fit the base {self.folder} "
+                f"({len(mismatches)} shape mismatch(es)); first: "
                 + "; ".join(mismatches[:MAX_LISTED]),
                 hint="the adapter was trained on another base model; pass the base it was trained on")
         self._check_vocab()
@@ -460,6 +463,32 @@ def _apply_lora(adapter: Adapter, op: Op, current: torch.Tensor, base: torch.Ten
 
 # ------------------------------------------------------------------------------------------------------ running
 
+def _check_architecture(adapter, base_config: dict, folder: Path) -> None:
+    """Refuse an adapter whose recorded base (a local folder with a config.json) is another architecture than
+    `folder`: the shapes may agree (Llama and Mistral do) while the merged model would be wrong."""
+    recorded = adapter.config.get("base_model_name_or_path")
+    if not isinstance(recorded, str) or not recorded or not Path(recorded).is_absolute():
+        return
+    try:
+        trained = json.loads((Path(recorded) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # a hub id or a folder that is gone: nothing to compare with
+    if not isinstance(trained, dict):
+        return
+
+    def describe_arch(cfg: dict) -> tuple[str | None, str | None]:
+        arches = cfg.get("architectures") or [None]
+        return (arches[0] if isinstance(arches, list) and arches else None), cfg.get("model_type")
+
+    (t_arch, t_type), (b_arch, b_type) = describe_arch(trained), describe_arch(base_config)
+    if (t_arch and b_arch and t_arch != b_arch) or (t_type and b_type and t_type != b_type):
+        raise MergeqError(
+            f"adapter {adapter.path} was trained on {recorded} ({t_arch}, model_type {t_type}), but the base "
+            f"{folder} is {b_arch} (model_type {b_type}) (from their config.json files): the tensor shapes may "
+            "agree, the models do not",
+            hint="pass the base the adapter was trained on")
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise MergeqError(f"{path} is missing", hint="point at a Hugging Face model folder (with config.json)")
@@ -518,8 +547,11 @@ def _lora_parts(source: Source, name: str, out_dtype: torch.dtype):
         last = first + block.shape[0]
         for left, right, alpha in factors:
             block.addmm_(left[first:last], right, alpha=alpha)
-        _check_values(name, block, out_dtype)
-        yield block.to(out_dtype)
+        out = block.to(out_dtype)
+        lo, hi = torch.aminmax(out)  # checking the cast block is enough: overflow and NaN both end up non-finite
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            _check_values(name, block, out_dtype)  # names the cause (NaN/Inf, or beyond float16)
+        yield out
         first = last
 
 

@@ -50,7 +50,17 @@ def test_target_module_matching_nothing(tmp_path, builders, llama):
     gpt2 = builders.gpt2(tmp_path / "gpt2")
     adapter = builders.adapter(gpt2, tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True,
                                target_modules=["c_attn"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "some-org/some-model"  # a hub id: no config to compare architectures
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
     refuse(tmp_path, "match nothing in the base", "transformer.h.0.attn.c_attn", base=llama, adapters=[adapter])
+
+
+def test_adapter_recorded_for_another_architecture(tmp_path, builders, llama):
+    gpt2 = builders.gpt2(tmp_path / "gpt2")
+    adapter = builders.adapter(gpt2, tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True,
+                               target_modules=["c_attn"])
+    refuse(tmp_path, "GPT2LMHeadModel", "LlamaForCausalLM", "the models do not", base=llama, adapters=[adapter])
 
 
 def test_truncated_base_file(tmp_path, llama, lora):
