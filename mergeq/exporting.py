@@ -22,8 +22,22 @@ class EvalSettings:
     enabled: bool = True
 
 
+def check_eval_text(reference: Path, text: Path | None) -> None:
+    """Refuse, before any work, an evaluation text that the evaluation would refuse after the export
+    (too short for two windows, not UTF-8, missing): a clear error and nothing written."""
+    from exporters.evaluate import EvalOptions, load_text, load_tokenizer, tokenize
+    from exporters.metrics import make_windows
+
+    options = EvalOptions()
+    eval_text = load_text(text)
+    ids, bos = tokenize(load_tokenizer(Path(reference)), eval_text.text)
+    make_windows(ids, options.n_ctx, options.max_windows, bos, source=str(eval_text.path))
+
+
 def run_export(target: str, model_dir: Path, out_dir: Path, options, evaluation: EvalSettings) -> list[ArtifactReport]:
     exporter = get_exporter(target)()
+    if evaluation.enabled:
+        check_eval_text(evaluation.reference or model_dir, evaluation.text)
     for warning in exporter.preflight(model_dir, options):
         log.warning("%s: %s", target, warning)
     reports = exporter.export(model_dir, out_dir, options)

@@ -7,6 +7,7 @@
 - `kill@N`          SIGKILL this process at the Nth commit point. Every atomic commit has two points:
                     just before its rename (odd) and just after it (even), counted across the process.
 - `wait@N:PATH`     at commit point N, block until PATH exists (a run held open for a concurrency test).
+- `trace@PATH`      append one line per commit point to PATH: number, time, before/after, final path.
 - `crash@TOOL`      the llama.cpp tool TOOL (exporters.llamacpp.run_tool) writes half an output file and a
                     few stderr lines, then aborts (SIGABRT).
 - `killtool@TOOL`   the same, but the tool dies by SIGKILL.
@@ -68,6 +69,9 @@ def commit_point(tmp: Path, final: Path, *, renamed: bool) -> None:
         if action == "kill" and arg.isdigit() and int(arg) == _points:
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "trace":
+            with open(arg, "a", encoding="utf-8") as handle:
+                handle.write(f"{_points}\t{time.time():.3f}\t{'after' if renamed else 'before'}\t{final}\n")
         if action == "wait":
             number, _, path = arg.partition(":")
             if number.isdigit() and int(number) == _points:

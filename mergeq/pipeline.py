@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from mergeq.atomic import atomic_dir, write_json
 from mergeq.config import AdapterSpec, EvalSpec, MergeSpec, PipelineConfig, parse_config
 from mergeq.errors import MergeqError
 from mergeq.exporting import EvalSettings, run_export
-from mergeq.stages import RunLock, Stage, stage_key, tree_hashes
+from mergeq.stages import STATE_DIR, RunLock, Stage, stage_key, tree_hashes
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,16 @@ def run_pipeline(config: PipelineConfig, out: Path, *, preflight_only: bool = Fa
     preflight(config)
     if preflight_only:
         return RunResult(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        write_json(out / "resolved_config.json", config.resolved())
-        return _run_stages(config, out)
+    try:
+        with RunLock(out):
+            write_json(out / "resolved_config.json", config.resolved())
+            return _run_stages(config, out)
+    except Exception:
+        if created and not any((out / STATE_DIR / "stages").glob("*.json")):
+            shutil.rmtree(out, ignore_errors=True)  # failed before any stage finished: leave no output behind
+        raise
 
 
 def preflight(config: PipelineConfig) -> None:
@@ -96,6 +103,10 @@ def preflight(config: PipelineConfig) -> None:
     for target, options in config.exports.items():
         for warning in get_exporter(target)().preflight(config.merge.base, options):
             log.warning("%s: %s", target, warning)
+    if config.evaluation.enabled:
+        from mergeq.exporting import check_eval_text
+
+        check_eval_text(config.merge.base, config.evaluation.text)  # the merged model keeps the base's tokenizer
 
 
 def _run_stages(config: PipelineConfig, out: Path) -> RunResult:
