@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import mmap
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -381,13 +380,6 @@ class Checkpoint:
             return self._st[path].get(name, dtype)
         return self._load_bin(path)[name].to(dtype or self._load_bin(path)[name].dtype, copy=True)
 
-    def largest_tensor_bytes(self) -> int:
-        best = 0
-        for name in self._where:
-            dtype, shape = self.info(name)
-            best = max(best, math.prod(shape) * itemsize(dtype))
-        return best
-
     def close(self) -> None:
         for st in self._st.values():
             st.close()
@@ -411,7 +403,3 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise MergeqError(f"{path}: not a state dict of tensors")
     return dict(data)
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size

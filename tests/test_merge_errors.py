@@ -6,7 +6,6 @@ import json
 import warnings
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from merge.merger import AdapterRef, MergeConfig, run_merge
