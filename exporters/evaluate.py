@@ -404,10 +404,10 @@ def quantize_logprobs(lp: torch.Tensor, row: int) -> torch.Tensor:
 
 
 _KL_PATTERNS = {
-    "perplexity": re.compile(r"Mean PPL\(Q\)\s*:\s*([-+0-9.eE]+|nan|inf)"),
-    "reference_perplexity": re.compile(r"Mean PPL\(base\)\s*:\s*([-+0-9.eE]+|nan|inf)"),
-    "kl_divergence": re.compile(r"Mean\s+KLD:\s*([-+0-9.eE]+|nan|inf)"),
-    "top1_percent": re.compile(r"Same top p:\s*([-+0-9.eE]+|nan|inf)"),
+    "perplexity": re.compile(r"Mean PPL\(Q\)\s*:\s*(-?nan|-?inf|[-+0-9.eE]+)"),
+    "reference_perplexity": re.compile(r"Mean PPL\(base\)\s*:\s*(-?nan|-?inf|[-+0-9.eE]+)"),
+    "kl_divergence": re.compile(r"Mean\s+KLD:\s*(-?nan|-?inf|[-+0-9.eE]+)"),
+    "top1_percent": re.compile(r"Same top p:\s*(-?nan|-?inf|[-+0-9.eE]+)"),
     "chunks": re.compile(r"computing over (\d+) chunks, n_ctx=(\d+)"),
 }
 
@@ -540,6 +540,14 @@ def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: E
     """llama-perplexity in KL-divergence mode against the cached reference: our windows, llama.cpp's logits."""
     from exporters import llamacpp
 
+    if windows.scored_tokens < 100:
+        raise MergeqError(f"evaluating a GGUF needs at least 100 scored tokens, these windows score {windows.scored_tokens}",
+                          hint="use a longer evaluation text or a larger n_ctx (llama-perplexity prints no "
+                               "statistics below 100 tokens)")
+    if windows.scored_tokens < 100:
+        raise MergeqError(f"evaluating a GGUF needs at least 100 scored tokens; these windows score {windows.scored_tokens}",
+                          hint="use a longer evaluation text or a larger n_ctx (llama-perplexity prints no "
+                               "statistics below 100 tokens)")
     summary = check_gguf(artifact)
     ref = reference_logprobs(reference, windows, options)
     n_vocab = int(ref.window(0).shape[-1])
