@@ -122,3 +122,25 @@ def test_gguf_vocabulary_and_text_length_are_checked(fake):
         ev.evaluate_full(gguf, ref, text, options)
     with pytest.raises(MergeqError, match="at least 100 scored tokens"):
         ev.evaluate_full(gguf, ref, text, ev.EvalOptions(n_ctx=16, max_windows=8, cache_dir=options.cache_dir))
+
+
+@pytest.mark.llamacpp
+def test_truncated_gguf_names_the_file(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    ref = tiny_llama(tmp_path / "ref", dtype=torch.float16)
+    tiny_tokenizer(ref, add_bos=True)
+    text = eval_text(tmp_path / "eval.txt", 700)
+    path = tmp_path / "broken.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(96)])
+    for i in range(4):
+        writer.add_tensor(f"blk.{i}.weight", np.ones((64, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size - 5000])
+    with pytest.raises(MergeqError, match=r"broken\.gguf"):
+        ev.evaluate(path, ref, text, ev.EvalOptions(n_ctx=64, max_windows=8, cache_dir=tmp_path / "cache"))
