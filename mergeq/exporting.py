@@ -6,6 +6,7 @@ Shared by `mergeq export` and the pipeline, so both produce the same artifacts a
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +41,17 @@ def run_export(target: str, model_dir: Path, out_dir: Path, options, evaluation:
         check_eval_text(evaluation.reference or model_dir, evaluation.text)
     for warning in exporter.preflight(model_dir, options):
         log.warning("%s: %s", target, warning)
-    reports = exporter.export(model_dir, out_dir, options)
-    for report in reports:
-        if evaluation.enabled:
-            from exporters.evaluate import evaluate_into_report
+    created = not Path(out_dir).exists()
+    try:
+        reports = exporter.export(model_dir, out_dir, options)
+        for report in reports:
+            if evaluation.enabled:
+                from exporters.evaluate import evaluate_into_report
 
-            evaluate_into_report(report, reference=evaluation.reference or model_dir, text=evaluation.text)
-        report.write(Path(report.path) if Path(report.path).is_dir() else Path(report.path).parent)
+                evaluate_into_report(report, reference=evaluation.reference or model_dir, text=evaluation.text)
+            report.write(Path(report.path) if Path(report.path).is_dir() else Path(report.path).parent)
+    except BaseException:
+        if created:  # this command made the directory: a failed export or evaluation leaves none of it behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return reports
