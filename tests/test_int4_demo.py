@@ -15,9 +15,12 @@ pytestmark = pytest.mark.demo
 
 @pytest.fixture(scope="module")
 def demo():
-    from mergeq.demo import demo_assets
+    """The demo base and texts (the adapter is not needed here, so its training is not waited for)."""
+    from mergeq.demo import demo_assets, demo_base, layout
 
-    return demo_assets()
+    demo_base()
+    assets = layout()
+    return assets if assets.calib_text.is_file() and assets.eval_text.is_file() else demo_assets()
 
 
 def _perplexity(model, tokens) -> float:

@@ -46,6 +46,7 @@ class Int4Options:
     gptq_mse: bool = False
     max_shard_bytes: int = 1 << 30  # output buffered before a shard is written
     awq_sketch_rows: int = 128  # rows of the CountSketch AWQ measures output error against
+    awq_duo: bool = False
 
     @property
     def format_name(self) -> str:
@@ -232,7 +233,7 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
 
     engine = EngineOptions(method=options.method, scheme=the_plan.scheme, desc_act=options.desc_act,
                            act_order=options.act_order, gptq_mse=options.gptq_mse,
-                           awq_sketch_rows=options.awq_sketch_rows,
+                           awq_sketch_rows=options.awq_sketch_rows, awq_duo=options.awq_duo,
                            damp_percent=options.damp_percent, device=options.device)
     config = read_config(model_dir)
     with atomic_dir(out_dir, overwrite=True) as tmp:

@@ -51,6 +51,7 @@ class EngineOptions:
     block_size: int = 128  # GPTQ lazy-batch block
     awq_grid: int = 20  # AWQ alpha grid points in [0, 1)
     awq_clip: bool = True
+    awq_duo: bool = False  # also try scales divided by mean|w|^(1-alpha) (measured worse on the demo base)
     awq_sketch_rows: int = 128
     device: str = "cpu"
     chunk_tokens: int = 4096  # calibration tokens pushed through a layer at once
@@ -72,6 +73,7 @@ class LayerContext:
     options: EngineOptions
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     seq_len: int
+    layer_index: int = 0
 
 
 @dataclass
@@ -218,9 +220,13 @@ def _gptq_group(layer, group: LinearGroup, inputs: list[torch.Tensor], ctx: Laye
     acc = HessianAccumulator(inputs[0].shape[-1], inputs[0].device)
     for x in inputs:
         acc.add(x)
-    stacked = gptq_quantize(_stacked(layer, group), acc.value(), opts.scheme, damp_percent=opts.damp_percent,
-                            act_order="dynamic" if opts.desc_act else opts.act_order, block_size=opts.block_size,
-                            mse=opts.gptq_mse)
+    try:
+        stacked = gptq_quantize(_stacked(layer, group), acc.value(), opts.scheme, damp_percent=opts.damp_percent,
+                                act_order="dynamic" if opts.desc_act else opts.act_order, block_size=opts.block_size,
+                                mse=opts.gptq_mse)
+    except RuntimeError as exc:
+        raise MergeqError(f"GPTQ failed on {', '.join(group.linears)} of decoder layer {ctx.layer_index}: {exc}",
+                          hint="raise --damp-percent (e.g. 0.1), or check the calibration text") from exc
     return _split(layer, group, stacked)
 
 
@@ -285,7 +291,8 @@ def _awq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext):
     sketches: dict[str, torch.Tensor] = {}
     for group in arch.groups:
         weight = _stacked(layer, group)
-        result = awq_alg.search_scales(weight, stats[group.name], opts.scheme, grid=opts.awq_grid)
+        result = awq_alg.search_scales(weight, stats[group.name], opts.scheme, grid=opts.awq_grid,
+                                        duo=opts.awq_duo)
         s = result.scales
         if not _fold(layer, group, s):
             s = torch.ones_like(s)
@@ -397,6 +404,7 @@ def quantize_streaming(model_dir: Path, tokens: torch.Tensor | None, options: En
     result = StreamResult(layers=_layer_count(config), seconds=0.0)
     for index in track(range(_layer_count(config)), f"{options.method} layers"):
         layer = load_layer(source, arch, hf_config, index, device)
+        ctx.layer_index = index
         source.close()  # unmap what this layer read, so resident memory stays one layer deep
         outputs, quantized, info = quantize_layer(layer, hidden, ctx)
         prefix = arch.layer_prefix(index)
