@@ -82,14 +82,33 @@ def measure(row: Row, cmd: list[str], env_name: str | None = None) -> dict:
     return {}
 
 
-def perplexity(artifact: Path, reference: Path) -> float:
+def perplexity(artifact: Path, reference: Path, text: Path | None) -> float:
     """`mergeq eval` of one artifact (the same evaluator, text and windows for every row)."""
     log.info("evaluating %s", artifact)
-    cmd = mergeq_cmd("eval", "--model", str(artifact), "--reference", str(reference), "--json")
+    cmd = mergeq_cmd("eval", "--model", str(artifact), "--reference", str(reference), "--json",
+                     *(["--text", str(text)] if text else []))
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"`{' '.join(cmd)}` failed:\n{done.stderr[-3000:]}")
     return float(json.loads(done.stdout)[0]["perplexity"])
+
+
+def crosscheck_peer_artifact(row: Row, work: Path) -> None:
+    """Read the peer's compressed-tensors artifact with compressed-tensors' own decompressor and with mergeq's
+    reader (which `mergeq eval` uses): the perplexities are only comparable if both see the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from exporters.int4.formats import dequantized_state_dict
+
+    tokens = work / "tokens.json"
+    tokens.write_text("[[1, 2, 3, 4]]")
+    out = work / f"{row.path.name}.peer-read.safetensors"
+    peers.run_peer("int4-loaders", PEERS_DIR / "load_int4.py", [tokens, row.path, out], label=f"read {row.path.name}")
+    theirs = {k.removeprefix("weight:"): v for k, v in load_file(out).items() if k.startswith("weight:")}
+    ours = dequantized_state_dict(row.path, torch.float32)
+    worst = max(float((v - ours[f"{k}.weight"]).abs().max() / ours[f"{k}.weight"].abs().max()) for k, v in theirs.items())
+    row.notes.append(f"compressed-tensors and mergeq read {len(theirs)} layers alike (max rel diff {worst:.1e})")
 
 
 def mergeq_export(row: Row, target: str, base: Path, calib: Path, samples: int, seq_len: int, extra: list[str]) -> None:
@@ -121,6 +140,7 @@ def gptq_rows(args, base: Path, calib: Path, work: Path) -> list[Row]:
                               str(GROUP), str(GPTQ_SEQ)], env_name="llmcompressor")
         peer.notes.append(f"{info.get('samples')} docs, {info.get('tokens')} tokens, "
                           f"quantize {info.get('quantize_seconds')} s")
+        crosscheck_peer_artifact(peer, work)
         ours = Row(f"mergeq GPTQ {label}", "mergeq", path=work / f"mergeq-gptq-{label}")
         mergeq_export(ours, "gptq", base, subset, GPTQ_DOCS, GPTQ_SEQ, [] if sym else ["--asym"])
         rows += [peer, ours]
@@ -212,6 +232,7 @@ def main() -> int:
     parser.add_argument("--base", type=Path, help="fp16 checkpoint (default: the demo base)")
     parser.add_argument("--calib", type=Path, help="calibration text, documents separated by blank lines "
                                                    "(default: the demo calibration text)")
+    parser.add_argument("--eval-text", type=Path, help="evaluation text (default: the demo evaluation text)")
     parser.add_argument("--work", type=Path, help="where artifacts go (default: a temporary directory)")
     args = parser.parse_args()
     args.symmetries = [True, False] if args.both_symmetries else [not args.asym]
@@ -233,10 +254,10 @@ def main() -> int:
             rows += awq_rows(args, Path(base), Path(calib), work)
         fp16_ppl = None
         if not args.no_eval:
-            fp16_ppl = perplexity(Path(base), Path(base))
+            fp16_ppl = perplexity(Path(base), Path(base), args.eval_text)
             for row in rows:
                 if row.path is not None and row.path.exists():
-                    row.ppl = perplexity(row.path, Path(base))
+                    row.ppl = perplexity(row.path, Path(base), args.eval_text)
         print_table(rows, fp16_ppl)
         print_targets(rows, fp16_ppl)
     return 0
