@@ -17,7 +17,7 @@ def run(args) -> int:
     config = MergeConfig(
         base=args.base, adapters=[AdapterRef.parse(a) for a in args.adapter], out=args.out, dtype=args.dtype,
         qlora_base=args.qlora_base, validate=not args.no_validate, overwrite=args.overwrite, requantize=requantize,
-        max_shard_bytes=int(args.max_shard_size * 1024**3))
+        max_shard_bytes=int(args.max_shard_size * 1024**3), threads=args.threads)
     result = run_merge(config)
     if args.json:
         json.dump({"out": str(result.out), "shards": result.shards, "validation": result.validation,
@@ -57,5 +57,7 @@ def register(sub) -> None:
     parser.add_argument("--quant-blocksize", type=int, default=64, help="blocksize for --requantize (default 64)")
     parser.add_argument("--no-double-quant", action="store_true", help="--requantize without double quantization")
     parser.add_argument("--max-shard-size", type=float, default=2.0, metavar="GIB", help="output shard size (GiB)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="compute threads for the streaming merge (default 1; 0 = torch's default)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.set_defaults(run=run)
