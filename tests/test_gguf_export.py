@@ -206,14 +206,14 @@ def test_no_fallbacks_when_rows_fit_the_blocks(model256, tmp_path):
     assert not any("fell back" in w for w in report.warnings)
 
 
-def test_same_inputs_give_byte_identical_files(model96, tmp_path):
-    options = GGUFOptions(quants=("Q4_K_M",))
-    first = GGUFExporter().export(model96, tmp_path / "a", options)[0]
-    second = GGUFExporter().export(model96, tmp_path / "b", options)[0]
-    assert sha256_file(Path(first.path)) == sha256_file(Path(second.path))
+def test_same_inputs_give_byte_identical_files(model96, export96, tmp_path):
+    _, reports, _ = export96
+    (again,) = GGUFExporter().export(model96, tmp_path, GGUFOptions(quants=("Q4_K_M",)))
+    first = next(r for r in reports if r.quant == "Q4_K_M")
+    assert sha256_file(Path(again.path)) == sha256_file(Path(first.path))
 
 
-def test_imatrix_is_used_and_recorded(model96, tmp_path):
+def test_imatrix_is_used_and_recorded(model96, export96, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(CORPUS)
     options = GGUFOptions(quants=("Q4_K_M", "F16"), imatrix=True, calib=calib, imatrix_ctx=64)
@@ -224,7 +224,7 @@ def test_imatrix_is_used_and_recorded(model96, tmp_path):
     assert "imatrix" in reports["Q4_K_M"].stages
     meta = read_gguf(Path(reports["Q4_K_M"].path)).metadata
     assert meta.get("quantize.imatrix.chunks_count", 0) > 0
-    plain = GGUFExporter().export(model96, tmp_path / "plain", GGUFOptions(quants=("Q4_K_M",)))[0]
+    plain = next(r for r in export96[1] if r.quant == "Q4_K_M")  # the same type without an imatrix
     assert sha256_file(Path(plain.path)) != sha256_file(Path(reports["Q4_K_M"].path))
 
 
