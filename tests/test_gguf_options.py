@@ -113,3 +113,18 @@ def test_planned_sizes_bound_the_types():
     assert gguf_exporter.planned_bytes("F16", f16) == f16
     assert gguf_exporter.planned_bytes("F32", f16) == 2 * f16
     assert gguf_exporter.planned_bytes("Q4_K_M", f16) == gguf_exporter.planned_bytes("Q8_0", f16) < f16
+
+
+@pytest.mark.llamacpp
+def test_preflight_names_missing_build_tools_before_any_work(tmp_path, monkeypatch):
+    """Without a llama.cpp build, a machine without cmake/compilers fails in preflight, not after the merge."""
+    from exporters import llamacpp
+
+    model = _checkpoint(tmp_path / "m", {"architectures": ["LlamaForCausalLM"], "torch_dtype": "float16"})
+    llamacpp.ensure_source()  # the tree is needed for the architecture check; fetched before PATH is emptied
+    monkeypatch.setattr(llamacpp, "is_built", lambda pin=None: False)
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(MergeqError, match=r"(?s)needs cmake, a C compiler .* apt-get install cmake g\+\+"):
+        GGUFExporter().preflight(model, GGUFOptions())
