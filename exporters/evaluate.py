@@ -585,16 +585,15 @@ def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: E
 def _check_tokenization(artifact: Path, tokenizer, eval_text: EvalText, windows: Windows, options: EvalOptions,
                         warnings: list[str]) -> None:
     """Warn when llama.cpp would tokenize the evaluated text into another number of tokens than the reference."""
-    tokenizer_ids = windows.n_windows * windows.n_ctx
     prefix, hf_count = eval_text_prefix(tokenizer, eval_text, windows)
     count = llama_token_count(artifact, prefix, hf_count, options)
     if count is None:
         warnings.append("could not read llama.cpp's token count of the evaluation text")
     elif count != hf_count:
         warnings.append(
-            f"llama.cpp tokenizes the evaluated text ({tokenizer_ids} reference tokens) into {count} tokens, the "
-            f"reference tokenizer into {hf_count}: in llama.cpp this model sees other tokens for the same text. "
-            "The scores here use the reference tokenizer's tokens for every format, so they stay comparable")
+            f"llama.cpp tokenizes the evaluated text into {count} tokens, the reference tokenizer into {hf_count}: "
+            "in llama.cpp this model sees other tokens for the same text than in transformers. The scores here "
+            "use the reference tokenizer's tokens for every format, so they stay comparable")
 
 
 def eval_text_prefix(tokenizer, eval_text: EvalText, windows: Windows) -> tuple[str, int]:
