@@ -6,9 +6,9 @@ evaluated as written on disk:
 - Hugging Face fp16/bf16/fp32 directories: transformers loads the files, computation in fp32;
 - AWQ / GPTQ / compressed-tensors directories: our own unpacking (`exporters.int4.formats`) into an fp32
   model of the architecture in the artifact's config;
-- GGUF files: llama.cpp's `llama-perplexity` with the same context, windows and scored tokens; it writes
-  the artifact's log-probabilities of every scored position, and this module computes the metrics from
-  them with the same code as the torch path.
+- GGUF files: llama.cpp's `llama-perplexity` in its KL-divergence mode, fed the reference's windows and
+  log-probabilities in its own file format, so llama.cpp scores the GGUF on exactly the same tokens and
+  positions as every other format.
 
 The reference (always a Hugging Face checkpoint, run by torch in fp32) is computed once per
 (reference files, tokens, context) and cached as full-vocabulary fp32 log-probabilities of the scored
@@ -24,8 +24,8 @@ import logging
 import math
 import os
 import re
-import struct
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Iterator
@@ -386,11 +386,11 @@ def write_llama_base(path: Path, reference: ReferenceLogprobs, windows: Windows)
         handle.write(LLAMA_LOGITS_MAGIC + struct.pack("<iii", windows.n_ctx, n_vocab, windows.n_windows))
         handle.write(windows.tokens.to(torch.int32).numpy().astype("<i4").tobytes())
         for i in range(windows.n_windows):
-            handle.write(quantize_logprobs(reference.window(i), row).numpy().tobytes())
+            handle.write(quantize_logprobs(reference.window(i), row).tobytes())
 
 
-def quantize_logprobs(lp: torch.Tensor, row: int) -> torch.Tensor:
-    """llama.cpp's 16-bit rows ([T, row] uint16 as int32-safe values) of fp32 log-probabilities [T, V]."""
+def quantize_logprobs(lp: torch.Tensor, row: int) -> np.ndarray:
+    """llama.cpp's rows (uint16 [T, row]) of fp32 log-probabilities [T, V]."""
     lp = lp.to(torch.float32)
     top = lp.max(dim=1, keepdim=True).values
     low = torch.maximum(lp.min(dim=1, keepdim=True).values, top - LLAMA_BAND_NATS)
@@ -400,7 +400,7 @@ def quantize_logprobs(lp: torch.Tensor, row: int) -> torch.Tensor:
     out = np.zeros((lp.shape[0], row), dtype="<u2")
     out[:, :4] = torch.cat([scale, low], dim=1).numpy().astype("<f4").view("<u2")
     out[:, 4 : 4 + lp.shape[1]] = q.to(torch.int32).numpy().astype("<u2")
-    return torch.from_numpy(out.view(np.int16))
+    return out
 
 
 _KL_PATTERNS = {
