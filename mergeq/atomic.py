@@ -30,7 +30,10 @@ def remove_stale_tmp(final: Path) -> None:
     parent = final.parent
     if not parent.is_dir():
         return
-    for leftover in parent.glob(_tmp_prefix(final) + "*"):
+    # also leftovers of writers nested inside an earlier attempt's temporary directory (`..NAME.tmp-X.tmp-Y`:
+    # the merge inside the pipeline's merge stage), which a kill leaves beside it
+    stale = [p for p in parent.glob(".*") if p.name.lstrip(".").startswith(f"{final.name}{TMP_MARK}")]
+    for leftover in stale:
         if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
         else:

@@ -39,6 +39,20 @@ HIDDEN = 64
 PAYLOAD_MARKER = "PAYLOAD_RAN"  # a pickle payload creates this file if it ever runs
 
 
+# every case build() writes, in order (test_corpus.py parametrizes over these; a test checks the list)
+CASE_NAMES = (
+    "st-truncated", "st-header-past-end", "st-header-huge", "st-overlap", "st-out-of-bounds", "st-dtype-shape",
+    "st-dtype-bytes", "st-non-json", "index-missing-shard", "index-dotdot", "index-absolute", "st-adapter-truncated",
+    "adapter-wrong-base", "adapter-other-architecture", "adapter-targets-nothing", "adapter-nan", "adapter-inf",
+    "adapter-unknown-type", "adapter-no-config", "adapter-pickle-payload", "base-pickle-payload",
+    "bnb-missing-absmax", "bnb-wrong-blocksize", "base-fp16-overflow",
+    "calib-empty", "calib-short", "eval-short", "group-size-divides-nothing", "gguf-unknown-architecture",
+    "gguf-unknown-quant",
+    "config-unknown-keys", "config-wrong-types", "config-out-inside-input", "config-out-symlink",
+    "config-out-through-symlink", "config-eval-short", "run-corrupt-base",
+)
+
+
 @dataclass
 class Case:
     name: str

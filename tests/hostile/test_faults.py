@@ -1,0 +1,47 @@
+"""Faults through the CLI: a full disk, crashing llama.cpp tools, two runs on one output, kill -9 and resume."""
+
+from __future__ import annotations
+
+import pytest
+
+import fault_cases
+
+pytestmark = pytest.mark.llamacpp
+
+
+def test_enospc_during_merge(corpus):
+    outcome = fault_cases.enospc_merge(corpus[0])
+    assert outcome.ok, outcome.explain()
+
+
+def test_enospc_during_gguf_export(corpus):
+    outcome = fault_cases.enospc_gguf(corpus[0])
+    assert outcome.ok, outcome.explain()
+
+
+def test_enospc_during_awq_export(corpus):
+    outcome = fault_cases.enospc_awq(corpus[0])
+    assert outcome.ok, outcome.explain()
+
+
+@pytest.mark.parametrize("mode, tool", [("crash", "convert_hf_to_gguf.py"), ("crash", "llama-quantize"),
+                                        ("killtool", "llama-quantize")])
+def test_llamacpp_tool_dies(corpus, mode, tool):
+    outcome = fault_cases.tool_fault(corpus[0], mode, tool)
+    assert outcome.ok, outcome.explain()
+
+
+def test_second_run_on_the_same_output_refuses(corpus, reference):
+    outcome = fault_cases.two_runs(corpus[0], reference)
+    assert outcome.ok, outcome.explain()
+
+
+@pytest.mark.slow
+def test_kill_9_in_every_stage_then_resume_is_byte_identical(corpus, reference):
+    trials = fault_cases.kill_and_resume(corpus[0], reference)
+    killed = [t for t in trials if t.killed]
+    assert len(killed) >= 20, [t.label() + ": " + t.detail for t in trials if not t.killed]
+    assert {t.stage for t in killed} == set(fault_cases.STAGES)
+    bad = [f"{t.label()}: rerun exit {t.rerun_code}, identical {t.identical}, leftovers {t.leftovers}\n{t.detail}"
+           for t in trials if not t.ok]
+    assert not bad, "\n".join(bad)
