@@ -27,9 +27,20 @@ for extra in (str(TESTS), str(TESTS.parent)):
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+
+def _tests_conftest():
+    """tests/conftest.py by path: under pytest, the name `conftest` may be this folder's own conftest."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mergeq_tests_conftest", TESTS / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # the other tests' tiny-model builders, reused (never duplicated)
-from conftest import make_adapter, tiny_gpt2  # noqa: E402
-from conftest import tiny_llama as plain_llama  # noqa: E402
+_builders = _tests_conftest()
+make_adapter, tiny_gpt2, plain_llama = _builders.make_adapter, _builders.tiny_gpt2, _builders.tiny_llama
 from int4_models import tiny_model  # noqa: E402
 from test_gguf_export import CORPUS  # noqa: E402
 from test_gguf_export import tiny_llama as spm_llama  # noqa: E402
