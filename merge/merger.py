@@ -709,14 +709,25 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
         candidates.append(("qlora-base", Path(config.qlora_base), None))
     if config.base is not None:
         candidates.append(("base", Path(config.base), config.requantize))
-    sources = [Source(folder, label, refs, out_dtype, requant) for label, folder, requant in candidates]
-    for adapter in sources[0].adapters:
-        adapter.check_finite()
+    sources: list[Source] = []
+    try:
+        for label, folder, requant in candidates:
+            sources.append(Source(folder, label, refs, out_dtype, requant))
+        for adapter in sources[0].adapters:
+            adapter.check_finite()
+    except BaseException:
+        for source in sources:
+            source.close()
+        raise
+    warnings: list[str] = []
+    recorded = {a.config.get("base_model_name_or_path") for a in sources[0].adapters} - {None, ""}
+    if len(recorded) > 1:
+        warnings.append("the adapters record different bases (" + ", ".join(sorted(map(str, recorded)))
+                        + "); their shapes fit this base, but task arithmetic assumes one shared base")
     # input hashes for the manifest: read in a background thread while the merge streams (hashlib drops the GIL)
     hasher = ThreadPoolExecutor(max_workers=1)
     hashing = {folder: hasher.submit(manifest_mod.folder_hashes, folder)
                for folder in dict.fromkeys([s.folder for s in sources] + [r.path for r in refs])}
-    warnings: list[str] = []
     result_validation = None
     fidelity = None
     try:

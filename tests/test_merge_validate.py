@@ -27,3 +27,18 @@ def test_weighted_dora_cannot_be_run_unmerged(tmp_path, builders):
     result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(dora, 0.5)], out=tmp_path / "o"))
     assert "DoRA" in result.manifest["validation"]["skipped"]
     assert any(w.startswith("validation skipped") for w in result.warnings)
+
+
+def test_adapters_recording_different_bases_warn(tmp_path, builders):
+    import json
+
+    base = builders.llama(tmp_path / "base")
+    a = builders.adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=12, target_modules=["q_proj"])
+    b = builders.adapter(base, tmp_path / "b", seed=2, r=4, lora_alpha=12, target_modules=["v_proj"])
+    config = json.loads((b / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "some-org/another-model"
+    (b / "adapter_config.json").write_text(json.dumps(config))
+    result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(a, 0.5), AdapterRef(b, 0.5)], out=tmp_path / "o",
+                                   validate=False))
+    assert any("record different bases" in w and "some-org/another-model" in w for w in result.warnings)
+    assert result.manifest["warnings"] == result.warnings
