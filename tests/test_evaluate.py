@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 
 from exporters.evaluate import (
     EvalOptions,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 from test_evaluate import KL_LOG, eval_text, read_llama_base, tiny_tokenizer
 
 import exporters.evaluate as ev

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 from test_evaluate import eval_text, tiny_tokenizer
 
 from exporters.evaluate import EvalOptions, evaluate, evaluate_full
