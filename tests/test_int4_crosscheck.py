@@ -41,15 +41,17 @@ TOKENS = [[5, 17, 99, 3, 250, 64, 128, 7, 42, 200, 11, 31, 77, 180, 9, 1],
           [255, 0, 13, 66, 101, 140, 33, 2, 90, 160, 47, 222, 8, 19, 230, 120]]
 EXPORT = ["--group-size", "64", "--samples", "8", "--seq-len", "64", "--no-eval"]
 
-# artifact name -> (exporter, extra options)
+# artifact name -> (model family, exporter, extra options). Qwen2 has q/k/v biases.
 CASES = {
-    "gptq-sym": ("gptq", []),
-    "gptq-asym": ("gptq", ["--asym"]),
-    "gptq-desc-act": ("gptq", ["--desc-act"]),
-    "awq": ("awq", []),
-    "ct-gptq-sym": ("gptq", ["--format", "compressed-tensors"]),
-    "ct-gptq-desc-act": ("gptq", ["--format", "compressed-tensors", "--desc-act"]),
-    "ct-awq-asym": ("awq", ["--format", "compressed-tensors"]),
+    "gptq-sym": ("llama", "gptq", []),
+    "gptq-asym": ("llama", "gptq", ["--asym"]),
+    "gptq-desc-act": ("llama", "gptq", ["--desc-act"]),
+    "awq": ("llama", "awq", []),
+    "ct-gptq-sym": ("llama", "gptq", ["--format", "compressed-tensors"]),
+    "ct-gptq-desc-act": ("llama", "gptq", ["--format", "compressed-tensors", "--desc-act"]),
+    "ct-awq-asym": ("llama", "awq", ["--format", "compressed-tensors"]),
+    "qwen2-awq": ("qwen2", "awq", []),
+    "qwen2-ct-gptq-sym": ("qwen2", "gptq", ["--format", "compressed-tensors"]),
 }
 # Known format bugs in our writer, each with the peer's exact complaint. strict: once fixed, the xpass fails
 # and the marker must go.
@@ -105,12 +107,14 @@ def artifacts(tmp_path_factory, peer_python) -> dict:
     from mergeq.cli import main
 
     work = tmp_path_factory.mktemp("int4-crosscheck")
-    base = tiny_model(work / "base", hidden=128, intermediate=256, layers=2)
+    bases = {family: tiny_model(work / family, family, hidden=128, intermediate=256, layers=2)
+             for family in sorted({family for family, _, _ in CASES.values()})}
     calib = calibration_text(work / "calib.txt")
     dirs = {}
-    for name, (target, extra) in CASES.items():
+    for name, (family, target, extra) in CASES.items():
         out = work / name
-        code = main(["export", target, "--model", str(base), "--out", str(out), "--calib", str(calib), *EXPORT, *extra])
+        code = main(["export", target, "--model", str(bases[family]), "--out", str(out), "--calib", str(calib),
+                     *EXPORT, *extra])
         assert code == 0, f"mergeq export {target} {' '.join(extra)} failed with exit code {code}"
         dirs[name] = out
     tampered_layer = _tamper_awq_order(dirs["awq"], work / TAMPERED)
@@ -125,7 +129,7 @@ def artifacts(tmp_path_factory, peer_python) -> dict:
     loaded = {Path(d["model"]).name: d for d in map(json.loads, (x for x in run.output.splitlines() if x.startswith("{")))}
     assert set(loaded) == set(dirs), f"the peer loader stopped early (exit {run.returncode}):\n{run.output[-3000:]}"
     peer = {name: load_file(work / f"{name}.peer.safetensors") for name in dirs if "error" not in loaded[name]}
-    return {"dirs": dirs, "peer": peer, "loaded": loaded, "base": base, "tampered_layer": tampered_layer}
+    return {"dirs": dirs, "peer": peer, "loaded": loaded, "bases": bases, "tampered_layer": tampered_layer}
 
 
 def our_side(model_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -166,7 +170,7 @@ def test_peer_reads_our_checkpoint_as_we_do(artifacts, case):
         torch.testing.assert_close(weight, state[f"{name}.weight"], rtol=0, atol=0,
                                    msg=lambda m, n=name: f"{case} {n}: {m}")
     # the weights really are quantized (not the fp16 originals passed through)
-    base = load_file(next(artifacts["base"].glob("*.safetensors")))
+    base = load_file(next(artifacts["bases"][CASES[case][0]].glob("*.safetensors")))
     w = state["model.layers.0.mlp.down_proj.weight"]
     assert not torch.allclose(w, base["model.layers.0.mlp.down_proj.weight"].float(), atol=1e-4)
 
@@ -182,10 +186,11 @@ def test_peer_kernels_are_not_ours(artifacts):
         if "error" in info:
             continue  # reported by test_peer_reads_our_checkpoint_as_we_do
         kinds = " ".join(info["layer_types"])
-        if case.startswith("ct-"):
+        family, target, extra = CASES[case]
+        if "compressed-tensors" in extra:
             assert info["method"] == "compressed-tensors" and kinds == "torch.nn.modules.linear.Linear"
         else:
-            assert info["method"] == CASES[case][0] and kinds.startswith("gptqmodel."), kinds
+            assert info["method"] == target and kinds.startswith("gptqmodel."), kinds
         assert "mergeq" not in kinds and "exporters" not in kinds
 
 
