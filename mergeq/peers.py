@@ -157,6 +157,7 @@ def run_measured(cmd: list[str], *, label: str, env: dict | None = None, check: 
             # progress-bar redraws go to debug: the log keeps one line per real event
             level = logging.DEBUG if "it/s]" in line or "s/it]" in line else logging.INFO
             log.log(level, "[%s] %s", label, line.rstrip())
+    proc.stdout.close()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     result = PeerRun(time.monotonic() - start, usage.ru_maxrss * 1024, proc.returncode, "".join(lines))
