@@ -118,3 +118,17 @@ def test_validation_numbers_are_recorded(tmp_path, builders, weight):
                                    kl_warn=0.0, logit_warn=0.0))
     assert strict.manifest["validation"]["ok"] is False
     assert any("differs from the unmerged reference" in w for w in strict.warnings)
+
+
+def test_bin_base_merges_like_safetensors(tmp_path, builders):
+    base = builders.llama(tmp_path / "base")
+    adapter = builders.adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"])
+    pickled = tmp_path / "base-bin"
+    pickled.mkdir()
+    (pickled / "config.json").write_bytes((base / "config.json").read_bytes())
+    torch.save(load_file(base / "model.safetensors"), pickled / "pytorch_model.bin")
+    a = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "a", validate=False))
+    b = run_merge(MergeConfig(base=pickled, adapters=[AdapterRef(adapter)], out=tmp_path / "b", validate=False))
+    assert b.manifest["inputs"]["sources"]["base"]["format"] == "bin"
+    for shard in a.shards:
+        assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()
