@@ -74,10 +74,10 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     except BaseException as err:
-        needed = _disk_full_size(err, tmp)
+        full = disk_full(final, _disk_full_size(err, tmp))
         shutil.rmtree(tmp, ignore_errors=True)
-        if needed is not None:
-            raise disk_full(final, needed) from err
+        if full is not None:
+            raise full from err
         raise
 
 
@@ -98,10 +98,10 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
         faults.commit_point(tmp, final, renamed=True)
         fsync_dir(final.parent)
     except BaseException as err:
-        needed = _disk_full_size(err, tmp)
+        full = disk_full(final, _disk_full_size(err, tmp))
         tmp.unlink(missing_ok=True)
-        if needed is not None:
-            raise disk_full(final, needed) from err
+        if full is not None:
+            raise full from err
         raise
 
 
@@ -122,15 +122,18 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def disk_full(final: Path, needed: int) -> MergeqError:
-    """The error for a write that ran out of space: where, how much it needed, how much is free."""
+def disk_full(final: Path, needed: int | None) -> MergeqError | None:
+    """The error for a write that ran out of space (None when `needed` is None): where, how much it needed
+    (what it had written when the disk filled), how much was free then."""
+    if needed is None:
+        return None
     probe = Path(final).absolute().parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     return MergeqError(
-        f"no space left on the device while writing {final}: it needed at least {_human(needed)} "
-        f"({needed} bytes, written before the write failed), {_human(free)} free at {probe}; "
+        f"no space left on the device while writing {final}: it needs at least {_human(needed)} "
+        f"({needed} bytes were written when the disk filled, {_human(free)} left at {probe}); "
         f"nothing was replaced and the partial files were removed",
         hint=f"free at least {_human(needed)} at {probe} (or write elsewhere) and run again")
 

@@ -69,7 +69,7 @@ def enospc_merge(root: Path) -> Outcome:
     assert code == 0, output
     return _judge("enospc-merge", "disk full while writing the merged checkpoint over a previous one", folder,
                   [*argv[:4], f"{s / 'adapter'}@0.5", *argv[5:], "--overwrite"],
-                  ["no space left", str(prev), "needed at least"], {"MERGEQ_FAULT": f"enospc@{prev.name}"}, 2)
+                  ["no space left", str(prev), "needs at least"], {"MERGEQ_FAULT": f"enospc@{prev.name}"}, 2)
 
 
 def enospc_gguf(root: Path) -> Outcome:
@@ -80,7 +80,7 @@ def enospc_gguf(root: Path) -> Outcome:
     code, output = run_inprocess(argv)
     assert code == 0, output
     return _judge("enospc-gguf", "disk full while llama-quantize's output is committed over a previous GGUF",
-                  folder, argv, ["no space left", str(out / "Q8_0"), "needed at least"],
+                  folder, argv, ["no space left", str(out / "Q8_0"), "needs at least"],
                   {"MERGEQ_FAULT": "enospc@Q8_0"}, 2)
 
 
@@ -93,7 +93,54 @@ def enospc_awq(root: Path) -> Outcome:
     code, output = run_inprocess(argv)
     assert code == 0, output
     return _judge("enospc-awq", "disk full while writing an AWQ checkpoint over a previous one", folder, argv,
-                  ["no space left", str(out), "needed at least"], {"MERGEQ_FAULT": f"enospc@{out.name}"}, 2)
+                  ["no space left", str(out), "needs at least"], {"MERGEQ_FAULT": f"enospc@{out.name}"}, 2)
+
+
+_REAL_DISK_SCRIPT = r"""
+set -u
+mount -t tmpfs -o size=$SIZE tmpfs "$DISK" || exit 97
+"$@" --out "$DISK/merged" > "$LOGS/first.log" 2>&1 || exit 98
+(cd "$DISK" && find . -type f -exec sha256sum {} + | sort) > "$LOGS/before.txt"
+"$@" --out "$DISK/merged" --overwrite > "$LOGS/second.log" 2>&1
+echo $? > "$LOGS/second.code"
+(cd "$DISK" && find . -type f -exec sha256sum {} + | sort) > "$LOGS/after.txt"
+(cd "$DISK" && find . -mindepth 1 | sort) > "$LOGS/tree.txt"
+"""
+
+
+def real_disk_available() -> bool:
+    """Whether this machine lets an unprivileged test mount a size-limited tmpfs in its own namespace."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def enospc_real_disk(root: Path) -> Outcome:
+    """A real full disk: a 900 KiB tmpfs (in a private mount namespace) holds one merged checkpoint (~520 KiB)
+    but not a second beside it, so the overwrite fails mid-write with a real ENOSPC."""
+    s = _shared(root)
+    folder = _fresh(root, "enospc-real-disk")
+    disk, logs = folder / "disk", folder / "logs"
+    disk.mkdir()
+    logs.mkdir()
+    argv = mergeq_command("merge", "--base", str(s / "base"), "--adapter", str(s / "adapter"), "--no-validate")
+    env = subprocess_env(SIZE="900k", DISK=str(disk), LOGS=str(logs))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", _REAL_DISK_SCRIPT, "sh", *argv], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    read = lambda name: (logs / name).read_text() if (logs / name).exists() else ""  # noqa: E731
+    outcome = Outcome("enospc-real-disk", "fault", "a real full disk (small tmpfs) while overwriting a merge",
+                      int(read("second.code") or -1), read("second.log"),
+                      check_fragments(read("second.log"), ["no space left", "merged", "needs at least"]))
+    if proc.returncode != 0:
+        outcome.problems.append(f"setup failed (exit {proc.returncode}): {proc.stderr[-1000:]} {read('first.log')}")
+        return outcome
+    if read("before.txt") != read("after.txt"):
+        outcome.lost.append(f"{disk}/merged changed: the previous merge was not kept intact")
+    tree = [line for line in read("tree.txt").split() if ".tmp-" in line]
+    outcome.leftovers.extend(tree)
+    return outcome
 
 
 # ------------------------------------------------------------------------------------------ llama.cpp tools
@@ -303,6 +350,7 @@ def two_runs(root: Path, ref: Reference) -> Outcome:
 
 def all_faults(root: Path, ref: Reference) -> list[Outcome]:
     """Every fault except the kills (see kill_and_resume)."""
-    return [enospc_merge(root), enospc_gguf(root), enospc_awq(root),
+    real = [enospc_real_disk(root)] if real_disk_available() else []
+    return [enospc_merge(root), enospc_gguf(root), enospc_awq(root), *real,
             tool_fault(root, "crash", "convert_hf_to_gguf.py"), tool_fault(root, "crash", "llama-quantize"),
             tool_fault(root, "killtool", "llama-quantize"), two_runs(root, ref)]

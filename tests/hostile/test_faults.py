@@ -24,6 +24,15 @@ def test_enospc_during_awq_export(corpus):
     assert outcome.ok, outcome.explain()
 
 
+def test_enospc_on_a_real_full_disk(corpus):
+    """The injected faults above, once for real: a small tmpfs in a private mount namespace fills mid-write."""
+    if not fault_cases.real_disk_available():
+        pytest.skip("this machine does not let a test mount a tmpfs in a user namespace (the injected ENOSPC "
+                    "tests above still run)")
+    outcome = fault_cases.enospc_real_disk(corpus[0])
+    assert outcome.ok, outcome.explain()
+
+
 @pytest.mark.parametrize("mode, tool", [("crash", "convert_hf_to_gguf.py"), ("crash", "llama-quantize"),
                                         ("killtool", "llama-quantize")])
 def test_llamacpp_tool_dies(corpus, mode, tool):
