@@ -43,11 +43,21 @@ def child_rss() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
+CPU: list[float] = []  # CPU seconds (user + system) of each run, children included
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(argv: list[str]) -> tuple[float, str]:
+    cpu = children_cpu()
     started = time.perf_counter()
     env = {**os.environ, "MERGEQ_QUIET": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     seconds = time.perf_counter() - started
+    CPU.append(children_cpu() - cpu)
     if proc.returncode:
         sys.exit(f"failed: {' '.join(argv)}\n{proc.stderr[-3000:]}")
     return seconds, proc.stdout
@@ -97,10 +107,12 @@ def main() -> None:
                                "--chunks", str(args.windows), "-t", str(os.cpu_count() or 1)])
         rows.append(("peer: llama-perplexity alone", peer_seconds, child_rss(), None))
 
-    print(f"\n{'run':46s} {'seconds':>8s} {'max RSS so far (MiB)':>21s}  perplexity")
-    for name, seconds, rss, result in rows:
+    cpus = CPU[-4:]
+    print(f"\n{'run':46s} {'seconds':>8s} {'CPU s':>7s} {'max RSS so far (MiB)':>21s}  perplexity")
+    for (name, seconds, rss, result), cpu in zip(rows, cpus):
         ppl = f"{result['perplexity']:.4f}" if result else ""
-        print(f"{name:46s} {seconds:8.1f} {rss / 2**20:21.0f}  {ppl}")
+        print(f"{name:46s} {seconds:8.1f} {cpu:7.1f} {rss / 2**20:21.0f}  {ppl}")
+    print(f"(load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     print(f"\nscored tokens: {hf['tokens']}; budget: one artifact <= 60 s -> HF {rows[1][1]:.1f} s, GGUF {rows[2][1]:.1f} s")
     print(f"GGUF through mergeq / llama-perplexity alone: {rows[2][1] / peer_seconds:.2f}")
     print(f"cross-check: GGUF f16 ppl {gg['perplexity']:.4f} vs HF fp16 {hf['perplexity']:.4f} "
