@@ -42,7 +42,11 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     quiet = args.quiet or getattr(args, "json", False)
     if quiet:
         os.environ[QUIET_ENV] = "1"
