@@ -86,7 +86,6 @@ class GptqFormat:
             "static_groups": False,
             "lm_head": False,
             "checkpoint_format": "gptq",
-            "meta": {"quantizer": ["mergeq"]},
         }
 
     def side_files(self, qconfig: dict) -> dict[str, dict]:

@@ -87,6 +87,8 @@ class StreamResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    if name != "auto" and name != "cpu" and not name.startswith("cuda"):
+        raise MergeqError(f"--device {name!r} is not supported", hint="use cpu, cuda (or cuda:N) or auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -203,7 +205,8 @@ def quantize_layer(layer: nn.Module, hidden: list[torch.Tensor], ctx: LayerConte
                 module = _linear(layer, name)
                 q = rtn_quantize(module.weight.detach(), ctx.options.scheme,
                                  bias=None if module.bias is None else module.bias.detach().clone())
-                module.weight.data.copy_(q.dequantize(module.weight.dtype))
+                if hidden:  # the quantized layer's outputs are needed only when activations flow
+                    module.weight.data.copy_(q.dequantize(module.weight.dtype))
                 quantized[name] = q
         outputs = [_layer_forward(layer, h, ctx) for h in hidden] if hidden else []
         return outputs, quantized, {}
