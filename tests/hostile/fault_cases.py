@@ -275,6 +275,16 @@ def _stage_started(out: Path, stage: str) -> bool:
 
 
 def run_kill(root: Path, ref: Reference, trial: KillTrial) -> KillTrial:
+    """One trial; a timed kill that came after the run had already finished is retried at half the delay."""
+    for _ in range(4):
+        trial = _run_kill_once(root, ref, trial)
+        if trial.killed or trial.how != "time":
+            return trial
+        trial.at /= 2
+    return trial
+
+
+def _run_kill_once(root: Path, ref: Reference, trial: KillTrial) -> KillTrial:
     folder = Path(root) / "faults" / f"kill-{trial.number:02d}"
     if folder.exists():
         shutil.rmtree(folder)
