@@ -6,7 +6,6 @@ started again finishes with the same artifacts.
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import logging
 import os
 import shutil
@@ -23,7 +22,6 @@ from mergeq.stages import STATE_DIR, RunLock, Stage, stage_key, tree_hashes
 
 log = logging.getLogger(__name__)
 
-VERSIONED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "mergeq")
 DEMO_EXPORTS = {"gguf": {"quant": ["Q8_0", "Q4_K_M"]}, "awq": {"group_size": 64}, "gptq": {"group_size": 64}}
 
 
@@ -36,13 +34,10 @@ class RunResult:
 
 
 def versions() -> dict[str, str]:
-    found = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = "missing"
-    return found
+    """Package versions that change what every stage writes (the merge manifest records the same)."""
+    from merge.manifest import versions as package_versions
+
+    return package_versions()
 
 
 def demo_config() -> PipelineConfig:
