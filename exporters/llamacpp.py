@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from mergeq.atomic import atomic_dir, atomic_file, write_json
 from mergeq.errors import MergeqError, ToolError
+from mergeq.locks import exclusive
 from mergeq.hashing import sha256_file
 from mergeq.paths import cache_root
 
@@ -152,20 +152,9 @@ def layout(pin: Pin | None = None) -> Layout:
     return Layout(cache_root() / "llama.cpp" / pin.version)
 
 
-@contextlib.contextmanager
-def setup_lock(where: Layout) -> Iterator[None]:
+def setup_lock(where: Layout):
     """Exclusive across processes: one setup at a time; the others wait, then find it done."""
-    where.lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(where.lock, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another mergeq process is setting up llama.cpp in %s; waiting for it", where.root)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive(where.lock, f"another mergeq process is setting up llama.cpp in {where.root}; waiting for it")
 
 
 # ----------------------------------------------------------------------------------------------- build state

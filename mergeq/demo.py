@@ -16,7 +16,6 @@ into place) and returns the paths; `demo_base()` builds only the base.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import json
 import logging
@@ -30,6 +29,7 @@ from pathlib import Path
 from mergeq.atomic import atomic_dir, write_json
 from mergeq.errors import MergeqError
 from mergeq.hashing import sha256_file, sha256_text
+from mergeq.locks import exclusive
 from mergeq.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -88,20 +88,9 @@ def layout(root: Path | None = None) -> DemoAssets:
 # ----------------------------------------------------------------------------------------------- locking, facts
 
 
-@contextlib.contextmanager
-def build_lock(root: Path) -> Iterator[None]:
+def build_lock(root: Path):
     """Block until this process holds the demo build lock (one builder at a time across processes)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_NAME, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is building the demo assets in %s; waiting for it", root)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive(Path(root) / LOCK_NAME, f"another process is building the demo assets in {root}; waiting for it")
 
 
 def read_facts(root: Path) -> dict:
