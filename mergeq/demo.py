@@ -322,32 +322,6 @@ def demo_base(*, rebuild: bool = False, root: Path | None = None) -> Path:
     assets = layout(root)
     if _base_complete(assets.base) and not rebuild:
         return assets.base
-
-
-def _all_complete(assets: DemoAssets) -> bool:
-    return (
-        _base_complete(assets.base)
-        and _texts_complete(assets)
-        and _nf4_complete(assets.base_nf4)
-        and _adapter_complete(assets)
-    )
-
-
-def demo_assets(*, rebuild: bool = False, root: Path | None = None) -> DemoAssets:
-    """All demo assets, building whatever is missing (a few minutes of CPU the first time).
-
-    A part that gets rebuilt also rebuilds everything made from it (base -> base-nf4 -> adapter,
-    texts -> adapter). `rebuild` rebuilds all of them.
-    """
-    assets = layout(root)
-    if not rebuild and _all_complete(assets):
-        return assets
-    with build_lock(assets.root):
-        base_new = _ensure_base(assets, rebuild)
-        texts_new = _ensure_texts(assets, rebuild)
-        nf4_new = _ensure_nf4(assets, rebuild or base_new)
-        _ensure_adapter(assets, rebuild or nf4_new or texts_new)
-    return assets
     with build_lock(assets.root):
         _ensure_base(assets, rebuild)
     return assets.base
