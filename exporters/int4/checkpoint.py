@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from merge.checkpoint import Checkpoint
 from mergeq.atomic import write_json
 from mergeq.errors import MergeqError
 
@@ -41,60 +41,43 @@ def read_config(model_dir: Path) -> dict:
 
 
 class TensorSource:
-    """Name -> tensor for a (possibly sharded) safetensors checkpoint; each read maps only that tensor."""
+    """Name -> tensor for a (possibly sharded) safetensors checkpoint, through merge.checkpoint.Checkpoint:
+    headers validated up front, each read copies one tensor out of the map and drops its pages, so resident
+    memory holds what the caller keeps, not what it has read."""
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
-        index = self.model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._file_of = {name: self.model_dir / file for name, file in weight_map.items()}
-        else:
-            files = sorted(self.model_dir.glob("*.safetensors"))
-            if not files:
-                raise MergeqError(
-                    f"no *.safetensors files in {self.model_dir}",
-                    hint="export the merged model with safetensors (save_pretrained(..., safe_serialization=True))",
-                )
-            self._file_of = {}
-            for file in files:
-                with safe_open(file, "pt") as handle:
-                    for name in handle.keys():
-                        self._file_of[name] = file
-        self._handles: dict[Path, object] = {}
+        self._checkpoint = Checkpoint(self.model_dir)
+        if self._checkpoint.format != "safetensors":
+            raise MergeqError(
+                f"no *.safetensors files in {self.model_dir}",
+                hint="export the merged model with safetensors (save_pretrained(..., safe_serialization=True))",
+            )
 
     def names(self) -> list[str]:
-        return sorted(self._file_of)
+        return sorted(self._checkpoint.names())
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, "pt")
-        return self._handles[file]
+        return name in self._checkpoint
 
     def shape(self, name: str) -> list[int]:
-        return list(self._handle(self._require(name)).get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> str:
-        return self._handle(self._require(name)).get_slice(name).get_dtype()
+        self._require(name)
+        return list(self._checkpoint.info(name)[1])
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(self._require(name)).get_tensor(name)
+        self._require(name)
+        return self._checkpoint.get(name)
 
-    def _require(self, name: str) -> Path:
-        try:
-            return self._file_of[name]
-        except KeyError:
-            raise MergeqError(f"tensor {name!r} is missing from {self.model_dir}") from None
+    def _require(self, name: str) -> None:
+        if name not in self._checkpoint:
+            raise MergeqError(f"tensor {name!r} is missing from {self.model_dir}")
 
     def total_bytes(self) -> int:
-        return sum(f.stat().st_size for f in set(self._file_of.values()))
+        return sum(f.stat().st_size for f in self._checkpoint.files if f.suffix == ".safetensors")
 
     def close(self) -> None:
-        """Unmap every file: pages read so far stop counting against this process's memory."""
-        self._handles.clear()
+        """Unmap every file."""
+        self._checkpoint.close()
 
 
 class ShardWriter:

@@ -127,6 +127,12 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
         raise MergeqError(f"calibration file {options.calib} not found", hint="pass --calib FILE (.txt or .jsonl)")
     if options.method == "awq" and options.desc_act:
         raise MergeqError("--desc-act is a GPTQ option; AWQ checkpoints have no activation order")
+    if options.desc_act and options.format_name == "compressed-tensors":
+        raise MergeqError(
+            "--desc-act with --format compressed-tensors: groups in activation order (actorder 'group') were "
+            "removed from compressed-tensors, which now refuses such checkpoints",
+            hint="drop --desc-act (the default --act-order static already quantizes columns in activation order, "
+                 "compressed-tensors' 'weight' order), or use --format native")
     if options.method == "awq" and options.format == "native" and options.bits != 4:
         raise MergeqError(f"--bits {options.bits}: vLLM's AWQ kernels take 4-bit weights only", hint="use --bits 4")
     resolve_device(options.device)
