@@ -80,6 +80,7 @@ class EvalResult:
     quality: QualityInfo
     warnings: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    tool_peak_rss_bytes: int = 0  # the llama.cpp child's peak (GGUF), counted in the stage's cost
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -469,8 +470,9 @@ def evaluate(artifact: Path, reference: Path, text: Path | None, settings: EvalO
 def evaluate_into_report(report: ArtifactReport, reference: Path, text: Path | None,
                          settings: EvalOptions | None = None) -> None:
     """Fill report.quality, add the cost to report.stages["eval"], record provenance and warnings."""
-    with measure_stage(report, "eval"):
+    with measure_stage(report, "eval") as stage:
         result = evaluate_full(Path(report.path), Path(reference), text, settings)
+        stage.child(result.tool_peak_rss_bytes)
     report.quality = result.quality
     report.provenance["eval"] = result.provenance
     for warning in result.warnings:
@@ -519,7 +521,7 @@ def evaluate_full(artifact: Path, reference: Path, text: Path | None, settings: 
         if not math.isfinite(value):
             raise MergeqError(f"{artifact} gives a non-finite {name} ({value})",
                               hint="the artifact's weights are damaged or overflow; export it again")
-    return EvalResult(quality, warnings, provenance)
+    return EvalResult(quality, warnings, provenance, int(stats.get("peak_rss_bytes", 0)) if kind == "gguf" else 0)
 
 
 def _evaluate_torch(artifact: Path, kind: str, reference: Path, windows: Windows, options: EvalOptions) -> MetricSums:
@@ -567,6 +569,7 @@ def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: E
     log.info("running %s", " ".join(command.argv))
     result = llamacpp.run_tool(command, hint=f"if {artifact} is damaged, export it again")
     stats = parse_kl_output(result.stdout + "\n" + result.stderr)
+    stats["peak_rss_bytes"] = result.peak_rss_bytes
     provenance["llama.cpp"] = llama_version()
     if (int(stats["chunks"]), int(stats["n_ctx"])) != (windows.n_windows, n_ctx):
         raise ToolError(f"llama-perplexity on {artifact} evaluated {int(stats['chunks'])} windows of "

@@ -39,6 +39,7 @@ from pathlib import Path
 from mergeq.atomic import atomic_dir, atomic_file, write_json
 from mergeq.errors import MergeqError, ToolError
 from mergeq.locks import exclusive
+from mergeq.memory import ChildPeak
 from mergeq.hashing import sha256_file
 from mergeq.paths import cache_root
 
@@ -305,13 +306,15 @@ def run_tool(
                 with contextlib.suppress(Exception):
                     on_line(line.rstrip("\n"))
 
+    memory = ChildPeak(proc.pid)
     readers = [threading.Thread(target=pump, args=(proc.stdout, out_lines), daemon=True),
                threading.Thread(target=pump, args=(proc.stderr, err_lines), daemon=True)]
     for reader in readers:
         reader.start()
     try:
-        _, status, usage = os.wait4(proc.pid, 0)  # like proc.wait(), plus this child's own peak RSS
+        _, status, usage = os.wait4(proc.pid, 0)  # like proc.wait(), plus rusage as a fallback for the peak
         code = proc.returncode = os.waitstatus_to_exitcode(status)
+        peak = memory.finish(usage.ru_maxrss)
     except BaseException:
         proc.kill()
         proc.wait()
@@ -319,8 +322,7 @@ def run_tool(
     finally:
         for reader in readers:
             reader.join()
-    result = ToolResult("".join(out_lines), "".join(err_lines), time.perf_counter() - started,
-                        usage.ru_maxrss * 1024)
+    result = ToolResult("".join(out_lines), "".join(err_lines), time.perf_counter() - started, peak)
     if code != 0:
         raise tool_failure(command.name, code, result, hint=hint)
     return result

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from mergeq.atomic import atomic_file, write_json, write_text
 from mergeq.errors import MergeqError
+from mergeq.memory import peak_rss_bytes, reset_peak_rss
 
 SCHEMA_VERSION = 1
 
@@ -161,31 +161,33 @@ def _finite(value):
 # --------------------------------------------------------------------------------------------- cost
 
 
-def peak_rss_bytes() -> int:
-    """High-water resident memory so far: the larger of this process's and of its largest waited-for child."""
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) * scale
+class StageMeter:
+    """What `measure_stage` yields: child processes' peaks (measured by whoever ran them) go in here."""
+
+    def __init__(self):
+        self.child_peak = 0
+
+    def child(self, peak_rss_bytes: int) -> None:
+        self.child_peak = max(self.child_peak, peak_rss_bytes)
 
 
 @contextlib.contextmanager
-def measure_stage(report: ArtifactReport, name: str) -> Iterator[None]:
+def measure_stage(report: ArtifactReport, name: str) -> Iterator[StageMeter]:
     """Add the wall seconds and the peak RSS of the enclosed block to `report.stages[name]`.
 
-    Peak RSS is the process's high-water mark at the end of the stage (ru_maxrss, which the kernel keeps
-    for the whole process lifetime, and the same for finished child processes such as llama.cpp tools):
-    it never goes down from one stage to the next, so a stage's figure is its own peak only when that
-    stage set the mark. Run a stage in a fresh process to measure it alone. Seconds of repeated stages
-    add up; their peak is the larger one.
+    Peak RSS is this process's high-water mark during the block (reset at its start where Linux allows,
+    mergeq.memory) or the largest child peak handed to the meter, whichever is larger. Seconds of repeated
+    stages add up; their peak is the larger one.
     """
+    reset_peak_rss()
+    meter = StageMeter()
     started = time.perf_counter()
-    yield
+    yield meter
     seconds = time.perf_counter() - started
     before = report.stages.get(name)
     report.stages[name] = StageCost(
         seconds=seconds + (before.seconds if before else 0.0),
-        peak_rss_bytes=max(peak_rss_bytes(), before.peak_rss_bytes if before else 0))
+        peak_rss_bytes=max(peak_rss_bytes(), meter.child_peak, before.peak_rss_bytes if before else 0))
 
 
 # ------------------------------------------------------------------------------------------- schema

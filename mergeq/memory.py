@@ -33,3 +33,77 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     applied = bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * threshold))
     log.debug("glibc mmap threshold fixed at %d bytes: %s", threshold, applied)
     return applied
+
+
+# ------------------------------------------------------------------------------------------- peak RSS
+#
+# ru_maxrss is no good for per-stage or per-child peaks on Linux: it never goes down, and a process started
+# by a large one (through vfork or fork, then exec) inherits its parent's high-water mark. A test's child
+# launched from pytest reported 747 MB where it never held more than 486 MB. So mergeq reads VmHWM (the
+# high-water mark of the process's own memory map), resets it at the start of a stage, and samples it for
+# child processes while they run.
+
+SAMPLE_SECONDS = 0.02
+
+
+def _vm_hwm_bytes(pid: int | str = "self") -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident high-water mark since it started or since the last `reset_peak_rss`."""
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return hwm
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark at the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class ChildPeak:
+    """The peak RSS of a running child process, sampled from its VmHWM until it exits.
+
+    Falls back to the rusage that wait4 returns (which may include the parent's mark) where /proc is missing.
+    """
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            hwm = _vm_hwm_bytes(self.pid)
+            if hwm is None:
+                return
+            self.peak = max(self.peak, hwm)
+            self._stop.wait(SAMPLE_SECONDS)
+
+    def finish(self, rusage_maxrss_kib: int) -> int:
+        """Stop sampling (call right after the child was reaped); the peak in bytes."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak or rusage_maxrss_kib * 1024

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeq.errors import ToolError
+from mergeq.memory import ChildPeak
 from mergeq.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def run_measured(cmd: list[str], *, label: str, env: dict | None = None, check: 
     lines: list[str] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
+    memory = ChildPeak(proc.pid)
     for line in proc.stdout:
         lines.append(line)
         if line.strip():
@@ -160,7 +162,7 @@ def run_measured(cmd: list[str], *, label: str, env: dict | None = None, check: 
     proc.stdout.close()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    result = PeerRun(time.monotonic() - start, usage.ru_maxrss * 1024, proc.returncode, "".join(lines))
+    result = PeerRun(time.monotonic() - start, memory.finish(usage.ru_maxrss), proc.returncode, "".join(lines))
     if check and result.returncode:
         raise ToolError(f"{label} failed with exit code {result.returncode}:\n" + "".join(lines[-40:]))
     return result

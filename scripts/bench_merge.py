@@ -28,8 +28,9 @@ import json, resource, sys
 from mergeq.cli import main
 code = main(["-q", "merge", "--base", sys.argv[1], "--adapter", sys.argv[2], "--out", sys.argv[3], "--no-validate",
              "--dtype", "float16"])
+from mergeq.memory import peak_rss_bytes  # VmHWM: ru_maxrss would include this script's parent's mark
 r = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"code": code, "peak_kib": r.ru_maxrss, "cpu_s": r.ru_utime + r.ru_stime}))
+print(json.dumps({"code": code, "peak_kib": peak_rss_bytes() // 1024, "cpu_s": r.ru_utime + r.ru_stime}))
 """
 
 PEFT_JOB = """
@@ -41,8 +42,9 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float16)
 model = PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
 model.save_pretrained(sys.argv[3])
+from mergeq.memory import peak_rss_bytes
 r = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"code": 0, "peak_kib": r.ru_maxrss, "cpu_s": r.ru_utime + r.ru_stime}))
+print(json.dumps({"code": 0, "peak_kib": peak_rss_bytes() // 1024, "cpu_s": r.ru_utime + r.ru_stime}))
 """
 
 

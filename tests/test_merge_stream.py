@@ -18,12 +18,13 @@ from merge.synthetic import LlamaShape, write_llama, write_lora
 from merge.writer import OutTensor, ShardedWriter
 
 MEASURE = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from merge.merger import AdapterRef, MergeConfig, run_merge
     base, adapter, out = sys.argv[1:4]
     run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter, 1.0)], out=out, validate=False,
                           max_shard_bytes=16 * 1024 * 1024))
-    print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    from mergeq.memory import peak_rss_bytes  # VmHWM: ru_maxrss would include pytest's own mark
+    print(json.dumps({"peak_kib": peak_rss_bytes() // 1024}))
 """)
 
 

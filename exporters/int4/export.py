@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import platform
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from exporters.int4.quant import QuantizedLinear, QuantScheme
 from exporters.report import ArtifactReport, SizeInfo, StageCost
 from mergeq.atomic import atomic_dir, write_json
 from mergeq.errors import MergeqError
+from mergeq.memory import peak_rss_bytes, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +199,6 @@ def default_calibration_text() -> Path:
     return Path(demo_assets().calib_text)
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _replaceable(out_dir: Path) -> bool:
     if not out_dir.exists():
         return True
@@ -226,6 +222,7 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
                           hint="choose another --out or remove it")
     if model_dir.resolve() == out_dir.resolve():
         raise MergeqError("--out must differ from --model")
+    reset_peak_rss()  # the report's peak is this export's, not the process's since it started
     started = time.perf_counter()
     fmt = FORMATS[the_plan.format_name]
 
@@ -304,7 +301,7 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
         quant=the_plan.scheme.label,
         path=str(out_dir),
         size=size,
-        stages={"quantize": StageCost(seconds=seconds, peak_rss_bytes=_peak_rss_bytes())},
+        stages={"quantize": StageCost(seconds=seconds, peak_rss_bytes=peak_rss_bytes())},
         provenance={
             "model": str(model_dir),
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
