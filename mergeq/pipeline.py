@@ -203,12 +203,16 @@ def _export(target: str, merged: Path, tmp: Path, options, evaluation: EvalSetti
 
 
 def _finish_reports(reports: list[ArtifactReport], stage_dir: Path, stage_name: str, *, base_model: str) -> None:
-    """Make report paths relative to the run's output (they were written in a temporary stage dir) and add
-    a model card to every artifact directory."""
+    """Make report paths relative to the run's output (they were written in a temporary stage dir), let no
+    other field name that temporary dir, and add a model card to every artifact directory."""
     from mergeq.modelcard import write_model_card
 
+    final_dir = stage_dir.parent / stage_name  # where atomic_dir renames the stage's temporary dir
     by_dir: dict[Path, list[ArtifactReport]] = {}
     for report in reports:
+        report.provenance = _renamed(report.provenance, stage_dir, final_dir)
+        report.extra = _renamed(report.extra, stage_dir, final_dir)
+        report.warnings = _renamed(report.warnings, stage_dir, final_dir)
         artifact = Path(report.path)
         folder = artifact if artifact.is_dir() else artifact.parent
         report.path = (Path(stage_name) / artifact.relative_to(stage_dir)).as_posix()
@@ -216,6 +220,17 @@ def _finish_reports(reports: list[ArtifactReport], stage_dir: Path, stage_name: 
         by_dir.setdefault(folder, []).append(report)
     for folder, group in by_dir.items():
         write_model_card(group, base_model=base_model, artifact_dir=folder)
+
+
+def _renamed(value, old: Path, new: Path):
+    """`value` (JSON-like) with every string mention of directory `old` changed to `new`."""
+    if isinstance(value, str):
+        return value.replace(str(old), str(new))
+    if isinstance(value, dict):
+        return {k: _renamed(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v, old, new) for v in value]
+    return value
 
 
 def collect_reports(out: Path) -> list[ArtifactReport]:
