@@ -30,7 +30,6 @@ from torch import nn
 from exporters.int4 import awq as awq_alg
 from exporters.int4.arch import Architecture, LinearGroup, architecture_of
 from exporters.int4.checkpoint import TensorSource, read_config
-from mergeq.memory import fix_mmap_threshold
 from exporters.int4.gptq import HessianAccumulator, gptq_quantize
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
 from mergeq.errors import MergeqError
@@ -379,7 +378,6 @@ def quantize_streaming(model_dir: Path, tokens: torch.Tensor | None, options: En
     arch = architecture_of(config)
     hf_config = hf_config_of(model_dir)
     device = resolve_device(options.device)
-    fix_mmap_threshold()  # freed layers go back to the OS instead of staying resident in the heap
     source = TensorSource(model_dir)
     needs_data = options.method != "rtn"
     if needs_data and tokens is None:
