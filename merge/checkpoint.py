@@ -365,6 +365,7 @@ class Checkpoint:
         """Flat pieces of one tensor (views into the map for safetensors; pieces of the tensor for pickles)."""
         path = self._where[name]
         if path in self._st:
+            self._unmap_others(path)
             yield from self._st[path].chunks(name, max_bytes)
             return
         flat = self._load_bin(path)[name].reshape(-1)
@@ -377,8 +378,16 @@ class Checkpoint:
             raise KeyError(name)
         path = self._where[name]
         if path in self._st:
+            self._unmap_others(path)
             return self._st[path].get(name, dtype)
         return self._load_bin(path)[name].to(dtype or self._load_bin(path)[name].dtype, copy=True)
+
+    def _unmap_others(self, path: Path) -> None:
+        """Keep one shard mapped: pages madvise could not drop (shared with the page cache, partial pages at
+        tensor edges) then stay one shard deep (measured: +48 MiB mapped over 24 more layers without this)."""
+        for other, st in self._st.items():
+            if other != path:
+                st.close()
 
     def close(self) -> None:
         for st in self._st.values():

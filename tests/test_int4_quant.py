@@ -67,7 +67,7 @@ def test_compressed_tensors_layout_matches_pack_quantized():
 
 
 ROUND_TRIPS = [(fmt, sym, desc_act) for fmt in sorted(FORMATS) for sym in (True, False) for desc_act in (False, True)
-               if not (fmt == "awq" and desc_act)]  # AWQ has no activation order: test_awq_refuses_desc_act
+               if not (fmt in ("awq", "compressed-tensors") and desc_act)]  # test_refuses_desc_act
 
 
 @pytest.mark.parametrize(("fmt", "sym", "desc_act"), ROUND_TRIPS)
@@ -91,10 +91,11 @@ def test_writer_reader_round_trip(fmt, sym, desc_act):
     assert torch.equal(back.bias, q.bias)
 
 
-def test_awq_refuses_desc_act():
+@pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
+def test_refuses_desc_act(fmt):
     scheme = QuantScheme(4, 16, False)
     with pytest.raises(MergeqError, match="activation order"):
-        FORMATS["awq"].linear_tensors("l", rtn_quantize(torch.randn(8, 32), scheme), scheme, desc_act=True)
+        FORMATS[fmt].linear_tensors("l", rtn_quantize(torch.randn(8, 32), scheme), scheme, desc_act=True)
 
 
 def test_gptq_asym_zero_points_fit_the_v1_layout():

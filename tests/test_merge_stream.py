@@ -40,16 +40,16 @@ def peak_rss_kib(base, adapter, out) -> int:
 def test_peak_memory_does_not_grow_with_depth(tmp_path):
     peaks = {}
     sizes = {}
-    for layers in (2, 14):
+    for layers in (2, 26):
         shape = LlamaShape(hidden=512, intermediate=2048, layers=layers, heads=8, kv_heads=4, vocab=1024)
         base = write_llama(tmp_path / f"base{layers}", shape, max_shard_bytes=16 * 1024 * 1024)
         adapter = write_lora(tmp_path / f"lora{layers}", shape, base, r=16, alpha=32)
         peaks[layers] = peak_rss_kib(base, adapter, tmp_path / f"out{layers}")
         sizes[layers] = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         assert len(list((tmp_path / f"out{layers}").glob("model-*.safetensors"))) == len(list(base.glob("model-*")))
-    extra_model_mib = (sizes[14] - sizes[2]) / 2**20  # ~100 MiB more fp16 weights
-    growth_mib = (peaks[14] - peaks[2]) / 1024
-    assert extra_model_mib > 90
+    extra_model_mib = (sizes[26] - sizes[2]) / 2**20  # ~180 MiB more fp16 weights
+    growth_mib = (peaks[26] - peaks[2]) / 1024
+    assert extra_model_mib > 170
     # holding the model (or its fp32 copy) would add >= 100 MiB; a streaming merge adds ~nothing
     assert growth_mib < 25, f"peak RSS grew {growth_mib:.1f} MiB for {extra_model_mib:.0f} MiB more weights: {peaks}"
 

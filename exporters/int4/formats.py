@@ -177,6 +177,9 @@ class CompressedTensorsFormat:
         return scheme
 
     def linear_tensors(self, prefix: str, q: QuantizedLinear, scheme: QuantScheme, desc_act: bool) -> dict:
+        if desc_act:
+            raise MergeqError("compressed-tensors removed groups in activation order (actorder 'group')",
+                              hint="drop --desc-act, or use --format native")
         out_features, in_features = q.codes.shape
         tensors = {
             f"{prefix}.weight_packed": pack_last(q.codes, scheme.bits),
