@@ -502,8 +502,10 @@ def evaluate_full(artifact: Path, reference: Path, text: Path | None, settings: 
         "reference_sha256": checkpoint_fingerprint(reference), "n_ctx": windows.n_ctx,
         "windows": windows.n_windows, "text_tokens": windows.text_tokens, "versions": _versions(),
     }
+    tool_peak = 0
     if kind == "gguf":
         stats, sums = _evaluate_gguf(artifact, reference, windows, options, provenance)
+        tool_peak = stats["peak_rss_bytes"]
         _check_tokenization(artifact, tokenizer, eval_text, windows, options, warnings)
         quality = QualityInfo(
             perplexity=stats["perplexity"], reference_perplexity=sums.reference_perplexity,
@@ -521,7 +523,7 @@ def evaluate_full(artifact: Path, reference: Path, text: Path | None, settings: 
         if not math.isfinite(value):
             raise MergeqError(f"{artifact} gives a non-finite {name} ({value})",
                               hint="the artifact's weights are damaged or overflow; export it again")
-    return EvalResult(quality, warnings, provenance, int(stats.get("peak_rss_bytes", 0)) if kind == "gguf" else 0)
+    return EvalResult(quality, warnings, provenance, tool_peak)
 
 
 def _evaluate_torch(artifact: Path, kind: str, reference: Path, windows: Windows, options: EvalOptions) -> MetricSums:

@@ -67,9 +67,10 @@ def export_all(merged: Path, out: Path, concurrent: bool, env: dict[str, str] | 
     return seconds
 
 
-def model_files(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name not in DOC_FILES}
+def model_files(out: Path) -> dict[str, str]:
+    from mergeq.stages import tree_hashes
+
+    return {rel: digest for rel, digest in tree_hashes(out).items() if Path(rel).name not in DOC_FILES}
 
 
 def merge_demo(work: Path) -> Path:

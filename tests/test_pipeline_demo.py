@@ -31,8 +31,9 @@ KILL_FRACTION = 0.4  # each kill lands this far into the stage, as timed in the 
 def mergeq(*argv: str, log: Path, stdout=subprocess.DEVNULL) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.Popen([sys.executable, "-m", "mergeq.cli", *argv], cwd=REPO, env=env,
-                            stdout=stdout, stderr=open(log, "w"))  # noqa: SIM115 - closed with the child
+    with open(log, "w") as sink:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "mergeq.cli", *argv], cwd=REPO, env=env,
+                                stdout=stdout, stderr=sink)
 
 
 def run_to_end(out: Path, log: Path, *, as_json: bool = False) -> tuple[dict, str]:
