@@ -5,9 +5,15 @@ cmake arguments, the quantization type names). Layout under `cache_root()/llama.
 
     download/<sdist>   the verified source distribution (kept, so a rebuild needs no network)
     src/               its vendor/llama.cpp tree: convert_hf_to_gguf.py, conversion/, gguf-py/, tools/
-    build/             the cmake build tree
-    bin/               llama-quantize, llama-perplexity, llama-imatrix
-    build.json         written last: the stamp that says the build above is complete and for which pin
+    build/             the cmake build tree of the "native" variant (build-portable/ for "portable")
+    bin/               llama-quantize, llama-perplexity, llama-imatrix, llama-server
+    build.json         written last: the stamp that says the build above is complete, for which pin and CPU,
+                       which variant it is and why, and that it passed the smoke test
+
+A build proves itself before it is stamped: `smoke_test` makes a tiny GGUF on the spot and runs every tool
+on it (quantize to Q8_0, perplexity, imatrix; --version for the others). The "native" variant
+(-march=native) is tried first; if a tool dies by a signal there, the tree is built once more as
+"portable" (the CPU's own extensions named one by one, AMX off) and that is used if it passes.
 
 Setup runs under an exclusive file lock (`<version>.lock` next to that directory), so concurrent mergeq
 processes build once; a complete stamp means nothing is rebuilt. Every tool runs through `run_tool`,
@@ -25,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -171,13 +178,53 @@ def _stamp_content(pin: Pin) -> dict:
 def cpu_fingerprint() -> str:
     """Which CPU the build is for: the build uses -march=native (GGML_NATIVE), so binaries built on one CPU
     may die with SIGILL on another (a CI cache restored on a different runner). A new CPU means a clean rebuild."""
-    flags = ""
+    flags = " ".join(sorted(cpu_flags()))
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:16]
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is no such file)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
             if line.startswith(("flags", "Features")):
-                flags = " ".join(sorted(line.split(":", 1)[1].split()))
-                break
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:16]
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+NATIVE, PORTABLE = "native", "portable"
+VARIANTS = (NATIVE, PORTABLE)
+
+# x86 extensions as /proc/cpuinfo names them -> the ggml option that compiles them in (ggml/CMakeLists.txt).
+# The portable variant turns on each one the CPU lists, and never AMX: ggml's AMX matrix multiply is what
+# died by SIGILL on Xeons that list amx_tile/amx_int8 (issue 11).
+X86_EXTENSIONS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("sse4_2",), "GGML_SSE42"),
+    (("avx",), "GGML_AVX"),
+    (("avx_vnni",), "GGML_AVX_VNNI"),
+    (("avx2",), "GGML_AVX2"),
+    (("bmi2",), "GGML_BMI2"),
+    (("fma",), "GGML_FMA"),
+    (("f16c",), "GGML_F16C"),
+    (("avx512f", "avx512vl", "avx512dq", "avx512bw"), "GGML_AVX512"),  # ggml adds -mavx512{vl,dq,bw} with it
+    (("avx512f", "avx512vbmi"), "GGML_AVX512_VBMI"),
+    (("avx512f", "avx512_vnni"), "GGML_AVX512_VNNI"),
+    (("avx512f", "avx512_bf16"), "GGML_AVX512_BF16"),
+)
+AMX_OPTIONS = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
+
+
+def variant_cmake_args(variant: str, flags: frozenset[str] | None = None, machine: str | None = None) -> tuple[str, ...]:
+    """The cmake arguments that select the instruction set of `variant` on a CPU with `flags`."""
+    if variant == NATIVE:
+        return ("-DGGML_NATIVE=ON",)
+    if variant != PORTABLE:
+        raise MergeqError(f"unknown llama.cpp build variant {variant!r}", hint=f"use one of {', '.join(VARIANTS)}")
+    flags = cpu_flags() if flags is None else flags
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i686", "i386"):
+        return ("-DGGML_NATIVE=OFF",)  # the compiler's baseline for this architecture
+    options = [f"-D{option}={'ON' if set(needs) <= flags else 'OFF'}" for needs, option in X86_EXTENSIONS]
+    return ("-DGGML_NATIVE=OFF", *options, *(f"-D{option}=OFF" for option in AMX_OPTIONS))
 
 
 def read_stamp(where: Layout) -> dict | None:
@@ -194,6 +241,8 @@ def is_built(pin: Pin | None = None) -> bool:
     stamp = read_stamp(where)
     if stamp is None or stamp.get("pin") != _stamp_content(pin) or stamp.get("cpu") != cpu_fingerprint():
         return False
+    if stamp.get("variant", {}).get("name") not in VARIANTS or not stamp.get("smoke", {}).get("passed"):
+        return False  # a stamp from before builds proved themselves: build and test again
     return all(os.access(where.bin / name, os.X_OK) for name in pin.targets)
 
 
@@ -289,7 +338,7 @@ def run_tool(
 
         proc = subprocess.Popen(
             faults.tool_argv(command.name, command.argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=command.cwd,
-            text=True, errors="replace", bufsize=1,
+            text=True, errors="replace", bufsize=1, start_new_session=True, preexec_fn=_die_with_parent,
         )
     except FileNotFoundError as err:
         raise ToolError(f"{command.name}: cannot run {command.argv[0]}: not found", hint=hint) from err
@@ -316,8 +365,7 @@ def run_tool(
         code = proc.returncode = os.waitstatus_to_exitcode(status)
         peak = memory.finish(usage.ru_maxrss)
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _kill_group(proc)
         raise
     finally:
         for reader in readers:
@@ -328,15 +376,69 @@ def run_tool(
     return result
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the mergeq thread that started it dies, so a
+    `kill -9` of mergeq leaves no llama.cpp tool running (the tool has its own process group, so the
+    terminal's Ctrl-C reaches it only through mergeq, which then stops the group)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(137)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.kill()
+    proc.wait()
+
+
+# What a tool's death by each signal means, as far as the signal alone tells (never the input's fault
+# unless the tool said so): (what happened, what to do or None to keep the caller's hint).
+REBUILD_HINT = ("rebuild it: mergeq setup-llamacpp --rebuild (the build tests itself and falls back to a portable "
+                "instruction set), or force that variant: mergeq setup-llamacpp --rebuild --variant portable")
+SIGNAL_MEANINGS: dict[int, tuple[str, str | None]] = {
+    signal.SIGILL: ("the CPU rejected an instruction of this llama.cpp build (SIGILL, illegal instruction): the "
+                    "build does not match this processor; the input file is not the cause", REBUILD_HINT),
+    signal.SIGKILL: ("SIGKILL comes from outside the tool: another process, or the kernel (its out-of-memory "
+                     "killer logs to dmesg when it is the one)", None),
+    signal.SIGSEGV: ("the tool made an invalid memory access (SIGSEGV)", None),
+    signal.SIGBUS: ("a memory-mapped file could not be read (SIGBUS): it was truncated while in use, or the disk "
+                    "failed", None),
+    signal.SIGABRT: ("the tool aborted itself on a failed check (SIGABRT); its last lines say which", None),
+    signal.SIGTERM: ("the tool was asked to stop (SIGTERM) from outside", None),
+    signal.SIGINT: ("the tool was interrupted (SIGINT)", None),
+}
+
+
+def describe_exit(code: int) -> tuple[str, str | None]:
+    """A tool's exit status in words, and the hint its cause calls for (None: no known one)."""
+    if code >= 0:
+        return f"failed with exit code {code}", None
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    meaning, hint = SIGNAL_MEANINGS.get(-code, (None, None))
+    how = f"was killed by signal {-code} ({name})"
+    return (f"{how}: {meaning}" if meaning else how), hint
+
+
 def tool_failure(name: str, code: int, result: ToolResult, *, hint: str | None = None) -> ToolError:
     tail_source = result.stderr if result.stderr.strip() else result.stdout
     tail = [line for line in tail_source.splitlines() if line.strip()][-STDERR_TAIL:]
-    how = f"was killed by signal {-code}" if code < 0 else f"failed with exit code {code}"
+    how, known_hint = describe_exit(code)
     quoted = "\n".join(f"    | {line}" for line in tail) or "    | (no output)"
-    return ToolError(f"{name} {how}; its last output lines:\n{quoted}", hint=hint)
+    error = ToolError(f"{name} {how}; its last output lines:\n{quoted}", hint=known_hint or hint)
+    error.returncode = code
+    return error
 
 
-# ----------------------------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------------------------- build, test, stamp
 
 
 def _progress_bar():
@@ -432,38 +534,62 @@ def _cmake_cache_generator(build: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def _build(pin: Pin, where: Layout, tools: BuildTools, jobs: int) -> None:
-    generator = _cmake_cache_generator(where.build)
+def build_dir(where: Layout, variant: str) -> Path:
+    return where.build if variant == NATIVE else where.root / f"build-{variant}"
+
+
+class _BuildProgress:
+    """cmake's percentage on the progress bar, and a log line every 10 points or 30 s (the bar is invisible
+    where stderr is not a terminal, and a build that prints nothing for minutes looks hung)."""
+
+    def __init__(self, bar, task, label: str):
+        self.bar, self.task, self.label = bar, task, label
+        self.started = self.last_time = time.monotonic()
+        self.last_percent = -100
+
+    def __call__(self, line: str) -> None:
+        log.debug("build: %s", line)
+        percent = None
+        if match := _MAKE_PERCENT.match(line):
+            percent = int(match.group(1))
+        elif match := _NINJA_STEP.match(line):
+            percent = 100 * int(match.group(1)) // max(1, int(match.group(2)))
+        if percent is None:
+            return
+        self.bar.update(self.task, completed=percent)
+        now = time.monotonic()
+        if percent >= self.last_percent + 10 or now - self.last_time >= 30:
+            self.last_percent, self.last_time = percent, now
+            log.info("%s: %d%% after %.0f s", self.label, percent, now - self.started)
+
+
+def _build(pin: Pin, where: Layout, tools: BuildTools, jobs: int, variant: str = NATIVE) -> None:
+    """Configure and build `variant` in its own build tree, then copy the tools into bin/."""
+    tree = build_dir(where, variant)
+    generator = _cmake_cache_generator(tree)
     cache_source = None
-    if (where.build / "CMakeCache.txt").is_file():
+    if (tree / "CMakeCache.txt").is_file():
         found = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.*)$",
-                          (where.build / "CMakeCache.txt").read_text(errors="replace"), re.MULTILINE)
+                          (tree / "CMakeCache.txt").read_text(errors="replace"), re.MULTILINE)
         cache_source = found.group(1) if found else None
     if (generator and generator != tools.generator) or (cache_source and Path(cache_source) != where.src):
-        shutil.rmtree(where.build)  # configured for another generator or tree: start clean
+        shutil.rmtree(tree)  # configured for another generator or tree: start clean
     hint = INSTALL_HINT + "; run with -v to see the whole build log"
     env = {"CC": tools.c_compiler, "CXX": tools.cxx_compiler}
+    label = f"llama.cpp {pin.version} ({variant})"
     with _progress_bar() as bar:
-        task = bar.add_task(f"llama.cpp {pin.version}: configure", total=100)
+        task = bar.add_task(f"{label}: configure", total=100)
         run_tool(ToolCommand("cmake (configure llama.cpp)", (
-            tools.cmake, "-S", str(where.src), "-B", str(where.build), "-G", tools.generator, *pin.cmake_args),
-            env=env), on_line=lambda line: log.debug("cmake: %s", line), hint=hint)
-        bar.update(task, description=f"llama.cpp {pin.version}: build {', '.join(pin.targets)}", completed=0)
-
-        def on_line(line: str) -> None:
-            log.debug("build: %s", line)
-            if match := _MAKE_PERCENT.match(line):
-                bar.update(task, completed=int(match.group(1)))
-            elif match := _NINJA_STEP.match(line):
-                bar.update(task, completed=100 * int(match.group(1)) // max(1, int(match.group(2))))
-
+            tools.cmake, "-S", str(where.src), "-B", str(tree), "-G", tools.generator, *pin.cmake_args,
+            *variant_cmake_args(variant)), env=env), on_line=lambda line: log.debug("cmake: %s", line), hint=hint)
+        bar.update(task, description=f"{label}: build {', '.join(pin.targets)}", completed=0)
         run_tool(ToolCommand("cmake --build (llama.cpp)", (
-            tools.cmake, "--build", str(where.build), "--config", "Release", "-j", str(jobs),
-            "--target", *pin.targets), env=env), on_line=on_line, hint=hint)
+            tools.cmake, "--build", str(tree), "--config", "Release", "-j", str(jobs),
+            "--target", *pin.targets), env=env), on_line=_BuildProgress(bar, task, f"building {label}"), hint=hint)
         bar.update(task, completed=100)
     where.bin.mkdir(parents=True, exist_ok=True)
     for name in pin.targets:
-        built = where.build / "bin" / name
+        built = tree / "bin" / name
         if not built.is_file():
             raise ToolError(f"the llama.cpp build finished but {built} is missing", hint="delete "
                             f"{where.root} and run mergeq setup-llamacpp again")
@@ -472,15 +598,112 @@ def _build(pin: Pin, where: Layout, tools: BuildTools, jobs: int) -> None:
         os.chmod(where.bin / name, 0o755)
 
 
-def ensure_built(pin: Pin | None = None, *, sdist: Path | None = None, jobs: int | None = None) -> Layout:
-    """Everything `mergeq setup-llamacpp` does: fetch, verify, extract, build, stamp. Idempotent and locked."""
+# ----------------------------------------------------------------------------------------------- smoke test
+
+SMOKE_TEXT = ("The quick brown fox jumps over the lazy dog. A merged model is exported, quantized and measured; "
+              "every tool of the pinned build runs once on a tiny model before the build is trusted. ") * 4
+TINY_WRITER = Path(__file__).resolve().with_name("llamacpp_tiny.py")
+
+
+@dataclass(frozen=True)
+class SmokeCheck:
+    """One tool's run in the smoke test: passed when `error` is None."""
+
+    tool: str
+    seconds: float
+    error: str | None = None
+    returncode: int | None = None
+
+    @property
+    def died_by_signal(self) -> bool:
+        return self.returncode is not None and self.returncode < 0
+
+
+@dataclass(frozen=True)
+class SmokeResult:
+    checks: tuple[SmokeCheck, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(check.error is None for check in self.checks)
+
+    @property
+    def failed(self) -> list[SmokeCheck]:
+        return [check for check in self.checks if check.error is not None]
+
+    def summary(self) -> str:
+        if self.passed:
+            return "passed: " + ", ".join(f"{c.tool} {c.seconds:.1f} s" for c in self.checks)
+        return "; ".join(c.error.splitlines()[0].removesuffix("; its last output lines:") for c in self.failed)
+
+    def as_json(self) -> dict:
+        return {"passed": self.passed, "checks": [
+            {"tool": c.tool, "seconds": round(c.seconds, 2), "error": c.error, "returncode": c.returncode}
+            for c in self.checks]}
+
+
+def write_tiny_gguf(where: Layout, path: Path) -> None:
+    """The smoke test's model, written by the pinned gguf-py (exporters/llamacpp_tiny.py)."""
+    run_tool(ToolCommand("tiny GGUF writer", (sys.executable, str(TINY_WRITER), str(path)),
+                         env=pinned_python_env(where)))
+
+
+def smoke_test(where: Layout, pin: Pin | None = None) -> SmokeResult:
+    """Run every pinned tool in `where.bin` on a tiny GGUF made on the spot, in a few seconds.
+
+    llama-quantize writes a Q8_0 copy (rows of 64: the matrix products then take AMX tiles where the build
+    has them), llama-perplexity and llama-imatrix multiply with it, and every other tool prints its version.
+    A failure is recorded, not raised: the caller decides between a portable rebuild and an error.
+    """
     pin = pin or load_pin()
+    checks: list[SmokeCheck] = []
+    with tempfile.TemporaryDirectory(prefix="mergeq-llamacpp-smoke-") as tmp:
+        work = Path(tmp)
+        f16, q8, text = work / "tiny-f16.gguf", work / "tiny-q8_0.gguf", work / "text.txt"
+        text.write_text(SMOKE_TEXT)
+        write_tiny_gguf(where, f16)
+        threads = "2"
+        steps = {
+            "llama-quantize": (f16, q8, "Q8_0", threads),
+            "llama-perplexity": ("-m", q8, "-f", text, "-c", "64", "-b", "64", "--chunks", "2", "-t", threads),
+            "llama-imatrix": ("-m", q8, "-f", text, "-c", "64", "--chunks", "2", "-t", threads,
+                              "-o", work / "imatrix.gguf"),
+        }
+        for name in pin.targets:
+            args = steps.get(name, ("--version",))
+            if name != "llama-quantize" and name in steps and not q8.is_file():
+                checks.append(SmokeCheck(name, 0.0, "not run: llama-quantize wrote no Q8_0 model"))
+                continue
+            started = time.perf_counter()
+            try:
+                run_tool(ToolCommand(name, (str(where.bin / name), *(str(a) for a in args))))
+            except ToolError as err:
+                checks.append(SmokeCheck(name, time.perf_counter() - started, str(err),
+                                         getattr(err, "returncode", None)))
+            else:
+                checks.append(SmokeCheck(name, time.perf_counter() - started))
+    return SmokeResult(tuple(checks))
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def ensure_built(pin: Pin | None = None, *, sdist: Path | None = None, jobs: int | None = None,
+                 variant: str = "auto") -> Layout:
+    """Everything `mergeq setup-llamacpp` does: fetch, verify, extract, build, smoke-test, stamp.
+
+    `variant` "auto" builds native first and falls back to portable once if a tool dies by a signal in the
+    smoke test; "native" or "portable" builds only that one. Idempotent and locked.
+    """
+    pin = pin or load_pin()
+    if variant != "auto":
+        variant_cmake_args(variant)  # an unknown name fails here, before any work
     where = layout(pin)
-    if is_built(pin):
+    if is_built(pin) and variant in ("auto", built_variant(where)):
         return where
     tools = find_build_tools()  # fail before downloading anything
     with setup_lock(where):
-        if is_built(pin):  # another process finished it while we waited
+        if is_built(pin) and variant in ("auto", built_variant(where)):  # another process finished it
             return where
         started = time.perf_counter()
         if not has_source(pin):
@@ -488,19 +711,49 @@ def ensure_built(pin: Pin | None = None, *, sdist: Path | None = None, jobs: int
             log.info("extracting %s from %s", pin.tree, archive.name)
             extract_tree(pin, archive, where)
         stamp = read_stamp(where)
-        if stamp is not None and stamp.get("cpu") != cpu_fingerprint() and where.build.exists():
+        if stamp is not None and stamp.get("cpu") != cpu_fingerprint():
             log.info("the cached llama.cpp build is for another CPU; rebuilding it from scratch")
-            shutil.rmtree(where.build)
+            for name in VARIANTS:
+                shutil.rmtree(build_dir(where, name), ignore_errors=True)
         where.stamp.unlink(missing_ok=True)
-        log.info("building llama.cpp %s (%s) in %s; this takes a few minutes, once", pin.version, pin.commit, where.build)
-        _build(pin, where, tools, jobs or os.cpu_count() or 2)
-        write_json(where.stamp, {
-            "pin": _stamp_content(pin), "cpu": cpu_fingerprint(), "generator": tools.generator,
-            "compiler": tools.cxx_compiler,
-            "seconds": round(time.perf_counter() - started, 1),
-        })
-    log.info("llama.cpp %s ready in %s", pin.version, where.bin)
-    return where
+        order = [NATIVE, PORTABLE] if variant == "auto" else [variant]
+        rejected: list[dict] = []
+        for name in order:
+            log.info("building llama.cpp %s (%s), %s variant, in %s; this takes a few minutes, once",
+                     pin.version, pin.commit, name, build_dir(where, name))
+            _build(pin, where, tools, jobs or os.cpu_count() or 2, name)
+            smoke = smoke_test(where, pin)
+            if smoke.passed:
+                reason = ("first choice" if not rejected else
+                          "the " + " and ".join(r["variant"] for r in rejected) + " build failed its smoke test: "
+                          + "; ".join(r["summary"] for r in rejected))
+                if variant != "auto":
+                    reason = f"asked for with --variant {variant}"
+                write_json(where.stamp, {
+                    "pin": _stamp_content(pin), "cpu": cpu_fingerprint(), "generator": tools.generator,
+                    "compiler": tools.cxx_compiler, "seconds": round(time.perf_counter() - started, 1),
+                    "variant": {"name": name, "cmake_args": list(variant_cmake_args(name)), "reason": reason},
+                    "rejected": rejected, "smoke": smoke.as_json(),
+                })
+                log.info("llama.cpp %s ready in %s (%s variant; smoke test %s)", pin.version, where.bin, name,
+                         smoke.summary())
+                return where
+            rejected.append({"variant": name, "summary": smoke.summary(), "smoke": smoke.as_json()})
+            if not any(check.died_by_signal for check in smoke.failed) or name == order[-1]:
+                break
+            log.warning("the %s llama.cpp build failed its smoke test (%s); building it once more with a "
+                        "portable instruction set (this CPU's extensions named one by one, AMX off)", name,
+                        smoke.summary())
+        details = "\n".join(f"  {r['variant']}: {r['summary']}" for r in rejected)
+        raise ToolError(
+            f"the pinned llama.cpp was built but its tools fail on a tiny model made on the spot:\n{details}",
+            hint="run mergeq setup-llamacpp --rebuild -v to see the whole build and test log"
+                 + ("" if variant != "auto" else "; try --variant portable or --variant native"),
+        )
+
+
+def built_variant(where: Layout) -> str | None:
+    return ((read_stamp(where) or {}).get("variant") or {}).get("name")
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -631,8 +884,9 @@ def version_info() -> dict:
     }
 
 
-def doctor_rows() -> list[tuple[str, str]]:
-    """Rows for `mergeq doctor`: pin, source, build and each tool. Never builds anything."""
+def doctor_rows(*, smoke: bool = True) -> list[tuple[str, str]]:
+    """Rows for `mergeq doctor`: pin, source, build variant and why, each tool, and (when built and `smoke`)
+    a fresh run of the smoke test, so a build that stopped working on this machine shows here. Never builds."""
     try:
         pin = load_pin()
     except MergeqError as err:
@@ -642,9 +896,15 @@ def doctor_rows() -> list[tuple[str, str]]:
     rows.append(("llama.cpp source", str(where.src) if has_source(pin) else "[yellow]not fetched: run mergeq setup-llamacpp"))
     if is_built(pin):
         stamp = read_stamp(where) or {}
+        variant = stamp.get("variant", {})
         rows.append(("llama.cpp build", f"built in {where.bin} ({stamp.get('seconds', '?')} s, {stamp.get('compiler', '?')})"))
+        rows.append(("llama.cpp variant", f"{variant.get('name')}: {variant.get('reason')}"))
         for name in pin.targets:
             rows.append((f"llama.cpp tool: {name}", str(where.bin / name)))
+        if smoke:
+            result = smoke_test(where, pin)
+            rows.append(("llama.cpp smoke test", result.summary() if result.passed else f"[red]FAILED: {result.summary()}; "
+                         f"{REBUILD_HINT}"))
     else:
         rows.append(("llama.cpp build", "[yellow]not built: run mergeq setup-llamacpp (or it builds on first GGUF export)"))
         try:

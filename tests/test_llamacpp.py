@@ -4,6 +4,7 @@ missing build tools, tool failures. Checks against the real pinned tree are mark
 from __future__ import annotations
 
 import io
+import os
 import json
 import re
 import subprocess
@@ -72,7 +73,8 @@ def test_pin_is_complete_and_static():
     assert pin.package == "llama-cpp-python" and pin.version == "0.3.36"
     assert re.fullmatch(r"[0-9a-f]{64}", pin.sha256)
     assert re.fullmatch(r"[0-9a-f]{7,40}", pin.commit)
-    assert set(pin.targets) == {"llama-quantize", "llama-perplexity", "llama-imatrix"}
+    assert set(pin.targets) == {"llama-quantize", "llama-perplexity", "llama-imatrix", "llama-server"}
+    assert not any(arg.startswith("-DGGML_NATIVE") for arg in pin.cmake_args), "the variant sets the instruction set"
     assert f"-DLLAMA_BUILD_COMMIT={pin.commit}" in pin.cmake_args
     assert {"Q8_0", "Q4_K_M", "IQ4_XS", "F16", "BF16"} <= set(pin.quant_types)
     assert pin.needs_imatrix <= set(pin.quant_types)
@@ -198,7 +200,7 @@ def test_run_tool_failure_names_the_tool_and_quotes_stderr():
 def test_run_tool_missing_executable_and_signal():
     with pytest.raises(ToolError, match="cannot run /nonexistent/llama-quantize: not found"):
         llamacpp.run_tool(llamacpp.ToolCommand("llama-quantize", ("/nonexistent/llama-quantize",)))
-    with pytest.raises(ToolError, match="was killed by signal 9"):
+    with pytest.raises(ToolError, match=r"was killed by signal 9 \(SIGKILL\): SIGKILL comes from outside"):
         llamacpp.run_tool(llamacpp.ToolCommand("victim", (
             sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")))
 
@@ -227,7 +229,7 @@ def test_doctor_rows_never_build(fake_pin, monkeypatch):
 
 def test_unknown_tool_name():
     with pytest.raises(MergeqError, match="not one of the pinned llama.cpp tools"):
-        llamacpp.tool_path("llama-server")
+        llamacpp.tool_path("llama-cli")
 
 
 # ----------------------------------------------------------------------------------------------- the real pinned tree
@@ -287,9 +289,14 @@ def test_a_build_for_another_cpu_is_not_built(fake_pin):
     for name in pin.targets:
         (where.bin / name).write_text("#!/bin/sh\n")
         (where.bin / name).chmod(0o755)
-    stamp = {"pin": llamacpp._stamp_content(pin), "cpu": llamacpp.cpu_fingerprint()}
+    stamp = {"pin": llamacpp._stamp_content(pin), "cpu": llamacpp.cpu_fingerprint(),
+             "variant": {"name": "native"}, "smoke": {"passed": True}}
     where.stamp.write_text(json.dumps(stamp))
     assert llamacpp.is_built(pin)
+    where.stamp.write_text(json.dumps({**stamp, "smoke": {"passed": False}}))
+    assert not llamacpp.is_built(pin), "a build that failed (or never ran) its smoke test is not built"
+    where.stamp.write_text(json.dumps({k: v for k, v in stamp.items() if k != "variant"}))
+    assert not llamacpp.is_built(pin), "a stamp from before variants is rebuilt and tested"
     where.stamp.write_text(json.dumps({**stamp, "cpu": "another-cpu"}))
     assert not llamacpp.is_built(pin)
     where.stamp.write_text(json.dumps({**stamp, "pin": {**stamp["pin"], "cmake_args": ["-DOTHER=ON"]}}))
@@ -297,3 +304,169 @@ def test_a_build_for_another_cpu_is_not_built(fake_pin):
     where.stamp.write_text(json.dumps(stamp))
     (where.bin / pin.targets[0]).unlink()
     assert not llamacpp.is_built(pin)
+
+
+# ----------------------------------------------------------------------------------------------- build variants
+
+# A stand-in for a built tool. For the variant named in DIES (and the tools in DIES_TOOLS) it dies like the
+# AMX build did, by the signal in SIGNAL (or exits with EXIT); otherwise it behaves: llama-quantize writes
+# its output file, the others print something and exit 0.
+STANDIN = """#!{python}
+import os, signal, sys
+name, variant = {name!r}, {variant!r}
+if variant in {dies!r} and name in {dies_tools!r}:
+    print(f"{{name}}: computing", file=sys.stderr, flush=True)
+    if {signal!r}:
+        os.kill(os.getpid(), {signal!r})
+    sys.exit({exit!r})
+if name == "llama-quantize":
+    open(sys.argv[2], "wb").write(b"GGUF quantized")
+print(f"{{name}} ok ({{variant}})")
+"""
+
+
+@pytest.fixture
+def standin_build(fake_pin, monkeypatch):
+    """ensure_built with the cmake build replaced by stand-in tools; returns (pin, sdist, builds, configure)."""
+    pin, sdist = fake_pin
+    builds: list[str] = []
+    behaviour = {"dies": (), "dies_tools": ("llama-perplexity", "llama-imatrix"), "signal": 4, "exit": 1}
+
+    def fake_build(pin_, where, tools, jobs, variant="native"):
+        builds.append(variant)
+        where.bin.mkdir(parents=True, exist_ok=True)
+        for name in pin_.targets:
+            path = where.bin / name
+            path.write_text(STANDIN.format(python=sys.executable, name=name, variant=variant, **behaviour))
+            path.chmod(0o755)
+
+    monkeypatch.setattr(llamacpp, "find_build_tools", lambda: llamacpp.BuildTools("cmake", "cc", "c++", "Ninja"))
+    monkeypatch.setattr(llamacpp, "_build", fake_build)
+    monkeypatch.setattr(llamacpp, "write_tiny_gguf", lambda where, path: path.write_bytes(b"GGUF tiny"))
+    monkeypatch.setattr(llamacpp, "load_pin", lambda path=None: pin)
+    return pin, sdist, builds, behaviour
+
+
+def test_a_build_whose_tools_die_by_sigill_is_rebuilt_portable(standin_build):
+    pin, sdist, builds, behaviour = standin_build
+    behaviour["dies"] = ("native",)
+    where = llamacpp.ensure_built(pin, sdist=sdist)
+    assert builds == ["native", "portable"]
+    stamp = llamacpp.read_stamp(where)
+    assert stamp["variant"]["name"] == "portable"
+    assert "-DGGML_NATIVE=OFF" in stamp["variant"]["cmake_args"] and "-DGGML_AMX_TILE=OFF" in stamp["variant"]["cmake_args"]
+    reason = stamp["variant"]["reason"]
+    assert "native build failed its smoke test" in reason and "llama-perplexity" in reason and "SIGILL" in reason
+    assert stamp["smoke"]["passed"] and [c["tool"] for c in stamp["smoke"]["checks"]] == list(pin.targets)
+    assert stamp["rejected"][0]["variant"] == "native"
+    assert llamacpp.is_built(pin) and llamacpp.built_variant(where) == "portable"
+    # doctor re-runs the smoke test and names the variant and why
+    rows = dict(llamacpp.doctor_rows())
+    assert rows["llama.cpp variant"].startswith("portable: the native build failed its smoke test")
+    assert rows["llama.cpp smoke test"].startswith("passed: llama-quantize")
+    # built means built: no third build
+    llamacpp.ensure_built(pin, sdist=sdist)
+    assert builds == ["native", "portable"]
+
+
+def test_a_passing_native_build_is_kept(standin_build):
+    pin, sdist, builds, _ = standin_build
+    where = llamacpp.ensure_built(pin, sdist=sdist)
+    assert builds == ["native"]
+    assert llamacpp.read_stamp(where)["variant"] == {"name": "native", "cmake_args": ["-DGGML_NATIVE=ON"],
+                                                      "reason": "first choice"}
+    # asking for the other variant builds it
+    llamacpp.ensure_built(pin, sdist=sdist, variant="portable")
+    assert builds == ["native", "portable"] and llamacpp.built_variant(where) == "portable"
+    assert "asked for with --variant portable" in llamacpp.read_stamp(where)["variant"]["reason"]
+
+
+def test_when_every_variant_dies_the_error_names_both_and_nothing_is_stamped(standin_build):
+    pin, sdist, builds, behaviour = standin_build
+    behaviour["dies"] = ("native", "portable")
+    with pytest.raises(ToolError) as caught:
+        llamacpp.ensure_built(pin, sdist=sdist)
+    text = str(caught.value)
+    assert builds == ["native", "portable"]
+    assert "native: llama-perplexity was killed by signal 4 (SIGILL)" in text
+    assert "portable: llama-perplexity was killed by signal 4 (SIGILL)" in text
+    assert not llamacpp.layout(pin).stamp.exists() and not llamacpp.is_built(pin)
+    rows = dict(llamacpp.doctor_rows())
+    assert "not built" in rows["llama.cpp build"]
+
+
+def test_a_tool_that_fails_without_a_signal_is_not_a_cpu_problem(standin_build):
+    pin, sdist, builds, behaviour = standin_build
+    behaviour.update(dies=("native",), signal=0, exit=1)
+    with pytest.raises(ToolError, match=r"native: llama-perplexity failed with exit code 1"):
+        llamacpp.ensure_built(pin, sdist=sdist)
+    assert builds == ["native"], "an exit code is no reason to change the instruction set"
+
+
+def test_portable_flags_follow_the_cpu_and_never_enable_amx():
+    amx_xeon = frozenset("sse4_2 avx avx2 bmi2 fma f16c avx512f avx512vl avx512dq avx512bw avx512vbmi avx512_vnni "
+                         "avx512_bf16 amx_tile amx_int8 amx_bf16".split())
+    args = llamacpp.variant_cmake_args("portable", amx_xeon, "x86_64")
+    assert args[0] == "-DGGML_NATIVE=OFF"
+    assert {"-DGGML_AVX2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
+            "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_AVX_VNNI=OFF"} <= set(args)
+    # AVX-512 foundation without VL/DQ/BW: ggml would add -mavx512vl etc., so it stays off, with its extensions
+    partial = llamacpp.variant_cmake_args("portable", frozenset({"avx", "avx2", "avx512f", "avx512_vnni"}), "x86_64")
+    assert "-DGGML_AVX512=OFF" in partial and "-DGGML_AVX512_VNNI=ON" in partial
+    old = llamacpp.variant_cmake_args("portable", frozenset({"sse4_2"}), "x86_64")
+    assert "-DGGML_SSE42=ON" in old and "-DGGML_AVX=OFF" in old and "-DGGML_FMA=OFF" in old
+    assert llamacpp.variant_cmake_args("portable", frozenset(), "aarch64") == ("-DGGML_NATIVE=OFF",)
+    assert llamacpp.variant_cmake_args("native") == ("-DGGML_NATIVE=ON",)
+    with pytest.raises(MergeqError, match="unknown llama.cpp build variant 'fast'"):
+        llamacpp.variant_cmake_args("fast")
+
+
+def test_sigill_says_the_cpu_rejected_the_build_and_how_to_rebuild():
+    command = llamacpp.ToolCommand("llama-perplexity", (
+        sys.executable, "-c", "import os, signal, sys; print('computing', file=sys.stderr, flush=True); "
+                              "os.kill(os.getpid(), signal.SIGILL)"))
+    with pytest.raises(ToolError) as caught:
+        llamacpp.run_tool(command, hint="if model.gguf is damaged, export it again")
+    text = str(caught.value)
+    assert "llama-perplexity was killed by signal 4 (SIGILL): the CPU rejected an instruction" in text
+    assert "the input file is not the cause" in text and "| computing" in text
+    assert "mergeq setup-llamacpp --rebuild" in text and "--variant portable" in text
+    assert "damaged" not in text, "a SIGILL is no evidence against the input file"
+    assert caught.value.returncode == -4
+    # an exit code keeps the caller's hint: the tool may have rejected its input
+    with pytest.raises(ToolError, match=r"failed with exit code 2(.|\n)*hint: if model.gguf is damaged"):
+        llamacpp.run_tool(llamacpp.ToolCommand("llama-perplexity", (sys.executable, "-c", "raise SystemExit(2)")),
+                          hint="if model.gguf is damaged, export it again")
+
+
+def test_a_tool_dies_with_a_killed_mergeq(tmp_path):
+    """kill -9 of the process running a tool takes the tool down too (its own process group, parent-death
+    signal): no orphan llama.cpp keeps running. The kill waits for the tool to have started."""
+    marker = tmp_path / "tool.pid"
+    tool = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    parent = ("import sys; from exporters import llamacpp\n"
+              f"llamacpp.run_tool(llamacpp.ToolCommand('sleeper', (sys.executable, '-c', {tool!r})))\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO)
+    try:
+        deadline = __import__("time").monotonic() + 120
+        while not (marker.is_file() and marker.read_text()):
+            assert proc.poll() is None and __import__("time").monotonic() < deadline, "the tool never started"
+            __import__("time").sleep(0.05)
+        pid = int(marker.read_text())
+        assert os.getpgid(pid) == pid, "the tool runs in its own process group"
+        proc.kill()
+        proc.wait()
+        deadline = __import__("time").monotonic() + 30
+        while _alive(pid):
+            assert __import__("time").monotonic() < deadline, f"tool {pid} outlived its killed parent"
+            __import__("time").sleep(0.05)
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

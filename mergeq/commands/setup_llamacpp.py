@@ -16,7 +16,10 @@ def run(args) -> int:
         where = llamacpp.layout(pin)
         with llamacpp.setup_lock(where):
             where.stamp.unlink(missing_ok=True)
-    where = llamacpp.ensure_built(pin, sdist=args.sdist, jobs=args.jobs)
+    where = llamacpp.ensure_built(pin, sdist=args.sdist, jobs=args.jobs, variant=args.variant)
+    stamp = llamacpp.read_stamp(where) or {}
+    variant = stamp.get("variant", {})
+    log.info("variant: %s (%s)", variant.get("name"), variant.get("reason"))
     for name in pin.targets:
         log.info("%s: %s", name, where.bin / name)
     log.info("converter: %s (with gguf-py from %s)", where.converter, where.gguf_py)
@@ -26,10 +29,15 @@ def run(args) -> int:
 def register(sub) -> None:
     parser = sub.add_parser(
         "setup-llamacpp",
-        help="download, verify and build the pinned llama.cpp (llama-quantize, llama-perplexity, llama-imatrix)")
+        help="download, verify, build and smoke-test the pinned llama.cpp (llama-quantize, llama-perplexity, "
+             "llama-imatrix, llama-server)")
     parser.add_argument("--sdist", type=Path, metavar="FILE",
                         help="use this local copy of the pinned llama-cpp-python sdist instead of pip download "
                              "(its sha256 is still checked)")
     parser.add_argument("--jobs", type=int, metavar="N", help="parallel compile jobs (default: all cores)")
     parser.add_argument("--rebuild", action="store_true", help="build again even if a complete build is cached")
+    parser.add_argument("--variant", choices=("auto", "native", "portable"), default="auto",
+                        help="instruction set: native (-march=native), portable (this CPU's extensions named one by "
+                             "one, AMX off), or auto: native, and portable if a tool dies by a signal in the smoke "
+                             "test (default: auto)")
     parser.set_defaults(run=run)
