@@ -63,6 +63,8 @@ class EvalOptions:
     batch_windows: int = 1  # windows per torch forward pass
     threads: int | None = None  # llama.cpp threads (default: all cores)
     cache_dir: Path | None = None  # reference cache (default: cache_root()/eval)
+    streaming: bool = True  # one decoder layer in memory at a time (False: the whole model, the old reference path)
+    device: str = "cpu"  # torch device of the streamed forward passes: cpu, cuda, cuda:N or auto
 
     def resolved_cache(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else cache_root() / "eval"
@@ -288,6 +290,47 @@ def _load_torch_model(artifact: Path, kind: str):
     return model
 
 
+def model_logprobs(artifact: Path, kind: str, windows: Windows, options: EvalOptions,
+                   label: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(window index, fp32 log-probabilities [scored, vocab]) of a checkpoint ("hf" or "int4") for every window.
+
+    Streamed one decoder layer at a time (exporters/streaming.py) where the architecture has a layer mapping
+    and options.streaming is on; otherwise the whole model is loaded (the reference implementation)."""
+    from exporters import streaming
+
+    if options.streaming and streaming.supported(_read_config(artifact)):
+        yield from streamed_logprobs(artifact, kind, windows, options, label)
+        return
+    if options.streaming:
+        log.info("%s: no layer mapping for this architecture; evaluating the whole model in memory", artifact)
+    model = load_torch_model(artifact, kind)
+    yield from torch_logprobs(model, windows, _batch(options), label)
+
+
+def streamed_logprobs(artifact: Path, kind: str, windows: Windows, options: EvalOptions,
+                      label: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """model_logprobs, one decoder layer in memory at a time, on options.device."""
+    from exporters import streaming
+    from exporters.int4.layerwise import resolve_device
+
+    check_checkpoint(artifact)
+    device = resolve_device(options.device)
+    scored = slice(first_scored(windows.n_ctx), windows.n_ctx - 1)
+    try:
+        with streaming.streamed(artifact, kind, device) as model:
+            hidden = streaming.final_hidden(model, windows.tokens.to(device), scored, _batch(options),
+                                            progress=f"eval {label} layers")
+            for start, logits in streaming.logits_blocks(model, hidden):
+                check_finite(logits, label)
+                for j in range(logits.shape[0]):
+                    yield start + j, log_probs(logits[j]).cpu()
+    except MergeqError:
+        raise
+    except Exception as err:
+        raise MergeqError(f"cannot evaluate {artifact}: {type(err).__name__}: {err}",
+                          hint="the checkpoint is damaged or incomplete; export it again") from err
+
+
 def torch_logprobs(model, windows: Windows, batch: int, label: str) -> Iterator[tuple[int, torch.Tensor]]:
     """(window index, fp32 log-probabilities [scored, vocab]) for every window, in order."""
     import inspect
@@ -342,13 +385,11 @@ def reference_logprobs(reference: Path, windows: Windows, options: EvalOptions) 
             os.utime(entry / "meta.json")
             log.info("reference log-probs from cache %s", entry)
         else:
-            model = load_torch_model(reference, "hf")
             with atomic_dir(entry) as tmp:
-                for i, lp in torch_logprobs(model, windows, _batch(options), f"reference {Path(reference).name}"):
+                for i, lp in model_logprobs(reference, "hf", windows, options, f"reference {Path(reference).name}"):
                     save_file({"logprobs": lp.contiguous()}, str(tmp / f"window-{i:04d}.safetensors"))
                 write_json(tmp / "meta.json", {**key_data, "reference_path": str(reference),
                                                "windows": windows.n_windows})
-            del model
     _evict(root)
     return ReferenceLogprobs(entry, windows.n_windows)
 
@@ -534,8 +575,7 @@ def _evaluate_torch(artifact: Path, kind: str, reference: Path, windows: Windows
             lp = ref.window(i)
             sums.add(lp, lp, windows.targets[i])
         return sums
-    model = load_torch_model(artifact, kind)
-    for i, lp in torch_logprobs(model, windows, _batch(options), artifact.name):
+    for i, lp in model_logprobs(artifact, kind, windows, options, artifact.name):
         sums.add(ref.window(i), lp, windows.targets[i])
     return sums
 

@@ -241,8 +241,8 @@ def test_perturbed_artifact_against_reference_and_cache(tiny, tmp_path, monkeypa
     import exporters.evaluate as ev
 
     loaded = []
-    real = ev.load_torch_model
-    monkeypatch.setattr(ev, "load_torch_model", lambda path, kind: loaded.append(Path(path)) or real(path, kind))
+    real = ev.model_logprobs
+    monkeypatch.setattr(ev, "model_logprobs", lambda path, *a: loaded.append(Path(path)) or real(path, *a))
     q_big = evaluate(big, ref, text, opts)
     assert loaded == [big]
     assert 0 < q_small.kl_divergence < q_big.kl_divergence
