@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exporters import llamacpp
+from exporters import chat_template_check, llamacpp
 from exporters.gguf_inspect import read_ggufs, size_info
 from exporters.registry import register
 from exporters.report import ArtifactReport, StageCost
@@ -320,8 +320,9 @@ class GGUFExporter:
         pin = llamacpp.load_pin()
         summaries = read_ggufs(list(finals.values()))
         template = chat_template(model_dir)
+        template_checks = chat_template_check.check_ggufs(model_dir, list(finals.values()))
         reports = []
-        for (quant, path), summary in zip(finals.items(), summaries):
+        for (quant, path), summary, template_check in zip(finals.items(), summaries, template_checks):
             size, warnings = size_info(summary, quant, pin.default_types.get(quant), logs.get(quant))
             warnings = self._preflight_warnings + warnings
             shape_fallbacks = [f for f in size.fallbacks if f["kind"] == "shape"]
@@ -339,6 +340,10 @@ class GGUFExporter:
                 own["imatrix"] = stages["imatrix"]
             if f"quantize_{quant}" in stages:
                 own["quantize"] = stages[f"quantize_{quant}"]
+            own["chat_template"] = StageCost(
+                round(template_check.reference_seconds + template_check.seconds, 3),
+                max(template_check.reference_peak_rss_bytes, template_check.server_peak_rss_bytes))
+            warnings += template_check.warnings(quant)
             reports.append(ArtifactReport(
                 format="gguf", quant=quant, path=str(path), size=size, stages=own,
                 provenance={
@@ -362,7 +367,7 @@ class GGUFExporter:
                     "add_bos_token": summary.metadata.get("tokenizer.ggml.add_bos_token"),
                     "chat_template": stored_template is not None,
                     "chat_template_matches": None if template is None else stored_template == template,
-                }},
+                }, "chat_template": template_check.to_json()},
             ))
         return reports
 

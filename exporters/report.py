@@ -331,11 +331,35 @@ def report_markdown(report: ArtifactReport) -> str:
     lines += ["## Cost", "", "| stage | seconds | peak RSS (MiB) |", "|---|---|---|"]
     lines += [f"| {name} | {cost.seconds:.1f} | {_mib(cost.peak_rss_bytes)} |" for name, cost in report.stages.items()]
     lines += ["", "Peak RSS is the process's high-water mark at the end of the stage (see docs/evaluation.md).", ""]
+    lines += _chat_template_lines(report.extra.get("chat_template"))
     if report.extra:
         lines += ["## Format facts", "", "```json", json.dumps(_finite(report.extra), indent=2, sort_keys=True), "```", ""]
     lines += ["## Provenance", "", "```json", json.dumps(_finite(report.provenance), indent=2, sort_keys=True), "```", ""]
     lines += ["## Warnings", ""] + ([f"- {w}" for w in report.warnings] or ["None."]) + [""]
     return "\n".join(lines)
+
+
+def _chat_template_lines(section: dict | None) -> list[str]:
+    """The chat template round trip (exporters/chat_template_check.py): one row per transcript."""
+    if not section:
+        return []
+    lines = ["## Chat template round trip", "",
+             f"llama.cpp against transformers: {section['status']}"
+             + (f" ({section['reason']})" if section.get("reason") else "")
+             + (f", {section['matched']} of {section['checked']} transcripts give the same token IDs"
+                if section.get("checked") else "") + ".", ""]
+    if section.get("transcripts"):
+        lines += ["| transcript | tokens (llama.cpp / transformers) | same | first difference |", "|---|---|---|---|"]
+        for r in section["transcripts"]:
+            where = r.get("error") or ""
+            if r.get("first_difference") is not None:
+                pieces = [f"{side} {tok['id']} `{tok['piece']!r}`" if tok else f"{side} ends"
+                          for side, tok in (("llama.cpp", r.get("llama_cpp")), ("transformers", r.get("transformers")))]
+                where = f"token {r['first_difference']}: " + ", ".join(pieces)
+            lines.append(f"| {r['name']} | {r.get('llama_cpp_tokens')} / {r.get('transformers_tokens')} "
+                         f"| {'yes' if r['matched'] else 'no'} | {where} |")
+        lines.append("")
+    return lines
 
 
 TABLE_COLUMNS = ("artifact", "MiB", "x fp16", "bpw", "ppl", "ref ppl", "ppl ratio", "KL", "top-1", "tokens", "seconds")

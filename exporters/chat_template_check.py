@@ -1,0 +1,434 @@
+"""Does llama.cpp prompt the model with the same tokens as transformers? The chat template round trip.
+
+A GGUF carries the checkpoint's chat template (`tokenizer.chat_template`), but llama.cpp renders it with
+its own Jinja engine and tokenizes the result with its own tokenizer. For a few fixed multi-turn
+transcripts (with and without a system prompt) this module compares, token ID by token ID:
+
+- transformers: `tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)` on
+  the merged checkpoint, computed once per export in a subprocess (transformers imports torch, which
+  the GGUF export otherwise does not need);
+- llama.cpp: the pinned `llama-server` on the GGUF, started once per file on 127.0.0.1 (port chosen by
+  the server, `--port 0`, read from its "listening on" line), in its own process group, and always
+  stopped: `POST /apply-template` renders the prompt exactly as its chat endpoint does (it strips a
+  leading BOS text when the vocabulary adds BOS itself), and `POST /tokenize` with `add_special` and
+  `parse_special` tokenizes it exactly as the chat endpoint does before inference
+  (tools/server/server-context.cpp: `tokenize_input_prompts(..., add_special=true, parse_special=true)`).
+
+The result (`TemplateCheck`) goes into the GGUF report as `extra["chat_template"]`; any difference, and
+a check that could not run, becomes a report warning. A GGUF without a template reports "no template".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mergeq.errors import MergeqError, ToolError
+
+log = logging.getLogger(__name__)
+
+SERVER = "llama-server"
+REFERENCE = "transformers chat template"
+START_TIMEOUT = 120.0  # seconds for llama-server to load the GGUF and answer /health
+REQUEST_TIMEOUT = 30.0  # seconds per HTTP request
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL of the server's process group
+SERVER_CONTEXT = 512  # tokens: the KV cache is never used, keep it small whatever the model's training context
+LOG_TAIL = 15  # server log lines quoted when it fails
+_LISTENING = re.compile(r"listening on https?://127\.0\.0\.1:(\d+)")
+
+# ----------------------------------------------------------------------------------------------- transcripts
+
+
+@dataclass(frozen=True)
+class Transcript:
+    name: str
+    messages: tuple[dict[str, str], ...]  # ends with a user message: the model answers next
+
+
+TRANSCRIPTS: tuple[Transcript, ...] = (
+    Transcript("one user turn", (
+        {"role": "user", "content": "Hello! Who are you?"},)),
+    Transcript("two turns, no system prompt", (
+        {"role": "user", "content": "Hello! Who are you?"},
+        {"role": "assistant", "content": "I am a helpful assistant."},
+        {"role": "user", "content": "What can you do for me today?"})),
+    Transcript("system prompt, one turn", (
+        {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
+        {"role": "user", "content": "Why is the sky blue?"})),
+    Transcript("system prompt, three turns", (
+        {"role": "system", "content": "You are a friendly support bot for a bicycle shop."},
+        {"role": "user", "content": "My chain keeps slipping."},
+        {"role": "assistant", "content": "Is the chain worn, or does it slip only in some gears?"},
+        {"role": "user", "content": "Only in the smallest gear."},
+        {"role": "assistant", "content": "Then the cable tension needs a small adjustment."},
+        {"role": "user", "content": "How do I do that?"})),
+    Transcript("newlines, numbers and accents", (
+        {"role": "user", "content": "Make a list:\n1. apples\n2. pears"},
+        {"role": "assistant", "content": "- apples\n- pears\n\nDone."},
+        {"role": "user", "content": "Café, naïve, 3.14 and 42 - thanks!"})),
+)
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class TokenAt:
+    id: int
+    piece: str
+
+
+@dataclass
+class TranscriptResult:
+    name: str
+    matched: bool
+    llama_cpp_tokens: int | None  # None when that side could not render the transcript
+    transformers_tokens: int | None
+    first_difference: int | None = None  # position of the first differing token (or where one side ends)
+    llama_cpp: TokenAt | None = None  # the token at first_difference (None: the sequence ended there)
+    transformers: TokenAt | None = None
+    error: str | None = None  # a side that refused to render (both refusing counts as matched)
+
+
+@dataclass
+class TemplateCheck:
+    status: str  # "matched", "mismatch", "no template", "not checked"
+    transcripts: list[TranscriptResult] = field(default_factory=list)
+    reason: str | None = None  # why "not checked"
+    seconds: float = 0.0  # this file's llama-server run: start, every transcript, stop
+    server_peak_rss_bytes: int = 0
+    reference_seconds: float = 0.0  # transformers' renderings, once per export (shared by its files)
+    reference_peak_rss_bytes: int = 0
+
+    @property
+    def checked(self) -> int:
+        return len(self.transcripts)
+
+    @property
+    def matched(self) -> int:
+        return sum(r.matched for r in self.transcripts)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["checked"], data["matched"] = self.checked, self.matched
+        return data
+
+    def warnings(self, label: str) -> list[str]:
+        if self.status == "not checked":
+            return [f"{label}: the chat template round trip through llama.cpp was not checked: {self.reason}"]
+        differing = [r for r in self.transcripts if not r.matched]
+        if not differing:
+            return []
+        return [f"{label}: llama.cpp renders the chat template to other tokens than transformers in "
+                f"{len(differing)} of {self.checked} transcripts; first: {describe(differing[0])}"]
+
+
+def describe(result: TranscriptResult) -> str:
+    if result.error is not None:
+        return f"'{result.name}': {result.error}"
+
+    def side(token: TokenAt | None) -> str:
+        return "ends" if token is None else f"{token.id} {token.piece!r}"
+
+    return (f"'{result.name}' at token {result.first_difference} (llama.cpp {side(result.llama_cpp)}, "
+            f"transformers {side(result.transformers)}; {result.llama_cpp_tokens} vs "
+            f"{result.transformers_tokens} tokens)")
+
+
+# ----------------------------------------------------------------------------------------------- comparing
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """One side's tokens of one transcript, or why it could not render it."""
+
+    ids: tuple[int, ...] = ()
+    pieces: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def compare(name: str, llama: Rendering, reference: Rendering) -> TranscriptResult:
+    if llama.error is not None or reference.error is not None:
+        both = llama.error is not None and reference.error is not None
+        parts = [f"llama.cpp refused: {llama.error}" if llama.error else f"llama.cpp rendered {len(llama.ids)} tokens",
+                 f"transformers refused: {reference.error}" if reference.error
+                 else f"transformers rendered {len(reference.ids)} tokens"]
+        return TranscriptResult(name, both, None if llama.error else len(llama.ids),
+                                None if reference.error else len(reference.ids), error="; ".join(parts))
+    result = TranscriptResult(name, llama.ids == reference.ids, len(llama.ids), len(reference.ids))
+    if not result.matched:
+        at = next((i for i, (a, b) in enumerate(zip(llama.ids, reference.ids)) if a != b),
+                  min(len(llama.ids), len(reference.ids)))
+        result.first_difference = at
+        result.llama_cpp = TokenAt(llama.ids[at], llama.pieces[at]) if at < len(llama.ids) else None
+        result.transformers = TokenAt(reference.ids[at], reference.pieces[at]) if at < len(reference.ids) else None
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- transformers
+
+
+def _render_reference(model_dir: str) -> dict:
+    """Runs in the subprocess: the checkpoint's tokenizer renders and tokenizes every transcript."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not getattr(tokenizer, "chat_template", None):
+        return {"template": False, "transcripts": {}}
+    out = {}
+    for transcript in TRANSCRIPTS:
+        try:
+            encoded = tokenizer.apply_chat_template(
+                [dict(m) for m in transcript.messages], tokenize=True, add_generation_prompt=True, return_dict=True)
+        except Exception as err:  # the template's own raise_exception(), or a Jinja error: that side refuses
+            out[transcript.name] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        ids = [int(i) for i in encoded["input_ids"]]
+        out[transcript.name] = {"ids": ids, "pieces": [tokenizer.decode([i]) for i in ids]}
+    return {"template": True, "transcripts": out}
+
+
+def _main() -> None:
+    json.dump(_render_reference(sys.argv[1]), sys.stdout)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """transformers' renderings of every transcript for one checkpoint (None: it has no chat template)."""
+
+    renderings: dict[str, Rendering] | None
+    seconds: float
+    peak_rss_bytes: int
+
+
+def reference(model_dir: Path) -> Reference:
+    """transformers' token IDs for every transcript, from the merged checkpoint (in a subprocess)."""
+    from exporters import llamacpp
+
+    command = llamacpp.ToolCommand(
+        REFERENCE, (sys.executable, "-c", "from exporters.chat_template_check import _main; _main()", str(model_dir)),
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}, cwd=llamacpp.REPO_ROOT)
+    result = llamacpp.run_tool(command, hint=f"transformers could not load the tokenizer of {model_dir}")
+    data = json.loads(result.stdout)
+    renderings = None
+    if data["template"]:
+        renderings = {name: Rendering(tuple(r["ids"]), tuple(r["pieces"])) if "ids" in r else Rendering(error=r["error"])
+                      for name, r in data["transcripts"].items()}
+    return Reference(renderings, result.seconds, result.peak_rss_bytes)
+
+
+# ----------------------------------------------------------------------------------------------- llama-server
+
+
+class LlamaServer:
+    """A running llama-server on loopback; `running_server` starts and always stops it."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log_lines: list[str]):
+        self.proc, self.port, self.log_lines = proc, port, log_lines
+        self.peak_rss_bytes = 0  # set when it has stopped
+        self.url = f"http://127.0.0.1:{port}"
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def request(self, path: str, body: dict | None = None, timeout: float = REQUEST_TIMEOUT) -> tuple[int, dict]:
+        """(HTTP status, JSON body) of GET (no body) or POST `path`."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with self._opener.open(req, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as err:
+            try:
+                payload = json.loads(err.read() or b"{}")
+            except ValueError:
+                payload = {}
+            return err.code, payload
+
+    def render(self, messages: tuple[dict[str, str], ...]) -> Rendering:
+        """The chat prompt llama.cpp builds for `messages` (generation prompt added), as token IDs and pieces."""
+        status, body = self.request("/apply-template", {"messages": list(messages), "add_generation_prompt": True})
+        if status != 200:
+            return Rendering(error=f"/apply-template answered HTTP {status}: {_error_text(body)}")
+        status, body = self.request("/tokenize", {"content": body["prompt"], "add_special": True,
+                                                  "parse_special": True, "with_pieces": True})
+        if status != 200:
+            return Rendering(error=f"/tokenize answered HTTP {status}: {_error_text(body)}")
+        tokens = body["tokens"]
+        return Rendering(tuple(int(t["id"]) for t in tokens), tuple(_piece_text(t["piece"]) for t in tokens))
+
+    def log_tail(self) -> str:
+        tail = [line for line in self.log_lines if line.strip()][-LOG_TAIL:]
+        return "\n".join(f"    | {line}" for line in tail) or "    | (no output)"
+
+
+def _error_text(body: dict) -> str:
+    error = body.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return str(error if error is not None else body)
+
+
+def _piece_text(piece) -> str:
+    """/tokenize gives a piece as text, or as a list of byte values when it is not valid UTF-8 alone."""
+    if isinstance(piece, list):
+        return bytes(piece).decode("utf-8", errors="backslashreplace")
+    return str(piece)
+
+
+def server_command(gguf: Path, *, threads: int = 1) -> tuple[str, ...]:
+    from exporters import llamacpp
+
+    return (str(llamacpp.tool_path(SERVER)), "-m", str(gguf), "--host", "127.0.0.1", "--port", "0",
+            "-c", str(SERVER_CONTEXT), "-np", "1", "-t", str(threads), "--no-warmup", "--no-webui", "--jinja")
+
+
+@contextlib.contextmanager
+def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[LlamaServer]:
+    """llama-server on `gguf`, ready (its /health answers 200), stopped with its whole process group on exit.
+
+    Raises ToolError when it exits or is not ready within `timeout` seconds, quoting its last log lines.
+    """
+    from exporters import llamacpp
+    from mergeq import faults  # inert unless MERGEQ_FAULT names llama-server (hostile-input tests)
+    from mergeq.memory import ChildPeak
+
+    argv = faults.tool_argv(SERVER, server_command(gguf))
+    started = time.perf_counter()
+    try:
+        # its own process group (stopped as a whole), and killed by Linux if mergeq dies first
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", bufsize=1, start_new_session=True,
+                                preexec_fn=llamacpp._die_with_parent)
+    except OSError as err:
+        raise ToolError(f"{SERVER}: cannot run {argv[0]}: {err.strerror}") from err
+    lines: list[str] = []
+    port_found = threading.Event()
+    ports: list[int] = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if not ports and (match := _LISTENING.search(line)):
+                ports.append(int(match.group(1)))
+                port_found.set()
+        port_found.set()  # the server closed its output (it exited): stop waiting
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    memory = ChildPeak(proc.pid)
+    server = None
+    try:
+        server = _wait_ready(proc, lines, ports, port_found, started + timeout, timeout, gguf, llamacpp)
+        yield server
+    finally:
+        _stop(proc)
+        peak = memory.finish(0)
+        if server is not None:
+            server.peak_rss_bytes = peak
+        reader.join(timeout=STOP_TIMEOUT)
+
+
+def _wait_ready(proc, lines, ports, port_found, deadline, timeout, gguf, llamacpp) -> LlamaServer:
+    def failure(what: str) -> ToolError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)  # it closed its output: let it finish exiting, to report how it ended
+        code = proc.poll()
+        if code is not None:
+            result = llamacpp.ToolResult("\n".join(lines), "", 0.0)
+            return llamacpp.tool_failure(SERVER, code, result, hint=f"it could not serve {gguf}")
+        tail = LlamaServer(proc, 0, lines).log_tail()
+        return ToolError(f"{SERVER} {what}; its last output lines:\n{tail}")
+
+    port_found.wait(timeout=max(0.0, deadline - time.perf_counter()))
+    if not ports:
+        raise failure(f"did not report its address within {timeout:.0f} s")
+    server = LlamaServer(proc, ports[0], lines)
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise failure("exited")
+        with contextlib.suppress(OSError):  # refused or reset while it starts
+            status, _ = server.request("/health", timeout=2.0)
+            if status == 200:
+                return server
+        time.sleep(0.05)
+    raise failure(f"did not answer /health within {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL if it lingers; reaped either way."""
+    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# ----------------------------------------------------------------------------------------------- the check
+
+
+def has_template(gguf: Path) -> bool:
+    from exporters.gguf_inspect import read_gguf
+
+    return bool(read_gguf(gguf).metadata.get("tokenizer.chat_template"))
+
+
+def check_gguf(gguf: Path, ref: Reference) -> TemplateCheck:
+    """Render every transcript with llama.cpp from `gguf` and compare with transformers' `ref`."""
+    started = time.perf_counter()
+    if not has_template(gguf):
+        return TemplateCheck("no template")
+    if ref.renderings is None:
+        return TemplateCheck("not checked", reason="the merged checkpoint has no chat template to compare with")
+    try:
+        with running_server(gguf) as server:
+            results = [compare(t.name, server.render(t.messages), ref.renderings[t.name]) for t in TRANSCRIPTS]
+    except (MergeqError, OSError) as err:  # OSError: the connection broke (the server died mid-request)
+        log.warning("%s: chat template not checked: %s", gguf.name, err)
+        return TemplateCheck("not checked", reason=str(err), seconds=round(time.perf_counter() - started, 3))
+    check = TemplateCheck("matched" if all(r.matched for r in results) else "mismatch", results,
+                          seconds=round(time.perf_counter() - started, 3), server_peak_rss_bytes=server.peak_rss_bytes)
+    for warning in check.warnings(gguf.name):
+        log.warning("%s", warning)
+    return check
+
+
+def check_ggufs(model_dir: Path, ggufs: list[Path]) -> list[TemplateCheck]:
+    """The round trip for every GGUF of one export: transformers renders the checkpoint's transcripts once,
+    then one llama-server run per file. Never raises for a check that cannot run: that is its result."""
+    ggufs = [Path(p) for p in ggufs]
+    if not any(has_template(p) for p in ggufs):
+        return [TemplateCheck("no template") for _ in ggufs]
+    log.info("checking the chat template of %d GGUF file(s) through llama-server against transformers", len(ggufs))
+    try:
+        ref = reference(model_dir)
+    except MergeqError as err:
+        log.warning("chat template round trip not checked: %s", err)
+        ref = None
+        reason = f"transformers could not render the checkpoint's template: {err}"
+    checks = []
+    for path in ggufs:
+        if ref is None:
+            check = TemplateCheck("no template") if not has_template(path) else TemplateCheck("not checked", reason=reason)
+        else:
+            check = check_gguf(path, ref)
+            check.reference_seconds, check.reference_peak_rss_bytes = round(ref.seconds, 3), ref.peak_rss_bytes
+        checks.append(check)
+    return checks

