@@ -73,17 +73,7 @@ class CheckpointWeights:
         return tuple(self.checkpoint.info(name)[1])
 
     def row_blocks(self, name: str, max_bytes: int = ROW_BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, rows) of a 2-D tensor, about `max_bytes` at a time, without reading all of it."""
-        dtype, shape = self.checkpoint.info(name)
-        if len(shape) != 2:
-            raise MergeqError(f"tensor {name} in {self.folder} has shape {list(shape)}, expected 2 dimensions")
-        row_bytes = shape[1] * torch.empty((), dtype=dtype).element_size()
-        rows = max(1, max_bytes // max(1, row_bytes))
-        first = 0
-        for piece in self.checkpoint.chunks(name, rows * row_bytes):
-            block = piece.view(-1, shape[1])
-            yield first, block
-            first += block.shape[0]
+        return row_blocks(self.checkpoint, name, max_bytes)
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -128,6 +118,22 @@ class Int4Weights(CheckpointWeights):
         return super().shape(name)
 
 
+def row_blocks(checkpoint: Checkpoint, name: str, max_bytes: int = ROW_BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows) of a 2-D tensor, about `max_bytes` at a time, without reading all of it.
+
+    The rows are read-only views into the file (for safetensors): use them before the next block."""
+    dtype, shape = checkpoint.info(name)
+    if len(shape) != 2:
+        raise MergeqError(f"tensor {name} in {checkpoint.folder} has shape {list(shape)}, expected 2 dimensions")
+    row_bytes = shape[1] * torch.empty((), dtype=dtype).element_size()
+    rows = max(1, max_bytes // max(1, row_bytes))
+    first = 0
+    for piece in checkpoint.chunks(name, rows * row_bytes):
+        block = piece.view(-1, shape[1])
+        yield first, block
+        first += block.shape[0]
+
+
 def open_weights(folder: Path, kind: str) -> CheckpointWeights:
     """"hf" or "int4" (the kinds of exporters.evaluate.detect_format)."""
     return Int4Weights(folder) if kind == "int4" else CheckpointWeights(folder)
@@ -148,6 +154,8 @@ class StreamedModel:
     def __post_init__(self):
         self.arch: Architecture = architecture_of(self.config)
         self.hf_config = hf_config_of(self.weights.folder)
+        if hasattr(self.hf_config, "quantization_config"):  # the weights arrive unpacked, in fp32
+            del self.hf_config.quantization_config
         self.layers = int(self.config["num_hidden_layers"])
 
     @property
@@ -208,26 +216,38 @@ def final_hidden(model: StreamedModel, tokens: torch.Tensor, positions: slice, b
     """Hidden states after the final norm at `positions` of every sequence: fp32 [N, P, hidden] on the device.
 
     `tokens`: int64 [N, L]. The N sequences go through each layer `batch` at a time."""
+    return final_hidden_groups(model, [(tokens, positions)], batch, progress)[0]
+
+
+def final_hidden_groups(model: StreamedModel, groups: list[tuple[torch.Tensor, slice]], batch: int = 1,
+                        progress: str | None = None) -> list[torch.Tensor]:
+    """final_hidden for several groups of sequences (each group one length), all through each layer in turn,
+    so every layer is read once."""
     from mergeq.progress import track
 
-    n, seq_len = tokens.shape
-    hidden = model.embed(tokens)
-    ctx = LayerContext(arch=model.arch, options=None, seq_len=seq_len,
-                       position_embeddings=rotary_embeddings(model.arch, model.hf_config, seq_len, model.device))
+    contexts = []
+    hidden = []
+    for tokens, _ in groups:
+        seq_len = tokens.shape[1]
+        hidden.append(model.embed(tokens))
+        contexts.append(LayerContext(arch=model.arch, options=None, seq_len=seq_len,
+                                     position_embeddings=rotary_embeddings(model.arch, model.hf_config, seq_len,
+                                                                           model.device)))
     step = max(1, batch)
     indices = range(model.layers)
-    with torch.inference_mode():
-        for index in (track(indices, progress) if progress else indices):
-            layer = model.layer(index)
-            model.weights.close()  # unmap what this layer read: resident memory stays one layer deep
-            ctx.layer_index = index
-            for start in range(0, n, step):
-                hidden[start : start + step] = _layer_forward(layer, hidden[start : start + step], ctx)
-            del layer
-        norm = model.final_norm()
-        out = norm(hidden[:, positions]).contiguous()
+    for index in (track(indices, progress) if progress else indices):
+        layer = model.layer(index)  # built outside inference mode: a hook may still set up parameters
+        model.weights.close()  # unmap what this layer read: resident memory stays one layer deep
+        with torch.inference_mode():
+            for h, ctx in zip(hidden, contexts):
+                ctx.layer_index = index
+                for start in range(0, h.shape[0], step):
+                    h[start : start + step] = _layer_forward(layer, h[start : start + step], ctx)
+        del layer
+    norm = model.final_norm()
     model.weights.close()
-    return out
+    with torch.inference_mode():
+        return [norm(h[:, positions]).contiguous() for h, (_, positions) in zip(hidden, groups)]
 
 
 def logits_blocks(model: StreamedModel, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:

@@ -8,7 +8,14 @@ faithful the merged checkpoint is to the model that was actually trained.
 With both a 4-bit and an fp16 base (`--qlora-base` and `--base`), both merge targets are compared to that
 same reference, and the closer one is chosen.
 
-This loads whole models (it is the reference); `--no-validate` turns it off.
+Both sides stream one decoder layer at a time (exporters/streaming.py): the reference layer is built from the
+base's tensors (4-bit bases dequantized by merge.qlora) and PEFT puts the unmerged adapter(s) into it
+(`inject_adapter_in_model` on that one layer, under its full module path, so target patterns match as in the
+whole model); the merged layer is read from the merged files. The two are independent: PEFT computes
+W x + s B(A x) (or its DoRA form) from the adapter files, never mergeq's merged weights, so a wrong merge
+shows. Adapters that change tensors outside the decoder layers (embeddings, lm_head: modules_to_save,
+trainable tokens, resized vocabularies) and families without a layer mapping are validated with whole
+models, as before. `--no-validate` turns validation off.
 """
 
 from __future__ import annotations
@@ -157,8 +164,12 @@ def compare(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> dict:
             "positions": positions}
 
 
-def compare_candidates(reference: Reference, folders: dict[str, Path], kl_warn: float, logit_warn: float) -> Outcome:
-    """Validate each merged candidate folder against the PEFT reference; pick the lowest mean KL."""
+def compare_candidates(reference: Reference, folders: dict[str, Path], kl_warn: float, logit_warn: float, *,
+                       streaming: bool = True, device: str = "cpu") -> Outcome:
+    """Validate each merged candidate folder against the PEFT reference; pick the lowest mean KL.
+
+    `streaming`: one decoder layer at a time where possible (False: whole models, the reference
+    implementation). `device`: where the streamed layers run."""
     warnings: list[str] = []
     skip = reference_skip_reason(reference.adapters)
     if skip is not None:
@@ -167,19 +178,30 @@ def compare_candidates(reference: Reference, folders: dict[str, Path], kl_warn: 
         label = next(iter(folders))
         warnings.append(f"validation skipped: {skip}")
         return Outcome({label: {"skipped": skip}}, label, None, warnings)
-    ref_model = reference_model(reference)
-    vocab = ref_model.get_input_embeddings().weight.shape[0]
-    prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, vocab)
-    ref_logits = logits_of(ref_model, prompts)
-    quantized = bool(getattr(ref_model.base_model.model.config, "quantization_config", None))
-    del ref_model
-    described = ("PEFT, unmerged adapter(s) on the 4-bit base (bitsandbytes, CPU)" if quantized
-                 else "PEFT, unmerged adapter(s) on the base")
+    stream_plan = streaming_plan(reference, folders) if streaming else None
+    if stream_plan is not None:
+        vocab = stream_plan.vocab
+        prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, vocab)
+        ref_logits = stream_plan.reference_logits(prompts)
+        described = ("PEFT, unmerged adapter(s) on the dequantized 4-bit base, layer by layer"
+                     if stream_plan.quantized else "PEFT, unmerged adapter(s) on the base, layer by layer")
+        candidate_logits = stream_plan.candidate_logits
+    else:
+        ref_model = reference_model(reference)
+        vocab = ref_model.get_input_embeddings().weight.shape[0]
+        prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, vocab)
+        ref_logits = logits_of(ref_model, prompts)
+        quantized = bool(getattr(ref_model.base_model.model.config, "quantization_config", None))
+        del ref_model
+        described = ("PEFT, unmerged adapter(s) on the 4-bit base (bitsandbytes, CPU)" if quantized
+                     else "PEFT, unmerged adapter(s) on the base")
+
+        def candidate_logits(folder: Path, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+            model = _load(folder)
+            return logits_of(model, prompts)
     results: dict[str, dict] = {}
     for label, folder in folders.items():
-        model = _load(folder)
-        numbers = compare(ref_logits, logits_of(model, prompts))
-        del model
+        numbers = compare(ref_logits, candidate_logits(folder, prompts))
         numbers.update({"reference": described, "prompts": len(prompts), "prompt_source": prompt_source,
                         "thresholds": {"mean_kl": kl_warn, "max_abs_logit_delta": logit_warn}})
         numbers["ok"] = numbers["mean_kl"] <= kl_warn and numbers["max_abs_logit_delta"] <= logit_warn
@@ -203,3 +225,158 @@ def compare_candidates(reference: Reference, folders: dict[str, Path], kl_warn: 
         log.info("QLoRA merge target: %s (mean KL %s) vs %s", best, results[best]["mean_kl"],
                  ", ".join(f"{k} {v['mean_kl']}" for k, v in results.items() if k != best))
     return Outcome(results, best, fidelity, warnings)
+
+
+# ------------------------------------------------------------------------------------------------ streamed
+
+
+class UnmergedWeights:
+    """The reference base's tensors for exporters.streaming, in fp32 as the merge reads them (4-bit bases
+    dequantized, `--requantize` applied); the adapters are not applied here (PEFT does that per layer)."""
+
+    def __init__(self, source):
+        self.source = source  # merge.merger.Source
+        self.folder = source.folder
+
+    def names(self) -> list[str]:
+        return list(self.source.shapes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.source.shapes
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.base_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.source.shapes[name][1])
+
+    def row_blocks(self, name: str):
+        from exporters.streaming import row_blocks
+
+        s = self.source
+        if name in s.shapes and not ({name} & (set(s.quant) | s.requantized | set(s.base_layers) | set(s.ops))):
+            yield from row_blocks(s.ckpt, name)  # stored as it is: read a block of rows at a time
+        else:  # dequantized, requantized or replaced: one tensor, built whole
+            yield 0, s.base_tensor(name)
+
+    def close(self) -> None:
+        self.source.ckpt.close()
+
+
+@dataclass
+class StreamPlan:
+    reference: Reference
+    config: dict  # the reference base's config.json
+    vocab: int
+    quantized: bool
+    device: torch.device
+
+    def reference_logits(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+        from exporters.streaming import StreamedModel
+        from merge.merger import Source
+
+        source = Source(self.reference.base, "reference", self.reference.adapters, torch.float32,
+                        self.reference.quantize)
+        try:
+            model = StreamedModel(UnmergedWeights(source), self.config, self.device,
+                                  hook=lambda index, layer: _with_adapters(source, model.arch, index, layer))
+            return _streamed_logits(model, prompts)
+        finally:
+            source.close()
+
+    def candidate_logits(self, folder: Path, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+        from exporters import streaming
+
+        with streaming.streamed(folder, "hf", self.device) as model:
+            return _streamed_logits(model, prompts)
+
+
+def streaming_plan(reference: Reference, folders: dict[str, Path], device: str = "cpu") -> StreamPlan | None:
+    """How to validate layer by layer, or None (with the reason logged) when only whole models can."""
+    from exporters import streaming
+    from exporters.int4.arch import architecture_of
+    from exporters.int4.layerwise import resolve_device
+    from merge.merger import Source
+
+    config = json.loads((Path(reference.base) / "config.json").read_text(encoding="utf-8"))
+    why = None
+    if not streaming.supported(config):
+        why = f"architecture {config.get('architectures')} has no layer mapping"
+    else:
+        arch = architecture_of(config)
+        source = Source(reference.base, "reference", reference.adapters, torch.float32, reference.quantize)
+        try:
+            outside = sorted(n for n in source.ops if not n.startswith(arch.layers_prefix))
+            if outside:
+                why = f"the adapter(s) change {', '.join(outside[:3])} outside the decoder layers"
+            vocab = source.out_shapes.get(f"{source.info.input_embedding}.weight", (0,))[0]
+            if reference.vocab_size and vocab != reference.vocab_size:
+                why = why or f"the merged vocabulary ({reference.vocab_size}) differs from the base's ({vocab})"
+            quantized = source.kind != "plain" or bool(source.requantized)
+        finally:
+            source.close()
+    if why is not None:
+        log.info("validation with whole models: %s", why)
+        return None
+    for folder in folders.values():
+        merged = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        if not streaming.supported(merged):
+            log.info("validation with whole models: %s has no layer mapping", folder)
+            return None
+    return StreamPlan(reference, config, int(vocab), quantized, resolve_device(device))
+
+
+def _streamed_logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    from exporters.streaming import final_hidden_groups, logits_blocks
+
+    groups = [(ids, slice(None)) for ids in prompts]
+    hidden = final_hidden_groups(model, groups, progress="validate layers")
+    out = []
+    for h in hidden:
+        for _, logits in logits_blocks(model, h):
+            out.append(logits[0].to(device="cpu", dtype=torch.float64))
+    return out
+
+
+def _with_adapters(source, arch, index: int, layer: torch.nn.Module) -> torch.nn.Module:
+    """PEFT's unmerged LoRA layers in this decoder layer, under the layer's full module path, with every
+    adapter active and scaled by its weight."""
+    import warnings
+
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    prefix = arch.layer_prefix(index)
+    if not any(name.startswith(prefix) for name in source.ops):
+        return layer
+    root = torch.nn.Module()
+    parent = root
+    for part in prefix.rstrip(".").split(".")[:-1]:
+        parent.add_module(part, torch.nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(prefix.rstrip(".").rsplit(".", 1)[-1], layer)
+    names = []
+    key_prefix = "base_model.model." + prefix
+    for i, adapter in enumerate(source.adapters):
+        keys = [k for k in adapter.keys() if k.startswith(key_prefix)]
+        if not keys:
+            continue
+        name = f"a{i}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inject_adapter_in_model(PeftConfig.from_pretrained(str(adapter.path)), root, adapter_name=name)
+            state = {k[len("base_model.model."):]: adapter.tensor(k) for k in keys}
+            loaded = set_peft_model_state_dict(root, state, adapter_name=name)
+        if loaded.unexpected_keys:
+            raise MergeqError(f"validation: PEFT did not place {loaded.unexpected_keys[:3]} of adapter {adapter.path} "
+                              f"in decoder layer {index}", hint="pass --no-validate to merge without the check")
+        names.append((name, adapter.weight))
+    for module in root.modules():
+        if isinstance(module, LoraLayer):
+            present = [n for n, _ in names if n in module.scaling]
+            module.set_adapter(present)
+            for n, weight in names:
+                if n in module.scaling and weight != 1.0:
+                    module.scaling[n] *= weight
+    device = next(layer.parameters()).device
+    return layer.to(device).eval()
