@@ -48,9 +48,23 @@ def test_built_means_no_rebuild(where):
     assert llamacpp.is_built()
 
 
+def test_the_build_proved_itself_and_says_which_variant_it_is(where):
+    stamp = llamacpp.read_stamp(where)
+    pin = llamacpp.load_pin()
+    assert stamp["variant"]["name"] in llamacpp.VARIANTS and stamp["variant"]["reason"]
+    assert stamp["smoke"]["passed"] and [c["tool"] for c in stamp["smoke"]["checks"]] == list(pin.targets)
+    if stamp["variant"]["name"] == "portable" and not stamp["variant"]["reason"].startswith("asked for"):
+        assert stamp["rejected"] and stamp["rejected"][0]["variant"] == "native"
+    # the smoke test runs again, on the build as it is now
+    again = llamacpp.smoke_test(where, pin)
+    assert again.passed, again.summary()
+
+
 def test_doctor_reports_the_build(where):
     rows = dict(llamacpp.doctor_rows())
     assert rows["llama.cpp build"].startswith("built in ")
+    assert rows["llama.cpp variant"].split(":")[0] in llamacpp.VARIANTS
+    assert rows["llama.cpp smoke test"].startswith("passed: llama-quantize")
     for name in llamacpp.load_pin().targets:
         assert rows[f"llama.cpp tool: {name}"] == str(where.bin / name)
 
