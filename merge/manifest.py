@@ -1,7 +1,8 @@
 """merge_manifest.json: where a merged checkpoint came from and what was done to it.
 
 sha256 of every input file, each adapter's config and the scale actually applied to every module, the
-output dtype and layout, tool versions, and the validation numbers. No timestamps: equal inputs give an
+output dtype and layout, tool versions, the validation numbers, and the QLoRA decision (`qlora`: every piece of
+evidence that the adapter was trained on a 4-bit base, and the merge target chosen from it). No timestamps: equal inputs give an
 equal manifest.
 """
 
@@ -48,7 +49,7 @@ def _source_entry(source, hashes: dict) -> dict:
 
 
 def build(*, config, chosen, sources, facts: dict, aux: list[str], adapters: list[dict], validation: dict | None,
-          fidelity: dict | None, warnings: list[str], hashes: dict | None = None) -> dict:
+          fidelity: dict | None, warnings: list[str], hashes: dict | None = None, qlora: dict | None = None) -> dict:
     hashes = hashes or {}
     adapter_entries = []
     for entry, adapter in zip(adapters, chosen.adapters):
@@ -62,6 +63,7 @@ def build(*, config, chosen, sources, facts: dict, aux: list[str], adapters: lis
             "adapters": adapter_entries,
         },
         "merge_target": chosen.label,
+        "qlora": qlora,
         "method": "fp32 accumulation, one cast; several adapters: W + sum_i weight_i * (merge_i(W) - W)",
         "output": {
             "shards": facts["shards"],

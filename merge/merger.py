@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from merge import manifest as manifest_mod
-from merge.adapters import Adapter, LoraModule, Replacement, describe_adapter, load_adapter
+from merge.adapters import Adapter, LoraModule, Replacement, describe_adapter, load_adapter, read_config
 from merge.checkpoint import Checkpoint
 from merge.model_info import ModelInfo, describe
 from merge.qlora import (QuantSettings, check_quantization_config, dequantize, quantize_dequantize,
                          quantized_shape, quantized_weights, read_state)
+from merge.qlora_detect import Decision, adapter_evidence, decide, user_base_evidence
 from merge.writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, ShardedWriter
 from mergeq.atomic import atomic_dir, write_json
 from mergeq.errors import MergeqError
@@ -79,6 +80,8 @@ class MergeConfig:
     validate: bool = True
     overwrite: bool = False
     requantize: QuantSettings | None = None  # merge into dequant(quant(base)): the QLoRA target from an fp16 base
+    qlora: str = "auto"  # auto | nf4 | fp4 | off: rebuild the 4-bit training base from --base (merge.qlora_detect)
+    double_quant: bool | None = None  # for a rebuilt 4-bit base; None: from the evidence, else True
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     # compute threads while streaming: the merge is memory-bound in cache-sized blocks, where one thread is
     # fastest and never stalls on a busy machine; another core hashes the inputs meanwhile
@@ -702,13 +705,44 @@ def run_merge(config: MergeConfig) -> MergeResult:
         raise
 
 
+def _is_4bit_folder(folder: Path) -> bool:
+    config = _read_json(Path(folder) / "config.json")
+    return check_quantization_config(config, folder) == "bnb-4bit"
+
+
+def qlora_decision(config: MergeConfig, refs: list[AdapterRef]) -> Decision:
+    """Which base the adapters are merged into: the evidence of QLoRA training and --qlora (merge.qlora_detect)."""
+    evidence = []
+    for ref in refs:
+        if Path(ref.path).is_dir():
+            evidence += adapter_evidence(ref.path, read_config(ref.path))
+    given = None
+    if config.qlora_base is not None:
+        given = (Path(config.qlora_base), "--qlora-base")
+    elif config.base is not None and _is_4bit_folder(Path(config.base)):
+        given = (Path(config.base), "--base")
+    if given is not None:
+        evidence.append(user_base_evidence(given[0], None, given[1]))
+    if config.requantize is not None and given is None:
+        s = config.requantize
+        return Decision("explicit", True, s, f"fp16 base requantized to {s.quant_type}"
+                        + (" (double quant)" if s.double_quant else ""), evidence, [],
+                        "quantization settings given explicitly (--requantize)")
+    return decide(config.qlora, evidence, has_4bit_base=given is not None, double_quant=config.double_quant)
+
+
 def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
     out_dtype = OUT_DTYPES[config.dtype]
+    decision = qlora_decision(config, refs)
+    for warning in decision.warnings:
+        log.warning("QLoRA: %s", warning)
+    log.info("merge target: %s (%s)", decision.target, decision.why)
+    requantize = decision.settings if config.qlora_base is None else None
     candidates: list[tuple[str, Path, QuantSettings | None]] = []
     if config.qlora_base is not None:
         candidates.append(("qlora-base", Path(config.qlora_base), None))
     if config.base is not None:
-        candidates.append(("base", Path(config.base), config.requantize))
+        candidates.append(("base", Path(config.base), requantize))
     sources: list[Source] = []
     try:
         for label, folder, requant in candidates:
@@ -719,7 +753,7 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
         for source in sources:
             source.close()
         raise
-    warnings: list[str] = []
+    warnings: list[str] = [f"QLoRA: {w}" for w in decision.warnings]
     recorded = {a.config.get("base_model_name_or_path") for a in sources[0].adapters} - {None, ""}
     if len(recorded) > 1:
         warnings.append("the adapters record different bases (" + ", ".join(sorted(map(str, recorded)))
@@ -751,7 +785,7 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
                 reference = validate_mod.Reference(base=reference_base, adapters=refs,
                                                    vocab_size=facts[chosen.label]["vocab_size"],
                                                    tokenizer_dirs=tokenizer_dirs,
-                                                   quantize=None if config.qlora_base else config.requantize)
+                                                   quantize=None if config.qlora_base else requantize)
                 outcome = validate_mod.compare_candidates(reference, folders, config.kl_warn, config.logit_warn)
                 warnings.extend(outcome.warnings)
                 if len(sources) > 1:
@@ -769,7 +803,7 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
             manifest = manifest_mod.build(
                 config=config, chosen=chosen, sources=sources, facts=chosen_facts, aux=aux,
                 adapters=[describe_adapter(a) for a in chosen.adapters],
-                validation=result_validation, fidelity=fidelity, warnings=warnings,
+                validation=result_validation, fidelity=fidelity, warnings=warnings, qlora=decision.describe(),
                 hashes={folder: future.result() for folder, future in hashing.items()})
             write_json(tmp / manifest_mod.MANIFEST_NAME, manifest)
     finally:

@@ -190,20 +190,89 @@ def dequantize(ckpt: Checkpoint, weight: str, state_key: str) -> torch.Tensor:
     return dequantize_packed(ckpt.get(weight), state)
 
 
-def quantize_dequantize(weight: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
-    """What a QLoRA run sees of this weight: bitsandbytes 4-bit quantization (CPU), then our dequantization."""
-    import bitsandbytes.functional as bnbf
+# ------------------------------------------------------------------------------------- quantizing (our own)
+# The 4-bit code tables and the 8-bit "dynamic" table of double quantization, as bitsandbytes defines them
+# (QLoRA paper, arXiv 2305.14314, and Dettmers 2015, arXiv 1511.04561). Built in fp32 exactly as bitsandbytes
+# builds them, so the codes and the dequantized values are bit for bit the same.
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+# FP4 (e2m1 with bitsandbytes' own code order): code i holds FP4_RAW[i] / 12
+FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+NESTED_BLOCKSIZE = 256  # double quantization: blocks of 256 absmax values, 8-bit dynamic codes
 
-    packed, qs = bnbf.quantize_4bit(weight.contiguous(), blocksize=settings.blocksize,
-                                    compress_statistics=settings.double_quant, quant_type=settings.quant_type)
+
+def code_table(quant_type: str) -> torch.Tensor:
+    """The 16 fp32 values of the NF4 or FP4 code, indexed by code."""
+    raw = torch.tensor(NF4_VALUES if quant_type == "nf4" else FP4_RAW, dtype=torch.float32)
+    return raw / raw.abs().max()
+
+
+def dynamic_table() -> torch.Tensor:
+    """The signed 8-bit dynamic code (256 sorted fp32 values): for exponent i = 0..6, 2**i fractions between
+    0.1 and 1 (midpoints of an fp32 linspace) times 10**(i-6) in fp32, both signs; then 0 and 1."""
+    values: list[float] = []
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10.0 ** (i - 6)
+        values += (scale * mids).tolist() + (-scale * mids).tolist()  # products in fp32
+    values += [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _nearest_codes(scaled: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest table value for each scaled value (ties go up), as int64."""
+    order = torch.argsort(table)
+    ordered = table[order]
+    codes = torch.bucketize(scaled, (ordered[:-1] + ordered[1:]) / 2)
+    return order[codes]
+
+
+def _blocks_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absmax per block, values divided by their block's absmax and clamped to [-1, 1]); a short last block
+    is its own block. fp32 throughout."""
+    n = flat.numel()
+    full = n - n % blocksize
+    head = flat[:full].view(-1, blocksize)
+    absmax = head.abs().amax(dim=1)
+    scaled = torch.clamp(head * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if full < n:
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    return absmax, scaled
+
+
+def quantize_4bit(weight: torch.Tensor, settings: QuantSettings) -> tuple[torch.Tensor, QuantState]:
+    """bitsandbytes' 4-bit blockwise quantization: (packed uint8 codes, high nibble first; its quant state)."""
+    flat = weight.reshape(-1).to(torch.float32)
+    absmax, scaled = _blocks_absmax(flat, settings.blocksize)
+    table = code_table(settings.quant_type)
+    if scaled.numel() % 2:
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])  # an odd count is padded with the code of 0.0
+    codes = _nearest_codes(scaled, table).to(torch.uint8)
+    packed = (codes[0::2] << 4) | codes[1::2]
     state = QuantState(weight="(requantized)", quant_type=settings.quant_type, blocksize=settings.blocksize,
-                       dtype=weight.dtype, shape=tuple(weight.shape), absmax=qs.absmax.reshape(-1),
-                       quant_map=qs.code.to(torch.float32))
-    if qs.nested:
-        state.nested_absmax = qs.state2.absmax.to(torch.float32).reshape(-1)
-        state.nested_quant_map = qs.state2.code.to(torch.float32)
-        state.nested_blocksize = int(qs.state2.blocksize)
-        state.nested_offset = float(qs.offset)
+                       dtype=weight.dtype, shape=tuple(weight.shape), absmax=absmax, quant_map=table)
+    if settings.double_quant:
+        offset = absmax.mean()
+        nested_absmax, nested_scaled = _blocks_absmax(absmax - offset, NESTED_BLOCKSIZE)
+        nested_table = dynamic_table()
+        state.absmax = _nearest_codes(nested_scaled, nested_table).to(torch.uint8)
+        state.nested_absmax = nested_absmax
+        state.nested_quant_map = nested_table
+        state.nested_blocksize = NESTED_BLOCKSIZE
+        state.nested_offset = float(offset)
+    return packed, state
+
+
+def quantize_dequantize(weight: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
+    """What a QLoRA run saw of this weight: 4-bit quantization as bitsandbytes does it, then dequantization,
+    in the weight's dtype (one tensor at a time; nothing else is held)."""
+    packed, state = quantize_4bit(weight, settings)
     return dequantize_packed(packed, state)
 
 

@@ -178,3 +178,118 @@ def test_requantized_target_is_validated_against_the_4bit_model(tmp_path, qlora_
     assert "4-bit" in validation["reference"]
     assert validation["mean_kl"] < 1e-6, validation
     assert result.manifest["inputs"]["sources"]["base"]["requantized"]["quant_type"] == "nf4"
+
+
+# ------------------------------------------------------------------ our own 4-bit quantization vs bitsandbytes'
+
+def _bnb_device_independent_nested(absmax):
+    """bitsandbytes' own device-independent blockwise 8-bit quantization (the torch path it ships as the default
+    kernel), called past its CPU C kernel, which picks a neighbour of the nearest code for some values."""
+    import bitsandbytes.functional as bnbf
+
+    op = torch.ops.bitsandbytes.quantize_blockwise.default
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    offset = absmax.mean()
+    code = bnbf.create_dynamic_map()
+    q, nested_absmax = op.redispatch(keys, absmax - offset, code, 256)
+    return q, bnbf.QuantState(absmax=nested_absmax, code=code, blocksize=256, dtype=torch.float32), offset
+
+
+def _bnb_roundtrip(weight, quant_type, double_quant, *, device_independent_nested=False):
+    """bitsandbytes' quantize_4bit + dequantize_4bit on the CPU (its device-independent dequantization where
+    its CPU kernel is wrong: an even last dimension that is not a multiple of the blocksize)."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    if double_quant and device_independent_nested:
+        _, plain = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type=quant_type)
+        state.absmax, state.state2, state.offset = _bnb_device_independent_nested(plain.absmax)
+    if weight.shape[-1] % 2 == 0 and weight.shape[-1] % 64:
+        return bnb_generic_dequantize(packed, state)
+    return bnbf.dequantize_4bit(packed, state)
+
+
+SHAPES = [(128, 64), (64, 128), (96, 64), (64, 96), (33, 17), (7,), (300, 576)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rebuilt_base_is_bit_identical_to_bitsandbytes(quant_type, double_quant, dtype):
+    from merge.qlora import quantize_dequantize
+
+    generator = torch.Generator().manual_seed(7)
+    for shape in SHAPES:
+        weight = (0.05 * torch.randn(shape, generator=generator)).to(dtype)
+        weight.view(-1)[3] = 0.4  # an outlier: one block gets a large scale
+        ours = quantize_dequantize(weight, QuantSettings(quant_type, 64, double_quant))
+        theirs = _bnb_roundtrip(weight, quant_type, double_quant, device_independent_nested=True)
+        assert ours.dtype == dtype and ours.shape == weight.shape
+        assert torch.equal(ours, theirs), (shape, dtype)
+        if not double_quant:  # without double quant even bitsandbytes' CPU kernels agree, code for code
+            assert torch.equal(ours, _bnb_roundtrip(weight, quant_type, False)), shape
+
+
+def test_our_tables_are_bitsandbytes_tables():
+    import bitsandbytes.functional as bnbf
+
+    from merge.qlora import code_table, dynamic_table
+
+    assert torch.equal(code_table("nf4"), bnbf.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(code_table("fp4"), bnbf.get_4bit_type("fp4", device="cpu"))
+    assert torch.equal(dynamic_table(), bnbf.create_dynamic_map())
+
+
+def test_bitsandbytes_cpu_nested_codes_differ_only_by_one_step():
+    """What the README documents: with double quantization, bitsandbytes' CPU C kernel gives some per-block
+    scales the neighbouring 8-bit code; everything else is identical."""
+    import bitsandbytes.functional as bnbf
+
+    from merge.qlora import quantize_4bit
+
+    weight = 0.05 * torch.randn((576, 1536), generator=torch.Generator().manual_seed(0))
+    _, cpu_state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    _, ours = quantize_4bit(weight, QuantSettings("nf4", 64, True))
+    differ = (ours.absmax.to(torch.int16) - cpu_state.absmax.to(torch.int16)).abs()
+    assert 0 < int((differ > 0).sum()) < 0.01 * differ.numel()
+    assert int(differ.max()) == 1
+
+
+def _record_base(adapter, name):
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = name
+    path.write_text(json.dumps(config))
+
+
+def test_detected_qlora_adapter_rebuilds_the_trained_base(tmp_path, qlora_setup):
+    """Only the fp16 base given, an adapter whose config names a 4-bit base: the merge goes into the rebuilt
+    NF4 weights (the same bytes as merging into the 4-bit checkpoint), and the manifest says why."""
+    base, q, adapter = qlora_setup
+    _record_base(adapter, "unsloth/tiny-llama-bnb-4bit")
+    (adapter / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True}}))
+    auto = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "auto", dtype="float32",
+                                 validate=False))
+    qlora = auto.manifest["qlora"]
+    assert qlora["trained_on_4bit"] and qlora["target"] == "fp16 base requantized to nf4 (double quant)"
+    assert {e["source"] for e in qlora["evidence"]} == {"base_model_name_or_path", "config.json"}
+    assert qlora["settings"] is not None and auto.manifest["inputs"]["sources"]["base"]["requantized"]["tensors"] == 14
+    into_q = run_merge(MergeConfig(base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "q",
+                                   dtype="float32", validate=False))
+    ta, tq = merged_tensors(auto.out), merged_tensors(into_q.out)
+    assert all(torch.equal(ta[name], tq[name]) for name in ta)
+    off = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "off", dtype="float32",
+                                validate=False, qlora="off"))
+    assert off.manifest["qlora"]["settings"] is None
+    assert any("--qlora off" in w for w in off.warnings)
+    assert "requantized" not in off.manifest["inputs"]["sources"]["base"]
+
+
+def test_plain_adapter_is_merged_into_the_fp16_base(tmp_path, qlora_setup):
+    base, _, adapter = qlora_setup
+    result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "out", dtype="float32",
+                                   validate=False))
+    assert result.manifest["qlora"]["target"] == "fp16 base" and result.manifest["qlora"]["evidence"] == []
+    assert "requantized" not in result.manifest["inputs"]["sources"]["base"]

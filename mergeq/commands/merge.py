@@ -12,11 +12,14 @@ def run(args) -> int:
     from merge.qlora import QuantSettings
 
     requantize = None
-    if args.requantize:
+    if args.requantize:  # the older spelling of --qlora nf4|fp4, with every setting explicit
         requantize = QuantSettings(args.requantize, args.quant_blocksize, not args.no_double_quant)
+    elif args.quant_blocksize != 64 and args.qlora in ("nf4", "fp4"):
+        requantize = QuantSettings(args.qlora, args.quant_blocksize, not args.no_double_quant)
     config = MergeConfig(
         base=args.base, adapters=[AdapterRef.parse(a) for a in args.adapter], out=args.out, dtype=args.dtype,
         qlora_base=args.qlora_base, validate=not args.no_validate, overwrite=args.overwrite, requantize=requantize,
+        qlora=args.qlora, double_quant=False if args.no_double_quant else None,
         max_shard_bytes=int(args.max_shard_size * 1024**3), threads=args.threads)
     result = run_merge(config)
     if args.json:
@@ -32,6 +35,9 @@ def run(args) -> int:
         if result.validation and "mean_kl" in result.validation:
             console.print(f"validation: mean KL {result.validation['mean_kl']:.3g}, "
                           f"max |delta logit| {result.validation['max_abs_logit_delta']:.3g}")
+        qlora = result.manifest.get("qlora") or {}
+        if qlora:
+            console.print(f"merge target: {qlora['target']} ({qlora['why']})")
         fidelity = result.manifest.get("qlora_fidelity")
         if fidelity:
             for label, numbers in fidelity["candidates"].items():
@@ -52,10 +58,16 @@ def register(sub) -> None:
                                                         "--base, both merge targets are compared and the closer is used")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with the unmerged PEFT model")
+    parser.add_argument("--qlora", choices=("auto", "nf4", "fp4", "off"), default="auto",
+                        help="the 4-bit base a QLoRA adapter was trained on, rebuilt from the fp16 --base: auto "
+                             "(default) when the adapter folder shows QLoRA training (recorded base name, trainer "
+                             "config, model card), nf4/fp4 always, off never")
     parser.add_argument("--requantize", choices=("nf4", "fp4"),
-                        help="merge into the base as QLoRA training saw it: quantize --base to 4 bits, dequantize")
-    parser.add_argument("--quant-blocksize", type=int, default=64, help="blocksize for --requantize (default 64)")
-    parser.add_argument("--no-double-quant", action="store_true", help="--requantize without double quantization")
+                        help="same as --qlora nf4|fp4, with --quant-blocksize and --no-double-quant taken as given")
+    parser.add_argument("--quant-blocksize", type=int, default=64, help="blocksize of the rebuilt 4-bit base (default 64)")
+    parser.add_argument("--no-double-quant", action="store_true",
+                        help="the rebuilt 4-bit base without double quantization (default: as the evidence says, "
+                             "else with it)")
     parser.add_argument("--max-shard-size", type=float, default=2.0, metavar="GIB", help="output shard size (GiB)")
     parser.add_argument("--threads", type=int, default=1,
                         help="compute threads for the streaming merge (default 1; 0 = torch's default)")
