@@ -1,7 +1,15 @@
-"""sha256 of files and texts, streamed so that large checkpoints never sit in memory."""
+"""sha256 of files and texts, streamed so that large checkpoints never sit in memory; and `FileStamps`, which
+remembers each file's digest against its stat so that an unchanged file is not read again."""
+
+from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 22
 
@@ -16,3 +24,58 @@ def sha256_file(path: Path) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _stat_stamp(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+class FileStamps:
+    """sha256 of files, trusted while a file's stat stamp (size, mtime, ctime, inode, device) is unchanged, as
+    make and ccache trust timestamps. ctime cannot be set back by hand (`touch -d` changes it), and mergeq's
+    writers rename new files into place (a new inode), so a rewritten file is always read again.
+
+    `verify=True` reads every file (what `mergeq run --verify` asks for) and warns about any file whose content
+    changed while its stamp did not. The stamps live in a JSON file; `save` keeps only the files looked up.
+    """
+
+    def __init__(self, path: Path | None = None, *, verify: bool = False):
+        self.path, self.verify = path, verify
+        self.known: dict[str, list] = {}
+        self.used: dict[str, list] = {}
+        self.read_files = self.read_bytes = self.trusted_files = self.trusted_bytes = 0
+        if path is not None:
+            try:
+                self.known = json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                self.known = {}
+
+    def sha256(self, path: Path) -> str:
+        key = os.path.realpath(path)
+        before = _stat_stamp(path)
+        entry = self.known.get(key)
+        if entry is not None and entry[0] == before and not self.verify:
+            self.trusted_files += 1
+            self.trusted_bytes += before[0]
+            self.used[key] = entry
+            return entry[1]
+        digest = sha256_file(path)
+        self.read_files += 1
+        self.read_bytes += before[0]
+        if entry is not None and entry[0] == before and entry[1] != digest:
+            log.warning("%s changed without a change of size, time or inode: its stamp would have hidden it", path)
+        if _stat_stamp(path) == before:  # not written to while it was read
+            self.used[key] = [before, digest]
+        return digest
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        from mergeq.atomic import write_json
+
+        write_json(self.path, dict(sorted(self.used.items())))
+
+    def summary(self) -> str:
+        return (f"{self.trusted_files} files ({self.trusted_bytes / 2**30:.2f} GiB) trusted from their stamps, "
+                f"{self.read_files} read ({self.read_bytes / 2**30:.2f} GiB)")

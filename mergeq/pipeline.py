@@ -18,7 +18,7 @@ from mergeq.atomic import atomic_dir, write_json
 from mergeq.config import AdapterSpec, EvalSpec, MergeSpec, PipelineConfig, parse_config
 from mergeq.errors import MergeqError
 from mergeq.exporting import EvalSettings, run_export
-from mergeq.stages import STATE_DIR, RunLock, Stage, stage_key, tree_hashes
+from mergeq.stages import STATE_DIR, RunLock, Stage, file_stamps, stage_key, tree_hashes
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ def check_out_dir(config: PipelineConfig, out: Path) -> None:
                               hint="choose an --out directory that holds no input")
 
 
-def run_pipeline(config: PipelineConfig, out: Path, *, preflight_only: bool = False) -> RunResult:
+def run_pipeline(config: PipelineConfig, out: Path, *, preflight_only: bool = False, verify: bool = False) -> RunResult:
+    """Run every stage that is not up to date. `verify` re-reads every input and output to decide that, instead
+    of trusting the files whose size, times and inode are unchanged since the last run."""
     out = Path(out)
     check_out_dir(config, out)
     preflight(config)
@@ -82,7 +84,7 @@ def run_pipeline(config: PipelineConfig, out: Path, *, preflight_only: bool = Fa
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with RunLock(out):
+        with RunLock(out), file_stamps(out, verify=verify):
             write_json(out / "resolved_config.json", config.resolved())
             return _run_stages(config, out)
     except Exception:
@@ -159,7 +161,10 @@ def _eval_inputs(spec: EvalSpec) -> dict:
 
 def _tool_versions(target: str) -> dict:
     if target != "gguf":
-        return {}
+        import torch
+
+        # GPTQ's float sums run in another order with another thread count, and its bytes change with it
+        return {"torch_threads": torch.get_num_threads()}
     from exporters import llamacpp
 
     return {"llama.cpp": llamacpp.version_info()}

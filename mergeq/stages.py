@@ -4,10 +4,15 @@ Each stage writes its output directory atomically, then a stamp `OUT/.mergeq/sta
 the input key and the sha256 of every output file. A stage is done only when its stamp matches its key
 and its files still hash as stamped; a run killed at any moment therefore redoes at most the stage it
 was in, and leaves nothing that looks finished.
+
+Within `file_stamps(...)`, every hash goes through a `FileStamps` cache: a file whose size, times and inode
+are as last seen is not read again (`OUT/.mergeq/filestamps.json`), so skipping a finished 70B pipeline
+costs a stat per file, not a re-read of every byte. `verify=True` reads everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -18,20 +23,40 @@ from pathlib import Path
 
 from mergeq.atomic import write_json
 from mergeq.errors import MergeqError
-from mergeq.hashing import sha256_file
+from mergeq.hashing import FileStamps, sha256_file
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".mergeq"
+STAMPS_NAME = "filestamps.json"
+
+_stamps: FileStamps | None = None  # set by file_stamps() for the length of a run
+
+
+@contextlib.contextmanager
+def file_stamps(out_root: Path, *, verify: bool = False):
+    """Hash through a FileStamps cache kept in OUT/.mergeq/ while the block runs (one run holds the lock)."""
+    global _stamps
+    previous, _stamps = _stamps, FileStamps(Path(out_root) / STATE_DIR / STAMPS_NAME, verify=verify)
+    try:
+        yield _stamps
+        _stamps.save()
+        log.info("up-to-date checks: %s", _stamps.summary())
+    finally:
+        _stamps = previous
+
+
+def file_sha256(path: Path) -> str:
+    return _stamps.sha256(path) if _stamps is not None else sha256_file(path)
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every regular file under `root`, keyed by POSIX path relative to it, sorted."""
     root = Path(root)
     if root.is_file():
-        return {root.name: sha256_file(root)}
+        return {root.name: file_sha256(root)}
     files = sorted(p for p in root.rglob("*") if p.is_file() and STATE_DIR not in p.relative_to(root).parts)
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+    return {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
 
 
 def stage_key(name: str, inputs: dict, options: dict, versions: dict) -> str:

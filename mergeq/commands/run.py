@@ -13,7 +13,7 @@ def run(args) -> int:
     from mergeq.pipeline import demo_config, run_pipeline
 
     config = load_config(args.config) if args.config else demo_config()
-    result = run_pipeline(config, args.out, preflight_only=args.check)
+    result = run_pipeline(config, args.out, preflight_only=args.check, verify=args.verify)
     if args.check:
         return 0
     from exporters.report import print_reports
@@ -33,4 +33,7 @@ def register(sub) -> None:
     parser.add_argument("--out", type=Path, default=Path("mergeq-out"), help="output directory (default: ./mergeq-out)")
     parser.add_argument("--check", action="store_true", help="validate the config and preflight every export, then stop")
     parser.add_argument("--json", action="store_true", help="print the run's reports as JSON on stdout")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-read every input and output to decide what is up to date (default: trust files "
+                             "whose size, times and inode are unchanged since the last run)")
     parser.set_defaults(run=run)

@@ -1,0 +1,108 @@
+"""Cheap up-to-date checks: a file is hashed again only when its size, times or inode changed; --verify reads all."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mergeq import hashing, stages
+from mergeq.hashing import FileStamps
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Count the files actually read by sha256_file."""
+    seen: list[str] = []
+    real = hashing.sha256_file
+
+    def counting(path):
+        seen.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(hashing, "sha256_file", counting)
+    monkeypatch.setattr(stages, "sha256_file", counting)
+    return seen
+
+
+def make_tree(root):
+    (root / "sub").mkdir(parents=True)
+    (root / "a.bin").write_bytes(b"a" * 1000)
+    (root / "sub" / "b.bin").write_bytes(b"b" * 2000)
+    return root
+
+
+def test_unchanged_files_are_not_read_again(tmp_path, reads):
+    tree = make_tree(tmp_path / "tree")
+    with stages.file_stamps(tmp_path / "out"):
+        first = stages.tree_hashes(tree)
+    assert sorted(reads) == ["a.bin", "b.bin"]
+    assert (tmp_path / "out" / stages.STATE_DIR / stages.STAMPS_NAME).is_file()
+    reads.clear()
+    with stages.file_stamps(tmp_path / "out") as stamps:
+        assert stages.tree_hashes(tree) == first
+    assert reads == [] and stamps.trusted_files == 2 and stamps.read_files == 0
+    # outside a run nothing is cached: every call reads
+    stages.tree_hashes(tree)
+    assert sorted(reads) == ["a.bin", "b.bin"]
+
+
+def test_a_changed_file_is_read_again_even_with_its_mtime_put_back(tmp_path, reads):
+    tree = make_tree(tmp_path / "tree")
+    with stages.file_stamps(tmp_path / "out"):
+        first = stages.tree_hashes(tree)
+    target = tree / "a.bin"
+    st = target.stat()
+    with open(target, "r+b") as handle:  # same size, same inode
+        handle.write(b"A")
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime set back by hand; ctime moves regardless
+    reads.clear()
+    with stages.file_stamps(tmp_path / "out"):
+        second = stages.tree_hashes(tree)
+    assert reads == ["a.bin"]
+    assert second["a.bin"] != first["a.bin"] and second["sub/b.bin"] == first["sub/b.bin"]
+
+
+def test_a_file_replaced_by_rename_is_read_again(tmp_path, reads):
+    tree = make_tree(tmp_path / "tree")
+    with stages.file_stamps(tmp_path / "out"):
+        stages.tree_hashes(tree)
+    replacement = tmp_path / "new.bin"
+    replacement.write_bytes(b"b" * 2000)
+    os.replace(replacement, tree / "sub" / "b.bin")  # how mergeq's own writers land a file: a new inode
+    reads.clear()
+    with stages.file_stamps(tmp_path / "out"):
+        stages.tree_hashes(tree)
+    assert reads == ["b.bin"]
+
+
+def test_verify_reads_everything_and_reports_a_change_the_stamp_hid(tmp_path, reads, caplog):
+    tree = make_tree(tmp_path / "tree")
+    with stages.file_stamps(tmp_path / "out"):
+        stages.tree_hashes(tree)
+    stamps_file = tmp_path / "out" / stages.STATE_DIR / stages.STAMPS_NAME
+    # forge the record: same stat stamp, other digest (what a write that kept every stat field would leave)
+    known = __import__("json").loads(stamps_file.read_text())
+    key = os.path.realpath(tree / "a.bin")
+    known[key][1] = "0" * 64
+    stamps_file.write_text(__import__("json").dumps(known))
+    reads.clear()
+    with stages.file_stamps(tmp_path / "out") as stamps:
+        assert stages.tree_hashes(tree)["a.bin"] == "0" * 64, "without --verify the stamp is trusted"
+    assert reads == [] and stamps.trusted_files == 2
+    with stages.file_stamps(tmp_path / "out", verify=True) as stamps:
+        hashes = stages.tree_hashes(tree)
+    assert sorted(reads) == ["a.bin", "b.bin"] and stamps.read_files == 2
+    assert hashes["a.bin"] == hashing.sha256_file(tree / "a.bin")
+    assert "changed without a change of size, time or inode" in caplog.text
+
+
+def test_stamps_keep_only_the_files_of_the_last_run(tmp_path):
+    one, two = make_tree(tmp_path / "one"), make_tree(tmp_path / "two")
+    with stages.file_stamps(tmp_path / "out"):
+        stages.tree_hashes(one)
+        stages.tree_hashes(two)
+    with stages.file_stamps(tmp_path / "out"):
+        stages.tree_hashes(two)
+    kept = FileStamps(tmp_path / "out" / stages.STATE_DIR / stages.STAMPS_NAME).known
+    assert all(path.startswith(os.path.realpath(two)) for path in kept) and len(kept) == 2
