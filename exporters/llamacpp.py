@@ -5,7 +5,8 @@ cmake arguments, the quantization type names). Layout under `cache_root()/llama.
 
     download/<sdist>   the verified source distribution (kept, so a rebuild needs no network)
     src/               its vendor/llama.cpp tree: convert_hf_to_gguf.py, conversion/, gguf-py/, tools/
-    build/             the cmake build tree of the "native" variant (build-portable/ for "portable")
+    build/             the cmake build tree, one for both variants: the instruction set reaches only ggml's
+                       CPU backend, so switching variants recompiles that library and relinks
     bin/               llama-quantize, llama-perplexity, llama-imatrix, llama-server
     build.json         written last: the stamp that says the build above is complete, for which pin and CPU,
                        which variant it is and why, and that it passed the smoke test
@@ -534,10 +535,6 @@ def _cmake_cache_generator(build: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def build_dir(where: Layout, variant: str) -> Path:
-    return where.build if variant == NATIVE else where.root / f"build-{variant}"
-
-
 class _BuildProgress:
     """cmake's percentage on the progress bar, and a log line every 10 points or 30 s (the bar is invisible
     where stderr is not a terminal, and a build that prints nothing for minutes looks hung)."""
@@ -564,8 +561,8 @@ class _BuildProgress:
 
 
 def _build(pin: Pin, where: Layout, tools: BuildTools, jobs: int, variant: str = NATIVE) -> None:
-    """Configure and build `variant` in its own build tree, then copy the tools into bin/."""
-    tree = build_dir(where, variant)
+    """Configure and build `variant` (reconfiguring the one build tree), then copy the tools into bin/."""
+    tree = where.build
     generator = _cmake_cache_generator(tree)
     cache_source = None
     if (tree / "CMakeCache.txt").is_file():
@@ -713,14 +710,13 @@ def ensure_built(pin: Pin | None = None, *, sdist: Path | None = None, jobs: int
         stamp = read_stamp(where)
         if stamp is not None and stamp.get("cpu") != cpu_fingerprint():
             log.info("the cached llama.cpp build is for another CPU; rebuilding it from scratch")
-            for name in VARIANTS:
-                shutil.rmtree(build_dir(where, name), ignore_errors=True)
+            shutil.rmtree(where.build, ignore_errors=True)
         where.stamp.unlink(missing_ok=True)
         order = [NATIVE, PORTABLE] if variant == "auto" else [variant]
         rejected: list[dict] = []
         for name in order:
             log.info("building llama.cpp %s (%s), %s variant, in %s; this takes a few minutes, once",
-                     pin.version, pin.commit, name, build_dir(where, name))
+                     pin.version, pin.commit, name, where.build)
             _build(pin, where, tools, jobs or os.cpu_count() or 2, name)
             smoke = smoke_test(where, pin)
             if smoke.passed:
