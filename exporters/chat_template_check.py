@@ -201,7 +201,8 @@ def _render_reference(model_dir: str) -> dict:
 
 
 def _main() -> None:
-    json.dump(_render_reference(sys.argv[1]), sys.stdout)
+    result = _render_reference(sys.argv[1])
+    sys.stdout.write("\n" + json.dumps(result) + "\n")  # the last line, whatever a library printed before
 
 
 @dataclass(frozen=True)
@@ -213,20 +214,67 @@ class Reference:
     peak_rss_bytes: int
 
 
-def reference(model_dir: Path) -> Reference:
-    """transformers' token IDs for every transcript, from the merged checkpoint (in a subprocess)."""
-    from exporters import llamacpp
+class PendingReference:
+    """transformers' renderings, computed by a subprocess started now (the export starts it before the
+    conversion, so that it overlaps with it). `result()` waits for it; `cancel()` stops it if still running."""
 
-    command = llamacpp.ToolCommand(
-        REFERENCE, (sys.executable, "-c", "from exporters.chat_template_check import _main; _main()", str(model_dir)),
-        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}, cwd=llamacpp.REPO_ROOT)
-    result = llamacpp.run_tool(command, hint=f"transformers could not load the tokenizer of {model_dir}")
-    data = json.loads(result.stdout)
+    def __init__(self, model_dir: Path):
+        from exporters import llamacpp
+        from mergeq import faults  # inert unless MERGEQ_FAULT names this step
+        from mergeq.memory import ChildPeak
+
+        self.model_dir = Path(model_dir)
+        argv = (sys.executable, "-c", "from exporters.chat_template_check import _main; _main()", str(model_dir))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        self._started = time.perf_counter()
+        self._outcome: Reference | MergeqError | None = None
+        try:
+            self._proc = subprocess.Popen(
+                faults.tool_argv(REFERENCE, argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, errors="replace", env=env, cwd=llamacpp.REPO_ROOT,
+                start_new_session=True, preexec_fn=llamacpp._die_with_parent)
+        except OSError as err:
+            self._proc = None
+            self._outcome = ToolError(f"{REFERENCE}: cannot run {sys.executable}: {err.strerror}")
+            return
+        self._memory = ChildPeak(self._proc.pid)
+
+    def result(self) -> Reference | MergeqError:
+        """The renderings, or the error that says why transformers could not render them."""
+        if self._outcome is None:
+            from exporters import llamacpp
+
+            out, err = self._proc.communicate()
+            peak = self._memory.finish(0)
+            tool = llamacpp.ToolResult(out, err, time.perf_counter() - self._started, peak)
+            if self._proc.returncode != 0:
+                self._outcome = llamacpp.tool_failure(
+                    REFERENCE, self._proc.returncode, tool,
+                    hint=f"transformers could not load the tokenizer of {self.model_dir}")
+            else:
+                self._outcome = _parse_reference(json.loads(out.strip().splitlines()[-1]), tool)
+        return self._outcome
+
+    def cancel(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            _stop(self._proc)
+            self._memory.finish(0)
+
+
+def _parse_reference(data: dict, tool) -> Reference:
     renderings = None
     if data["template"]:
         renderings = {name: Rendering(tuple(r["ids"]), tuple(r["pieces"])) if "ids" in r else Rendering(error=r["error"])
                       for name, r in data["transcripts"].items()}
-    return Reference(renderings, result.seconds, result.peak_rss_bytes)
+    return Reference(renderings, tool.seconds, tool.peak_rss_bytes)
+
+
+def reference(model_dir: Path) -> Reference:
+    """transformers' token IDs for every transcript, from the merged checkpoint (in a subprocess)."""
+    outcome = PendingReference(model_dir).result()
+    if isinstance(outcome, MergeqError):
+        raise outcome
+    return outcome
 
 
 # ----------------------------------------------------------------------------------------------- llama-server
@@ -410,23 +458,24 @@ def check_gguf(gguf: Path, ref: Reference) -> TemplateCheck:
     return check
 
 
-def check_ggufs(model_dir: Path, ggufs: list[Path]) -> list[TemplateCheck]:
-    """The round trip for every GGUF of one export: transformers renders the checkpoint's transcripts once,
-    then one llama-server run per file. Never raises for a check that cannot run: that is its result."""
+
+def check_ggufs(model_dir: Path, ggufs: list[Path], pending: PendingReference | None = None) -> list[TemplateCheck]:
+    """The round trip for every GGUF of one export: transformers renders the checkpoint's transcripts once
+    (`pending`: started earlier, else now), then one llama-server run per file.
+    Never raises for a check that cannot run: that is its result."""
     ggufs = [Path(p) for p in ggufs]
     if not any(has_template(p) for p in ggufs):
         return [TemplateCheck("no template") for _ in ggufs]
     log.info("checking the chat template of %d GGUF file(s) through llama-server against transformers", len(ggufs))
-    try:
-        ref = reference(model_dir)
-    except MergeqError as err:
-        log.warning("chat template round trip not checked: %s", err)
-        ref = None
-        reason = f"transformers could not render the checkpoint's template: {err}"
+    ref = (pending or PendingReference(model_dir)).result()
+    if isinstance(ref, MergeqError):
+        log.warning("chat template round trip not checked: %s", ref)
     checks = []
     for path in ggufs:
-        if ref is None:
-            check = TemplateCheck("no template") if not has_template(path) else TemplateCheck("not checked", reason=reason)
+        if not has_template(path):
+            check = TemplateCheck("no template")
+        elif isinstance(ref, MergeqError):
+            check = TemplateCheck("not checked", reason=f"transformers could not render the checkpoint's template: {ref}")
         else:
             check = check_gguf(path, ref)
             check.reference_seconds, check.reference_peak_rss_bytes = round(ref.seconds, 3), ref.peak_rss_bytes

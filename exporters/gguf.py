@@ -157,6 +157,7 @@ class GGUFExporter:
 
     def __init__(self) -> None:
         self._preflight_warnings: list[str] = []
+        self._template_reference: chat_template_check.PendingReference | None = None  # started by export()
 
     # -- options
 
@@ -259,11 +260,16 @@ class GGUFExporter:
         remove_stale_tmp(out_dir / WORK_NAME)
         work = Path(tempfile.mkdtemp(prefix=f".{WORK_NAME}.tmp-", dir=out_dir))
         hasher = ThreadPoolExecutor(max_workers=1)
+        # transformers' side of the chat template round trip: a subprocess that overlaps with the conversion
+        self._template_reference = (chat_template_check.PendingReference(model_dir)
+                                    if chat_template(model_dir) is not None else None)
         try:
             inputs: Future = hasher.submit(_input_hashes, model_dir, options)
             return self._export(model_dir, out_dir, options, inter, stem, work, inputs)
         finally:
             hasher.shutdown(wait=True)
+            if self._template_reference is not None:
+                self._template_reference.cancel()  # still running only when the export failed
             shutil.rmtree(work, ignore_errors=True)
 
     def _export(self, model_dir, out_dir, options, inter, stem, work, inputs) -> list[ArtifactReport]:
@@ -320,7 +326,8 @@ class GGUFExporter:
         pin = llamacpp.load_pin()
         summaries = read_ggufs(list(finals.values()))
         template = chat_template(model_dir)
-        template_checks = chat_template_check.check_ggufs(model_dir, list(finals.values()))
+        template_checks = chat_template_check.check_ggufs(model_dir, list(finals.values()),
+                                                          self._template_reference)
         reports = []
         for (quant, path), summary, template_check in zip(finals.items(), summaries, template_checks):
             size, warnings = size_info(summary, quant, pin.default_types.get(quant), logs.get(quant))
