@@ -11,6 +11,14 @@
 - `crash@TOOL`      the llama.cpp tool TOOL (exporters.llamacpp.run_tool) writes half an output file and a
                     few stderr lines, then aborts (SIGABRT).
 - `killtool@TOOL`   the same, but the tool dies by SIGKILL.
+- `progress@PATH`   append one line per progress event to PATH: stage, number within the stage, event.
+- `hold@STAGE:N:PATH` at the Nth progress event of pipeline stage STAGE, write that event's line to PATH and
+                    block until killed (a kill test waits for PATH, then kills the process group: the kill lands
+                    at a known unit of real work, however loaded the machine is).
+
+Progress events mark real work about to start inside a stage: each item of a progress bar (mergeq.progress.track:
+a tensor of the merge, a layer of the int4 quantizer, an evaluation window) and each llama.cpp tool run.
+mergeq.pipeline names the stage (`enter_stage`); events are numbered from 1 within it.
 
 Real runs never set the variable; each hook then costs one environment lookup.
 """
@@ -28,6 +36,9 @@ from pathlib import Path
 ENV = "MERGEQ_FAULT"
 
 _points = 0  # commit points seen in this process
+_stage = ""  # the pipeline stage now running ("" outside `mergeq run`)
+_events = 0  # progress events seen in that stage
+HOLD_LIMIT_S = 900  # a held process nobody killed (its test died) kills itself after this long
 
 # The stand-in for a crashing tool: argv[1] is the mode, argv[2] the tool name, the rest its real arguments.
 # It leaves a partial file where the tool would have written its output (any .gguf argument that does
@@ -79,8 +90,46 @@ def commit_point(tmp: Path, final: Path, *, renamed: bool) -> None:
                     time.sleep(0.05)
 
 
+def enter_stage(name: str) -> None:
+    """Called by mergeq.pipeline as a stage starts: progress events are numbered from 1 within each stage."""
+    global _stage, _events
+    _stage, _events = name, 0
+
+
+def progress(event: str) -> None:
+    """Called as a unit of real work starts (`event` names it, e.g. "gptq layers 2/4", "tool llama-quantize")."""
+    specs = _specs()
+    if not specs:
+        return
+    global _events
+    _events += 1
+    line = f"{_stage}\t{_events}\t{event}\n"
+    for action, arg in specs:
+        if action == "progress":
+            with open(arg, "a", encoding="utf-8") as handle:
+                handle.write(line)
+        if action == "hold":
+            stage, _, rest = arg.partition(":")
+            number, _, path = rest.partition(":")
+            if stage == _stage and number.isdigit() and int(number) == _events:
+                _hold(Path(path), line)
+
+
+def _hold(marker: Path, line: str) -> None:
+    """Write `line` to `marker` in one rename (a waiting test never reads half of it), then wait to be killed."""
+    partial = marker.with_name(marker.name + ".partial")
+    partial.write_text(line, encoding="utf-8")
+    os.replace(partial, marker)
+    sys.stderr.flush()
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def tool_argv(name: str, argv: tuple[str, ...]) -> tuple[str, ...]:
     """The argv to run for llama.cpp tool `name`: its own, or a stand-in that crashes like it."""
+    progress(f"tool {name}")
     for action, arg in _specs():
         if action in ("crash", "killtool") and arg == name:
             return (sys.executable, "-c", _TOOL_STANDIN, action, name, *map(str, argv[1:]))

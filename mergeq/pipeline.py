@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporters.report import ArtifactReport
+from mergeq import faults
 from mergeq.atomic import atomic_dir, write_json
 from mergeq.config import AdapterSpec, EvalSpec, MergeSpec, PipelineConfig, parse_config
 from mergeq.errors import MergeqError
@@ -137,6 +138,7 @@ def _run_stage(stage: Stage, out: Path, result: RunResult, work) -> None:
     stage.clear(out)
     started = time.monotonic()
     log.info("stage %s: running", stage.name)
+    faults.enter_stage(stage.name)
     try:
         with atomic_dir(stage.output, overwrite=True) as tmp:
             work(tmp)

@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from mergeq import faults  # inert unless MERGEQ_FAULT is set (kill tests hold a run at a unit of work)
+
 QUIET_ENV = "MERGEQ_QUIET"
 
 
@@ -42,6 +44,7 @@ def track(items: Iterable, description: str, total: int | None = None) -> Iterat
         total = len(items)  # type: ignore[arg-type]
     with progress_bar() as bar:
         task = bar.add_task(description, total=total)
-        for item in items:
+        for number, item in enumerate(items, 1):
+            faults.progress(f"{description} {number}/{total or '?'}")
             yield item
             bar.advance(task)
