@@ -44,6 +44,7 @@ SERVER = "llama-server"
 REFERENCE = "transformers chat template"
 START_TIMEOUT = 120.0  # seconds for llama-server to load the GGUF and answer /health
 REQUEST_TIMEOUT = 30.0  # seconds per HTTP request
+REFERENCE_TIMEOUT = 300.0  # seconds for transformers to load the tokenizer and render every transcript
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL of the server's process group
 SERVER_CONTEXT = 512  # tokens: the KV cache is never used, keep it small whatever the model's training context
 LOG_TAIL = 15  # server log lines quoted when it fails
@@ -244,15 +245,24 @@ class PendingReference:
         if self._outcome is None:
             from exporters import llamacpp
 
-            out, err = self._proc.communicate()
+            try:
+                out, err = self._proc.communicate(timeout=REFERENCE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.cancel()
+                self._outcome = ToolError(f"{REFERENCE} did not finish within {REFERENCE_TIMEOUT:.0f} s")
+                return self._outcome
             peak = self._memory.finish(0)
             tool = llamacpp.ToolResult(out, err, time.perf_counter() - self._started, peak)
             if self._proc.returncode != 0:
                 self._outcome = llamacpp.tool_failure(
                     REFERENCE, self._proc.returncode, tool,
                     hint=f"transformers could not load the tokenizer of {self.model_dir}")
-            else:
+                return self._outcome
+            try:
                 self._outcome = _parse_reference(json.loads(out.strip().splitlines()[-1]), tool)
+            except (ValueError, IndexError, KeyError, TypeError):
+                tail = "\n".join(f"    | {line}" for line in (err or out).strip().splitlines()[-LOG_TAIL:])
+                self._outcome = ToolError(f"{REFERENCE} exited without its result line; its last output lines:\n{tail}")
         return self._outcome
 
     def cancel(self) -> None:

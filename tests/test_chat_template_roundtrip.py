@@ -18,7 +18,7 @@ from exporters import llamacpp
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.gguf_inspect import read_gguf
 
-pytestmark = pytest.mark.llamacpp
+llamacpp_build = pytest.mark.llamacpp
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -80,6 +80,7 @@ def rewrite_gguf(src: Path, dst: Path, *args: str) -> Path:
     return dst
 
 
+@llamacpp_build
 def test_every_transcript_renders_to_the_same_tokens(exported, chat_model):
     section = exported.extra["chat_template"]
     assert section["status"] == "matched", section
@@ -97,6 +98,7 @@ def test_every_transcript_renders_to_the_same_tokens(exported, chat_model):
     assert read_gguf(Path(exported.path)).metadata["tokenizer.chat_template"]
 
 
+@llamacpp_build
 def test_the_server_renders_the_chatml_prompt(exported, reference):
     """What llama.cpp really renders: the template's text with ChatML's special tokens as single tokens."""
     with ctc.running_server(Path(exported.path)) as server:
@@ -109,6 +111,7 @@ def test_the_server_renders_the_chatml_prompt(exported, reference):
     assert rendering.pieces[-3:] == ("<|im_start|>", "assistant", "\n")
 
 
+@llamacpp_build
 def test_an_altered_template_is_reported_with_the_position(exported, chat_model, reference, tmp_path):
     from transformers import AutoTokenizer
 
@@ -143,6 +146,7 @@ def test_an_altered_template_is_reported_with_the_position(exported, chat_model,
     assert f"at token {first.first_difference}" in warning and repr(first.llama_cpp.piece) in warning
 
 
+@llamacpp_build
 def test_a_gguf_without_a_template_reports_no_template(exported, reference, tmp_path, monkeypatch):
     gguf = rewrite_gguf(Path(exported.path), tmp_path / "bare.gguf", "--remove-metadata", "tokenizer.chat_template")
     assert "tokenizer.chat_template" not in read_gguf(gguf).metadata
@@ -155,6 +159,7 @@ def test_a_gguf_without_a_template_reports_no_template(exported, reference, tmp_
     assert check.status == "no template" and check.transcripts == [] and check.warnings("bare.gguf") == []
 
 
+@llamacpp_build
 def test_a_server_that_dies_is_reported_not_hidden(exported, reference, monkeypatch):
     monkeypatch.setenv("MERGEQ_FAULT", "crash@llama-server")
     check = ctc.check_gguf(Path(exported.path), reference)
@@ -164,6 +169,7 @@ def test_a_server_that_dies_is_reported_not_hidden(exported, reference, monkeypa
     assert "was not checked" in warning
 
 
+@llamacpp_build
 def test_the_server_is_stopped_also_on_errors(exported):
     with pytest.raises(RuntimeError, match="boom"):
         with ctc.running_server(Path(exported.path)) as server:
@@ -172,3 +178,37 @@ def test_the_server_is_stopped_also_on_errors(exported):
             raise RuntimeError("boom")
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # its whole process group is gone
+
+
+def test_compare_finds_the_first_difference_and_the_end_of_the_shorter_side():
+    """The comparison itself (no llama.cpp needed)."""
+    same = ctc.Rendering((1, 2, 3), ("a", "b", "c"))
+    assert ctc.compare("t", same, same).matched
+    other = ctc.compare("t", ctc.Rendering((1, 9, 3), ("a", "x", "c")), same)
+    assert not other.matched and other.first_difference == 1
+    assert (other.llama_cpp.id, other.llama_cpp.piece, other.transformers.id, other.transformers.piece) == (9, "x", 2, "b")
+    longer = ctc.compare("t", ctc.Rendering((1, 2, 3, 4), ("a", "b", "c", "d")), same)
+    assert longer.first_difference == 3 and longer.transformers is None and longer.llama_cpp.piece == "d"
+    assert "transformers ends" in ctc.describe(longer)
+    refused = ctc.Rendering(error="TemplateError: System role not supported")
+    assert ctc.compare("t", refused, refused).matched
+    one_sided = ctc.compare("t", same, refused)
+    assert not one_sided.matched and "transformers refused: TemplateError" in one_sided.error
+    assert one_sided.llama_cpp_tokens == 3 and one_sided.transformers_tokens is None
+
+
+def test_the_report_shows_the_round_trip():
+    from exporters.report import ArtifactReport, SizeInfo, report_markdown
+
+    result = ctc.compare("two turns", ctc.Rendering((1, 9), ("<|im_start|>", "Hi")),
+                         ctc.Rendering((1, 8), ("<|im_start|>", "Hello")))
+    check = ctc.TemplateCheck("mismatch", [result])
+    report = ArtifactReport("gguf", "Q8_0", "x.gguf", SizeInfo(1, 2, 8.0, 8.5), extra={"chat_template": check.to_json()},
+                            warnings=check.warnings("Q8_0"))
+    text = report_markdown(report)
+    assert "## Chat template round trip" in text and "mismatch, 0 of 1 transcripts" in text
+    assert "| two turns | 2 / 2 | no | token 1: llama.cpp 9 `'Hi'`, transformers 8 `'Hello'` |" in text
+    assert report.warnings == ["Q8_0: llama.cpp renders the chat template to other tokens than transformers in 1 of 1 "
+                               "transcripts; first: 'two turns' at token 1 (llama.cpp 9 'Hi', transformers 8 'Hello'; "
+                               "2 vs 2 tokens)"]
+    assert ArtifactReport.from_json(report.to_json()).extra["chat_template"]["transcripts"][0]["first_difference"] == 1
