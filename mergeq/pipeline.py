@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporters.report import ArtifactReport
-from mergeq import faults
+from mergeq import budget, faults
 from mergeq.atomic import atomic_dir, write_json
 from mergeq.config import AdapterSpec, EvalSpec, MergeSpec, PipelineConfig, parse_config
 from mergeq.errors import MergeqError
@@ -32,6 +32,7 @@ class RunResult:
     reports: list[ArtifactReport] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
+    budgets: list = field(default_factory=list)  # mergeq.budget.StageBudget, filled by --check
 
 
 def versions() -> dict[str, str]:
@@ -76,12 +77,16 @@ def check_out_dir(config: PipelineConfig, out: Path) -> None:
 
 def run_pipeline(config: PipelineConfig, out: Path, *, preflight_only: bool = False, verify: bool = False) -> RunResult:
     """Run every stage that is not up to date. `verify` re-reads every input and output to decide that, instead
-    of trusting the files whose size, times and inode are unchanged since the last run."""
+    of trusting the files whose size, times and inode are unchanged since the last run. `preflight_only`
+    (`--check`) stops after the checks, with the predicted peak memory and disk of every stage in `budgets`."""
     out = Path(out)
     check_out_dir(config, out)
     preflight(config)
+    budgets = budget.stage_budgets(config, budget.read_shapes(config.merge.base))
     if preflight_only:
-        return RunResult(out)
+        return RunResult(out, budgets=budgets)
+    pending = [b.stage for b in budgets if not (out / STATE_DIR / "stages" / f"{b.stage}.json").is_file()]
+    budget.check_disk(budgets, out, pending)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
