@@ -6,13 +6,17 @@
 - a llama.cpp tool (converter, llama-quantize) that crashes or is SIGKILLed mid-quantization;
 - two `mergeq run` on one output directory: the second refuses while the first runs, the first's outputs are
   those of a run alone;
-- `kill -9` of `mergeq run` inside each stage (merge, gguf, awq, gptq), at seeded random times and at seeded
-  random commit points, each followed by a rerun that must finish with artifacts byte-identical to an
-  uninterrupted run's.
+- `kill -9` of `mergeq run` inside each stage (merge, gguf, awq, gptq), at seeded random units of real work
+  (a tensor, a layer, an evaluation window, a llama.cpp tool: the run is held there by MERGEQ_FAULT=hold@ and
+  its whole process group killed, so the kill lands inside the stage however loaded the machine is) and at
+  seeded random commit points, each followed by a rerun that must skip the finished stages, redo the killed
+  one and finish with artifacts byte-identical to an uninterrupted run's. Never timed: a kill after a fraction
+  of a measured stage time lands after the stage on a busy machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -30,7 +34,7 @@ from harness import (Outcome, check_fragments, compare, mergeq_command, model_fi
 STAGES = ("merge", "gguf", "awq", "gptq")
 STAGE_DIRS = {"merge": "merged", "gguf": "gguf", "awq": "awq", "gptq": "gptq"}
 KILL_SEED = 20261123
-KILLS_PER_STAGE = 5  # 20 kills in all
+KILLS_PER_STAGE = 3  # 12 kills in all: per stage 2 held at units of work, 1 at a commit point
 RUN_TIMEOUT = 600
 
 
@@ -165,10 +169,18 @@ def tool_fault(root: Path, mode: str, tool: str) -> Outcome:
 
 
 def start_run(config: Path, out: Path, env: dict[str, str] | None = None, log: Path | None = None,
-              quiet: bool = True) -> subprocess.Popen:
+              quiet: bool = True, group: bool = False) -> subprocess.Popen:
+    """`mergeq run CONFIG --out OUT` in the background; with `group`, in a process group of its own (its pid)."""
     argv = mergeq_command(*(["-q"] if quiet else []), "run", str(config), "--out", str(out))
-    sink = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's exit
-    return subprocess.Popen(argv, env=subprocess_env(**(env or {})), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+    with open(log, "w") if log else contextlib.nullcontext(subprocess.DEVNULL) as sink:  # the child keeps a copy
+        return subprocess.Popen(argv, env=subprocess_env(**(env or {})), cwd=REPO, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=group)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """kill -9 of the process group `proc` leads (start_run(..., group=True)), children included."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def finish(proc: subprocess.Popen, log: Path | None) -> tuple[int, str]:
@@ -182,6 +194,7 @@ class Reference:
     files: dict[str, str]
     seconds: dict[str, float]  # stage -> duration of that stage in the uninterrupted run
     points: dict[str, list[int]]  # stage -> commit points (numbered as in a run that starts at that stage)
+    events: dict[str, list[str]]  # stage -> its progress events in order (event N is events[stage][N - 1])
 
 
 def reference_run(root: Path) -> Reference:
@@ -192,13 +205,29 @@ def reference_run(root: Path) -> Reference:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    trace, log = folder / "trace.tsv", folder / "run.log"
-    code, output = finish(start_run(_shared(root) / "run.toml", cached, {"MERGEQ_FAULT": f"trace@{trace}"}, log,
-                                    quiet=False), log)
+    trace, events, log = folder / "trace.tsv", folder / "progress.tsv", folder / "run.log"
+    code, output = finish(start_run(_shared(root) / "run.toml", cached,
+                                    {"MERGEQ_FAULT": f"trace@{trace},progress@{events}"}, log, quiet=False), log)
     assert code == 0, output
     seconds = {m.group(1): float(m.group(2)) for m in re.finditer(r"stage (\w+): done in ([\d.]+) s", output)}
     assert set(seconds) == set(STAGES), output
-    return Reference(cached, model_files(cached), seconds, _stage_points(trace, cached))
+    return Reference(cached, model_files(cached), seconds, _stage_points(trace, cached), _stage_events(events))
+
+
+def _same_in_every_run(text: str) -> str:
+    """`text` with temporary names (random per run: `.awq.tmp-k3j9x0ab`) made the same for every run."""
+    return re.sub(r"\.tmp-[A-Za-z0-9_]+", ".tmp-*", text)
+
+
+def _stage_events(progress: Path) -> dict[str, list[str]]:
+    """The progress events of each stage, in order, as `progress@PATH` recorded them."""
+    events: dict[str, list[str]] = {stage: [] for stage in STAGES}
+    for line in _same_in_every_run(progress.read_text()).splitlines():
+        stage, number, event = line.split("\t", 2)
+        if stage in events:
+            assert int(number) == len(events[stage]) + 1, f"{progress}: events of {stage} out of order"
+            events[stage].append(event)
+    return events
 
 
 def _stage_points(trace: Path, out: Path) -> dict[str, list[int]]:
@@ -239,82 +268,115 @@ def prefix_state(ref: Reference, out: Path, stage: str) -> None:
 class KillTrial:
     number: int
     stage: str
-    how: str  # "time" or "point"
-    at: float  # seconds after the stage started, or the commit point
+    how: str  # "progress" (held at a unit of work, then the process group killed) or "point" (a commit point)
+    at: int  # the progress event's number within the stage, or the commit point
+    event: str = ""  # the progress event's name, from the reference run
     killed: bool = False
+    inside: bool | None = None  # held trials: the stage was unfinished when the kill landed (no stamp, no
+    # output, its temporary directory there); commit points are not judged (one follows the stage's last rename)
     rerun_code: int | None = None
+    redone: bool = False  # the rerun skipped exactly the finished stages and ran the rest
     identical: bool = False
     leftovers: list[str] | None = None
     detail: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.killed and self.rerun_code == 0 and self.identical and not self.leftovers
+        return (self.killed and self.inside is not False and self.rerun_code == 0 and self.redone and self.identical
+                and not self.leftovers)
 
     def label(self) -> str:
-        where = f"{self.at:.2f} s into the stage" if self.how == "time" else f"commit point {int(self.at)}"
+        where = f"event {self.at} ({self.event})" if self.how == "progress" else f"commit point {self.at}"
         return f"kill-{self.number:02d} {self.stage} at {where}"
 
 
 def plan_kills(ref: Reference, seed: int = KILL_SEED, per_stage: int = KILLS_PER_STAGE) -> list[KillTrial]:
+    """Seeded kill points in every stage: units of real work (progress events) and commit points, each
+    drawn from what the uninterrupted run recorded."""
     rng = random.Random(seed)
     trials = []
     for stage in STAGES:
+        assert ref.events[stage] or ref.points[stage], f"stage {stage} recorded no progress and no commit"
         for k in range(per_stage):
-            if k % 2 == 0 or not ref.points[stage]:
-                at = rng.uniform(0.0, 0.9 * max(ref.seconds[stage], 0.2))
-                trials.append(KillTrial(len(trials) + 1, stage, "time", at))
+            if (k % 2 == 0 and ref.events[stage]) or not ref.points[stage]:
+                number = rng.randint(1, len(ref.events[stage]))
+                trials.append(KillTrial(len(trials) + 1, stage, "progress", number, ref.events[stage][number - 1]))
             else:
                 trials.append(KillTrial(len(trials) + 1, stage, "point", rng.choice(ref.points[stage])))
     return trials
 
 
-def _stage_started(out: Path, stage: str) -> bool:
+def _stamp(out: Path, stage: str) -> Path:
+    return out / ".mergeq" / "stages" / f"{stage}.json"
+
+
+def _unfinished(out: Path, stage: str) -> str:
+    """Why `stage` was not finished in `out` ("" if it looks finished or was never started)."""
     directory = STAGE_DIRS[stage]
-    return out.is_dir() and any(out.glob(f".{directory}.tmp-*"))
+    if _stamp(out, stage).exists() or (out / directory).exists():
+        return ""
+    temps = list(out.glob(f".{directory}.tmp-*"))
+    return f"unfinished: no stamp, no {directory}/, its temporary {temps[0].name}" if temps else ""
+
+
+def _wait_for(marker: Path, proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _ran_and_skipped(log: str) -> tuple[list[str], list[str]]:
+    return (re.findall(r"stage (\w+): done in", log), re.findall(r"stage (\w+): unchanged", log))
 
 
 def run_kill(root: Path, ref: Reference, trial: KillTrial) -> KillTrial:
-    """One trial; a timed kill that came after the run had already finished is retried at half the delay."""
-    for _ in range(4):
-        trial = _run_kill_once(root, ref, trial)
-        if trial.killed or trial.how != "time":
-            return trial
-        trial.at /= 2
-    return trial
-
-
-def _run_kill_once(root: Path, ref: Reference, trial: KillTrial) -> KillTrial:
+    """One trial: the stages before trial.stage done (as an earlier run left them), `mergeq run` killed at the
+    trial's point in trial.stage, then run again to the end."""
     folder = Path(root) / "faults" / f"kill-{trial.number:02d}"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    out = folder / "out"
+    out, marker = folder / "out", folder / "held.tsv"
     config = _shared(root) / "run.toml"
     prefix_state(ref, out, trial.stage)
-    env = {"MERGEQ_FAULT": f"kill@{int(trial.at)}"} if trial.how == "point" else {}
+    if trial.how == "progress":
+        env = {"MERGEQ_FAULT": f"hold@{trial.stage}:{trial.at}:{marker}"}
+    else:
+        env = {"MERGEQ_FAULT": f"kill@{trial.at}"}
     log = folder / "killed.log"
-    proc = start_run(config, out, env, log)
-    if trial.how == "time":
-        while proc.poll() is None and not _stage_started(out, trial.stage):
-            time.sleep(0.01)
-        deadline = time.monotonic() + trial.at
-        while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)  # the main process only, as `kill -9 PID` does
-    code = proc.wait(timeout=RUN_TIMEOUT)
+    proc = start_run(config, out, env, log, group=True)
+    try:
+        if trial.how == "progress" and _wait_for(marker, proc):
+            kill_group(proc)
+        code = proc.wait(timeout=RUN_TIMEOUT)
+    finally:
+        kill_group(proc)  # nothing of the killed run may outlive it (a held run never ends by itself)
     trial.killed = code == -signal.SIGKILL
     if not trial.killed:
-        trial.detail = f"the run ended by itself (exit {code}) before the kill point"
+        trial.detail = f"the run ended by itself (exit {code}) before the kill point:\n{log.read_text()[-2000:]}"
         return trial
+    held = _same_in_every_run(marker.read_text()) if marker.exists() else ""
+    why = _unfinished(out, trial.stage)
+    if trial.how == "progress":
+        trial.inside = held == f"{trial.stage}\t{trial.at}\t{trial.event}\n" and bool(why)
+        if not trial.inside:
+            trial.detail = f"the kill did not land inside the stage at {trial.event!r}: held {held!r}, {why or 'finished'}"
+            return trial
+    expect_ran = [stage for stage in STAGES if not _stamp(out, stage).exists()]
     rerun_log = folder / "rerun.log"
-    trial.rerun_code, output = finish(start_run(config, out, log=rerun_log), rerun_log)
+    trial.rerun_code, output = finish(start_run(config, out, log=rerun_log, quiet=False), rerun_log)
+    ran, skipped = _ran_and_skipped(output)
+    trial.redone = ran == expect_ran and skipped == [stage for stage in STAGES if stage not in expect_ran]
     files = model_files(out)
     trial.identical = files == ref.files
     trial.leftovers = temp_leftovers(out)
     if trial.rerun_code != 0:
         trial.detail = output[-3000:]
+    elif not trial.redone:
+        trial.detail = f"the rerun ran {ran} and skipped {skipped}; expected to run {expect_ran}"
     elif not trial.identical:
         differ = sorted(k for k in set(files) | set(ref.files) if files.get(k) != ref.files.get(k))
         trial.detail = f"artifacts differ from the uninterrupted run: {differ}"

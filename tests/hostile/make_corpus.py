@@ -98,14 +98,16 @@ def add_fast_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def pipeline_toml(base: Path, adapter: Path, calib: Path, *, gguf: str = '["Q8_0"]', extra: str = "") -> str:
+def pipeline_toml(base: Path, adapter: Path, calib: Path, *, gguf: str = '["Q8_0"]', extra: str = "",
+                  eval_text: Path | None = None) -> str:
+    evaluation = f'text = "{eval_text}"' if eval_text else "enabled = false"
     return f"""[merge]
 base = "{base}"
 adapters = [{{path = "{adapter}", weight = 1.0}}]
 validate = false
 
 [eval]
-enabled = false
+{evaluation}
 
 [gguf]
 quant = {gguf}
@@ -139,7 +141,8 @@ def make_shared(root: Path) -> dict[str, Path]:
     calib = shared / "calib.txt"
     calib.write_text(CORPUS)
     (shared / "eval.txt").write_text(CORPUS * 2)
-    (shared / "run.toml").write_text(pipeline_toml(base, adapter, calib))
+    # the faults' pipeline evaluates every artifact, as a default run does: kills land in evaluations too
+    (shared / "run.toml").write_text(pipeline_toml(base, adapter, calib, eval_text=shared / "eval.txt"))
     return {"shared": shared, "base": base, "adapter": adapter, "merged": merged, "calib": calib}
 
 
