@@ -15,6 +15,9 @@ def run(args) -> int:
     config = load_config(args.config) if args.config else demo_config()
     result = run_pipeline(config, args.out, preflight_only=args.check, verify=args.verify)
     if args.check:
+        from mergeq.budget import format_table
+
+        print(format_table(result.budgets, args.out))
         return 0
     from exporters.report import print_reports
 
@@ -31,7 +34,8 @@ def register(sub) -> None:
     parser = sub.add_parser("run", help="merge and export everything a config asks for (no config: the demo)")
     parser.add_argument("config", nargs="?", type=Path, help="pipeline TOML file (omit for the embedded demo)")
     parser.add_argument("--out", type=Path, default=Path("mergeq-out"), help="output directory (default: ./mergeq-out)")
-    parser.add_argument("--check", action="store_true", help="validate the config and preflight every export, then stop")
+    parser.add_argument("--check", action="store_true", help="validate the config, preflight every export, print each stage's "
+                                                                "predicted peak memory and disk, then stop")
     parser.add_argument("--json", action="store_true", help="print the run's reports as JSON on stdout")
     parser.add_argument("--verify", action="store_true",
                         help="re-read every input and output to decide what is up to date (default: trust files "

@@ -1,0 +1,144 @@
+"""What a run will cost before it starts: predicted peak memory and disk of every stage, from the base's shapes.
+
+The predictions follow how each stage works, not a fit: every stage streams one decoder layer at a time, so
+its memory is a fixed runtime cost plus a few copies of the largest layer or tensor, plus what the stage keeps
+beside it (calibration activations for int4, the memory-mapped model for llama.cpp's tools). Disk is the size
+of what the stage writes (and, for GGUF, its intermediate file). `mergeq run --check` prints them; every run
+refuses to start when the free disk cannot hold the outputs of the stages that still have to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergeq.errors import MergeqError
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+RUNTIME_BYTES = 1 * GIB  # python, torch and transformers loaded, measured at 0.5-0.9 GiB here: rounded up
+LLAMACPP_RUNTIME_BYTES = 256 << 20  # a llama.cpp tool's own buffers and KV cache at the evaluation context
+# bits per weight of llama.cpp's tensor types (block bytes * 8 / block weights, from ggml's type table)
+GGUF_BPW = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q5_0": 5.5,
+            "Q5_1": 6.0, "Q4_K": 4.5, "Q4_0": 4.5, "Q4_1": 5.0, "IQ4_NL": 4.5, "IQ4_XS": 4.25, "Q3_K": 3.4375,
+            "IQ3_S": 3.4375, "IQ3_XXS": 3.0625, "Q2_K": 2.625, "IQ2_S": 2.5625, "IQ2_XS": 2.3125,
+            "IQ2_XXS": 2.0625, "IQ1_M": 1.75, "IQ1_S": 1.5625, "TQ1_0": 1.6875, "TQ2_0": 2.0625, "MXFP4": 4.25,
+            "Q1_0": 1.125, "Q2_0": 2.125}
+MIX_MARGIN = 1.25  # named mixes put some tensors in larger types (Q6_K, Q8_0 fallbacks): an upper margin
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The base checkpoint as the budget sees it."""
+
+    params: int
+    matrix_params: int  # 2-D tensors
+    largest_tensor: int  # elements
+    largest_layer: int  # elements of the largest decoder layer
+    hidden: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class StageBudget:
+    stage: str
+    peak_bytes: int
+    disk_bytes: int
+    basis: str  # what the prediction counts, in words
+
+
+def read_shapes(model_dir: Path) -> Shapes:
+    import json
+
+    from merge.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(Path(model_dir))
+    total = matrices = largest = 0
+    layers: dict[int, int] = {}
+    for name in checkpoint.names():
+        _, shape = checkpoint.info(name)
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        total += numel
+        matrices += numel if len(shape) == 2 else 0
+        largest = max(largest, numel)
+        if match := _LAYER.search(name):
+            layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + numel
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    text = config.get("text_config", config)
+    return Shapes(total, matrices, largest, max(layers.values(), default=largest),
+                  int(text.get("hidden_size", 0)), int(text.get("vocab_size", 0)))
+
+
+def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
+    """Predicted peak memory and disk of each stage of `config` (a PipelineConfig) on a base of `shapes`."""
+    fp32, fp16 = 4, 2
+    merged_bytes = shapes.params * fp16
+    budgets = [StageBudget(
+        "merge", RUNTIME_BYTES + 2 * shapes.largest_tensor * fp32 + 2 * shapes.largest_layer * fp32, merged_bytes,
+        "runtime + 2 x largest tensor (merged, cast) + 2 x largest layer in fp32 (streamed validation)")]
+    eval_tokens = 512 * 4  # activations of a few evaluation windows beside one layer
+    for target, options in config.exports.items():
+        if target == "gguf":
+            sizes = [_gguf_bytes(shapes, quant) for quant in options.quants]
+            intermediate = shapes.params * fp16
+            budgets.append(StageBudget(
+                "gguf", max(RUNTIME_BYTES + 2 * shapes.largest_tensor * fp32,
+                            LLAMACPP_RUNTIME_BYTES + max(sizes + [intermediate])),
+                intermediate + sum(sizes),
+                f"converter: runtime + 2 x largest tensor; llama.cpp tools map the whole file they read "
+                f"(f16 intermediate {intermediate / GIB:.2f} GiB, kept); files {', '.join(options.quants)}"))
+        elif target in ("awq", "gptq", "rtn"):
+            activations = options.samples * options.seq_len * shapes.hidden * fp32 * 2  # layer inputs and outputs
+            group = options.group_size or 128
+            int4 = shapes.matrix_params * (options.bits / 8 + 2 * fp16 / group) + (shapes.params - shapes.matrix_params) * fp16
+            budgets.append(StageBudget(
+                target, RUNTIME_BYTES + 3 * shapes.largest_layer * fp32 + activations
+                + eval_tokens * shapes.vocab * fp32, int(int4),
+                f"runtime + 3 x largest layer in fp32 + calibration activations ({options.samples} x "
+                f"{options.seq_len} x {shapes.hidden}, in and out, fp32) + evaluation logits"))
+    return budgets
+
+
+def _gguf_bytes(shapes: Shapes, quant: str) -> int:
+    from exporters import llamacpp
+
+    tensor_type = llamacpp.load_pin().default_types.get(quant, quant)
+    bpw = GGUF_BPW.get(tensor_type, 16.0)
+    margin = MIX_MARGIN if quant != tensor_type or quant.endswith(("_M", "_L", "_S")) else 1.0
+    return int((shapes.matrix_params * bpw / 8 * margin) + (shapes.params - shapes.matrix_params) * 4)
+
+
+def free_disk(path: Path) -> int:
+    probe = Path(path).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_disk(budgets: list[StageBudget], out: Path, pending: list[str]) -> None:
+    """Refuse before any work when the stages still to run cannot fit on the output's disk."""
+    need = sum(b.disk_bytes for b in budgets if b.stage in pending)
+    free = free_disk(out)
+    if need > free:
+        raise MergeqError(
+            f"the output disk of {out} has {free / GIB:.2f} GiB free, and the stages still to run "
+            f"({', '.join(pending)}) are predicted to write {need / GIB:.2f} GiB",
+            hint="free space there, choose another --out, or export fewer formats (mergeq run --check lists "
+                 "each stage's share)")
+
+
+def format_table(budgets: list[StageBudget], out: Path) -> str:
+    lines = [f"{'stage':<6} {'peak memory':>12} {'disk':>10}  basis"]
+    for b in budgets:
+        lines.append(f"{b.stage:<6} {b.peak_bytes / GIB:>8.2f} GiB {b.disk_bytes / GIB:>6.2f} GiB  {b.basis}")
+    total = sum(b.disk_bytes for b in budgets)
+    lines.append(f"total disk {total / GIB:.2f} GiB; free on {out}'s disk: {free_disk(out) / GIB:.2f} GiB; "
+                 f"largest peak {max(b.peak_bytes for b in budgets) / GIB:.2f} GiB")
+    return "\n".join(lines)

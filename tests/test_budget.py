@@ -1,0 +1,62 @@
+"""`mergeq run --check`'s budget: predicted peak memory and disk per stage from the base's shapes, and the
+refusal to start when the disk cannot hold the outputs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from exporters.gguf import GGUFOptions
+from exporters.int4.export import Int4Options
+from mergeq import budget
+from mergeq.errors import MergeqError
+from tiny_models import tiny_llama
+
+
+def test_shapes_are_read_from_the_checkpoint_headers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_llama(tmp_path / "base", layers=3, hidden=32, intermediate=64, vocab=96)
+    shapes = budget.read_shapes(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    state = model.state_dict()
+    assert shapes.params == sum(t.numel() for t in state.values())
+    assert shapes.matrix_params == sum(t.numel() for t in state.values() if t.dim() == 2)
+    assert shapes.largest_layer == sum(t.numel() for n, t in state.items() if n.startswith("model.layers.0."))
+    assert shapes.largest_tensor == 96 * 32 and shapes.hidden == 32 and shapes.vocab == 96
+
+
+def test_budgets_follow_the_shapes_and_options():
+    shapes = budget.Shapes(params=8_000_000_000, matrix_params=7_900_000_000, largest_tensor=128256 * 4096,
+                           largest_layer=218_112_000, hidden=4096, vocab=128256)
+    small = Int4Options(method="gptq", samples=8, seq_len=256, group_size=128)
+    large = Int4Options(method="gptq", samples=16, seq_len=256, group_size=128)
+    config = SimpleNamespace(exports={"gguf": GGUFOptions(quants=("Q8_0",)), "gptq": small})
+    merge, gguf, gptq = budget.stage_budgets(config, shapes)
+    assert merge.peak_bytes < shapes.params * 2, "the predicted merge peak is below the fp16 model's size"
+    assert merge.stage == "merge" and merge.disk_bytes == shapes.params * 2
+    deeper = budget.Shapes(**{**shapes.__dict__, "params": 2 * shapes.params, "matrix_params": 2 * shapes.matrix_params})
+    assert [b.peak_bytes for b in budget.stage_budgets(config, deeper)][0::2] == [merge.peak_bytes, gptq.peak_bytes], \
+        "every stage streams layers: twice the depth, the same predicted peak"
+    assert gguf.disk_bytes == shapes.params * 2 + int(shapes.matrix_params * 8.5 / 8 + 100_000_000 * 4)
+    assert gptq.disk_bytes < shapes.params * 2 * 0.35
+    bigger = budget.stage_budgets(SimpleNamespace(exports={"gptq": large}), shapes)[1]
+    assert bigger.peak_bytes - gptq.peak_bytes == 8 * 256 * 4096 * 4 * 2, "activations: samples x seq x hidden"
+
+
+def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_any_work(tmp_path, monkeypatch):
+    stages = [budget.StageBudget("merge", 1, 3 * budget.GIB, ""), budget.StageBudget("gptq", 1, 1 * budget.GIB, "")]
+    monkeypatch.setattr(budget, "free_disk", lambda path: 2 * budget.GIB)
+    with pytest.raises(MergeqError, match=r"has 2.00 GiB free, and the stages still to run \(merge, gptq\) are "
+                                          r"predicted to write 4.00 GiB"):
+        budget.check_disk(stages, tmp_path / "out", ["merge", "gptq"])
+    budget.check_disk(stages, tmp_path / "out", ["gptq"])  # merge already done: 1 GiB fits
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_table_names_every_stage(tmp_path):
+    stages = [budget.StageBudget("merge", 2 * budget.GIB, 3 * budget.GIB, "why")]
+    table = budget.format_table(stages, tmp_path / "not-yet")
+    assert "merge" in table and "2.00 GiB" in table and "3.00 GiB" in table and "free on" in table
