@@ -75,6 +75,11 @@ class EvalText:
     path: Path
     text: str  # as llama.cpp reads it: the file's UTF-8 text less one trailing newline
     sha256: str  # of the file's bytes
+    loaded: object | None = None  # mergeq.texts.LoadedText: format, samples, rendering
+
+    def describe(self, tokens: int | None = None) -> dict:
+        return self.loaded.describe(tokens) if self.loaded is not None else {"file": str(self.path),
+                                                                              "sha256": self.sha256}
 
 
 @dataclass
@@ -88,24 +93,17 @@ class EvalResult:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def load_text(path: Path | None) -> EvalText:
-    """The evaluation text; None means the demo evaluation text."""
-    if path is None:
-        from mergeq.demo import demo_assets
+def load_text(path: Path | str | None, tokenizer=None) -> EvalText:
+    """The evaluation text in any format mergeq.texts reads (chat data rendered with `tokenizer`'s template).
+    There is no default: the command line or config resolves one (mergeq.texts.resolve_text_option)."""
+    from mergeq.texts import FORMATS_HELP, load_text as load_any
 
-        path = demo_assets().eval_text
-    path = Path(path)
-    if not path.is_file():
-        raise MergeqError(f"evaluation text {path} does not exist or is not a file", hint="pass --text FILE")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise MergeqError(f"evaluation text {path} is not UTF-8 (bad byte at offset {err.start})",
-                          hint="convert the file to UTF-8") from err
-    if text.endswith("\n"):
-        text = text[:-1]  # llama.cpp's -f drops one trailing newline; so do we
-    return EvalText(path=path, text=text, sha256=hashlib.sha256(data).hexdigest())
+    if path is None:
+        raise MergeqError(f"no evaluation text given ({FORMATS_HELP})",
+                          hint="pass --eval-text FILE (mergeq export), --text FILE (mergeq eval) or [eval] text "
+                               "(pipeline config); `demo` names the demo's evaluation text")
+    loaded = load_any(path, tokenizer=tokenizer, what="evaluation")
+    return EvalText(path=loaded.path, text=loaded.text, sha256=loaded.sha256, loaded=loaded)
 
 
 def detect_format(artifact: Path) -> str:
@@ -501,7 +499,7 @@ def llama_version() -> dict:
 
 
 def evaluate(artifact: Path, reference: Path, text: Path | None, settings: EvalOptions | None = None) -> QualityInfo:
-    """Quality of `artifact` against `reference` on `text` (None: the demo evaluation text)."""
+    """Quality of `artifact` against `reference` on `text` (a path; see load_text)."""
     result = evaluate_full(artifact, reference, text, settings)
     for warning in result.warnings:
         log.warning("%s", warning)
@@ -533,8 +531,8 @@ def evaluate_full(artifact: Path, reference: Path, text: Path | None, settings: 
                           hint="compare against the merged fp16/bf16 checkpoint")
     check_checkpoint(reference)
     kind = detect_format(artifact)
-    eval_text = load_text(text)
     tokenizer = load_tokenizer(reference)
+    eval_text = load_text(text, tokenizer)
     ids, bos = tokenize(tokenizer, eval_text.text)
     windows = make_windows(ids, options.n_ctx, options.max_windows, bos, source=str(eval_text.path))
     warnings: list[str] = []
@@ -542,6 +540,7 @@ def evaluate_full(artifact: Path, reference: Path, text: Path | None, settings: 
         "text": str(eval_text.path), "text_sha256": eval_text.sha256, "reference": str(reference),
         "reference_sha256": checkpoint_fingerprint(reference), "n_ctx": windows.n_ctx,
         "windows": windows.n_windows, "text_tokens": windows.text_tokens, "versions": _versions(),
+        "text_source": eval_text.describe(windows.text_tokens),
     }
     tool_peak = 0
     if kind == "gguf":

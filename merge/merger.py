@@ -81,6 +81,7 @@ class MergeConfig:
     overwrite: bool = False
     requantize: QuantSettings | None = None  # merge into dequant(quant(base)): the QLoRA target from an fp16 base
     qlora: str = "auto"  # auto | nf4 | fp4 | off: rebuild the 4-bit training base from --base (merge.qlora_detect)
+    eval_text: Path | None = None  # with base and qlora_base: the text both merges are measured on (merge.target)
     double_quant: bool | None = None  # for a rebuilt 4-bit base; None: from the evidence, else True
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     # compute threads while streaming: the merge is memory-bound in cache-sized blocks, where one thread is
@@ -687,9 +688,6 @@ def run_merge(config: MergeConfig) -> MergeResult:
         raise MergeqError(f"--dtype {config.dtype!r} is not one of float16, bfloat16")
     if config.base is None and config.qlora_base is None:
         raise MergeqError("no base given", hint="pass --base (fp16/bf16 or bitsandbytes 4-bit) and/or --qlora-base")
-    if config.base is not None and config.qlora_base is not None and not config.validate:
-        raise MergeqError("--base with --qlora-base compares both merge targets on the validation prompts, "
-                          "which --no-validate turns off", hint="drop --no-validate, or pass only one base")
     out = Path(config.out)
     inputs = [Path(p) for p in (config.base, config.qlora_base) if p is not None] + [r.path for r in refs]
     check_output(out, inputs, config.overwrite)
@@ -767,31 +765,26 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
     try:
         exists_empty = out.exists()
         with atomic_dir(out, overwrite=config.overwrite or exists_empty) as tmp:
-            folders = {}
-            facts = {}
-            for source in sources:
-                folder = tmp if len(sources) == 1 else tmp / f".candidate-{source.label}"
-                folder.mkdir(exist_ok=True)
-                with _torch_threads(config.threads):
-                    facts[source.label] = stream_merge(source, folder, config.max_shard_bytes)
-                _write_config(source, folder, facts[source.label], config.dtype)
-                folders[source.label] = folder
             chosen = sources[0]
+            if len(sources) > 1:  # measured before anything is written; only the chosen merge is written
+                choice = _choose(config, refs, sources)
+                fidelity = choice.describe()
+                warnings.extend(choice.warnings)
+                chosen = next(s for s in sources if s.label == choice.chosen)
+            with _torch_threads(config.threads):
+                facts = {chosen.label: stream_merge(chosen, tmp, config.max_shard_bytes)}
+            _write_config(chosen, tmp, facts[chosen.label], config.dtype)
             if config.validate:
                 from merge import validate as validate_mod
 
                 reference_base = Path(config.qlora_base) if config.qlora_base else Path(config.base)
-                tokenizer_dirs = [r.path for r in refs] + [Path(p) for p in (config.base, config.qlora_base) if p]
                 reference = validate_mod.Reference(base=reference_base, adapters=refs,
                                                    vocab_size=facts[chosen.label]["vocab_size"],
-                                                   tokenizer_dirs=tokenizer_dirs,
+                                                   tokenizer_dirs=_tokenizer_dirs(config, refs),
                                                    quantize=None if config.qlora_base else requantize)
-                outcome = validate_mod.compare_candidates(reference, folders, config.kl_warn, config.logit_warn)
+                outcome = validate_mod.compare_candidates(reference, {chosen.label: tmp}, config.kl_warn,
+                                                          config.logit_warn)
                 warnings.extend(outcome.warnings)
-                if len(sources) > 1:
-                    fidelity = outcome.fidelity
-                    chosen = next(s for s in sources if s.label == outcome.best)
-                    _promote(folders[chosen.label], tmp)
                 result_validation = outcome.results[chosen.label]
             else:
                 warnings.append("validation skipped (--no-validate)")
@@ -816,9 +809,21 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
                        validation=result_validation)
 
 
-def _promote(candidate: Path, tmp: Path) -> None:
-    """Move the chosen candidate's files to the output root and drop every candidate folder."""
-    for path in sorted(candidate.iterdir()):
-        path.replace(tmp / path.name)
-    for leftover in sorted(tmp.glob(".candidate-*")):
-        shutil.rmtree(leftover)
+def _tokenizer_dirs(config: MergeConfig, refs: list[AdapterRef]) -> list[Path]:
+    return [r.path for r in refs] + [Path(p) for p in (config.base, config.qlora_base) if p]
+
+
+def _choose(config: MergeConfig, refs: list[AdapterRef], sources: list[Source]):
+    """Both an fp16 and a 4-bit base: score both merges against the trained model on the evaluation text."""
+    from merge.target import choose_target
+
+    if config.eval_text is None:
+        raise MergeqError("--base and --qlora-base: the merge target is chosen by measuring both merges against "
+                          "the trained model on an evaluation text, and none was given",
+                          hint="pass --eval-text FILE (text like what the model will see in use; .txt, .jsonl, "
+                               ".parquet:COLUMN), or pass only one base")
+    reference = Source(Path(config.qlora_base), "reference", refs, torch.float32, None)
+    try:
+        return choose_target(sources, reference, Path(config.eval_text), _tokenizer_dirs(config, refs))
+    finally:
+        reference.close()

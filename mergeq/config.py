@@ -15,9 +15,12 @@ from pathlib import Path
 
 from exporters.registry import EXPORTER_MODULES, get_exporter
 from mergeq.errors import MergeqError
+from mergeq.texts import DEMO, FORMATS_HELP, resolve_text_option, split_column
 
 DTYPES = ("float16", "bfloat16")
-MERGE_KEYS = {"base": str, "qlora_base": str, "adapters": list, "dtype": str, "validate": bool}
+MERGE_KEYS = {"base": str, "qlora_base": str, "adapters": list, "dtype": str, "validate": bool, "qlora": str}
+QLORA_MODES = ("auto", "nf4", "fp4", "off")
+INT4_TARGETS = ("awq", "gptq")
 ADAPTER_KEYS = {"path": str, "weight": (int, float)}
 EVAL_KEYS = {"text": str, "enabled": bool}
 TOP_KEYS = {"merge", "eval", "exports"} | set(EXPORTER_MODULES)
@@ -36,6 +39,7 @@ class MergeSpec:
     qlora_base: Path | None = None
     dtype: str = "float16"
     validate: bool = True
+    qlora: str = "auto"  # auto | nf4 | fp4 | off (merge.qlora_detect)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,18 @@ class _Reader:
                 names = "/".join(t.__name__ for t in want) if isinstance(want, tuple) else want.__name__
                 self.problem(section, key, f"expected {names}, got {type(value).__name__} {value!r}")
 
+    def text_path(self, section: str, key: str, value: str | None, purpose: str) -> Path | None:
+        """A calibration/evaluation text: required, `demo` for the demo's, FILE or FILE.parquet:COLUMN."""
+        if value is None:
+            self.problem(section, key, f"missing: the {purpose} text ({FORMATS_HELP}); "
+                                       f"{key} = \"{DEMO}\" uses the demo's text")
+            return None
+        if value == DEMO:
+            return resolve_text_option(value, option=key, purpose=purpose)
+        file, column = split_column(value)
+        found = self.existing_path(section, key, str(file), f"{purpose} text")
+        return None if found is None else Path(f"{found}:{column}" if column else found)
+
     def existing_path(self, section: str, key: str, value: str | None, what: str) -> Path | None:
         if value is None:
             return None
@@ -163,6 +179,9 @@ def _read_merge(reader: _Reader, table) -> MergeSpec | None:
     dtype = table.get("dtype", "float16")
     if dtype not in DTYPES:
         reader.problem("merge", "dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
+    qlora_mode = table.get("qlora", "auto")
+    if qlora_mode not in QLORA_MODES:
+        reader.problem("merge", "qlora", f"{qlora_mode!r} is not one of {', '.join(QLORA_MODES)}")
     adapters = []
     raw = table.get("adapters", [])
     if not raw:
@@ -179,7 +198,7 @@ def _read_merge(reader: _Reader, table) -> MergeSpec | None:
             adapters.append(AdapterSpec(adapter, float(entry.get("weight", 1.0))))
     if base is None:
         return None
-    return MergeSpec(base, tuple(adapters), qlora, dtype, bool(table.get("validate", True)))
+    return MergeSpec(base, tuple(adapters), qlora, dtype, bool(table.get("validate", True)), qlora_mode)
 
 
 def _read_eval(reader: _Reader, table) -> EvalSpec:
@@ -187,8 +206,9 @@ def _read_eval(reader: _Reader, table) -> EvalSpec:
         reader.problem("eval", "", "must be a table")
         return EvalSpec()
     reader.check_keys("eval", table, EVAL_KEYS)
-    text = reader.existing_path("eval", "text", table.get("text"), "evaluation text")
-    return EvalSpec(text=text, enabled=bool(table.get("enabled", True)))
+    enabled = bool(table.get("enabled", True))
+    text = reader.text_path("eval", "text", table.get("text"), "evaluation") if enabled else None
+    return EvalSpec(text=text, enabled=enabled)
 
 
 class _RaisingParser(argparse.ArgumentParser):
@@ -250,6 +270,10 @@ def _read_export(reader: _Reader, target: str, table):
     except MergeqError as err:
         reader.problem(target, "", str(err))
         return None
+    if target in INT4_TARGETS and getattr(options, "method", None) != "rtn":
+        raw = table.get("calib")
+        options.calib = reader.text_path(target, "calib", None if raw is None else str(raw), "calibration")
+        namespace.calib = options.calib
     return options, {k: v for k, v in sorted(vars(namespace).items())}
 
 

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalSettings:
-    text: Path | None  # evaluation text; None means the demo evaluation text
+    text: Path | None  # evaluation text, resolved at the command line or config (mergeq.texts); required when enabled
     reference: Path | None  # the fp16 checkpoint to compare against; None means the exported model itself
     enabled: bool = True
 
@@ -30,8 +30,9 @@ def check_eval_text(reference: Path, text: Path | None) -> None:
     from exporters.metrics import make_windows
 
     options = EvalOptions()
-    eval_text = load_text(text)
-    ids, bos = tokenize(load_tokenizer(Path(reference)), eval_text.text)
+    tokenizer = load_tokenizer(Path(reference))
+    eval_text = load_text(text, tokenizer)
+    ids, bos = tokenize(tokenizer, eval_text.text)
     make_windows(ids, options.n_ctx, options.max_windows, bos, source=str(eval_text.path))
 
 

@@ -106,19 +106,57 @@ def test_qlora_merge_is_faithful_to_the_4bit_model(tmp_path, qlora_setup):
     assert float((merged[name] - expected).abs().max()) <= 1e-5
 
 
-def test_fidelity_compares_both_merge_targets(tmp_path, qlora_setup):
-    base, q, adapter = qlora_setup
+@pytest.fixture
+def qlora_setup_with_text(tmp_path, builders):
+    """A base with a byte-level tokenizer (vocabulary 256), its NF4 twin, an adapter and an evaluation text."""
+    from int4_models import byte_tokenizer, calibration_text
+
+    base = builders.llama(tmp_path / "base", hidden=64, intermediate=128, vocab=256)
+    byte_tokenizer(base)
+    q = quantize_checkpoint(base, tmp_path / "base-nf4")
+    adapter = builders.adapter(base, tmp_path / "adapter", r=8, lora_alpha=16,
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"])
+    return base, q, adapter, calibration_text(tmp_path / "eval.txt", chars=3000)
+
+
+def test_both_bases_choose_by_measurement_and_write_once(tmp_path, qlora_setup_with_text, monkeypatch):
+    from merge import merger
+
+    base, q, adapter, text = qlora_setup_with_text
+    written = []
+    real = merger.stream_merge
+    monkeypatch.setattr(merger, "stream_merge", lambda source, *a: written.append(source.label) or real(source, *a))
     out = tmp_path / "out"
-    result = run_merge(MergeConfig(base=base, qlora_base=q, adapters=[AdapterRef(adapter)], out=out))
+    result = run_merge(MergeConfig(base=base, qlora_base=q, adapters=[AdapterRef(adapter)], out=out,
+                                   eval_text=text))
+    assert written == ["qlora-base"]  # one checkpoint written: the chosen one
     fidelity = result.manifest["qlora_fidelity"]
     kl = {k: v["mean_kl"] for k, v in fidelity["candidates"].items()}
     assert set(kl) == {"base", "qlora-base"}
-    assert fidelity["chosen"] == "qlora-base" and kl["qlora-base"] < kl["base"], fidelity
+    assert fidelity["chosen"] == "qlora-base" and kl["qlora-base"] < kl["base"] / 10, fidelity
+    assert fidelity["text"]["file"] == str(text) and fidelity["text"]["format"] == "txt"
+    assert fidelity["text"]["tokens"] == 3000 and fidelity["scored_tokens"] == 4 * 31
+    assert "trained model" in fidelity["reference"]
     assert result.manifest["merge_target"] == "qlora-base"
-    assert not list(out.glob(".candidate-*"))
+    assert result.manifest["validation"]["mean_kl"] < 1e-3
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "merge_manifest.json",
                                                      "model-00001-of-00001.safetensors",
-                                                     "model.safetensors.index.json"]
+                                                     "model.safetensors.index.json", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+    # the same bytes as merging into the 4-bit base alone
+    alone = run_merge(MergeConfig(base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "alone",
+                                  validate=False))
+    ta, tb = merged_tensors(out), merged_tensors(alone.out)
+    assert all(torch.equal(ta[n], tb[n]) for n in ta)
+
+
+def test_both_bases_without_a_text_is_an_error(tmp_path, qlora_setup):
+    base, q, adapter = qlora_setup
+    with pytest.raises(MergeqError, match="--eval-text FILE") as err:
+        run_merge(MergeConfig(base=base, qlora_base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "out"))
+    assert "merge target is chosen by measuring" in str(err.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_requantized_fp_base_equals_the_4bit_checkpoint(tmp_path, qlora_setup):

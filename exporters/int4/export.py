@@ -23,6 +23,7 @@ from exporters.report import ArtifactReport, SizeInfo, StageCost
 from mergeq.atomic import atomic_dir, write_json
 from mergeq.errors import MergeqError
 from mergeq.memory import peak_rss_bytes, reset_peak_rss
+from mergeq.texts import FORMATS_HELP, split_column
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Int4Options:
     sym: bool | None = None  # None: the method's default (GPTQ symmetric, AWQ asymmetric)
     desc_act: bool = False
     format: str = "native"  # "native" (the method's own layout) or "compressed-tensors"
-    calib: Path | None = None  # None: the demo calibration text
+    calib: Path | None = None  # calibration text (mergeq.texts formats); required except for RTN
     samples: int = 128
     seq_len: int = 512
     device: str = "auto"
@@ -86,7 +87,9 @@ def add_int4_arguments(parser: argparse.ArgumentParser, *, method: str, samples:
                             help="GPTQ dampening as a fraction of the mean Hessian diagonal (default 0.01)")
     parser.add_argument("--format", choices=FORMAT_CHOICES, default="native",
                         help=f"checkpoint layout: {method} (native, default) or compressed-tensors pack-quantized")
-    parser.add_argument("--calib", type=Path, help="calibration text (.txt or .jsonl; default: the demo calibration text)")
+    parser.add_argument("--calib", type=Path, help="calibration text, required: .txt; .jsonl with a \"text\" field or chat "
+                                                   "\"messages\" (rendered with the model's chat template); "
+                                                   ".parquet:COLUMN; `demo` for the demo's text")
     parser.add_argument("--samples", type=int, default=samples, help=f"calibration samples (default {samples})")
     parser.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per calibration sample (default {seq_len})")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
@@ -123,8 +126,8 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
 
     if options.samples < 1 or options.seq_len < 2:
         raise MergeqError(f"--samples {options.samples} --seq-len {options.seq_len}: need at least 1 sample of 2 tokens")
-    if options.calib is not None and not Path(options.calib).is_file():
-        raise MergeqError(f"calibration file {options.calib} not found", hint="pass --calib FILE (.txt or .jsonl)")
+    if options.method != "rtn" and options.calib is not None and not split_column(options.calib)[0].is_file():
+        raise MergeqError(f"calibration file {options.calib} not found", hint=f"pass --calib FILE ({FORMATS_HELP})")
     if options.method == "awq" and options.desc_act:
         raise MergeqError("--desc-act is a GPTQ option; AWQ checkpoints have no activation order")
     if options.desc_act and options.format_name == "compressed-tensors":
@@ -151,14 +154,14 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
 
     prediction = kernels.predict_kernels(config, arch, options.format_name, scheme, options.desc_act)
     tp1 = prediction["tp"]["1"]
-    if not tp1["ok"]:
+    if not tp1["ok"] and not prediction["refused"]:  # a refusal of the whole format is a warning below
         hint = "use --sym, or the native format" if options.format == "compressed-tensors" and not sym else \
             "choose a --group-size that divides every in_features, or another --format"
         raise MergeqError("vLLM would refuse this checkpoint on one GPU: " + "; ".join(tp1["problems"]), hint=hint)
     for problem in tp1["problems"]:
         warnings.append(f"vLLM at TP 1: {problem}")
-    if options.method == "gptq" and not sym:
-        warnings.append("asymmetric GPTQ: vLLM uses its gptq (Exllama) kernel, not gptq_marlin")
+    if prediction["refused"]:
+        warnings.append(f"vLLM will not load this checkpoint: {prediction['refused']} (transformers/GPTQModel do)")
     return Plan(scheme=scheme, format_name=options.format_name, prediction=prediction, warnings=warnings,
                 choices=choices)
 
@@ -193,12 +196,6 @@ class FormatSink:
         self.plain_tensors += 1
 
 
-def default_calibration_text() -> Path:
-    from mergeq.demo import demo_assets
-
-    return Path(demo_assets().calib_text)
-
-
 def _replaceable(out_dir: Path) -> bool:
     if not out_dir.exists():
         return True
@@ -217,6 +214,10 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
     the_plan = plan(model_dir, options)
+    if options.method != "rtn" and options.calib is None:
+        raise MergeqError(f"no calibration text given ({FORMATS_HELP})",
+                          hint="pass --calib FILE (or `calib` in the config): text like what the model will see "
+                               "in use; `demo` names the demo's calibration text")
     if not _replaceable(out_dir):
         raise MergeqError(f"{out_dir} exists and is not an int4 checkpoint written by mergeq",
                           hint="choose another --out or remove it")
@@ -230,9 +231,8 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
     if options.method != "rtn":
         from transformers import AutoTokenizer
 
-        text = Path(options.calib) if options.calib is not None else default_calibration_text()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        calibration = load_calibration(text, tokenizer, options.samples, options.seq_len)
+        calibration = load_calibration(options.calib, tokenizer, options.samples, options.seq_len)
 
     engine = EngineOptions(method=options.method, scheme=the_plan.scheme, desc_act=options.desc_act,
                            act_order=options.act_order, gptq_mse=options.gptq_mse,
@@ -280,8 +280,7 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
         "vllm_method": the_plan.prediction["method"],
         "vllm_kernel_by_tp": summary,
         "vllm_prediction": the_plan.prediction,
-        "vllm_serve": f"vllm serve {out_dir}" + ("" if the_plan.format_name == "compressed-tensors" else
-                                                 f" --quantization {the_plan.prediction['method']}") + " --dtype float16",
+        "vllm_serve": kernels.serve_command(out_dir, the_plan.format_name),
         "device": device,
         "automatic_choices": the_plan.choices,
         "copied_files": copied,

@@ -23,7 +23,10 @@ def run(args) -> int:
         reference = model
     report = artifact_report(model, Path(reference), kind)
     options = EvalOptions(n_ctx=args.n_ctx, max_windows=args.windows)
-    evaluate_into_report(report, reference=Path(reference), text=args.text, settings=options)
+    from mergeq.texts import resolve_text_option
+
+    text = resolve_text_option(args.text, option="--text", purpose="evaluation")
+    evaluate_into_report(report, reference=Path(reference), text=text, settings=options)
     if args.write_report:
         where = model if model.is_dir() else model.parent
         log.info("wrote %s", report.write(where))
@@ -60,7 +63,8 @@ def register(sub) -> None:
     parser = sub.add_parser("eval", help="perplexity, KL divergence and top-1 agreement of one artifact")
     parser.add_argument("--model", type=Path, required=True, help="artifact: checkpoint directory or .gguf file")
     parser.add_argument("--reference", type=Path, help="fp16 checkpoint to compare with (default: --model itself)")
-    parser.add_argument("--text", type=Path, help="evaluation text file (default: the demo evaluation text)")
+    parser.add_argument("--text", help="evaluation text, required: .txt; .jsonl with a \"text\" field or chat "
+                                       "\"messages\"; .parquet:COLUMN; `demo` for the demo's text")
     parser.add_argument("--n-ctx", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--windows", type=int, default=16, help="most windows to score (default 16)")
     parser.add_argument("--write-report", action="store_true", help="also write report.json/report.md beside it")

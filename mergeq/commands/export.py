@@ -27,7 +27,8 @@ def target_parser(target: str) -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, required=True, help="merged Hugging Face checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--reference", type=Path, help="fp16 checkpoint to compare against (default: --model)")
-    parser.add_argument("--eval-text", type=Path, help="evaluation text file (default: the demo evaluation text)")
+    parser.add_argument("--eval-text", help="evaluation text, required unless --no-eval: .txt; .jsonl with a \"text\" "
+                                            "field or chat \"messages\"; .parquet:COLUMN; `demo` for the demo's text")
     parser.add_argument("--no-eval", action="store_true", help="skip perplexity/KL evaluation")
     parser.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
     get_exporter(target).add_arguments(parser)
@@ -36,6 +37,7 @@ def target_parser(target: str) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from mergeq.exporting import EvalSettings, run_export
+    from mergeq.texts import resolve_text_option
 
     options_ns = target_parser(args.target).parse_args(args.extra)
     if options_ns.json:
@@ -43,8 +45,12 @@ def run(args) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     exporter_cls = get_exporter(args.target)
     options = exporter_cls.options_from_args(options_ns)
-    evaluation = EvalSettings(text=options_ns.eval_text, reference=options_ns.reference,
-                              enabled=not options_ns.no_eval)
+    if args.target in ("awq", "gptq") and getattr(options, "method", None) != "rtn":
+        options.calib = resolve_text_option(options.calib, option="--calib", purpose="calibration")
+    text = None
+    if not options_ns.no_eval:
+        text = resolve_text_option(options_ns.eval_text, option="--eval-text", purpose="evaluation")
+    evaluation = EvalSettings(text=text, reference=options_ns.reference, enabled=not options_ns.no_eval)
     reports = run_export(args.target, options_ns.model, options_ns.out, options, evaluation)
     from exporters.report import print_reports
 
