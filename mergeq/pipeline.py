@@ -23,7 +23,8 @@ from mergeq.stages import STATE_DIR, RunLock, Stage, file_stamps, stage_key, tre
 
 log = logging.getLogger(__name__)
 
-DEMO_EXPORTS = {"gguf": {"quant": ["Q8_0", "Q4_K_M"]}, "awq": {"group_size": 64}, "gptq": {"group_size": 64}}
+DEMO_EXPORTS = {"gguf": {"quant": ["Q8_0", "Q4_K_M"]}, "awq": {"group_size": 64, "calib": "demo"},
+                "gptq": {"group_size": 64, "calib": "demo"}}
 
 
 @dataclass
@@ -48,7 +49,8 @@ def demo_config() -> PipelineConfig:
 
     assets = demo_assets()
     data = {
-        "merge": {"base": str(assets.base), "qlora_base": str(assets.base_nf4),
+        # only the fp16 base: the adapter folder shows QLoRA training, so the merge rebuilds its NF4 base
+        "merge": {"base": str(assets.base),
                   "adapters": [{"path": str(assets.adapter), "weight": 1.0}]},
         "eval": {"text": str(assets.eval_text)},
         **DEMO_EXPORTS,
@@ -191,7 +193,8 @@ def _merge(config: PipelineConfig, tmp: Path, evaluation: EvalSettings) -> None:
     spec = config.merge
     run_merge(MergeConfig(
         base=spec.base, adapters=[(a.path, a.weight) for a in spec.adapters], out=tmp,
-        dtype=spec.dtype, qlora_base=spec.qlora_base, validate=spec.validate, overwrite=True))
+        dtype=spec.dtype, qlora_base=spec.qlora_base, validate=spec.validate, overwrite=True, qlora=spec.qlora,
+        eval_text=config.evaluation.text))
     report = reference_report(tmp, spec)
     if evaluation.enabled:
         from exporters.evaluate import evaluate_into_report

@@ -331,3 +331,16 @@ def test_plain_adapter_is_merged_into_the_fp16_base(tmp_path, qlora_setup):
                                    validate=False))
     assert result.manifest["qlora"]["target"] == "fp16 base" and result.manifest["qlora"]["evidence"] == []
     assert "requantized" not in result.manifest["inputs"]["sources"]["base"]
+
+
+def test_cli_both_bases_need_a_text_and_print_the_choice(tmp_path, qlora_setup_with_text, capsys):
+    from mergeq.cli import main
+
+    base, q, adapter, text = qlora_setup_with_text
+    argv = ["merge", "--base", str(base), "--qlora-base", str(q), "--adapter", str(adapter), "--no-validate"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 2
+    assert "no evaluation text given: pass --eval-text FILE" in capsys.readouterr().err
+    assert main(argv + ["--out", str(tmp_path / "b"), "--eval-text", str(text), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["qlora_fidelity"]["chosen"] == "qlora-base"
+    assert json.loads((tmp_path / "b" / "merge_manifest.json").read_text())["qlora"]["target"] == "4-bit base given"

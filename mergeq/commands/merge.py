@@ -16,10 +16,15 @@ def run(args) -> int:
         requantize = QuantSettings(args.requantize, args.quant_blocksize, not args.no_double_quant)
     elif args.quant_blocksize != 64 and args.qlora in ("nf4", "fp4"):
         requantize = QuantSettings(args.qlora, args.quant_blocksize, not args.no_double_quant)
+    eval_text = None
+    if args.base is not None and args.qlora_base is not None:  # both bases: the target is measured on a text
+        from mergeq.texts import resolve_text_option
+
+        eval_text = resolve_text_option(args.eval_text, option="--eval-text", purpose="evaluation")
     config = MergeConfig(
         base=args.base, adapters=[AdapterRef.parse(a) for a in args.adapter], out=args.out, dtype=args.dtype,
         qlora_base=args.qlora_base, validate=not args.no_validate, overwrite=args.overwrite, requantize=requantize,
-        qlora=args.qlora, double_quant=False if args.no_double_quant else None,
+        qlora=args.qlora, double_quant=False if args.no_double_quant else None, eval_text=eval_text,
         max_shard_bytes=int(args.max_shard_size * 1024**3), threads=args.threads)
     result = run_merge(config)
     if args.json:
@@ -40,6 +45,7 @@ def run(args) -> int:
             console.print(f"merge target: {qlora['target']} ({qlora['why']})")
         fidelity = result.manifest.get("qlora_fidelity")
         if fidelity:
+            console.print(f"merge targets scored on {fidelity['text']['file']} ({fidelity['scored_tokens']} tokens):")
             for label, numbers in fidelity["candidates"].items():
                 console.print(f"merge target {label}: mean KL {numbers['mean_kl']:.3g}"
                               + ("  <- chosen" if label == fidelity["chosen"] else ""))
@@ -56,6 +62,8 @@ def register(sub) -> None:
     parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="output dtype")
     parser.add_argument("--qlora-base", type=Path, help="the bitsandbytes 4-bit base the adapter was trained on; with "
                                                         "--base, both merge targets are compared and the closer is used")
+    parser.add_argument("--eval-text", help="with --base and --qlora-base: the text both merges are scored on against "
+                                            "the trained model (.txt; .jsonl text/messages; .parquet:COLUMN; `demo`)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with the unmerged PEFT model")
     parser.add_argument("--qlora", choices=("auto", "nf4", "fp4", "off"), default="auto",
