@@ -220,26 +220,29 @@ def test_preflight_refuses_what_vllm_cannot_load(tmp_path):
                  "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 30}
     arch = architecture_of(demo_like)
     sym = kernels.predict_kernels(demo_like, arch, "gptq", QuantScheme(4, 64, True), False)
-    assert sym["method"] == "gptq_marlin"
-    assert sym["tp"]["1"]["kernels"] == {"qkv_proj": "exllama", "o_proj": "exllama", "gate_up_proj": "exllama",
+    assert sym["method"] == "auto_gptq"  # vLLM 0.32; tests/test_int4_kernels_vllm.py checks these against vLLM
+    # Marlin pads misaligned tiles since vLLM 0.2x; Machete (SM 9.0) needs out % 128, which only gate_up has
+    assert sym["tp"]["1"]["kernels"] == {"qkv_proj": "marlin", "o_proj": "marlin", "gate_up_proj": "machete",
                                          "down_proj": "marlin"}
+    assert sym["tp"]["1"]["by_gpu"]["sm80"] == dict.fromkeys(sym["tp"]["1"]["kernels"], "marlin")
     assert not sym["tp"]["2"]["ok"] and "9 attention heads" in sym["tp"]["2"]["problems"][0]
-    assert kernels.predict_kernels(demo_like, arch, "gptq", QuantScheme(4, 64, False), False)["method"] == "gptq"
+    asym = kernels.predict_kernels(demo_like, arch, "gptq", QuantScheme(4, 64, False), False)
+    assert not asym["tp"]["1"]["ok"] and "only symmetric" in asym["refused"]
     awq = kernels.predict_kernels(demo_like, arch, "awq", QuantScheme(4, 64, False), False)
-    assert awq["method"] == "awq_marlin" and awq["tp"]["1"]["kernels"]["qkv_proj"] == "awq_gemm"
+    assert awq["method"] == "auto_awq" and awq["tp"]["1"]["kernels"]["qkv_proj"] == "marlin"
     ct_asym = kernels.predict_kernels(demo_like, arch, "compressed-tensors", QuantScheme(4, 64, False), False)
-    assert not ct_asym["tp"]["1"]["ok"]
+    assert ct_asym["tp"]["1"]["ok"]  # asymmetric WNA16 runs on Machete/Marlin in vLLM 0.32
     big = dict(demo_like, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                head_dim=128)
-    marlin = kernels.predict_kernels(big, arch, "gptq", QuantScheme(4, 128, True), True)
-    assert all(entry["kernels"] == dict.fromkeys(entry["kernels"], "marlin") and entry["ok"]
-               for entry in marlin["tp"].values())
-    # desc_act with the input of o_proj/down_proj split: Marlin takes it, Exllama would not
-    assert kernels.summarize(marlin)["8"] == "gptq_marlin: marlin x4"
+    fast = kernels.predict_kernels(big, arch, "gptq", QuantScheme(4, 128, True), False)
+    assert all(entry["kernels"] == dict.fromkeys(entry["kernels"], "machete") and entry["ok"]
+               for entry in fast["tp"].values())
+    assert kernels.summarize(fast)["8"] == "auto_gptq: sm90 machete x4; sm80 sm75 marlin x4"
+    assert kernels.predict_kernels(big, arch, "gptq", QuantScheme(4, 128, True), True)["refused"]  # desc_act
 
     base = tiny_model(tmp_path / "base", hidden=64, intermediate=192, tokenizer=False)
-    with pytest.raises(MergeqError, match="vLLM would refuse"):
-        plan(base, Int4Options(method="gptq", group_size=32, sym=False, format="compressed-tensors"))
+    with pytest.raises(MergeqError, match="vLLM would refuse"):  # group 16: no vLLM kernel takes asymmetric codes
+        plan(base, Int4Options(method="gptq", group_size=16, sym=False, format="compressed-tensors"))
     with pytest.raises(MergeqError, match="desc-act"):
         plan(base, Int4Options(method="awq", desc_act=True))
     with pytest.raises(MergeqError, match="compressed-tensors") as refused:  # it dropped actorder "group"
@@ -280,7 +283,7 @@ def test_cli_export_writes_artifact_and_refuses_foreign_output(tmp_path):
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "gptq" and report["quant"] == "w4g32-sym"
-    assert report["extra"]["vllm_kernel_by_tp"]["1"].startswith("gptq_marlin")
+    assert report["extra"]["vllm_kernel_by_tp"]["1"].startswith("auto_gptq")
     assert json.loads((out / "quantize_config.json").read_text())["bits"] == 4
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -1,18 +1,25 @@
 """Preflight for int4 exports: every check that needs only config.json and tensor shapes, run before any
 calibration, and a prediction of the kernel vLLM will pick for each linear at tensor-parallel sizes 1, 2,
-4 and 8.
+4 and 8 on each GPU generation.
 
-The kernel rules follow vLLM's own checks (as read in vllm/model_executor/layers/quantization):
-- Marlin (gptq_marlin, awq_marlin, compressed-tensors WNA16): group size in {-1, 32, 64, 128}; per
-  partition out_features % 64 == 0, in_features % 128 == 0, and in_features % group_size == 0 when the
-  group is smaller than the whole input. gptq_marlin takes only symmetric GPTQ (uint4b8); awq_marlin
-  takes AWQ's zero points.
-- Where Marlin cannot take a layer: gptq_marlin falls back to the Exllama kernel (float16 activations,
-  full in_features % group_size == 0, out % 8 == 0, no act-order when the input is split); awq_marlin to
-  the AWQ GEMM kernel (in % group == 0, out % 8 == 0); asymmetric GPTQ always uses the gptq (Exllama) path
-  with the same two conditions; asymmetric compressed-tensors has no fallback.
+The rules follow vLLM 0.32 (vllm/model_executor/layers/quantization/auto_gptq.py, auto_awq.py,
+compressed_tensors, and vllm/model_executor/kernels/linear/mixed_precision), and
+tests/test_int4_kernels_vllm.py checks them against vLLM's own code for every layer:
+- The checkpoint: GPTQ loads as auto_gptq, which takes only symmetric 4/8-bit codes, no activation-order
+  groups (desc_act with a group size) and, on every GPU, a Marlin group size {-1, 32, 64, 128}. AWQ loads as
+  auto_awq (4 bits). compressed-tensors pack-quantized takes symmetric or asymmetric codes. All three need
+  compute capability 7.5 or more.
+- Each layer: vLLM tries its kernels in order and takes the first that can: Machete (Hopper, exactly SM 9.0:
+  group size -1/64/128, in_features per partition % 64 == 0, out_features per partition % 128 == 0), then
+  Marlin (SM 7.5+: group size -1/32/64/128 and no group straddling a TP split; tile misalignment is padded
+  since vLLM 0.2x, so in % 128 and out % 64 no longer matter), then Exllama (SM 6.0+, symmetric, float16,
+  whole in_features % group == 0, out % 8 == 0), then Triton W4A16 (N % 8 == 0, group -1/32/64/128/256 or the
+  whole K, K % group == 0). Conch (SM 8.0+, group -1/128) runs only with the separate conch-triton-kernels
+  package, which vLLM does not install; it is left out. AWQ layers go through that list only where Marlin
+  supports the layer; elsewhere they get the unoptimized AWQ GEMM kernel (in % group == 0, out % 8 == 0).
 - vLLM splits q/k/v and gate/up outputs (column parallel, fused as qkv_proj and gate_up_proj) and o/down
-  inputs (row parallel); attention heads must divide by the TP size.
+  inputs (row parallel); attention heads must divide by the TP size; key/value heads are split or
+  replicated.
 """
 
 from __future__ import annotations
@@ -23,10 +30,19 @@ from exporters.int4.arch import Architecture
 from exporters.int4.quant import QuantScheme
 from mergeq.errors import MergeqError
 
+VLLM_VERSION = "0.32"  # the vLLM whose rules these are (the `vllm` peer environment of mergeq.peers)
 TP_SIZES = (1, 2, 4, 8)
+# GPU generations by CUDA compute capability: Hopper (H100/H200), Ampere/Ada (A100, A10, L4, RTX 30/40), Turing (T4)
+GPUS = {"sm90": 90, "sm80": 80, "sm75": 75}
+FASTEST_GPU = "sm90"
+FORMAT_MIN_CAPABILITY = 75  # auto_gptq (through its Marlin check), auto_awq and compressed-tensors WNA16
+# the lowest compute capability each kernel runs on (Machete runs on SM 9.0 only)
+KERNEL_MIN_CAPABILITY = {"machete": 90, "marlin": 75, "exllama": 60, "triton_w4a16": 0, "awq_gemm": 75}
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
-MARLIN_MIN_N = 64  # out_features per partition
-MARLIN_MIN_K = 128  # in_features per partition
+MACHETE_GROUP_SIZES = (-1, 64, 128)  # with float16/bfloat16 activations
+MACHETE_IN_MULTIPLE = 64  # in_features per partition
+MACHETE_OUT_MULTIPLE = 128  # out_features per partition
+TRITON_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -87,22 +103,22 @@ _FUSED = {
 
 
 def vllm_method(fmt_name: str, scheme: QuantScheme) -> str:
-    """The quantization method vLLM selects for the whole checkpoint."""
-    marlin_group = scheme.group_size in MARLIN_GROUP_SIZES
+    """The quantization method vLLM 0.32 loads the checkpoint with (whatever alias --quantization names)."""
+    return {"gptq": "auto_gptq", "awq": "auto_awq"}.get(fmt_name, "compressed-tensors")
+
+
+def refusal(fmt_name: str, scheme: QuantScheme, desc_act: bool) -> str | None:
+    """Why vLLM refuses the checkpoint on every GPU, whatever the shapes; None if it does not."""
     if fmt_name == "gptq":
-        return "gptq_marlin" if (scheme.sym and scheme.bits in (4, 8) and marlin_group) else "gptq"
-    if fmt_name == "awq":
-        return "awq_marlin" if (scheme.bits == 4 and marlin_group) else "awq"
-    return "compressed-tensors"
-
-
-def _marlin_shape_problem(out_part: int, in_part: int, in_full: int, group: int) -> str | None:
-    if out_part % MARLIN_MIN_N:
-        return f"out_features per partition {out_part} is not a multiple of {MARLIN_MIN_N}"
-    if in_part % MARLIN_MIN_K:
-        return f"in_features per partition {in_part} is not a multiple of {MARLIN_MIN_K}"
-    if group != -1 and group < in_full and in_part % group:
-        return f"in_features per partition {in_part} is not a multiple of the group size {group}"
+        if not scheme.sym or scheme.bits not in (4, 8):
+            return (f"vLLM {VLLM_VERSION} loads only symmetric 4- or 8-bit GPTQ (auto_gptq); this is "
+                    f"{'a' if scheme.sym else 'an a'}symmetric {scheme.bits}-bit checkpoint")
+        if desc_act and scheme.group_size != -1:
+            return f"vLLM {VLLM_VERSION} no longer loads GPTQ with activation-order groups (desc_act)"
+        if scheme.group_size not in MARLIN_GROUP_SIZES:
+            return f"auto_gptq checks Marlin's group sizes {MARLIN_GROUP_SIZES} for every layer: {scheme.group_size}"
+    if fmt_name == "awq" and scheme.bits != 4:
+        return f"vLLM's AWQ loader takes 4-bit weights only, not {scheme.bits}"
     return None
 
 
@@ -141,62 +157,160 @@ def model_problem(config: dict, tp: int) -> str | None:
     return None
 
 
-def predict_kernels(config: dict, arch: Architecture, fmt_name: str, scheme: QuantScheme, desc_act: bool) -> dict:
-    """{"method": ..., "tp": {"1": {"ok": bool, "kernels": {fused layer: kernel}, "problems": [...]}, ...}}.
+@dataclass(frozen=True)
+class _Layer:
+    out_part: int
+    in_part: int
+    in_full: int
+    group: int
+    bits: int
+    zero_points: bool  # asymmetric codes (AWQ, asymmetric compressed-tensors)
 
-    Kernels: "marlin", "exllama" (gptq/Exllama), "awq_gemm", or "none" (vLLM refuses to load)."""
+
+def _no_straddle(layer: _Layer) -> bool:
+    """No quantization group crosses a TP split of the input (Marlin's only shape condition)."""
+    g = layer.group
+    return g == -1 or g >= layer.in_full or layer.in_part % g == 0
+
+
+def _machete(layer: _Layer, cc: int) -> str | None:
+    if cc != 90:
+        return "Machete runs on compute capability 9.0 only"
+    if layer.group not in MACHETE_GROUP_SIZES:
+        return f"group size {layer.group} is not one of Machete's {MACHETE_GROUP_SIZES}"
+    if layer.in_part % MACHETE_IN_MULTIPLE:
+        return f"in_features per partition {layer.in_part} is not a multiple of {MACHETE_IN_MULTIPLE}"
+    if layer.out_part % MACHETE_OUT_MULTIPLE:
+        return f"out_features per partition {layer.out_part} is not a multiple of {MACHETE_OUT_MULTIPLE}"
+    return None
+
+
+def _marlin(layer: _Layer, cc: int) -> str | None:
+    if cc < KERNEL_MIN_CAPABILITY["marlin"]:
+        return "Marlin needs compute capability 7.5"
+    if layer.zero_points and layer.bits != 4:
+        return "Marlin takes zero points with 4-bit codes only"
+    if layer.group not in MARLIN_GROUP_SIZES:
+        return f"group size {layer.group} is not one of Marlin's {MARLIN_GROUP_SIZES}"
+    if not _no_straddle(layer):
+        return f"in_features per partition {layer.in_part} is not a multiple of the group size {layer.group}"
+    return None
+
+
+def _exllama(layer: _Layer, cc: int) -> str | None:
+    if layer.zero_points:
+        return "Exllama takes symmetric codes only"
+    if layer.group <= 0 or layer.in_full % layer.group:
+        return f"Exllama needs a group size that divides in_features {layer.in_full}"
+    if layer.out_part % (32 // layer.bits):
+        return f"out_features per partition {layer.out_part} is not a multiple of {32 // layer.bits}"
+    return None
+
+
+def _triton(layer: _Layer, cc: int) -> str | None:
+    if layer.bits != 4:
+        return "Triton W4A16 takes 4-bit codes only"
+    if layer.out_part % 8:
+        return f"out_features per partition {layer.out_part} is not a multiple of 8"
+    if layer.group not in TRITON_GROUP_SIZES and layer.group != layer.in_full:
+        return f"group size {layer.group} is not one of Triton W4A16's {TRITON_GROUP_SIZES}"
+    effective = layer.in_part if layer.group == -1 else layer.group
+    if layer.in_part % effective:
+        return f"in_features per partition {layer.in_part} is not a multiple of the group size {layer.group}"
+    return None
+
+
+# vLLM's choose_mp_linear_kernel order on CUDA (CUTLASS W4A8 needs fp8 activations; Conch and Humming need
+# packages vLLM does not install)
+_MP_KERNELS = (("machete", _machete), ("marlin", _marlin), ("exllama", _exllama), ("triton_w4a16", _triton))
+
+
+def _awq_gemm(layer: _Layer) -> str | None:
+    group = layer.group if layer.group != -1 else layer.in_full
+    if layer.in_part % group:
+        return f"in_features per partition {layer.in_part} is not a multiple of the group size {group}"
+    if layer.out_part % (32 // layer.bits):
+        return f"out_features per partition {layer.out_part} is not a multiple of {32 // layer.bits}"
+    return None
+
+
+def layer_kernel(fmt_name: str, layer: _Layer, cc: int) -> tuple[str, str | None]:
+    """(kernel, why the faster ones could not take it) for one layer on a GPU of compute capability `cc`."""
+    if cc < FORMAT_MIN_CAPABILITY:
+        return "none", f"vLLM's {fmt_name} loader needs compute capability {FORMAT_MIN_CAPABILITY / 10:.1f}"
+    reasons = []
+    if fmt_name == "awq" and (why := _marlin(layer, cc)) is not None:
+        if (gemm := _awq_gemm(layer)) is None:
+            return "awq_gemm", f"Marlin cannot take it ({why}); unoptimized AWQ GEMM kernel"
+        return "none", f"Marlin cannot take it ({why}), nor the AWQ GEMM kernel ({gemm})"
+    for name, check in _MP_KERNELS:
+        if (why := check(layer, cc)) is None:
+            slower = name not in ("machete", "marlin") or (name == "marlin" and cc == 90)
+            return name, ("; ".join(reasons) if slower and reasons else None)
+        reasons.append(why)
+    return "none", "no vLLM kernel takes it: " + "; ".join(reasons)
+
+
+def predict_kernels(config: dict, arch: Architecture, fmt_name: str, scheme: QuantScheme, desc_act: bool) -> dict:
+    """{"method", "vllm", "refused", "min_capability", "tp": {"1": {"ok", "kernels", "by_gpu", "problems"}, ...}}.
+
+    `kernels` is the fused layer -> kernel map on the fastest GPU (sm90), `by_gpu` the same per GPU generation
+    (GPUS). Kernels: "machete", "marlin", "exllama", "triton_w4a16", "awq_gemm", or "none" (vLLM refuses)."""
     shapes = {s.name: s for s in linear_shapes(config, arch)}
-    method = vllm_method(fmt_name, scheme)
-    group = scheme.group_size
-    result = {"method": method, "tp": {}}
+    refused = refusal(fmt_name, scheme, desc_act)
+    zero_points = not scheme.sym
+    result = {"method": vllm_method(fmt_name, scheme), "vllm": VLLM_VERSION, "refused": refused,
+              "min_capability": {"format": FORMAT_MIN_CAPABILITY, **KERNEL_MIN_CAPABILITY}, "tp": {}}
     for tp in TP_SIZES:
-        kernels: dict[str, str] = {}
-        problems: list[str] = []
+        problems: list[str] = [refused] if refused else []
         if (whole := model_problem(config, tp)) is not None:
-            result["tp"][str(tp)] = {"ok": False, "kernels": {}, "problems": [whole]}
-            continue
-        for fused, (split, _) in _FUSED.items():
+            problems.append(whole)
+        by_gpu: dict[str, dict[str, str]] = {gpu: {} for gpu in GPUS}
+        for fused in _FUSED:
             out_part, in_part, in_full, problem = _partition(config, shapes, fused, tp)
-            if problem:
-                kernels[fused] = "none"
-                problems.append(f"{fused}: {problem}")
+            if problem or whole or refused:
+                for kernels in by_gpu.values():
+                    kernels[fused] = "none"
+                if problem:
+                    problems.append(f"{fused}: {problem}")
                 continue
-            row_split = split == "row" and tp > 1
-            marlin = _marlin_shape_problem(out_part, in_part, in_full, group)
-            gemm_ok = (group == -1 or in_part % group == 0) and out_part % (32 // scheme.bits) == 0
-            if method in ("gptq_marlin", "awq_marlin") or (method == "compressed-tensors"):
-                if marlin is None and group in MARLIN_GROUP_SIZES:
-                    kernels[fused] = "marlin"
-                    continue
-            if method == "gptq_marlin" or (method == "compressed-tensors" and scheme.sym) or method == "gptq":
-                exllama_ok = (group == -1 or in_full % group == 0) and gemm_ok and not (desc_act and row_split)
-                if exllama_ok:
-                    kernels[fused] = "exllama"
-                    if method != "gptq":
-                        problems.append(f"{fused}: Marlin cannot take it ({marlin}); Exllama needs float16 activations")
-                    continue
-            elif method in ("awq_marlin", "awq") and gemm_ok:
-                kernels[fused] = "awq_gemm"
-                problems.append(f"{fused}: Marlin cannot take it ({marlin}); unoptimized AWQ GEMM kernel")
-                continue
-            kernels[fused] = "none"
-            problems.append(f"{fused}: no vLLM kernel takes out {out_part} x in {in_part} per partition"
-                            + (f" ({marlin})" if marlin else ""))
+            layer = _Layer(out_part, in_part, in_full, scheme.group_size, scheme.bits, zero_points)
+            for gpu, cc in GPUS.items():
+                kernel, why = layer_kernel(fmt_name, layer, cc)
+                by_gpu[gpu][fused] = kernel
+                if why and gpu == FASTEST_GPU or kernel == "none":
+                    note = f"{fused} on {gpu}: {kernel} ({why})" if kernel != "none" else f"{fused} on {gpu}: {why}"
+                    if note not in problems:
+                        problems.append(note)
+        kernels = by_gpu[FASTEST_GPU]
         result["tp"][str(tp)] = {"ok": all(k != "none" for k in kernels.values()), "kernels": kernels,
-                                 "problems": problems}
+                                 "by_gpu": by_gpu, "problems": problems}
     return result
 
 
+def _counts(kernels: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for kernel in kernels.values():
+        counts[kernel] = counts.get(kernel, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
+
+
 def summarize(prediction: dict) -> dict[str, str]:
-    """TP size -> one line, e.g. "gptq_marlin: marlin x2, exllama x2" or "fails: ..."."""
+    """TP size -> one line, e.g. "auto_gptq: sm90 machete x1, marlin x3; sm80 sm75 marlin x4" or "fails: ..."."""
     lines = {}
     for tp, entry in prediction["tp"].items():
         if not entry["ok"]:
-            fatal = [p for p in entry["problems"] if "no vLLM kernel" in p] or entry["problems"]
-            lines[tp] = "fails: " + "; ".join(fatal)
+            lines[tp] = "fails: " + "; ".join(entry["problems"][:3])
             continue
-        counts: dict[str, int] = {}
-        for kernel in entry["kernels"].values():
-            counts[kernel] = counts.get(kernel, 0) + 1
-        lines[tp] = f"{prediction['method']}: " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
+        groups: dict[str, list[str]] = {}
+        for gpu, kernels in entry["by_gpu"].items():
+            groups.setdefault(_counts(kernels), []).append(gpu)
+        lines[tp] = f"{prediction['method']}: " + "; ".join(f"{' '.join(g)} {c}" for c, g in groups.items())
     return lines
+
+
+def serve_command(out_dir, fmt_name: str) -> str:
+    """The `vllm serve` line for users. No --quantization: vLLM reads quantization_config and picks the fastest
+    kernel per layer. (In vLLM 0.32 every alias loads the same way; in older vLLM `--quantization awq` or `gptq`
+    forced the slowest kernels.)"""
+    return f"vllm serve {out_dir} --dtype float16"
