@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from merge.validate import UnmergedWeights, _with_adapters
 from mergeq.errors import MergeqError
 
 log = logging.getLogger(__name__)
@@ -41,19 +42,9 @@ class TargetChoice:
                 "text": self.text, "scored_tokens": self.scored_tokens}
 
 
-class MergedWeights:
+class MergedWeights(UnmergedWeights):
     """A merge candidate's tensors as they would be written (merged in fp32, checked, cast to the output
     dtype), read back as fp32 for exporters.streaming; computed one tensor at a time, never written."""
-
-    def __init__(self, source):
-        self.source = source  # merge.merger.Source
-        self.folder = source.folder
-
-    def names(self) -> list[str]:
-        return list(self.source.shapes)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.source.shapes
 
     def get(self, name: str) -> torch.Tensor:
         from merge.merger import _finalize
@@ -71,9 +62,6 @@ class MergedWeights:
                 yield first, block.to(self.source.out_dtype)
         else:
             yield 0, self.get(name)
-
-    def close(self) -> None:
-        self.source.ckpt.close()
 
 
 def windows_of(text_path: Path, tokenizer_dirs: list[Path], vocab: int, max_positions: int | None):
@@ -110,8 +98,6 @@ def choose_target(sources: list, reference_source, text_path: Path, tokenizer_di
     adapters; run unmerged) on the evaluation text; the lowest mean KL wins (ties: the label's order)."""
     from exporters import streaming
     from exporters.metrics import MetricSums, first_scored, log_probs
-    from merge.validate import UnmergedWeights, _with_adapters
-
     config = json.loads((reference_source.folder / "config.json").read_text(encoding="utf-8"))
     if not streaming.supported(config):
         raise MergeqError(f"choosing the QLoRA merge target by measurement needs a layer mapping for "
