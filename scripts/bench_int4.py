@@ -86,7 +86,7 @@ def perplexity(artifact: Path, reference: Path, text: Path | None) -> float:
     """`mergeq eval` of one artifact (the same evaluator, text and windows for every row)."""
     log.info("evaluating %s", artifact)
     cmd = mergeq_cmd("eval", "--model", str(artifact), "--reference", str(reference), "--json",
-                     *(["--text", str(text)] if text else []))
+                     "--text", str(text) if text else "demo")
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"`{' '.join(cmd)}` failed:\n{done.stderr[-3000:]}")
@@ -232,7 +232,7 @@ def main() -> int:
     parser.add_argument("--base", type=Path, help="fp16 checkpoint (default: the demo base)")
     parser.add_argument("--calib", type=Path, help="calibration text, documents separated by blank lines "
                                                    "(default: the demo calibration text)")
-    parser.add_argument("--eval-text", type=Path, help="evaluation text (default: the demo evaluation text)")
+    parser.add_argument("--eval-text", type=Path, help="evaluation text (default: `demo`, the demo evaluation text)")
     parser.add_argument("--work", type=Path, help="where artifacts go (default: a temporary directory)")
     args = parser.parse_args()
     args.symmetries = [True, False] if args.both_symmetries else [not args.asym]

@@ -25,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-EXPORTS = {
-    "gguf": ["--quant", "Q8_0", "--quant", "Q4_K_M"],
-    "awq": ["--group-size", "64"],
-    "gptq": ["--group-size", "64"],
+EXPORTS = {  # the demo's own texts, named (mergeq has no default text)
+    "gguf": ["--quant", "Q8_0", "--quant", "Q4_K_M", "--eval-text", "demo"],
+    "awq": ["--group-size", "64", "--calib", "demo", "--eval-text", "demo"],
+    "gptq": ["--group-size", "64", "--calib", "demo", "--eval-text", "demo"],
 }
 DOC_FILES = {"report.json", "report.md", "README.md"}
 
