@@ -32,6 +32,7 @@ from exporters.int4.arch import Architecture, architecture_of
 from exporters.int4.layerwise import LayerContext, _layer_forward, hf_config_of, load_layer, rotary_embeddings
 from merge.checkpoint import Checkpoint
 from mergeq.errors import MergeqError
+from mergeq.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ def final_hidden_groups(model: StreamedModel, groups: list[tuple[torch.Tensor, s
                 for start in range(0, h.shape[0], step):
                     h[start : start + step] = _layer_forward(layer, h[start : start + step], ctx)
         del layer
+        release_freed_memory()
     norm = model.final_norm()
     model.weights.close()
     with torch.inference_mode():

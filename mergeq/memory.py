@@ -9,6 +9,9 @@ child processes while they run.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 SAMPLE_SECONDS = 0.02
 
 
@@ -73,3 +76,22 @@ class ChildPeak:
         self._stop.set()
         self._thread.join()
         return self.peak or rusage_maxrss_kib * 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand heap memory freed so far back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    Called between decoder layers by the streaming passes: glibc keeps freed heap pages, and the resident set
+    then grew layer after layer (measured: GPTQ of 45 MB fp32 layers, +70 MB RSS per layer without it,
+    +6 MB per layer, the buffered output, with it)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
