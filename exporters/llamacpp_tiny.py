@@ -13,6 +13,7 @@ died by SIGILL on AMX machines is exercised in a second.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +29,10 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
 
 
 def write(path: str) -> None:
+    # this file's folder (exporters/, first on sys.path when run as a script) holds mergeq's own gguf.py:
+    # leave it out, so that `gguf` is the pinned gguf-py that PYTHONPATH names
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     import gguf
 
     rng = np.random.default_rng(0)
