@@ -403,16 +403,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
 REBUILD_HINT = ("rebuild it: mergeq setup-llamacpp --rebuild (the build tests itself and falls back to a portable "
                 "instruction set), or force that variant: mergeq setup-llamacpp --rebuild --variant portable")
 SIGNAL_MEANINGS: dict[int, tuple[str, str | None]] = {
-    signal.SIGILL: ("the CPU rejected an instruction of this llama.cpp build (SIGILL, illegal instruction): the "
+    signal.SIGILL: ("the CPU rejected an instruction of this llama.cpp build (an illegal instruction): the "
                     "build does not match this processor; the input file is not the cause", REBUILD_HINT),
     signal.SIGKILL: ("SIGKILL comes from outside the tool: another process, or the kernel (its out-of-memory "
                      "killer logs to dmesg when it is the one)", None),
-    signal.SIGSEGV: ("the tool made an invalid memory access (SIGSEGV)", None),
-    signal.SIGBUS: ("a memory-mapped file could not be read (SIGBUS): it was truncated while in use, or the disk "
-                    "failed", None),
-    signal.SIGABRT: ("the tool aborted itself on a failed check (SIGABRT); its last lines say which", None),
-    signal.SIGTERM: ("the tool was asked to stop (SIGTERM) from outside", None),
-    signal.SIGINT: ("the tool was interrupted (SIGINT)", None),
+    signal.SIGSEGV: ("the tool made an invalid memory access", None),
+    signal.SIGBUS: ("a memory-mapped file could not be read: it was truncated while in use, or the disk failed", None),
+    signal.SIGABRT: ("the tool aborted itself on a failed check; its last lines say which", None),
+    signal.SIGTERM: ("the tool was asked to stop, from outside", None),
+    signal.SIGINT: ("the tool was interrupted", None),
 }
 
 
