@@ -114,7 +114,7 @@ def one_case(config: dict, tps: list[int], capabilities: list[int]) -> dict:
                     try:
                         with torch.device("meta"):
                             seen.add(kernel_of(build(config, quant_config, fused, index)))
-                    except (AssertionError, ValueError) as exc:
+                    except (AssertionError, ValueError, RuntimeError) as exc:  # what vLLM raises on refusal
                         seen.add("none")
                         message = f"{fused}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
                         if message not in problems:
