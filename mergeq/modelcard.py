@@ -10,8 +10,8 @@ from mergeq.atomic import write_text
 LIBRARY = {"gguf": "gguf", "awq": "transformers", "gptq": "transformers", "hf": "transformers"}
 SERVE = {
     "gguf": "llama-cli -m {file} -cnv",
-    "awq": "vllm serve {dir} --quantization awq",
-    "gptq": "vllm serve {dir} --quantization gptq",
+    "awq": "vllm serve {dir} --dtype float16",  # no --quantization: vLLM picks the fastest kernel (README)
+    "gptq": "vllm serve {dir} --dtype float16",
     "hf": "vllm serve {dir}",
 }
 
