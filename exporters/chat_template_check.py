@@ -80,6 +80,11 @@ TRANSCRIPTS: tuple[Transcript, ...] = (
         {"role": "user", "content": "Make a list:\n1. apples\n2. pears"},
         {"role": "assistant", "content": "- apples\n- pears\n\nDone."},
         {"role": "user", "content": "Café, naïve, 3.14 and 42 - thanks!"})),
+    Transcript("system prompt, code and an indented list", (
+        {"role": "system", "content": "You review Python code."},
+        {"role": "user", "content": "def area(r):\n    return 3.14159 * r ** 2\n\nSteps:\n  1. read r\n  2. print it"},
+        {"role": "assistant", "content": "It works. Use math.pi instead of 3.14159."},
+        {"role": "user", "content": "Like this?\n    return math.pi * r ** 2"})),
 )
 
 # ----------------------------------------------------------------------------------------------- results
@@ -181,8 +186,8 @@ def compare(name: str, llama: Rendering, reference: Rendering) -> TranscriptResu
 # ----------------------------------------------------------------------------------------------- transformers
 
 
-def _render_reference(model_dir: str) -> dict:
-    """Runs in the subprocess: the checkpoint's tokenizer renders and tokenizes every transcript."""
+def render_with_transformers(model_dir: str) -> dict:
+    """The checkpoint's tokenizer renders and tokenizes every transcript (what the subprocess runs), as JSON data."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -202,7 +207,7 @@ def _render_reference(model_dir: str) -> dict:
 
 
 def _main() -> None:
-    result = _render_reference(sys.argv[1])
+    result = render_with_transformers(sys.argv[1])
     sys.stdout.write("\n" + json.dumps(result) + "\n")  # the last line, whatever a library printed before
 
 
@@ -259,7 +264,8 @@ class PendingReference:
                     hint=f"transformers could not load the tokenizer of {self.model_dir}")
                 return self._outcome
             try:
-                self._outcome = _parse_reference(json.loads(out.strip().splitlines()[-1]), tool)
+                data = json.loads(out.strip().splitlines()[-1])
+                self._outcome = reference_from_json(data, tool.seconds, tool.peak_rss_bytes)
             except (ValueError, IndexError, KeyError, TypeError):
                 tail = "\n".join(f"    | {line}" for line in (err or out).strip().splitlines()[-LOG_TAIL:])
                 self._outcome = ToolError(f"{REFERENCE} exited without its result line; its last output lines:\n{tail}")
@@ -271,12 +277,13 @@ class PendingReference:
             self._memory.finish(0)
 
 
-def _parse_reference(data: dict, tool) -> Reference:
+def reference_from_json(data: dict, seconds: float = 0.0, peak_rss_bytes: int = 0) -> Reference:
+    """A Reference from `render_with_transformers`' data."""
     renderings = None
     if data["template"]:
         renderings = {name: Rendering(tuple(r["ids"]), tuple(r["pieces"])) if "ids" in r else Rendering(error=r["error"])
                       for name, r in data["transcripts"].items()}
-    return Reference(renderings, tool.seconds, tool.peak_rss_bytes)
+    return Reference(renderings, seconds, peak_rss_bytes)
 
 
 def reference(model_dir: Path) -> Reference:

@@ -34,7 +34,8 @@ def tiny_chat_model(path: Path) -> Path:
     gguf = wheel_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # SmolLM2's own tokenizer.json splits digits before the byte-level step; transformers' GGUF loader drops
-    # that step (llama.cpp keeps it: its "smollm" pre-tokenizer). Restore it, so both sides tokenize alike.
+    # that step (llama.cpp keeps it: its "smollm" pre-tokenizer), and whitespace before a digit then splits
+    # differently (test_the_demo_base_shows_its_known_tokenizer_difference). Restore it here.
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
@@ -67,7 +68,8 @@ def exported(chat_model, built, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(chat_model):
-    return ctc.reference(chat_model)
+    """transformers' renderings, in this process (the export ran the same code in its subprocess)."""
+    return ctc.reference_from_json(ctc.render_with_transformers(str(chat_model)))
 
 
 def rewrite_gguf(src: Path, dst: Path, *args: str) -> Path:
@@ -99,7 +101,7 @@ def test_every_transcript_renders_to_the_same_tokens(exported, chat_model):
 
 
 @llamacpp_build
-def test_the_server_renders_the_chatml_prompt(exported, reference):
+def test_the_server_renders_the_chatml_prompt(exported):
     """What llama.cpp really renders: the template's text with ChatML's special tokens as single tokens."""
     with ctc.running_server(Path(exported.path)) as server:
         status, body = server.request("/apply-template", {"messages": [{"role": "user", "content": "Hi"}]})
@@ -107,8 +109,9 @@ def test_the_server_renders_the_chatml_prompt(exported, reference):
         assert body["prompt"] == (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                                   "<|im_start|>assistant\n")
         rendering = server.render(({"role": "user", "content": "Hi"},))
-    assert rendering.pieces[0] == "<|im_start|>" and rendering.ids[0] == 1
-    assert rendering.pieces[-3:] == ("<|im_start|>", "assistant", "\n")
+    assert "".join(rendering.pieces) == body["prompt"]
+    starts = [i for i, piece in enumerate(rendering.pieces) if piece == "<|im_start|>"]
+    assert len(starts) == 3 and {rendering.ids[i] for i in starts} == {1}  # one special token each, not text
 
 
 @llamacpp_build
@@ -137,7 +140,7 @@ def test_an_altered_template_is_reported_with_the_position(exported, chat_model,
         assert not result.matched and result.first_difference == at > 5
         assert result.transformers.id == ours[at] and result.llama_cpp.id == theirs[at]
         assert result.transformers.piece == tokenizer.decode([ours[at]])
-        assert "SmolLM" in result.transformers.piece + result.llama_cpp.piece
+        assert (result.llama_cpp.piece, result.transformers.piece) == ("2", ",")  # "...LM2," against "...LM,"
         assert result.llama_cpp_tokens == len(theirs) and result.transformers_tokens == len(ours)
     (warning,) = check.warnings("altered.gguf")
     differing = sum(t.messages[0]["role"] != "system" for t in ctc.TRANSCRIPTS)
@@ -212,3 +215,23 @@ def test_the_report_shows_the_round_trip():
                                "transcripts; first: 'two turns' at token 1 (llama.cpp 9 'Hi', transformers 8 'Hello'; "
                                "2 vs 2 tokens)"]
     assert ArtifactReport.from_json(report.to_json()).extra["chat_template"]["transcripts"][0]["first_difference"] == 1
+
+
+@pytest.mark.demo
+@llamacpp_build
+def test_the_demo_base_shows_its_known_tokenizer_difference(tmp_path):
+    """The demo base's tokenizer.json, rebuilt from a GGUF by transformers, lacks SmolLM2's digit split
+    (README, known limits): only the transcript with whitespace before a digit differs, right there."""
+    from mergeq.demo import demo_base
+
+    (report,) = GGUFExporter().export(demo_base(), tmp_path, GGUFOptions(quants=("F16",)))
+    section = report.extra["chat_template"]
+    assert section["status"] == "mismatch" and section["checked"] == len(ctc.TRANSCRIPTS)
+    differing = [r for r in section["transcripts"] if not r["matched"]]
+    assert [r["name"] for r in differing] == ["system prompt, code and an indented list"]
+    (result,) = differing
+    # "\n  1." : llama.cpp splits the digit off first and keeps "\n  " whole; transformers' byte-level regex
+    # gives the last space to " 1"
+    assert (result["llama_cpp"]["piece"], result["transformers"]["piece"]) == ("\n  ", "\n ")
+    assert result["first_difference"] > 20
+    assert any("in 1 of 6 transcripts" in w and "code and an indented list" in w for w in report.warnings)
