@@ -17,6 +17,7 @@ tests/test_int4_kernels_vllm.py checks them against vLLM's own code for every la
   whole K, K % group == 0). Conch (SM 8.0+, group -1/128) runs only with the separate conch-triton-kernels
   package, which vLLM does not install; it is left out. AWQ layers go through that list only where Marlin
   supports the layer; elsewhere they get the unoptimized AWQ GEMM kernel (in % group == 0, out % 8 == 0).
+  compressed-tensors refuses a layer whose input split cuts a quantization group, whatever the kernel.
 - vLLM splits q/k/v and gate/up outputs (column parallel, fused as qkv_proj and gate_up_proj) and o/down
   inputs (row parallel); attention heads must divide by the TP size; key/value heads are split or
   replicated.
@@ -243,6 +244,10 @@ def layer_kernel(fmt_name: str, layer: _Layer, cc: int) -> tuple[str, str | None
         if (gemm := _awq_gemm(layer)) is None:
             return "awq_gemm", f"Marlin cannot take it ({why}); unoptimized AWQ GEMM kernel"
         return "none", f"Marlin cannot take it ({why}), nor the AWQ GEMM kernel ({gemm})"
+    if fmt_name == "compressed-tensors" and layer.group != -1 and layer.in_part % layer.group:
+        # its WNA16 scheme splits the scales with the input and refuses a group straddling the split
+        return "none", (f"compressed-tensors: in_features per partition {layer.in_part} is not a multiple of the "
+                        f"group size {layer.group}")
     for name, check in _MP_KERNELS:
         if (why := check(layer, cc)) is None:
             slower = name not in ("machete", "marlin") or (name == "marlin" and cc == 90)

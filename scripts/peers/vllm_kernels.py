@@ -84,7 +84,8 @@ def build(config: dict, quant_config, fused: str, layer: int):
 
 def kernel_of(layer) -> str:
     method = layer.quant_method
-    kernel = getattr(method, "kernel", None)
+    # GPTQ/AWQ methods hold their kernel; compressed-tensors' method delegates to the layer's scheme, which does
+    kernel = getattr(method, "kernel", None) or getattr(getattr(layer, "scheme", None), "kernel", None)
     name = type(kernel).__name__ if kernel is not None else type(method).__name__
     return KERNEL_NAMES.get(name, name)
 
