@@ -42,7 +42,7 @@ def readme_quantization(fmt: str) -> str | None:
 @pytest.fixture(scope="module")
 def served(pytestconfig, tmp_path_factory) -> dict:
     from mergeq.cli import main
-    from mergeq.demo import demo_assets
+    from mergeq.demo import demo_assets, demo_base, layout
     from mergeq.pipeline import DEMO_EXPORTS
 
     assert set(FORMATS) == set(DEMO_EXPORTS) - {"gguf"}, "the demo exports other int4 formats: serve them too"
@@ -57,7 +57,9 @@ def served(pytestconfig, tmp_path_factory) -> dict:
             peers.ensure("vllm")
         finally:
             logger.removeHandler(handler)
-    assets = demo_assets()
+    demo_base()  # the adapter is not needed here, so its training is not waited for (as tests/test_int4_demo.py)
+    assets = layout()
+    assets = assets if assets.calib_text.is_file() and assets.eval_text.is_file() else demo_assets()
     work = tmp_path_factory.mktemp("vllm-serve")
     results = {}
     for fmt in FORMATS:
