@@ -115,8 +115,16 @@ class TemplateCheck:
     reason: str | None = None  # why "not checked"
     seconds: float = 0.0  # this file's llama-server run: start, every transcript, stop
     server_peak_rss_bytes: int = 0
-    reference_seconds: float = 0.0  # transformers' renderings, once per export (shared by its files)
+    # transformers' renderings, once per export (shared by its files), in a subprocess started before the
+    # conversion: its CPU seconds, and how long the export then still had to wait for it
+    reference_cpu_seconds: float = 0.0
+    reference_wait_seconds: float = 0.0
     reference_peak_rss_bytes: int = 0
+
+    @property
+    def wall_seconds(self) -> float:
+        """What the check added to the export's wall time."""
+        return round(self.reference_wait_seconds + self.seconds, 3)
 
     @property
     def checked(self) -> int:
@@ -128,7 +136,7 @@ class TemplateCheck:
 
     def to_json(self) -> dict:
         data = asdict(self)
-        data["checked"], data["matched"] = self.checked, self.matched
+        data["checked"], data["matched"], data["wall_seconds"] = self.checked, self.matched, self.wall_seconds
         return data
 
     def warnings(self, label: str) -> list[str]:
@@ -208,6 +216,7 @@ def render_with_transformers(model_dir: str) -> dict:
 
 def _main() -> None:
     result = render_with_transformers(sys.argv[1])
+    result["cpu_seconds"] = time.process_time()
     sys.stdout.write("\n" + json.dumps(result) + "\n")  # the last line, whatever a library printed before
 
 
@@ -216,8 +225,9 @@ class Reference:
     """transformers' renderings of every transcript for one checkpoint (None: it has no chat template)."""
 
     renderings: dict[str, Rendering] | None
-    seconds: float
-    peak_rss_bytes: int
+    cpu_seconds: float = 0.0  # the subprocess's own CPU time
+    wait_seconds: float = 0.0  # how long `result()` blocked for it
+    peak_rss_bytes: int = 0
 
 
 class PendingReference:
@@ -250,6 +260,7 @@ class PendingReference:
         if self._outcome is None:
             from exporters import llamacpp
 
+            waiting = time.perf_counter()
             try:
                 out, err = self._proc.communicate(timeout=REFERENCE_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -265,7 +276,7 @@ class PendingReference:
                 return self._outcome
             try:
                 data = json.loads(out.strip().splitlines()[-1])
-                self._outcome = reference_from_json(data, tool.seconds, tool.peak_rss_bytes)
+                self._outcome = reference_from_json(data, time.perf_counter() - waiting, tool.peak_rss_bytes)
             except (ValueError, IndexError, KeyError, TypeError):
                 tail = "\n".join(f"    | {line}" for line in (err or out).strip().splitlines()[-LOG_TAIL:])
                 self._outcome = ToolError(f"{REFERENCE} exited without its result line; its last output lines:\n{tail}")
@@ -277,13 +288,13 @@ class PendingReference:
             self._memory.finish(0)
 
 
-def reference_from_json(data: dict, seconds: float = 0.0, peak_rss_bytes: int = 0) -> Reference:
+def reference_from_json(data: dict, wait_seconds: float = 0.0, peak_rss_bytes: int = 0) -> Reference:
     """A Reference from `render_with_transformers`' data."""
     renderings = None
     if data["template"]:
         renderings = {name: Rendering(tuple(r["ids"]), tuple(r["pieces"])) if "ids" in r else Rendering(error=r["error"])
                       for name, r in data["transcripts"].items()}
-    return Reference(renderings, seconds, peak_rss_bytes)
+    return Reference(renderings, round(data.get("cpu_seconds", 0.0), 3), round(wait_seconds, 3), peak_rss_bytes)
 
 
 def reference(model_dir: Path) -> Reference:
@@ -495,6 +506,7 @@ def check_ggufs(model_dir: Path, ggufs: list[Path], pending: PendingReference | 
             check = TemplateCheck("not checked", reason=f"transformers could not render the checkpoint's template: {ref}")
         else:
             check = check_gguf(path, ref)
-            check.reference_seconds, check.reference_peak_rss_bytes = round(ref.seconds, 3), ref.peak_rss_bytes
+            check.reference_cpu_seconds, check.reference_wait_seconds = ref.cpu_seconds, ref.wait_seconds
+            check.reference_peak_rss_bytes = ref.peak_rss_bytes
         checks.append(check)
     return checks

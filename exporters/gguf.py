@@ -347,8 +347,8 @@ class GGUFExporter:
                 own["imatrix"] = stages["imatrix"]
             if f"quantize_{quant}" in stages:
                 own["quantize"] = stages[f"quantize_{quant}"]
-            own["chat_template"] = StageCost(
-                round(template_check.reference_seconds + template_check.seconds, 3),
+            own["chat_template"] = StageCost(  # the wall time it added; the transformers side overlaps the conversion
+                template_check.wall_seconds,
                 max(template_check.reference_peak_rss_bytes, template_check.server_peak_rss_bytes))
             warnings += template_check.warnings(quant)
             reports.append(ArtifactReport(
