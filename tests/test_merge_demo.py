@@ -22,7 +22,7 @@ def assets():
 def test_demo_qlora_merge_chooses_the_faithful_target(tmp_path, assets):
     out = tmp_path / "merged"
     result = run_merge(MergeConfig(base=assets.base, qlora_base=assets.base_nf4, adapters=[AdapterRef(assets.adapter)],
-                                   out=out, dtype="float16"))
+                                   out=out, dtype="float16", eval_text=assets.eval_text))
     manifest = json.loads((out / "merge_manifest.json").read_text())
     fidelity = manifest["qlora_fidelity"]
     kl = {k: v["mean_kl"] for k, v in fidelity["candidates"].items()}
