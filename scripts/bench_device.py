@@ -73,6 +73,21 @@ def compare_codes(a: Path, b: Path) -> dict:
     return {"equal_int32_words": equal / max(1, total), "max_rel_scale_diff": worst_scale}
 
 
+def run_eval(artifact: Path, reference: Path, text: Path, device: str, cache: Path, windows: int) -> dict:
+    """mergeq's streamed evaluation of `artifact` against `reference` on `device` (reference pass included:
+    each device gets its own empty reference cache)."""
+    from exporters.evaluate import EvalOptions, evaluate_full
+
+    if cache.exists():
+        shutil.rmtree(cache)
+    started = time.perf_counter()
+    result = evaluate_full(artifact, reference, text, EvalOptions(device=device, cache_dir=cache, max_windows=windows))
+    quality = result.quality if hasattr(result, "quality") else result
+    info = quality.to_json() if hasattr(quality, "to_json") else getattr(quality, "__dict__", {})
+    return {"eval": artifact.name, "device": device, "wall_s": round(time.perf_counter() - started, 1),
+            **{k: info[k] for k in ("perplexity", "reference_perplexity", "kl_divergence", "top1_agreement", "eval_tokens") if k in info}}
+
+
 def main() -> int:
     import torch
 
@@ -89,6 +104,8 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--methods", default="gptq,awq")
     parser.add_argument("--devices", default="cuda,cpu")
+    parser.add_argument("--eval-text", type=Path, help="also evaluate the first method's output on each device")
+    parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -121,12 +138,24 @@ def main() -> int:
             rows.append({"method": method, "compare": f"{first.name} vs {second.name}", **compare_codes(first, second)})
             print(json.dumps(rows[-1]), flush=True)
 
+    if args.eval_text:
+        first = args.methods.split(",")[0]
+        for device in args.devices.split(","):
+            row = run_eval(args.work / f"{first}-{args.devices.split(',')[0]}", model, args.eval_text, device,
+                           args.work / f"eval-cache-{device}", args.eval_windows)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
     print(f"\n{'method':<6} {'device':<6} {'wall s':>8}")
     for row in rows:
         if "device" in row:
-            print(f"{row['method']:<6} {row['device']:<6} {row['wall_s']:>8.1f}")
+            print(f"{row.get('method', 'eval'):<6} {row['device']:<6} {row['wall_s']:>8.1f}")
     for method in args.methods.split(","):
         walls = {r["device"]: r["wall_s"] for r in rows if r.get("method") == method and "device" in r}
+        if method == args.methods.split(",")[0] and args.eval_text:
+            evals = {r["device"]: r["wall_s"] for r in rows if "eval" in r}
+            if "cuda" in evals and "cpu" in evals:
+                print(f"evaluation: cuda/cpu wall ratio {evals['cuda'] / evals['cpu']:.3f}")
         if "cuda" in walls and "cpu" in walls:
             print(f"{method}: cuda/cpu wall ratio {walls['cuda'] / walls['cpu']:.3f}")
     if args.json:
