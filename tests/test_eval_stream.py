@@ -157,3 +157,23 @@ def test_streamed_evaluation_on_cuda_matches_cpu(tmp_path):
                                                     device="cuda"))
     for key in ("perplexity", "reference_perplexity", "kl_divergence"):
         assert getattr(gpu, key) == pytest.approx(getattr(cpu, key), rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.demo
+def test_streamed_evaluation_matches_whole_model_on_the_demo(tmp_path):
+    """The demo base (SmolLM2-135M, tied embeddings) and its RTN int4 export: the streamed numbers equal
+    today's whole-model numbers to 1e-6 relative."""
+    from exporters.int4.export import Int4Options, export_int4
+    from mergeq.demo import demo_base
+    from mergeq.demo_texts import build_texts
+
+    base = demo_base()
+    text = tmp_path / "eval.txt"
+    text.write_text(build_texts().eval, encoding="utf-8")
+    rtn = tmp_path / "rtn"
+    export_int4(base, rtn, Int4Options(method="rtn", group_size=64, device="cpu"))
+    for artifact in (base, rtn):
+        streamed, whole = _both(artifact, base, text, tmp_path / artifact.name, max_windows=4)
+        _same(streamed, whole)
+        assert streamed.eval_tokens == 4 * 255
+    assert streamed.kl_divergence > 0

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from merge.checkpoint import Checkpoint
+from merge.writer import OutTensor, _header_bytes
 from mergeq.atomic import write_json
 from mergeq.errors import MergeqError
 
@@ -84,37 +84,54 @@ class ShardWriter:
     """Collects output tensors and writes them as safetensors shards of at most `max_shard_bytes`.
 
     Shards are named model-0000i-of-0000n.safetensors (with model.safetensors.index.json), or
-    model.safetensors when everything fits in one. Byte-identical for identical input.
+    model.safetensors when everything fits in one. Byte-identical for identical input. Each tensor's bytes go
+    to a spill file on disk as it arrives (a shard's header is written, then the spill copied in behind it),
+    so memory holds no shard: a 1 GiB shard once cost 1 GiB of RAM, more than the layer being quantized.
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = 1 << 30):
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: list[OutTensor] = []
         self._pending_bytes = 0
+        self._spill = None
         self._shards: list[list[str]] = []
+        self._seen: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in shard for shard in self._shards):
+        if name in self._seen:
             raise MergeqError(f"tensor {name!r} written twice")
         tensor = tensor.detach().to("cpu").contiguous()
-        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-            tensor = tensor.clone()  # a view into something larger: store only its own bytes
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor
+        if self._spill is None:
+            self._spill = open(self._spill_path(len(self._shards)), "wb")
+        if size:
+            self._spill.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self._seen.add(name)
+        self._pending.append(OutTensor(name, tensor.dtype, tuple(tensor.shape)))
         self._pending_bytes += size
+
+    def _spill_path(self, index: int) -> Path:
+        return self.out_dir / f".shard-{index:05d}.spill"
 
     def _flush(self) -> None:
         if not self._pending:
             return
-        path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append(sorted(self._pending))
+        index = len(self._shards)
+        self._spill.close()
+        self._spill = None
+        spill = self._spill_path(index)
+        ordered = sorted(self._pending, key=lambda t: t.name)  # the header lists names sorted, data in arrival order
+        with open(self.out_dir / f".shard-{index:05d}.safetensors", "wb") as out, open(spill, "rb") as data:
+            out.write(_header_bytes(self._pending))
+            shutil.copyfileobj(data, out, 16 << 20)
+        spill.unlink()
+        self._shards.append([t.name for t in ordered])
         self.total_bytes += self._pending_bytes
-        self._pending = {}
+        self._pending = []
         self._pending_bytes = 0
 
     def finish(self) -> list[Path]:
