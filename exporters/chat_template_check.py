@@ -198,7 +198,10 @@ def render_with_transformers(model_dir: str) -> dict:
     """The checkpoint's tokenizer renders and tokenizes every transcript (what the subprocess runs), as JSON data."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # reported as one line, in transformers' own words
+        return {"load_error": f"{type(err).__name__}: {' '.join(str(err).split())}"}
     if not getattr(tokenizer, "chat_template", None):
         return {"template": False, "transcripts": {}}
     out = {}
@@ -276,7 +279,9 @@ class PendingReference:
                 return self._outcome
             try:
                 data = json.loads(out.strip().splitlines()[-1])
-                self._outcome = reference_from_json(data, time.perf_counter() - waiting, tool.peak_rss_bytes)
+                self._outcome = (MergeqError(f"transformers could not load the tokenizer of {self.model_dir}: "
+                                             f"{data['load_error']}") if "load_error" in data else
+                                 reference_from_json(data, time.perf_counter() - waiting, tool.peak_rss_bytes))
             except (ValueError, IndexError, KeyError, TypeError):
                 tail = "\n".join(f"    | {line}" for line in (err or out).strip().splitlines()[-LOG_TAIL:])
                 self._outcome = ToolError(f"{REFERENCE} exited without its result line; its last output lines:\n{tail}")
@@ -503,7 +508,7 @@ def check_ggufs(model_dir: Path, ggufs: list[Path], pending: PendingReference | 
         if not has_template(path):
             check = TemplateCheck("no template")
         elif isinstance(ref, MergeqError):
-            check = TemplateCheck("not checked", reason=f"transformers could not render the checkpoint's template: {ref}")
+            check = TemplateCheck("not checked", reason=str(ref))
         else:
             check = check_gguf(path, ref)
             check.reference_cpu_seconds, check.reference_wait_seconds = ref.cpu_seconds, ref.wait_seconds

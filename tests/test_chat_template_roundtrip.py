@@ -236,3 +236,12 @@ def test_the_demo_base_shows_its_known_tokenizer_difference(tmp_path):
     assert (result["llama_cpp"]["piece"], result["transformers"]["piece"]) == ("\n  ", "\n ")
     assert result["first_difference"] > 20
     assert any("in 1 of 6 transcripts" in w and "code and an indented list" in w for w in report.warnings)
+
+
+@llamacpp_build
+def test_a_tokenizer_that_transformers_cannot_load_is_reported_in_one_line(exported, chat_model, tmp_path):
+    (tmp_path / "config.json").write_bytes((chat_model / "config.json").read_bytes())  # no tokenizer files
+    (check,) = ctc.check_ggufs(tmp_path, [Path(exported.path)])
+    assert check.status == "not checked" and check.transcripts == []
+    assert check.reason.startswith(f"transformers could not load the tokenizer of {tmp_path}: ")
+    assert "\n" not in check.reason
