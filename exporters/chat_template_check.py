@@ -302,14 +302,6 @@ def reference_from_json(data: dict, wait_seconds: float = 0.0, peak_rss_bytes: i
     return Reference(renderings, round(data.get("cpu_seconds", 0.0), 3), round(wait_seconds, 3), peak_rss_bytes)
 
 
-def reference(model_dir: Path) -> Reference:
-    """transformers' token IDs for every transcript, from the merged checkpoint (in a subprocess)."""
-    outcome = PendingReference(model_dir).result()
-    if isinstance(outcome, MergeqError):
-        raise outcome
-    return outcome
-
-
 # ----------------------------------------------------------------------------------------------- llama-server
 
 
@@ -481,15 +473,17 @@ def check_gguf(gguf: Path, ref: Reference) -> TemplateCheck:
     try:
         with running_server(gguf) as server:
             results = [compare(t.name, server.render(t.messages), ref.renderings[t.name]) for t in TRANSCRIPTS]
-    except (MergeqError, OSError) as err:  # OSError: the connection broke (the server died mid-request)
-        log.warning("%s: chat template not checked: %s", gguf.name, err)
-        return TemplateCheck("not checked", reason=str(err), seconds=round(time.perf_counter() - started, 3))
+    except (MergeqError, OSError, ValueError, KeyError) as err:
+        # OSError: the connection broke (the server died mid-request); ValueError, KeyError: an answer that is
+        # not the JSON this pinned server's source promises
+        reason = str(err) if isinstance(err, MergeqError) else f"{SERVER}: {type(err).__name__}: {err}"
+        log.warning("%s: chat template not checked: %s", gguf.name, reason)
+        return TemplateCheck("not checked", reason=reason, seconds=round(time.perf_counter() - started, 3))
     check = TemplateCheck("matched" if all(r.matched for r in results) else "mismatch", results,
                           seconds=round(time.perf_counter() - started, 3), server_peak_rss_bytes=server.peak_rss_bytes)
     for warning in check.warnings(gguf.name):
         log.warning("%s", warning)
     return check
-
 
 
 def check_ggufs(model_dir: Path, ggufs: list[Path], pending: PendingReference | None = None) -> list[TemplateCheck]:
