@@ -194,7 +194,7 @@ class StreamedModel:
 
 def gather_rows(weights, name: str, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of a 2-D tensor as fp32, read a block of rows at a time."""
-    flat = ids.reshape(-1).to(torch.int64)
+    flat = ids.reshape(-1).to(device="cpu", dtype=torch.int64)  # the rows are read on the CPU
     unique, inverse = torch.unique(flat, return_inverse=True)
     out = None
     found = torch.zeros(unique.shape[0], dtype=torch.bool)

@@ -27,8 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-def run_export(method: str, device: str, model: Path, out: Path, calib: Path, samples: int, seq_len: int) -> dict:
-    """One `mergeq export` in a child process: wall seconds, the child's peak RSS, and its CUDA peak."""
+def run_export(method: str, device: str, model: Path, out: Path, calib: Path, samples: int, seq_len: int,
+               reuse: bool = False) -> dict:
+    """One `mergeq export` in a child process: wall seconds and the largest child peak RSS so far."""
+    if reuse and (out / "config.json").is_file():
+        return {"method": method, "device": device, "reused": str(out)}
     if out.exists():
         shutil.rmtree(out)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -106,6 +109,7 @@ def main() -> int:
     parser.add_argument("--devices", default="cuda,cpu")
     parser.add_argument("--eval-text", type=Path, help="also evaluate the first method's output on each device")
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--reuse", action="store_true", help="keep exports already in --work")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -129,11 +133,11 @@ def main() -> int:
         outs = {}
         for device in args.devices.split(","):
             out = args.work / f"{method}-{device}"
-            row = run_export(method, device, model, out, args.calib, args.samples, args.seq_len)
+            row = run_export(method, device, model, out, args.calib, args.samples, args.seq_len, args.reuse)
             outs[device] = out
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if len(outs) == 2:
+        if len(outs) == 2 and not args.reuse:
             first, second = outs.values()
             rows.append({"method": method, "compare": f"{first.name} vs {second.name}", **compare_codes(first, second)})
             print(json.dumps(rows[-1]), flush=True)
@@ -148,10 +152,10 @@ def main() -> int:
 
     print(f"\n{'method':<6} {'device':<6} {'wall s':>8}")
     for row in rows:
-        if "device" in row:
+        if "wall_s" in row:
             print(f"{row.get('method', 'eval'):<6} {row['device']:<6} {row['wall_s']:>8.1f}")
     for method in args.methods.split(","):
-        walls = {r["device"]: r["wall_s"] for r in rows if r.get("method") == method and "device" in r}
+        walls = {r["device"]: r["wall_s"] for r in rows if r.get("method") == method and "wall_s" in r}
         if method == args.methods.split(",")[0] and args.eval_text:
             evals = {r["device"]: r["wall_s"] for r in rows if "eval" in r}
             if "cuda" in evals and "cpu" in evals:
