@@ -251,7 +251,7 @@ class PendingReference:
             self._proc = subprocess.Popen(
                 faults.tool_argv(REFERENCE, argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True, errors="replace", env=env, cwd=llamacpp.REPO_ROOT,
-                start_new_session=True, preexec_fn=llamacpp._die_with_parent)
+                start_new_session=True, preexec_fn=llamacpp.die_with_parent)
         except OSError as err:
             self._proc = None
             self._outcome = ToolError(f"{REFERENCE}: cannot run {sys.executable}: {err.strerror}")
@@ -386,7 +386,7 @@ def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Ll
         # its own process group (stopped as a whole), and killed by Linux if mergeq dies first
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", bufsize=1, start_new_session=True,
-                                preexec_fn=llamacpp._die_with_parent)
+                                preexec_fn=llamacpp.die_with_parent)
     except OSError as err:
         raise ToolError(f"{SERVER}: cannot run {argv[0]}: {err.strerror}") from err
     lines: list[str] = []

@@ -339,7 +339,7 @@ def run_tool(
 
         proc = subprocess.Popen(
             faults.tool_argv(command.name, command.argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=command.cwd,
-            text=True, errors="replace", bufsize=1, start_new_session=True, preexec_fn=_die_with_parent,
+            text=True, errors="replace", bufsize=1, start_new_session=True, preexec_fn=die_with_parent,
         )
     except FileNotFoundError as err:
         raise ToolError(f"{command.name}: cannot run {command.argv[0]}: not found", hint=hint) from err
@@ -377,7 +377,7 @@ def run_tool(
     return result
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGKILL it when the mergeq thread that started it dies, so a
     `kill -9` of mergeq leaves no llama.cpp tool running (the tool has its own process group, so the
     terminal's Ctrl-C reaches it only through mergeq, which then stops the group)."""
@@ -755,7 +755,8 @@ def built_variant(where: Layout) -> str | None:
 
 
 def tool_path(name: str) -> Path:
-    """Absolute path of a built pinned tool ("llama-quantize", "llama-perplexity", "llama-imatrix").
+    """Absolute path of a built pinned tool (one of the pin's targets: "llama-quantize", "llama-perplexity",
+    "llama-imatrix", "llama-server").
 
     Builds llama.cpp on first use.
     """
