@@ -127,7 +127,7 @@ def _run_stages(config: PipelineConfig, out: Path) -> RunResult:
     for target, options in config.exports.items():
         stage = Stage(target, out / target, stage_key(
             target, {"merged": merged_hash, "eval": _eval_inputs(config.evaluation)},
-            config.export_args[target], {**tool_versions, **_tool_versions(target)}))
+            config.export_args[target], {**tool_versions, **_tool_versions(target, options)}))
         _run_stage(stage, out, result,
                    lambda tmp, t=target, o=options: _export(t, merged, tmp, o, evaluation, str(config.merge.base)))
     result.reports = collect_reports(out)
@@ -168,12 +168,16 @@ def _eval_inputs(spec: EvalSpec) -> dict:
     return {"text": tree_hashes(spec.text) if spec.text else "demo", "enabled": spec.enabled}
 
 
-def _tool_versions(target: str) -> dict:
+def _tool_versions(target: str, options=None) -> dict:
     if target != "gguf":
         import torch
 
-        # GPTQ's float sums run in another order with another thread count, and its bytes change with it
-        return {"torch_threads": torch.get_num_threads()}
+        from exporters.int4.layerwise import resolve_device
+
+        # GPTQ's float sums run in another order with another thread count or device, and its bytes change
+        # with them (on an H200, 39% of the packed words matched the CPU's)
+        device = str(resolve_device(getattr(options, "device", "cpu")))
+        return {"torch_threads": torch.get_num_threads(), "device": device}
     from exporters import llamacpp
 
     return {"llama.cpp": llamacpp.version_info()}
