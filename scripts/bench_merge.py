@@ -4,10 +4,12 @@
 Writes a synthetic Llama-shaped fp16 model (sharded safetensors; default about 1.54B parameters) and a
 rank-64 LoRA on every linear layer, then runs each tool in its own process and prints wall time, peak RSS
 and the ratios against the targets (mergeq RSS <= 0.2x PEFT's and <= 1 GiB + largest tensor; wall <= 0.5x).
-mergeq runs with --no-validate: validation loads whole models by design (it is the reference).
+mergeq runs with its defaults, validation included (streamed layer by layer against PEFT's unmerged adapter);
+`--no-validate` measures the merge alone.
 
-    .venv/bin/python scripts/bench_merge.py                 # default size, in ~/.cache/mergeq/bench
-    .venv/bin/python scripts/bench_merge.py --layers 4      # quick run
+    .venv/bin/python scripts/bench_merge.py                                # default size, in ~/.cache/mergeq/bench
+    .venv/bin/python scripts/bench_merge.py --layers 22 --heads 32         # TinyLlama's 1.1B shape
+    .venv/bin/python scripts/bench_merge.py --layers 4                     # quick run
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 MERGEQ_JOB = """
 import json, resource, sys
 from mergeq.cli import main
-code = main(["-q", "merge", "--base", sys.argv[1], "--adapter", sys.argv[2], "--out", sys.argv[3], "--no-validate",
-             "--dtype", "float16"])
+code = main(["-q", "merge", "--base", sys.argv[1], "--adapter", sys.argv[2], "--out", sys.argv[3], "--dtype", "float16",
+             *sys.argv[4:]])
 from mergeq.memory import peak_rss_bytes  # VmHWM: ru_maxrss would include this script's parent's mark
 r = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"code": code, "peak_kib": peak_rss_bytes() // 1024, "cpu_s": r.ru_utime + r.ru_stime}))
@@ -48,11 +50,11 @@ print(json.dumps({"code": 0, "peak_kib": peak_rss_bytes() // 1024, "cpu_s": r.ru
 """
 
 
-def run_job(name: str, code: str, base: Path, adapter: Path, out: Path) -> dict:
+def run_job(name: str, code: str, base: Path, adapter: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
     if out.exists():
         shutil.rmtree(out)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, str(base), str(adapter), str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", code, str(base), str(adapter), str(out), *extra], cwd=ROOT,
                           capture_output=True, text=True, env={**__import__("os").environ, "MERGEQ_QUIET": "1"})
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -95,6 +97,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each tool (interleaved); the fastest counts")
     parser.add_argument("--keep", action="store_true", help="keep the merged outputs")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--no-validate", action="store_true", help="run mergeq with --no-validate (the merge alone)")
     args = parser.parse_args()
 
     shape = LlamaShape(args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab)
@@ -118,7 +121,8 @@ def main() -> int:
     for attempt in range(args.repeat):  # interleaved, so both see the same machine; the best run of each counts
         for name, code in (("mergeq", MERGEQ_JOB), ("peft", PEFT_JOB)):
             print(f"running {name} ({attempt + 1}/{args.repeat}) ...", flush=True)
-            runs[name].append(run_job(name, code, base, adapter, work / f"out-{name}"))
+            extra = ("--no-validate",) if name == "mergeq" and args.no_validate else ()
+            runs[name].append(run_job(name, code, base, adapter, work / f"out-{name}", extra))
     results = [min(rows, key=lambda r: r["wall_s"]) for rows in runs.values()]
     ours, peft = results
     check = ["model.layers.0.self_attn.q_proj.weight", f"model.layers.{shape.layers - 1}.mlp.down_proj.weight",
@@ -129,6 +133,7 @@ def main() -> int:
     wall_ratio = ours["wall_s"] / peft["wall_s"]
     bound = 1.0 + largest / 2**30
     print()
+    print(f"mergeq: {'--no-validate' if args.no_validate else 'default settings (validation on)'}")
     print(f"model: synthetic Llama {shape.params() / 1e9:.2f}B params fp16 ({shape.layers} layers, hidden "
           f"{shape.hidden}, intermediate {shape.intermediate}, vocab {shape.vocab}); LoRA r={args.rank} on all "
           f"linear layers; largest tensor {largest / 2**20:.0f} MiB")
