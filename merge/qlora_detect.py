@@ -111,18 +111,18 @@ def from_name(name: str, where: str) -> Evidence | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             config = {}
         qc = config.get("quantization_config") if isinstance(config, dict) else None
-        if isinstance(qc, dict):
-            found = _from_bnb_config(qc, "base_model_name_or_path", where)
-            if found is not None:
-                return Evidence(found.source, where, f"recorded base {name} is a bitsandbytes checkpoint: "
-                                + found.detail, found.four_bit, found.quant_type, found.double_quant,
-                                compute_dtype=found.compute_dtype)
-    match = NAME_4BIT.search(name)
+        found = _from_bnb_config(qc, "base_model_name_or_path", where) if isinstance(qc, dict) else None
+        if found is None:  # a local checkpoint that is not bitsandbytes-quantized: its config says so
+            return None
+        return Evidence(found.source, where, f"recorded base {name} is a bitsandbytes checkpoint: " + found.detail,
+                        found.four_bit, found.quant_type, found.double_quant, compute_dtype=found.compute_dtype)
+    leaf = name.rstrip("/").rsplit("/", 1)[-1]  # the model's own name, not the folders or the hub org above it
+    match = NAME_4BIT.search(leaf)
     if match:
         quant_type = (match["type"] or "").lower() or None
         return Evidence("base_model_name_or_path", where, f"recorded base {name!r} is named like a bitsandbytes "
                         "4-bit base", quant_type=quant_type)
-    other = NAME_OTHER_QUANT.search(name)
+    other = NAME_OTHER_QUANT.search(leaf)
     if other:
         return Evidence("base_model_name_or_path", where, f"recorded base {name!r} is named like a "
                         f"{other.group(1)}-quantized base (not bitsandbytes)", four_bit=False)

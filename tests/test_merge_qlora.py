@@ -344,3 +344,13 @@ def test_cli_both_bases_need_a_text_and_print_the_choice(tmp_path, qlora_setup_w
     printed = json.loads(capsys.readouterr().out)
     assert printed["qlora_fidelity"]["chosen"] == "qlora-base"
     assert json.loads((tmp_path / "b" / "merge_manifest.json").read_text())["qlora"]["target"] == "4-bit base given"
+
+
+def test_a_4bit_base_given_is_the_evidence(tmp_path, qlora_setup):
+    _, q, adapter = qlora_setup
+    result = run_merge(MergeConfig(base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "out", validate=False,
+                                   qlora="fp4"))
+    qlora = result.manifest["qlora"]
+    assert qlora["target"] == "4-bit base given" and qlora["settings"] is None  # nothing to rebuild
+    assert qlora["evidence"] == [{"source": "user", "where": "--base", "detail": f"4-bit base given with --base: {q}",
+                                  "four_bit": True}]

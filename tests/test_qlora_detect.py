@@ -133,3 +133,12 @@ def test_modes():
     assert given.settings is None and given.target == "4-bit base given"
     with pytest.raises(MergeqError, match="--qlora 'int4'"):
         decide("int4", [], has_4bit_base=False)
+
+
+def test_only_the_model_name_counts(tmp_path):
+    plain = tmp_path / "runs_4bit" / "base"
+    plain.mkdir(parents=True)
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert from_name(str(plain), "x") is None  # a local fp16 checkpoint: its config says it is not quantized
+    assert from_name("/nowhere/exp_4bit/llama", "x") is None
+    assert from_name("unsloth-4bit-models/llama", "x") is None
