@@ -732,9 +732,7 @@ def qlora_decision(config: MergeConfig, refs: list[AdapterRef]) -> Decision:
 def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
     out_dtype = OUT_DTYPES[config.dtype]
     decision = qlora_decision(config, refs)
-    for warning in decision.warnings:
-        log.warning("QLoRA: %s", warning)
-    log.info("merge target: %s (%s)", decision.target, decision.why)
+    log.info("merge target: %s (%s)", decision.target, decision.why)  # its warnings are logged with the others
     requantize = decision.settings if config.qlora_base is None else None
     candidates: list[tuple[str, Path, QuantSettings | None]] = []
     if config.qlora_base is not None:
