@@ -22,7 +22,7 @@ def run(args) -> int:
                               hint="pass --reference DIR, the fp16 checkpoint it was exported from")
         reference = model
     report = artifact_report(model, Path(reference), kind)
-    options = EvalOptions(n_ctx=args.n_ctx, max_windows=args.windows)
+    options = EvalOptions(n_ctx=args.n_ctx, max_windows=args.windows, device=args.device)
     from mergeq.texts import resolve_text_option
 
     text = resolve_text_option(args.text, option="--text", purpose="evaluation")
@@ -67,6 +67,8 @@ def register(sub) -> None:
                                        "\"messages\"; .parquet:COLUMN; `demo` for the demo's text")
     parser.add_argument("--n-ctx", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--windows", type=int, default=16, help="most windows to score (default 16)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the layer-by-layer forward passes run: cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--write-report", action="store_true", help="also write report.json/report.md beside it")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     parser.set_defaults(run=run)
