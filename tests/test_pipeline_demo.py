@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ def mergeq(*argv: str, log: Path, stdout=subprocess.DEVNULL) -> subprocess.Popen
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     with open(log, "w") as sink:  # the child keeps its own copy of the descriptor
         return subprocess.Popen([sys.executable, "-m", "mergeq.cli", *argv], cwd=REPO, env=env,
-                                stdout=stdout, stderr=sink)
+                                stdout=stdout, stderr=sink, start_new_session=True)
 
 
 def run_to_end(out: Path, log: Path, *, as_json: bool = False) -> tuple[dict, str]:
@@ -42,7 +43,13 @@ def run_to_end(out: Path, log: Path, *, as_json: bool = False) -> tuple[dict, st
     stdout = log.with_suffix(".out")
     with open(stdout, "w") as sink:
         argv = ["run", "--out", str(out), *(["--json"] if as_json else [])]
-        code = mergeq(*argv, log=log, stdout=sink).wait(timeout=RUN_TIMEOUT)
+        proc = mergeq(*argv, log=log, stdout=sink)
+        try:
+            code = proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # a run past its time leaves nothing running behind the test
+            proc.wait()
+            pytest.fail(f"mergeq run took over {RUN_TIMEOUT} s:\n{log.read_text()[-3000:]}")
     text = log.read_text()
     assert code == 0, f"mergeq run exited {code}:\n{text[-4000:]}"
     if as_json:
