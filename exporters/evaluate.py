@@ -608,8 +608,20 @@ def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: E
         "llama-perplexity", "-m", artifact, "--kl-divergence", "--kl-divergence-base", base, "-c", n_ctx,
         "-b", n_ctx * max(1, 2048 // n_ctx), "-t", threads)
     log.info("running %s", " ".join(command.argv))
-    result = llamacpp.run_tool(command, hint=f"if {artifact} is damaged, export it again")
-    stats = parse_kl_output(result.stdout + "\n" + result.stderr)
+    for attempt in (1, 2):
+        result = llamacpp.run_tool(command, hint=f"if {artifact} is damaged, export it again")
+        try:
+            stats = parse_kl_output(result.stdout + "\n" + result.stderr)
+            break
+        except ToolError as err:
+            # llama-perplexity returns 0 when its KL pass stops early (its "failed to decode", a base file it
+            # cannot read): quote what it said; seen once in a while on a loaded machine, so run it once more
+            tail = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()][-12:]
+            quoted = "\n".join(f"    | {line}" for line in tail) or "    | (no output)"
+            if attempt == 2:
+                raise ToolError(f"{err.args[0]}; its last output lines:\n{quoted}", hint=err.hint) from None
+            log.warning("llama-perplexity exited 0 without statistics on %s; running it once more. Its last "
+                        "output lines:\n%s", artifact, quoted)
     stats["peak_rss_bytes"] = result.peak_rss_bytes
     provenance["llama.cpp"] = llama_version()
     if (int(stats["chunks"]), int(stats["n_ctx"])) != (windows.n_windows, n_ctx):

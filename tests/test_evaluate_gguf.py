@@ -144,3 +144,30 @@ def test_truncated_gguf_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size - 5000])
     with pytest.raises(MergeqError, match=r"broken\.gguf"):
         ev.evaluate(path, ref, text, ev.EvalOptions(n_ctx=64, max_windows=8, cache_dir=tmp_path / "cache"))
+
+
+def test_a_kl_run_that_stops_early_is_run_once_more_then_quoted(fake, caplog):
+    """llama-perplexity exits 0 when its KL pass stops early ("failed to decode"): once is retried with a
+    warning that quotes it; twice is an error that quotes it."""
+    ref, text, gguf, options, calls, stats, monkeypatch = fake
+    flaky = stats().replace("Mean PPL(Q)", "kl_divergence : failed to decode\n#", 1)
+    marker = Path(str(calls) + ".failed-once")
+    script = f'''
+import os, sys
+from pathlib import Path
+m = Path({str(marker)!r})
+if "--kl-divergence-base" in sys.argv and not m.exists():
+    m.write_text("x")
+    os.environ["FAKE_STATS"] = {flaky!r}
+'''
+    original = Path(llamacpp.tool_command("x").argv[1])
+    wrapper = original.with_name("flaky.py")
+    wrapper.write_text(script + original.read_text())
+    monkeypatch.setattr(llamacpp, "tool_command",
+                        lambda name, *args: llamacpp.ToolCommand(name, (sys.executable, str(wrapper), *map(str, args))))
+    q = ev.evaluate_full(gguf, ref, text, options).quality
+    assert q.perplexity == 7.5 and marker.exists()
+    assert "exited 0 without statistics" in caplog.text and "failed to decode" in caplog.text
+    monkeypatch.setenv("FAKE_STATS", flaky)
+    with pytest.raises(ToolError, match=r"printed no perplexity; its last output lines:(.|\n)*failed to decode"):
+        ev.evaluate_full(gguf, ref, text, options)
