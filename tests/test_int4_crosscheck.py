@@ -19,7 +19,6 @@ cache_root()/peers.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from mergeq import peers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from int4_models import calibration_text, tiny_model  # noqa: E402
+from peer_env import ensure_live  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -61,19 +61,7 @@ QUANTIZED = sorted(f"model.layers.{i}.{proj}" for i in range(2) for proj in (
 @pytest.fixture(scope="module")
 def peer_python(pytestconfig) -> Path:
     """The int4-loaders environment; its first build is logged live on the terminal (not captured)."""
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger(peers.__name__)
-    with capture.global_and_fixture_disabled():
-        logger.addHandler(handler)
-        old_level = logger.level
-        logger.setLevel(logging.INFO)
-        try:
-            return peers.ensure("int4-loaders")
-        finally:
-            logger.removeHandler(handler)
-            logger.setLevel(old_level)
+    return ensure_live(pytestconfig, "int4-loaders")
 
 
 def _tamper_awq_order(src: Path, dst: Path) -> str:
