@@ -616,8 +616,7 @@ def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: E
         except ToolError as err:
             # llama-perplexity returns 0 when its KL pass stops early (its "failed to decode", a base file it
             # cannot read): quote what it said; seen once in a while on a loaded machine, so run it once more
-            tail = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()][-12:]
-            quoted = "\n".join(f"    | {line}" for line in tail) or "    | (no output)"
+            quoted = llamacpp.quoted_tail(result, 12)
             if attempt == 2:
                 raise ToolError(f"{err.args[0]}; its last output lines:\n{quoted}", hint=err.hint) from None
             log.warning("llama-perplexity exited 0 without statistics on %s; running it once more. Its last "

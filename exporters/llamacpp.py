@@ -428,12 +428,17 @@ def describe_exit(code: int) -> tuple[str, str | None]:
     return (f"{how}: {meaning}" if meaning else how), hint
 
 
+def quoted_tail(result: ToolResult, lines: int = STDERR_TAIL) -> str:
+    """A tool's last non-blank output lines (stderr's, or stdout's when stderr is empty: llama.cpp logs to
+    either), indented and marked for an error message."""
+    source = result.stderr if result.stderr.strip() else result.stdout
+    tail = [line for line in source.splitlines() if line.strip()][-lines:]
+    return "\n".join(f"    | {line}" for line in tail) or "    | (no output)"
+
+
 def tool_failure(name: str, code: int, result: ToolResult, *, hint: str | None = None) -> ToolError:
-    tail_source = result.stderr if result.stderr.strip() else result.stdout
-    tail = [line for line in tail_source.splitlines() if line.strip()][-STDERR_TAIL:]
     how, known_hint = describe_exit(code)
-    quoted = "\n".join(f"    | {line}" for line in tail) or "    | (no output)"
-    error = ToolError(f"{name} {how}; its last output lines:\n{quoted}", hint=known_hint or hint)
+    error = ToolError(f"{name} {how}; its last output lines:\n{quoted_tail(result)}", hint=known_hint or hint)
     error.returncode = code
     return error
 
@@ -719,11 +724,13 @@ def ensure_built(pin: Pin | None = None, *, sdist: Path | None = None, jobs: int
             _build(pin, where, tools, jobs or os.cpu_count() or 2, name)
             smoke = smoke_test(where, pin)
             if smoke.passed:
-                reason = ("first choice" if not rejected else
-                          "the " + " and ".join(r["variant"] for r in rejected) + " build failed its smoke test: "
-                          + "; ".join(r["summary"] for r in rejected))
                 if variant != "auto":
                     reason = f"asked for with --variant {variant}"
+                elif rejected:
+                    reason = ("the " + " and ".join(r["variant"] for r in rejected) + " build failed its smoke "
+                              "test: " + "; ".join(r["summary"] for r in rejected))
+                else:
+                    reason = "first choice"
                 write_json(where.stamp, {
                     "pin": _stamp_content(pin), "cpu": cpu_fingerprint(), "generator": tools.generator,
                     "compiler": tools.cxx_compiler, "seconds": round(time.perf_counter() - started, 1),
