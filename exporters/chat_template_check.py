@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mergeq.errors import MergeqError, ToolError
+from mergeq.core.errors import MergeqError, ToolError
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,8 @@ class PendingReference:
 
     def __init__(self, model_dir: Path):
         from exporters import llamacpp
-        from mergeq import faults  # inert unless MERGEQ_FAULT names this step
-        from mergeq.memory import ChildPeak
+        from mergeq.core import faults  # inert unless MERGEQ_FAULT names this step
+        from mergeq.core.memory import ChildPeak
 
         self.model_dir = Path(model_dir)
         argv = (sys.executable, "-c", "from exporters.chat_template_check import _main; _main()", str(model_dir))
@@ -377,8 +377,8 @@ def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Ll
     Raises ToolError when it exits or is not ready within `timeout` seconds, quoting its last log lines.
     """
     from exporters import llamacpp
-    from mergeq import faults  # inert unless MERGEQ_FAULT names llama-server (hostile-input tests)
-    from mergeq.memory import ChildPeak
+    from mergeq.core import faults  # inert unless MERGEQ_FAULT names llama-server (hostile-input tests)
+    from mergeq.core.memory import ChildPeak
 
     argv = faults.tool_argv(SERVER, server_command(gguf))
     started = time.perf_counter()

@@ -37,12 +37,12 @@ import torch
 
 from exporters.metrics import MetricSums, Windows, check_finite, first_scored, log_probs, make_windows
 from exporters.report import ArtifactReport, QualityInfo, SizeInfo, measure_stage
-from mergeq.atomic import atomic_dir, atomic_file, write_json
-from mergeq.errors import MergeqError, ToolError
-from mergeq.hashing import sha256_file
-from mergeq.locks import exclusive
-from mergeq.paths import cache_root
-from mergeq.progress import track
+from mergeq.core.atomic import atomic_dir, atomic_file, write_json
+from mergeq.core.errors import MergeqError, ToolError
+from mergeq.core.hashing import sha256_file
+from mergeq.core.locks import exclusive
+from mergeq.core.paths import cache_root
+from mergeq.core.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class EvalText:
     path: Path
     text: str  # as llama.cpp reads it: the file's UTF-8 text less one trailing newline
     sha256: str  # of the file's bytes
-    loaded: object | None = None  # mergeq.texts.LoadedText: format, samples, rendering
+    loaded: object | None = None  # mergeq.core.texts.LoadedText: format, samples, rendering
 
     def describe(self, tokens: int | None = None) -> dict:
         return self.loaded.describe(tokens) if self.loaded is not None else {"file": str(self.path),
@@ -94,9 +94,9 @@ class EvalResult:
 
 
 def load_text(path: Path | str | None, tokenizer=None) -> EvalText:
-    """The evaluation text in any format mergeq.texts reads (chat data rendered with `tokenizer`'s template).
-    There is no default: the command line or config resolves one (mergeq.texts.resolve_text_option)."""
-    from mergeq.texts import FORMATS_HELP, load_text as load_any
+    """The evaluation text in any format mergeq.core.texts reads (chat data rendered with `tokenizer`'s template).
+    There is no default: the command line or config resolves one (mergeq.textopts.resolve_text_option)."""
+    from mergeq.core.texts import FORMATS_HELP, load_text as load_any
 
     if path is None:
         raise MergeqError(f"no evaluation text given ({FORMATS_HELP})",

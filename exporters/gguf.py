@@ -32,9 +32,9 @@ from exporters import chat_template_check, llamacpp
 from exporters.gguf_inspect import read_ggufs, size_info
 from exporters.registry import register
 from exporters.report import ArtifactReport, StageCost
-from mergeq.atomic import atomic_dir, remove_stale_tmp
-from mergeq.errors import MergeqError
-from mergeq.hashing import sha256_file
+from mergeq.core.atomic import atomic_dir, remove_stale_tmp
+from mergeq.core.errors import MergeqError
+from mergeq.core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class GGUFExporter:
             shutil.rmtree(work, ignore_errors=True)
 
     def _export(self, model_dir, out_dir, options, inter, stem, work, inputs) -> list[ArtifactReport]:
-        from mergeq.progress import progress_bar
+        from mergeq.core.progress import progress_bar
 
         threads = ("-t", str(options.threads)) if options.threads else ()
         stages: dict[str, StageCost] = {}

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from exporters.report import SizeInfo
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 # Types that store plain numbers rather than quantized blocks.
 UNQUANTIZED = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})

@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from mergeq.atomic import atomic_dir, atomic_file, write_json
-from mergeq.errors import MergeqError, ToolError
-from mergeq.locks import exclusive
-from mergeq.memory import ChildPeak
-from mergeq.hashing import sha256_file
-from mergeq.paths import cache_root
+from mergeq.core.atomic import atomic_dir, atomic_file, write_json
+from mergeq.core.errors import MergeqError, ToolError
+from mergeq.core.locks import exclusive
+from mergeq.core.memory import ChildPeak
+from mergeq.core.hashing import sha256_file
+from mergeq.core.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def run_tool(
                 env[key] = value
     started = time.perf_counter()
     try:
-        from mergeq import faults  # inert unless MERGEQ_FAULT names this tool (hostile-input tests)
+        from mergeq.core import faults  # inert unless MERGEQ_FAULT names this tool (hostile-input tests)
 
         proc = subprocess.Popen(
             faults.tool_argv(command.name, command.argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=command.cwd,
@@ -447,7 +447,7 @@ def tool_failure(name: str, code: int, result: ToolResult, *, hint: str | None =
 
 
 def _progress_bar():
-    from mergeq.progress import progress_bar
+    from mergeq.core.progress import progress_bar
 
     return progress_bar()
 

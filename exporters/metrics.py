@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 
 def first_scored(n_ctx: int) -> int:

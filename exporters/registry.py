@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Protocol
 
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 EXPORTER_MODULES: dict[str, str] = {
     "gguf": "exporters.gguf",

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergeq.atomic import atomic_file, write_json, write_text
-from mergeq.errors import MergeqError
-from mergeq.memory import peak_rss_bytes, reset_peak_rss
+from mergeq.core.atomic import atomic_file, write_json, write_text
+from mergeq.core.errors import MergeqError
+from mergeq.core.memory import peak_rss_bytes, reset_peak_rss
 
 SCHEMA_VERSION = 1
 
@@ -176,7 +176,7 @@ def measure_stage(report: ArtifactReport, name: str) -> Iterator[StageMeter]:
     """Add the wall seconds and the peak RSS of the enclosed block to `report.stages[name]`.
 
     Peak RSS is this process's high-water mark during the block (reset at its start where Linux allows,
-    mergeq.memory) or the largest child peak handed to the meter, whichever is larger. Seconds of repeated
+    mergeq.core.memory) or the largest child peak handed to the meter, whichever is larger. Seconds of repeated
     stages add up; their peak is the larger one.
     """
     reset_peak_rss()

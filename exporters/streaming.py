@@ -31,8 +31,8 @@ from torch import nn
 from exporters.int4.arch import Architecture, architecture_of
 from exporters.int4.layerwise import LayerContext, _layer_forward, hf_config_of, load_layer, rotary_embeddings
 from merge.checkpoint import Checkpoint
-from mergeq.errors import MergeqError
-from mergeq.memory import release_freed_memory
+from mergeq.core.errors import MergeqError
+from mergeq.core.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def final_hidden_groups(model: StreamedModel, groups: list[tuple[torch.Tensor, s
                         progress: str | None = None) -> list[torch.Tensor]:
     """final_hidden for several groups of sequences (each group one length), all through each layer in turn,
     so every layer is read once."""
-    from mergeq.progress import track
+    from mergeq.core.progress import track
 
     contexts = []
     hidden = []

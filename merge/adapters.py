@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from merge.checkpoint import SafetensorsFile, load_tensor_file
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

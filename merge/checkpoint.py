@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import importlib.metadata as md
 import platform
 from pathlib import Path
 
-from mergeq import __version__
-from mergeq.hashing import sha256_file
+from mergeq.core import VERSION as __version__
+from mergeq.core.hashing import sha256_file
 
 MANIFEST_NAME = "merge_manifest.json"
 SCHEMA = 1

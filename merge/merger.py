@@ -35,9 +35,9 @@ from merge.qlora import (QuantSettings, check_quantization_config, dequantize, q
                          quantized_shape, quantized_weights, read_state)
 from merge.qlora_detect import Decision, adapter_evidence, decide, user_base_evidence
 from merge.writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, ShardedWriter
-from mergeq.atomic import atomic_dir, write_json
-from mergeq.errors import MergeqError
-from mergeq.progress import track
+from mergeq.core.atomic import atomic_dir, write_json
+from mergeq.core.errors import MergeqError
+from mergeq.core.progress import track
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from merge.checkpoint import Checkpoint
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 STATE_RE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)$")
 AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")

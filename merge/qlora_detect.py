@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from merge.qlora import QuantSettings
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 log = logging.getLogger(__name__)
 

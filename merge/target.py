@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from merge.validate import UnmergedWeights, _with_adapters
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class TargetChoice:
     chosen: str
     candidates: dict[str, dict]  # label -> mean_kl, top1_agreement, perplexity
     reference: str
-    text: dict  # mergeq.texts description of the text, with its token count
+    text: dict  # mergeq.core.texts description of the text, with its token count
     scored_tokens: int
     warnings: list[str] = field(default_factory=list)
 

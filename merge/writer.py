@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from merge.checkpoint import CODES, SAFETENSORS_INDEX, itemsize
-from mergeq.atomic import write_json
+from mergeq.core.atomic import write_json
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 

@@ -1,3 +1,5 @@
 """mergeq: merge LoRA/QLoRA adapters, then export GGUF, AWQ and GPTQ artifacts with reports."""
 
-__version__ = "0.1.0"
+from mergeq.core import VERSION as __version__
+
+__all__ = ["__version__"]

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 log = logging.getLogger(__name__)
 

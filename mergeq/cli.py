@@ -10,8 +10,8 @@ import pkgutil
 import sys
 
 from mergeq import __version__, commands
-from mergeq.errors import MergeqError
-from mergeq.progress import QUIET_ENV, stderr_console
+from mergeq.core.errors import MergeqError
+from mergeq.core.progress import QUIET_ENV, stderr_console
 
 log = logging.getLogger("mergeq")
 

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from exporters.registry import EXPORTER_MODULES, get_exporter
-from mergeq.errors import MergeqError
-from mergeq.texts import DEMO, FORMATS_HELP, resolve_text_option, split_column
+from mergeq.core.errors import MergeqError
+from mergeq.core.texts import FORMATS_HELP, split_column
+from mergeq.textopts import DEMO, resolve_text_option
 
 DTYPES = ("float16", "bfloat16")
 MERGE_KEYS = {"base": str, "qlora_base": str, "adapters": list, "dtype": str, "validate": bool, "qlora": str}

@@ -27,11 +27,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mergeq.atomic import atomic_dir, write_json, write_text
-from mergeq.errors import MergeqError
-from mergeq.hashing import sha256_file, sha256_text
-from mergeq.locks import exclusive
-from mergeq.paths import cache_root
+from mergeq.core.atomic import atomic_dir, write_json, write_text
+from mergeq.core.errors import MergeqError
+from mergeq.core.hashing import sha256_file, sha256_text
+from mergeq.core.locks import exclusive
+from mergeq.core.paths import cache_root
 
 log = logging.getLogger(__name__)
 

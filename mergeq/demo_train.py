@@ -12,7 +12,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def train_adapter(base_nf4: Path, train_text: str, out: Path, settings: TrainSet
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    from mergeq.progress import progress_bar
+    from mergeq.core.progress import progress_bar
 
     seed_everything(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_nf4)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalSettings:
-    text: Path | None  # evaluation text, resolved at the command line or config (mergeq.texts); required when enabled
+    text: Path | None  # evaluation text, resolved at the command line or config (mergeq.core.texts); required when enabled
     reference: Path | None  # the fp16 checkpoint to compare against; None means the exported model itself
     enabled: bool = True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporters.report import ArtifactReport
-from mergeq.atomic import write_text
+from mergeq.core.atomic import write_text
 
 LIBRARY = {"gguf": "gguf", "awq": "transformers", "gptq": "transformers", "hf": "transformers"}
 SERVE = {

@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeq.errors import ToolError
-from mergeq.memory import ChildPeak
-from mergeq.paths import cache_root
+from mergeq.core.errors import ToolError
+from mergeq.core.memory import ChildPeak
+from mergeq.core.paths import cache_root
 
 log = logging.getLogger(__name__)
 

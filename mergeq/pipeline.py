@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporters.report import ArtifactReport
-from mergeq import budget, faults
-from mergeq.atomic import atomic_dir, write_json
+from mergeq import budget
+from mergeq.core import faults
+from mergeq.core.atomic import atomic_dir, write_json
 from mergeq.config import AdapterSpec, EvalSpec, MergeSpec, PipelineConfig, parse_config
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 from mergeq.exporting import EvalSettings, run_export
 from mergeq.stages import STATE_DIR, RunLock, Stage, file_stamps, stage_key, tree_hashes
 

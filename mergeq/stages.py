@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeq.atomic import write_json
-from mergeq.errors import MergeqError
-from mergeq.hashing import FileStamps, sha256_file
+from mergeq.core.atomic import write_json
+from mergeq.core.errors import MergeqError
+from mergeq.core.hashing import FileStamps, sha256_file
 
 log = logging.getLogger(__name__)
 

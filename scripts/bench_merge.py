@@ -30,7 +30,7 @@ import json, resource, sys
 from mergeq.cli import main
 code = main(["-q", "merge", "--base", sys.argv[1], "--adapter", sys.argv[2], "--out", sys.argv[3], "--dtype", "float16",
              *sys.argv[4:]])
-from mergeq.memory import peak_rss_bytes  # VmHWM: ru_maxrss would include this script's parent's mark
+from mergeq.core.memory import peak_rss_bytes  # VmHWM: ru_maxrss would include this script's parent's mark
 r = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"code": code, "peak_kib": peak_rss_bytes() // 1024, "cpu_s": r.ru_utime + r.ru_stime}))
 """
@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float16)
 model = PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
 model.save_pretrained(sys.argv[3])
-from mergeq.memory import peak_rss_bytes
+from mergeq.core.memory import peak_rss_bytes
 r = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"code": 0, "peak_kib": peak_rss_bytes() // 1024, "cpu_s": r.ru_utime + r.ru_stime}))
 """
@@ -80,7 +80,7 @@ def main() -> int:
     import torch
 
     from merge.synthetic import LlamaShape, write_llama, write_lora
-    from mergeq.paths import cache_root
+    from mergeq.core.paths import cache_root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = LlamaShape()

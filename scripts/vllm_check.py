@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from exporters.evaluate import load_text, load_tokenizer, tokenize  # noqa: E402
 from exporters.metrics import first_scored, make_windows  # noqa: E402
 from mergeq import peers  # noqa: E402
-from mergeq.errors import MergeqError  # noqa: E402
+from mergeq.core.errors import MergeqError  # noqa: E402
 
 SERVE = ROOT / "scripts" / "peers" / "vllm_serve.py"
 QUESTION = "What is the capital of France? Answer in one word."

@@ -11,7 +11,7 @@ import torch
 from exporters.gguf import GGUFOptions
 from exporters.int4.export import Int4Options
 from mergeq import budget
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 from tiny_models import tiny_llama
 
 

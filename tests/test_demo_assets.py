@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mergeq.demo_texts import build_texts, documents, module_docstrings, stdlib_sources
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 HASH_SNIPPET = (
     "import hashlib; from mergeq.demo_texts import build_texts; t = build_texts(); "
@@ -315,7 +315,7 @@ def test_demo_adapter_config_and_recorded_perplexities(assets):
     facts = assets.facts
     ppl = facts["adapter"]["perplexity"]
     assert ppl["base_nf4_plus_adapter"]["perplexity"] < 0.97 * ppl["base_nf4"]["perplexity"]
-    from mergeq.hashing import sha256_file, sha256_text
+    from mergeq.core.hashing import sha256_file, sha256_text
 
     assert facts["adapter"]["adapter_sha256"] == sha256_file(assets.adapter / "adapter_model.safetensors")
     for split, path in (("train", assets.train_text), ("calib", assets.calib_text), ("eval", assets.eval_text)):

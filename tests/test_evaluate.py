@@ -25,7 +25,7 @@ from exporters.evaluate import (
 )
 from exporters.metrics import MetricSums, make_windows, scored_per_window, token_metrics
 from exporters.report import ArtifactReport, SizeInfo
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 WORDS = [f"w{i}" for i in range(90)]
 

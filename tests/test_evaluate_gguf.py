@@ -14,7 +14,7 @@ from test_evaluate import KL_LOG, eval_text, read_llama_base, tiny_tokenizer
 
 import exporters.evaluate as ev
 from exporters import llamacpp
-from mergeq.errors import MergeqError, ToolError
+from mergeq.core.errors import MergeqError, ToolError
 
 FAKE = textwrap.dedent('''
     import json, os, struct, sys

@@ -10,7 +10,7 @@ from tiny_models import tiny_llama
 from test_evaluate import eval_text, tiny_tokenizer
 
 from exporters.evaluate import EvalOptions, evaluate, evaluate_full
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 
 @pytest.fixture(scope="module")

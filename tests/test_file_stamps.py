@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from mergeq import hashing, stages
-from mergeq.hashing import FileStamps
+from mergeq import stages
+from mergeq.core import hashing
+from mergeq.core.hashing import FileStamps
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import pytest
 from exporters import llamacpp
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.gguf_inspect import read_gguf, read_ggufs, read_with_gguf_py, size_info_for_file
-from mergeq.errors import MergeqError, ToolError
-from mergeq.hashing import sha256_file
+from mergeq.core.errors import MergeqError, ToolError
+from mergeq.core.hashing import sha256_file
 
 pytestmark = pytest.mark.llamacpp
 

@@ -11,7 +11,7 @@ import pytest
 from exporters import gguf as gguf_exporter
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.registry import get_exporter
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 
 def parse(*argv: str) -> GGUFOptions:

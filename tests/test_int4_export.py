@@ -18,7 +18,7 @@ from exporters.int4.export import Int4Options, export_int4, plan
 from exporters.int4.formats import dequantized_state_dict, read_quantized
 from exporters.int4.layerwise import EngineOptions, LayerContext, quantize_layer, rotary_embeddings
 from exporters.int4.quant import QuantScheme
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 from int4_models import byte_tokenizer, calibration_text, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from exporters.int4 import awq
 from exporters.int4.formats import AWQ_ORDER, FORMATS
 from exporters.int4.gptq import HessianAccumulator, gptq_quantize
 from exporters.int4.quant import QuantScheme, pack_first, pack_last, rtn_quantize, unpack_first, unpack_last
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 
 def test_pack_unpack_round_trip_both_dimensions_and_awq_order():

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from exporters import llamacpp
-from mergeq.errors import MergeqError, ToolError
-from mergeq.hashing import sha256_file
+from mergeq.core.errors import MergeqError, ToolError
+from mergeq.core.hashing import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from merge.checkpoint import Checkpoint, SafetensorsFile, read_safetensors_header
 from merge.writer import OutTensor, ShardedWriter
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 
 def raw_file(path, header: dict, data: bytes = b"", length: int | None = None):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from merge.merger import AdapterRef, MergeConfig, run_merge
 from mergeq.cli import main
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 
 @pytest.fixture

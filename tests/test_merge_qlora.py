@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from merge.checkpoint import Checkpoint
 from merge.merger import AdapterRef, MergeConfig, run_merge
 from merge.qlora import QuantSettings, dequantize, quantized_weights
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 
 def quantize_checkpoint(src, dst, quant_type="nf4", double_quant=True):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from merge.qlora_detect import adapter_evidence, decide, from_name, user_base_evidence
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 CARD = """---
 library_name: peft

@@ -19,7 +19,7 @@ from exporters.report import (
     validate_report_json,
     write_summary,
 )
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 FP16 = 269_060_352
 

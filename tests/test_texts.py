@@ -8,8 +8,9 @@ import json
 import pytest
 
 from int4_models import byte_tokenizer, calibration_text, tiny_model
-from mergeq.errors import MergeqError
-from mergeq.texts import load_text, resolve_text_option
+from mergeq.core.errors import MergeqError
+from mergeq.core.texts import load_text
+from mergeq.textopts import resolve_text_option
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}")
 CHATS = [

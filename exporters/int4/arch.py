@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Calibration data: a text in any format mergeq.texts reads -> N samples of L tokens, with where it came from.
+"""Calibration data: a text in any format mergeq.core.texts reads -> N samples of L tokens, with where it came from.
 
 The text (chat conversations rendered through the model's chat template) is tokenized as one stream;
 samples are non-overlapping windows of L tokens spread evenly over it, so the same file, tokenizer and (N, L)
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from mergeq.errors import MergeqError
-from mergeq.texts import LoadedText, load_text
+from mergeq.core.errors import MergeqError
+from mergeq.core.texts import LoadedText, load_text
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import torch
 
 from merge.checkpoint import Checkpoint
 from merge.writer import OutTensor, _header_bytes
-from mergeq.atomic import write_json
-from mergeq.errors import MergeqError
+from mergeq.core.atomic import write_json
+from mergeq.core.errors import MergeqError
 
 # Files a serving stack needs besides the weights: tokenizer, chat template, generation defaults.
 AUXILIARY_FILES = (

@@ -20,10 +20,10 @@ from exporters.int4.formats import FORMATS
 from exporters.int4.layerwise import EngineOptions, quantize_streaming, resolve_device
 from exporters.int4.quant import QuantizedLinear, QuantScheme
 from exporters.report import ArtifactReport, SizeInfo, StageCost
-from mergeq.atomic import atomic_dir, write_json
-from mergeq.errors import MergeqError
-from mergeq.memory import peak_rss_bytes, reset_peak_rss
-from mergeq.texts import FORMATS_HELP, split_column
+from mergeq.core.atomic import atomic_dir, write_json
+from mergeq.core.errors import MergeqError
+from mergeq.core.memory import peak_rss_bytes, reset_peak_rss
+from mergeq.core.texts import FORMATS_HELP, split_column
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Int4Options:
     sym: bool | None = None  # None: the method's default (GPTQ symmetric, AWQ asymmetric)
     desc_act: bool = False
     format: str = "native"  # "native" (the method's own layout) or "compressed-tensors"
-    calib: Path | None = None  # calibration text (mergeq.texts formats); required except for RTN
+    calib: Path | None = None  # calibration text (mergeq.core.texts formats); required except for RTN
     samples: int = 128
     seq_len: int = 512
     device: str = "auto"

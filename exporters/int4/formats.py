@@ -32,7 +32,7 @@ from exporters.int4.quant import (
     unpack_first,
     unpack_last,
 )
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from exporters.int4.arch import Architecture
 from exporters.int4.quant import QuantScheme
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 VLLM_VERSION = "0.32"  # the vLLM whose rules these are (the `vllm` peer environment of mergeq.peers)
 TP_SIZES = (1, 2, 4, 8)

@@ -32,9 +32,9 @@ from exporters.int4.arch import Architecture, LinearGroup, architecture_of
 from exporters.int4.checkpoint import TensorSource, read_config
 from exporters.int4.gptq import HessianAccumulator, gptq_quantize
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
-from mergeq.errors import MergeqError
-from mergeq.memory import release_freed_memory
-from mergeq.progress import track
+from mergeq.core.errors import MergeqError
+from mergeq.core.memory import release_freed_memory
+from mergeq.core.progress import track
 
 log = logging.getLogger(__name__)
 

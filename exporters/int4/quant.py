@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import fields
 
 from rich.table import Table
 
-from mergeq.progress import stderr_console
+from mergeq.core.progress import stderr_console
 
 
 def run(args) -> int:

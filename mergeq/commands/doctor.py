@@ -7,8 +7,8 @@ import shutil
 
 from rich.table import Table
 
-from mergeq.paths import cache_root
-from mergeq.progress import stderr_console
+from mergeq.core.paths import cache_root
+from mergeq.core.progress import stderr_console
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "gguf", "rich", "matplotlib")
 TOOLS = ("cmake", "c++", "make")

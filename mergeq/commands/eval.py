@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 def run(args) -> int:
     from exporters.evaluate import EvalOptions, detect_format, evaluate_into_report
     from exporters.report import print_reports
-    from mergeq.errors import MergeqError
+    from mergeq.core.errors import MergeqError
 
     model = Path(args.model)
     kind = detect_format(model)
@@ -23,7 +23,7 @@ def run(args) -> int:
         reference = model
     report = artifact_report(model, Path(reference), kind)
     options = EvalOptions(n_ctx=args.n_ctx, max_windows=args.windows, device=args.device)
-    from mergeq.texts import resolve_text_option
+    from mergeq.textopts import resolve_text_option
 
     text = resolve_text_option(args.text, option="--text", purpose="evaluation")
     evaluate_into_report(report, reference=Path(reference), text=text, settings=options)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from exporters.registry import EXPORTER_MODULES, get_exporter
-from mergeq.progress import QUIET_ENV
+from mergeq.core.progress import QUIET_ENV
 
 TARGET_HELP = {
     "gguf": "GGUF files for llama.cpp, made by the pinned llama.cpp converter and quantizer",
@@ -37,7 +37,7 @@ def target_parser(target: str) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from mergeq.exporting import EvalSettings, run_export
-    from mergeq.texts import resolve_text_option
+    from mergeq.textopts import resolve_text_option
 
     options_ns = target_parser(args.target).parse_args(args.extra)
     if options_ns.json:

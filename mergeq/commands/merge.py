@@ -18,7 +18,7 @@ def run(args) -> int:
         requantize = QuantSettings(args.qlora, args.quant_blocksize, not args.no_double_quant)
     eval_text = None
     if args.base is not None and args.qlora_base is not None:  # both bases: the target is measured on a text
-        from mergeq.texts import resolve_text_option
+        from mergeq.textopts import resolve_text_option
 
         eval_text = resolve_text_option(args.eval_text, option="--eval-text", purpose="evaluation")
     config = MergeConfig(
@@ -33,7 +33,7 @@ def run(args) -> int:
                   sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:
-        from mergeq.progress import stderr_console
+        from mergeq.core.progress import stderr_console
 
         console = stderr_console()
         console.print(f"merged checkpoint: {result.out} ({len(result.shards)} shard(s), {args.dtype})")

@@ -2,7 +2,7 @@
 
 `MERGEQ_FAULT` holds comma-separated specs, each `ACTION@ARG`:
 
-- `enospc@GLOB`     the disk "fills" while an atomic writer (mergeq.atomic) writes a final path whose name
+- `enospc@GLOB`     the disk "fills" while an atomic writer (mergeq.core.atomic) writes a final path whose name
                     matches GLOB: OSError(ENOSPC) is raised just before its rename, with everything written.
 - `kill@N`          SIGKILL this process at the Nth commit point. Every atomic commit has two points:
                     just before its rename (odd) and just after it (even), counted across the process.
@@ -16,7 +16,7 @@
                     block until killed (a kill test waits for PATH, then kills the process group: the kill lands
                     at a known unit of real work, however loaded the machine is).
 
-Progress events mark real work about to start inside a stage: each item of a progress bar (mergeq.progress.track:
+Progress events mark real work about to start inside a stage: each item of a progress bar (mergeq.core.progress.track:
 a tensor of the merge, a layer of the int4 quantizer, an evaluation window) and each llama.cpp tool run.
 mergeq.pipeline names the stage (`enter_stage`); events are numbered from 1 within it.
 
@@ -68,7 +68,7 @@ def _specs() -> list[tuple[str, str]]:
 
 
 def commit_point(tmp: Path, final: Path, *, renamed: bool) -> None:
-    """Called by mergeq.atomic just before (renamed=False) and just after (renamed=True) each rename."""
+    """Called by mergeq.core.atomic just before (renamed=False) and just after (renamed=True) each rename."""
     specs = _specs()
     if not specs:
         return

@@ -72,7 +72,7 @@ class FileStamps:
     def save(self) -> None:
         if self.path is None:
             return
-        from mergeq.atomic import write_json
+        from mergeq.core.atomic import write_json
 
         write_json(self.path, dict(sorted(self.used.items())))
 

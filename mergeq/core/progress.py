@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mergeq import faults  # inert unless MERGEQ_FAULT is set (kill tests hold a run at a unit of work)
+from mergeq.core import faults  # inert unless MERGEQ_FAULT is set (kill tests hold a run at a unit of work)
 
 QUIET_ENV = "MERGEQ_QUIET"
 

@@ -10,9 +10,8 @@ Accepted:
 Samples are joined by a blank line into one text. Every report names the file, its sha256, the format, the
 sample count, the token count and how the samples were rendered (`LoadedText.describe`).
 
-The demo's texts are never a silent default: `resolve_text_option` turns a missing option into an error that
-names the option and the formats, and the literal `demo` into the demo's text (for the demo itself, or when
-asked for by name). Call it at the command-line/config edge; library code takes a path.
+Library code takes a path. Turning a missing option or the literal `demo` into a path is the app's job, at the
+command-line/config edge (mergeq.textopts.resolve_text_option).
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeq.errors import MergeqError
+from mergeq.core.errors import MergeqError
 
-DEMO = "demo"
 FORMATS_HELP = (".txt; .jsonl with a \"text\" field or chat \"messages\" (rendered with the model's chat template); "
                 ".parquet:COLUMN")
 SEPARATOR = "\n\n"
@@ -55,22 +53,6 @@ def split_column(spec: Path | str) -> tuple[Path, str | None]:
     if sep and head.lower().endswith(".parquet") and column and "/" not in column:
         return Path(head), column
     return Path(text), None
-
-
-def resolve_text_option(value: Path | str | None, *, option: str, purpose: str) -> Path:
-    """The text a command was given: a path, or `demo` for the demo's own text. A missing text is an error:
-    mergeq never scores or calibrates a user's model on the demo's docstrings without being asked to."""
-    if value is None or str(value).strip() == "":
-        raise MergeqError(
-            f"no {purpose} text given: pass {option} FILE ({FORMATS_HELP})",
-            hint=f"use text like what the model will see in use (for a chat fine-tune: its chat data); "
-                 f"{option} {DEMO} uses the demo's standard-library docstrings")
-    if str(value) == DEMO:
-        from mergeq.demo import demo_assets
-
-        assets = demo_assets()
-        return Path(assets.calib_text if purpose == "calibration" else assets.eval_text)
-    return Path(value)
 
 
 def _read(path: Path, what: str) -> bytes:

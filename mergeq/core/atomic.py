@@ -15,8 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from mergeq import faults
-from mergeq.errors import MergeqError
+from mergeq.core import faults
+from mergeq.core.errors import MergeqError
 
 TMP_MARK = ".tmp-"
 
