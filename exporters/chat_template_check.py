@@ -238,7 +238,8 @@ class PendingReference:
     conversion, so that it overlaps with it). `result()` waits for it; `cancel()` stops it if still running."""
 
     def __init__(self, model_dir: Path):
-        from exporters import llamacpp
+        from exporters.llamacpp.pin import REPO_ROOT
+        from exporters.llamacpp.run import die_with_parent
         from mergeq.core import faults  # inert unless MERGEQ_FAULT names this step
         from mergeq.core.memory import ChildPeak
 
@@ -250,8 +251,8 @@ class PendingReference:
         try:
             self._proc = subprocess.Popen(
                 faults.tool_argv(REFERENCE, argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True, errors="replace", env=env, cwd=llamacpp.REPO_ROOT,
-                start_new_session=True, preexec_fn=llamacpp.die_with_parent)
+                stderr=subprocess.PIPE, text=True, errors="replace", env=env, cwd=REPO_ROOT,
+                start_new_session=True, preexec_fn=die_with_parent)
         except OSError as err:
             self._proc = None
             self._outcome = ToolError(f"{REFERENCE}: cannot run {sys.executable}: {err.strerror}")
@@ -261,7 +262,7 @@ class PendingReference:
     def result(self) -> Reference | MergeqError:
         """The renderings, or the error that says why transformers could not render them."""
         if self._outcome is None:
-            from exporters import llamacpp
+            from exporters.llamacpp.run import ToolResult, tool_failure
 
             waiting = time.perf_counter()
             try:
@@ -271,9 +272,9 @@ class PendingReference:
                 self._outcome = ToolError(f"{REFERENCE} did not finish within {REFERENCE_TIMEOUT:.0f} s")
                 return self._outcome
             peak = self._memory.finish(0)
-            tool = llamacpp.ToolResult(out, err, time.perf_counter() - self._started, peak)
+            tool = ToolResult(out, err, time.perf_counter() - self._started, peak)
             if self._proc.returncode != 0:
-                self._outcome = llamacpp.tool_failure(
+                self._outcome = tool_failure(
                     REFERENCE, self._proc.returncode, tool,
                     hint=f"transformers could not load the tokenizer of {self.model_dir}")
                 return self._outcome
@@ -364,9 +365,9 @@ def _piece_text(piece) -> str:
 
 
 def server_command(gguf: Path, *, threads: int = 1) -> tuple[str, ...]:
-    from exporters import llamacpp
+    from exporters.llamacpp.build import tool_path
 
-    return (str(llamacpp.tool_path(SERVER)), "-m", str(gguf), "--host", "127.0.0.1", "--port", "0",
+    return (str(tool_path(SERVER)), "-m", str(gguf), "--host", "127.0.0.1", "--port", "0",
             "-c", str(SERVER_CONTEXT), "-np", "1", "-t", str(threads), "--no-warmup", "--no-webui", "--jinja")
 
 
@@ -376,7 +377,7 @@ def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Ll
 
     Raises ToolError when it exits or is not ready within `timeout` seconds, quoting its last log lines.
     """
-    from exporters import llamacpp
+    from exporters.llamacpp.run import die_with_parent
     from mergeq.core import faults  # inert unless MERGEQ_FAULT names llama-server (hostile-input tests)
     from mergeq.core.memory import ChildPeak
 
@@ -386,7 +387,7 @@ def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Ll
         # its own process group (stopped as a whole), and killed by Linux if mergeq dies first
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", bufsize=1, start_new_session=True,
-                                preexec_fn=llamacpp.die_with_parent)
+                                preexec_fn=die_with_parent)
     except OSError as err:
         raise ToolError(f"{SERVER}: cannot run {argv[0]}: {err.strerror}") from err
     lines: list[str] = []
@@ -406,7 +407,7 @@ def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Ll
     memory = ChildPeak(proc.pid)
     server = None
     try:
-        server = _wait_ready(proc, lines, ports, port_found, started + timeout, timeout, gguf, llamacpp)
+        server = _wait_ready(proc, lines, ports, port_found, started + timeout, timeout, gguf)
         yield server
     finally:
         _stop(proc)
@@ -416,14 +417,16 @@ def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Ll
         reader.join(timeout=STOP_TIMEOUT)
 
 
-def _wait_ready(proc, lines, ports, port_found, deadline, timeout, gguf, llamacpp) -> LlamaServer:
+def _wait_ready(proc, lines, ports, port_found, deadline, timeout, gguf) -> LlamaServer:
+    from exporters.llamacpp.run import ToolResult, tool_failure
+
     def failure(what: str) -> ToolError:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=1.0)  # it closed its output: let it finish exiting, to report how it ended
         code = proc.poll()
         if code is not None:
-            result = llamacpp.ToolResult("\n".join(lines), "", 0.0)
-            return llamacpp.tool_failure(SERVER, code, result, hint=f"it could not serve {gguf}")
+            result = ToolResult("\n".join(lines), "", 0.0)
+            return tool_failure(SERVER, code, result, hint=f"it could not serve {gguf}")
         tail = LlamaServer(proc, 0, lines).log_tail()
         return ToolError(f"{SERVER} {what}; its last output lines:\n{tail}")
 

@@ -477,22 +477,23 @@ def llama_token_count(gguf: Path, text: str, n_ctx_probe: int, options: EvalOpti
     With a context of `n_ctx_probe` >= half the text's tokens, llama-perplexity only loads the model,
     tokenizes, prints the count and stops.
     """
-    from exporters import llamacpp
+    from exporters.llamacpp.build import tool_command
+    from exporters.llamacpp.run import run_tool
 
     with tempfile.TemporaryDirectory(prefix="mergeq-eval-") as tmp:
         probe = Path(tmp) / "prefix.txt"
         probe.write_text(text + "\n", encoding="utf-8")  # llama.cpp drops one trailing newline
-        command = llamacpp.tool_command("llama-perplexity", "-m", gguf, "-f", probe, "-c", n_ctx_probe,
-                                        "-b", min(2048, n_ctx_probe), "-t", options.threads or os.cpu_count() or 1)
-        result = llamacpp.run_tool(command, hint=f"if {gguf} is damaged, export it again")
+        command = tool_command("llama-perplexity", "-m", gguf, "-f", probe, "-c", n_ctx_probe,
+                               "-b", min(2048, n_ctx_probe), "-t", options.threads or os.cpu_count() or 1)
+        result = run_tool(command, hint=f"if {gguf} is damaged, export it again")
     found = _TOKEN_COUNT.findall(result.stdout + result.stderr)
     return int(found[-1]) if found else None
 
 
 def llama_version() -> dict:
-    from exporters import llamacpp
+    from exporters.llamacpp.pin import version_info
 
-    return llamacpp.version_info()
+    return version_info()
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -581,7 +582,8 @@ def _evaluate_torch(artifact: Path, kind: str, reference: Path, windows: Windows
 
 def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: EvalOptions, provenance: dict):
     """llama-perplexity in KL-divergence mode against the cached reference: our windows, llama.cpp's logits."""
-    from exporters import llamacpp
+    from exporters.llamacpp.build import tool_command
+    from exporters.llamacpp.run import quoted_tail, run_tool
 
     if windows.scored_tokens < 100:
         raise MergeqError(f"evaluating a GGUF needs at least 100 scored tokens, these windows score {windows.scored_tokens}",
@@ -604,19 +606,19 @@ def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: E
             write_llama_base(base, ref, windows)
     threads = options.threads or os.cpu_count() or 1
     n_ctx = windows.n_ctx
-    command = llamacpp.tool_command(
+    command = tool_command(
         "llama-perplexity", "-m", artifact, "--kl-divergence", "--kl-divergence-base", base, "-c", n_ctx,
         "-b", n_ctx * max(1, 2048 // n_ctx), "-t", threads)
     log.info("running %s", " ".join(command.argv))
     for attempt in (1, 2):
-        result = llamacpp.run_tool(command, hint=f"if {artifact} is damaged, export it again")
+        result = run_tool(command, hint=f"if {artifact} is damaged, export it again")
         try:
             stats = parse_kl_output(result.stdout + "\n" + result.stderr)
             break
         except ToolError as err:
             # llama-perplexity returns 0 when its KL pass stops early (its "failed to decode", a base file it
             # cannot read): quote what it said; seen once in a while on a loaded machine, so run it once more
-            quoted = llamacpp.quoted_tail(result, 12)
+            quoted = quoted_tail(result, 12)
             if attempt == 2:
                 raise ToolError(f"{err.args[0]}; its last output lines:\n{quoted}", hint=err.hint) from None
             log.warning("llama-perplexity exited 0 without statistics on %s; running it once more. Its last "

@@ -28,8 +28,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exporters import chat_template_check, llamacpp
+from exporters import chat_template_check
 from exporters.gguf_inspect import read_ggufs, size_info
+from exporters.llamacpp.build import ensure_built, find_build_tools, is_built, tool_command
+from exporters.llamacpp.convert import converter_command, supported_architectures
+from exporters.llamacpp.pin import canonical_quant_type, load_pin, version_info
+from exporters.llamacpp.run import run_tool
 from exporters.registry import register
 from exporters.report import ArtifactReport, StageCost
 from mergeq.core.atomic import atomic_dir, remove_stale_tmp
@@ -181,9 +185,9 @@ class GGUFExporter:
         requested = [part.strip() for value in (getattr(args, "quant", None) or DEFAULT_QUANTS)
                      for part in str(value).split(",") if part.strip()]
         quants = []
-        pin = llamacpp.load_pin()
+        pin = load_pin()
         for name in requested:
-            canonical = llamacpp.canonical_quant_type(name, pin)
+            canonical = canonical_quant_type(name, pin)
             if canonical is None or canonical == "COPY":
                 known = ", ".join(t for t in pin.quant_types if t != "COPY")
                 raise MergeqError(f"--quant {name!r} is not a llama-quantize type",
@@ -216,12 +220,12 @@ class GGUFExporter:
         config = read_config(model_dir)
         warnings: list[str] = []
         arch = architecture(config)
-        supported = llamacpp.supported_architectures()
+        supported = supported_architectures()
         if arch is None:
             raise MergeqError(f"{model_dir / 'config.json'} names no architecture (\"architectures\" is missing)",
                               hint="the converter picks its model class by that name")
         if arch not in supported:
-            pin = llamacpp.load_pin()
+            pin = load_pin()
             raise MergeqError(
                 f"architecture {arch!r} ({model_dir / 'config.json'}) is not supported by the pinned llama.cpp "
                 f"converter ({pin.commit}); it supports {len(supported)} architectures: {', '.join(supported)}",
@@ -241,8 +245,8 @@ class GGUFExporter:
                 raise MergeqError(f"calibration text {calib} is empty")
         check_disk(model_dir, config, options, model_dir)  # export() checks again where OUT really is
         self._preflight_warnings = list(warnings)  # facts about the input: they go into every report
-        if not llamacpp.is_built():
-            llamacpp.find_build_tools()  # raises a clear error now rather than after the merge
+        if not is_built():
+            find_build_tools()  # raises a clear error now rather than after the merge
             warnings.append("llama.cpp is not built yet: the export builds it first (a few minutes, once); "
                             "`mergeq setup-llamacpp` does it ahead of time")
         return warnings
@@ -255,7 +259,7 @@ class GGUFExporter:
         inter = intermediate_type(config, options)
         stem = model_dir.resolve().name
         check_disk(model_dir, config, options, out_dir)
-        llamacpp.ensure_built()
+        ensure_built()
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(out_dir / WORK_NAME)
         work = Path(tempfile.mkdtemp(prefix=f".{WORK_NAME}.tmp-", dir=out_dir))
@@ -282,15 +286,15 @@ class GGUFExporter:
         steps = 1 + int(options.imatrix) + len(options.quants)
         with progress_bar() as bar:
             task = bar.add_task(f"GGUF: convert to {inter}", total=steps)
-            result = llamacpp.run_tool(llamacpp.converter_command(model_dir, intermediate, inter),
-                                       hint="the pinned converter could not read this checkpoint")
+            result = run_tool(converter_command(model_dir, intermediate, inter),
+                              hint="the pinned converter could not read this checkpoint")
             stages["convert"] = StageCost(round(result.seconds, 3), result.peak_rss_bytes)
             bar.advance(task)
             imatrix_file = None
             if options.imatrix:
                 bar.update(task, description="GGUF: llama-imatrix")
                 imatrix_file = work / "imatrix.gguf"
-                result = llamacpp.run_tool(llamacpp.tool_command(
+                result = run_tool(tool_command(
                     "llama-imatrix", "-m", intermediate, "-f", options.calib, "-o", imatrix_file,
                     "-c", str(options.imatrix_ctx), "--no-ppl", *threads),
                     hint=f"if it reports too few tokens: the calibration text needs at least 2 x --imatrix-ctx "
@@ -309,8 +313,8 @@ class GGUFExporter:
                 bar.update(task, description=f"GGUF: llama-quantize {quant}")
                 with atomic_dir(final_dir, overwrite=True) as tmp:
                     args = ["--imatrix", imatrix_file] if imatrix_file is not None and quant not in FLOAT_TYPES else []
-                    result = llamacpp.run_tool(
-                        llamacpp.tool_command("llama-quantize", *args, intermediate, tmp / name, quant, *threads[1:]),
+                    result = run_tool(
+                        tool_command("llama-quantize", *args, intermediate, tmp / name, quant, *threads[1:]),
                         hint=_quantize_hint(quant))
                 stages[f"quantize_{quant}"] = StageCost(round(result.seconds, 3), result.peak_rss_bytes)
                 logs[quant] = result.stdout + result.stderr
@@ -323,7 +327,7 @@ class GGUFExporter:
         return self._reports(model_dir, options, inter, finals, stages, logs, inputs.result(), imatrix_file is not None)
 
     def _reports(self, model_dir, options, inter, finals, stages, logs, input_hashes, used_imatrix):
-        pin = llamacpp.load_pin()
+        pin = load_pin()
         summaries = read_ggufs(list(finals.values()))
         template = chat_template(model_dir)
         template_checks = chat_template_check.check_ggufs(model_dir, list(finals.values()),
@@ -361,7 +365,7 @@ class GGUFExporter:
                                 "calib": str(options.calib) if options.calib else None,
                                 "calib_sha256": input_hashes.get("calib_sha256"),
                                 "ctx": options.imatrix_ctx if used_imatrix else None},
-                    "tools": {"llama.cpp": llamacpp.version_info()},
+                    "tools": {"llama.cpp": version_info()},
                 },
                 warnings=warnings,
                 extra={"gguf": {
@@ -403,8 +407,8 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> Path:
     remove_stale_tmp(outfile)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outfile.name}.tmp-", dir=outfile.parent))
     try:
-        llamacpp.run_tool(llamacpp.converter_command(model_dir, tmp / outfile.name, outtype),
-                          hint="the pinned converter could not read this checkpoint")
+        run_tool(converter_command(model_dir, tmp / outfile.name, outtype),
+                 hint="the pinned converter could not read this checkpoint")
         os.replace(tmp / outfile.name, outfile)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

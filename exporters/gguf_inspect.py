@@ -79,9 +79,9 @@ def pinned_constants(gguf_py: Path | None = None):
     constants.py imports nothing but the standard library, so it loads without the rest of the pinned
     package and without touching the installed `gguf`.
     """
-    from exporters import llamacpp
+    from exporters.llamacpp.source import ensure_source
 
-    path = Path(gguf_py or llamacpp.ensure_source().gguf_py) / "gguf" / "constants.py"
+    path = Path(gguf_py or ensure_source().gguf_py) / "gguf" / "constants.py"
     spec = importlib.util.spec_from_file_location("mergeq_pinned_gguf_constants", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -241,13 +241,16 @@ def _main() -> None:
 def read_with_gguf_py(paths: list[Path]) -> list[dict]:
     """The pinned gguf-py GGUFReader's view of the files, from a subprocess (slow on large vocabularies:
     the reference that tests compare `read_gguf` with)."""
-    from exporters import llamacpp
+    from exporters.llamacpp.layout import pinned_python_env
+    from exporters.llamacpp.pin import REPO_ROOT
+    from exporters.llamacpp.run import ToolCommand, run_tool
+    from exporters.llamacpp.source import ensure_source
 
-    where = llamacpp.ensure_source()
-    result = llamacpp.run_tool(llamacpp.ToolCommand(
+    where = ensure_source()
+    result = run_tool(ToolCommand(
         "gguf-py reader",
         (sys.executable, "-c", "from exporters.gguf_inspect import _main; _main()", *map(str, paths)),
-        env=llamacpp.pinned_python_env(where, llamacpp.REPO_ROOT), cwd=llamacpp.REPO_ROOT))
+        env=pinned_python_env(where, REPO_ROOT), cwd=REPO_ROOT))
     return json.loads(result.stdout)
 
 
@@ -303,10 +306,10 @@ def file_quant(summary: GGUFSummary) -> str | None:
 
 def size_info_for_file(summary: GGUFSummary) -> tuple[SizeInfo, str, list[str]]:
     """size_info for a GGUF without its export log (e.g. `mergeq eval`): the type comes from the file."""
-    from exporters import llamacpp
+    from exporters.llamacpp.pin import load_pin
 
     quant = file_quant(summary) or summary.path.stem
-    info, warnings = size_info(summary, quant, llamacpp.load_pin().default_types.get(quant))
+    info, warnings = size_info(summary, quant, load_pin().default_types.get(quant))
     return info, quant, warnings
 
 

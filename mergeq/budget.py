@@ -106,9 +106,9 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
 
 
 def _gguf_bytes(shapes: Shapes, quant: str) -> int:
-    from exporters import llamacpp
+    from exporters.llamacpp.pin import load_pin
 
-    tensor_type = llamacpp.load_pin().default_types.get(quant, quant)
+    tensor_type = load_pin().default_types.get(quant, quant)
     bpw = GGUF_BPW.get(tensor_type, 16.0)
     margin = MIX_MARGIN if quant != tensor_type or quant.endswith(("_M", "_L", "_S")) else 1.0
     return int((shapes.matrix_params * bpw / 8 * margin) + (shapes.params - shapes.matrix_params) * 4)

@@ -179,9 +179,9 @@ def _tool_versions(target: str, options=None) -> dict:
         # with them (on an H200, 39% of the packed words matched the CPU's)
         device = str(resolve_device(getattr(options, "device", "cpu")))
         return {"torch_threads": torch.get_num_threads(), "device": device}
-    from exporters import llamacpp
+    from exporters.llamacpp.pin import version_info
 
-    return {"llama.cpp": llamacpp.version_info()}
+    return {"llama.cpp": version_info()}
 
 
 def model_files(directory: Path) -> dict[str, str]:

@@ -74,19 +74,21 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     args = parser.parse_args()
 
-    from exporters import llamacpp
+    from exporters.llamacpp.build import tool_path
+    from exporters.llamacpp.convert import converter_command
+    from exporters.llamacpp.run import run_tool
     from mergeq.demo import demo_base
     from mergeq.demo_texts import build_texts
 
     base = demo_base()
-    perplexity_tool = llamacpp.tool_path("llama-perplexity")
+    perplexity_tool = tool_path("llama-perplexity")
     with tempfile.TemporaryDirectory(prefix="mergeq-bench-eval-") as tmp:
         tmp = Path(tmp)
         text = args.text or tmp / "eval.txt"
         if args.text is None:
             text.write_text(build_texts().eval, encoding="utf-8")
         gguf = tmp / "base-f16.gguf"
-        llamacpp.run_tool(llamacpp.converter_command(base, gguf, "f16"))
+        run_tool(converter_command(base, gguf, "f16"))
         cache = tmp / "cache"
         rows = []
         # 1. cold: the reference pass is part of this one (the artifact is the reference itself)

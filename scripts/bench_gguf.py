@@ -37,9 +37,9 @@ def cpu_seconds() -> float:
 
 
 def by_hand(model: Path, work: Path, quants: list[str]) -> float:
-    from exporters import llamacpp
+    from exporters.llamacpp.layout import layout
 
-    where = llamacpp.layout()
+    where = layout()
     env = {**os.environ, "PYTHONPATH": str(where.gguf_py)}
     env.pop("NO_LOCAL_GGUF", None)
     f16 = work / "model-f16.gguf"
@@ -81,9 +81,9 @@ def main() -> int:
     args = parser.parse_args()
     quants = args.quant or ["Q8_0", "Q4_K_M"]
 
-    from exporters import llamacpp
+    from exporters.llamacpp.build import ensure_built
 
-    llamacpp.ensure_built()
+    ensure_built()
     if args.model is None:
         from mergeq.demo import demo_base
 

@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from exporters import chat_template_check as ctc
-from exporters import llamacpp
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.gguf_inspect import read_gguf
+from exporters.llamacpp.build import ensure_built
+from exporters.llamacpp.layout import pinned_python_env
+from exporters.llamacpp.run import ToolCommand, run_tool
+from exporters.llamacpp.source import ensure_source
 
 llamacpp_build = pytest.mark.llamacpp
 
@@ -51,7 +54,7 @@ def tiny_chat_model(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def built():
-    return llamacpp.ensure_built()
+    return ensure_built()
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +77,11 @@ def reference(chat_model):
 
 def rewrite_gguf(src: Path, dst: Path, *args: str) -> Path:
     """A copy of `src` with changed metadata, written by the pinned gguf-py's own gguf_new_metadata.py."""
-    where = llamacpp.ensure_source()
+    where = ensure_source()
     script = where.gguf_py / "gguf" / "scripts" / "gguf_new_metadata.py"
-    llamacpp.run_tool(llamacpp.ToolCommand(
+    run_tool(ToolCommand(
         "gguf_new_metadata.py", (sys.executable, str(script), str(src), str(dst), "--force", *args),
-        env=llamacpp.pinned_python_env(where)))
+        env=pinned_python_env(where)))
     return dst
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_llama
 from test_evaluate import KL_LOG, eval_text, read_llama_base, tiny_tokenizer
+from tiny_models import tiny_llama
 
 import exporters.evaluate as ev
-from exporters import llamacpp
+from exporters.llamacpp import build
+from exporters.llamacpp.run import ToolCommand
 from mergeq.core.errors import MergeqError, ToolError
 
 FAKE = textwrap.dedent('''
@@ -44,9 +45,9 @@ def fake(tmp_path, monkeypatch):
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_LOG", str(calls))
     monkeypatch.setenv("FAKE_COUNT", str(8 * 64))
-    monkeypatch.setattr(llamacpp, "tool_command",
-                        lambda name, *args: llamacpp.ToolCommand(name, (sys.executable, str(script), *map(str, args))))
-    monkeypatch.setattr(llamacpp, "version_info", lambda: {"version": "test"})
+    monkeypatch.setattr(build, "tool_command",
+                        lambda name, *args: ToolCommand(name, (sys.executable, str(script), *map(str, args))))
+    monkeypatch.setattr("exporters.llamacpp.pin.version_info", lambda: {"version": "test"})
 
     class Summary:
         array_lengths = {"tokenizer.ggml.tokens": 96}
@@ -160,11 +161,11 @@ if "--kl-divergence-base" in sys.argv and not m.exists():
     m.write_text("x")
     os.environ["FAKE_STATS"] = {flaky!r}
 '''
-    original = Path(llamacpp.tool_command("x").argv[1])
+    original = Path(build.tool_command("x").argv[1])  # the fixture's fake tool
     wrapper = original.with_name("flaky.py")
     wrapper.write_text(script + original.read_text())
-    monkeypatch.setattr(llamacpp, "tool_command",
-                        lambda name, *args: llamacpp.ToolCommand(name, (sys.executable, str(wrapper), *map(str, args))))
+    monkeypatch.setattr(build, "tool_command",
+                        lambda name, *args: ToolCommand(name, (sys.executable, str(wrapper), *map(str, args))))
     q = ev.evaluate_full(gguf, ref, text, options).quality
     assert q.perplexity == 7.5 and marker.exists()
     assert "exited 0 without statistics" in caplog.text and "failed to decode" in caplog.text

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from exporters import llamacpp
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.gguf_inspect import read_gguf, read_with_gguf_py
+from exporters.llamacpp.build import tool_command
+from exporters.llamacpp.run import run_tool
 
 pytestmark = [pytest.mark.demo, pytest.mark.llamacpp, pytest.mark.slow]
 
@@ -37,7 +38,7 @@ def demo(tmp_path_factory):
 
 
 def llama_perplexity(model: Path, text: Path, *extra: str) -> str:
-    result = llamacpp.run_tool(llamacpp.tool_command(
+    result = run_tool(tool_command(
         "llama-perplexity", "-m", model, "-f", text, "-c", str(CTX), "-b", str(CTX), "--chunks", str(CHUNKS), *extra))
     return result.stdout + result.stderr
 

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from exporters import llamacpp
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.gguf_inspect import read_gguf, read_ggufs, read_with_gguf_py, size_info_for_file
+from exporters.llamacpp.build import ensure_built
+from exporters.llamacpp.layout import layout
+from exporters.llamacpp.pin import version_info
 from mergeq.core.errors import MergeqError, ToolError
 from mergeq.core.hashing import sha256_file
 
@@ -56,7 +58,7 @@ def tiny_llama(path: Path, hidden: int, *, layers: int = 2, seed: int = 0) -> Pa
 
 @pytest.fixture(scope="module")
 def built():
-    return llamacpp.ensure_built()
+    return ensure_built()
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +160,7 @@ def test_header_reader_agrees_with_the_pinned_gguf_py_reader(export96):
     _, reports, _ = export96
     paths = [Path(r.path) for r in reports]
     for ours, theirs in zip(read_ggufs(paths), read_with_gguf_py(paths)):
-        assert theirs["gguf_py"].startswith(str(llamacpp.layout().gguf_py))
+        assert theirs["gguf_py"].startswith(str(layout().gguf_py))
         assert ours.metadata == theirs["metadata"]
         assert ours.array_lengths == theirs["arrays"]
         assert [(t.name, t.type, list(t.shape), t.n_elements, t.n_bytes) for t in ours.tensors] == [
@@ -186,7 +188,7 @@ def test_reports_carry_provenance_and_stages(export96, model96):
         data = report.to_json()
         assert data["format"] == "gguf" and data["quant"] == report.quant
         assert data["provenance"]["inputs"]["model"]["model.safetensors"] == sha256_file(model96 / "model.safetensors")
-        assert data["provenance"]["tools"]["llama.cpp"] == llamacpp.version_info()
+        assert data["provenance"]["tools"]["llama.cpp"] == version_info()
         assert data["provenance"]["imatrix"]["used"] is False
         assert data["provenance"]["intermediate"] == "f16"
         assert data["seconds"]["convert"] > 0 and data["peak_rss_bytes"]["convert"] > 0

@@ -52,7 +52,7 @@ def test_imatrix_options_go_together():
 
 
 def test_pipeline_config_uses_the_same_validation():
-    from mergeq.config import _Reader, _read_export
+    from mergeq.config import _read_export, _Reader
 
     reader = _Reader(None, "")
     options, resolved = _read_export(reader, "gguf", {"quant": ["q8_0", "Q4_K_M"]})
@@ -118,11 +118,11 @@ def test_planned_sizes_bound_the_types():
 @pytest.mark.llamacpp
 def test_preflight_names_missing_build_tools_before_any_work(tmp_path, monkeypatch):
     """Without a llama.cpp build, a machine without cmake/compilers fails in preflight, not after the merge."""
-    from exporters import llamacpp
+    from exporters.llamacpp.source import ensure_source
 
     model = _checkpoint(tmp_path / "m", {"architectures": ["LlamaForCausalLM"], "torch_dtype": "float16"})
-    llamacpp.ensure_source()  # the tree is needed for the architecture check; fetched before PATH is emptied
-    monkeypatch.setattr(llamacpp, "is_built", lambda pin=None: False)
+    ensure_source()  # the tree is needed for the architecture check; fetched before PATH is emptied
+    monkeypatch.setattr("exporters.gguf.is_built", lambda pin=None: False)
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))

@@ -43,10 +43,10 @@ def _extra_rows() -> list[tuple[str, str]]:
     """Rows contributed by other components (llama.cpp build state), if they are present."""
     rows: list[tuple[str, str]] = []
     try:
-        from exporters import llamacpp
+        from exporters.llamacpp.doctor import doctor_rows
     except ImportError:
         return rows
-    rows.extend(llamacpp.doctor_rows())
+    rows.extend(doctor_rows())
     return rows
 
 

@@ -9,15 +9,17 @@ log = logging.getLogger(__name__)
 
 
 def run(args) -> int:
-    from exporters import llamacpp
+    from exporters.llamacpp.build import ensure_built
+    from exporters.llamacpp.layout import layout, read_stamp, setup_lock
+    from exporters.llamacpp.pin import load_pin
 
-    pin = llamacpp.load_pin()
+    pin = load_pin()
     if args.rebuild:
-        where = llamacpp.layout(pin)
-        with llamacpp.setup_lock(where):
+        where = layout(pin)
+        with setup_lock(where):
             where.stamp.unlink(missing_ok=True)
-    where = llamacpp.ensure_built(pin, sdist=args.sdist, jobs=args.jobs, variant=args.variant)
-    stamp = llamacpp.read_stamp(where) or {}
+    where = ensure_built(pin, sdist=args.sdist, jobs=args.jobs, variant=args.variant)
+    stamp = read_stamp(where) or {}
     variant = stamp.get("variant", {})
     log.info("variant: %s (%s)", variant.get("name"), variant.get("reason"))
     for name in pin.targets:

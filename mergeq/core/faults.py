@@ -8,7 +8,7 @@
                     just before its rename (odd) and just after it (even), counted across the process.
 - `wait@N:PATH`     at commit point N, block until PATH exists (a run held open for a concurrency test).
 - `trace@PATH`      append one line per commit point to PATH: number, time, before/after, final path.
-- `crash@TOOL`      the llama.cpp tool TOOL (exporters.llamacpp.run_tool) writes half an output file and a
+- `crash@TOOL`      the llama.cpp tool TOOL (exporters.llamacpp.run.run_tool) writes half an output file and a
                     few stderr lines, then aborts (SIGABRT).
 - `killtool@TOOL`   the same, but the tool dies by SIGKILL.
 - `progress@PATH`   append one line per progress event to PATH: stage, number within the stage, event.

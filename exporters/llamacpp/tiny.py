@@ -1,6 +1,6 @@
-"""Write a tiny llama-architecture GGUF for the llama.cpp smoke test: `python llamacpp_tiny.py OUT.gguf`.
+"""Write a tiny llama-architecture GGUF for the llama.cpp smoke test: `python tiny.py OUT.gguf`.
 
-Run as a script under the pinned gguf-py (exporters.llamacpp.smoke_test does that), never imported by mergeq:
+Run as a script under the pinned gguf-py (exporters.llamacpp.smoke.smoke_test does that), never imported by mergeq:
 it must write the file with the same gguf-py that the pinned tools read.
 
 The model is one decoder layer, hidden 64, 4 heads, feed-forward 128, with a byte-level SentencePiece-style
@@ -29,8 +29,9 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
 
 
 def write(path: str) -> None:
-    # this file's folder (exporters/, first on sys.path when run as a script) holds mergeq's own gguf.py:
-    # leave it out, so that `gguf` is the pinned gguf-py that PYTHONPATH names
+    # this file's folder (first on sys.path when run as a script) holds mergeq modules with plain names
+    # (build, run, source, ...): leave it out, so that `gguf` and what it imports come from the pinned gguf-py
+    # that PYTHONPATH names and from the installed packages
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     import gguf
@@ -81,5 +82,5 @@ def write(path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: llamacpp_tiny.py OUT.gguf")
+        sys.exit("usage: tiny.py OUT.gguf")
     write(sys.argv[1])
