@@ -2,7 +2,8 @@
 
 The installed `gguf` package can lag behind the pinned llama.cpp (it may not know a newer tensor type), so
 type ids, names and block sizes come from the pinned tree's gguf-py. `read_gguf` parses only the header
-(gguf-py's GGUFReader takes seconds on a 49k-token vocabulary; tests check both agree). From the tensor
+(gguf-py's GGUFReader takes seconds on a 49k-token vocabulary; tests/gguf_oracle.py reads the same files with
+it, and the tests check both agree). From the tensor
 list and llama-quantize's log, `size_info` builds the report's SizeInfo: bytes, bits per weight over the
 quantized tensors and over the whole file, the tensor-type histogram, and every quantized tensor that got
 another type than the requested one, with the reason.
@@ -11,12 +12,10 @@ another type than the requested one, with the reason.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import mmap
 import re
 import struct
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -208,50 +207,6 @@ def read_gguf(path: Path) -> GGUFSummary:
 
 def read_ggufs(paths: list[Path]) -> list[GGUFSummary]:
     return [read_gguf(p) for p in paths]
-
-
-def _probe(paths: list[str]) -> list[dict]:
-    """Runs inside a subprocess whose `gguf` is the pinned gguf-py: its own GGUFReader's view of the files."""
-    import gguf
-    from gguf import GGUFReader, GGUFValueType
-
-    results = []
-    for path in paths:
-        reader = GGUFReader(path, "r")
-        metadata, arrays = {}, {}
-        for name, fld in reader.fields.items():
-            if not fld.types or name.startswith("GGUF."):
-                continue
-            if fld.types[0] == GGUFValueType.ARRAY:
-                arrays[name] = len(fld.data)
-            else:
-                value = fld.contents()
-                metadata[name] = value.item() if hasattr(value, "item") else value
-        tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
-                    "n_elements": int(t.n_elements), "n_bytes": int(t.n_bytes)} for t in reader.tensors]
-        results.append({"path": path, "metadata": metadata, "arrays": arrays, "tensors": tensors,
-                        "gguf_py": gguf.__file__})
-    return results
-
-
-def _main() -> None:
-    json.dump(_probe(sys.argv[1:]), sys.stdout, default=str)
-
-
-def read_with_gguf_py(paths: list[Path]) -> list[dict]:
-    """The pinned gguf-py GGUFReader's view of the files, from a subprocess (slow on large vocabularies:
-    the reference that tests compare `read_gguf` with)."""
-    from exporters.llamacpp.layout import pinned_python_env
-    from exporters.llamacpp.pin import REPO_ROOT
-    from exporters.llamacpp.run import ToolCommand, run_tool
-    from exporters.llamacpp.source import ensure_source
-
-    where = ensure_source()
-    result = run_tool(ToolCommand(
-        "gguf-py reader",
-        (sys.executable, "-c", "from exporters.gguf_inspect import _main; _main()", *map(str, paths)),
-        env=pinned_python_env(where, REPO_ROOT), cwd=REPO_ROOT))
-    return json.loads(result.stdout)
 
 
 # ----------------------------------------------------------------------------------------------- llama-quantize's log

@@ -11,7 +11,7 @@ and mergeq's RTN at the same symmetry as the quality floor. autoawq takes about 
 writes a broken model on this stack, so it runs only with --with-autoawq; otherwise the table shows the
 figure recorded on this machine (498 s), marked as recorded.
 
-Every tool runs as its own subprocess (the peers in their own environments from mergeq.peers, built on
+Every tool runs as its own subprocess (the peers in their own environments from tests/peer_env.py, built on
 first use); wall seconds and peak RSS are those of that subprocess alone (os.wait4). Perplexity is measured
 the same way for every artifact, fp16 base included: `mergeq eval` (the evaluator's torch path, fp32,
 over the demo evaluation text), which reads every artifact through mergeq's own unpacking (checked against
@@ -34,8 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # peer_env: the peer environments shared with the tests
 
-from mergeq import peers  # noqa: E402
+import peer_env  # noqa: E402
 
 log = logging.getLogger("bench_int4")
 
@@ -72,9 +73,9 @@ def mergeq_cmd(*args: str) -> list[str]:
 def measure(row: Row, cmd: list[str], env_name: str | None = None) -> dict:
     """Run one tool; fill wall and RSS; return its last JSON line (if any)."""
     if env_name:
-        python = peers.ensure(env_name)  # built outside the measurement
+        python = peer_env.ensure(env_name)  # built outside the measurement
         cmd = [str(python), *cmd]
-    run = peers.run_measured(cmd, label=row.name)
+    run = peer_env.run_measured(cmd, label=row.name)
     row.wall, row.rss = run.seconds, run.peak_rss_bytes
     for line in reversed(run.output.splitlines()):
         if line.startswith("{"):
@@ -104,7 +105,7 @@ def crosscheck_peer_artifact(row: Row, work: Path) -> None:
     tokens = work / "tokens.json"
     tokens.write_text("[[1, 2, 3, 4]]")
     out = work / f"{row.path.name}.peer-read.safetensors"
-    peers.run_peer("int4-loaders", PEERS_DIR / "load_int4.py", [tokens, row.path, out], label=f"read {row.path.name}")
+    peer_env.run_peer("int4-loaders", PEERS_DIR / "load_int4.py", [tokens, row.path, out], label=f"read {row.path.name}")
     theirs = {k.removeprefix("weight:"): v for k, v in load_file(out).items() if k.startswith("weight:")}
     ours = dequantized_state_dict(row.path, torch.float32)
     worst = max(float((v - ours[f"{k}.weight"]).abs().max() / ours[f"{k}.weight"].abs().max()) for k, v in theirs.items())
@@ -149,7 +150,6 @@ def gptq_rows(args, base: Path, calib: Path, work: Path) -> list[Row]:
 
 def awq_rows(args, base: Path, calib: Path, work: Path) -> list[Row]:
     subset = first_documents(calib, AWQ_DOCS, work / f"calib-{AWQ_DOCS}docs.txt")
-    rows = []
     peer = Row("autoawq AWQ asym", "autoawq 0.2.9", path=work / "autoawq-awq")
     if args.with_autoawq:
         info = measure(peer, [str(PEERS_DIR / "autoawq_quantize.py"), str(base), str(subset), str(peer.path),

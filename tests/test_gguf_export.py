@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from gguf_oracle import read_with_gguf_py
 
 from exporters.gguf import GGUFExporter, GGUFOptions
-from exporters.gguf_inspect import read_gguf, read_ggufs, read_with_gguf_py, size_info_for_file
+from exporters.gguf_inspect import read_gguf, read_ggufs, size_info_for_file
 from exporters.llamacpp.build import ensure_built
 from exporters.llamacpp.layout import layout
 from exporters.llamacpp.pin import version_info

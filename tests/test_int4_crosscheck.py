@@ -3,7 +3,7 @@
 For each format `mergeq export gptq|awq` writes (gptq, awq gemm, compressed-tensors pack-quantized), on a
 tiny random Llama built here:
 - the peer loads the checkpoint (scripts/peers/load_int4.py, in the `int4-loaders` environment of
-  mergeq.peers: transformers' GPTQ/AWQ integration with GPTQModel's torch kernels, and compressed-tensors'
+  tests/peer_env.py: transformers' GPTQ/AWQ integration with GPTQModel's torch kernels, and compressed-tensors'
   own decompressor), and returns every quantized layer's dequantized weight and the model's logits;
 - mergeq's side is exporters.int4.formats.dequantized_state_dict loaded into a plain transformers model.
 Both sides run in float32 over the weights as a float16 runtime holds them ((code - zero) * scale rounded
@@ -27,11 +27,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergeq import peers
-
 sys.path.insert(0, str(Path(__file__).parent))
 from int4_models import calibration_text, tiny_model  # noqa: E402
-from peer_env import ensure_live  # noqa: E402
+from peer_env import ensure_live, run_measured  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +103,7 @@ def artifacts(tmp_path_factory, peer_python) -> dict:
     args = [tokens]
     for name, directory in dirs.items():
         args += [directory, work / f"{name}.peer.safetensors"]
-    run = peers.run_measured([str(peer_python), str(LOADER), *map(str, args)], label="int4-loaders", check=False)
+    run = run_measured([str(peer_python), str(LOADER), *map(str, args)], label="int4-loaders", check=False)
     loaded = {Path(d["model"]).name: d for d in map(json.loads, (x for x in run.output.splitlines() if x.startswith("{")))}
     assert set(loaded) == set(dirs), f"the peer loader stopped early (exit {run.returncode}):\n{run.output[-3000:]}"
     peer = {name: load_file(work / f"{name}.peer.safetensors") for name in dirs if "error" not in loaded[name]}

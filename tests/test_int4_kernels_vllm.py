@@ -22,10 +22,9 @@ from exporters.int4 import kernels
 from exporters.int4.arch import architecture_of
 from exporters.int4.formats import FORMATS
 from exporters.int4.quant import QuantScheme
-from mergeq import peers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peer_env import ensure_live  # noqa: E402
+from peer_env import ensure_live, run_peer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +88,7 @@ def vllm_choices(pytestconfig, tmp_path_factory) -> dict:
     request = {"cases": [{"name": name, "config": _case(*parts)[0]} for name, parts in CASES.items()],
                "tp": list(kernels.TP_SIZES), "capabilities": sorted(set(CAPABILITIES.values()), reverse=True)}
     (work / "request.json").write_text(json.dumps(request))
-    peers.run_peer("vllm", PROBE, [work / "request.json", work / "out.json"], label="vllm kernels")
+    run_peer("vllm", PROBE, [work / "request.json", work / "out.json"], label="vllm kernels")
     return json.loads((work / "out.json").read_text())
 
 

@@ -1,6 +1,6 @@
 """autoawq 0.2.9's AWQ (GEMM, zero point) on CPU: the peer of `mergeq export awq` in scripts/bench_int4.py.
 
-Runs inside the `autoawq` peer environment (mergeq.peers). autoawq is deprecated: on torch 2.13 with
+Runs inside the `autoawq` peer environment (tests/peer_env.py). autoawq is deprecated: on torch 2.13 with
 transformers 5 it runs, but its output has been measured broken here (perplexity in the millions), so the
 benchmark evaluates whatever it writes instead of trusting it.
 

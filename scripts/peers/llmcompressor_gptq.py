@@ -1,6 +1,6 @@
 """llm-compressor's GPTQ on CPU: the peer of `mergeq export gptq` in scripts/bench_int4.py.
 
-Runs inside the `llmcompressor` peer environment (mergeq.peers). Every document of CALIB_TXT (documents are
+Runs inside the `llmcompressor` peer environment (tests/peer_env.py). Every document of CALIB_TXT (documents are
 separated by blank lines) is one calibration sample, truncated to SEQ_LEN tokens.
 
 Usage: python llmcompressor_gptq.py BASE_DIR CALIB_TXT OUT_DIR {sym,asym} GROUP_SIZE SEQ_LEN

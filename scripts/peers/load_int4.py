@@ -1,6 +1,6 @@
 """Load an int4 checkpoint with implementations mergeq did not write; save its logits and weights.
 
-Runs inside the `int4-loaders` peer environment (mergeq.peers), never in mergeq's own:
+Runs inside the `int4-loaders` peer environment (tests/peer_env.py), never in mergeq's own:
   - quant_method gptq / awq: transformers' own GPTQ/AWQ integration, which builds GPTQModel's torch
     quantized linear layers (GPTQModel 7.7); their weights are GPTQModel's own dequantization.
   - quant_method compressed-tensors: transformers' compressed-tensors integration with dequantize=True,
