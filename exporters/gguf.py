@@ -38,7 +38,7 @@ from exporters.registry import register
 from exporters.report import ArtifactReport, StageCost
 from mergeq.core.atomic import atomic_dir, remove_stale_tmp
 from mergeq.core.errors import MergeqError
-from mergeq.core.hashing import sha256_file
+from mergeq.core.hashing import sha256_file, tree_hashes
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +388,7 @@ def _quantize_hint(quant: str) -> str:
 
 
 def _input_hashes(model_dir: Path, options: GGUFOptions) -> dict:
-    files = sorted(p for p in model_dir.iterdir() if p.is_file())
-    hashes = {"model": {p.name: sha256_file(p) for p in files}}
+    hashes = {"model": tree_hashes(model_dir, recursive=False)}
     if options.calib is not None:
         hashes["calib_sha256"] = sha256_file(options.calib)
     return hashes

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mergeq.core.atomic import atomic_dir, write_json, write_text
 from mergeq.core.errors import MergeqError
-from mergeq.core.hashing import sha256_file, sha256_text
+from mergeq.core.hashing import sha256_file, sha256_text, tree_hashes
 from mergeq.core.locks import exclusive
 from mergeq.core.paths import cache_root
 
@@ -183,10 +183,6 @@ def _normalize_tokenizer_config(path: Path, template: str) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _tree_sha256(folder: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
-
-
 def _base_complete(base: Path) -> bool:
     return all((base / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
@@ -200,7 +196,7 @@ def _ensure_base(assets: DemoAssets, rebuild: bool) -> bool:
     with _timed(timings, "seconds"), atomic_dir(assets.base, overwrite=True) as tmp:
         os.chmod(tmp, 0o755)
         info = build_base(tmp)
-        info["files_sha256"] = _tree_sha256(tmp)
+        info["files_sha256"] = tree_hashes(tmp, recursive=False)
     _record_facts(assets.root, "base", {**info, "build_seconds": timings["seconds"]})
     return True
 
@@ -263,7 +259,7 @@ def _ensure_nf4(assets: DemoAssets, rebuild: bool) -> bool:
     with atomic_dir(assets.base_nf4, overwrite=True) as tmp:
         os.chmod(tmp, 0o755)
         info = build_base_nf4(assets.base, tmp)
-        info["files_sha256"] = _tree_sha256(tmp)
+        info["files_sha256"] = tree_hashes(tmp, recursive=False)
     _record_facts(assets.root, "base_nf4", {**info, "build_seconds": round(time.perf_counter() - start, 2)})
     return True
 

@@ -20,7 +20,7 @@ from mergeq.core.atomic import atomic_dir, write_json
 from mergeq.config import AdapterSpec, EvalSpec, MergeSpec, PipelineConfig, parse_config
 from mergeq.core.errors import MergeqError
 from mergeq.exporting import EvalSettings, run_export
-from mergeq.stages import STATE_DIR, RunLock, Stage, file_stamps, stage_key, tree_hashes
+from mergeq.stages import STATE_DIR, Stage, file_stamps, run_lock, stage_key, tree_hashes
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run_pipeline(config: PipelineConfig, out: Path, *, preflight_only: bool = Fa
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with RunLock(out), file_stamps(out, verify=verify):
+        with run_lock(out), file_stamps(out, verify=verify):
             write_json(out / "resolved_config.json", config.resolved())
             return _run_stages(config, out)
     except Exception:

@@ -13,17 +13,17 @@ costs a stat per file, not a re-read of every byte. `verify=True` reads everythi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergeq.core import hashing
 from mergeq.core.atomic import write_json
 from mergeq.core.errors import MergeqError
 from mergeq.core.hashing import FileStamps, sha256_file
+from mergeq.core.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,8 @@ def file_sha256(path: Path) -> str:
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every regular file under `root`, keyed by POSIX path relative to it, sorted."""
-    root = Path(root)
-    if root.is_file():
-        return {root.name: file_sha256(root)}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and STATE_DIR not in p.relative_to(root).parts)
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
+    """sha256 of every regular file under `root` but mergeq's own state, through the run's FileStamps."""
+    return hashing.tree_hashes(root, skip=(STATE_DIR,), digest=file_sha256)
 
 
 def stage_key(name: str, inputs: dict, options: dict, versions: dict) -> str:
@@ -93,32 +89,9 @@ class Stage:
         self.stamp_path(out_root).unlink(missing_ok=True)
 
 
-class RunLock:
+def run_lock(out_root: Path):
     """An exclusive lock on an output directory: a second `mergeq run` on it refuses, clearly."""
-
-    def __init__(self, out_root: Path):
-        self.path = Path(out_root) / STATE_DIR / "lock"
-        self.handle = None
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "unknown"
-            self.handle.close()
-            raise MergeqError(
-                f"another mergeq run (pid {holder}) is writing to {self.path.parent.parent}",
-                hint="wait for it to finish, or choose another --out directory",
-            ) from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
+    out_root = Path(out_root)
+    return exclusive(out_root / STATE_DIR / "lock", refuse=lambda holder: MergeqError(
+        f"another mergeq run (pid {holder}) is writing to {out_root}",
+        hint="wait for it to finish, or choose another --out directory"))

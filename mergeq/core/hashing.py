@@ -1,5 +1,5 @@
-"""sha256 of files and texts, streamed so that large checkpoints never sit in memory; and `FileStamps`, which
-remembers each file's digest against its stat so that an unchanged file is not read again."""
+"""sha256 of files, folders and texts, streamed so that large checkpoints never sit in memory; and `FileStamps`,
+which remembers each file's digest against its stat so that an unchanged file is not read again."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,20 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def tree_hashes(root: Path, *, recursive: bool = True, skip: Collection[str] = (),
+                digest: Callable[[Path], str] = sha256_file) -> dict[str, str]:
+    """sha256 of every regular file under `root` (only those directly in it when not `recursive`: checkpoints
+    and adapters are flat folders), keyed by POSIX path relative to it, in sorted order. Files below a
+    directory named in `skip` are left out; a file `root` gives {its name: its digest}. `digest` hashes one
+    file (a FileStamps cache's, for instance)."""
+    root = Path(root)
+    if root.is_file():
+        return {root.name: digest(root)}
+    found = root.rglob("*") if recursive else root.iterdir()
+    files = sorted(p for p in found if p.is_file() and not set(skip).intersection(p.relative_to(root).parts))
+    return {p.relative_to(root).as_posix(): digest(p) for p in files}
 
 
 def sha256_text(text: str) -> str:

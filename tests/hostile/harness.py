@@ -9,13 +9,14 @@ Used by tests/hostile/test_*.py and by scripts/hostile_report.py.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mergeq.core.hashing import sha256_file, tree_hashes
 
 REPO = Path(__file__).resolve().parents[2]
 WIDE = {"COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}  # rich must not wrap paths across lines
@@ -66,10 +67,6 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def snapshot(*roots: Path) -> dict[str, str]:
     """Every path under `roots`: files by content hash, directories and links by kind (links not followed)."""
     state: dict[str, str] = {}
@@ -84,7 +81,7 @@ def snapshot(*roots: Path) -> dict[str, str]:
                 state[str(path)] = "link" if path.is_symlink() else "dir"
             for name in filenames:
                 path = Path(dirpath, name)
-                state[str(path)] = "link" if path.is_symlink() else sha256(path)
+                state[str(path)] = "link" if path.is_symlink() else sha256_file(path)
     return state
 
 
@@ -166,13 +163,8 @@ def run_case(case, root: Path, *, in_process: bool = True) -> Outcome:
 
 def model_files(out: Path) -> dict[str, str]:
     """Hashes of an output tree's artifacts: everything but reports, cards, summaries and the state dir."""
-    out = Path(out)
-    found = {}
-    for path in sorted(out.rglob("*")):
-        rel = path.relative_to(out)
-        if path.is_file() and ".mergeq" not in rel.parts and path.name not in DOC_FILES:
-            found[rel.as_posix()] = sha256(path)
-    return found
+    return {rel: digest for rel, digest in tree_hashes(out, skip={".mergeq"}).items()
+            if Path(rel).name not in DOC_FILES}
 
 
 def temp_leftovers(root: Path) -> list[str]:
