@@ -298,8 +298,8 @@ def reference_from_json(data: dict, wait_seconds: float = 0.0, peak_rss_bytes: i
     """A Reference from `render_with_transformers`' data."""
     renderings = None
     if data["template"]:
-        renderings = {name: Rendering(tuple(r["ids"]), tuple(r["pieces"])) if "ids" in r else Rendering(error=r["error"])
-                      for name, r in data["transcripts"].items()}
+        renderings = {name: Rendering(tuple(r["ids"]), tuple(r["pieces"])) if "ids" in r
+                      else Rendering(error=r["error"]) for name, r in data["transcripts"].items()}
     return Reference(renderings, round(data.get("cpu_seconds", 0.0), 3), round(wait_seconds, 3), peak_rss_bytes)
 
 

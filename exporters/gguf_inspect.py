@@ -190,7 +190,8 @@ def read_gguf(path: Path) -> GGUFSummary:
             try:
                 type_name = qtypes(type_id).name
             except ValueError:
-                raise MergeqError(f"{path}: tensor {name!r} has type id {type_id}, unknown to the pinned gguf-py") from None
+                raise MergeqError(
+                    f"{path}: tensor {name!r} has type id {type_id}, unknown to the pinned gguf-py") from None
             block, type_size = sizes[type_name]
             n_elements = math.prod(shape)
             tensors.append(TensorInfo(name, type_name, shape, n_elements, n_elements // block * type_size))

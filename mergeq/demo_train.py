@@ -120,7 +120,7 @@ def replace_4bit_linears(model) -> int:
     import torch
 
     replaced = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child).__name__ != "Linear4bit":
                 continue
@@ -147,7 +147,8 @@ def train_blocks(tokens, settings: TrainSettings):
     count = tokens.numel() // settings.block_tokens
     needed = settings.steps * settings.batch_size
     if count < needed:
-        raise MergeqError(f"the demo training text has {count} blocks of {settings.block_tokens} tokens; {needed} needed")
+        raise MergeqError(
+            f"the demo training text has {count} blocks of {settings.block_tokens} tokens; {needed} needed")
     blocks = tokens[: count * settings.block_tokens].view(count, settings.block_tokens)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(settings.seed))[:needed]
     return blocks[order].view(settings.steps, settings.batch_size, settings.block_tokens)
@@ -225,7 +226,8 @@ def perplexity(model, tokenizer, text: str, settings: EvalSettings) -> dict:
     tokens = token_stream(tokenizer, text)
     windows = min(tokens.numel(), settings.max_tokens) // settings.context
     if windows == 0:
-        raise MergeqError(f"the evaluation text has {tokens.numel()} tokens, fewer than one {settings.context}-token window")
+        raise MergeqError(
+            f"the evaluation text has {tokens.numel()} tokens, fewer than one {settings.context}-token window")
     blocks = tokens[: windows * settings.context].view(windows, settings.context)
     total_nll, scored = 0.0, 0
     with torch.inference_mode():

@@ -40,7 +40,8 @@ def model_card(reports: list[ArtifactReport], *, base_model: str, artifact_dir: 
             lines.append(f"{key}: {_yaml_value(value)}")
     lines += ["---", "", f"# {Path(base_model).name} — {fmt} ({meta['quantization']})", "",
               f"Made by mergeq from `{base_model}`. Quality is measured against the merged fp16 checkpoint.", "",
-              "| quant | size (MiB) | bits/weight | vs fp16 size | perplexity | ref. perplexity | KL (nats) | top-1 agree |",
+              "| quant | size (MiB) | bits/weight | vs fp16 size | perplexity | ref. perplexity | KL (nats) "
+              "| top-1 agree |",
               "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         q = r.quality

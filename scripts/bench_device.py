@@ -44,7 +44,8 @@ def run_export(method: str, device: str, model: Path, out: Path, calib: Path, sa
     if proc.returncode != 0:
         raise SystemExit(f"{method} on {device} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
-    return {"method": method, "device": device, "wall_s": round(wall, 1), "max_child_rss_gib": round(peak_kib / 2**20, 2)}
+    return {"method": method, "device": device, "wall_s": round(wall, 1),
+            "max_child_rss_gib": round(peak_kib / 2**20, 2)}
 
 
 def compare_codes(a: Path, b: Path) -> dict:
@@ -88,7 +89,8 @@ def run_eval(artifact: Path, reference: Path, text: Path, device: str, cache: Pa
     quality = result.quality if hasattr(result, "quality") else result
     info = quality.to_json() if hasattr(quality, "to_json") else getattr(quality, "__dict__", {})
     return {"eval": artifact.name, "device": device, "wall_s": round(time.perf_counter() - started, 1),
-            **{k: info[k] for k in ("perplexity", "reference_perplexity", "kl_divergence", "top1_agreement", "eval_tokens") if k in info}}
+            **{k: info[k] for k in ("perplexity", "reference_perplexity", "kl_divergence", "top1_agreement",
+                                    "eval_tokens") if k in info}}
 
 
 def main() -> int:
@@ -97,7 +99,8 @@ def main() -> int:
     from merge.synthetic import LlamaShape, write_llama
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json (its vocab sets the model's)")
+    parser.add_argument("--tokenizer", type=Path, required=True,
+                        help="folder with tokenizer.json (its vocab sets the model's)")
     parser.add_argument("--calib", type=Path, required=True, help="calibration text")
     parser.add_argument("--work", type=Path, default=Path("/tmp/mergeq-bench-device"))
     parser.add_argument("--hidden", type=int, default=2048)

@@ -31,7 +31,8 @@ from pathlib import Path
 from exporters.evaluate import EvalOptions, evaluate_full
 artifact, reference, text, cache, windows = sys.argv[1:6]
 started = time.perf_counter()
-r = evaluate_full(Path(artifact), Path(reference), Path(text), EvalOptions(max_windows=int(windows), cache_dir=Path(cache)))
+r = evaluate_full(Path(artifact), Path(reference), Path(text),
+                  EvalOptions(max_windows=int(windows), cache_dir=Path(cache)))
 q = r.quality
 print(json.dumps({"seconds": time.perf_counter() - started, "perplexity": q.perplexity,
                   "reference_perplexity": q.reference_perplexity, "kl": q.kl_divergence, "top1": q.top1_agreement,
@@ -64,7 +65,8 @@ def run(argv: list[str]) -> tuple[float, str]:
 
 
 def evaluate(artifact: Path, reference: Path, text: Path, cache: Path, windows: int) -> tuple[float, dict]:
-    seconds, out = run([sys.executable, "-c", CHILD, str(artifact), str(reference), str(text), str(cache), str(windows)])
+    seconds, out = run([sys.executable, "-c", CHILD, str(artifact), str(reference), str(text), str(cache),
+                        str(windows)])
     return seconds, json.loads(out.strip().splitlines()[-1])
 
 
@@ -115,7 +117,8 @@ def main() -> None:
         ppl = f"{result['perplexity']:.4f}" if result else ""
         print(f"{name:46s} {seconds:8.1f} {cpu:7.1f} {rss / 2**20:21.0f}  {ppl}")
     print(f"(load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    print(f"\nscored tokens: {hf['tokens']}; budget: one artifact <= 60 s -> HF {rows[1][1]:.1f} s, GGUF {rows[2][1]:.1f} s")
+    print(f"\nscored tokens: {hf['tokens']}; budget: one artifact <= 60 s -> HF {rows[1][1]:.1f} s, "
+          f"GGUF {rows[2][1]:.1f} s")
     print(f"GGUF through mergeq / llama-perplexity alone: {rows[2][1] / peer_seconds:.2f}")
     print(f"cross-check: GGUF f16 ppl {gg['perplexity']:.4f} vs HF fp16 {hf['perplexity']:.4f} "
           f"(ratio {gg['perplexity'] / hf['perplexity']:.5f}), KL {gg['kl']:.2e}, top-1 {gg['top1']:.4f}")

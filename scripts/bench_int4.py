@@ -105,10 +105,12 @@ def crosscheck_peer_artifact(row: Row, work: Path) -> None:
     tokens = work / "tokens.json"
     tokens.write_text("[[1, 2, 3, 4]]")
     out = work / f"{row.path.name}.peer-read.safetensors"
-    peer_env.run_peer("int4-loaders", PEERS_DIR / "load_int4.py", [tokens, row.path, out], label=f"read {row.path.name}")
+    peer_env.run_peer("int4-loaders", PEERS_DIR / "load_int4.py", [tokens, row.path, out],
+                      label=f"read {row.path.name}")
     theirs = {k.removeprefix("weight:"): v for k, v in load_file(out).items() if k.startswith("weight:")}
     ours = dequantized_state_dict(row.path, torch.float32)
-    worst = max(float((v - ours[f"{k}.weight"]).abs().max() / ours[f"{k}.weight"].abs().max()) for k, v in theirs.items())
+    worst = max(float((v - ours[f"{k}.weight"]).abs().max() / ours[f"{k}.weight"].abs().max())
+                for k, v in theirs.items())
     row.notes.append(f"compressed-tensors and mergeq read {len(theirs)} layers alike (max rel diff {worst:.1e})")
 
 

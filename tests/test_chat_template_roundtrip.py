@@ -193,7 +193,8 @@ def test_compare_finds_the_first_difference_and_the_end_of_the_shorter_side():
     assert ctc.compare("t", same, same).matched
     other = ctc.compare("t", ctc.Rendering((1, 9, 3), ("a", "x", "c")), same)
     assert not other.matched and other.first_difference == 1
-    assert (other.llama_cpp.id, other.llama_cpp.piece, other.transformers.id, other.transformers.piece) == (9, "x", 2, "b")
+    assert ((other.llama_cpp.id, other.llama_cpp.piece, other.transformers.id, other.transformers.piece)
+            == (9, "x", 2, "b"))
     longer = ctc.compare("t", ctc.Rendering((1, 2, 3, 4), ("a", "b", "c", "d")), same)
     assert longer.first_difference == 3 and longer.transformers is None and longer.llama_cpp.piece == "d"
     assert "transformers ends" in ctc.describe(longer)
@@ -210,8 +211,8 @@ def test_the_report_shows_the_round_trip():
     result = ctc.compare("two turns", ctc.Rendering((1, 9), ("<|im_start|>", "Hi")),
                          ctc.Rendering((1, 8), ("<|im_start|>", "Hello")))
     check = ctc.TemplateCheck("mismatch", [result])
-    report = ArtifactReport("gguf", "Q8_0", "x.gguf", SizeInfo(1, 2, 8.0, 8.5), extra={"chat_template": check.to_json()},
-                            warnings=check.warnings("Q8_0"))
+    report = ArtifactReport("gguf", "Q8_0", "x.gguf", SizeInfo(1, 2, 8.0, 8.5),
+                            extra={"chat_template": check.to_json()}, warnings=check.warnings("Q8_0"))
     text = report_markdown(report)
     assert "## Chat template round trip" in text and "mismatch, 0 of 1 transcripts" in text
     assert "| two turns | 2 / 2 | no | token 1: llama.cpp 9 `'Hi'`, transformers 8 `'Hello'` |" in text

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergeq.demo_texts import build_texts, documents, module_docstrings, stdlib_sources
 from mergeq.core.errors import MergeqError
+from mergeq.demo_texts import build_texts, documents, module_docstrings, stdlib_sources
 
 HASH_SNIPPET = (
     "import hashlib; from mergeq.demo_texts import build_texts; t = build_texts(); "
@@ -81,7 +81,8 @@ def test_module_docstrings_flatten_and_name_documents(tmp_path):
     long = "word " * 20
     source.write_text(
         f'"""Module docstring. {long}\n\nSecond paragraph."""\n\n'
-        f'class Thing:\n    """Class doc. {long}"""\n\n    def method(self):\n        """Method doc.\n\n        {long}\n        """\n\n'
+        f'class Thing:\n    """Class doc. {long}"""\n\n'
+        f'    def method(self):\n        """Method doc.\n\n        {long}\n        """\n\n'
         f'def short():\n    """Too short."""\n\nasync def later():\n    """Async doc. {long}"""\n'
     )
     found = module_docstrings("pkg.sample", source)
@@ -307,7 +308,8 @@ def test_demo_adapter_config_and_recorded_perplexities(assets):
 
     config = json.loads((assets.adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 16 and config["lora_alpha"] == 32
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
     with safe_open(assets.adapter / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
         assert len(keys) == 30 * 7 * 2

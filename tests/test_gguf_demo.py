@@ -87,7 +87,7 @@ def test_k_quant_fallbacks_on_576_columns_are_reported(demo):
 
 def test_reports_are_complete(demo):
     base, reports, _, _, _ = demo
-    for quant, report in reports.items():
+    for report in reports.values():
         data = report.to_json()
         assert REPORT_KEYS <= set(data)
         assert data["size_bytes"] == Path(report.path).stat().st_size

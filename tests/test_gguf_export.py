@@ -29,9 +29,11 @@ from mergeq.core.hashing import sha256_file
 pytestmark = pytest.mark.llamacpp
 
 REPO = Path(__file__).resolve().parent.parent
-TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 VOCAB = 320  # 256 byte tokens (llama.cpp needs a newline token) + pieces
-CORPUS = "\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7} and then sleeps" for i in range(300))
+CORPUS = "\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7} and then sleeps"
+                   for i in range(300))
 
 
 def tiny_llama(path: Path, hidden: int, *, layers: int = 2, seed: int = 0) -> Path:
@@ -44,7 +46,8 @@ def tiny_llama(path: Path, hidden: int, *, layers: int = 2, seed: int = 0) -> Pa
     model_file = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS.splitlines()), model_writer=model_file, vocab_size=VOCAB, model_type="unigram",
-        character_coverage=1.0, byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2)
+        character_coverage=1.0, byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1,
+        minloglevel=2)
     (path / "tokenizer.model").write_bytes(model_file.getvalue())
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -114,7 +117,8 @@ def test_tensor_types_and_shape_fallbacks(export96):
         else:  # announced by llama-quantize: Q4_K -> Q5_0, and Q6_K (Q4_K_M's extra bits) -> Q8_0
             assert f["got"] == {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[f["wanted"]], f
             assert "llama-quantize fell back to" in f["why"]
-    assert {n for n, f in by_tensor.items() if f["wanted"] == "Q6_K"} == {"blk.1.attn_v.weight", "blk.1.ffn_down.weight"}
+    assert ({n for n, f in by_tensor.items() if f["wanted"] == "Q6_K"}
+            == {"blk.1.attn_v.weight", "blk.1.ffn_down.weight"})
     assert any("fell back to other types" in w for w in by["Q4_K_M"].warnings)
     # the histogram counts every tensor of the file
     summary = read_gguf(Path(by["Q4_K_M"].path))
@@ -258,7 +262,8 @@ def test_killed_export_leaves_no_finished_looking_file(tmp_path, built):
     model = tiny_llama(tmp_path / "bigger", 512, layers=8)
     out = tmp_path / "out"
     script = ("import sys; from pathlib import Path; from exporters.gguf import GGUFExporter, GGUFOptions\n"
-              "GGUFExporter().export(Path(sys.argv[1]), Path(sys.argv[2]), GGUFOptions(quants=('Q8_0', 'Q4_K_M', 'Q6_K')))\n")
+              "GGUFExporter().export(Path(sys.argv[1]), Path(sys.argv[2]), "
+              "GGUFOptions(quants=('Q8_0', 'Q4_K_M', 'Q6_K')))\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(model), str(out)], cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(out.glob(".gguf-work.tmp-*/*.gguf")):

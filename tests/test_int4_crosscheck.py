@@ -104,7 +104,8 @@ def artifacts(tmp_path_factory, peer_python) -> dict:
     for name, directory in dirs.items():
         args += [directory, work / f"{name}.peer.safetensors"]
     run = run_measured([str(peer_python), str(LOADER), *map(str, args)], label="int4-loaders", check=False)
-    loaded = {Path(d["model"]).name: d for d in map(json.loads, (x for x in run.output.splitlines() if x.startswith("{")))}
+    lines = (x for x in run.output.splitlines() if x.startswith("{"))
+    loaded = {Path(d["model"]).name: d for d in map(json.loads, lines)}
     assert set(loaded) == set(dirs), f"the peer loader stopped early (exit {run.returncode}):\n{run.output[-3000:]}"
     peer = {name: load_file(work / f"{name}.peer.safetensors") for name in dirs if "error" not in loaded[name]}
     return {"dirs": dirs, "peer": peer, "loaded": loaded, "bases": bases, "tampered_layer": tampered_layer}

@@ -6,8 +6,8 @@ import hashlib
 import json
 
 import pytest
-
 from int4_models import byte_tokenizer, calibration_text, tiny_model
+
 from mergeq.core.errors import MergeqError
 from mergeq.core.texts import load_text
 from mergeq.textopts import resolve_text_option

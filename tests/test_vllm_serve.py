@@ -33,7 +33,8 @@ EXPORT = ["--group-size", "64", "--samples", "16", "--seq-len", "256", "--device
 
 def readme_quantization(fmt: str) -> str | None:
     """The --quantization value of the README's `vllm serve OUT/<fmt>` line (None: left to vLLM)."""
-    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(f"vllm serve OUT/{fmt} ")]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    lines = [line for line in readme if line.startswith(f"vllm serve OUT/{fmt} ")]
     assert len(lines) == 1, f"README has {len(lines)} serve lines for OUT/{fmt}"
     return vllm_check.quantization_argument(lines[0].split("#")[0])
 

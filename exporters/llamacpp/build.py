@@ -76,7 +76,8 @@ X86_EXTENSIONS: tuple[tuple[tuple[str, ...], str], ...] = (
 AMX_OPTIONS = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 
 
-def variant_cmake_args(variant: str, flags: frozenset[str] | None = None, machine: str | None = None) -> tuple[str, ...]:
+def variant_cmake_args(variant: str, flags: frozenset[str] | None = None,
+                       machine: str | None = None) -> tuple[str, ...]:
     """The cmake arguments that select the instruction set of `variant` on a CPU with `flags`."""
     if variant == NATIVE:
         return ("-DGGML_NATIVE=ON",)
@@ -291,7 +292,8 @@ def tool_path(name: str) -> Path:
     """
     pin = load_pin()
     if name not in pin.targets:
-        raise MergeqError(f"{name!r} is not one of the pinned llama.cpp tools", hint=f"use one of {', '.join(pin.targets)}")
+        raise MergeqError(f"{name!r} is not one of the pinned llama.cpp tools",
+                          hint=f"use one of {', '.join(pin.targets)}")
     return ensure_built(pin).bin / name
 
 

@@ -93,7 +93,8 @@ def _registered_names(node: ast.ClassDef) -> list[str]:
 
 def _declares_mmproj(node: ast.ClassDef) -> bool:
     for stmt in node.body:
-        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+        targets = (stmt.targets if isinstance(stmt, ast.Assign)
+                   else [stmt.target] if isinstance(stmt, ast.AnnAssign) else [])
         value = getattr(stmt, "value", None)
         if any(isinstance(t, ast.Name) and t.id == "model_arch" for t in targets) and isinstance(value, ast.Attribute):
             if value.attr == "MMPROJ":

@@ -62,8 +62,9 @@ def run_tool(
         from mergeq.core import faults  # inert unless MERGEQ_FAULT names this tool (hostile-input tests)
 
         proc = subprocess.Popen(
-            faults.tool_argv(command.name, command.argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=command.cwd,
-            text=True, errors="replace", bufsize=1, start_new_session=True, preexec_fn=die_with_parent,
+            faults.tool_argv(command.name, command.argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            cwd=command.cwd, text=True, errors="replace", bufsize=1, start_new_session=True,
+            preexec_fn=die_with_parent,
         )
     except FileNotFoundError as err:
         raise ToolError(f"{command.name}: cannot run {command.argv[0]}: not found", hint=hint) from err

@@ -92,7 +92,8 @@ class ChatRenderer:
                                    "chat template (tokenizer_config.json or chat_template.jinja)")
         self.tokenizer = tokenizer
         name = getattr(tokenizer, "name_or_path", "") or "the model"
-        self.rendering = f"chat template of {name} (apply_chat_template, tokenize=False), conversations joined by a blank line"
+        self.rendering = (f"chat template of {name} (apply_chat_template, tokenize=False), "
+                          "conversations joined by a blank line")
 
     def __call__(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False)

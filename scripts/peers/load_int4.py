@@ -9,7 +9,8 @@ Runs inside the `int4-loaders` peer environment (tests/peer_env.py), never in me
 Usage: python load_int4.py TOKENS_JSON MODEL_DIR OUT.safetensors [MODEL_DIR OUT.safetensors ...]
 The model runs in float32 (packed codes and fp16 scales are exact in it). For each model, writes `logits`
 (float32, [batch, seq, vocab]) and `weight:<module>` (float32, [out, in]) for every quantized linear layer,
-and prints one JSON line describing what was loaded (or the error, and goes on with the next). Several models share one process: imports are slow.
+and prints one JSON line describing what was loaded (or the error, and goes on with the next). Several models
+share one process: imports are slow.
 """
 
 import json

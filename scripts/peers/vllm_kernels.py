@@ -24,7 +24,6 @@ import json
 import sys
 
 import torch
-
 import vllm
 import vllm.model_executor.kernels.linear  # noqa: F401  (every import before the platform is changed)
 import vllm.model_executor.layers.linear as linear

@@ -28,8 +28,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import (Outcome, check_fragments, compare, mergeq_command, model_files, run_inprocess, snapshot,
-                     subprocess_env, temp_leftovers, REPO)
+from harness import (
+    REPO,
+    Outcome,
+    check_fragments,
+    compare,
+    mergeq_command,
+    model_files,
+    run_inprocess,
+    snapshot,
+    subprocess_env,
+    temp_leftovers,
+)
 
 STAGES = ("merge", "gguf", "awq", "gptq")
 STAGE_DIRS = {"merge": "merged", "gguf": "gguf", "awq": "awq", "gptq": "gptq"}
@@ -363,7 +373,8 @@ def run_kill(root: Path, ref: Reference, trial: KillTrial) -> KillTrial:
     if trial.how == "progress":
         trial.inside = held == f"{trial.stage}\t{trial.at}\t{trial.event}\n" and bool(why)
         if not trial.inside:
-            trial.detail = f"the kill did not land inside the stage at {trial.event!r}: held {held!r}, {why or 'finished'}"
+            trial.detail = (f"the kill did not land inside the stage at {trial.event!r}: held {held!r}, "
+                            f"{why or 'finished'}")
             return trial
     expect_ran = [stage for stage in STAGES if not _stamp(out, stage).exists()]
     rerun_log = folder / "rerun.log"

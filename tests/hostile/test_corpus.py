@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import make_corpus
+import pytest
 from harness import TRACEBACK, run_case, run_subprocess
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import fault_cases
+import pytest
 
 pytestmark = pytest.mark.llamacpp
 
