@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporters.llamacpp.layout import Layout, built_variant, has_source, layout, read_stamp, setup_lock
+from exporters.llamacpp.layout import Layout, built_variant, layout, read_stamp, setup_lock
 from exporters.llamacpp.pin import Pin, load_pin
 from exporters.llamacpp.run import ToolCommand, run_tool
 from exporters.llamacpp.smoke import smoke_test
-from exporters.llamacpp.source import extract_tree, fetch_sdist
+from exporters.llamacpp.source import fetch_source
 from mergeq.core.atomic import atomic_file, write_json
 from mergeq.core.errors import MergeqError, ToolError
 
@@ -237,10 +237,7 @@ def ensure_built(pin: Pin | None = None, *, sdist: Path | None = None, jobs: int
         if is_built(pin) and variant in ("auto", built_variant(where)):  # another process finished it
             return where
         started = time.perf_counter()
-        if not has_source(pin):
-            archive = fetch_sdist(pin, where, sdist)
-            log.info("extracting %s from %s", pin.tree, archive.name)
-            extract_tree(pin, archive, where)
+        fetch_source(pin, where, sdist)
         stamp = read_stamp(where)
         if stamp is not None and stamp.get("cpu") != cpu_fingerprint():
             log.info("the cached llama.cpp build is for another CPU; rebuilding it from scratch")

@@ -91,8 +91,13 @@ def ensure_source(pin: Pin | None = None, *, sdist: Path | None = None) -> Layou
     if has_source(pin):
         return where
     with setup_lock(where):
-        if not has_source(pin):
-            archive = fetch_sdist(pin, where, sdist)
-            log.info("extracting %s from %s", pin.tree, archive.name)
-            extract_tree(pin, archive, where)
+        fetch_source(pin, where, sdist)
     return where
+
+
+def fetch_source(pin: Pin, where: Layout, sdist: Path | None = None) -> None:
+    """With the setup lock held: fetch, verify and extract the pinned tree unless it is there."""
+    if not has_source(pin):
+        archive = fetch_sdist(pin, where, sdist)
+        log.info("extracting %s from %s", pin.tree, archive.name)
+        extract_tree(pin, archive, where)
