@@ -7,11 +7,10 @@ transcripts (with and without a system prompt) this module compares, token ID by
 - transformers: `tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)` on
   the merged checkpoint, computed once per export in a subprocess (transformers imports torch, which
   the GGUF export otherwise does not need);
-- llama.cpp: the pinned `llama-server` on the GGUF, started once per file on 127.0.0.1 (port chosen by
-  the server, `--port 0`, read from its "listening on" line), in its own process group, and always
-  stopped: `POST /apply-template` renders the prompt exactly as its chat endpoint does (it strips a
-  leading BOS text when the vocabulary adds BOS itself), and `POST /tokenize` with `add_special` and
-  `parse_special` tokenizes it exactly as the chat endpoint does before inference
+- llama.cpp: the pinned `llama-server` on the GGUF, started once per file on 127.0.0.1 and always stopped
+  (exporters/llamacpp/server.py): `POST /apply-template` renders the prompt exactly as its chat endpoint
+  does (it strips a leading BOS text when the vocabulary adds BOS itself), and `POST /tokenize` with
+  `add_special` and `parse_special` tokenizes it exactly as the chat endpoint does before inference
   (tools/server/server-context.cpp: `tokenize_input_prompts(..., add_special=true, parse_special=true)`).
 
 The result (`TemplateCheck`) goes into the GGUF report as `extra["chat_template"]`; any difference, and
@@ -20,35 +19,22 @@ a check that could not run, becomes a report warning. A GGUF without a template 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from exporters.llamacpp.server import SERVER, STOP_TIMEOUT, LlamaServer, running_server
 from mergeq.core.errors import MergeqError, ToolError
 
 log = logging.getLogger(__name__)
 
-SERVER = "llama-server"
 REFERENCE = "transformers chat template"
-START_TIMEOUT = 120.0  # seconds for llama-server to load the GGUF and answer /health
-REQUEST_TIMEOUT = 30.0  # seconds per HTTP request
 REFERENCE_TIMEOUT = 300.0  # seconds for transformers to load the tokenizer and render every transcript
-STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL of the server's process group
-SERVER_CONTEXT = 512  # tokens: the KV cache is never used, keep it small whatever the model's training context
-LOG_TAIL = 15  # server log lines quoted when it fails
-_LISTENING = re.compile(r"listening on https?://127\.0\.0\.1:(\d+)")
 
 # ----------------------------------------------------------------------------------------------- transcripts
 
@@ -262,7 +248,7 @@ class PendingReference:
     def result(self) -> Reference | MergeqError:
         """The renderings, or the error that says why transformers could not render them."""
         if self._outcome is None:
-            from exporters.llamacpp.run import ToolResult, tool_failure
+            from exporters.llamacpp.run import ToolResult, quoted_tail, tool_failure
 
             waiting = time.perf_counter()
             try:
@@ -284,13 +270,15 @@ class PendingReference:
                                              f"{data['load_error']}") if "load_error" in data else
                                  reference_from_json(data, time.perf_counter() - waiting, tool.peak_rss_bytes))
             except (ValueError, IndexError, KeyError, TypeError):
-                tail = "\n".join(f"    | {line}" for line in (err or out).strip().splitlines()[-LOG_TAIL:])
-                self._outcome = ToolError(f"{REFERENCE} exited without its result line; its last output lines:\n{tail}")
+                self._outcome = ToolError(f"{REFERENCE} exited without its result line; its last output lines:\n"
+                                          f"{quoted_tail(tool)}")
         return self._outcome
 
     def cancel(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            _stop(self._proc)
+            from exporters.llamacpp.run import stop_group
+
+            stop_group(self._proc, STOP_TIMEOUT)
             self._memory.finish(0)
 
 
@@ -303,51 +291,20 @@ def reference_from_json(data: dict, wait_seconds: float = 0.0, peak_rss_bytes: i
     return Reference(renderings, round(data.get("cpu_seconds", 0.0), 3), round(wait_seconds, 3), peak_rss_bytes)
 
 
-# ----------------------------------------------------------------------------------------------- llama-server
+# ----------------------------------------------------------------------------------------------- llama.cpp's side
 
 
-class LlamaServer:
-    """A running llama-server on loopback; `running_server` starts and always stops it."""
-
-    def __init__(self, proc: subprocess.Popen, port: int, log_lines: list[str]):
-        self.proc, self.port, self.log_lines = proc, port, log_lines
-        self.peak_rss_bytes = 0  # set when it has stopped
-        self.url = f"http://127.0.0.1:{port}"
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def request(self, path: str, body: dict | None = None, timeout: float = REQUEST_TIMEOUT) -> tuple[int, dict]:
-        """(HTTP status, JSON body) of GET (no body) or POST `path`."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with self._opener.open(req, timeout=timeout) as response:
-                return response.status, json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            try:
-                payload = json.loads(err.read() or b"{}")
-            except ValueError:
-                payload = {}
-            return err.code, payload
-
-    def render(self, messages: tuple[dict[str, str], ...]) -> Rendering:
-        """The chat prompt llama.cpp builds for `messages` (generation prompt added), as token IDs and pieces."""
-        status, body = self.request("/apply-template", {"messages": list(messages), "add_generation_prompt": True})
-        if status != 200:
-            return Rendering(error=f"/apply-template answered HTTP {status}: {_error_text(body)}")
-        status, body = self.request("/tokenize", {"content": body["prompt"], "add_special": True,
-                                                  "parse_special": True, "with_pieces": True})
-        if status != 200:
-            return Rendering(error=f"/tokenize answered HTTP {status}: {_error_text(body)}")
-        tokens = body["tokens"]
-        return Rendering(tuple(int(t["id"]) for t in tokens), tuple(_piece_text(t["piece"]) for t in tokens))
-
-    def log_tail(self) -> str:
-        tail = [line for line in self.log_lines if line.strip()][-LOG_TAIL:]
-        return "\n".join(f"    | {line}" for line in tail) or "    | (no output)"
+def render(server: LlamaServer, messages: tuple[dict[str, str], ...]) -> Rendering:
+    """The chat prompt llama.cpp builds for `messages` (generation prompt added), as token IDs and pieces."""
+    status, body = server.request("/apply-template", {"messages": list(messages), "add_generation_prompt": True})
+    if status != 200:
+        return Rendering(error=f"/apply-template answered HTTP {status}: {_error_text(body)}")
+    status, body = server.request("/tokenize", {"content": body["prompt"], "add_special": True,
+                                                "parse_special": True, "with_pieces": True})
+    if status != 200:
+        return Rendering(error=f"/tokenize answered HTTP {status}: {_error_text(body)}")
+    tokens = body["tokens"]
+    return Rendering(tuple(int(t["id"]) for t in tokens), tuple(_piece_text(t["piece"]) for t in tokens))
 
 
 def _error_text(body: dict) -> str:
@@ -362,99 +319,6 @@ def _piece_text(piece) -> str:
     if isinstance(piece, list):
         return bytes(piece).decode("utf-8", errors="backslashreplace")
     return str(piece)
-
-
-def server_command(gguf: Path, *, threads: int = 1) -> tuple[str, ...]:
-    from exporters.llamacpp.build import tool_path
-
-    return (str(tool_path(SERVER)), "-m", str(gguf), "--host", "127.0.0.1", "--port", "0",
-            "-c", str(SERVER_CONTEXT), "-np", "1", "-t", str(threads), "--no-warmup", "--no-webui", "--jinja")
-
-
-@contextlib.contextmanager
-def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[LlamaServer]:
-    """llama-server on `gguf`, ready (its /health answers 200), stopped with its whole process group on exit.
-
-    Raises ToolError when it exits or is not ready within `timeout` seconds, quoting its last log lines.
-    """
-    from exporters.llamacpp.run import die_with_parent
-    from mergeq.core import faults  # inert unless MERGEQ_FAULT names llama-server (hostile-input tests)
-    from mergeq.core.memory import ChildPeak
-
-    argv = faults.tool_argv(SERVER, server_command(gguf))
-    started = time.perf_counter()
-    try:
-        # its own process group (stopped as a whole), and killed by Linux if mergeq dies first
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", bufsize=1, start_new_session=True,
-                                preexec_fn=die_with_parent)
-    except OSError as err:
-        raise ToolError(f"{SERVER}: cannot run {argv[0]}: {err.strerror}") from err
-    lines: list[str] = []
-    port_found = threading.Event()
-    ports: list[int] = []
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if not ports and (match := _LISTENING.search(line)):
-                ports.append(int(match.group(1)))
-                port_found.set()
-        port_found.set()  # the server closed its output (it exited): stop waiting
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    memory = ChildPeak(proc.pid)
-    server = None
-    try:
-        server = _wait_ready(proc, lines, ports, port_found, started + timeout, timeout, gguf)
-        yield server
-    finally:
-        _stop(proc)
-        peak = memory.finish(0)
-        if server is not None:
-            server.peak_rss_bytes = peak
-        reader.join(timeout=STOP_TIMEOUT)
-
-
-def _wait_ready(proc, lines, ports, port_found, deadline, timeout, gguf) -> LlamaServer:
-    from exporters.llamacpp.run import ToolResult, tool_failure
-
-    def failure(what: str) -> ToolError:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=1.0)  # it closed its output: let it finish exiting, to report how it ended
-        code = proc.poll()
-        if code is not None:
-            result = ToolResult("\n".join(lines), "", 0.0)
-            return tool_failure(SERVER, code, result, hint=f"it could not serve {gguf}")
-        tail = LlamaServer(proc, 0, lines).log_tail()
-        return ToolError(f"{SERVER} {what}; its last output lines:\n{tail}")
-
-    port_found.wait(timeout=max(0.0, deadline - time.perf_counter()))
-    if not ports:
-        raise failure(f"did not report its address within {timeout:.0f} s")
-    server = LlamaServer(proc, ports[0], lines)
-    while time.perf_counter() < deadline:
-        if proc.poll() is not None:
-            raise failure("exited")
-        with contextlib.suppress(OSError):  # refused or reset while it starts
-            status, _ = server.request("/health", timeout=2.0)
-            if status == 200:
-                return server
-        time.sleep(0.05)
-    raise failure(f"did not answer /health within {timeout:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL if it lingers; reaped either way."""
-    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, None)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # ----------------------------------------------------------------------------------------------- the check
@@ -475,7 +339,7 @@ def check_gguf(gguf: Path, ref: Reference) -> TemplateCheck:
         return TemplateCheck("not checked", reason="the merged checkpoint has no chat template to compare with")
     try:
         with running_server(gguf) as server:
-            results = [compare(t.name, server.render(t.messages), ref.renderings[t.name]) for t in TRANSCRIPTS]
+            results = [compare(t.name, render(server, t.messages), ref.renderings[t.name]) for t in TRANSCRIPTS]
     except (MergeqError, OSError, ValueError, KeyError) as err:
         # OSError: the connection broke (the server died mid-request); ValueError, KeyError: an answer that is
         # not the JSON this pinned server's source promises

@@ -112,7 +112,7 @@ def test_the_server_renders_the_chatml_prompt(exported):
         assert status == 200
         assert body["prompt"] == (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                                   "<|im_start|>assistant\n")
-        rendering = server.render(({"role": "user", "content": "Hi"},))
+        rendering = ctc.render(server, ({"role": "user", "content": "Hi"},))
     assert "".join(rendering.pieces) == body["prompt"]
     starts = [i for i, piece in enumerate(rendering.pieces) if piece == "<|im_start|>"]
     assert len(starts) == 3 and {rendering.ids[i] for i in starts} == {1}  # one special token each, not text

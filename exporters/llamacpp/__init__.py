@@ -31,5 +31,6 @@ One module per job; import from the one you need:
     smoke     the smoke test every build passes before it is stamped (and that `mergeq doctor` re-runs)
     tiny      the smoke test's tiny GGUF, a script run under the pinned gguf-py
     convert   the pinned convert_hf_to_gguf.py: its command, and the architectures it converts
+    server    llama-server as a managed process on loopback (the chat template round trip uses it)
     doctor    the rows `mergeq doctor` shows for llama.cpp
 """

@@ -115,6 +115,19 @@ def die_with_parent() -> None:
             os._exit(137)
 
 
+def stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM to the process group `proc` leads (started with start_new_session), SIGKILL if it lingers
+    `grace` seconds; reaped either way."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
