@@ -19,7 +19,9 @@ from exporters.int4.checkpoint import ShardWriter, TensorSource, copy_auxiliary_
 from exporters.int4.formats import FORMATS
 from exporters.int4.layerwise import EngineOptions, quantize_streaming, resolve_device
 from exporters.int4.quant import QuantizedLinear, QuantScheme
+from exporters.int4.resume import LayerCheckpoints, inputs_key
 from exporters.report import ArtifactReport, SizeInfo, StageCost
+from mergeq.core import VERSION
 from mergeq.core.atomic import atomic_dir, write_json
 from mergeq.core.errors import MergeqError
 from mergeq.core.memory import peak_rss_bytes, reset_peak_rss
@@ -210,6 +212,15 @@ def _replaceable(out_dir: Path) -> bool:
     return "quantization_config" in config
 
 
+def layer_checkpoints(model_dir: Path, out_dir: Path, tokens, engine: EngineOptions, config: dict) -> LayerCheckpoints:
+    """Where each finished decoder layer is saved, so a killed export resumes at the next layer. The folder sits
+    beside the output and is named by the inputs' key, not by the output's (temporary) name: the pipeline's
+    stage writes into a new temporary folder on every attempt. It is removed when the export finishes."""
+    key = inputs_key(model_dir, tokens, {"engine": asdict(engine), "version": VERSION})
+    return LayerCheckpoints(Path(out_dir).parent / f".mergeq-int4-resume-{key[:20]}", key,
+                            int(config["num_hidden_layers"]))
+
+
 def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> ArtifactReport:
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
@@ -242,7 +253,9 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
     with atomic_dir(out_dir, overwrite=True) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes=options.max_shard_bytes)
         sink = FormatSink(fmt, writer, the_plan.scheme, options.desc_act)
-        result = quantize_streaming(model_dir, None if calibration is None else calibration.tokens, engine, sink)
+        tokens = None if calibration is None else calibration.tokens
+        result = quantize_streaming(model_dir, tokens, engine, sink,
+                                    checkpoints=layer_checkpoints(model_dir, out_dir, tokens, engine, config))
         writer.finish()
         qconfig = fmt.quantization_config(the_plan.scheme, options.desc_act,
                                           options.damp_percent if options.method == "gptq" else None)

@@ -32,6 +32,7 @@ from exporters.int4.arch import Architecture, LinearGroup, architecture_of
 from exporters.int4.checkpoint import TensorSource, read_config
 from exporters.int4.gptq import HessianAccumulator, gptq_quantize
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
+from exporters.int4.resume import LayerCheckpoints, LayerOutput
 from mergeq.core.errors import MergeqError
 from mergeq.core.memory import release_freed_memory
 from mergeq.core.progress import track
@@ -370,10 +371,12 @@ def rotary_embeddings(arch: Architecture, hf_config, seq_len: int, device):
 
 
 def quantize_streaming(model_dir: Path, tokens: torch.Tensor | None, options: EngineOptions, sink: Sink,
-                       output_dtype: torch.dtype = torch.float16) -> StreamResult:
+                       output_dtype: torch.dtype = torch.float16,
+                       checkpoints: LayerCheckpoints | None = None) -> StreamResult:
     """Quantize every decoder layer of `model_dir` and send every output tensor to `sink`.
 
-    `tokens`: calibration samples [N, L] (None for RTN, which needs none)."""
+    `tokens`: calibration samples [N, L] (None for RTN, which needs none). `checkpoints`: where each finished
+    layer is saved; layers already saved there for the same inputs are replayed, not recomputed."""
     started = time.perf_counter()
     config = read_config(model_dir)
     arch = architecture_of(config)
@@ -405,26 +408,44 @@ def quantize_streaming(model_dir: Path, tokens: torch.Tensor | None, options: En
                 raise MergeqError(f"tensor {name} belongs to no decoder layer in 0..{len(layer_names) - 1}")
             sink.tensor(name, _to_output(source.get(name), name, output_dtype))
 
-    result = StreamResult(layers=_layer_count(config), seconds=0.0)
-    for index in track(range(_layer_count(config)), f"{options.method} layers"):
+    layers = _layer_count(config)
+    result = StreamResult(layers=layers, seconds=0.0)
+    skip = checkpoints.start() if checkpoints is not None else 0
+    if skip and needs_data and skip < layers:
+        hidden = [h.to(device) for h in checkpoints.hidden(skip - 1)]
+    for index in track(range(layers), f"{options.method} layers"):
+        if index < skip:  # done by an earlier, killed run with the same inputs: the same bytes, replayed
+            _send(sink, checkpoints.load(index), arch.layer_prefix(index), result)
+            continue
         layer = load_layer(source, arch, hf_config, index, device)
         ctx.layer_index = index
         source.close()  # unmap what this layer read, so resident memory stays one layer deep
         outputs, quantized, info = quantize_layer(layer, hidden, ctx)
         prefix = arch.layer_prefix(index)
-        for name, q in quantized.items():
-            sink.linear(prefix + name, _to_cpu(q))
+        done = LayerOutput(quantized={name: _to_cpu(q) for name, q in quantized.items()}, info=info)
         owned = {f"{name}.{p}" for name in quantized for p in ("weight", "bias")}
         for name, tensor in layer.state_dict().items():
             if name not in owned:
-                sink.tensor(prefix + name, _to_output(tensor, prefix + name, output_dtype))
-        result.layer_info.append(info)
+                done.tensors[name] = _to_output(tensor, prefix + name, output_dtype)
+        _send(sink, done, prefix, result)
+        if checkpoints is not None:
+            checkpoints.save(index, done, outputs)
         hidden = outputs
-        del layer, outputs, quantized
+        del layer, outputs, quantized, done
         release_freed_memory()  # glibc keeps freed heap pages: RSS grew 70 MB per layer without this
     source.close()
+    if checkpoints is not None:
+        checkpoints.finish()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _send(sink: Sink, done: LayerOutput, prefix: str, result: StreamResult) -> None:
+    for name, q in done.quantized.items():
+        sink.linear(prefix + name, q)
+    for name, tensor in done.tensors.items():
+        sink.tensor(prefix + name, tensor)
+    result.layer_info.append(done.info)
 
 
 def _to_cpu(q: QuantizedLinear) -> QuantizedLinear:
