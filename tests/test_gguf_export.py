@@ -6,7 +6,6 @@ but not of 256 (every k-quant tensor falls back), hidden 256 is a multiple of bo
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from gguf_oracle import read_with_gguf_py
+from tiny_models import SP_CORPUS, sentencepiece_tokenizer
 
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.gguf_inspect import read_gguf, read_ggufs, size_info_for_file
@@ -32,31 +32,21 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 VOCAB = 320  # 256 byte tokens (llama.cpp needs a newline token) + pieces
-CORPUS = "\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7} and then sleeps"
-                   for i in range(300))
+CORPUS = SP_CORPUS
 
 
 def tiny_llama(path: Path, hidden: int, *, layers: int = 2, seed: int = 0) -> Path:
     """A random fp16 Llama with a SentencePiece tokenizer trained here and a chat template."""
-    import sentencepiece as spm
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path.mkdir(parents=True)
-    model_file = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines()), model_writer=model_file, vocab_size=VOCAB, model_type="unigram",
-        character_coverage=1.0, byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1,
-        minloglevel=2)
-    (path / "tokenizer.model").write_bytes(model_file.getvalue())
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
                          max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).to(torch.float16).save_pretrained(path)
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "chat_template": TEMPLATE}))
+    sentencepiece_tokenizer(path, vocab=VOCAB, chat_template=TEMPLATE)
     return path
 
 

@@ -21,6 +21,34 @@ def tiny_llama(folder: Path, *, tie: bool = False, vocab: int = 96, layers: int 
     return Path(folder)
 
 
+SP_CORPUS = "\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7} and then sleeps"
+                      for i in range(300))
+
+
+def sentencepiece_tokenizer(folder: Path, *, vocab: int = 320, chat_template: str | None = None) -> Path:
+    """A SentencePiece (LlamaTokenizer) tokenizer trained here, with byte fallback: llama.cpp's converter reads it
+    (it refuses byte-level BPE tokenizers it has no pre-tokenizer hash for). `vocab` >= 320: 256 byte tokens
+    (llama.cpp needs a newline token) + pieces. Token ids: <unk> 0, <s> 1, </s> 2."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS.splitlines()), model_writer=model_file, vocab_size=vocab,
+        model_type="unigram", character_coverage=1.0, byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        num_threads=1, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model_file.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
 def tiny_gpt2(folder: Path, *, vocab: int = 96, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
