@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergeq.core import children
 from mergeq.core.errors import ToolError
 from mergeq.core.memory import ChildPeak
 
@@ -57,6 +58,7 @@ def run_tool(
                 env.pop(key, None)
             else:
                 env[key] = value
+    children.clear_stale()  # a tool a killed mergeq left behind (where PR_SET_PDEATHSIG could not act)
     started = time.perf_counter()
     try:
         from mergeq.core import faults  # inert unless MERGEQ_FAULT names this tool (hostile-input tests)
@@ -81,6 +83,7 @@ def run_tool(
                 with contextlib.suppress(Exception):
                     on_line(line.rstrip("\n"))
 
+    entry = children.register(proc.pid, command.name, command.argv)
     memory = ChildPeak(proc.pid)
     readers = [threading.Thread(target=pump, args=(proc.stdout, out_lines), daemon=True),
                threading.Thread(target=pump, args=(proc.stderr, err_lines), daemon=True)]
@@ -96,6 +99,7 @@ def run_tool(
     finally:
         for reader in readers:
             reader.join()
+        children.unregister(entry)
     result = ToolResult("".join(out_lines), "".join(err_lines), time.perf_counter() - started, peak)
     if code != 0:
         raise tool_failure(command.name, code, result, hint=hint)

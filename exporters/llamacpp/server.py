@@ -17,7 +17,7 @@ from pathlib import Path
 
 from exporters.llamacpp.build import tool_path
 from exporters.llamacpp.run import ToolResult, die_with_parent, quoted_tail, stop_group, tool_failure
-from mergeq.core import faults
+from mergeq.core import children, faults
 from mergeq.core.errors import ToolError
 from mergeq.core.memory import ChildPeak
 
@@ -73,6 +73,7 @@ def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Ll
     Raises ToolError when it exits or is not ready within `timeout` seconds, quoting its last log lines.
     """
     argv = faults.tool_argv(SERVER, server_command(gguf))  # inert unless MERGEQ_FAULT names llama-server
+    children.clear_stale()
     started = time.perf_counter()
     try:
         # its own process group (stopped as a whole), and killed by Linux if mergeq dies first
@@ -95,6 +96,7 @@ def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Ll
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    entry = children.register(proc.pid, SERVER, argv)
     memory = ChildPeak(proc.pid)
     server = None
     try:
@@ -102,6 +104,7 @@ def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Ll
         yield server
     finally:
         stop_group(proc, STOP_TIMEOUT)
+        children.unregister(entry)
         peak = memory.finish(0)
         if server is not None:
             server.peak_rss_bytes = peak
