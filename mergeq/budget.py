@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from mergeq.core.errors import MergeqError
+from mergeq.core.paths import free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
         elif target in ("awq", "gptq", "rtn"):
             activations = options.samples * options.seq_len * shapes.hidden * fp32 * 2  # layer inputs and outputs
             group = options.group_size or 128
-            int4 = shapes.matrix_params * (options.bits / 8 + 2 * fp16 / group) + (shapes.params - shapes.matrix_params) * fp16
+            int4 = (shapes.matrix_params * (options.bits / 8 + 2 * fp16 / group)
+                    + (shapes.params - shapes.matrix_params) * fp16)
             budgets.append(StageBudget(
                 target, RUNTIME_BYTES + 3 * shapes.largest_layer * fp32 + activations
                 + eval_tokens * shapes.vocab * fp32, int(int4),
@@ -114,17 +115,10 @@ def _gguf_bytes(shapes: Shapes, quant: str) -> int:
     return int((shapes.matrix_params * bpw / 8 * margin) + (shapes.params - shapes.matrix_params) * 4)
 
 
-def free_disk(path: Path) -> int:
-    probe = Path(path).resolve()
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
 def check_disk(budgets: list[StageBudget], out: Path, pending: list[str]) -> None:
     """Refuse before any work when the stages still to run cannot fit on the output's disk."""
     need = sum(b.disk_bytes for b in budgets if b.stage in pending)
-    free = free_disk(out)
+    free = free_bytes(out)
     if need > free:
         raise MergeqError(
             f"the output disk of {out} has {free / GIB:.2f} GiB free, and the stages still to run "
@@ -138,6 +132,6 @@ def format_table(budgets: list[StageBudget], out: Path) -> str:
     for b in budgets:
         lines.append(f"{b.stage:<6} {b.peak_bytes / GIB:>8.2f} GiB {b.disk_bytes / GIB:>6.2f} GiB  {b.basis}")
     total = sum(b.disk_bytes for b in budgets)
-    lines.append(f"total disk {total / GIB:.2f} GiB; free on {out}'s disk: {free_disk(out) / GIB:.2f} GiB; "
+    lines.append(f"total disk {total / GIB:.2f} GiB; free on {out}'s disk: {free_bytes(out) / GIB:.2f} GiB; "
                  f"largest peak {max(b.peak_bytes for b in budgets) / GIB:.2f} GiB")
     return "\n".join(lines)

@@ -6,13 +6,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import torch
+from tiny_models import tiny_llama
 
 from exporters.gguf import GGUFOptions
 from exporters.int4.export import Int4Options
 from mergeq import budget
 from mergeq.core.errors import MergeqError
-from tiny_models import tiny_llama
 
 
 def test_shapes_are_read_from_the_checkpoint_headers(tmp_path):
@@ -37,7 +36,8 @@ def test_budgets_follow_the_shapes_and_options():
     merge, gguf, gptq = budget.stage_budgets(config, shapes)
     assert merge.peak_bytes < shapes.params * 2, "the predicted merge peak is below the fp16 model's size"
     assert merge.stage == "merge" and merge.disk_bytes == shapes.params * 2
-    deeper = budget.Shapes(**{**shapes.__dict__, "params": 2 * shapes.params, "matrix_params": 2 * shapes.matrix_params})
+    deeper = budget.Shapes(**{**shapes.__dict__, "params": 2 * shapes.params,
+                              "matrix_params": 2 * shapes.matrix_params})
     assert [b.peak_bytes for b in budget.stage_budgets(config, deeper)][0::2] == [merge.peak_bytes, gptq.peak_bytes], \
         "every stage streams layers: twice the depth, the same predicted peak"
     assert gguf.disk_bytes == shapes.params * 2 + int(shapes.matrix_params * 8.5 / 8 + 100_000_000 * 4)
@@ -48,7 +48,7 @@ def test_budgets_follow_the_shapes_and_options():
 
 def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_any_work(tmp_path, monkeypatch):
     stages = [budget.StageBudget("merge", 1, 3 * budget.GIB, ""), budget.StageBudget("gptq", 1, 1 * budget.GIB, "")]
-    monkeypatch.setattr(budget, "free_disk", lambda path: 2 * budget.GIB)
+    monkeypatch.setattr(budget, "free_bytes", lambda path: 2 * budget.GIB)
     with pytest.raises(MergeqError, match=r"has 2.00 GiB free, and the stages still to run \(merge, gptq\) are "
                                           r"predicted to write 4.00 GiB"):
         budget.check_disk(stages, tmp_path / "out", ["merge", "gptq"])

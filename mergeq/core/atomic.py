@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mergeq.core import faults
 from mergeq.core.errors import MergeqError
+from mergeq.core.paths import free_bytes, nearest_existing
 
 TMP_MARK = ".tmp-"
 
@@ -127,10 +128,8 @@ def disk_full(final: Path, needed: int | None) -> MergeqError | None:
     (what it had written when the disk filled), how much was free then."""
     if needed is None:
         return None
-    probe = Path(final).absolute().parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    probe = nearest_existing(Path(final).absolute().parent)
+    free = free_bytes(probe)
     return MergeqError(
         f"no space left on the device while writing {final}: it needs at least {_human(needed)} "
         f"({needed} bytes were written when the disk filled, {_human(free)} left at {probe}); "

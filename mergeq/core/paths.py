@@ -1,6 +1,8 @@
-"""Where mergeq keeps things outside the repo: one cache root, overridable by MERGEQ_CACHE."""
+"""Where mergeq keeps things outside the repo (one cache root, overridable by MERGEQ_CACHE), and how much room
+there is where an output will go."""
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -11,3 +13,16 @@ def cache_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "mergeq"
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` made absolute, or its closest ancestor that exists: where a file yet to be written will live."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path`, or would hold it once written."""
+    return shutil.disk_usage(nearest_existing(path)).free
