@@ -98,11 +98,14 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
             group = options.group_size or 128
             int4 = (shapes.matrix_params * (options.bits / 8 + 2 * fp16 / group)
                     + (shapes.params - shapes.matrix_params) * fp16)
+            # while it runs, the per-layer checkpoints (exporters/int4/resume.py) hold another copy of the int4
+            # tensors and one layer's outputs on disk; saving those outputs serializes them once in memory
             budgets.append(StageBudget(
-                target, RUNTIME_BYTES + 3 * shapes.largest_layer * fp32 + activations
-                + eval_tokens * shapes.vocab * fp32, int(int4),
+                target, RUNTIME_BYTES + 3 * shapes.largest_layer * fp32 + activations * 3 // 2
+                + eval_tokens * shapes.vocab * fp32, int(2 * int4 + activations // 2),
                 f"runtime + 3 x largest layer in fp32 + calibration activations ({options.samples} x "
-                f"{options.seq_len} x {shapes.hidden}, in and out, fp32) + evaluation logits"))
+                f"{options.seq_len} x {shapes.hidden}, in and out, fp32, and one serialized copy) + evaluation "
+                f"logits; disk: the checkpoint, and its per-layer resume copy while the stage runs"))
     return budgets
 
 

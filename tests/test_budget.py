@@ -41,9 +41,12 @@ def test_budgets_follow_the_shapes_and_options():
     assert [b.peak_bytes for b in budget.stage_budgets(config, deeper)][0::2] == [merge.peak_bytes, gptq.peak_bytes], \
         "every stage streams layers: twice the depth, the same predicted peak"
     assert gguf.disk_bytes == shapes.params * 2 + int(shapes.matrix_params * 8.5 / 8 + 100_000_000 * 4)
-    assert gptq.disk_bytes < shapes.params * 2 * 0.35
+    activations = 8 * 256 * 4096 * 4 * 2  # samples x seq x hidden, in and out, fp32
+    # the int4 checkpoint (~0.27 of fp16) and its per-layer resume copy while the stage runs, plus one layer's outputs
+    assert shapes.params * 2 * 0.5 < gptq.disk_bytes < shapes.params * 2 * 0.6
     bigger = budget.stage_budgets(SimpleNamespace(exports={"gptq": large}), shapes)[1]
-    assert bigger.peak_bytes - gptq.peak_bytes == 8 * 256 * 4096 * 4 * 2, "activations: samples x seq x hidden"
+    assert bigger.peak_bytes - gptq.peak_bytes == activations * 3 // 2, "activations, and one serialized copy"
+    assert bigger.disk_bytes - gptq.disk_bytes == activations // 2, "one layer's outputs in the resume folder"
 
 
 def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_any_work(tmp_path, monkeypatch):
