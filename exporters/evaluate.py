@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporters.eval_options import EvalOptions
 from exporters.metrics import MetricSums, Windows, check_finite, first_scored, log_probs, make_windows
 from exporters.report import ArtifactReport, QualityInfo, SizeInfo, measure_stage
 from mergeq.core.atomic import atomic_dir, atomic_file, write_json
 from mergeq.core.errors import MergeqError, ToolError
 from mergeq.core.hashing import sha256_file
 from mergeq.core.locks import exclusive
-from mergeq.core.paths import cache_root
 from mergeq.core.progress import track
 
 log = logging.getLogger(__name__)
@@ -52,22 +52,6 @@ EVICT_AFTER = 3600  # seconds: an entry used more recently is never evicted (ano
 INT4_METHODS = ("awq", "gptq", "compressed-tensors")
 LLAMA_LOGITS_MAGIC = b"_logits_"
 LLAMA_BAND_NATS = 16.0  # llama-perplexity stores log-probs within 16 nats of the top token, 16 bits each
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """How much text to score and how. The defaults fit one demo artifact in under a minute on 2 cores."""
-
-    n_ctx: int = 512  # tokens per window (llama-perplexity's -c)
-    max_windows: int = 16  # at most this many windows from the start of the text
-    batch_windows: int = 1  # windows per torch forward pass
-    threads: int | None = None  # llama.cpp threads (default: all cores)
-    cache_dir: Path | None = None  # reference cache (default: cache_root()/eval)
-    streaming: bool = True  # one decoder layer in memory at a time (False: the whole model, the old reference path)
-    device: str = "cpu"  # torch device of the streamed forward passes: cpu, cuda, cuda:N or auto
-
-    def resolved_cache(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else cache_root() / "eval"
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,13 @@ live in OUT/.gguf-work.tmp-*/ and are removed at the end. A killed export leaves
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from exporters import chat_template_check
@@ -39,6 +38,7 @@ from exporters.report import ArtifactReport, StageCost
 from mergeq.core.atomic import atomic_dir, remove_stale_tmp
 from mergeq.core.errors import MergeqError
 from mergeq.core.hashing import sha256_file, tree_hashes
+from mergeq.core.options import OptionError, option
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,43 @@ QUANTIZED_BOUND = 8.5 / 16
 
 @dataclass(frozen=True)
 class GGUFOptions:
-    quants: tuple[str, ...] = DEFAULT_QUANTS  # llama-quantize spellings, request order, no duplicates
-    imatrix: bool = False
-    calib: Path | None = None
-    imatrix_ctx: int = 512
-    intermediate: str = "auto"  # "f16", "bf16", or "auto": bf16 for a bfloat16 checkpoint, else f16
-    threads: int | None = None  # llama.cpp threads (default: its own, all cores)
+    """The options of `mergeq export gguf` and of a pipeline's [gguf] table (mergeq.core.options)."""
+
+    quants: tuple[str, ...] = option(
+        DEFAULT_QUANTS, flag="--quant", key="quant", repeat=True, metavar="TYPE",
+        help="llama-quantize type to write (repeatable or comma-separated): Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, "
+             "IQ4_XS, ..., F16, BF16")  # after checked(): llama-quantize spellings, request order, no duplicates
+    imatrix: bool = option(False, help="quantize with an importance matrix computed by llama-imatrix from --calib")
+    calib: Path | None = option(None, metavar="FILE", help="calibration text for --imatrix")
+    imatrix_ctx: int = option(512, metavar="N", range=(8, None),
+                              help="llama-imatrix context (tokens per chunk; the text needs at least 2N tokens)")
+    intermediate: str = option("auto", choices=("auto", *INTERMEDIATES),
+                               help="type of the one intermediate GGUF (auto: bf16 for bfloat16 checkpoints, else f16)")
+    threads: int | None = option(None, metavar="N", range=(1, None), default_help="all cores",
+                                 help="llama.cpp threads")
+
+    def checked(self) -> GGUFOptions:
+        """The quant types canonical (llama-quantize's spelling, comma lists split, no duplicates), and the
+        imatrix options consistent."""
+        requested = [part.strip() for value in self.quants for part in str(value).split(",") if part.strip()]
+        quants: list[str] = []
+        pin = load_pin()
+        for name in requested:
+            canonical = canonical_quant_type(name, pin)
+            if canonical is None or canonical == "COPY":
+                known = ", ".join(t for t in pin.quant_types if t != "COPY")
+                raise OptionError("quants", f"--quant {name!r} is not a llama-quantize type",
+                                  hint=f"llama.cpp {pin.commit} (llama-cpp-python {pin.version}) knows: {known}")
+            if canonical not in quants:
+                quants.append(canonical)
+        if self.imatrix and self.calib is None:
+            raise OptionError("calib", "--imatrix needs --calib FILE: the text that llama-imatrix runs through the model")
+        if self.calib is not None and not self.imatrix:
+            raise OptionError("calib", "--calib is only used with --imatrix", hint="add --imatrix, or drop --calib")
+        if not self.imatrix and (need := [q for q in quants if q in pin.needs_imatrix]):
+            raise OptionError("quants", f"--quant {', '.join(need)} requires an importance matrix",
+                              hint="add --imatrix --calib FILE, or choose e.g. IQ4_XS, Q3_K_M or Q4_K_M")
+        return replace(self, quants=tuple(quants))
 
 
 # ----------------------------------------------------------------------------------------------- model facts
@@ -155,62 +186,13 @@ def check_disk(model_dir: Path, config: dict, options: GGUFOptions, where: Path)
 # ----------------------------------------------------------------------------------------------- the exporter
 
 
-@register("gguf")
+@register("gguf", GGUFOptions)
 class GGUFExporter:
     """GGUF files for llama.cpp, made by the pinned llama.cpp converter and llama-quantize"""
 
     def __init__(self) -> None:
         self._preflight_warnings: list[str] = []
         self._template_reference: chat_template_check.PendingReference | None = None  # started by export()
-
-    # -- options
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--quant", action="append", metavar="TYPE",
-            help="llama-quantize type to write (repeatable or comma-separated): Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, "
-                 f"IQ4_XS, ..., F16, BF16 (default: {' '.join(DEFAULT_QUANTS)})")
-        parser.add_argument("--imatrix", action="store_true",
-                            help="quantize with an importance matrix computed by llama-imatrix from --calib")
-        parser.add_argument("--calib", type=Path, metavar="FILE", help="calibration text for --imatrix")
-        parser.add_argument("--imatrix-ctx", type=int, default=512, metavar="N",
-                            help="llama-imatrix context (tokens per chunk; the text needs at least 2N tokens)")
-        parser.add_argument("--intermediate", choices=("auto", *INTERMEDIATES), default="auto",
-                            help="type of the one intermediate GGUF (auto: bf16 for bfloat16 checkpoints, else f16)")
-        parser.add_argument("--threads", type=int, metavar="N", help="llama.cpp threads (default: all cores)")
-
-    @classmethod
-    def options_from_args(cls, args: argparse.Namespace) -> GGUFOptions:
-        requested = [part.strip() for value in (getattr(args, "quant", None) or DEFAULT_QUANTS)
-                     for part in str(value).split(",") if part.strip()]
-        quants = []
-        pin = load_pin()
-        for name in requested:
-            canonical = canonical_quant_type(name, pin)
-            if canonical is None or canonical == "COPY":
-                known = ", ".join(t for t in pin.quant_types if t != "COPY")
-                raise MergeqError(f"--quant {name!r} is not a llama-quantize type",
-                                  hint=f"llama.cpp {pin.commit} (llama-cpp-python {pin.version}) knows: {known}")
-            if canonical not in quants:
-                quants.append(canonical)
-        imatrix, calib = bool(getattr(args, "imatrix", False)), getattr(args, "calib", None)
-        if imatrix and calib is None:
-            raise MergeqError("--imatrix needs --calib FILE: the text that llama-imatrix runs through the model")
-        if calib is not None and not imatrix:
-            raise MergeqError("--calib is only used with --imatrix", hint="add --imatrix, or drop --calib")
-        if not imatrix and (need := [q for q in quants if q in pin.needs_imatrix]):
-            raise MergeqError(f"--quant {', '.join(need)} requires an importance matrix",
-                              hint="add --imatrix --calib FILE, or choose e.g. IQ4_XS, Q3_K_M or Q4_K_M")
-        ctx = int(getattr(args, "imatrix_ctx", 512) or 512)
-        threads = getattr(args, "threads", None)
-        if ctx < 8:
-            raise MergeqError(f"--imatrix-ctx {ctx} is too small", hint="use at least 8 (default 512)")
-        if threads is not None and threads < 1:
-            raise MergeqError(f"--threads {threads} must be at least 1")
-        return GGUFOptions(quants=tuple(quants), imatrix=imatrix, calib=Path(calib) if calib else None,
-                           imatrix_ctx=ctx, intermediate=getattr(args, "intermediate", "auto") or "auto",
-                           threads=threads)
 
     # -- preflight
 

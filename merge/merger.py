@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,11 @@ from merge import manifest as manifest_mod
 from merge.adapters import Adapter, LoraModule, Replacement, describe_adapter, load_adapter, read_config
 from merge.checkpoint import Checkpoint
 from merge.model_info import ModelInfo, describe
+from merge.options import AdapterRef, MergeConfig
 from merge.qlora import (QuantSettings, check_quantization_config, dequantize, quantize_dequantize,
                          quantized_shape, quantized_weights, read_state)
 from merge.qlora_detect import Decision, adapter_evidence, decide, user_base_evidence
-from merge.writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, ShardedWriter
+from merge.writer import OutTensor, ShardedWriter
 from mergeq.core.atomic import atomic_dir, write_json
 from mergeq.core.errors import MergeqError
 from mergeq.core.progress import track
@@ -49,62 +49,6 @@ AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
              "spiece.model", "vocab.txt", "generation_config.json")
 TOKENIZER_FILES = tuple(f for f in AUX_FILES if f != "generation_config.json")
 MAX_LISTED = 8
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    path: Path
-    weight: float = 1.0
-
-    @classmethod
-    def parse(cls, text: str) -> AdapterRef:
-        """`PATH` or `PATH@WEIGHT` (the CLI form)."""
-        path, sep, weight = text.rpartition("@")
-        if sep and path:
-            try:
-                return cls(Path(path), float(weight))
-            except ValueError:
-                pass
-        return cls(Path(text), 1.0)
-
-
-@dataclass
-class MergeConfig:
-    """Everything a merge needs. `base` or `qlora_base` (or both: the fidelity comparison) must be given."""
-
-    base: Path | None
-    adapters: Sequence[AdapterRef | tuple[Path, float] | Path | str]
-    out: Path
-    dtype: str = "float16"
-    qlora_base: Path | None = None
-    validate: bool = True
-    overwrite: bool = False
-    requantize: QuantSettings | None = None  # merge into dequant(quant(base)): the QLoRA target from an fp16 base
-    qlora: str = "auto"  # auto | nf4 | fp4 | off: rebuild the 4-bit training base from --base (merge.qlora_detect)
-    eval_text: Path | None = None  # with base and qlora_base: the text both merges are measured on (merge.target)
-    double_quant: bool | None = None  # for a rebuilt 4-bit base; None: from the evidence, else True
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-    # compute threads while streaming: the merge is memory-bound in cache-sized blocks, where one thread is
-    # fastest and never stalls on a busy machine; another core hashes the inputs meanwhile
-    threads: int = 1
-    kl_warn: float = 0.01
-    logit_warn: float = 1.0
-
-    def __post_init__(self):
-        self.base = Path(self.base) if self.base is not None else None
-        self.qlora_base = Path(self.qlora_base) if self.qlora_base is not None else None
-        self.out = Path(self.out)
-
-    def adapter_refs(self) -> list[AdapterRef]:
-        refs = []
-        for item in self.adapters:
-            if isinstance(item, AdapterRef):
-                refs.append(AdapterRef(Path(item.path), float(item.weight)))
-            elif isinstance(item, (tuple, list)):
-                refs.append(AdapterRef(Path(item[0]), float(item[1])))
-            else:
-                refs.append(AdapterRef.parse(str(item)))
-        return refs
 
 
 @dataclass
@@ -681,6 +625,8 @@ def _created_parents(out: Path) -> list[Path]:
 
 def run_merge(config: MergeConfig) -> MergeResult:
     """Merge, validate and write `config.out` atomically; on any error nothing is left behind."""
+    if config.out is None:
+        raise MergeqError("no output folder given", hint="pass --out DIR")
     refs = config.adapter_refs()
     if not refs:
         raise MergeqError("no adapter given", hint="pass --adapter PATH (several allowed, PATH@WEIGHT to weight)")

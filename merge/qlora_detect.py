@@ -25,12 +25,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from merge.options import QLORA_MODES
 from merge.qlora import QuantSettings
 from mergeq.core.errors import MergeqError
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "nf4", "fp4", "off")
+MODES = QLORA_MODES
 # pre-quantized bitsandbytes bases as the hub names them (unsloth/...-bnb-4bit, .../...-4bit, ...-nf4)
 NAME_4BIT = re.compile(r"(?:^|[-_./])(?:unsloth-)?(?:bnb[-_]?4bit|4bit|4-bit|int4[-_]bnb|(?P<type>nf4|fp4))(?:$|[-_./])",
                        re.IGNORECASE)

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from merge.checkpoint import CODES, SAFETENSORS_INDEX, itemsize
+from merge.options import DEFAULT_MAX_SHARD_BYTES
 from mergeq.core.atomic import write_json
 
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)

@@ -1,70 +1,58 @@
 """The pipeline config (TOML): parsed, fully validated before any work, and written back resolved.
 
-Exporter sections take exactly the options of `mergeq export TARGET` (same names, `_` for `-`), so
-the CLI and the config share one definition of every option: the exporter's own argparse spec.
+Each table is read by the schema of its options dataclass (mergeq.core.options): [merge] by merge.options.MergeConfig,
+[eval] by exporters.evaluate.EvalOptions, [gguf] / [awq] / [gptq] by the exporter's own. The command-line flags
+come from the same dataclasses, so a key is the flag's field name and takes the values the flag takes.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from exporters.evaluate import EvalOptions
 from exporters.registry import EXPORTER_MODULES, get_exporter
+from merge.options import MergeConfig
 from mergeq.core.errors import MergeqError
+from mergeq.core.options import from_table, specs, table_values
 from mergeq.core.texts import FORMATS_HELP, split_column
 from mergeq.textopts import DEMO, resolve_text_option
 
-DTYPES = ("float16", "bfloat16")
-MERGE_KEYS = {"base": str, "qlora_base": str, "adapters": list, "dtype": str, "validate": bool, "qlora": str}
-QLORA_MODES = ("auto", "nf4", "fp4", "off")
-INT4_TARGETS = ("awq", "gptq")
-ADAPTER_KEYS = {"path": str, "weight": (int, float)}
-EVAL_KEYS = {"text": str, "enabled": bool}
 TOP_KEYS = {"merge", "eval", "exports"} | set(EXPORTER_MODULES)
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    path: Path
-    weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class MergeSpec:
-    base: Path
-    adapters: tuple[AdapterSpec, ...]
-    qlora_base: Path | None = None
-    dtype: str = "float16"
-    validate: bool = True
-    qlora: str = "auto"  # auto | nf4 | fp4 | off (merge.qlora_detect)
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    text: Path | None = None
-    enabled: bool = True
 
 
 @dataclass
 class PipelineConfig:
-    merge: MergeSpec
-    evaluation: EvalSpec
+    merge: MergeConfig  # out, overwrite and eval_text are the pipeline's own: set when the merge stage runs
+    evaluation: EvalOptions
     exports: dict[str, object] = field(default_factory=dict)  # target -> that exporter's options dataclass
-    export_args: dict[str, dict] = field(default_factory=dict)  # target -> resolved option values
     source: Path | None = None  # the TOML file, None for the built-in demo
 
     def resolved(self) -> dict:
-        """Everything the run will use, as plain JSON data (written next to the outputs)."""
+        """Everything the run will use, as plain JSON data (written next to the outputs): each table's keys."""
         return {
-            "merge": json.loads(json.dumps(asdict(self.merge), default=str)),
-            "eval": json.loads(json.dumps(asdict(self.evaluation), default=str)),
-            "exports": json.loads(json.dumps(self.export_args, default=str)),
+            "merge": plain(table_values(self.merge)),
+            "eval": plain(table_values(self.evaluation)),
+            "exports": {target: self.export_values(target) for target in self.exports},
             "source": str(self.source) if self.source else None,
         }
+
+    def export_values(self, target: str) -> dict:
+        return plain(table_values(self.exports[target]))
+
+
+def plain(value):
+    """Options as JSON data: dataclasses as dicts, paths as strings, tuples as lists."""
+    if dataclasses.is_dataclass(value):
+        return plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 class ConfigError(MergeqError):
@@ -102,36 +90,32 @@ class _Reader:
     def problem(self, section: str, key: str, message: str) -> None:
         self.problems.append(f"{self.where(section, key)}: {message}")
 
-    def check_keys(self, section: str, table: dict, allowed: dict) -> None:
-        for key, value in table.items():
-            if key not in allowed:
-                self.problem(section, key, f"unknown key; allowed keys are {', '.join(sorted(allowed))}")
-            elif not isinstance(value, allowed[key]) or (allowed[key] is not bool and isinstance(value, bool)):
-                want = allowed[key]
-                names = "/".join(t.__name__ for t in want) if isinstance(want, tuple) else want.__name__
-                self.problem(section, key, f"expected {names}, got {type(value).__name__} {value!r}")
+    def table(self, section: str, cls, table, *, require_texts: bool = True):
+        """Table `section` as dataclass `cls` by its schema; text options resolved and, with require_texts,
+        the required ones present."""
+        options = from_table(cls, table, problem=lambda key, message: self.problem(section, key, message),
+                             path_of=self.path_of)
+        if options is None or not require_texts:
+            return options
+        for spec in specs(cls):
+            if spec.opt.text and spec.opt.required and spec.opt.toml and getattr(options, spec.name) is None:
+                self.problem(section, spec.key, f"missing: the {spec.opt.text} text ({FORMATS_HELP}); "
+                                                f"{spec.key} = \"{DEMO}\" uses the demo's text")
+                return None
+        return options
 
-    def text_path(self, section: str, key: str, value: str | None, purpose: str) -> Path | None:
-        """A calibration/evaluation text: required, `demo` for the demo's, FILE or FILE.parquet:COLUMN."""
-        if value is None:
-            self.problem(section, key, f"missing: the {purpose} text ({FORMATS_HELP}); "
-                                       f"{key} = \"{DEMO}\" uses the demo's text")
-            return None
-        if value == DEMO:
-            return resolve_text_option(value, option=key, purpose=purpose)
-        file, column = split_column(value)
-        found = self.existing_path(section, key, str(file), f"{purpose} text")
-        return None if found is None else Path(f"{found}:{column}" if column else found)
-
-    def existing_path(self, section: str, key: str, value: str | None, what: str) -> Path | None:
-        if value is None:
-            return None
-        path = Path(value).expanduser()
+    def path_of(self, value: str, *, exists: str | None = None, text: str | None = None) -> Path:
+        """A path as the config gives it: relative to the config file; a text may be `demo` or FILE:COLUMN."""
+        if text and value == DEMO:
+            return resolve_text_option(value, option=DEMO, purpose=text)
+        file, column = split_column(value) if text else (Path(value), None)
+        path = Path(file).expanduser()
         if not path.is_absolute() and self.path is not None:
             path = self.path.parent / path
-        if not path.exists():
-            self.problem(section, key, f"{what} {path} does not exist")
-        return path
+        what = f"{text} text" if text else exists
+        if what and not path.exists():
+            raise ValueError(f"{what} {path} does not exist")
+        return Path(f"{path}:{column}") if column else path
 
 
 def load_config(path: Path) -> PipelineConfig:
@@ -155,136 +139,31 @@ def parse_config(data: dict, *, path: Path | None = None, text: str = "") -> Pip
             reader.problem(key, "", f"unknown section; allowed sections are {', '.join(sorted(TOP_KEYS))}")
     merge = _read_merge(reader, data.get("merge"))
     evaluation = _read_eval(reader, data.get("eval", {}))
-    exports, export_args = {}, {}
+    exports = {}
     for target in EXPORTER_MODULES:
         if target in data:
-            options = _read_export(reader, target, data[target])
+            options = reader.table(target, get_exporter(target).options, data[target])
             if options is not None:
-                exports[target], export_args[target] = options
+                exports[target] = options
     if not exports and not reader.problems:
         reader.problem("exports", "", f"no export section: add at least one of [{'], ['.join(EXPORTER_MODULES)}]")
     if reader.problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(reader.problems))
-    return PipelineConfig(merge=merge, evaluation=evaluation, exports=exports, export_args=export_args, source=path)
+    return PipelineConfig(merge=merge, evaluation=evaluation, exports=exports, source=path)
 
 
-def _read_merge(reader: _Reader, table) -> MergeSpec | None:
+def _read_merge(reader: _Reader, table) -> MergeConfig | None:
     if not isinstance(table, dict):
         reader.problem("merge", "", "missing [merge] section with at least `base` and `adapters`")
         return None
-    reader.check_keys("merge", table, MERGE_KEYS)
-    base = reader.existing_path("merge", "base", table.get("base"), "base model")
-    if base is None:
+    if table.get("base") is None:
         reader.problem("merge", "base", "missing: the fp16/bf16 base model directory")
-    qlora = reader.existing_path("merge", "qlora_base", table.get("qlora_base"), "QLoRA 4-bit base")
-    dtype = table.get("dtype", "float16")
-    if dtype not in DTYPES:
-        reader.problem("merge", "dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
-    qlora_mode = table.get("qlora", "auto")
-    if qlora_mode not in QLORA_MODES:
-        reader.problem("merge", "qlora", f"{qlora_mode!r} is not one of {', '.join(QLORA_MODES)}")
-    adapters = []
-    raw = table.get("adapters", [])
-    if not raw:
-        reader.problem("merge", "adapters", "missing: give at least one adapter as {path = \"...\", weight = 1.0}")
-    for entry in raw if isinstance(raw, list) else []:
-        if isinstance(entry, str):
-            entry = {"path": entry}
-        if not isinstance(entry, dict):
-            reader.problem("merge", "adapters", f"each adapter is a path or {{path, weight}}, got {entry!r}")
-            continue
-        reader.check_keys("merge", entry, ADAPTER_KEYS)
-        adapter = reader.existing_path("merge", "adapters", entry.get("path"), "adapter")
-        if adapter is not None:
-            adapters.append(AdapterSpec(adapter, float(entry.get("weight", 1.0))))
-    if base is None:
-        return None
-    return MergeSpec(base, tuple(adapters), qlora, dtype, bool(table.get("validate", True)), qlora_mode)
+    merge = reader.table("merge", MergeConfig, table)
+    return merge if merge is not None and merge.base is not None else None
 
 
-def _read_eval(reader: _Reader, table) -> EvalSpec:
-    if not isinstance(table, dict):
-        reader.problem("eval", "", "must be a table")
-        return EvalSpec()
-    reader.check_keys("eval", table, EVAL_KEYS)
-    enabled = bool(table.get("enabled", True))
-    text = reader.text_path("eval", "text", table.get("text"), "evaluation") if enabled else None
-    return EvalSpec(text=text, enabled=enabled)
-
-
-class _RaisingParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise argparse.ArgumentError(None, message)
-
-
-def export_parser(target: str) -> argparse.ArgumentParser:
-    """The exporter's own option parser, as `mergeq export TARGET` uses it (errors raise, never exit)."""
-    parser = _RaisingParser(prog=f"[{target}]", exit_on_error=False, add_help=False)
-    get_exporter(target).add_arguments(parser)
-    return parser
-
-
-def _read_export(reader: _Reader, target: str, table):
-    if not isinstance(table, dict):
-        reader.problem(target, "", "must be a table of that exporter's options")
-        return None
-    parser = export_parser(target)
-    actions: dict[str, list[argparse.Action]] = {}
-    for action in parser._actions:
-        if action.option_strings:
-            actions.setdefault(action.dest, []).append(action)
-    argv: list[str] = []
-    for key, value in table.items():
-        if key not in actions:
-            reader.problem(target, key, f"unknown option; {target} takes {', '.join(sorted(actions))}")
-            continue
-        action = actions[key][0]
-        flag = _long_flag(action)
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if not isinstance(value, bool):
-                reader.problem(target, key, f"expected true/false, got {value!r}")
-                continue
-            # the flag that sets this value (`sym = false` may be spelled --asym, a store_false on dest sym)
-            setters = [a for a in actions[key] if a.const is value]
-            if setters:
-                argv.append(_long_flag(setters[0]))
-            continue
-        values = value if isinstance(value, list) else [value]
-        if isinstance(value, list) and not isinstance(action, argparse._AppendAction) and not action.nargs:
-            reader.problem(target, key, f"expected one value, got a list {value!r}")
-            continue
-        if any(isinstance(v, (dict, list)) for v in values):
-            reader.problem(target, key, f"expected plain values, got {value!r}")
-            continue
-        if isinstance(action, argparse._AppendAction):
-            for item in values:
-                argv += [flag, _scalar(item, reader, target)]
-        else:
-            argv += [flag, *(_scalar(item, reader, target) for item in values)]
-    try:
-        namespace = parser.parse_args(argv)
-    except argparse.ArgumentError as err:
-        reader.problem(target, "", f"invalid options: {err}")
-        return None
-    try:
-        options = get_exporter(target).options_from_args(namespace)
-    except MergeqError as err:
-        reader.problem(target, "", str(err))
-        return None
-    if target in INT4_TARGETS and getattr(options, "method", None) != "rtn":
-        raw = table.get("calib")
-        options.calib = reader.text_path(target, "calib", None if raw is None else str(raw), "calibration")
-        namespace.calib = options.calib
-    return options, {k: v for k, v in sorted(vars(namespace).items())}
-
-
-def _long_flag(action: argparse.Action) -> str:
-    return next((f for f in action.option_strings if f.startswith("--")), action.option_strings[0])
-
-
-def _scalar(value, reader: _Reader, target: str) -> str:
-    if isinstance(value, str):
-        path = Path(value).expanduser()
-        if reader.path is not None and not path.is_absolute() and (reader.path.parent / path).exists():
-            return str(reader.path.parent / path)
-    return str(value)
+def _read_eval(reader: _Reader, table) -> EvalOptions:
+    enabled = not (isinstance(table, dict) and table.get("enabled") is False)
+    if not enabled:
+        table = {k: v for k, v in table.items() if k != "text"}  # evaluation off: its text is not read
+    return reader.table("eval", EvalOptions, table, require_texts=enabled) or EvalOptions()

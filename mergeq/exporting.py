@@ -7,39 +7,32 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
+from exporters.evaluate import EvalOptions
 from exporters.registry import get_exporter
 from exporters.report import ArtifactReport
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EvalSettings:
-    text: Path | None  # evaluation text, resolved at the command line or config (mergeq.core.texts); required when enabled
-    reference: Path | None  # the fp16 checkpoint to compare against; None means the exported model itself
-    enabled: bool = True
-
-
-def check_eval_text(reference: Path, text: Path | None) -> None:
+def check_eval_text(reference: Path, options: EvalOptions) -> None:
     """Refuse, before any work, an evaluation text that the evaluation would refuse after the export
     (too short for two windows, not UTF-8, missing): a clear error and nothing written."""
-    from exporters.evaluate import EvalOptions, load_text, load_tokenizer, tokenize
+    from exporters.evaluate import load_text, load_tokenizer, tokenize
     from exporters.metrics import make_windows
 
-    options = EvalOptions()
     tokenizer = load_tokenizer(Path(reference))
-    eval_text = load_text(text, tokenizer)
+    eval_text = load_text(options.text, tokenizer)
     ids, bos = tokenize(tokenizer, eval_text.text)
     make_windows(ids, options.n_ctx, options.max_windows, bos, source=str(eval_text.path))
 
 
-def run_export(target: str, model_dir: Path, out_dir: Path, options, evaluation: EvalSettings) -> list[ArtifactReport]:
+def run_export(target: str, model_dir: Path, out_dir: Path, options, evaluation: EvalOptions) -> list[ArtifactReport]:
+    """`evaluation.reference` None: each artifact is compared with model_dir."""
     exporter = get_exporter(target)()
     if evaluation.enabled:
-        check_eval_text(evaluation.reference or model_dir, evaluation.text)
+        check_eval_text(evaluation.reference or model_dir, evaluation)
     for warning in exporter.preflight(model_dir, options):
         log.warning("%s: %s", target, warning)
     created = not Path(out_dir).exists()
@@ -49,7 +42,8 @@ def run_export(target: str, model_dir: Path, out_dir: Path, options, evaluation:
             if evaluation.enabled:
                 from exporters.evaluate import evaluate_into_report
 
-                evaluate_into_report(report, reference=evaluation.reference or model_dir, text=evaluation.text)
+                evaluate_into_report(report, reference=evaluation.reference or model_dir, text=evaluation.text,
+                                     settings=evaluation)
             report.write(Path(report.path) if Path(report.path).is_dir() else Path(report.path).parent)
     except BaseException:
         if created:  # this command made the directory: a failed export or evaluation leaves none of it behind

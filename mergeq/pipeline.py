@@ -10,16 +10,18 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from exporters.eval_options import EvalOptions
 from exporters.report import ArtifactReport
+from merge.options import MergeConfig
 from mergeq import budget
 from mergeq.core import faults
 from mergeq.core.atomic import atomic_dir, write_json
-from mergeq.config import AdapterSpec, EvalSpec, MergeSpec, PipelineConfig, parse_config
+from mergeq.config import PipelineConfig, parse_config
 from mergeq.core.errors import MergeqError
-from mergeq.exporting import EvalSettings, run_export
+from mergeq.exporting import run_export
 from mergeq.stages import STATE_DIR, Stage, file_stamps, run_lock, stage_key, tree_hashes
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ def preflight(config: PipelineConfig) -> None:
     if config.evaluation.enabled:
         from mergeq.exporting import check_eval_text
 
-        check_eval_text(config.merge.base, config.evaluation.text)  # the merged model keeps the base's tokenizer
+        check_eval_text(config.merge.base, config.evaluation)  # the merged model keeps the base's tokenizer
 
 
 def _run_stages(config: PipelineConfig, out: Path) -> RunResult:
@@ -121,14 +123,14 @@ def _run_stages(config: PipelineConfig, out: Path) -> RunResult:
     merged = out / "merged"
     merge_stage = Stage("merge", merged, stage_key(
         "merge", _merge_inputs(config.merge), config.resolved()["merge"], tool_versions))
-    evaluation = EvalSettings(text=config.evaluation.text, reference=merged, enabled=config.evaluation.enabled)
+    evaluation = replace(config.evaluation, reference=merged)
     _run_stage(merge_stage, out, result, lambda tmp: _merge(config, tmp, evaluation))
     merged_hash = stage_key("merged", model_files(merged), {}, {})
 
     for target, options in config.exports.items():
         stage = Stage(target, out / target, stage_key(
             target, {"merged": merged_hash, "eval": _eval_inputs(config.evaluation)},
-            config.export_args[target], {**tool_versions, **_tool_versions(target, options)}))
+            config.export_values(target), {**tool_versions, **_tool_versions(target, options)}))
         _run_stage(stage, out, result,
                    lambda tmp, t=target, o=options: _export(t, merged, tmp, o, evaluation, str(config.merge.base)))
     result.reports = collect_reports(out)
@@ -157,7 +159,7 @@ def _run_stage(stage: Stage, out: Path, result: RunResult, work) -> None:
     log.info("stage %s: done in %.1f s", stage.name, time.monotonic() - started)
 
 
-def _merge_inputs(spec: MergeSpec) -> dict:
+def _merge_inputs(spec: MergeConfig) -> dict:
     inputs = {"base": tree_hashes(spec.base), "adapters": [
         {"files": tree_hashes(a.path), "weight": a.weight} for a in spec.adapters]}
     if spec.qlora_base:
@@ -165,7 +167,7 @@ def _merge_inputs(spec: MergeSpec) -> dict:
     return inputs
 
 
-def _eval_inputs(spec: EvalSpec) -> dict:
+def _eval_inputs(spec: EvalOptions) -> dict:
     return {"text": tree_hashes(spec.text) if spec.text else "demo", "enabled": spec.enabled}
 
 
@@ -192,23 +194,20 @@ def model_files(directory: Path) -> dict[str, str]:
 DOC_FILES = ("report.json", "report.md", "README.md")
 
 
-def _merge(config: PipelineConfig, tmp: Path, evaluation: EvalSettings) -> None:
-    from merge.merger import MergeConfig, run_merge
+def _merge(config: PipelineConfig, tmp: Path, evaluation: EvalOptions) -> None:
+    from merge.merger import run_merge
 
     spec = config.merge
-    run_merge(MergeConfig(
-        base=spec.base, adapters=[(a.path, a.weight) for a in spec.adapters], out=tmp,
-        dtype=spec.dtype, qlora_base=spec.qlora_base, validate=spec.validate, overwrite=True, qlora=spec.qlora,
-        eval_text=config.evaluation.text))
+    run_merge(replace(spec, out=tmp, overwrite=True, eval_text=config.evaluation.text))
     report = reference_report(tmp, spec)
     if evaluation.enabled:
         from exporters.evaluate import evaluate_into_report
 
-        evaluate_into_report(report, reference=tmp, text=evaluation.text)
+        evaluate_into_report(report, reference=tmp, text=evaluation.text, settings=evaluation)
     _finish_reports([report], tmp, "merged", base_model=str(spec.base))
 
 
-def reference_report(merged: Path, spec: MergeSpec) -> ArtifactReport:
+def reference_report(merged: Path, spec: MergeConfig) -> ArtifactReport:
     """The merged checkpoint's own report: the fp16/bf16 reference every export is compared with."""
     from exporters.evaluate import artifact_size
 
@@ -217,7 +216,7 @@ def reference_report(merged: Path, spec: MergeSpec) -> ArtifactReport:
                           provenance={"merge_manifest": "merge_manifest.json", "dtype": spec.dtype})
 
 
-def _export(target: str, merged: Path, tmp: Path, options, evaluation: EvalSettings, base_model: str) -> None:
+def _export(target: str, merged: Path, tmp: Path, options, evaluation: EvalOptions, base_model: str) -> None:
     reports = run_export(target, merged, tmp, options, evaluation)
     _finish_reports(reports, tmp, target, base_model=base_model)
 

@@ -26,3 +26,19 @@ def resolve_text_option(value: Path | str | None, *, option: str, purpose: str) 
         assets = demo_assets()
         return Path(assets.calib_text if purpose == "calibration" else assets.eval_text)
     return Path(value)
+
+
+def resolve_texts(options, *, flags: dict[str, str] | None = None):
+    """`options` (an options dataclass, mergeq.core.options) with every text option given resolved (`demo` -> the
+    demo's text) and every required one present; an error names the option's flag (`flags` renames it)."""
+    from dataclasses import replace
+
+    from mergeq.core.options import specs
+
+    changes = {}
+    for spec in specs(type(options)):
+        value = getattr(options, spec.name)
+        if spec.opt.text and (value is not None or spec.opt.required):
+            flag = (flags or {}).get(spec.name, spec.flag)
+            changes[spec.name] = resolve_text_option(value, option=flag, purpose=spec.opt.text)
+    return replace(options, **changes)

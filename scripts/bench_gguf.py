@@ -55,10 +55,11 @@ def by_hand(model: Path, work: Path, quants: list[str]) -> float:
 def with_mergeq(model: Path, work: Path, quants: list[str]) -> float:
     """mergeq's export as the CLI and the pipeline run it: preflight, export, reports (evaluation off)."""
     from exporters.gguf import GGUFOptions
-    from mergeq.exporting import EvalSettings, run_export
+    from exporters.eval_options import EvalOptions
+    from mergeq.exporting import run_export
 
     started = time.perf_counter()
-    run_export("gguf", model, work, GGUFOptions(quants=tuple(quants)), EvalSettings(None, None, enabled=False))
+    run_export("gguf", model, work, GGUFOptions(quants=tuple(quants)), EvalOptions(enabled=False))
     return time.perf_counter() - started
 
 

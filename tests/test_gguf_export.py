@@ -272,5 +272,5 @@ def test_killed_export_leaves_no_finished_looking_file(tmp_path, built):
 
 def test_unknown_quant_type_from_llama_quantize_side_is_refused_before_work(model96, tmp_path):
     with pytest.raises(MergeqError):
-        GGUFExporter.options_from_args(type("A", (), {"quant": ["Q3_K_XXL"]})())
+        GGUFOptions(quants=("Q3_K_XXL",)).checked()
     assert not (tmp_path / "out").exists()

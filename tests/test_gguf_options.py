@@ -12,16 +12,18 @@ from exporters import gguf as gguf_exporter
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.registry import get_exporter
 from mergeq.core.errors import MergeqError
+from mergeq.core.options import add_options, from_namespace
 
 
 def parse(*argv: str) -> GGUFOptions:
     parser = argparse.ArgumentParser(exit_on_error=False)
-    GGUFExporter.add_arguments(parser)
-    return GGUFExporter.options_from_args(parser.parse_args(list(argv)))
+    add_options(parser, GGUFOptions)
+    return from_namespace(GGUFOptions, parser.parse_args(list(argv)))
 
 
 def test_registered_as_gguf():
-    assert get_exporter("gguf") is GGUFExporter and GGUFExporter.name == "gguf"
+    target = get_exporter("gguf")
+    assert target.name == "gguf" and target.options is GGUFOptions and isinstance(target(), GGUFExporter)
 
 
 def test_type_names_are_canonicalised_and_deduplicated():
@@ -52,13 +54,13 @@ def test_imatrix_options_go_together():
 
 
 def test_pipeline_config_uses_the_same_validation():
-    from mergeq.config import _read_export, _Reader
+    from mergeq.config import _Reader
 
     reader = _Reader(None, "")
-    options, resolved = _read_export(reader, "gguf", {"quant": ["q8_0", "Q4_K_M"]})
+    options = reader.table("gguf", GGUFOptions, {"quant": ["q8_0", "Q4_K_M"]})
     assert options.quants == ("Q8_0", "Q4_K_M") and not reader.problems
-    assert _read_export(reader, "gguf", {"quant": ["Q9_9"]}) is None
-    assert "not a llama-quantize type" in reader.problems[-1]
+    assert reader.table("gguf", GGUFOptions, {"quant": ["Q9_9"]}) is None
+    assert "[gguf] quant: --quant 'Q9_9' is not a llama-quantize type" in reader.problems[-1]
 
 
 def _checkpoint(path: Path, config: dict, *, tokenizer=True, weights=True) -> Path:

@@ -1,13 +1,15 @@
-"""What the gptq and awq exporters share: options, preflight, the streamed export and its report."""
+"""The int4 exporter, one class registered for `gptq` and for `awq` (each with its options dataclass,
+exporters.int4.options): preflight plans the scheme; export calibrates, quantizes layer by layer into shards,
+writes the config and side files, and reports."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,9 +19,11 @@ from exporters.int4.arch import architecture_of
 from exporters.int4.calibration import Calibration, load_calibration
 from exporters.int4.checkpoint import ShardWriter, TensorSource, copy_auxiliary_files, read_config
 from exporters.int4.formats import FORMATS
-from exporters.int4.layerwise import EngineOptions, quantize_streaming, resolve_device
+from exporters.int4.layerwise import EngineOptions, StreamResult, quantize_streaming, resolve_device
+from exporters.int4.options import AwqOptions, GptqOptions, Int4Options
 from exporters.int4.quant import QuantizedLinear, QuantScheme
 from exporters.int4.resume import LayerCheckpoints, inputs_key
+from exporters.registry import register
 from exporters.report import ArtifactReport, SizeInfo, StageCost
 from mergeq.core import VERSION
 from mergeq.core.atomic import atomic_dir, write_json
@@ -29,33 +33,32 @@ from mergeq.core.texts import FORMATS_HELP, split_column
 
 log = logging.getLogger(__name__)
 
-FORMAT_CHOICES = ("native", "compressed-tensors")
+SHARD_BYTES = 1 << 30  # output buffered before a shard is written
 
 
-@dataclass
-class Int4Options:
-    method: str  # "gptq", "awq" (or "rtn", the baseline)
-    bits: int = 4
-    group_size: int | None = None  # None: 128 if it divides every in_features, else 64, else 32
-    sym: bool | None = None  # None: the method's default (GPTQ symmetric, AWQ asymmetric)
-    desc_act: bool = False
-    format: str = "native"  # "native" (the method's own layout) or "compressed-tensors"
-    calib: Path | None = None  # calibration text (mergeq.core.texts formats); required except for RTN
-    samples: int = 128
-    seq_len: int = 512
-    device: str = "auto"
-    damp_percent: float = 0.01
-    act_order: str = "static"  # GPTQ without --desc-act: "static" (default) or "none"
-    gptq_mse: bool = False
-    max_shard_bytes: int = 1 << 30  # output buffered before a shard is written
-    awq_sketch_rows: int = 128  # rows of the CountSketch AWQ measures output error against
-    awq_duo: bool = False
+@dataclass(frozen=True)
+class Int4Exporter:
+    """An int4 checkpoint for vLLM by mergeq's own GPTQ or AWQ (quant_method gptq / awq, version gemm, or
+    compressed-tensors pack-quantized), streamed layer by layer."""
 
-    @property
-    def format_name(self) -> str:
-        if self.format == "compressed-tensors":
-            return "compressed-tensors"
-        return "awq" if self.method == "awq" else "gptq"
+    method: str  # "gptq" or "awq": the options dataclass says the same (options.method)
+
+    def preflight(self, model_dir: Path, options: Int4Options) -> list[str]:
+        self._check_method(options)
+        the_plan = plan(Path(model_dir), options)
+        return the_plan.warnings + the_plan.choices
+
+    def export(self, model_dir: Path, out_dir: Path, options: Int4Options) -> list[ArtifactReport]:
+        self._check_method(options)
+        return [export_int4(Path(model_dir), Path(out_dir), options)]
+
+    def _check_method(self, options: Int4Options) -> None:
+        if options.method != self.method:
+            raise MergeqError(f"the {self.method} exporter was given {options.method} options")
+
+
+register("gptq", GptqOptions, make=partial(Int4Exporter, "gptq"))
+register("awq", AwqOptions, make=partial(Int4Exporter, "awq"))
 
 
 @dataclass
@@ -67,51 +70,6 @@ class Plan:
     prediction: dict
     warnings: list[str]
     choices: list[str]  # automatic choices, recorded in the report
-
-
-def add_int4_arguments(parser: argparse.ArgumentParser, *, method: str, samples: int, seq_len: int) -> None:
-    parser.add_argument("--bits", type=int, default=4, choices=(4, 8) if method == "gptq" else (4,),
-                        help="weight bits (default 4)")
-    parser.add_argument("--group-size", type=int, default=None,
-                        help="input columns per scale (default: 128 if it divides every layer, else 64 or 32; -1: per channel)")
-    symmetry = parser.add_mutually_exclusive_group()
-    symmetry.add_argument("--sym", dest="sym", action="store_true", default=None,
-                          help="symmetric codes, no zero points" + (" (default; vLLM's Marlin needs it)" if method == "gptq" else ""))
-    symmetry.add_argument("--asym", dest="sym", action="store_false",
-                          help="asymmetric codes with zero points" + (" (default)" if method == "awq" else ""))
-    if method == "gptq":
-        parser.add_argument("--desc-act", action="store_true",
-                            help="GPTQ dynamic activation order: groups follow it (writes g_idx; Exllama cannot split it)")
-        parser.add_argument("--act-order", choices=("static", "none"), default="static",
-                            help="without --desc-act: process columns by activation order with fixed contiguous groups "
-                                 "(static, default) or in plain order (none)")
-        parser.add_argument("--damp-percent", type=float, default=0.01,
-                            help="GPTQ dampening as a fraction of the mean Hessian diagonal (default 0.01)")
-    parser.add_argument("--format", choices=FORMAT_CHOICES, default="native",
-                        help=f"checkpoint layout: {method} (native, default) or compressed-tensors pack-quantized")
-    parser.add_argument("--calib", type=Path, help="calibration text, required: .txt; .jsonl with a \"text\" field or chat "
-                                                   "\"messages\" (rendered with the model's chat template); "
-                                                   ".parquet:COLUMN; `demo` for the demo's text")
-    parser.add_argument("--samples", type=int, default=samples, help=f"calibration samples (default {samples})")
-    parser.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per calibration sample (default {seq_len})")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
-
-
-def options_from_args(args, method: str) -> Int4Options:
-    return Int4Options(
-        method=method,
-        bits=args.bits,
-        group_size=args.group_size,
-        sym=args.sym,
-        desc_act=getattr(args, "desc_act", False),
-        format=args.format,
-        calib=args.calib,
-        samples=args.samples,
-        seq_len=args.seq_len,
-        device=args.device,
-        damp_percent=getattr(args, "damp_percent", 0.01),
-        act_order=getattr(args, "act_order", "static"),
-    )
 
 
 # ------------------------------------------------------------------------------------------------ preflight
@@ -212,65 +170,87 @@ def _replaceable(out_dir: Path) -> bool:
     return "quantization_config" in config
 
 
-def layer_checkpoints(model_dir: Path, out_dir: Path, tokens, engine: EngineOptions, config: dict) -> LayerCheckpoints:
-    """Where each finished decoder layer is saved, so a killed export resumes at the next layer. The folder sits
-    beside the output and is named by the inputs' key, not by the output's (temporary) name: the pipeline's
-    stage writes into a new temporary folder on every attempt. It is removed when the export finishes."""
-    key = inputs_key(model_dir, tokens, {"engine": asdict(engine), "version": VERSION})
-    return LayerCheckpoints(Path(out_dir).parent / f".mergeq-int4-resume-{key[:20]}", key,
-                            int(config["num_hidden_layers"]))
-
-
 def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> ArtifactReport:
-    model_dir = Path(model_dir)
-    out_dir = Path(out_dir)
+    """Calibrate -> quantize (streamed, layer by layer, into shards) -> write the config -> report."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
     the_plan = plan(model_dir, options)
-    if options.method != "rtn" and options.calib is None:
-        raise MergeqError(f"no calibration text given ({FORMATS_HELP})",
-                          hint="pass --calib FILE (or `calib` in the config): text like what the model will see "
-                               "in use; `demo` names the demo's calibration text")
+    _check_output(model_dir, out_dir)
+    reset_peak_rss()  # the report's peak is this export's, not the process's since it started
+    started = time.perf_counter()
+    calibration = calibrate(model_dir, options)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        result, sink = quantize(model_dir, out_dir, tmp, options, the_plan, calibration)
+        copied = write(model_dir, tmp, options, the_plan)
+        size_bytes = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+    seconds = time.perf_counter() - started
+    return report(model_dir, out_dir, options, the_plan, calibration, result, sink, copied, size_bytes, seconds)
+
+
+def _check_output(model_dir: Path, out_dir: Path) -> None:
     if not _replaceable(out_dir):
         raise MergeqError(f"{out_dir} exists and is not an int4 checkpoint written by mergeq",
                           hint="choose another --out or remove it")
     if model_dir.resolve() == out_dir.resolve():
         raise MergeqError("--out must differ from --model")
-    reset_peak_rss()  # the report's peak is this export's, not the process's since it started
-    started = time.perf_counter()
-    fmt = FORMATS[the_plan.format_name]
 
-    calibration: Calibration | None = None
-    if options.method != "rtn":
-        from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        calibration = load_calibration(options.calib, tokenizer, options.samples, options.seq_len)
+def calibrate(model_dir: Path, options: Int4Options) -> Calibration | None:
+    """The calibration samples, tokenized by the model's tokenizer (None for RTN, which needs none)."""
+    if options.method == "rtn":
+        return None
+    if options.calib is None:
+        raise MergeqError(f"no calibration text given ({FORMATS_HELP})",
+                          hint="pass --calib FILE (or `calib` in the config): text like what the model will see "
+                               "in use; `demo` names the demo's calibration text")
+    from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return load_calibration(options.calib, tokenizer, options.samples, options.seq_len)
+
+
+def quantize(model_dir: Path, out_dir: Path, tmp: Path, options: Int4Options, the_plan: Plan,
+             calibration: Calibration | None) -> tuple[StreamResult, FormatSink]:
+    """Every decoder layer quantized in turn, its tensors written to shards under tmp in the plan's format
+    (each finished layer also saved beside out_dir, so a killed export resumes at the next layer)."""
     engine = EngineOptions(method=options.method, scheme=the_plan.scheme, desc_act=options.desc_act,
-                           act_order=options.act_order, gptq_mse=options.gptq_mse,
-                           awq_sketch_rows=options.awq_sketch_rows, awq_duo=options.awq_duo,
-                           damp_percent=options.damp_percent, device=options.device)
-    config = read_config(model_dir)
-    with atomic_dir(out_dir, overwrite=True) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes=options.max_shard_bytes)
-        sink = FormatSink(fmt, writer, the_plan.scheme, options.desc_act)
-        tokens = None if calibration is None else calibration.tokens
-        result = quantize_streaming(model_dir, tokens, engine, sink,
-                                    checkpoints=layer_checkpoints(model_dir, out_dir, tokens, engine, config))
-        writer.finish()
-        qconfig = fmt.quantization_config(the_plan.scheme, options.desc_act,
-                                          options.damp_percent if options.method == "gptq" else None)
-        out_config = dict(config)
-        out_config["quantization_config"] = qconfig
-        out_config["dtype"] = "float16"
-        if "torch_dtype" in out_config:
-            out_config["torch_dtype"] = "float16"
-        write_json(tmp / "config.json", out_config)
-        for name, content in fmt.side_files(qconfig).items():
-            write_json(tmp / name, content)
-        copied = copy_auxiliary_files(model_dir, tmp)
-        size_bytes = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
-    seconds = time.perf_counter() - started
+                           act_order=options.act_order, damp_percent=options.damp_percent, device=options.device)
+    writer = ShardWriter(tmp, max_shard_bytes=SHARD_BYTES)
+    sink = FormatSink(FORMATS[the_plan.format_name], writer, the_plan.scheme, options.desc_act)
+    tokens = None if calibration is None else calibration.tokens
+    result = quantize_streaming(model_dir, tokens, engine, sink,
+                                checkpoints=layer_checkpoints(model_dir, out_dir, tokens, engine))
+    writer.finish()
+    return result, sink
 
+
+def layer_checkpoints(model_dir: Path, out_dir: Path, tokens, engine: EngineOptions) -> LayerCheckpoints:
+    """Where each finished decoder layer is saved, so a killed export resumes at the next layer. The folder sits
+    beside the output and is named by the inputs' key, not by the output's (temporary) name: the pipeline's
+    stage writes into a new temporary folder on every attempt. It is removed when the export finishes."""
+    key = inputs_key(model_dir, tokens, {"engine": asdict(engine), "version": VERSION})
+    return LayerCheckpoints(Path(out_dir).parent / f".mergeq-int4-resume-{key[:20]}", key,
+                            int(read_config(model_dir)["num_hidden_layers"]))
+
+
+def write(model_dir: Path, tmp: Path, options: Int4Options, the_plan: Plan) -> list[str]:
+    """config.json with the quantization config, the format's side files, the tokenizer and other small files."""
+    fmt = FORMATS[the_plan.format_name]
+    qconfig = fmt.quantization_config(the_plan.scheme, options.desc_act,
+                                      options.damp_percent if options.method == "gptq" else None)
+    out_config = dict(read_config(model_dir))
+    out_config["quantization_config"] = qconfig
+    out_config["dtype"] = "float16"
+    if "torch_dtype" in out_config:
+        out_config["torch_dtype"] = "float16"
+    write_json(tmp / "config.json", out_config)
+    for name, content in fmt.side_files(qconfig).items():
+        write_json(tmp / name, content)
+    return copy_auxiliary_files(model_dir, tmp)
+
+
+def report(model_dir: Path, out_dir: Path, options: Int4Options, the_plan: Plan, calibration: Calibration | None,
+           result: StreamResult, sink: FormatSink, copied: list[str], size_bytes: int,
+           seconds: float) -> ArtifactReport:
     source = TensorSource(model_dir)
     total_params = sum(_numel(source.shape(n)) for n in source.names())
     source.close()
@@ -281,8 +261,6 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
         bits_per_quantized_weight=8 * sink.quantized_bytes / max(sink.quantized_params, 1),
         tensor_types={f"int{the_plan.scheme.bits}-packed": sink.quantized_linears, "F16": sink.plain_tensors},
     )
-    device = str(resolve_device(options.device))
-    summary = kernels.summarize(the_plan.prediction)
     extra = {
         "method": options.method,
         "checkpoint_format": the_plan.format_name,
@@ -291,10 +269,10 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
         "sym": the_plan.scheme.sym,
         "desc_act": options.desc_act,
         "vllm_method": the_plan.prediction["method"],
-        "vllm_kernel_by_tp": summary,
+        "vllm_kernel_by_tp": kernels.summarize(the_plan.prediction),
         "vllm_prediction": the_plan.prediction,
         "vllm_serve": kernels.serve_command(out_dir, the_plan.format_name),
-        "device": device,
+        "device": str(resolve_device(options.device)),
         "automatic_choices": the_plan.choices,
         "copied_files": copied,
         "quantize_seconds": round(result.seconds, 3),

@@ -11,7 +11,9 @@ import logging
 import os
 from pathlib import Path
 
+from exporters.eval_options import EvalOptions
 from exporters.registry import EXPORTER_MODULES, get_exporter
+from mergeq.core.options import add_options, from_namespace
 from mergeq.core.progress import QUIET_ENV
 
 TARGET_HELP = {
@@ -21,36 +23,31 @@ TARGET_HELP = {
 }
 
 
+EVAL_FLAGS = ("text", "enabled", "reference")  # of EvalOptions, offered by `mergeq export`
+
+
 def target_parser(target: str) -> argparse.ArgumentParser:
     """The full option parser of `mergeq export TARGET`: the common options plus the exporter's own."""
     parser = argparse.ArgumentParser(prog=f"mergeq export {target}", description=TARGET_HELP.get(target))
     parser.add_argument("--model", type=Path, required=True, help="merged Hugging Face checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--reference", type=Path, help="fp16 checkpoint to compare against (default: --model)")
-    parser.add_argument("--eval-text", help="evaluation text, required unless --no-eval: .txt; .jsonl with a \"text\" "
-                                            "field or chat \"messages\"; .parquet:COLUMN; `demo` for the demo's text")
-    parser.add_argument("--no-eval", action="store_true", help="skip perplexity/KL evaluation")
+    add_options(parser, EvalOptions, only=EVAL_FLAGS)
     parser.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
-    get_exporter(target).add_arguments(parser)
+    add_options(parser, get_exporter(target).options)
     return parser
 
 
 def run(args) -> int:
-    from mergeq.exporting import EvalSettings, run_export
-    from mergeq.textopts import resolve_text_option
+    from mergeq.exporting import run_export
+    from mergeq.textopts import resolve_texts
 
     options_ns = target_parser(args.target).parse_args(args.extra)
     if options_ns.json:
         os.environ[QUIET_ENV] = "1"
         logging.getLogger().setLevel(logging.WARNING)
-    exporter_cls = get_exporter(args.target)
-    options = exporter_cls.options_from_args(options_ns)
-    if args.target in ("awq", "gptq") and getattr(options, "method", None) != "rtn":
-        options.calib = resolve_text_option(options.calib, option="--calib", purpose="calibration")
-    text = None
-    if not options_ns.no_eval:
-        text = resolve_text_option(options_ns.eval_text, option="--eval-text", purpose="evaluation")
-    evaluation = EvalSettings(text=text, reference=options_ns.reference, enabled=not options_ns.no_eval)
+    options = resolve_texts(from_namespace(get_exporter(args.target).options, options_ns))
+    evaluation = from_namespace(EvalOptions, options_ns, only=EVAL_FLAGS)
+    evaluation = resolve_texts(evaluation) if evaluation.enabled else evaluation
     reports = run_export(args.target, options_ns.model, options_ns.out, options, evaluation)
     from exporters.report import print_reports
 
