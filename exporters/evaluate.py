@@ -80,7 +80,8 @@ class EvalResult:
 def load_text(path: Path | str | None, tokenizer=None) -> EvalText:
     """The evaluation text in any format mergeq.core.texts reads (chat data rendered with `tokenizer`'s template).
     There is no default: the command line or config resolves one (mergeq.textopts.resolve_text_option)."""
-    from mergeq.core.texts import FORMATS_HELP, load_text as load_any
+    from mergeq.core.texts import FORMATS_HELP
+    from mergeq.core.texts import load_text as load_any
 
     if path is None:
         raise MergeqError(f"no evaluation text given ({FORMATS_HELP})",

@@ -86,7 +86,8 @@ class GGUFOptions:
             if canonical not in quants:
                 quants.append(canonical)
         if self.imatrix and self.calib is None:
-            raise OptionError("calib", "--imatrix needs --calib FILE: the text that llama-imatrix runs through the model")
+            raise OptionError("calib",
+                              "--imatrix needs --calib FILE: the text that llama-imatrix runs through the model")
         if self.calib is not None and not self.imatrix:
             raise OptionError("calib", "--calib is only used with --imatrix", hint="add --imatrix, or drop --calib")
         if not self.imatrix and (need := [q for q in quants if q in pin.needs_imatrix]):

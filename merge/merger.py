@@ -31,8 +31,15 @@ from merge.adapters import Adapter, LoraModule, Replacement, describe_adapter, l
 from merge.checkpoint import Checkpoint
 from merge.model_info import ModelInfo, describe
 from merge.options import AdapterRef, MergeConfig
-from merge.qlora import (QuantSettings, check_quantization_config, dequantize, quantize_dequantize,
-                         quantized_shape, quantized_weights, read_state)
+from merge.qlora import (
+    QuantSettings,
+    check_quantization_config,
+    dequantize,
+    quantize_dequantize,
+    quantized_shape,
+    quantized_weights,
+    read_state,
+)
 from merge.qlora_detect import Decision, adapter_evidence, decide, user_base_evidence
 from merge.writer import OutTensor, ShardedWriter
 from mergeq.core.atomic import atomic_dir, write_json

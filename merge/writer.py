@@ -20,7 +20,6 @@ from merge.options import DEFAULT_MAX_SHARD_BYTES
 from mergeq.core.atomic import write_json
 
 
-
 @dataclass(frozen=True)
 class OutTensor:
     name: str

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from exporters.evaluate import EvalOptions
 from exporters.registry import EXPORTER_MODULES, get_exporter

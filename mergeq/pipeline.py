@@ -7,7 +7,6 @@ started again finishes with the same artifacts.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -17,9 +16,9 @@ from exporters.eval_options import EvalOptions
 from exporters.report import ArtifactReport
 from merge.options import MergeConfig
 from mergeq import budget
+from mergeq.config import PipelineConfig, parse_config
 from mergeq.core import faults
 from mergeq.core.atomic import atomic_dir, write_json
-from mergeq.config import PipelineConfig, parse_config
 from mergeq.core.errors import MergeqError
 from mergeq.exporting import run_export
 from mergeq.stages import STATE_DIR, Stage, file_stamps, run_lock, stage_key, tree_hashes

@@ -54,8 +54,8 @@ def by_hand(model: Path, work: Path, quants: list[str]) -> float:
 
 def with_mergeq(model: Path, work: Path, quants: list[str]) -> float:
     """mergeq's export as the CLI and the pipeline run it: preflight, export, reports (evaluation off)."""
-    from exporters.gguf import GGUFOptions
     from exporters.eval_options import EvalOptions
+    from exporters.gguf import GGUFOptions
     from mergeq.exporting import run_export
 
     started = time.perf_counter()

@@ -108,7 +108,7 @@ def test_streaming_matches_whole_model_quantization(tmp_path):
     tokens = load_calibration(calib, AutoTokenizer.from_pretrained(base), 6, 48).tokens
     config = json.loads((base / "config.json").read_text())
     arch = architecture_of(config)
-    options = EngineOptions(method="gptq", scheme=QuantScheme(4, 32, True))
+    options = EngineOptions(given=Int4Options(method="gptq", device="cpu"), scheme=QuantScheme(4, 32, True))
     ctx = LayerContext(arch=arch, options=options, seq_len=48,
                        position_embeddings=rotary_embeddings(arch, model.config, 48, "cpu"))
 

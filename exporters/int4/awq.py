@@ -66,49 +66,27 @@ def _fake_quant_error(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     return ((q - zero) * scale - wg).reshape(out, inf)
 
 
-def _weight_mean(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Mean over output rows of |w| relative to its group's largest |w|, per input channel."""
-    out, inf = weight.shape
-    gs = scheme.effective_group_size(inf)
-    wg = weight.abs().reshape(out, inf // gs, gs)
-    return (wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)).reshape(out, inf).mean(0)
-
-
-def search_scales(weight: torch.Tensor, stats: InputStats, scheme: QuantScheme, grid: int = 20,
-                  duo: bool = True) -> ScaleResult:
+def search_scales(weight: torch.Tensor, stats: InputStats, scheme: QuantScheme, grid: int = 20) -> ScaleResult:
     """Best per-input-channel scale for the stacked weight [out, in] of linears sharing one input.
 
-    Candidates: s = mean|x|^alpha and, with `duo`, s = mean|x|^alpha / mean|w|^(1-alpha) (mean|w| relative to
-    each group's maximum), for `grid` values of alpha in [0, 1). Each family is searched coarse to fine (every
-    second point, then the neighbours of the best), which finds the family's best grid point whenever its loss
-    is unimodal in alpha."""
+    Candidates: s = mean|x|^alpha for `grid` values of alpha in [0, 1), searched coarse to fine (every second
+    point, then the neighbours of the best), which finds the best grid point whenever the loss is unimodal in
+    alpha."""
     x_mean = stats.mean_abs.clamp(min=1e-8)
-    w_mean = _weight_mean(weight, scheme) if duo else None
-    losses: dict[tuple[bool, int], tuple[float, torch.Tensor]] = {}
+    losses: dict[int, tuple[float, torch.Tensor]] = {}
 
-    def evaluate(key: tuple[bool, int]) -> float:
-        if key not in losses:
-            with_w, step = key
-            alpha = step / grid
-            s = x_mean.pow(alpha)
-            if with_w:
-                s = s / (w_mean.pow(1 - alpha) + 1e-4)
-            s = s.clamp(min=1e-4)
+    def evaluate(step: int) -> float:
+        if step not in losses:
+            s = x_mean.pow(step / grid).clamp(min=1e-4)
             s = s / torch.sqrt(s.max() * s.min())
             # ||(Q(W s)/s - W) X^T|| = ||(Q(W s) - W s) (X / s)^T||
             error = _fake_quant_error(weight * s, scheme)
-            losses[key] = (float((error @ (stats.sketch / s).t()).square().sum()), s)
-        return losses[key][0]
+            losses[step] = (float((error @ (stats.sketch / s).t()).square().sum()), s)
+        return losses[step][0]
 
-    best = None
-    for with_w in ((False, True) if duo else (False,)):
-        coarse = min(range(0, grid, 2), key=lambda step: evaluate((with_w, step)))
-        fine = min((step for step in (coarse - 1, coarse, coarse + 1) if 0 <= step < grid),
-                   key=lambda step: evaluate((with_w, step)))
-        if best is None or evaluate((with_w, fine)) < evaluate(best):
-            best = (with_w, fine)
-    return ScaleResult(scales=losses[best][1], alpha=best[1] / grid, loss=losses[best][0],
-                       rtn_loss=evaluate((False, 0)))
+    coarse = min(range(0, grid, 2), key=evaluate)
+    best = min((step for step in (coarse - 1, coarse, coarse + 1) if 0 <= step < grid), key=evaluate)
+    return ScaleResult(scales=losses[best][1], alpha=best / grid, loss=losses[best][0], rtn_loss=evaluate(0))
 
 
 def search_clip(weight: torch.Tensor, sketch: torch.Tensor, scheme: QuantScheme, *, grid: int = 20,

@@ -85,7 +85,8 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
     warnings: list[str] = []
 
     if options.samples < 1 or options.seq_len < 2:
-        raise MergeqError(f"--samples {options.samples} --seq-len {options.seq_len}: need at least 1 sample of 2 tokens")
+        raise MergeqError(f"--samples {options.samples} --seq-len {options.seq_len}: "
+                          "need at least 1 sample of 2 tokens")
     if options.method != "rtn" and options.calib is not None and not split_column(options.calib)[0].is_file():
         raise MergeqError(f"calibration file {options.calib} not found", hint=f"pass --calib FILE ({FORMATS_HELP})")
     if options.method == "awq" and options.desc_act:
@@ -212,8 +213,7 @@ def quantize(model_dir: Path, out_dir: Path, tmp: Path, options: Int4Options, th
              calibration: Calibration | None) -> tuple[StreamResult, FormatSink]:
     """Every decoder layer quantized in turn, its tensors written to shards under tmp in the plan's format
     (each finished layer also saved beside out_dir, so a killed export resumes at the next layer)."""
-    engine = EngineOptions(method=options.method, scheme=the_plan.scheme, desc_act=options.desc_act,
-                           act_order=options.act_order, damp_percent=options.damp_percent, device=options.device)
+    engine = EngineOptions(given=options, scheme=the_plan.scheme)
     writer = ShardWriter(tmp, max_shard_bytes=SHARD_BYTES)
     sink = FormatSink(FORMATS[the_plan.format_name], writer, the_plan.scheme, options.desc_act)
     tokens = None if calibration is None else calibration.tokens

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from exporters.int4.quant import QuantizedLinear, QuantScheme, group_params, group_params_mse
+from exporters.int4.quant import QuantizedLinear, QuantScheme, group_params
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     act_order: str = "static",
     block_size: int = 128,
-    mse: bool = True,
 ) -> QuantizedLinear:
     """Quantize weight [out, in] (float32) against the Hessian [in, in]; codes come back in the original column
     order with g_idx.
@@ -65,10 +64,9 @@ def gptq_quantize(
     act_order: "none" processes columns in order; "static" processes them by decreasing Hessian diagonal
     but keeps the contiguous groups, with each group's scale fixed from the original weights before any
     update (g_idx stays trivial, so every kernel takes it); "dynamic" (desc_act) also forms the groups in
-    that order, which needs g_idx. mse: shrink each group's range where that lowers its rounding error."""
+    that order, which needs g_idx."""
     if act_order not in ("none", "static", "dynamic"):
         raise ValueError(f"act_order must be none, static or dynamic, not {act_order!r}")
-    params = group_params_mse if mse else group_params
     w = weight.to(torch.float32).clone()
     h = hessian.to(torch.float32).clone()
     out_features, in_features = w.shape
@@ -82,7 +80,7 @@ def gptq_quantize(
 
     static = None
     if act_order == "static" and group < in_features:
-        static = params(w.reshape(out_features, n_groups, group), scheme)  # ([out, groups], [out, groups])
+        static = group_params(w.reshape(out_features, n_groups, group), scheme)  # ([out, groups], [out, groups])
     perm = None
     if act_order != "none":
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
@@ -115,7 +113,7 @@ def gptq_quantize(
                 scale, zero = scales[:, g], zeros[:, g]
             elif col % group == 0:
                 # group boundaries coincide with block boundaries, so the group lies inside w1
-                scale, zero = params(w1[:, i : i + group], scheme)
+                scale, zero = group_params(w1[:, i : i + group], scheme)
                 scales[:, col // group] = scale
                 zeros[:, col // group] = zero
             column = w1[:, i]

@@ -31,6 +31,7 @@ from exporters.int4 import awq as awq_alg
 from exporters.int4.arch import Architecture, LinearGroup, architecture_of
 from exporters.int4.checkpoint import TensorSource, read_config
 from exporters.int4.gptq import HessianAccumulator, gptq_quantize
+from exporters.int4.options import Int4Options
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
 from exporters.int4.resume import LayerCheckpoints, LayerOutput
 from mergeq.core.errors import MergeqError
@@ -42,25 +43,28 @@ log = logging.getLogger(__name__)
 METHODS = ("gptq", "awq", "rtn")
 
 
-@dataclass
+# the engine's own settings, not options
+GPTQ_BLOCK = 128  # GPTQ lazy-batch block
+AWQ_GRID = 20  # AWQ alpha grid points in [0, 1)
+AWQ_SKETCH_ROWS = 128  # rows of the CountSketch AWQ measures output error against
+CHUNK_TOKENS = 4096  # calibration tokens pushed through a layer at once
+
+
+@dataclass(frozen=True)
 class EngineOptions:
-    method: str  # "gptq", "awq" or "rtn"
+    """What the engine runs: the int4 options as given and the exact scheme planned from them
+    (exporters.int4.export.plan)."""
+
+    given: Int4Options
     scheme: QuantScheme
-    desc_act: bool = False  # GPTQ dynamic activation order (groups follow it; writes g_idx)
-    act_order: str = "static"  # GPTQ column order when not desc_act: "static" or "none"
-    gptq_mse: bool = False  # GPTQ group ranges shrunk to minimize rounding error (measured: no gain with static order)
-    damp_percent: float = 0.01  # GPTQ dampening, as a fraction of the mean Hessian diagonal
-    block_size: int = 128  # GPTQ lazy-batch block
-    awq_grid: int = 20  # AWQ alpha grid points in [0, 1)
-    awq_clip: bool = True
-    awq_duo: bool = False  # also try scales divided by mean|w|^(1-alpha) (measured worse on the demo base)
-    awq_sketch_rows: int = 128
-    device: str = "cpu"
-    chunk_tokens: int = 4096  # calibration tokens pushed through a layer at once
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise MergeqError(f"unknown int4 method {self.method!r}", hint=f"choose one of {', '.join(METHODS)}")
+
+    @property
+    def method(self) -> str:
+        return self.given.method
 
 
 class Sink(Protocol):
@@ -226,9 +230,9 @@ def _gptq_group(layer, group: LinearGroup, inputs: list[torch.Tensor], ctx: Laye
     for x in inputs:
         acc.add(x)
     try:
-        stacked = gptq_quantize(_stacked(layer, group), acc.value(), opts.scheme, damp_percent=opts.damp_percent,
-                                act_order="dynamic" if opts.desc_act else opts.act_order, block_size=opts.block_size,
-                                mse=opts.gptq_mse)
+        given = opts.given
+        stacked = gptq_quantize(_stacked(layer, group), acc.value(), opts.scheme, damp_percent=given.damp_percent,
+                                act_order="dynamic" if given.desc_act else given.act_order, block_size=GPTQ_BLOCK)
     except RuntimeError as exc:
         raise MergeqError(f"GPTQ failed on {', '.join(group.linears)} of decoder layer {ctx.layer_index}: {exc}",
                           hint="raise --damp-percent (e.g. 0.1), or check the calibration text") from exc
@@ -280,7 +284,7 @@ def _awq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext):
     hooks = []
     for index, group in enumerate(arch.groups):
         first = _linear(layer, group.linears[0])
-        stats[group.name] = awq_alg.InputStats(first.in_features, opts.awq_sketch_rows, device, seed=index)
+        stats[group.name] = awq_alg.InputStats(first.in_features, AWQ_SKETCH_ROWS, device, seed=index)
 
         def hook(_module, args, _stats=stats[group.name]):
             _stats.add(args[0])
@@ -296,8 +300,7 @@ def _awq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext):
     sketches: dict[str, torch.Tensor] = {}
     for group in arch.groups:
         weight = _stacked(layer, group)
-        result = awq_alg.search_scales(weight, stats[group.name], opts.scheme, grid=opts.awq_grid,
-                                        duo=opts.awq_duo)
+        result = awq_alg.search_scales(weight, stats[group.name], opts.scheme, grid=AWQ_GRID)
         s = result.scales
         if not _fold(layer, group, s):
             s = torch.ones_like(s)
@@ -312,7 +315,7 @@ def _awq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext):
         for name, clip in zip(group.linears, group.clip):
             module = _linear(layer, name)
             weight = module.weight.detach().to(torch.float32)
-            if clip and opts.awq_clip:
+            if clip:
                 bound = awq_alg.search_clip(weight, sketches[group.name], opts.scheme)
                 weight = awq_alg.apply_clip(weight, bound, opts.scheme)
             q = rtn_quantize(weight, opts.scheme, bias=None if module.bias is None else module.bias.detach().clone())
@@ -381,7 +384,7 @@ def quantize_streaming(model_dir: Path, tokens: torch.Tensor | None, options: En
     config = read_config(model_dir)
     arch = architecture_of(config)
     hf_config = hf_config_of(model_dir)
-    device = resolve_device(options.device)
+    device = resolve_device(options.given.device)
     source = TensorSource(model_dir)
     needs_data = options.method != "rtn"
     if needs_data and tokens is None:
@@ -391,7 +394,7 @@ def quantize_streaming(model_dir: Path, tokens: torch.Tensor | None, options: En
     ctx = LayerContext(arch=arch, options=options, position_embeddings=None, seq_len=0)
     if needs_data:
         seq_len = tokens.shape[1]
-        per_chunk = max(1, options.chunk_tokens // seq_len)
+        per_chunk = max(1, CHUNK_TOKENS // seq_len)
         embed = source.get(arch.embed)
         with torch.inference_mode():
             for start in range(0, tokens.shape[0], per_chunk):

@@ -24,10 +24,12 @@ class Int4Options:
         default_help="128 if it divides every layer, else 64 or 32")  # None: chosen by plan()
     sym: bool | None = option(None, flag="--sym", off_flag="--asym", help=SYM_HELP, off_help=ASYM_HELP)
     desc_act: bool = False  # GPTQ dynamic activation order (GptqOptions offers it)
-    format: str = option("native", choices=FORMAT_CHOICES,
-                         help="checkpoint layout: native (quant_method gptq or awq) or compressed-tensors pack-quantized")
+    format: str = option(
+        "native", choices=FORMAT_CHOICES,
+        help="checkpoint layout: native (quant_method gptq or awq) or compressed-tensors pack-quantized")
+    # resolved at the CLI/config (mergeq.textopts)
     calib: Path | None = option(None, text="calibration", required=True,
-                                help=f"calibration text, required: {FORMATS_HELP}; `demo` for the demo's text")  # resolved at the CLI/config
+                                help=f"calibration text, required: {FORMATS_HELP}; `demo` for the demo's text")
     samples: int = option(128, range=(1, None), help="calibration samples")
     seq_len: int = option(512, range=(2, None), help="tokens per calibration sample")
     device: str = option("auto", help="cpu, cuda or auto", default_help="auto: cuda when present")
@@ -46,8 +48,8 @@ class GptqOptions(Int4Options):
     """The options of `mergeq export gptq` and of a pipeline's [gptq] table."""
 
     method: str = "gptq"
-    sym: bool | None = option(None, flag="--sym", off_flag="--asym", help=SYM_HELP + " (default; vLLM's Marlin needs it)",
-                              off_help=ASYM_HELP)
+    sym: bool | None = option(None, flag="--sym", off_flag="--asym", off_help=ASYM_HELP,
+                              help=SYM_HELP + " (default; vLLM's Marlin needs it)")
     desc_act: bool = option(False, help="GPTQ dynamic activation order: groups follow it (writes g_idx; Exllama "
                                         "cannot split it)")
     damp_percent: float = option(0.01, help="GPTQ dampening as a fraction of the mean Hessian diagonal")

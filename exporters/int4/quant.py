@@ -104,27 +104,6 @@ def group_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, to
     return scale, zero
 
 
-def group_params_mse(w: torch.Tensor, scheme: QuantScheme, *, grid: int = 20, max_shrink: float = 0.8,
-                     norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like group_params, but the range is shrunk (step 1/grid, down to 1 - max_shrink) where that lowers
-    sum |Q(w) - w|^norm over the row: clipping a few large weights buys resolution for the rest."""
-    best_scale, best_zero = group_params(w, scheme)
-    best_err = _lp_error(w, best_scale, best_zero, scheme.maxq, norm)
-    for step in range(1, int(max_shrink * grid) + 1):
-        factor = 1 - step / grid
-        scale, zero = group_params(w * factor, scheme)
-        err = _lp_error(w, scale, zero, scheme.maxq, norm)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
-
-
-def _lp_error(w, scale, zero, maxq, norm):
-    return (fake_quantize(w, scale[..., None], zero[..., None], maxq) - w).abs().pow(norm).sum(dim=-1)
-
-
 def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     """Round to float16 and keep it away from 0 (an all-zero group gets scale 1, code = zero)."""
     scale = scale.to(torch.float16).to(torch.float32)

@@ -42,8 +42,8 @@ def run(args) -> int:
 
 def artifact_report(model: Path, reference: Path, kind: str):
     """The artifact's own report.json if mergeq wrote one beside it (quality cleared), else a size-only report."""
-    from exporters.report import ArtifactReport, load_report
     from exporters.evaluate import artifact_size
+    from exporters.report import ArtifactReport, load_report
 
     beside = (model if model.is_dir() else model.parent) / "report.json"
     if beside.is_file():

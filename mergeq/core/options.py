@@ -13,7 +13,8 @@ the command-line flags (argparse) and the validation of a TOML table, so an opti
 
 A dataclass may define `checked(self)` for what spans fields (and to normalise values); it returns the instance
 to use and raises OptionError naming the field. Paths are given to the caller's `path_of` hook (TOML paths are
-relative to the file) as path_of(value, exists=WHAT, text=PURPOSE); text options are resolved by the app at its edge (mergeq.textopts).
+relative to the file) as path_of(value, exists=WHAT, text=PURPOSE); text options are resolved by the app at its
+edge (mergeq.textopts).
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def convert(spec: Spec, value, *, from_text: bool, path_of: Callable | None = No
             try:
                 value = spec.kind(value)
             except ValueError:
-                raise ValueError(f"expected {'an integer' if spec.kind is int else 'a number'}, got {value!r}") from None
+                want = "an integer" if spec.kind is int else "a number"
+                raise ValueError(f"expected {want}, got {value!r}") from None
         elif isinstance(value, bool) or not isinstance(value, (int, float) if spec.kind is float else int):
             raise ValueError(f"expected {spec.kind.__name__}, got {_typed(value)}")
     elif spec.kind in (str, Path):
