@@ -58,3 +58,13 @@ def calibration_text(path: Path, chars: int = 20000, seed: int = 0) -> Path:
     text = " ".join(words[i] for i in picks)
     Path(path).write_text(text[:chars])
     return Path(path)
+
+
+def int4_options(method: str, **kw):
+    """The options an export by `method` takes: the gptq or awq target's own dataclass (its defaults), or the plain
+    Int4Options of the RTN baseline."""
+    from exporters.int4.options import AwqOptions, GptqOptions, Int4Options
+
+    if method == "rtn":
+        return Int4Options(method="rtn", **kw)
+    return {"gptq": GptqOptions, "awq": AwqOptions}[method](**kw)

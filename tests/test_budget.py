@@ -9,7 +9,7 @@ import pytest
 from tiny_models import tiny_llama
 
 from exporters.gguf import GGUFOptions
-from exporters.int4.export import Int4Options
+from exporters.int4.options import GptqOptions
 from mergeq import budget
 from mergeq.core.errors import MergeqError
 
@@ -30,8 +30,8 @@ def test_shapes_are_read_from_the_checkpoint_headers(tmp_path):
 def test_budgets_follow_the_shapes_and_options():
     shapes = budget.Shapes(params=8_000_000_000, matrix_params=7_900_000_000, largest_tensor=128256 * 4096,
                            largest_layer=218_112_000, hidden=4096, vocab=128256)
-    small = Int4Options(method="gptq", samples=8, seq_len=256, group_size=128)
-    large = Int4Options(method="gptq", samples=16, seq_len=256, group_size=128)
+    small = GptqOptions(samples=8, seq_len=256, group_size=128)
+    large = GptqOptions(samples=16, seq_len=256, group_size=128)
     config = SimpleNamespace(exports={"gguf": GGUFOptions(quants=("Q8_0",)), "gptq": small})
     merge, gguf, gptq = budget.stage_budgets(config, shapes)
     assert merge.peak_bytes < shapes.params * 2, "the predicted merge peak is below the fp16 model's size"

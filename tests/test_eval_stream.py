@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from int4_models import byte_tokenizer, calibration_text, tiny_model
+from int4_models import calibration_text, int4_options, tiny_model
 from test_evaluate import eval_text, perturbed_copy, tiny_tokenizer
 from tiny_models import make_adapter, tiny_llama
 
@@ -52,13 +52,13 @@ def test_streamed_evaluation_equals_whole_model_for_hf_checkpoints(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("method,fmt", [("gptq", "native"), ("awq", "native"), ("rtn", "compressed-tensors")])
 def test_streamed_evaluation_equals_whole_model_for_int4(tmp_path, family, method, fmt):
-    from exporters.int4.export import Int4Options, export_int4
+    from exporters.int4.export import export_int4
 
     base = tiny_model(tmp_path / "base", family, layers=2)
     text = calibration_text(tmp_path / "eval.txt", chars=6000)
     out = tmp_path / "q"
-    export_int4(base, out, Int4Options(method=method, format=fmt, calib=text, samples=4, seq_len=32,
-                                       group_size=32, device="cpu"))
+    export_int4(base, out, int4_options(method, format=fmt, calib=text, samples=4, seq_len=32, group_size=32,
+                                        device="cpu"))
     streamed, whole = _both(out, base, text, tmp_path, n_ctx=64, max_windows=4)
     _same(streamed, whole)
     assert streamed.kl_divergence > 0  # the int4 weights were really read (not the reference's)

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from exporters.int4.export import Int4Options, export_int4
+from exporters.int4.export import export_int4
 from exporters.int4.formats import dequantized_state_dict
+from exporters.int4.options import AwqOptions, GptqOptions, Int4Options
 
 pytestmark = pytest.mark.demo
 
@@ -42,8 +43,8 @@ def test_demo_gptq_and_awq_beat_rtn(demo, tmp_path):
     runs = {
         "rtn-sym": Int4Options(method="rtn", sym=True, **common),
         "rtn-asym": Int4Options(method="rtn", sym=False, **common),
-        "gptq-sym": Int4Options(method="gptq", **common),
-        "awq": Int4Options(method="awq", **common),
+        "gptq-sym": GptqOptions(**common),
+        "awq": AwqOptions(**common),
     }
     ppl = {}
     reports = {}

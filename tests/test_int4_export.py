@@ -10,24 +10,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from int4_models import calibration_text, int4_options, tiny_model
 
 from exporters.int4 import kernels
 from exporters.int4.arch import architecture_of
 from exporters.int4.calibration import load_calibration
-from exporters.int4.export import Int4Options, export_int4, plan
+from exporters.int4.export import export_int4, plan
 from exporters.int4.formats import dequantized_state_dict, read_quantized
 from exporters.int4.layerwise import EngineOptions, LayerContext, quantize_layer, rotary_embeddings
+from exporters.int4.options import AwqOptions, GptqOptions
 from exporters.int4.quant import QuantScheme
 from mergeq.core.errors import MergeqError
-from int4_models import byte_tokenizer, calibration_text, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _options(method, calib, **kw):
-    base = dict(method=method, calib=calib, samples=8, seq_len=64, group_size=32, device="cpu")
+    base = dict(calib=calib, samples=8, seq_len=64, group_size=32, device="cpu")
     base.update(kw)
-    return Int4Options(**base)
+    return int4_options(method, **base)
 
 
 def _loss(model_dir_or_state, base_dir, tokens):
@@ -108,7 +109,7 @@ def test_streaming_matches_whole_model_quantization(tmp_path):
     tokens = load_calibration(calib, AutoTokenizer.from_pretrained(base), 6, 48).tokens
     config = json.loads((base / "config.json").read_text())
     arch = architecture_of(config)
-    options = EngineOptions(given=Int4Options(method="gptq", device="cpu"), scheme=QuantScheme(4, 32, True))
+    options = EngineOptions(given=GptqOptions(device="cpu"), scheme=QuantScheme(4, 32, True))
     ctx = LayerContext(arch=arch, options=options, seq_len=48,
                        position_embeddings=rotary_embeddings(arch, model.config, 48, "cpu"))
 
@@ -149,13 +150,13 @@ def test_export_is_byte_identical_across_runs(tmp_path, method):
 def test_preflight_names_the_layers_and_suggests_a_group_size(tmp_path):
     base = tiny_model(tmp_path / "base", hidden=96, intermediate=192, heads=4, kv_heads=2, tokenizer=False)
     with pytest.raises(MergeqError) as err:
-        plan(base, Int4Options(method="gptq", group_size=64))
+        plan(base, GptqOptions(group_size=64))
     text = str(err.value)
     for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj"):
         assert name in text
     assert "mlp.down_proj" not in text.split("hint")[0]  # 192 is divisible by 64
     assert "--group-size 32" in text
-    chosen = plan(base, Int4Options(method="gptq"))
+    chosen = plan(base, GptqOptions())
     assert chosen.scheme.group_size == 32 and "128 does not divide" in chosen.choices[0]
 
 
@@ -186,11 +187,11 @@ def test_preflight_refuses_what_vllm_cannot_load(tmp_path):
 
     base = tiny_model(tmp_path / "base", hidden=64, intermediate=192, tokenizer=False)
     with pytest.raises(MergeqError, match="vLLM would refuse"):  # group 16: no vLLM kernel takes asymmetric codes
-        plan(base, Int4Options(method="gptq", group_size=16, sym=False, format="compressed-tensors"))
+        plan(base, GptqOptions(group_size=16, sym=False, format="compressed-tensors"))
     with pytest.raises(MergeqError, match="desc-act"):
-        plan(base, Int4Options(method="awq", desc_act=True))
+        plan(base, AwqOptions(desc_act=True))
     with pytest.raises(MergeqError, match="compressed-tensors") as refused:  # it dropped actorder "group"
-        plan(base, Int4Options(method="gptq", desc_act=True, format="compressed-tensors"))
+        plan(base, GptqOptions(desc_act=True, format="compressed-tensors"))
     assert "--format native" in str(refused.value)
 
 

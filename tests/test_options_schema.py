@@ -15,7 +15,7 @@ import tomllib
 from exporters.eval_options import EvalOptions
 from exporters.gguf import GGUFOptions
 from exporters.int4.export import Int4Exporter
-from exporters.int4.options import AwqOptions, GptqOptions
+from exporters.int4.options import AwqOptions, GptqOptions, Int4Options
 from exporters.registry import EXPORTER_MODULES, get_exporter
 from merge.options import AdapterRef, MergeConfig
 from mergeq.config import ConfigError, load_config
@@ -89,6 +89,9 @@ def test_int4_targets_are_one_exporter_with_their_own_options():
     assert [k for k, _ in problems] == ["desc_act", "bits"]
     with pytest.raises(MergeqError, match="awq exporter was given gptq options"):
         awq().preflight(Path("nowhere"), GptqOptions())
+    with pytest.raises(MergeqError, match="awq options are AwqOptions"):  # one default per setting: the target's
+        Int4Options(method="awq")
+    assert Int4Options(method="rtn").samples == 128 and AwqOptions(samples=8).method == "awq"
 
 
 def test_cli_and_config_read_the_same_options(tmp_path):

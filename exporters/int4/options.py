@@ -1,11 +1,14 @@
 """The int4 options: one dataclass the engine takes (Int4Options), and per target the schema of its flags and
-TOML keys (GptqOptions, AwqOptions: mergeq.core.options). A field without option metadata is not offered there."""
+TOML keys (GptqOptions, AwqOptions: mergeq.core.options). A field without option metadata is not offered there.
+GPTQ and AWQ options are always their target's dataclass, so each setting has one default; a plain Int4Options is
+the RTN baseline's (tests and benchmarks)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergeq.core.errors import MergeqError
 from mergeq.core.options import option
 from mergeq.core.texts import FORMATS_HELP
 
@@ -36,6 +39,11 @@ class Int4Options:
     damp_percent: float = 0.01  # GPTQ dampening, a fraction of the mean Hessian diagonal (GptqOptions offers it)
     act_order: str = "static"  # GPTQ without desc_act: "static" or "none" (GptqOptions offers it)
 
+    def __post_init__(self):
+        if type(self) is Int4Options and self.method in ("gptq", "awq"):
+            raise MergeqError(f"{self.method} options are {self.method.capitalize()}Options, whose defaults are "
+                              f"the {self.method} target's (exporters.int4.options)")
+
     @property
     def format_name(self) -> str:
         if self.format == "compressed-tensors":
@@ -47,7 +55,7 @@ class Int4Options:
 class GptqOptions(Int4Options):
     """The options of `mergeq export gptq` and of a pipeline's [gptq] table."""
 
-    method: str = "gptq"
+    method: str = field(default="gptq", init=False)
     sym: bool | None = option(None, flag="--sym", off_flag="--asym", off_help=ASYM_HELP,
                               help=SYM_HELP + " (default; vLLM's Marlin needs it)")
     desc_act: bool = option(False, help="GPTQ dynamic activation order: groups follow it (writes g_idx; Exllama "
@@ -62,7 +70,7 @@ class GptqOptions(Int4Options):
 class AwqOptions(Int4Options):
     """The options of `mergeq export awq` and of a pipeline's [awq] table."""
 
-    method: str = "awq"
+    method: str = field(default="awq", init=False)
     bits: int = option(4, choices=(4,), help="weight bits")
     sym: bool | None = option(None, flag="--sym", off_flag="--asym", help=SYM_HELP,
                               off_help=ASYM_HELP + " (default)")
