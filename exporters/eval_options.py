@@ -17,7 +17,7 @@ class EvalOptions:
     The library takes the text and reference as explicit arguments; these fields carry them from the edge."""
 
     text: Path | None = option(None, flag="--eval-text", text="evaluation", required=True,
-                               help=f"evaluation text, required unless evaluation is off: {FORMATS_HELP}; "
+                               help=f"evaluation text, required when evaluating: {FORMATS_HELP}; "
                                     "`demo` for the demo's text")  # resolved at the CLI/config (mergeq.textopts)
     enabled: bool = option(True, flag=None, off_flag="--no-eval", help="skip perplexity/KL evaluation")
     reference: Path | None = option(None, toml=False, default_help="the artifact's own --model",

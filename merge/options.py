@@ -64,7 +64,8 @@ class MergeConfig:
     adapters: Sequence[AdapterRef | tuple[Path, float] | Path | str] = option(
         (), flag="--adapter", repeat=True, required=True, metavar="PATH[@WEIGHT]", parse=AdapterRef.parse,
         parse_toml=AdapterRef.from_toml,
-        help="PEFT adapter folder; repeat to sum several (task arithmetic), each with an optional weight")
+        help="PEFT adapter folder(s), each with an optional weight; several (--adapter repeated, or a list) are "
+             "summed (task arithmetic)")
     out: Path | None = option(None, toml=False, required=True,
                               help="output folder (must not exist or be empty)")  # a pipeline sets its own
     dtype: str = option("float16", choices=DTYPES, help="output dtype")
