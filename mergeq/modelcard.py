@@ -25,7 +25,7 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def model_card(reports: list[ArtifactReport], *, base_model: str, artifact_dir: Path) -> str:
+def model_card(reports: list[ArtifactReport], *, base_model: str) -> str:
     """The card for one artifact directory holding one or more reports of the same format."""
     fmt = reports[0].format
     meta = {"base_model": base_model, "library_name": LIBRARY.get(fmt, "transformers"),
@@ -56,12 +56,12 @@ def model_card(reports: list[ArtifactReport], *, base_model: str, artifact_dir: 
     warnings = sorted({w for r in reports for w in r.warnings})
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
-    first = Path(reports[0].path)
-    lines += ["", "## Serve", "", "```", SERVE.get(fmt, "").format(file=first.name, dir=artifact_dir.name), "```", ""]
+    first = Path(reports[0].path)  # final (a report written in a stage's temporary dir already names where it goes)
+    lines += ["", "## Serve", "", "```", SERVE.get(fmt, "").format(file=first.name, dir=first.name), "```", ""]
     return "\n".join(lines)
 
 
 def write_model_card(reports: list[ArtifactReport], *, base_model: str, artifact_dir: Path) -> Path:
     path = Path(artifact_dir) / "README.md"
-    write_text(path, model_card(reports, base_model=base_model, artifact_dir=Path(artifact_dir)))
+    write_text(path, model_card(reports, base_model=base_model))
     return path

@@ -34,10 +34,12 @@ _stamps: FileStamps | None = None  # set by file_stamps() for the length of a ru
 
 
 @contextlib.contextmanager
-def file_stamps(out_root: Path, *, verify: bool = False):
-    """Hash through a FileStamps cache kept in OUT/.mergeq/ while the block runs (one run holds the lock)."""
+def file_stamps(out_root: Path, *, verify: bool = False, name: str | None = None):
+    """Hash through a FileStamps cache kept in OUT/.mergeq/ while the block runs (one run holds the lock); `name`:
+    a cache of its own (`.mergeq/stamps/NAME.json`), for one stage that may run beside others."""
     global _stamps
-    previous, _stamps = _stamps, FileStamps(Path(out_root) / STATE_DIR / STAMPS_NAME, verify=verify)
+    path = Path(out_root) / STATE_DIR / (STAMPS_NAME if name is None else f"stamps/{name}.json")
+    previous, _stamps = _stamps, FileStamps(path, verify=verify)
     try:
         yield _stamps
         _stamps.save()

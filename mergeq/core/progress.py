@@ -14,8 +14,16 @@ from mergeq.core import faults  # inert unless MERGEQ_FAULT is set (kill tests h
 QUIET_ENV = "MERGEQ_QUIET"
 
 
+_console: Console | None = None
+
+
 def stderr_console() -> Console:
-    return Console(stderr=True)
+    """The one stderr console: log lines print above a live display, and a progress bar opened while another live
+    display runs (the run's matrix view) nests inside it."""
+    global _console
+    if _console is None:
+        _console = Console(stderr=True)
+    return _console
 
 
 def quiet() -> bool:
