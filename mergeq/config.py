@@ -121,16 +121,21 @@ class _Reader:
 
 def load_config(path: Path) -> PipelineConfig:
     """Read and validate a pipeline TOML file. Raises ConfigError listing every problem found."""
+    data, text = read_toml(path)
+    return parse_config(data, path=Path(path).resolve(), text=text)
+
+
+def read_toml(path: Path) -> tuple[dict, str]:
+    """A config file's parsed TOML and its text (for line numbers); ConfigError when unreadable or not TOML."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
-    return parse_config(data, path=path.resolve(), text=text)
 
 
 def parse_config(data: dict, *, path: Path | None = None, text: str = "") -> PipelineConfig:

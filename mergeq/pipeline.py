@@ -7,21 +7,16 @@ started again finishes with the same artifacts.
 from __future__ import annotations
 
 import logging
-import shutil
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from exporters.eval_options import EvalOptions
 from exporters.report import ArtifactReport
 from merge.options import MergeConfig
-from mergeq import budget
 from mergeq.config import PipelineConfig, parse_config
-from mergeq.core import faults
-from mergeq.core.atomic import atomic_dir, write_json
 from mergeq.core.errors import MergeqError
 from mergeq.exporting import run_export
-from mergeq.stages import STATE_DIR, Stage, file_stamps, run_lock, stage_key, tree_hashes
+from mergeq.stages import tree_hashes
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +31,7 @@ class RunResult:
     skipped: list[str] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
     budgets: list = field(default_factory=list)  # mergeq.budget.StageBudget, filled by --check
+    plan: object = None  # the mergeq.plan.Plan that ran (or would run, with --check)
 
 
 def versions() -> dict[str, str]:
@@ -82,25 +78,12 @@ def check_out_dir(config: PipelineConfig, out: Path) -> None:
 def run_pipeline(config: PipelineConfig, out: Path, *, preflight_only: bool = False, verify: bool = False) -> RunResult:
     """Run every stage that is not up to date. `verify` re-reads every input and output to decide that, instead
     of trusting the files whose size, times and inode are unchanged since the last run. `preflight_only`
-    (`--check`) stops after the checks, with the predicted peak memory and disk of every stage in `budgets`."""
-    out = Path(out)
-    check_out_dir(config, out)
-    preflight(config)
-    budgets = budget.stage_budgets(config, budget.read_shapes(config.merge.base))
-    if preflight_only:
-        return RunResult(out, budgets=budgets)
-    pending = [b.stage for b in budgets if not (out / STATE_DIR / "stages" / f"{b.stage}.json").is_file()]
-    budget.check_disk(budgets, out, pending)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with run_lock(out), file_stamps(out, verify=verify):
-            write_json(out / "resolved_config.json", config.resolved())
-            return _run_stages(config, out)
-    except Exception:
-        if created and not any((out / STATE_DIR / "stages").glob("*.json")):
-            shutil.rmtree(out, ignore_errors=True)  # failed before any stage finished: leave no output behind
-        raise
+    (`--check`) stops after the checks, with the predicted peak memory and disk of every stage in `budgets`.
+    A matrix of models, or another executor: mergeq.runner.run_matrix."""
+    from mergeq.matrix import single
+    from mergeq.runner import run_matrix
+
+    return run_matrix(single(config), out, preflight_only=preflight_only, verify=verify)
 
 
 def preflight(config: PipelineConfig) -> None:
@@ -114,48 +97,6 @@ def preflight(config: PipelineConfig) -> None:
         from mergeq.exporting import check_eval_text
 
         check_eval_text(config.merge.base, config.evaluation)  # the merged model keeps the base's tokenizer
-
-
-def _run_stages(config: PipelineConfig, out: Path) -> RunResult:
-    result = RunResult(out)
-    tool_versions = versions()
-    merged = out / "merged"
-    merge_stage = Stage("merge", merged, stage_key(
-        "merge", _merge_inputs(config.merge), config.resolved()["merge"], tool_versions))
-    evaluation = replace(config.evaluation, reference=merged)
-    _run_stage(merge_stage, out, result, lambda tmp: _merge(config, tmp, evaluation))
-    merged_hash = stage_key("merged", model_files(merged), {}, {})
-
-    for target, options in config.exports.items():
-        stage = Stage(target, out / target, stage_key(
-            target, {"merged": merged_hash, "eval": _eval_inputs(config.evaluation)},
-            config.export_values(target), {**tool_versions, **_tool_versions(target, options)}))
-        _run_stage(stage, out, result,
-                   lambda tmp, t=target, o=options: _export(t, merged, tmp, o, evaluation, str(config.merge.base)))
-    result.reports = collect_reports(out)
-    from exporters.report import write_summary
-
-    write_summary(result.reports, out)
-    return result
-
-
-def _run_stage(stage: Stage, out: Path, result: RunResult, work) -> None:
-    if stage.is_done(out):
-        log.info("stage %s: unchanged inputs, options and versions, skipped", stage.name)
-        result.skipped.append(stage.name)
-        return
-    stage.clear(out)
-    started = time.monotonic()
-    log.info("stage %s: running", stage.name)
-    faults.enter_stage(stage.name)
-    try:
-        with atomic_dir(stage.output, overwrite=True) as tmp:
-            work(tmp)
-    except MergeqError as err:
-        raise type(err)(f"stage {stage.name} failed: {err}") from err
-    stage.mark_done(out)
-    result.ran.append(stage.name)
-    log.info("stage %s: done in %.1f s", stage.name, time.monotonic() - started)
 
 
 def _merge_inputs(spec: MergeConfig) -> dict:

@@ -16,7 +16,7 @@ from mergeq.core.atomic import write_json
 from mergeq.matrix import Matrix, check_layout, matrix_reports
 from mergeq.matrix_view import MatrixView
 from mergeq.plan import plan_run
-from mergeq.stages import STATE_DIR, RunLock
+from mergeq.stages import STATE_DIR, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def run_matrix(matrix: Matrix, out: Path, *, executor: str = "local", address: s
         with contextlib.ExitStack() as locks:
             for folder in dict.fromkeys([out, *(matrix.out_dir(out, name) for name in matrix.models)]):
                 folder.mkdir(parents=True, exist_ok=True)
-                locks.enter_context(RunLock(folder))
+                locks.enter_context(run_lock(folder))
             write_json(out / "resolved_config.json", matrix.resolved())
             for name, config in matrix.models.items():
                 if not matrix.single:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mergeq.config import PipelineConfig
 from mergeq.core import faults
@@ -45,13 +45,12 @@ def stage_of(config: PipelineConfig, task: StageTask) -> Stage:
     options = config.exports[task.stage]
     return Stage(task.stage, task.out / task.stage, stage_key(
         task.stage, {"merged": merged_hash, "eval": _eval_inputs(config.evaluation)},
-        config.export_args[task.stage], {**tool_versions, **_tool_versions(task.stage, options)}))
+        config.export_values(task.stage), {**tool_versions, **_tool_versions(task.stage, options)}))
 
 
 def run_stage(config: PipelineConfig, task: StageTask) -> StageOutcome:
     """Run `task` unless its stamp says it is done; its output appears in one rename or not at all. Hashes go
     through the caller's file-stamp cache (mergeq.stages.file_stamps), if it opened one."""
-    from mergeq.exporting import EvalSettings
     from mergeq.pipeline import _export, _merge
 
     started = time.monotonic()
@@ -64,7 +63,7 @@ def run_stage(config: PipelineConfig, task: StageTask) -> StageOutcome:
     log.info("%s: running", task.label)
     faults.enter_stage(task.stage)
     merged = out / "merged"
-    evaluation = EvalSettings(text=config.evaluation.text, reference=merged, enabled=config.evaluation.enabled)
+    evaluation = replace(config.evaluation, reference=merged)
     try:
         with atomic_dir(stage.output, overwrite=True) as tmp:
             if task.stage == MERGE:

@@ -67,7 +67,8 @@ class LocalCluster:
         return self._start(["--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                             f"--temp-dir={self.temp}", "--include-dashboard=false"], num_cpus, memory, self.env)
 
-    def add_worker(self, num_cpus: int = 1, memory: int = 3 << 30, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def add_worker(self, num_cpus: int = 1, memory: int = 3 << 30,
+                   env: dict[str, str] | None = None) -> subprocess.Popen:
         self.ips += 1
         ip = f"127.0.0.{self.ips}"
         proc = self._start([f"--address={self.address}", f"--node-ip-address={ip}"], num_cpus, memory,

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from matrix_models import build_matrix
+
 from mergeq.config import ConfigError
 from mergeq.matrix import load_matrix
 

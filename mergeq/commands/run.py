@@ -6,18 +6,24 @@ import json
 import sys
 from pathlib import Path
 
-from mergeq.config import load_config
+from mergeq.executors import EXECUTORS
 
 
 def run(args) -> int:
-    from mergeq.pipeline import demo_config, run_pipeline
+    from mergeq.matrix import load_matrix, single
+    from mergeq.pipeline import demo_config
+    from mergeq.runner import run_matrix
 
-    config = load_config(args.config) if args.config else demo_config()
-    result = run_pipeline(config, args.out, preflight_only=args.check, verify=args.verify)
+    matrix = load_matrix(args.config) if args.config else single(demo_config())
+    result = run_matrix(matrix, args.out, executor=args.executor, address=args.address, num_cpus=args.num_cpus,
+                        preflight_only=args.check, verify=args.verify)
     if args.check:
         from mergeq.budget import format_table
 
-        print(format_table(result.budgets, args.out))
+        for name, budgets in result.plan.budgets.items():
+            if name:
+                print(f"model {name}:")
+            print(format_table(budgets, matrix.out_dir(args.out, name)))
         return 0
     from exporters.report import print_reports
 
@@ -34,10 +40,19 @@ def register(sub) -> None:
     parser = sub.add_parser("run", help="merge and export everything a config asks for (no config: the demo)")
     parser.add_argument("config", nargs="?", type=Path, help="pipeline TOML file (omit for the embedded demo)")
     parser.add_argument("--out", type=Path, default=Path("mergeq-out"), help="output directory (default: ./mergeq-out)")
-    parser.add_argument("--check", action="store_true", help="validate the config, preflight every export, print each stage's "
-                                                                "predicted peak memory and disk, then stop")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, preflight every export, print each stage's predicted peak memory "
+                             "and disk, then stop")
     parser.add_argument("--json", action="store_true", help="print the run's reports as JSON on stdout")
     parser.add_argument("--verify", action="store_true",
                         help="re-read every input and output to decide what is up to date (default: trust files "
                              "whose size, times and inode are unchanged since the last run)")
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="local: every stage in this process, one after another (default); ray: each stage a "
+                             "Ray task (see --address); --out must then be a path every node sees")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="with --executor ray: the running Ray cluster to use (HOST:PORT of its head, or auto); "
+                             "without it a local cluster is started for the run")
+    parser.add_argument("--num-cpus", type=int, metavar="N",
+                        help="with --executor ray and no --address: CPUs of the local cluster (default: all)")
     parser.set_defaults(run=run)

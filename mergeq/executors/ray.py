@@ -61,7 +61,7 @@ def _import_ray():
         import ray
     except ImportError as err:
         raise MergeqError("--executor ray needs the `ray` package, which is not installed",
-                          hint="pip install 'mergeq[ray]' (or pip install ray) on the driver and on every node") from err
+                          hint="pip install 'mergeq[ray]' (or ray) on the driver and on every node") from err
     return ray
 
 
