@@ -39,6 +39,12 @@ UNSUPPORTED_LORA_OPTIONS = {
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on nn.Parameter (target_parameters)",
 }
+OPTION_HINTS = {
+    "target_parameters": "LoRA on parameters (such as the fused expert tensors of MoE models) is not merged by "
+                         "mergeq yet; PEFT can merge it: load the base with transformers, apply the adapter with "
+                         "PeftModel.from_pretrained, call merge_and_unload() and save_pretrained(), then give that "
+                         "folder to mergeq as the base model without this adapter",
+}
 # Initialisations that rewrite the base weights: the saved adapter only fits that rewritten base.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 
@@ -169,7 +175,8 @@ def check_supported(path: Path, config: dict) -> None:
     for option, label in UNSUPPORTED_LORA_OPTIONS.items():
         if config.get(option):
             raise MergeqError(f"adapter {path}: not supported: {label} (option {option!r} is set)",
-                              hint="only plain LoRA, rsLoRA and DoRA adapters can be merged by mergeq")
+                              hint=OPTION_HINTS.get(option, "only plain LoRA, rsLoRA and DoRA adapters can be "
+                                                            "merged by mergeq"))
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise MergeqError(
