@@ -109,6 +109,57 @@ def test_matrix_config_errors_name_the_row(matrix, tmp_path, edit, expect):
     assert expect in str(err.value)
 
 
+# ------------------------------------------------------------------------------------------ plan, requests, view
+
+
+def test_plan_asks_ray_for_each_stage_peak_and_refuses_what_no_node_holds(matrix, tmp_path):
+    from dataclasses import replace
+
+    from mergeq.core.errors import MergeqError
+    from mergeq.executors.ray import requests
+    from mergeq.plan import plan_run
+
+    plan = plan_run(load_matrix(matrix), tmp_path / "out", threads=2)
+    assert [t.id for t in plan.tasks] == [f"{row}/{stage}" for row in ROWS for stage in STAGES]
+    assert all(t.needs == (f"{t.model}/merge",) for t in plan.tasks if t.stage != "merge")
+    peaks = {b.stage: b.peak_bytes for b in plan.budgets["task1"]}
+    node = {"Alive": True, "Resources": {"CPU": 4.0, "memory": float(max(peaks.values()) + 1)}}
+    wanted = requests(plan, [node])
+    assert wanted["task2/awq"] == {"num_cpus": 2, "memory": peaks["awq"], "num_gpus": 0}
+    assert wanted["task3/gguf"]["memory"] == peaks["gguf"]
+
+    small = {"Alive": True, "Resources": {"CPU": 4.0, "memory": float(peaks["merge"] - 1)}}
+    dead = {"Alive": False, "Resources": node["Resources"]}
+    with pytest.raises(MergeqError) as err:
+        requests(plan, [small, dead])
+    assert "stage merge of model task1" in str(err.value) and "no node of the Ray cluster" in str(err.value)
+
+    plan.tasks = [replace(t, device="auto") if t.stage == "awq" else t for t in plan.tasks]
+    gpu_node = {"Alive": True, "Resources": {**node["Resources"], "GPU": 1.0}}
+    assert requests(plan, [gpu_node])["task1/awq"]["num_gpus"] == 1
+    assert requests(plan, [node])["task1/awq"]["num_gpus"] == 0
+
+
+def test_matrix_view_shows_state_elapsed_and_retries(matrix, tmp_path):
+    from mergeq.matrix_view import MatrixView
+    from mergeq.plan import plan_run
+
+    view = MatrixView(plan_run(load_matrix(matrix), tmp_path / "out", threads=1))
+    view.started_task("task1/merge", "node-a:11")
+    view.started_task("task1/merge", "node-b:12")  # a second start: the executor retried it
+    assert "running" in view.text("task1/merge") and "(try 2)" in view.text("task1/merge")
+    assert "@node-b:12" in view.text("task1/merge")
+    view.finished("task1/merge", ran=True)
+    view.finished("task2/merge", ran=False)
+    view.failed("task3/merge")
+    view.blocked("task3/gguf")
+    states = view.states()
+    assert (states["task1/merge"], states["task2/merge"], states["task3/merge"], states["task3/gguf"],
+            states["task1/awq"]) == ("done", "skipped", "failed", "blocked", "waiting")
+    table = view.table()
+    assert [c.header for c in table.columns] == ["artifact", *STAGES] and table.row_count == 3
+
+
 # ------------------------------------------------------------------------------------------ local executor
 
 
