@@ -15,9 +15,14 @@ from pathlib import Path
 import torch
 
 from exporters.int4 import kernels
-from exporters.int4.arch import architecture_of
 from exporters.int4.calibration import Calibration, load_calibration
-from exporters.int4.checkpoint import ShardWriter, TensorSource, copy_auxiliary_files, read_config
+from exporters.int4.checkpoint import (
+    ShardWriter,
+    TensorSource,
+    copy_auxiliary_files,
+    read_config,
+)
+from exporters.int4.families import family_of, require_awq
 from exporters.int4.formats import FORMATS
 from exporters.int4.layerwise import EngineOptions, StreamResult, quantize_streaming, resolve_device
 from exporters.int4.options import AwqOptions, GptqOptions, Int4Options
@@ -77,7 +82,10 @@ class Plan:
 
 def plan(model_dir: Path, options: Int4Options) -> Plan:
     config = read_config(model_dir)
-    arch = architecture_of(config)
+    family = family_of(config)
+    if options.method == "awq":
+        require_awq(family)
+    arch = None  # the shapes come from transformers' model for the config
     layers = int(config["num_hidden_layers"])
     shapes = kernels.linear_shapes(config, arch)
     fmt = FORMATS[options.format_name]
@@ -285,7 +293,8 @@ def report(model_dir: Path, out_dir: Path, options: Int4Options, the_plan: Plan,
         extra["awq_mean_alpha"] = round(sum(alphas) / len(alphas), 4) if alphas else None
     if calibration is not None:
         extra.update(calibration.describe())
-    warnings = list(the_plan.warnings) + (calibration.warnings if calibration else []) + the_plan.choices
+    warnings = (list(the_plan.warnings) + (calibration.warnings if calibration else []) + the_plan.choices
+                + result.warnings)
     return ArtifactReport(
         format=options.method if options.method != "rtn" else "gptq",
         quant=the_plan.scheme.label,

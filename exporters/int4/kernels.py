@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporters.int4.arch import Architecture
+from torch import nn
+
 from exporters.int4.quant import QuantScheme
 from mergeq.core.errors import MergeqError
 
@@ -53,22 +54,49 @@ class LinearShape:
     out_features: int
 
 
-def linear_shapes(config: dict, arch: Architecture) -> list[LinearShape]:
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    inter = int(config["intermediate_size"])
-    outs = {
-        "self_attn.q_proj": (hidden, heads * head_dim),
-        "self_attn.k_proj": (hidden, kv_heads * head_dim),
-        "self_attn.v_proj": (hidden, kv_heads * head_dim),
-        "self_attn.o_proj": (heads * head_dim, hidden),
-        "mlp.gate_proj": (hidden, inter),
-        "mlp.up_proj": (hidden, inter),
-        "mlp.down_proj": (inter, hidden),
-    }
-    return [LinearShape(name, *outs[name]) for name in arch.linears]
+def linear_shapes(config: dict, arch=None) -> list[LinearShape]:
+    """The shape of every matrix the engine quantizes in the decoder layers, from a meta-device build of the
+    model transformers defines for config.json: each linear (routers and gates excluded), and for a MoE
+    family each expert's fused gate/up rows ("<experts>.w13", [2I, H]) and down matrix ("<experts>.w2").
+    Shapes that differ between layers (dense and sparse layers) are each listed once."""
+    from exporters.int4.families import excluded, family_of
+
+    family = family_of(config)
+    model = meta_model(config)
+    layers = next(m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith("layers"))
+    experts = family.experts.module if family.experts else None
+    shapes: dict[tuple[str, int, int], LinearShape] = {}
+    for layer in layers:
+        for name, module in layer.named_modules():
+            if experts and name == experts:
+                inter, hidden = module.down_proj.shape[-1], module.gate_up_proj.shape[-1]
+                for shape in (LinearShape(f"{name}.w13", hidden, 2 * inter), LinearShape(f"{name}.w2", inter, hidden)):
+                    shapes.setdefault((shape.name, shape.in_features, shape.out_features), shape)
+            elif isinstance(module, nn.Linear) and not excluded(family, name) and not (
+                    experts and name.startswith(experts + ".")):
+                key = (name, module.in_features, module.out_features)
+                shapes.setdefault(key, LinearShape(name, module.in_features, module.out_features))
+    return list(shapes.values())
+
+
+def meta_model(config: dict):
+    """transformers' model for a config.json dict, on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type is None:  # a config.json without model_type: the one its architecture class belongs to
+        by_class = {cls: kind for kind, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}
+        model_type = next((by_class[a] for a in config.get("architectures") or [] if a in by_class), None)
+    values = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
+    try:
+        hf_config = AutoConfig.for_model(model_type, **values)
+    except (KeyError, ValueError) as exc:
+        raise MergeqError(f"transformers does not know model_type {model_type!r}: {exc}",
+                          hint="upgrade transformers, or leave this model unquantized") from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
 
 
 def check_group_size(shapes: list[LinearShape], scheme: QuantScheme, layers: int) -> None:
@@ -94,13 +122,54 @@ def check_packing(shapes: list[LinearShape], layout, layers: int, fmt_name: str)
         )
 
 
-# vLLM's fused modules: which of our linears share one parallel layer, and how it is split.
+# vLLM's fused parallel layers: name -> (split, the sets of our linears that may form it, first match wins)
 _FUSED = {
-    "qkv_proj": ("column", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    "o_proj": ("row", ("self_attn.o_proj",)),
-    "gate_up_proj": ("column", ("mlp.gate_proj", "mlp.up_proj")),
-    "down_proj": ("row", ("mlp.down_proj",)),
+    "qkv_proj": ("column", (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.qkv_proj",))),
+    "o_proj": ("row", (("self_attn.o_proj",),)),
+    "gate_up_proj": ("column", (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",))),
+    "down_proj": ("row", (("mlp.down_proj",),)),
 }
+EXPERT_SUFFIXES = (".w13", ".w2")  # linear_shapes' names for an experts module's matrices
+MOE_MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+MOE_MARLIN_HIDDEN_MULTIPLE = 128
+
+
+def fused_layers(shapes: dict[str, LinearShape]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """vLLM layer -> (split, members) for the linears present. A linear outside vLLM's usual fusions is
+    predicted as its own column-parallel layer; expert matrices are predicted by `expert_kernel`."""
+    layers, used = {}, set()
+    for fused, (split, choices) in _FUSED.items():
+        for members in choices:
+            if all(m in shapes for m in members):
+                layers[fused] = (split, members)
+                used |= set(members)
+                break
+    for name in shapes:
+        if name not in used and not name.endswith(EXPERT_SUFFIXES):
+            layers[name] = ("column", (name,))
+    return layers
+
+
+def expert_kernel(config: dict, shapes: dict[str, LinearShape], scheme: QuantScheme, tp: int, cc: int) -> tuple[str, str | None]:
+    """vLLM's fused-MoE kernel for the experts (check_moe_marlin_supports_config with tile padding, as
+    auto_gptq, auto_awq and compressed-tensors WNA16 call it): Marlin MoE when the hidden size is a multiple
+    of 128, the group size is Marlin's and the intermediate size per TP partition is a whole number of
+    groups; otherwise the MoE WNA16 Triton kernels."""
+    w2 = next(s for name, s in shapes.items() if name.endswith(".w2"))
+    hidden, inter = w2.out_features, w2.in_features
+    if inter % tp:
+        return "none", f"expert intermediate size {inter} is not divisible by tensor parallel size {tp}"
+    part = inter // tp
+    why = None
+    if cc < KERNEL_MIN_CAPABILITY["marlin"]:
+        why = "Marlin MoE needs compute capability 7.5"
+    elif scheme.group_size not in MOE_MARLIN_GROUP_SIZES:
+        why = f"group size {scheme.group_size} is not one of Marlin MoE's {MOE_MARLIN_GROUP_SIZES}"
+    elif hidden % MOE_MARLIN_HIDDEN_MULTIPLE:
+        why = f"hidden size {hidden} is not a multiple of {MOE_MARLIN_HIDDEN_MULTIPLE}"
+    elif scheme.group_size > 0 and part % scheme.group_size:
+        why = f"expert intermediate size per partition {part} is not a multiple of the group size"
+    return ("marlin_moe", None) if why is None else ("moe_wna16", why)
 
 
 def vllm_method(fmt_name: str, scheme: QuantScheme) -> str:
@@ -123,9 +192,9 @@ def refusal(fmt_name: str, scheme: QuantScheme, desc_act: bool) -> str | None:
     return None
 
 
-def _partition(config: dict, shapes: dict[str, LinearShape], fused: str, tp: int) -> tuple[int, int, int, str | None]:
+def _partition(config: dict, shapes: dict[str, LinearShape], split: str, members: tuple[str, ...],
+               tp: int) -> tuple[int, int, int, str | None]:
     """(out per partition, in per partition, full in, problem) of a fused vLLM layer at TP size `tp`."""
-    split, members = _FUSED[fused]
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     if split == "row":
@@ -139,6 +208,9 @@ def _partition(config: dict, shapes: dict[str, LinearShape], fused: str, tp: int
         if name in ("self_attn.k_proj", "self_attn.v_proj"):
             head_dim = shape.out_features // kv_heads
             out += max(1, kv_heads // tp) * head_dim
+        elif name == "self_attn.qkv_proj":  # q, then k and v of kv_heads heads each (Phi-3)
+            head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+            out += heads // tp * head_dim + 2 * max(1, kv_heads // tp) * head_dim
         else:
             if shape.out_features % tp:
                 return 0, 0, 0, f"{name} out_features {shape.out_features} is not divisible by {tp}"
@@ -256,12 +328,14 @@ def layer_kernel(fmt_name: str, layer: _Layer, cc: int) -> tuple[str, str | None
     return "none", "no vLLM kernel takes it: " + "; ".join(reasons)
 
 
-def predict_kernels(config: dict, arch: Architecture, fmt_name: str, scheme: QuantScheme, desc_act: bool) -> dict:
+def predict_kernels(config: dict, arch, fmt_name: str, scheme: QuantScheme, desc_act: bool) -> dict:
     """{"method", "vllm", "refused", "min_capability", "tp": {"1": {"ok", "kernels", "by_gpu", "problems"}, ...}}.
 
     `kernels` is the fused layer -> kernel map on the fastest GPU (sm90), `by_gpu` the same per GPU generation
-    (GPUS). Kernels: "machete", "marlin", "exllama", "triton_w4a16", "awq_gemm", or "none" (vLLM refuses)."""
+    (GPUS). Kernels: "machete", "marlin", "exllama", "triton_w4a16", "awq_gemm", or "none" (vLLM refuses); a MoE
+    model's "experts" layer gets "marlin_moe" or "moe_wna16"."""
     shapes = {s.name: s for s in linear_shapes(config, arch)}
+    layers = fused_layers(shapes)
     refused = refusal(fmt_name, scheme, desc_act)
     zero_points = not scheme.sym
     result = {"method": vllm_method(fmt_name, scheme), "vllm": VLLM_VERSION, "refused": refused,
@@ -271,8 +345,8 @@ def predict_kernels(config: dict, arch: Architecture, fmt_name: str, scheme: Qua
         if (whole := model_problem(config, tp)) is not None:
             problems.append(whole)
         by_gpu: dict[str, dict[str, str]] = {gpu: {} for gpu in GPUS}
-        for fused in _FUSED:
-            out_part, in_part, in_full, problem = _partition(config, shapes, fused, tp)
+        for fused, (split, members) in layers.items():
+            out_part, in_part, in_full, problem = _partition(config, shapes, split, members, tp)
             if problem or whole or refused:
                 for kernels in by_gpu.values():
                     kernels[fused] = "none"
@@ -285,6 +359,14 @@ def predict_kernels(config: dict, arch: Architecture, fmt_name: str, scheme: Qua
                 by_gpu[gpu][fused] = kernel
                 if why and gpu == FASTEST_GPU or kernel == "none":
                     note = f"{fused} on {gpu}: {kernel} ({why})" if kernel != "none" else f"{fused} on {gpu}: {why}"
+                    if note not in problems:
+                        problems.append(note)
+        if any(name.endswith(EXPERT_SUFFIXES) for name in shapes):
+            for gpu, cc in GPUS.items():
+                kernel, why = ("none", None) if whole or refused else expert_kernel(config, shapes, scheme, tp, cc)
+                by_gpu[gpu]["experts"] = kernel
+                if why and (gpu == FASTEST_GPU or kernel == "none"):
+                    note = f"experts on {gpu}: {kernel} ({why})"
                     if note not in problems:
                         problems.append(note)
         kernels = by_gpu[FASTEST_GPU]
