@@ -248,7 +248,7 @@ def _load_torch_model(artifact: Path, kind: str):
             from exporters.int4.formats import dequantized_state_dict
 
             check_checkpoint(artifact)
-            state = dequantized_state_dict(artifact, dtype=torch.float32)
+            state = dequantized_state_dict(artifact, dtype=torch.float32, module_names=True)
             config = AutoConfig.from_pretrained(str(artifact))
             if hasattr(config, "quantization_config"):
                 del config.quantization_config

@@ -105,7 +105,8 @@ def search_clip(weight: torch.Tensor, sketch: torch.Tensor, scheme: QuantScheme,
         bound = original * (1 - step / grid)
         clipped = torch.maximum(torch.minimum(wg, bound[..., None]), -bound[..., None])
         scale, zero = group_params(clipped, scheme)
-        q = (quantize_codes(clipped, scale[..., None], zero[..., None], scheme.maxq) - zero[..., None]) * scale[..., None]
+        scale, zero = scale[..., None], zero[..., None]
+        q = (quantize_codes(clipped, scale, zero, scheme.maxq) - zero) * scale
         delta = (q - wg).transpose(0, 1)  # [groups, out, gs]
         loss = (torch.bmm(delta, hgg) * delta).sum(-1).t()  # [out, groups]
         better = loss < best_loss

@@ -33,7 +33,8 @@ AUXILIARY_FILES = (
 def read_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise MergeqError(f"{path} not found", hint="--model must be a Hugging Face checkpoint directory with config.json")
+        raise MergeqError(f"{path} not found",
+                          hint="--model must be a Hugging Face checkpoint directory with config.json")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:

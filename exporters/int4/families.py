@@ -95,6 +95,7 @@ def _mlp_folds(norm: str = "post_attention_layernorm", norm_kind: str = "norm") 
 
 
 LLAMA_FOLDS = _attention_folds() + _mlp_folds()
+SANDWICH = "post_attention_layernorm and post_feedforward_layernorm act on sublayer outputs: nothing to fold"
 GEMMA_FOLDS = _attention_folds("norm_plus_one") + _mlp_folds("pre_feedforward_layernorm", "norm_plus_one")
 MOE_FOLDS = _attention_folds() + (Fold("mlp.experts", "post_attention_layernorm", "norm", also_scale=("mlp.gate",)),)
 
@@ -106,9 +107,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3", ("Qwen3ForCausalLM",), LLAMA_FOLDS),
     # x * (1 + w) norms; post_attention_layernorm and post_feedforward_layernorm act on outputs (sandwich norms)
     Family("gemma2", ("Gemma2ForCausalLM",), GEMMA_FOLDS,
-           awq_notes=("post_attention_layernorm and post_feedforward_layernorm act on sublayer outputs: nothing to fold",)),
+           awq_notes=(SANDWICH,)),
     Family("gemma3", ("Gemma3ForCausalLM",), GEMMA_FOLDS,
-           awq_notes=("post_attention_layernorm and post_feedforward_layernorm act on sublayer outputs: nothing to fold",)),
+           awq_notes=(SANDWICH,)),
     Family("phi3", ("Phi3ForCausalLM",),
            (Fold("self_attn.qkv_proj", "input_layernorm", "norm"),
             Fold("self_attn.o_proj", "self_attn.qkv_proj", "linear", chunks=3),

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from exporters.int4.checkpoint import TensorSource, read_config
+from exporters.int4.families import family_of
 from exporters.int4.quant import (
     QuantizedLinear,
     QuantScheme,
@@ -32,6 +33,7 @@ from exporters.int4.quant import (
     unpack_first,
     unpack_last,
 )
+from exporters.int4.skeleton import module_state_dict
 from mergeq.core.errors import MergeqError
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -297,13 +299,16 @@ def read_quantized(model_dir: Path) -> tuple[dict[str, QuantizedLinear], dict[st
     return linears, plain
 
 
-def dequantized_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def dequantized_state_dict(model_dir: Path, dtype: torch.dtype | None = None, *,
+                           module_names: bool = False) -> dict[str, torch.Tensor]:
     """A plain state dict with the original Hugging Face names (`...q_proj.weight`, biases, norms,
     embeddings), with every quantized linear reconstructed from the packed tensors on disk.
 
     Works for gptq, awq (gemm) and compressed-tensors (pack-quantized) checkpoints, detected from
     config.json's quantization_config. Dequantized weights are float32 (exact (code - zero) * scale);
-    other tensors keep their stored dtype. `dtype` casts every floating tensor.
+    other tensors keep their stored dtype. `dtype` casts every floating tensor. `module_names`: the names of
+    the transformers modules instead (a MoE family's per-expert tensors stacked into its fused experts), for
+    `model.load_state_dict`.
     """
     linears, plain = read_quantized(model_dir)
     state: dict[str, torch.Tensor] = {}
@@ -312,6 +317,8 @@ def dequantized_state_dict(model_dir: Path, dtype: torch.dtype | None = None) ->
         if linear.bias is not None:
             state[f"{prefix}.bias"] = linear.bias
     state.update(plain)
+    if module_names:
+        state = module_state_dict(state, family_of(read_config(model_dir)))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return dict(sorted(state.items()))

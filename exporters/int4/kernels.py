@@ -150,7 +150,8 @@ def fused_layers(shapes: dict[str, LinearShape]) -> dict[str, tuple[str, tuple[s
     return layers
 
 
-def expert_kernel(config: dict, shapes: dict[str, LinearShape], scheme: QuantScheme, tp: int, cc: int) -> tuple[str, str | None]:
+def expert_kernel(config: dict, shapes: dict[str, LinearShape], scheme: QuantScheme, tp: int,
+                  cc: int) -> tuple[str, str | None]:
     """vLLM's fused-MoE kernel for the experts (check_moe_marlin_supports_config with tile padding, as
     auto_gptq, auto_awq and compressed-tensors WNA16 call it): Marlin MoE when the hidden size is a multiple
     of 128, the group size is Marlin's and the intermediate size per TP partition is a whole number of

@@ -74,7 +74,8 @@ class QuantizedLinear:
         scale = self.scales.to(torch.float32)
         zero = self.zeros.to(torch.float32)
         codes = self.codes.to(torch.float32)
-        if inf % groups == 0 and torch.equal(self.g_idx.long(), default_g_idx(inf, inf // groups, self.g_idx.device).long()):
+        contiguous = default_g_idx(inf, inf // groups, self.g_idx.device).long() if inf % groups == 0 else None
+        if contiguous is not None and torch.equal(self.g_idx.long(), contiguous):
             grouped = codes.view(out, groups, inf // groups)
             return ((grouped - zero[..., None]) * scale[..., None]).view(out, inf).to(dtype)
         g = self.g_idx.long()

@@ -13,6 +13,7 @@ The skeleton is the whole `AutoModelForCausalLM` built on the meta device (no me
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,6 +212,27 @@ def _materialize_buffers(model: nn.Module, module: nn.Module, device) -> None:
         setattr(module, name, torch.empty_like(getattr(module, name), device=device))
     with torch.no_grad():
         model._init_weights(module)
+
+
+def module_state_dict(state: dict[str, torch.Tensor], family: Family) -> dict[str, torch.Tensor]:
+    """A state dict with checkpoint names -> transformers' module names (a MoE family's per-expert tensors
+    stacked into its fused experts parameters); unchanged for families without experts."""
+    if family.experts is None:
+        return state
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    out = {}
+    for name, tensor in state.items():
+        match = _LAYER.match(name)
+        if match:
+            layers.setdefault(match.group(1), {})[name[match.end(1):]] = tensor
+        else:
+            out[name] = tensor
+    for prefix, layer_state in layers.items():
+        out |= {prefix + n: t for n, t in _stack_experts(layer_state, family.experts, prefix).items()}
+    return out
+
+
+_LAYER = re.compile(r"^(.*\.layers\.\d+\.)")
 
 
 def _has_experts(state: dict) -> bool:
