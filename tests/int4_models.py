@@ -92,3 +92,14 @@ def int4_options(method: str, **kw):
     if method == "rtn":
         return Int4Options(method="rtn", **kw)
     return {"gptq": GptqOptions, "awq": AwqOptions}[method](**kw)
+
+
+def options_for(method: str, **values):
+    """The int4 options of `method`: GptqOptions / AwqOptions (their targets' defaults), Int4Options for RTN."""
+    from exporters.int4.options import AwqOptions, GptqOptions, Int4Options
+
+    if method == "gptq":
+        return GptqOptions(**values)
+    if method == "awq":
+        return AwqOptions(**values)
+    return Int4Options(method=method, **values)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from int4_models import MORE_FAMILIES, calibration_text, tiny_model
+from int4_models import MORE_FAMILIES, calibration_text, options_for, tiny_model
 from peer_env import ensure_live, run_measured
 from safetensors.torch import load_file
 
-from exporters.int4.export import Int4Options, export_int4
+from exporters.int4.export import export_int4
 from exporters.int4.formats import dequantized_state_dict, read_quantized
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def artifacts(tmp_path_factory, pytestconfig) -> dict:
         base = tiny_model(work / f"base-{family}", family)
         for case, (method, fmt) in CASES.items():
             out = work / f"{family}-{case}"
-            export_int4(base, out, Int4Options(method=method, format=fmt, calib=calib, samples=4, seq_len=64,
+            export_int4(base, out, options_for(method, format=fmt, calib=calib, samples=4, seq_len=64,
                                                group_size=32, device="cpu"))
             dirs[(family, case)] = out
     args = []

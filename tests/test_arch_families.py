@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from int4_models import MORE_FAMILIES, calibration_text, tiny_model
+from int4_models import MORE_FAMILIES, calibration_text, options_for, tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from exporters.int4 import families
 from exporters.int4.calibration import load_calibration
-from exporters.int4.export import Int4Options, export_int4
+from exporters.int4.export import export_int4
 from exporters.int4.formats import dequantized_state_dict, read_quantized
 from exporters.int4.quant import QuantScheme, rtn_quantize
 from mergeq.core.errors import MergeqError
@@ -63,7 +63,7 @@ def exported(work: Path, family: str, method: str, fmt: str = "native") -> tuple
     key = (family, method, fmt)
     out = work / f"{family}-{method}-{fmt}"
     if key not in _exports:
-        report = export_int4(base, out, Int4Options(method=method, calib=work / "calib.txt", samples=SAMPLES,
+        report = export_int4(base, out, options_for(method, calib=work / "calib.txt", samples=SAMPLES,
                                                     seq_len=SEQ_LEN, group_size=GROUP, device="cpu", format=fmt))
         _exports[key] = report
     return base, out, _exports[key]
@@ -191,7 +191,7 @@ def test_moe_experts_without_calibration_tokens_are_reported_and_rounded(tmp_pat
     calib.write_text("abcd")
     for method in ("gptq", "awq"):
         out = tmp_path / method
-        report = export_int4(base, out, Int4Options(method=method, calib=calib, samples=1, seq_len=4,
+        report = export_int4(base, out, options_for(method, calib=calib, samples=1, seq_len=4,
                                                     group_size=32, device="cpu"))
         idle_warnings = [w for w in report.warnings if "received no calibration tokens" in w]
         assert len(idle_warnings) == 2, report.warnings  # one per layer
@@ -226,10 +226,10 @@ def test_family_without_awq_map_gptq_works_awq_refuses(tmp_path):
     calib = calibration_text(tmp_path / "calib.txt")
     options = {"calib": calib, "samples": 4, "seq_len": 32, "group_size": 32, "device": "cpu"}
     with pytest.raises(MergeqError, match="AWQ has no scale-fold map") as refused:
-        export_int4(base, tmp_path / "awq", Int4Options(method="awq", **options))
+        export_int4(base, tmp_path / "awq", options_for("awq", **options))
     assert "GPTQ" in str(refused.value.hint)
     assert not (tmp_path / "awq").exists()
-    export_int4(base, tmp_path / "gptq", Int4Options(method="gptq", **options))
+    export_int4(base, tmp_path / "gptq", options_for("gptq", **options))
     linears, _ = read_quantized(tmp_path / "gptq")
     assert sorted(n[len("model.layers.0."):] for n in linears if n.startswith("model.layers.0.")) == sorted(
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.c_fc", "mlp.c_proj"])
@@ -246,6 +246,6 @@ def test_a_wrong_fold_map_is_caught(tmp_path, monkeypatch):
                     for f in families.FAMILIES)
     monkeypatch.setattr(families, "FAMILIES", entries)
     with pytest.raises(MergeqError, match="fold map .* is wrong"):
-        export_int4(base, tmp_path / "awq", Int4Options(method="awq", calib=calib, samples=4, seq_len=32,
+        export_int4(base, tmp_path / "awq", options_for("awq", calib=calib, samples=4, seq_len=32,
                                                         group_size=32, device="cpu"))
     assert not (tmp_path / "awq").exists()
