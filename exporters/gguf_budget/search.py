@@ -1,0 +1,234 @@
+"""The budgeted GGUF: measure, calibrate, allocate, make, verify.
+
+    search = BudgetSearch(intermediate, imatrix, calib_text, work, settings)
+    mixes = search.run([parse_target("like:Q4_K_M"), parse_target("2.5GB")])
+
+1. sensitivity: every candidate type of every tensor, made by llama-quantize and measured (sensitivity.py);
+2. calibration: KL of the all-Q8_0 mix and of one probe per tensor group, against the f16 logits on the
+   calibration text (calibrate.py);
+3. per target: the byte budget (a named mix's real size for like:TYPE), the allocation (allocate.py), the
+   file made by llama-quantize with one --tensor-type override per tensor, its real size checked against
+   the prediction, its KL measured the same way, and the named mix nearest in size (at or under the
+   budget) made and measured too, so the report can say which is better.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exporters.gguf_budget import allocate as alloc
+from exporters.gguf_budget import calibrate, sensitivity
+from exporters.gguf_budget.slots import DEFAULT_CANDIDATES, SizeModel, Slot, candidate_slots, quant_sizes, size_model
+from exporters.gguf_budget.target import Target
+from exporters.gguf_inspect import read_gguf
+from exporters.llamacpp.build import tool_command
+from exporters.llamacpp.run import run_tool
+from mergeq.core.errors import MergeqError
+
+log = logging.getLogger(__name__)
+
+# Named mixes a budgeted one is compared with (the nearest in size at or under its budget).
+NAMED_MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+_DRY_SIZE = re.compile(r"quant size\s*=\s*([0-9.]+) MiB")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    n_ctx: int = 512  # llama-perplexity context of the calibration KL
+    chunks: int = 8  # windows of the calibration text scored per KL measurement
+    threads: int | None = None
+
+
+@dataclass
+class Mix:
+    """One budgeted file and everything its report says about it."""
+
+    target: Target
+    budget_bytes: int
+    path: Path  # in the work directory until the exporter moves it
+    types: dict[str, str]
+    predicted_bytes: int
+    predicted_kl: float
+    measured: calibrate.Measured
+    named: dict  # {"type", "bytes", "path", "kl", "top1", "ppl", "predicted_kl"}
+    quantize_log: str = ""
+
+    @property
+    def beats_named(self) -> bool:
+        return self.measured.kl <= self.named["kl"]
+
+    def to_json(self) -> dict:
+        return {
+            "target": self.target.spec, "budget_bytes": self.budget_bytes, "predicted_bytes": self.predicted_bytes,
+            "predicted_kl": self.predicted_kl,
+            "measured": {"kl": self.measured.kl, "top1": self.measured.top1, "ppl": self.measured.ppl},
+            "named_mix": {k: v for k, v in self.named.items() if k != "path"},
+            "beats_named_mix": self.beats_named, "tensor_types": dict(sorted(self.types.items())),
+        }
+
+
+@dataclass
+class SearchState:
+    slots: list[Slot]
+    errors: dict[str, dict[str, float]]
+    sizes: SizeModel
+    calibration: calibrate.Calibration
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"calibration": {"scales": self.calibration.scales, "probes": self.calibration.probes},
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                "sensitivity": {n: {t: e for t, e in sorted(v.items())} for n, v in sorted(self.errors.items())}}
+
+
+class BudgetSearch:
+    def __init__(self, intermediate: Path, imatrix: Path, calib_text: Path, work: Path,
+                 settings: SearchSettings | None = None):
+        self.intermediate, self.imatrix, self.text = Path(intermediate), Path(imatrix), Path(calib_text)
+        self.work = Path(work)
+        self.settings = settings or SearchSettings()
+        self.state: SearchState | None = None
+        self._base: calibrate.KLBase | None = None
+        self._named: dict[str, dict] = {}
+
+    # -- shared by every target
+
+    def prepare(self, on_step=None) -> SearchState:
+        s = self.settings
+        seconds: dict[str, float] = {}
+        summary = read_gguf(self.intermediate)
+        slots = candidate_slots(summary, s.candidates)
+        if not slots:
+            raise MergeqError(f"{self.intermediate} has no tensor that any candidate type fits",
+                              hint=f"candidates: {', '.join(s.candidates)}")
+        started = time.perf_counter()
+        rounds = sensitivity.rounds(slots)
+        files = []
+        for r, types in enumerate(rounds):
+            out = self.work / f"round-{r:02d}.gguf"
+            sensitivity.quantize_mix(self.intermediate, out, types, self.imatrix, s.threads)
+            files.append(out)
+            if on_step:
+                on_step(f"sensitivity round {r + 1}/{len(rounds)}")
+        seconds["quantize_rounds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        measured = sensitivity.errors_of(self.intermediate, self.imatrix, files, [x.name for x in slots])
+        seconds["error_pass"] = time.perf_counter() - started
+        errors = {n: {t: e for t, e in v.items() if t in s.candidates} for n, v in measured["errors"].items()}
+        kept = [x.name for x in slots if not errors.get(x.name)]
+        if kept:
+            log.info("llama-quantize keeps %d tensor(s) as they are: %s", len(kept), ", ".join(kept[:8]))
+        slots = [Slot(x.name, x.shape, tuple(t for t in x.candidates if t in errors.get(x.name, {})))
+                 for x in slots if errors.get(x.name)]
+        sizes = size_model(summary, slots)
+        # the header of a llama-quantize output differs from the intermediate's (imatrix keys, version):
+        # take the fixed bytes from a real output, round 0, whose types are known
+        round0 = read_gguf(files[0])
+        r0_types = {t.name: t.type for t in round0.tensors}
+        sizes = SizeModel(round0.size_bytes - sum(sizes.slot_bytes(x, r0_types[x.name]) for x in slots),
+                          sizes.alignment, sizes.sizes)
+        for path in files[1:]:
+            path.unlink(missing_ok=True)
+        # calibration: the all-highest mix is round 0 (every tensor's first candidate)
+        started = time.perf_counter()
+        bits = self._bits()
+        self._base = calibrate.kl_base(self.intermediate, self.text, self.work / "kl-base.bin", s.n_ctx, s.chunks,
+                                       s.threads)
+        groups = sorted({calibrate.group_of(x) for x in slots})
+        top = {x.name: max(errors[x.name], key=lambda t: (bits[t], -errors[x.name][t], t)) for x in slots}
+        if any(r0_types[n] != t for n, t in top.items()):
+            sensitivity.quantize_mix(self.intermediate, files[0], top, self.imatrix, s.threads)
+        base = calibrate.measure_kl(files[0], self._base, s.threads)
+        files[0].unlink(missing_ok=True)
+        baseline = {"kl": base.kl, "top1": base.top1,
+                    "error_sums": {g: calibrate.error_sum(slots, errors, top, g) for g in groups}}
+        if on_step:
+            on_step("calibration: all-Q8_0 mix")
+        probes = {}
+        for group in groups:
+            types = calibrate.probe_types(slots, errors, bits, group)
+            out = self.work / f"probe-{group}.gguf"
+            sensitivity.quantize_mix(self.intermediate, out, types, self.imatrix, s.threads)
+            result = calibrate.measure_kl(out, self._base, s.threads)
+            out.unlink(missing_ok=True)
+            probes[group] = {"kl": result.kl, "top1": result.top1,
+                             "error_sum": calibrate.error_sum(slots, errors, types, group),
+                             "types": sorted(set(types[x.name] for x in slots if calibrate.group_of(x) == group))}
+            if on_step:
+                on_step(f"calibration: probe {group}")
+        seconds["calibration"] = time.perf_counter() - started
+        self.state = SearchState(slots, errors, sizes, calibrate.fit(slots, errors, baseline, probes), seconds)
+        return self.state
+
+    def _bits(self) -> dict[str, float]:
+        return {t: 8 * size / block for t, (block, size) in quant_sizes().items()}
+
+    # -- one target
+
+    def budget_bytes(self, target: Target, parameters: int) -> int:
+        if target.kind == "size":
+            return int(target.value)
+        if target.kind == "bpw":
+            return int(float(target.value) * parameters / 8)
+        return self.named_mix(str(target.value))["bytes"]
+
+    def named_mix(self, qtype: str) -> dict:
+        """A named llama-quantize mix made with the same imatrix, its size and its KL (made once)."""
+        if qtype not in self._named:
+            out = self.work / f"named-{qtype}.gguf"
+            result = run_tool(tool_command("llama-quantize", "--imatrix", self.imatrix, self.intermediate, out, qtype,
+                                           *([str(self.settings.threads)] if self.settings.threads else [])),
+                              hint=f"llama-quantize could not make {qtype}")
+            measured = calibrate.measure_kl(out, self._base, self.settings.threads)
+            types = {t.name: t.type for t in read_gguf(out).tensors}
+            state = self.state
+            predicted = None
+            if all(types.get(x.name) in state.errors[x.name] for x in state.slots):
+                predicted = state.calibration.predict(state.slots, state.errors, types)
+            self._named[qtype] = {"type": qtype, "bytes": out.stat().st_size, "path": out, "kl": measured.kl,
+                                  "top1": measured.top1, "ppl": measured.ppl, "predicted_kl": predicted,
+                                  "log": result.stdout + result.stderr}
+        return self._named[qtype]
+
+    def nearest_named(self, budget: int) -> str:
+        """The largest named mix whose dry-run size fits the budget (the smallest one if none does)."""
+        sized = []
+        fixed_extra = self.state.sizes.fixed_bytes
+        for qtype in NAMED_MIXES:
+            result = run_tool(tool_command("llama-quantize", "--dry-run", "--imatrix", self.imatrix,
+                                           self.intermediate, self.work / "dry-run.gguf", qtype))
+            found = _DRY_SIZE.findall(result.stdout + result.stderr)
+            if found:
+                sized.append((int(float(found[-1]) * 2**20) + fixed_extra, qtype))
+        fitting = [s for s in sized if s[0] <= budget]
+        return (max(fitting) if fitting else min(sized))[1]
+
+    def make(self, target: Target, parameters: int) -> Mix:
+        state = self.state or self.prepare()
+        budget = self.budget_bytes(target, parameters)
+        what = {"size": "--target-size", "bpw": "--target-bpw", "like": "--target"}[target.kind]
+        choices = {x.name: [alloc.Option(t, state.sizes.slot_bytes(x, t),
+                                         state.calibration.scales[calibrate.group_of(x)] * state.errors[x.name][t])
+                            for t in x.candidates] for x in state.slots}
+        allocation = alloc.allocate(choices, state.sizes.fixed_bytes, budget, what=f"{what} {target.spec}")
+        out = self.work / f"{target.label}.gguf"
+        result = sensitivity.quantize_mix(self.intermediate, out, allocation.types, self.imatrix, self.settings.threads)
+        written = {t.name: t.type for t in read_gguf(out).tensors}
+        wrong = {n: (t, written.get(n)) for n, t in allocation.types.items() if written.get(n) != t}
+        if wrong:
+            raise MergeqError(f"llama-quantize did not apply {len(wrong)} of the budget's tensor types to {out.name}, "
+                              f"e.g. {next(iter(wrong))}: {next(iter(wrong.values()))}",
+                              hint="the pinned llama-quantize's --tensor-type-file handling changed; report this")
+        measured = calibrate.measure_kl(out, self._base, self.settings.threads)
+        named = self.named_mix(str(target.value)) if target.kind == "like" else self.named_mix(self.nearest_named(budget))
+        if out.stat().st_size != allocation.nbytes:
+            log.warning("%s: %d bytes, predicted %d", out.name, out.stat().st_size, allocation.nbytes)
+        return Mix(target, budget, out, allocation.types, allocation.nbytes,
+                   state.calibration.predict(state.slots, state.errors, allocation.types), measured,
+                   {k: v for k, v in named.items() if k != "log"}, result.stdout + result.stderr)
+

@@ -1,0 +1,85 @@
+"""The budget allocator and the target parser, on plain data (no llama.cpp needed)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from exporters.gguf_budget.allocate import Option, allocate, smallest_bytes
+from exporters.gguf_budget.target import parse_target
+from mergeq.core.errors import MergeqError
+
+TYPES = (("Q8_0", 8.5, 1.0), ("Q5_0", 5.5, 12.0), ("IQ4_NL", 4.5, 30.0), ("Q4_0", 4.5, 40.0), ("Q2_K", 2.625, 400.0))
+
+
+def choices(n: int, seed: int = 0) -> dict[str, list[Option]]:
+    rng = random.Random(seed)
+    out = {}
+    for i in range(n):
+        elems = rng.choice((4096, 8192, 16384))
+        weight = rng.uniform(0.2, 5.0)
+        out[f"blk.{i}.w"] = [Option(t, int(elems * bits / 8), weight * err * rng.uniform(0.8, 1.2)) for t, bits, err in TYPES]
+    return out
+
+
+def brute_force(ch: dict[str, list[Option]], fixed: int, budget: int) -> float:
+    best = float("inf")
+    names = sorted(ch)
+    for combo in itertools.product(*(ch[n] for n in names)):
+        if fixed + sum(o.nbytes for o in combo) <= budget:
+            best = min(best, sum(o.cost for o in combo))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_respects_the_budget_and_is_close_to_the_optimum(seed):
+    ch = choices(5, seed)
+    fixed = 1000
+    low, high = smallest_bytes(ch, fixed), fixed + sum(max(o.nbytes for o in opts) for opts in ch.values())
+    for budget in (low, (2 * low + high) // 3, (low + high) // 2, high):
+        result = allocate(ch, fixed, budget)
+        assert result.nbytes <= budget
+        assert result.nbytes == fixed + sum(next(o.nbytes for o in ch[n] if o.qtype == t) for n, t in result.types.items())
+        optimum = brute_force(ch, fixed, budget)
+        assert result.cost <= optimum * 1.25 + 1e-9, (budget, result.cost, optimum)
+
+
+def test_more_budget_never_predicts_more_divergence():
+    ch = choices(40, 3)
+    low = smallest_bytes(ch, 0)
+    costs = [allocate(ch, 0, int(low * f)).cost for f in (1.0, 1.2, 1.5, 2.0, 4.0)]
+    assert costs == sorted(costs, reverse=True)
+    assert costs[-1] == pytest.approx(sum(min(o.cost for o in opts) for opts in ch.values()))
+
+
+def test_same_inputs_same_mix():
+    ch = choices(60, 7)
+    budget = int(smallest_bytes(ch, 0) * 1.4)
+    first = allocate(ch, 0, budget)
+    assert all(allocate(dict(reversed(list(ch.items()))), 0, budget).types == first.types for _ in range(3))
+
+
+def test_impossible_budget_names_the_option_and_the_smallest_size():
+    ch = choices(10, 1)
+    floor = smallest_bytes(ch, 500)
+    with pytest.raises(MergeqError) as err:
+        allocate(ch, 500, floor - 1, what="--target-size 1KB")
+    assert "--target-size 1KB" in str(err.value) and f"{floor:,}" in str(err.value)
+    assert allocate(ch, 500, floor).nbytes == floor
+
+
+@pytest.mark.parametrize("spec, kind, value", [
+    ("2.5GB", "size", 2_500_000_000), ("700MiB", "size", 700 * 2**20), ("123B", "size", 123), ("4.5bpw", "bpw", 4.5),
+    ("like:q4_k_m", "like", "Q4_K_M"), ("1e3", None, None), ("3 parsecs", None, None), ("like:Q9_X", None, None),
+    ("40bpw", None, None),
+])
+def test_target_specs(spec, kind, value):
+    if kind is None:
+        with pytest.raises(MergeqError) as err:
+            parse_target(spec, "--target", known_types=("Q4_K_M", "Q3_K_M"))
+        assert "--target" in str(err.value)
+    else:
+        target = parse_target(spec, "--target", known_types=("Q4_K_M", "Q3_K_M"))
+        assert (target.kind, target.value) == (kind, value)
