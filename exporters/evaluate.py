@@ -453,6 +453,27 @@ def parse_kl_output(output: str) -> dict[str, float]:
     return found
 
 
+def run_kl_divergence(command, artifact: Path):
+    """Run `llama-perplexity --kl-divergence` and parse its statistics; returns (stats, tool result).
+
+    llama-perplexity returns 0 when its KL pass stops early (its "failed to decode", a base file it cannot
+    read): seen once in a while on a loaded machine, so it runs once more with a warning, then fails quoting
+    its last output lines."""
+    from exporters.llamacpp.run import quoted_tail, run_tool
+
+    for attempt in (1, 2):
+        result = run_tool(command, hint=f"if {artifact} is damaged, export it again")
+        try:
+            return parse_kl_output(result.stdout + "\n" + result.stderr), result
+        except ToolError as err:
+            quoted = quoted_tail(result, 12)
+            if attempt == 2:
+                raise ToolError(f"{err.args[0]}; its last output lines:\n{quoted}", hint=err.hint) from None
+            log.warning("llama-perplexity exited 0 without statistics on %s; running it once more. Its last "
+                        "output lines:\n%s", artifact, quoted)
+    raise AssertionError("unreachable")
+
+
 _TOKEN_COUNT = re.compile(r"tokenizes to only (\d+) tokens")
 
 
@@ -568,7 +589,6 @@ def _evaluate_torch(artifact: Path, kind: str, reference: Path, windows: Windows
 def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: EvalOptions, provenance: dict):
     """llama-perplexity in KL-divergence mode against the cached reference: our windows, llama.cpp's logits."""
     from exporters.llamacpp.build import tool_command
-    from exporters.llamacpp.run import quoted_tail, run_tool
 
     if windows.scored_tokens < 100:
         raise MergeqError(f"evaluating a GGUF needs at least 100 scored tokens, these windows score {windows.scored_tokens}",
@@ -595,19 +615,7 @@ def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: E
         "llama-perplexity", "-m", artifact, "--kl-divergence", "--kl-divergence-base", base, "-c", n_ctx,
         "-b", n_ctx * max(1, 2048 // n_ctx), "-t", threads)
     log.info("running %s", " ".join(command.argv))
-    for attempt in (1, 2):
-        result = run_tool(command, hint=f"if {artifact} is damaged, export it again")
-        try:
-            stats = parse_kl_output(result.stdout + "\n" + result.stderr)
-            break
-        except ToolError as err:
-            # llama-perplexity returns 0 when its KL pass stops early (its "failed to decode", a base file it
-            # cannot read): quote what it said; seen once in a while on a loaded machine, so run it once more
-            quoted = quoted_tail(result, 12)
-            if attempt == 2:
-                raise ToolError(f"{err.args[0]}; its last output lines:\n{quoted}", hint=err.hint) from None
-            log.warning("llama-perplexity exited 0 without statistics on %s; running it once more. Its last "
-                        "output lines:\n%s", artifact, quoted)
+    stats, result = run_kl_divergence(command, artifact)
     stats["peak_rss_bytes"] = result.peak_rss_bytes
     provenance["llama.cpp"] = llama_version()
     if (int(stats["chunks"]), int(stats["n_ctx"])) != (windows.n_windows, n_ctx):

@@ -23,12 +23,13 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from exporters import chat_template_check
-from exporters.gguf_inspect import read_ggufs, size_info
+from exporters.gguf_inspect import read_gguf, read_ggufs, size_info
 from exporters.llamacpp.build import ensure_built, find_build_tools, is_built, tool_command
 from exporters.llamacpp.convert import converter_command, supported_architectures
 from exporters.llamacpp.pin import canonical_quant_type, load_pin, version_info
@@ -70,6 +71,17 @@ class GGUFOptions:
                                help="type of the one intermediate GGUF (auto: bf16 for bfloat16 checkpoints, else f16)")
     threads: int | None = option(None, metavar="N", range=(1, None), default_help="all cores",
                                  help="llama.cpp threads")
+    # size budgets (exporters/gguf_budget): after checked(), every one in `targets` as "2.5GB", "4.5bpw" or
+    # "like:Q4_K_M"; each makes one more GGUF, OUT/MIX-.../, with the least predicted divergence at that size
+    targets: tuple[str, ...] = option(
+        (), flag="--target", key="target", repeat=True, metavar="SIZE|like:TYPE",
+        help="a GGUF that fits this size, its types chosen tensor by tensor from measurements (needs --imatrix "
+             "--calib): a file size (2.5GB, 700MiB), bits per weight (4.5bpw) or like:TYPE (the size of that "
+             "named mix, e.g. like:Q4_K_M); repeatable")
+    target_size: str | None = option(None, metavar="SIZE", toml=False,
+                                     help="the same as --target SIZE: a file size such as 2.5GB or 700MiB")
+    target_bpw: float | None = option(None, metavar="BITS", range=(1.0, 16.0), toml=False,
+                                      help="the same as --target BITSbpw: bits per weight over the whole file")
 
     def checked(self) -> GGUFOptions:
         """The quant types canonical (llama-quantize's spelling, comma lists split, no duplicates), and the
@@ -93,7 +105,19 @@ class GGUFOptions:
         if not self.imatrix and (need := [q for q in quants if q in pin.needs_imatrix]):
             raise OptionError("quants", f"--quant {', '.join(need)} requires an importance matrix",
                               hint="add --imatrix --calib FILE, or choose e.g. IQ4_XS, Q3_K_M or Q4_K_M")
-        return replace(self, quants=tuple(quants))
+        targets = list(self.targets)
+        if self.target_size is not None:
+            targets.append(self.target_size)
+        if self.target_bpw is not None:
+            targets.append(f"{self.target_bpw:g}bpw")
+        if targets:
+            from exporters.gguf_budget.target import check_targets
+
+            try:
+                check_targets(tuple(targets), self.imatrix, pin.quant_types)
+            except MergeqError as err:
+                raise OptionError("targets", str(err.args[0]), hint=err.hint) from None
+        return replace(self, quants=tuple(quants), targets=tuple(targets), target_size=None, target_bpw=None)
 
 
 # ----------------------------------------------------------------------------------------------- model facts
@@ -193,6 +217,7 @@ class GGUFExporter:
 
     def __init__(self) -> None:
         self._preflight_warnings: list[str] = []
+        self._budget: dict = {}  # label -> gguf_budget.artifacts.BudgetArtifact, for the reports
         self._template_reference: chat_template_check.PendingReference | None = None  # started by export()
 
     # -- preflight
@@ -202,6 +227,10 @@ class GGUFExporter:
         model_dir = Path(model_dir)
         config = read_config(model_dir)
         warnings: list[str] = []
+        if options.targets:
+            from exporters.gguf_budget.target import check_targets
+
+            check_targets(options.targets, options.imatrix, load_pin().quant_types)
         arch = architecture(config)
         supported = supported_architectures()
         if arch is None:
@@ -266,7 +295,7 @@ class GGUFExporter:
         stages: dict[str, StageCost] = {}
         logs: dict[str, str] = {}
         intermediate = work / f"{stem}-{inter.upper()}.gguf"
-        steps = 1 + int(options.imatrix) + len(options.quants)
+        steps = 1 + int(options.imatrix) + len(options.quants) + int(bool(options.targets))
         with progress_bar() as bar:
             task = bar.add_task(f"GGUF: convert to {inter}", total=steps)
             result = run_tool(converter_command(model_dir, intermediate, inter),
@@ -303,11 +332,35 @@ class GGUFExporter:
                 logs[quant] = result.stdout + result.stderr
                 finals[quant] = final_dir / name
                 bar.advance(task)
+            if options.targets:
+                started = time.perf_counter()
+                bar.update(task, description="GGUF: size-budget search")
+                made = self._budget_mixes(model_dir, out_dir, options, stem, intermediate, imatrix_file,
+                                                        work, lambda step: bar.update(task, description=f"GGUF: {step}"))
+                cost = StageCost(round(time.perf_counter() - started, 3), 0)
+                for artifact in made:
+                    finals[artifact.label], logs[artifact.label] = artifact.path, artifact.log
+                    stages[f"quantize_{artifact.label}"] = cost
+                bar.advance(task)
             if keep_intermediate is not None:
                 with atomic_dir(out_dir / keep_intermediate, overwrite=True) as tmp:
                     os.replace(intermediate, tmp / finals[keep_intermediate].name)
                 bar.advance(task)
         return self._reports(model_dir, options, inter, finals, stages, logs, inputs.result(), imatrix_file is not None)
+
+    def _budget_mixes(self, model_dir, out_dir, options, stem, intermediate, imatrix_file, work, on_step):
+        """The size-budgeted mixes (exporters/gguf_budget); their report sections wait in self._budget."""
+        from exporters.gguf_budget import artifacts
+        from exporters.gguf_budget.search import SearchSettings
+        from exporters.gguf_budget.target import check_targets
+
+        targets = check_targets(options.targets, options.imatrix, load_pin().quant_types)
+        parameters = read_gguf(intermediate).parameters
+        settings = SearchSettings(n_ctx=options.imatrix_ctx, threads=options.threads)
+        made, _ = artifacts.make(intermediate, imatrix_file, options.calib, targets, work / "budget", out_dir, stem,
+                                     parameters, requested=options.quants, settings=settings, on_step=on_step)
+        self._budget = {a.label: a for a in made}
+        return made
 
     def _reports(self, model_dir, options, inter, finals, stages, logs, input_hashes, used_imatrix):
         pin = load_pin()
@@ -319,6 +372,9 @@ class GGUFExporter:
         for (quant, path), summary, template_check in zip(finals.items(), summaries, template_checks):
             size, warnings = size_info(summary, quant, pin.default_types.get(quant), logs.get(quant))
             warnings = self._preflight_warnings + warnings
+            budget = self._budget.get(quant)
+            if budget is not None:
+                warnings += budget.warnings
             shape_fallbacks = [f for f in size.fallbacks if f["kind"] == "shape"]
             if shape_fallbacks:
                 cols = sorted({f["columns"] for f in shape_fallbacks})
@@ -361,7 +417,8 @@ class GGUFExporter:
                     "add_bos_token": summary.metadata.get("tokenizer.ggml.add_bos_token"),
                     "chat_template": stored_template is not None,
                     "chat_template_matches": None if template is None else stored_template == template,
-                }, "chat_template": template_check.to_json()},
+                }, "chat_template": template_check.to_json(),
+                    **({"budget": budget.extra} if budget is not None and budget.extra else {})},
             ))
         return reports
 

@@ -11,6 +11,7 @@ another type than the requested one, with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import mmap
@@ -35,6 +36,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # ggml order: shape[0] is the row length ("columns")
     n_elements: int
     n_bytes: int
+    data_offset: int = -1  # where its data starts in the file (read_gguf sets it)
 
     @property
     def columns(self) -> int:
@@ -202,6 +204,7 @@ def read_gguf(path: Path) -> GGUFSummary:
         if data_start + end > size_bytes:
             raise MergeqError(f"GGUF file {path} is truncated: its tensors need {data_start + end} bytes, "
                               f"the file has {size_bytes}", hint="the file is incomplete or damaged; export it again")
+        tensors = [dataclasses.replace(t, data_offset=data_start + o) for t, o in zip(tensors, offsets)]
     return GGUFSummary(path=path, size_bytes=size_bytes, metadata=metadata, array_lengths=arrays, tensors=tensors,
                        block_sizes={name: block for name, (block, _) in sizes.items()})
 

@@ -332,11 +332,32 @@ def report_markdown(report: ArtifactReport) -> str:
     lines += [f"| {name} | {cost.seconds:.1f} | {_mib(cost.peak_rss_bytes)} |" for name, cost in report.stages.items()]
     lines += ["", "Peak RSS is the process's high-water mark at the end of the stage (see docs/evaluation.md).", ""]
     lines += _chat_template_lines(report.extra.get("chat_template"))
+    lines += _budget_lines(report.extra.get("budget"))
     if report.extra:
         lines += ["## Format facts", "", "```json", json.dumps(_finite(report.extra), indent=2, sort_keys=True), "```", ""]
     lines += ["## Provenance", "", "```json", json.dumps(_finite(report.provenance), indent=2, sort_keys=True), "```", ""]
     lines += ["## Warnings", ""] + ([f"- {w}" for w in report.warnings] or ["None."]) + [""]
     return "\n".join(lines)
+
+
+def _budget_lines(section: dict | None) -> list[str]:
+    """A size-budgeted GGUF (exporters/gguf_budget): predicted against measured, the named mix, every tensor's type."""
+    if not section:
+        return []
+    named, measured = section["named_mix"], section["measured"]
+    lines = ["## Size budget", "", f"Target `{section['target']}`: budget {section['budget_bytes']:,} bytes, file "
+             f"{section['predicted_bytes']:,} bytes as predicted.", "",
+             "| | bytes | KL predicted | KL measured | top-1 | ppl |", "|---|---|---|---|---|---|",
+             f"| this mix | {section['predicted_bytes']:,} | {section['predicted_kl']:.5f} | {measured['kl']:.5f} "
+             f"| {measured['top1']:.4f} | {measured['ppl']:.4f} |",
+             f"| {named['type']} (named mix nearest in size) | {named['bytes']:,} | "
+             f"{_fmt(named.get('predicted_kl'), '.5f')} | {named['kl']:.5f} | {named['top1']:.4f} | {named['ppl']:.4f} |",
+             "", f"KL here is measured on {section.get('kl_measured_on', 'the calibration text')}; "
+             + ("this mix measures better than the named mix." if section["beats_named_mix"]
+                else "this mix measures WORSE than the named mix, which is written beside it."), "",
+             "| tensor | type |", "|---|---|"]
+    lines += [f"| {name} | {qtype} |" for name, qtype in section["tensor_types"].items()]
+    return lines + [""]
 
 
 def _chat_template_lines(section: dict | None) -> list[str]:
@@ -424,29 +445,34 @@ def summary_markdown(reports: list[ArtifactReport]) -> str:
 FORMAT_COLORS = {"hf": "#1b9e77", "gguf": "#d95f02", "awq": "#7570b3", "gptq": "#e7298a"}
 
 
+def _budgeted(report: ArtifactReport) -> bool:
+    return bool(report.extra.get("budget"))
+
+
 def summary_figure(reports: list[ArtifactReport]):
-    """Size against perplexity: one point per evaluated artifact, the fp16 reference as a star and a line."""
+    """Two panels over size on disk: perplexity (left: every evaluated artifact, the fp16 reference as a star and
+    a line) and KL divergence (right, log scale: named types as circles, size-budgeted GGUF mixes as diamonds).
+    Labels are placed so that they do not overlap (exporters/chart_labels.py)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
+    from exporters.chart_labels import place_labels
+
     shown = [r for r in reports if r.quality is not None]
-    fig = Figure(figsize=(8, 5.5), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
+    fig = Figure(figsize=(13, 5.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax, kl_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     xs = [r.size.size_bytes / 2**20 for r in shown]
     ys = [r.quality.perplexity for r in shown]
     colors = [FORMAT_COLORS.get(r.format, "#666666") for r in shown]
     ax.scatter(xs, ys, c=colors, s=60, zorder=3, gid="artifacts", edgecolors="black", linewidths=0.5)
-    for r, x, y in zip(shown, xs, ys):
-        ax.annotate(f"{r.label}\n{y:.2f} ppl (x{r.quality.perplexity_ratio:.3f}), {x:.0f} MiB", (x, y),
-                    xytext=(6, 6), textcoords="offset points", fontsize=8)
     references = sorted({(r.size.fp16_bytes, r.quality.reference_perplexity) for r in shown if r.size.fp16_bytes})
     if references:
         fp16_bytes, ref_ppl = references[0]
         ax.scatter([fp16_bytes / 2**20], [ref_ppl], marker="*", s=260, c="gold", edgecolors="black", zorder=4,
                    gid="reference")
         ax.axhline(ref_ppl, color="gray", linestyle="--", linewidth=1, zorder=1)
-        ax.annotate(f"fp16 reference\n{ref_ppl:.2f} ppl, {fp16_bytes / 2**20:.0f} MiB", (fp16_bytes / 2**20, ref_ppl),
-                    xytext=(-8, -22), textcoords="offset points", ha="right", fontsize=8)
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel("perplexity on the evaluation text (lower is better)")
     q = shown[0].quality if shown else None
@@ -462,7 +488,30 @@ def summary_figure(reports: list[ArtifactReport]):
                           markeredgecolor="black", markersize=12, label="fp16 reference"))
     ax.legend(handles=handles, loc="upper right", fontsize=8)
     ax.margins(x=0.25, y=0.2)
+
+    diverged = [r for r in shown if r.quality.kl_divergence > 0]
+    for gid, group, marker in (("named", [r for r in diverged if not _budgeted(r)], "o"),
+                               ("budgeted", [r for r in diverged if _budgeted(r)], "D")):
+        if group:
+            kl_ax.scatter([r.size.size_bytes / 2**20 for r in group], [r.quality.kl_divergence for r in group],
+                          c=[FORMAT_COLORS.get(r.format, "#666666") for r in group], marker=marker, s=60, zorder=3,
+                          gid=gid, edgecolors="black", linewidths=0.5)
+    kl_ax.set_yscale("log")
+    kl_ax.set_xlabel("size on disk (MiB)")
+    kl_ax.set_ylabel("mean KL divergence from the reference (nats, log scale)")
+    kl_ax.set_title("Size against KL divergence\ncircles: named types; diamonds: size-budgeted GGUF mixes",
+                    fontsize=10)
+    kl_ax.grid(True, alpha=0.3, which="both")
+    kl_ax.margins(x=0.25, y=0.3)
     fig.tight_layout()
+    points = list(zip(xs, ys))
+    texts = [f"{r.label}\n{y:.2f} ppl (x{r.quality.perplexity_ratio:.3f}), {x:.0f} MiB" for r, x, y in zip(shown, xs, ys)]
+    if references:
+        points.append((fp16_bytes / 2**20, ref_ppl))
+        texts.append(f"fp16 reference\n{ref_ppl:.2f} ppl, {fp16_bytes / 2**20:.0f} MiB")
+    place_labels(ax, points, texts)
+    place_labels(kl_ax, [(r.size.size_bytes / 2**20, r.quality.kl_divergence) for r in diverged],
+                 [f"{r.label}\nKL {r.quality.kl_divergence:.4f}, {r.size.size_bytes / 2**20:.0f} MiB" for r in diverged])
     return fig
 
 

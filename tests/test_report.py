@@ -139,7 +139,7 @@ def test_summary_files_chart_points_and_deterministic_png(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" in png[-12:]
     import matplotlib.image
 
-    assert matplotlib.image.imread(paths["png"]).shape[:2] == (550, 800)
+    assert matplotlib.image.imread(paths["png"]).shape[:2] == (550, 1300)
     assert b"Software" not in png and b"matplotlib" not in png
     again = write_summary(reports, tmp_path / "b")
     assert again["png"].read_bytes() == png  # same reports, same bytes
@@ -149,3 +149,31 @@ def test_summary_files_chart_points_and_deterministic_png(tmp_path):
         validate_report_json(entry)
     md = paths["md"].read_text()
     assert md.count("| gguf ") == 2 and "summary.png" in md and "awq w4g64-asym: group size 128" in md
+
+
+def test_labels_do_not_overlap_and_budgeted_mixes_are_on_the_kl_panel():
+    """AWQ and GPTQ of nearly the same size and perplexity (the demo's) used to get colliding labels."""
+    close = [make_report("hf", "f16", FP16, 11.342, kl=0.0), make_report("gguf", "Q8_0", 144_800_000, 11.381, kl=0.0034),
+             make_report("gguf", "Q4_K_M", 105_500_000, 11.755, kl=0.044),
+             make_report("awq", "w4g64-asym", 117_500_000, 12.221, kl=0.099),
+             make_report("gptq", "w4g64-sym", 118_200_000, 12.272, kl=0.081),
+             make_report("gguf", "MIX-like-Q4_K_M", 105_400_000, 11.52, kl=0.025),
+             make_report("gguf", "Q3_K_M", 95_000_000, 12.6, kl=0.09), make_report("gguf", "MIX-like-Q3_K_M", 94_900_000, 11.9, kl=0.05)]
+    for r in close[-3::2]:
+        r.extra["budget"] = {"target": r.quant}
+    from exporters.chart_labels import text_box
+
+    fig = summary_figure(close)
+    renderer = fig.canvas.get_renderer()
+    ppl_ax, kl_ax = fig.axes
+    for ax in (ppl_ax, kl_ax):
+        boxes = [text_box(t, renderer) for t in ax.texts]
+        assert len(boxes) >= 7
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), (ax.get_title(), a, b)
+    diamonds = next(c for c in kl_ax.collections if c.get_gid() == "budgeted")
+    assert sorted(diamonds.get_offsets()[:, 1].tolist()) == [0.025, 0.05]
+    circles = next(c for c in kl_ax.collections if c.get_gid() == "named")
+    assert len(circles.get_offsets()) == 5  # the reference (KL 0) has no place on a log axis
+    assert "KL" in kl_ax.get_ylabel()

@@ -70,12 +70,10 @@ def kl_base(intermediate: Path, text: Path, out: Path, n_ctx: int, chunks: int, 
 
 
 def measure_kl(gguf: Path, base: KLBase, threads: int | None) -> Measured:
-    from exporters.evaluate import parse_kl_output
+    from exporters.evaluate import run_kl_divergence
 
-    result = run_tool(tool_command("llama-perplexity", "-m", gguf, "--kl-divergence-base", base.path,
-                                   "--kl-divergence", *_flags(base.n_ctx, base.chunks, threads)),
-                      hint=f"if {gguf} is damaged, export it again")
-    stats = parse_kl_output(result.stdout + "\n" + result.stderr)
+    stats, result = run_kl_divergence(tool_command("llama-perplexity", "-m", gguf, "--kl-divergence-base", base.path,
+                                                   "--kl-divergence", *_flags(base.n_ctx, base.chunks, threads)), gguf)
     return Measured(stats["kl_divergence"], stats["top1_percent"] / 100, stats["perplexity"], result.seconds)
 
 

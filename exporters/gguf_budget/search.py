@@ -23,7 +23,7 @@ from pathlib import Path
 from exporters.gguf_budget import allocate as alloc
 from exporters.gguf_budget import calibrate, sensitivity
 from exporters.gguf_budget.slots import DEFAULT_CANDIDATES, SizeModel, Slot, candidate_slots, quant_sizes, size_model
-from exporters.gguf_budget.target import Target
+from exporters.gguf_budget.target import Target, option_name
 from exporters.gguf_inspect import read_gguf
 from exporters.llamacpp.build import tool_command
 from exporters.llamacpp.run import run_tool
@@ -40,7 +40,7 @@ _DRY_SIZE = re.compile(r"quant size\s*=\s*([0-9.]+) MiB")
 class SearchSettings:
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     n_ctx: int = 512  # llama-perplexity context of the calibration KL
-    chunks: int = 8  # windows of the calibration text scored per KL measurement
+    chunks: int = 4  # windows of the calibration text scored per KL measurement
     threads: int | None = None
 
 
@@ -106,19 +106,25 @@ class BudgetSearch:
         if not slots:
             raise MergeqError(f"{self.intermediate} has no tensor that any candidate type fits",
                               hint=f"candidates: {', '.join(s.candidates)}")
-        started = time.perf_counter()
         rounds = sensitivity.rounds(slots)
-        files = []
-        for r, types in enumerate(rounds):
+        files, measured = [], {"errors": {}, "weighted": {}}
+        seconds["quantize_rounds"] = seconds["error_pass"] = 0.0
+        for r, types in enumerate(rounds):  # one round file on disk at a time (round 0 is kept: the Q8_0 baseline)
             out = self.work / f"round-{r:02d}.gguf"
+            started = time.perf_counter()
             sensitivity.quantize_mix(self.intermediate, out, types, self.imatrix, s.threads)
+            seconds["quantize_rounds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            found = sensitivity.errors_of(self.intermediate, self.imatrix, [out], sorted(types))
+            seconds["error_pass"] += time.perf_counter() - started
+            for name, by_type in found["errors"].items():
+                measured["errors"].setdefault(name, {}).update(by_type)
+            measured["weighted"].update(found["weighted"])
             files.append(out)
+            if r:
+                out.unlink()
             if on_step:
                 on_step(f"sensitivity round {r + 1}/{len(rounds)}")
-        seconds["quantize_rounds"] = time.perf_counter() - started
-        started = time.perf_counter()
-        measured = sensitivity.errors_of(self.intermediate, self.imatrix, files, [x.name for x in slots])
-        seconds["error_pass"] = time.perf_counter() - started
         errors = {n: {t: e for t, e in v.items() if t in s.candidates} for n, v in measured["errors"].items()}
         kept = [x.name for x in slots if not errors.get(x.name)]
         if kept:
@@ -132,8 +138,6 @@ class BudgetSearch:
         r0_types = {t.name: t.type for t in round0.tensors}
         sizes = SizeModel(round0.size_bytes - sum(sizes.slot_bytes(x, r0_types[x.name]) for x in slots),
                           sizes.alignment, sizes.sizes)
-        for path in files[1:]:
-            path.unlink(missing_ok=True)
         # calibration: the all-highest mix is round 0 (every tensor's first candidate)
         started = time.perf_counter()
         bits = self._bits()
@@ -211,7 +215,7 @@ class BudgetSearch:
     def make(self, target: Target, parameters: int) -> Mix:
         state = self.state or self.prepare()
         budget = self.budget_bytes(target, parameters)
-        what = {"size": "--target-size", "bpw": "--target-bpw", "like": "--target"}[target.kind]
+        what = option_name(target)
         choices = {x.name: [alloc.Option(t, state.sizes.slot_bytes(x, t),
                                          state.calibration.scales[calibrate.group_of(x)] * state.errors[x.name][t])
                             for t in x.candidates] for x in state.slots}

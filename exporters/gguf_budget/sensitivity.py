@@ -18,11 +18,9 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from exporters.gguf_budget.slots import Slot, type_file_lines
-from exporters.gguf_inspect import read_gguf
 from exporters.llamacpp.build import tool_command
 from exporters.llamacpp.layout import pinned_python_env
 from exporters.llamacpp.run import ToolCommand, run_tool
@@ -33,14 +31,6 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROW_CHUNK = 4096  # rows dequantized at a time in the error pass
-
-
-@dataclass
-class Sensitivity:
-    errors: dict[str, dict[str, float]]  # tensor -> type -> relative error
-    weighted: dict[str, bool]  # tensor -> whether the imatrix weighed its columns
-    kept: list[str]  # slots llama-quantize left unquantized (not tensors the budget can change)
-    seconds: float = 0.0
 
 
 def rounds(slots: list[Slot]) -> list[dict[str, str]]:
@@ -65,30 +55,6 @@ def quantize_mix(intermediate: Path, out: Path, types: dict[str, str], imatrix: 
                     hint="llama-quantize could not make the budgeted mix; see its last lines above")
 
 
-def measure(intermediate: Path, imatrix: Path | None, slots: list[Slot], work: Path,
-            threads: int | None = None, on_round=None) -> Sensitivity:
-    """Quantize every candidate of every slot (one llama-quantize run per round) and measure the errors."""
-    import time
-
-    started = time.perf_counter()
-    files = []
-    for r, types in enumerate(rounds(slots)):
-        out = work / f"round-{r:02d}.gguf"
-        quantize_mix(intermediate, out, types, imatrix, threads)
-        files.append(out)
-        if on_round is not None:
-            on_round(r)
-    result = errors_of(intermediate, imatrix, files, [s.name for s in slots])
-    for path in files:
-        path.unlink(missing_ok=True)
-    wanted = {s.name: set(s.candidates) for s in slots}
-    errors = {name: {t: e for t, e in by_type.items() if t in wanted[name]}
-              for name, by_type in result["errors"].items()}
-    kept = sorted(name for name in wanted if not errors.get(name))
-    return Sensitivity({k: v for k, v in errors.items() if v}, result["weighted"], kept,
-                       time.perf_counter() - started)
-
-
 def errors_of(reference: Path, imatrix: Path | None, files: list[Path], names: list[str]) -> dict:
     """Run the error pass in a subprocess under the pinned gguf-py (the installed `gguf` may lag the pin)."""
     where = ensure_source()
@@ -104,71 +70,92 @@ def errors_of(reference: Path, imatrix: Path | None, files: list[Path], names: l
     return json.loads(result.stdout)
 
 
-def quantized_types(path: Path) -> dict[str, str]:
-    """Tensor name -> type of a GGUF (the header only)."""
-    return {t.name: t.type for t in read_gguf(path).tensors}
-
-
 # ----------------------------------------------------------------------------------------------- the subprocess
 
 
-def _column_weights(reader_tensors: dict, name: str, n_cols: int, n_rows: int):
+def _array(path: Path, info, mm):
+    """A tensor's data from a memory map: floats as (rows, cols) float32, quantized types as (rows, bytes) uint8."""
+    import numpy as np
+
+    cols = info.shape[0]
+    rows = info.n_elements // cols
+    raw = mm[info.data_offset:info.data_offset + info.n_bytes]
+    if info.type == "F32":
+        return np.frombuffer(raw, dtype="<f4").reshape(rows, cols)
+    if info.type == "F16":
+        return np.frombuffer(raw, dtype="<f2").reshape(rows, cols)
+    if info.type == "BF16":
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(rows, cols)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1)
+
+
+def _column_weights(imatrix: dict, name: str, n_cols: int, n_rows: int):
     """The imatrix's mean squared activation per input column, shaped to broadcast over (rows, cols);
     None when it has no entry for `name`."""
     import numpy as np
 
-    sums, counts = reader_tensors.get(f"{name}.in_sum2"), reader_tensors.get(f"{name}.counts")
+    sums, counts = imatrix.get(f"{name}.in_sum2"), imatrix.get(f"{name}.counts")
     if sums is None or counts is None:
         return None
     sums = np.asarray(sums, dtype=np.float64).reshape(-1)
     counts = np.asarray(counts, dtype=np.float64).reshape(-1)
     groups = sums.size // n_cols  # experts of a 3-D tensor share rows in blocks
-    mean = sums.reshape(groups, n_cols) / np.maximum(counts.reshape(groups, 1), 1.0)
+    mean = (sums.reshape(groups, n_cols) / np.maximum(counts.reshape(groups, 1), 1.0)).astype(np.float32)
     return np.repeat(mean, n_rows // groups, axis=0) if groups > 1 else mean
 
 
 def _main() -> None:
+    """Headers by mergeq's reader (gguf-py's GGUFReader spends seconds on a large vocabulary), data by memory
+    map, dequantization by the pinned gguf-py."""
+    import mmap
+
     import numpy as np
-    from gguf import GGUFReader
+    from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
+
+    from exporters.gguf_inspect import read_gguf
 
     request = json.loads(Path(sys.argv[1]).read_text())
     wanted = set(request["tensors"])
-    reference = {t.name: t for t in GGUFReader(request["reference"], "r").tensors if t.name in wanted}
+    maps = []
+
+    def open_map(path):
+        handle = open(path, "rb")
+        mm = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        maps.append((handle, mm))
+        return mm
+
+    ref_summary = read_gguf(Path(request["reference"]))
+    ref_map = open_map(request["reference"])
+    reference = {t.name: t for t in ref_summary.tensors if t.name in wanted}
     imatrix = {}
     if request["imatrix"]:
-        imatrix = {t.name: t.data for t in GGUFReader(request["imatrix"], "r").tensors}
-    errors: dict[str, dict[str, float]] = {name: {} for name in reference}
+        summary = read_gguf(Path(request["imatrix"]))
+        mm = open_map(request["imatrix"])
+        imatrix = {t.name: np.frombuffer(mm[t.data_offset:t.data_offset + t.n_bytes], dtype="<f4")
+                   for t in summary.tensors}
+    errors: dict[str, dict[str, float]] = {}
     weighted: dict[str, bool] = {}
-    signal: dict[str, tuple] = {}
     for path in request["files"]:
-        for tensor in GGUFReader(path, "r").tensors:
+        q_map = open_map(path)
+        for tensor in read_gguf(Path(path)).tensors:
             ref = reference.get(tensor.name)
-            qtype = tensor.tensor_type.name
-            if ref is None or qtype in ("F32", "F16", "BF16") or qtype in errors[tensor.name]:
+            if ref is None or tensor.type in ("F32", "F16", "BF16"):
                 continue
-            data = np.asarray(ref.data)
-            n_cols = int(ref.shape[0])
-            w_ref = data.reshape(-1, n_cols)
-            q_rows = np.asarray(tensor.data).reshape(w_ref.shape[0], -1)
-            weights = _column_weights(imatrix, tensor.name, n_cols, w_ref.shape[0])
+            w_all = _array(Path(request["reference"]), ref, ref_map)
+            q_all = _array(Path(path), tensor, q_map)
+            weights = _column_weights(imatrix, tensor.name, w_all.shape[1], w_all.shape[0])
             weighted[tensor.name] = weights is not None
-            err = 0.0
-            total = 0.0
-            for start in range(0, w_ref.shape[0], ROW_CHUNK):
-                w = w_ref[start:start + ROW_CHUNK].astype(np.float32)
-                q = dequantize(q_rows[start:start + ROW_CHUNK], tensor.tensor_type).reshape(w.shape)
-                diff = (w - q) ** 2
-                if weights is None:
-                    err += float(diff.sum(dtype=np.float64))
-                    if tensor.name not in signal:
-                        total += float((w * w).sum(dtype=np.float64))
-                else:
-                    cw = weights if weights.shape[0] == 1 else weights[start:start + ROW_CHUNK]
-                    err += float((diff * cw).sum(dtype=np.float64))
-                    if tensor.name not in signal:
-                        total += float((w * w * cw).sum(dtype=np.float64))
-            if tensor.name not in signal:
-                signal[tensor.name] = (total,)
-            errors[tensor.name][qtype] = err / signal[tensor.name][0] if signal[tensor.name][0] > 0 else 0.0
+            qtype = GGMLQuantizationType[tensor.type]
+            err = total = 0.0
+            for start in range(0, w_all.shape[0], ROW_CHUNK):
+                w = w_all[start:start + ROW_CHUNK].astype(np.float32)
+                q = dequantize(q_all[start:start + ROW_CHUNK], qtype).reshape(w.shape)
+                cw = 1.0 if weights is None else (weights if weights.shape[0] == 1 else weights[start:start + ROW_CHUNK])
+                err += float(((w - q) ** 2 * cw).sum(dtype=np.float64))
+                total += float((w * w * cw).sum(dtype=np.float64))
+            errors.setdefault(tensor.name, {})[tensor.type] = err / total if total > 0 else 0.0
+    for handle, mm in maps:
+        mm.close()
+        handle.close()
     json.dump({"errors": errors, "weighted": weighted}, sys.stdout, sort_keys=True)

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from exporters.gguf_inspect import UNQUANTIZED, GGUFSummary, pinned_constants
 
 # Types the search considers by default, from most to fewest bits (llama-quantize names = gguf-py names).
-# IQ2/IQ1 and IQ3_XXS need an imatrix (the search always has one); TQ/MXFP4 are for special models.
-DEFAULT_CANDIDATES = ("Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "IQ4_NL", "Q4_0", "IQ4_XS",
-                      "Q3_K", "IQ3_S", "IQ3_XXS", "Q2_K")
+# Each costs a quantization round, so types that an equal-size type beats with an imatrix are left out
+# (Q4_0 next to IQ4_NL, Q3_K next to IQ3_S) and so is Q5_1 (between Q5_0 and Q6_K/Q8_0). IQ3_XXS needs an
+# imatrix (the search always has one); IQ2/IQ1 are too lossy to be worth a round by default.
+DEFAULT_CANDIDATES = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS",
+                      "Q2_K")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 

@@ -52,3 +52,21 @@ def parse_target(spec: str, what: str = "--target", known_types: tuple[str, ...]
     if size <= 0:
         raise MergeqError(f"{what} {spec!r}: the size must be positive")
     return Target("size", size, text)
+
+
+def option_name(target: Target) -> str:
+    """The command-line option that states this kind of target."""
+    return {"size": "--target-size", "bpw": "--target-bpw", "like": "--target"}[target.kind]
+
+
+def check_targets(specs: tuple[str, ...], imatrix: bool, known_types: tuple[str, ...]) -> list[Target]:
+    """The targets, parsed; they need the imatrix (the search measures errors the way the file is made)."""
+    targets = [parse_target(spec, "--target", known_types) for spec in specs]
+    if targets and not imatrix:
+        raise MergeqError(f"{option_name(targets[0])} {targets[0].spec} needs an importance matrix",
+                          hint="add --imatrix --calib FILE (the fine-tune's own text): the search measures each "
+                               "tensor's error with it and calibrates on that text")
+    labels = [t.label for t in targets]
+    if len(set(labels)) != len(labels):
+        raise MergeqError(f"the same size target is given twice: {', '.join(specs)}")
+    return targets

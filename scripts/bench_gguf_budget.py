@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Benchmark: size-budgeted GGUF mixes against llama.cpp's named mixes at equal size, on the demo model.
+
+    .venv/bin/python scripts/bench_gguf_budget.py [--model DIR] [--calib-chars 60000] [--named Q4_K_M --named Q3_K_M]
+
+For each named type T (default Q4_K_M and Q3_K_M) one `mergeq export gguf --quant T --target like:T --imatrix
+--calib C` makes both files from the same intermediate and the same imatrix, and the standard evaluation (the
+demo's eval.txt against the merged checkpoint, llama.cpp's KL) measures both. Targets: the mix's mean KL at
+most 0.7x the named type's, at no more bytes. Cost: a plain `--quant Q4_K_M` export with evaluation against
+`--target like:Q4_K_M` alone with evaluation (search, export, evaluation), both timed in this run after the
+evaluation's reference cache is warm; target <= 3x. C is the first --calib-chars characters of the demo's
+calib.txt (the whole text makes llama-imatrix run 152 chunks: minutes per run on 2 cores).
+
+The model defaults to the demo merged model: the demo adapter merged into the demo base by `mergeq merge`
+(made once under ~/.cache/mergeq/bench/demo-merged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+KL_TARGET = 0.7
+COST_TARGET = 3.0
+
+
+def cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def demo_merged() -> Path:
+    from mergeq.core.paths import cache_root
+    from mergeq.demo import demo_assets
+
+    assets = demo_assets()
+    out = cache_root() / "bench" / "demo-merged"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "mergeq.cli", "-q", "merge", "--base", str(assets.base), "--adapter",
+                        str(assets.adapter), "--out", str(tmp), "--no-validate"], cwd=ROOT, check=True)
+        os.replace(tmp, out)
+    return out
+
+
+def export(model: Path, out: Path, calib: Path, eval_text: Path, quants: tuple[str, ...], targets: tuple[str, ...]):
+    from exporters.gguf import GGUFOptions
+    from mergeq.exporting import EvalSettings, run_export
+
+    options = GGUFOptions(quants=quants, imatrix=True, calib=calib, targets=targets)
+    started, cpu = time.perf_counter(), cpu_seconds()
+    reports = run_export("gguf", model, out, options, EvalSettings(eval_text, None))
+    return {r.quant: r for r in reports}, time.perf_counter() - started, cpu_seconds() - cpu
+
+
+def row(name: str, r) -> str:
+    q = r.quality
+    return (f"| {name} | {r.size.size_bytes / 2**20:.2f} | {r.size.bits_per_weight:.2f} | {q.perplexity:.3f} "
+            f"| {q.kl_divergence:.5f} | {q.top1_agreement:.3f} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="merged checkpoint (default: the demo merged model)")
+    parser.add_argument("--named", action="append", help="named types to match (default: Q4_K_M and Q3_K_M)")
+    parser.add_argument("--calib-chars", type=int, default=60000, help="characters of the demo calib.txt used")
+    parser.add_argument("--keep", type=Path, help="keep the outputs in this folder")
+    args = parser.parse_args()
+    named = args.named or ["Q4_K_M", "Q3_K_M"]
+    logging.basicConfig(level=logging.WARNING)
+    os.environ["MERGEQ_QUIET"] = "1"
+
+    from exporters.llamacpp.build import ensure_built
+    from mergeq.demo import demo_assets
+
+    ensure_built()
+    assets = demo_assets()
+    model = args.model or demo_merged()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-gguf-budget-"))
+    work.mkdir(parents=True, exist_ok=True)
+    calib = work / "calib.txt"
+    calib.write_text(assets.calib_text.read_text(encoding="utf-8")[: args.calib_chars], encoding="utf-8")
+    rows, ok = [], True
+    try:
+        pairs = {}
+        for t in named:  # untimed: each named type beside its mix (the first run also warms the reference cache)
+            reports, _, _ = export(model, work / f"pair-{t}", calib, assets.eval_text, (t,), (f"like:{t}",))
+            pairs[t] = reports
+        _, plain_s, plain_cpu = export(model, work / "plain", calib, assets.eval_text, ("Q4_K_M",), ())
+        budget_reports, budget_s, budget_cpu = export(model, work / "budget", calib, assets.eval_text, (),
+                                                      ("like:Q4_K_M",))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"GGUF size budgets on {model} (imatrix from {args.calib_chars} characters of the demo calib.txt; "
+          f"evaluated on the demo eval.txt against the merged checkpoint)\n")
+    print("| artifact | MiB | bits/weight | ppl | KL | top-1 |\n|---|---|---|---|---|---|")
+    for t, reports in pairs.items():
+        plain, mix = reports[t], reports[f"MIX-like-{t}"]
+        rows.append((t, plain, mix))
+        print(row(f"{t} (llama.cpp named mix)", plain))
+        print(row(f"mergeq mix at {t}'s size", mix))
+    print()
+    for t, plain, mix in rows:
+        ratio = mix.quality.kl_divergence / plain.quality.kl_divergence
+        fits = mix.size.size_bytes <= plain.size.size_bytes
+        good = ratio <= KL_TARGET and fits
+        ok &= good
+        budget = mix.extra["budget"]
+        print(f"{t}: KL ratio mix / named {ratio:.3f} (target <= {KL_TARGET}), {mix.size.size_bytes:,} <= "
+              f"{plain.size.size_bytes:,} bytes: {fits}; on the calibration text predicted KL "
+              f"{budget['predicted_kl']:.5f}, measured {budget['measured']['kl']:.5f} (named: "
+              f"{budget['named_mix']['kl']:.5f}): {'OK' if good else 'MISSED'}")
+    cost = budget_s / plain_s
+    ok &= cost <= COST_TARGET
+    search = budget_reports["MIX-like-Q4_K_M"].extra["budget"]["search"]["seconds"]
+    print(f"cost: plain Q4_K_M export + eval {plain_s:.1f} s wall / {plain_cpu:.1f} s CPU; like:Q4_K_M search + "
+          f"export + eval {budget_s:.1f} s / {budget_cpu:.1f} s CPU; ratio {cost:.2f} wall, "
+          f"{budget_cpu / plain_cpu:.2f} CPU (target <= {COST_TARGET}): {'OK' if cost <= COST_TARGET else 'MISSED'}")
+    print("search stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in search.items()))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
