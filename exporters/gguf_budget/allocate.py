@@ -53,13 +53,18 @@ def smallest_bytes(choices: dict[str, list[Option]], fixed_bytes: int) -> int:
     return fixed_bytes + sum(min(o.nbytes for o in opts) for opts in choices.values())
 
 
-def allocate(choices: dict[str, list[Option]], fixed_bytes: int, budget: int, *, what: str = "--target-size") -> Allocation:
-    """The mix of least predicted cost whose file is at most `budget` bytes; `what` names the option in errors."""
-    floor = smallest_bytes(choices, fixed_bytes)
+def check_feasible(floor: int, budget: int, what: str) -> None:
     if budget < floor:
         raise MergeqError(f"{what}: a budget of {budget:,} bytes ({budget / 1e9:.3f} GB) cannot be met; the smallest "
                           f"file the candidate types reach is {floor:,} bytes ({floor / 1e9:.3f} GB)",
                           hint=f"ask for at least {floor:,} bytes, or allow smaller types")
+
+
+def allocate(choices: dict[str, list[Option]], fixed_bytes: int, budget: int, *,
+             what: str = "--target-size") -> Allocation:
+    """The mix of least predicted cost whose file is at most `budget` bytes; `what` names the option in errors."""
+    floor = smallest_bytes(choices, fixed_bytes)
+    check_feasible(floor, budget, what)
     hulls = {name: _hull(opts) for name, opts in sorted(choices.items())}
     current = {name: 0 for name in hulls}
     used = floor

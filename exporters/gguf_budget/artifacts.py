@@ -30,6 +30,7 @@ def make(intermediate: Path, imatrix: Path, calib: Path, targets: list[Target], 
     """Every target's mix in OUT/<label>/<stem>-<label>.gguf; the named mix nearest in size too where the
     mix measured worse (unless it is requested anyway). Returns the artifacts and the search's facts."""
     search = BudgetSearch(intermediate, imatrix, calib, work, settings)
+    search.check_targets(targets, parameters)
     state = search.prepare(on_step=on_step)
     artifacts: list[BudgetArtifact] = []
     written_named: set[str] = set()

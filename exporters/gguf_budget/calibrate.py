@@ -31,6 +31,7 @@ GROUPS = {"attn_q": "attn_qk", "attn_k": "attn_qk", "attn_qkv": "attn_qkv",
           "ffn_gate": "ffn_in", "ffn_up": "ffn_in", "ffn_down": "ffn_down",
           "token_embd": "token_embd", "output": "output"}
 PROBE_BITS = 4.0  # a probe gives its group the smallest candidate of at least this many bits per weight
+KL_ATTEMPTS = 4  # the search runs llama-perplexity a dozen times; its lost log tails (evaluate.py) add up
 MIN_SCALE_SHARE = 0.05  # a group whose probe moved KL by (about) nothing gets this share of the median scale
 
 
@@ -57,7 +58,8 @@ class Measured:
 
 
 def _flags(n_ctx: int, chunks: int, threads: int | None) -> list[str]:
-    flags = ["-c", str(n_ctx), "-b", str(n_ctx * max(1, 2048 // n_ctx)), "--chunks", str(chunks)]
+    # llama-perplexity's KL pass stops without statistics when a batch holds more sequences than there are chunks
+    flags = ["-c", str(n_ctx), "-b", str(n_ctx * max(1, min(chunks, 2048 // n_ctx))), "--chunks", str(chunks)]
     return flags + (["-t", str(threads)] if threads else [])
 
 
@@ -73,7 +75,8 @@ def measure_kl(gguf: Path, base: KLBase, threads: int | None) -> Measured:
     from exporters.evaluate import run_kl_divergence
 
     stats, result = run_kl_divergence(tool_command("llama-perplexity", "-m", gguf, "--kl-divergence-base", base.path,
-                                                   "--kl-divergence", *_flags(base.n_ctx, base.chunks, threads)), gguf)
+                                                   "--kl-divergence", *_flags(base.n_ctx, base.chunks, threads)),
+                                      gguf, attempts=KL_ATTEMPTS)
     return Measured(stats["kl_divergence"], stats["top1_percent"] / 100, stats["perplexity"], result.seconds)
 
 

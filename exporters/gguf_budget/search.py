@@ -91,6 +91,7 @@ class BudgetSearch:
                  settings: SearchSettings | None = None):
         self.intermediate, self.imatrix, self.text = Path(intermediate), Path(imatrix), Path(calib_text)
         self.work = Path(work)
+        self.work.mkdir(parents=True, exist_ok=True)
         self.settings = settings or SearchSettings()
         self.state: SearchState | None = None
         self._base: calibrate.KLBase | None = None
@@ -181,13 +182,24 @@ class BudgetSearch:
             return int(float(target.value) * parameters / 8)
         return self.named_mix(str(target.value))["bytes"]
 
+    def check_targets(self, targets: list[Target], parameters: int) -> None:
+        """Before any work: a size or bpw target below the smallest file the candidates reach is refused (the
+        header of a quantized file differs from the intermediate's by a few hundred bytes: 64 KiB of slack)."""
+        summary = read_gguf(self.intermediate)
+        slots = candidate_slots(summary, self.settings.candidates)
+        sizes = size_model(summary, slots)
+        floor = sizes.fixed_bytes - (64 << 10) + sum(min(sizes.slot_bytes(x, t) for t in x.candidates) for x in slots)
+        for target in targets:
+            if target.kind != "like":
+                what = f"{option_name(target)} {target.spec}"
+                alloc.check_feasible(floor, self.budget_bytes(target, parameters), what)
+
     def named_mix(self, qtype: str) -> dict:
         """A named llama-quantize mix made with the same imatrix, its size and its KL (made once)."""
         if qtype not in self._named:
             out = self.work / f"named-{qtype}.gguf"
-            result = run_tool(tool_command("llama-quantize", "--imatrix", self.imatrix, self.intermediate, out, qtype,
-                                           *([str(self.settings.threads)] if self.settings.threads else [])),
-                              hint=f"llama-quantize could not make {qtype}")
+            result = sensitivity.quantize(self.intermediate, out, qtype, self.imatrix, self.settings.threads,
+                                          hint=f"llama-quantize could not make {qtype}")
             measured = calibrate.measure_kl(out, self._base, self.settings.threads)
             types = {t.name: t.type for t in read_gguf(out).tensors}
             state = self.state
@@ -229,7 +241,7 @@ class BudgetSearch:
                               f"e.g. {next(iter(wrong))}: {next(iter(wrong.values()))}",
                               hint="the pinned llama-quantize's --tensor-type-file handling changed; report this")
         measured = calibrate.measure_kl(out, self._base, self.settings.threads)
-        named = self.named_mix(str(target.value)) if target.kind == "like" else self.named_mix(self.nearest_named(budget))
+        named = self.named_mix(str(target.value) if target.kind == "like" else self.nearest_named(budget))
         if out.stat().st_size != allocation.nbytes:
             log.warning("%s: %d bytes, predicted %d", out.name, out.stat().st_size, allocation.nbytes)
         return Mix(target, budget, out, allocation.types, allocation.nbytes,

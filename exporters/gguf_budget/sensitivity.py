@@ -39,20 +39,30 @@ def rounds(slots: list[Slot]) -> list[dict[str, str]]:
     return [{s.name: s.candidates[r] for s in slots if r < len(s.candidates)} for r in range(depth)]
 
 
+def quantize(intermediate: Path, out: Path, qtype: str, imatrix: Path | None, threads: int | None,
+             *flags: str | Path, hint: str):
+    """llama-quantize from `intermediate` to `out`. It runs in the imatrix's folder and is given the imatrix by
+    name: it records that argument in the file (quantize.imatrix.file), and a temporary folder's path there
+    would make the same inputs give different bytes."""
+    args = [*flags]
+    if imatrix is not None:
+        args += ["--imatrix", Path(imatrix).name]
+    args += [Path(intermediate).absolute(), Path(out).absolute(), qtype]
+    if threads:
+        args.append(str(threads))
+    command = tool_command("llama-quantize", *args)
+    return run_tool(ToolCommand(command.name, command.argv, command.env, Path(imatrix).parent if imatrix else None),
+                    hint=hint)
+
+
 def quantize_mix(intermediate: Path, out: Path, types: dict[str, str], imatrix: Path | None,
                  threads: int | None, base_type: str = "Q8_0"):
     """One llama-quantize run giving each named tensor its type (--pure: no mixture rules for the others,
     which get `base_type`). Returns the tool result (its log lists every override it applied)."""
     type_file = out.with_name(out.name + ".types.txt")
     write_text(type_file, type_file_lines(types))
-    args = ["--pure", "--tensor-type-file", type_file]
-    if imatrix is not None:
-        args += ["--imatrix", imatrix]
-    args += [intermediate, out, base_type]
-    if threads:
-        args.append(str(threads))
-    return run_tool(tool_command("llama-quantize", *args),
-                    hint="llama-quantize could not make the budgeted mix; see its last lines above")
+    return quantize(intermediate, out, base_type, imatrix, threads, "--pure", "--tensor-type-file",
+                    type_file.absolute(), hint="llama-quantize could not make the budgeted mix; see its last lines")
 
 
 def errors_of(reference: Path, imatrix: Path | None, files: list[Path], names: list[str]) -> dict:
@@ -151,7 +161,7 @@ def _main() -> None:
             for start in range(0, w_all.shape[0], ROW_CHUNK):
                 w = w_all[start:start + ROW_CHUNK].astype(np.float32)
                 q = dequantize(q_all[start:start + ROW_CHUNK], qtype).reshape(w.shape)
-                cw = 1.0 if weights is None else (weights if weights.shape[0] == 1 else weights[start:start + ROW_CHUNK])
+                cw = 1.0 if weights is None else weights if weights.shape[0] == 1 else weights[start:start + ROW_CHUNK]
                 err += float(((w - q) ** 2 * cw).sum(dtype=np.float64))
                 total += float((w * w * cw).sum(dtype=np.float64))
             errors.setdefault(tensor.name, {})[tensor.type] = err / total if total > 0 else 0.0

@@ -17,10 +17,9 @@ from exporters.gguf_inspect import UNQUANTIZED, GGUFSummary, pinned_constants
 
 # Types the search considers by default, from most to fewest bits (llama-quantize names = gguf-py names).
 # Each costs a quantization round, so types that an equal-size type beats with an imatrix are left out
-# (Q4_0 next to IQ4_NL, Q3_K next to IQ3_S) and so is Q5_1 (between Q5_0 and Q6_K/Q8_0). IQ3_XXS needs an
-# imatrix (the search always has one); IQ2/IQ1 are too lossy to be worth a round by default.
-DEFAULT_CANDIDATES = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS",
-                      "Q2_K")
+# (Q4_0 next to IQ4_NL, Q3_K next to IQ3_S) and so is Q5_1 (between Q5_0 and Q6_K/Q8_0); IQ3_XXS, IQ2 and
+# IQ1 are slow to make and only pay under budgets far below Q3_K_M's: pass them in `candidates` for those.
+DEFAULT_CANDIDATES = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "Q2_K")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
