@@ -2,7 +2,8 @@
 
 Each label tries a fixed list of positions around its point, nearest first, and takes the first whose box
 (measured by the renderer) stays inside the axes and clear of every label placed before it, of every
-point's marker and of the legend; when none is clear it takes the position with the least overlap. Same points, same layout.
+point's marker and of the legend; when none is clear it takes the position with the least overlap. Same points,
+same layout.
 """
 
 from __future__ import annotations

@@ -339,8 +339,8 @@ class GGUFExporter:
             if options.targets:
                 started = time.perf_counter()
                 bar.update(task, description="GGUF: size-budget search")
-                made = self._budget_mixes(model_dir, out_dir, options, stem, intermediate, imatrix_file,
-                                                        work, lambda step: bar.update(task, description=f"GGUF: {step}"))
+                made = self._budget_mixes(model_dir, out_dir, options, stem, intermediate, imatrix_file, work,
+                                          lambda step: bar.update(task, description=f"GGUF: {step}"))
                 cost = StageCost(round(time.perf_counter() - started, 3), 0)
                 for artifact in made:
                     finals[artifact.label], logs[artifact.label] = artifact.path, artifact.log

@@ -351,7 +351,8 @@ def _budget_lines(section: dict | None) -> list[str]:
              f"| this mix | {section['predicted_bytes']:,} | {section['predicted_kl']:.5f} | {measured['kl']:.5f} "
              f"| {measured['top1']:.4f} | {measured['ppl']:.4f} |",
              f"| {named['type']} (named mix nearest in size) | {named['bytes']:,} | "
-             f"{_fmt(named.get('predicted_kl'), '.5f')} | {named['kl']:.5f} | {named['top1']:.4f} | {named['ppl']:.4f} |",
+             f"{_fmt(named.get('predicted_kl'), '.5f')} | {named['kl']:.5f} | {named['top1']:.4f} "
+             f"| {named['ppl']:.4f} |",
              "", f"KL here is measured on {section.get('kl_measured_on', 'the calibration text')}; "
              + ("this mix measures better than the named mix." if section["beats_named_mix"]
                 else "this mix measures WORSE than the named mix, which is written beside it."), "",
@@ -505,13 +506,15 @@ def summary_figure(reports: list[ArtifactReport]):
     kl_ax.margins(x=0.25, y=0.3)
     fig.tight_layout()
     points = list(zip(xs, ys))
-    texts = [f"{r.label}\n{y:.2f} ppl (x{r.quality.perplexity_ratio:.3f}), {x:.0f} MiB" for r, x, y in zip(shown, xs, ys)]
+    texts = [f"{r.label}\n{y:.2f} ppl (x{r.quality.perplexity_ratio:.3f}), {x:.0f} MiB"
+             for r, x, y in zip(shown, xs, ys)]
     if references:
         points.append((fp16_bytes / 2**20, ref_ppl))
         texts.append(f"fp16 reference\n{ref_ppl:.2f} ppl, {fp16_bytes / 2**20:.0f} MiB")
     place_labels(ax, points, texts)
     place_labels(kl_ax, [(r.size.size_bytes / 2**20, r.quality.kl_divergence) for r in diverged],
-                 [f"{r.label}\nKL {r.quality.kl_divergence:.4f}, {r.size.size_bytes / 2**20:.0f} MiB" for r in diverged])
+                 [f"{r.label}\nKL {r.quality.kl_divergence:.4f}, {r.size.size_bytes / 2**20:.0f} MiB"
+                  for r in diverged])
     return fig
 
 

@@ -20,7 +20,8 @@ def choices(n: int, seed: int = 0) -> dict[str, list[Option]]:
     for i in range(n):
         elems = rng.choice((4096, 8192, 16384))
         weight = rng.uniform(0.2, 5.0)
-        out[f"blk.{i}.w"] = [Option(t, int(elems * bits / 8), weight * err * rng.uniform(0.8, 1.2)) for t, bits, err in TYPES]
+        out[f"blk.{i}.w"] = [Option(t, int(elems * bits / 8), weight * err * rng.uniform(0.8, 1.2))
+                             for t, bits, err in TYPES]
     return out
 
 
@@ -41,7 +42,8 @@ def test_allocation_respects_the_budget_and_is_close_to_the_optimum(seed):
     for budget in (low, (2 * low + high) // 3, (low + high) // 2, high):
         result = allocate(ch, fixed, budget)
         assert result.nbytes <= budget
-        assert result.nbytes == fixed + sum(next(o.nbytes for o in ch[n] if o.qtype == t) for n, t in result.types.items())
+        chosen = [next(o.nbytes for o in ch[n] if o.qtype == t) for n, t in result.types.items()]
+        assert result.nbytes == fixed + sum(chosen)
         optimum = brute_force(ch, fixed, budget)
         assert result.cost <= optimum * 1.25 + 1e-9, (budget, result.cost, optimum)
 

@@ -153,12 +153,14 @@ def test_summary_files_chart_points_and_deterministic_png(tmp_path):
 
 def test_labels_do_not_overlap_and_budgeted_mixes_are_on_the_kl_panel():
     """AWQ and GPTQ of nearly the same size and perplexity (the demo's) used to get colliding labels."""
-    close = [make_report("hf", "f16", FP16, 11.342, kl=0.0), make_report("gguf", "Q8_0", 144_800_000, 11.381, kl=0.0034),
+    close = [make_report("hf", "f16", FP16, 11.342, kl=0.0),
+             make_report("gguf", "Q8_0", 144_800_000, 11.381, kl=0.0034),
              make_report("gguf", "Q4_K_M", 105_500_000, 11.755, kl=0.044),
              make_report("awq", "w4g64-asym", 117_500_000, 12.221, kl=0.099),
              make_report("gptq", "w4g64-sym", 118_200_000, 12.272, kl=0.081),
              make_report("gguf", "MIX-like-Q4_K_M", 105_400_000, 11.52, kl=0.025),
-             make_report("gguf", "Q3_K_M", 95_000_000, 12.6, kl=0.09), make_report("gguf", "MIX-like-Q3_K_M", 94_900_000, 11.9, kl=0.05)]
+             make_report("gguf", "Q3_K_M", 95_000_000, 12.6, kl=0.09),
+             make_report("gguf", "MIX-like-Q3_K_M", 94_900_000, 11.9, kl=0.05)]
     for r in close[-3::2]:
         r.extra["budget"] = {"target": r.quant}
     from exporters.chart_labels import text_box
