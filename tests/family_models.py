@@ -1,9 +1,11 @@
 """Tiny random checkpoints of the decoder families people fine-tune, built from transformers configs in the test.
 
-Every family has 2+ layers; Gemma 2 and Gemma 3 alternate sliding-window and global attention layers (both kinds
-present, a window shorter than the test inputs) and tie lm_head to the input embedding; Gemma 3 is the text model
-(Gemma3ForCausalLM); Phi-3 has fused qkv_proj and gate_up_proj; Mixtral and Qwen3-MoE have 4 experts, 2 per token (in
-transformers 5 their experts are fused 3-D parameters in memory and per-expert tensors on disk).
+Every family has 2+ layers; Gemma 2 and Gemma 3 have sliding-window and global attention layers (both kinds
+present, a window shorter than the test inputs) and tie lm_head to the input embedding. Gemma 2 alternates them;
+Gemma 3 (the text model, Gemma3ForCausalLM) has 6 layers in its own pattern, five sliding then one global, which is
+also the pattern llama.cpp assumes for it (its converter does not read layer_types). Phi-3 has fused qkv_proj and
+gate_up_proj; Mixtral and Qwen3-MoE have 4 experts, 2 per token (in transformers 5 their experts are fused 3-D
+parameters in memory and per-expert tensors on disk).
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "tie_word_embeddings": True,
                 "layer_types": ["sliding_attention", "full_attention"]}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "tie_word_embeddings": True,
-                "layer_types": ["sliding_attention", "full_attention"]}),
+               {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "tie_word_embeddings": True}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
@@ -42,11 +43,14 @@ LINEAR_TARGETS: dict[str, list[str]] = {
 }
 # the fused expert parameters of the MoE families, as PEFT's target_parameters names them
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+LAYERS = {"gemma3": 6}  # decoder layers where a family needs more than 2 for both of its layer kinds
 
 
-def family_config(family: str, *, vocab: int = 96, layers: int = 2, hidden: int = 64, intermediate: int = 128):
+def family_config(family: str, *, vocab: int = 96, layers: int | None = None, hidden: int = 64,
+                  intermediate: int = 128):
     import transformers
 
+    layers = layers or LAYERS.get(family, 2)
     config_name, _, extra = FAMILIES[family]
     values = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
               "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,

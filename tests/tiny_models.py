@@ -25,10 +25,12 @@ SP_CORPUS = "\n".join(f"the quick brown fox {i} jumps over the lazy dog number {
                       for i in range(300))
 
 
-def sentencepiece_tokenizer(folder: Path, *, vocab: int = 320, chat_template: str | None = None) -> Path:
+def sentencepiece_tokenizer(folder: Path, *, vocab: int = 320, chat_template: str | None = None,
+                            symbols: tuple[str, ...] = ()) -> Path:
     """A SentencePiece (LlamaTokenizer) tokenizer trained here, with byte fallback: llama.cpp's converter reads it
     (it refuses byte-level BPE tokenizers it has no pre-tokenizer hash for). `vocab` >= 320: 256 byte tokens
-    (llama.cpp needs a newline token) + pieces. Token ids: <unk> 0, <s> 1, </s> 2."""
+    (llama.cpp needs a newline token) + pieces. Token ids: <unk> 0, <s> 1, </s> 2, then `symbols` (user-defined
+    pieces, e.g. a special token the family's llama.cpp vocabulary looks up)."""
     import io
     import json
 
@@ -40,7 +42,7 @@ def sentencepiece_tokenizer(folder: Path, *, vocab: int = 320, chat_template: st
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(SP_CORPUS.splitlines()), model_writer=model_file, vocab_size=vocab,
         model_type="unigram", character_coverage=1.0, byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        num_threads=1, minloglevel=2)
+        num_threads=1, minloglevel=2, user_defined_symbols=list(symbols))
     (folder / "tokenizer.model").write_bytes(model_file.getvalue())
     config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     if chat_template is not None:
