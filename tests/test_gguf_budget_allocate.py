@@ -85,3 +85,34 @@ def test_target_specs(spec, kind, value):
     else:
         target = parse_target(spec, "--target", known_types=("Q4_K_M", "Q3_K_M"))
         assert (target.kind, target.value) == (kind, value)
+
+
+def test_calibration_recovers_group_scales_and_the_floor():
+    """KL = floor + sum of scale[group] * error: the probes over the all-Q8_0 mix give back scales and floor."""
+    from exporters.gguf_budget.calibrate import fit, group_of
+    from exporters.gguf_budget.slots import Slot
+
+    truth, floor = {"attn_qk": 0.5, "ffn_down": 2.0, "token_embd": 9.0}, 0.003
+    slots = [Slot("blk.0.attn_q.weight", (64, 64), ("Q8_0", "IQ4_NL")),
+             Slot("blk.0.attn_k.weight", (64, 16), ("Q8_0", "IQ4_NL")),
+             Slot("blk.0.ffn_down.weight", (256, 64), ("Q8_0", "Q4_K")),
+             Slot("token_embd.weight", (64, 320), ("Q8_0", "IQ4_NL"))]
+    errors = {s.name: {"Q8_0": 1e-5 * (i + 1), s.candidates[1]: 1e-2 * (i + 1)} for i, s in enumerate(slots)}
+
+    def kl(types):
+        return floor + sum(truth[group_of(s)] * errors[s.name][types[s.name]] for s in slots)
+
+    def sums(types):
+        return {g: sum(errors[s.name][types[s.name]] for s in slots if group_of(s) == g) for g in truth}
+
+    top = {s.name: "Q8_0" for s in slots}
+    baseline = {"kl": kl(top), "error_sums": sums(top)}
+    probes = {}
+    for group in truth:
+        types = {s.name: s.candidates[1] if group_of(s) == group else "Q8_0" for s in slots}
+        probes[group] = {"kl": kl(types), "error_sum": sums(types)[group]}
+    calibration = fit(slots, errors, baseline, probes)
+    assert calibration.scales == pytest.approx(truth)
+    assert calibration.intercept == pytest.approx(floor)
+    mixed = {s.name: s.candidates[i % 2] for i, s in enumerate(slots)}
+    assert calibration.predict(slots, errors, mixed) == pytest.approx(kl(mixed))

@@ -8,6 +8,8 @@ With KL(mix) ~ sum over tensors of scale[group] * error(tensor, type):
 
     scale[g] = (KL(probe g) - KL(all Q8_0)) / (error sum of g in probe g - error sum of g at Q8_0)
 
+plus an intercept: the all-Q8_0 mix's KL beyond what its own errors predict.
+
 KL is measured by the pinned llama-perplexity (--kl-divergence) against the f16 intermediate's own logits
 on the calibration text (its first `chunks` windows), so the search needs no torch model.
 """
@@ -102,9 +104,12 @@ def error_sum(slots: list[Slot], errors: dict[str, dict[str, float]], types: dic
 class Calibration:
     scales: dict[str, float]  # group -> KL per unit of summed relative error
     probes: dict[str, dict] = field(default_factory=dict)  # group (or "q8_0") -> its measurements
+    # KL that no weight error explains: what the all-Q8_0 mix measures beyond its predicted part (llama.cpp also
+    # quantizes the activations of a quantized matrix product, so any quantized mix has it)
+    intercept: float = 0.0
 
     def predict(self, slots: list[Slot], errors: dict[str, dict[str, float]], types: dict[str, str]) -> float:
-        return sum(self.scales[group_of(s)] * errors[s.name][types[s.name]] for s in slots)
+        return self.intercept + sum(self.scales[group_of(s)] * errors[s.name][types[s.name]] for s in slots)
 
 
 def fit(slots, errors, baseline: dict, probes: dict[str, dict]) -> Calibration:
@@ -121,4 +126,5 @@ def fit(slots, errors, baseline: dict, probes: dict[str, dict]) -> Calibration:
             log.info("calibration: probe %s moved KL by %.2e; its scale is set to %.3g", group,
                      probes[group]["kl"] - baseline["kl"], floor)
             scales[group] = floor
-    return Calibration(scales, {"q8_0": baseline, **probes})
+    explained = sum(scales[g] * baseline["error_sums"].get(g, 0.0) for g in scales)
+    return Calibration(scales, {"q8_0": baseline, **probes}, max(0.0, baseline["kl"] - explained))

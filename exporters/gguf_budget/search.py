@@ -81,7 +81,8 @@ class SearchState:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"calibration": {"scales": self.calibration.scales, "probes": self.calibration.probes},
+        return {"calibration": {"scales": self.calibration.scales, "intercept": self.calibration.intercept,
+                                "probes": self.calibration.probes},
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                 "sensitivity": {n: {t: e for t, e in sorted(v.items())} for n, v in sorted(self.errors.items())}}
 
