@@ -116,3 +116,28 @@ def test_calibration_recovers_group_scales_and_the_floor():
     assert calibration.intercept == pytest.approx(floor)
     mixed = {s.name: s.candidates[i % 2] for i, s in enumerate(slots)}
     assert calibration.predict(slots, errors, mixed) == pytest.approx(kl(mixed))
+
+
+def test_targets_from_the_command_line_and_the_pipeline_table(tmp_path):
+    import argparse
+
+    from exporters.gguf import GGUFOptions
+    from mergeq.core.options import add_options, from_namespace, from_table
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("text")
+    parser = argparse.ArgumentParser()
+    add_options(parser, GGUFOptions)
+    args = parser.parse_args(["--imatrix", "--calib", str(calib), "--target", "like:q4_k_m", "--target-size", "2.5GB",
+                              "--target-bpw", "4.5"])
+    assert from_namespace(GGUFOptions, args).targets == ("like:q4_k_m", "2.5GB", "4.5bpw")
+    with pytest.raises(MergeqError) as err:
+        from_namespace(GGUFOptions, parser.parse_args(["--target-size", "2.5GB"]))
+    assert "--target-size 2.5GB needs an importance matrix" in str(err.value)
+
+    problems = []
+    table = {"imatrix": True, "calib": str(calib), "target": ["like:Q4_K_M", "2.5GB"]}
+    options = from_table(GGUFOptions, table, problem=lambda key, message: problems.append((key, message)))
+    assert problems == [] and options.targets == ("like:Q4_K_M", "2.5GB")
+    from_table(GGUFOptions, {"target": ["like:Q9_Z"]}, problem=lambda key, message: problems.append((key, message)))
+    assert problems and problems[0][0] == "target" and "Q9_Z" in problems[0][1]
