@@ -56,12 +56,13 @@ def demo_merged() -> Path:
 
 
 def export(model: Path, out: Path, calib: Path, eval_text: Path, quants: tuple[str, ...], targets: tuple[str, ...]):
+    from exporters.eval_options import EvalOptions
     from exporters.gguf import GGUFOptions
-    from mergeq.exporting import EvalSettings, run_export
+    from mergeq.exporting import run_export
 
     options = GGUFOptions(quants=quants, imatrix=True, calib=calib, targets=targets)
     started, cpu = time.perf_counter(), cpu_seconds()
-    reports = run_export("gguf", model, out, options, EvalSettings(eval_text, None))
+    reports = run_export("gguf", model, out, options, EvalOptions(text=eval_text))
     return {r.quant: r for r in reports}, time.perf_counter() - started, cpu_seconds() - cpu
 
 
