@@ -42,6 +42,7 @@ from mergeq.core.atomic import atomic_dir, atomic_file, write_json
 from mergeq.core.errors import MergeqError, ToolError
 from mergeq.core.hashing import sha256_file
 from mergeq.core.locks import exclusive
+from mergeq.core.modelfiles import read_model_config
 from mergeq.core.progress import track
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def detect_format(artifact: Path) -> str:
             return "gguf"
         raise MergeqError(f"artifact {artifact} is a file but not a GGUF file (magic {magic!r})",
                           hint="pass a .gguf file or a Hugging Face checkpoint directory")
-    config = _read_config(artifact)
+    config = read_model_config(artifact)
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method is None:
         return "hf"
@@ -113,19 +114,9 @@ def detect_format(artifact: Path) -> str:
                       hint=f"mergeq evaluates plain checkpoints, GGUF files and {', '.join(INT4_METHODS)} directories")
 
 
-def _read_config(directory: Path) -> dict:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise MergeqError(f"{directory} has no config.json", hint="pass a Hugging Face checkpoint directory")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise MergeqError(f"{path} is not valid JSON: {err}", hint="the checkpoint is corrupted; re-export it") from err
-
-
 def check_checkpoint(directory: Path) -> None:
     """Validate every safetensors header of a checkpoint (names the file on a truncated or damaged one)."""
-    from merge.checkpoint import read_safetensors_header
+    from mergeq.core.checkpoint import read_safetensors_header
 
     directory = Path(directory)
     files = sorted(directory.glob("*.safetensors"))
@@ -144,7 +135,7 @@ def check_gguf(path: Path):
 
 def artifact_size(artifact: Path, reference: Path) -> tuple[SizeInfo, str]:
     """Size facts of any artifact and a name for its quantization, for artifacts without an exporter report."""
-    from merge.checkpoint import read_safetensors_header
+    from mergeq.core.checkpoint import read_safetensors_header
 
     def params_and_bytes(directory: Path) -> tuple[int, int, set[str]]:
         params = size = 0
@@ -169,7 +160,7 @@ def artifact_size(artifact: Path, reference: Path) -> tuple[SizeInfo, str]:
         names = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
         quant = "+".join(sorted(names.get(d, d) for d in dtypes)) or "unknown"
         return SizeInfo(size, 2 * params, 8 * size / params if params else float("nan"), None), quant
-    q = _read_config(artifact)["quantization_config"]
+    q = read_model_config(artifact)["quantization_config"]
     quant = f"w{q.get('bits', '?')}g{q.get('group_size', '?')}"
     return SizeInfo(size, 2 * ref_params, 8 * size / ref_params if ref_params else float("nan"), None), quant
 
@@ -281,7 +272,7 @@ def model_logprobs(artifact: Path, kind: str, windows: Windows, options: EvalOpt
     and options.streaming is on; otherwise the whole model is loaded (the reference implementation)."""
     from exporters import streaming
 
-    if options.streaming and streaming.supported(_read_config(artifact)):
+    if options.streaming and streaming.supported(read_model_config(artifact)):
         yield from streamed_logprobs(artifact, kind, windows, options, label)
         return
     if options.streaming:

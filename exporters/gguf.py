@@ -39,6 +39,7 @@ from exporters.report import ArtifactReport, StageCost
 from mergeq.core.atomic import atomic_dir, remove_stale_tmp
 from mergeq.core.errors import MergeqError
 from mergeq.core.hashing import sha256_file, tree_hashes
+from mergeq.core.modelfiles import read_model_config
 from mergeq.core.options import OptionError, option
 
 log = logging.getLogger(__name__)
@@ -121,19 +122,6 @@ class GGUFOptions:
 
 
 # ----------------------------------------------------------------------------------------------- model facts
-
-
-def read_config(model_dir: Path) -> dict:
-    path = Path(model_dir) / "config.json"
-    if not Path(model_dir).is_dir():
-        raise MergeqError(f"model directory {model_dir} does not exist", hint="pass the merged checkpoint with --model")
-    if not path.is_file():
-        raise MergeqError(f"{path} is missing: {model_dir} is not a Hugging Face checkpoint",
-                          hint="pass the directory that holds config.json and the safetensors weights")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise MergeqError(f"{path} is not valid JSON: {err}") from err
 
 
 def architecture(config: dict) -> str | None:
@@ -229,7 +217,7 @@ class GGUFExporter:
     def preflight(self, model_dir: Path, options: GGUFOptions) -> list[str]:
         """Everything checkable before work: architecture, weights, tokenizer, calibration text, disk, build tools."""
         model_dir = Path(model_dir)
-        config = read_config(model_dir)
+        config = read_model_config(model_dir)
         warnings: list[str] = []
         if options.targets:
             from exporters.gguf_budget.target import check_targets
@@ -271,7 +259,7 @@ class GGUFExporter:
 
     def export(self, model_dir: Path, out_dir: Path, options: GGUFOptions) -> list[ArtifactReport]:
         model_dir, out_dir = Path(model_dir), Path(out_dir)
-        config = read_config(model_dir)
+        config = read_model_config(model_dir)
         inter = intermediate_type(config, options)
         stem = model_dir.resolve().name
         check_disk(model_dir, config, options, out_dir)

@@ -5,7 +5,7 @@ own decoder-layer class from transformers, built on the meta device and filled f
 embeddings and masks computed as there) for plain forward passes:
 
 1. the embedding rows of the input tokens are gathered from the checkpoint, a block of rows at a time;
-2. for each decoder layer: its tensors are read from disk (merge.checkpoint's reader; int4 linears unpacked
+2. for each decoder layer: its tensors are read from disk (mergeq.core.checkpoint's reader; int4 linears unpacked
    from the files as written), the layer is built, every sequence goes through it, the layer is freed;
 3. the final norm, then logits against the output embedding read in blocks of rows.
 
@@ -30,9 +30,10 @@ from torch import nn
 
 from exporters.int4.arch import Architecture, architecture_of
 from exporters.int4.layerwise import LayerContext, _layer_forward, hf_config_of, load_layer, rotary_embeddings
-from merge.checkpoint import Checkpoint
+from mergeq.core.checkpoint import Checkpoint
 from mergeq.core.errors import MergeqError
 from mergeq.core.memory import release_freed_memory
+from mergeq.core.modelfiles import read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +276,7 @@ def logits_blocks(model: StreamedModel, hidden: torch.Tensor) -> Iterator[tuple[
 @contextlib.contextmanager
 def streamed(folder: Path, kind: str, device: torch.device, hook: LayerHook | None = None):
     """A StreamedModel of a checkpoint folder, closed on exit."""
-    from exporters.int4.checkpoint import read_config
-
-    config = read_config(folder)
+    config = read_model_config(folder)
     model = StreamedModel(open_weights(folder, kind), config, device, hook)
     try:
         yield model

@@ -11,7 +11,6 @@ Tensors stay in the adapter file until the merge needs them (`Adapter.tensor`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from merge.checkpoint import SafetensorsFile, load_tensor_file
+from mergeq.core.checkpoint import SafetensorsFile, load_tensor_file
 from mergeq.core.errors import MergeqError
+from mergeq.core.modelfiles import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -152,17 +152,8 @@ def module_scale(config: dict, module: str) -> tuple[int, float, float]:
 
 
 def read_config(path: Path) -> dict:
-    config_path = Path(path) / CONFIG_NAME
-    if not config_path.is_file():
-        raise MergeqError(f"{path}: no {CONFIG_NAME}; is this a PEFT adapter folder?",
-                          hint="pass the folder written by PeftModel.save_pretrained")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MergeqError(f"{config_path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise MergeqError(f"{config_path}: not a JSON object")
-    return config
+    return read_json_object(Path(path) / CONFIG_NAME, hint="is this a PEFT adapter folder? pass the folder written "
+                                                           "by PeftModel.save_pretrained")
 
 
 def check_supported(path: Path, config: dict) -> None:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch
 
 from merge import manifest as manifest_mod
 from merge.adapters import Adapter, LoraModule, Replacement, describe_adapter, load_adapter, read_config
-from merge.checkpoint import Checkpoint
 from merge.model_info import ModelInfo, describe
 from merge.options import AdapterRef, MergeConfig
 from merge.qlora import (
@@ -41,20 +39,18 @@ from merge.qlora import (
     read_state,
 )
 from merge.qlora_detect import Decision, adapter_evidence, decide, user_base_evidence
-from merge.writer import OutTensor, ShardedWriter
 from mergeq.core.atomic import atomic_dir, write_json
+from mergeq.core.checkpoint import Checkpoint
 from mergeq.core.errors import MergeqError
+from mergeq.core.modelfiles import copy_aux_files, read_model_config
 from mergeq.core.progress import track
+from mergeq.core.shards import OutTensor, ShardWriter
 
 log = logging.getLogger(__name__)
 
 OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FP16_MAX = 65504.0
 BLOCK_FLOATS = 1 << 18  # fp32 values per block of rows in the row-blocked LoRA merge (1 MiB: stays in cache)
-AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-             "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-             "spiece.model", "vocab.txt", "generation_config.json")
-TOKENIZER_FILES = tuple(f for f in AUX_FILES if f != "generation_config.json")
 MAX_LISTED = 8
 
 
@@ -114,7 +110,7 @@ class Source:
         self.label = label
         self.out_dtype = out_dtype
         self.requantize = requantize
-        self.config = _read_json(self.folder / "config.json")
+        self.config = read_model_config(self.folder)
         self.kind = check_quantization_config(self.config, self.folder) or "plain"
         self.ckpt = Checkpoint(self.folder)
         self.quant = quantized_weights(self.ckpt.names())
@@ -448,18 +444,6 @@ def _check_architecture(adapter, base_config: dict, folder: Path) -> None:
             hint="pass the base the adapter was trained on")
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise MergeqError(f"{path} is missing", hint="point at a Hugging Face model folder (with config.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MergeqError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise MergeqError(f"{path}: not a JSON object")
-    return data
-
-
 def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
@@ -550,7 +534,7 @@ def stream_merge(source: Source, folder: Path, max_shard_bytes: int) -> dict:
         dtype, _ = source.shapes.get(name, source.shapes.get(source.in_w))
         shape = source.out_shapes.get(name) or source.shapes[name][1]
         planned.append(OutTensor(name, out_dtype if _is_float(dtype) else dtype, tuple(shape)))
-    writer = ShardedWriter(folder, planned, max_shard_bytes)
+    writer = ShardWriter(folder, max_shard_bytes, plan=planned)
     written_sums: dict[str, torch.Tensor] = {}
     try:
         for spec in track(planned, f"merging into {out_dtype}".replace("torch.", "")):
@@ -592,21 +576,6 @@ def _write_config(source: Source, folder: Path, facts: dict, dtype_name: str) ->
         config["tie_word_embeddings"] = False
     write_json(folder / "config.json", config)
     return config
-
-
-def _copy_aux(sources: list[Path], adapters: list[Path], folder: Path) -> list[str]:
-    copied = {}
-    for src in sources:
-        for name in AUX_FILES:
-            if (src / name).is_file() and name not in copied:
-                copied[name] = src / name
-    for adapter in adapters:  # an adapter's own tokenizer (added tokens) wins over the base's
-        if any((adapter / n).is_file() for n in TOKENIZER_FILES):
-            copied.update({n: adapter / n for n in TOKENIZER_FILES if (adapter / n).is_file()})
-            break
-    for name, path in sorted(copied.items()):
-        shutil.copyfile(path, folder / name)
-    return sorted(copied)
 
 
 @contextlib.contextmanager
@@ -657,7 +626,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
 
 
 def _is_4bit_folder(folder: Path) -> bool:
-    config = _read_json(Path(folder) / "config.json")
+    config = read_model_config(folder)
     return check_quantization_config(config, folder) == "bnb-4bit"
 
 
@@ -740,8 +709,8 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
             else:
                 warnings.append("validation skipped (--no-validate)")
             chosen_facts = facts[chosen.label]
-            aux = _copy_aux([Path(p) for p in (config.base, config.qlora_base) if p is not None],
-                            [r.path for r in refs], tmp)
+            aux = copy_aux_files([Path(p) for p in (config.base, config.qlora_base) if p is not None], tmp,
+                                 tokenizer_from=[r.path for r in refs])
             for source in sources:
                 warnings.extend(source.warnings)
             manifest = manifest_mod.build(

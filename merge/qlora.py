@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merge.checkpoint import Checkpoint
+from mergeq.core.checkpoint import Checkpoint
 from mergeq.core.errors import MergeqError
 
 STATE_RE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)$")

@@ -11,7 +11,6 @@ and then only the chosen checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from merge.validate import UnmergedWeights, _with_adapters
 from mergeq.core.errors import MergeqError
+from mergeq.core.modelfiles import has_tokenizer, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def windows_of(text_path: Path, tokenizer_dirs: list[Path], vocab: int, max_posi
 
     n_ctx = min(N_CTX, (max_positions or N_CTX) // 2 * 2)
     for folder in tokenizer_dirs:
-        if not any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        if not has_tokenizer(folder):
             continue
         from transformers import AutoTokenizer
 
@@ -98,7 +98,7 @@ def choose_target(sources: list, reference_source, text_path: Path, tokenizer_di
     adapters; run unmerged) on the evaluation text; the lowest mean KL wins (ties: the label's order)."""
     from exporters import streaming
     from exporters.metrics import MetricSums, first_scored, log_probs
-    config = json.loads((reference_source.folder / "config.json").read_text(encoding="utf-8"))
+    config = read_model_config(reference_source.folder)
     if not streaming.supported(config):
         raise MergeqError(f"choosing the QLoRA merge target by measurement needs a layer mapping for "
                           f"{config.get('architectures')}, which mergeq does not have",

@@ -20,7 +20,6 @@ models, as before. `--no-validate` turns validation off.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mergeq.core.errors import MergeqError
+from mergeq.core.modelfiles import has_tokenizer, read_json_object, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _round(x: float) -> float:
 def prompt_ids(tokenizer_dirs: list[Path], vocab_size: int) -> tuple[list[torch.Tensor], str]:
     """Token ids of the fixed prompts; fixed random ids when no tokenizer fits this vocabulary."""
     for folder in tokenizer_dirs:
-        if not any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        if not has_tokenizer(folder):
             continue
         try:
             from transformers import AutoTokenizer
@@ -82,7 +82,7 @@ def prompt_ids(tokenizer_dirs: list[Path], vocab_size: int) -> tuple[list[torch.
 
 
 def _adapter_flags(path: Path) -> dict:
-    config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_json_object(Path(path) / "adapter_config.json")
     return {"dora": bool(config.get("use_dora")),
             "extra": bool(config.get("modules_to_save") or config.get("trainable_token_indices"))}
 
@@ -102,7 +102,7 @@ def reference_skip_reason(adapters: list) -> str | None:
 def _load(folder: Path, quantize=None):
     from transformers import AutoModelForCausalLM
 
-    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    config = read_model_config(folder)
     kwargs = {"dtype": torch.float32}
     if quantize is not None:
         from transformers import BitsAndBytesConfig
@@ -298,7 +298,7 @@ def streaming_plan(reference: Reference, folders: dict[str, Path], device: str =
     from exporters.int4.layerwise import resolve_device
     from merge.merger import Source
 
-    config = json.loads((Path(reference.base) / "config.json").read_text(encoding="utf-8"))
+    config = read_model_config(reference.base)
     why = None
     if not streaming.supported(config):
         why = f"architecture {config.get('architectures')} has no layer mapping"
@@ -319,7 +319,7 @@ def streaming_plan(reference: Reference, folders: dict[str, Path], device: str =
         log.info("validation with whole models: %s", why)
         return None
     for folder in folders.values():
-        merged = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        merged = read_model_config(folder)
         if not streaming.supported(merged):
             log.info("validation with whole models: %s has no layer mapping", folder)
             return None

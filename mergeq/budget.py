@@ -53,8 +53,8 @@ class StageBudget:
 
 
 def read_shapes(model_dir: Path) -> Shapes:
-    from exporters.int4.checkpoint import read_config
-    from merge.checkpoint import Checkpoint
+    from mergeq.core.checkpoint import Checkpoint
+    from mergeq.core.modelfiles import read_model_config
 
     checkpoint = Checkpoint(Path(model_dir))
     total = matrices = largest = 0
@@ -69,7 +69,7 @@ def read_shapes(model_dir: Path) -> Shapes:
         largest = max(largest, numel)
         if match := _LAYER.search(name):
             layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + numel
-    config = read_config(model_dir)
+    config = read_model_config(model_dir)
     text = config.get("text_config", config)
     return Shapes(total, matrices, largest, max(layers.values(), default=largest),
                   int(text.get("hidden_size", 0)), int(text.get("vocab_size", 0)))

@@ -1,7 +1,7 @@
 """int4 export on a CUDA device against the CPU, in one command: wall time, peak memory, and how far apart the
 two outputs are.
 
-Writes a synthetic Llama-shaped fp16 checkpoint (merge.synthetic) with a real tokenizer copied beside it, then
+Writes a synthetic Llama-shaped fp16 checkpoint (tests/synthetic.py) with a real tokenizer copied beside it, then
 runs `mergeq export gptq` and `mergeq export awq` once with `--device cuda` and once with `--device cpu` on the
 same calibration text, and compares the packed integer codes of the two outputs. Needs a CUDA device; made for
 the lent GPU machine, where it runs from a copy of the repo:
@@ -96,7 +96,8 @@ def run_eval(artifact: Path, reference: Path, text: Path, device: str, cache: Pa
 def main() -> int:
     import torch
 
-    from merge.synthetic import LlamaShape, write_llama
+    sys.path.insert(0, str(REPO / "tests"))  # synthetic.py: shared with the tests
+    from synthetic import LlamaShape, write_llama
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path, required=True,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # synthetic.py: the synthetic checkpoints the tests use too
 
 MERGEQ_JOB = """
 import json, resource, sys
@@ -67,7 +68,7 @@ def compare_outputs(ours: Path, peft: Path, names: list[str]) -> float:
     """Largest |difference| between the two merged checkpoints on a few tensors (sanity: same merge)."""
     import torch
 
-    from merge.checkpoint import Checkpoint
+    from mergeq.core.checkpoint import Checkpoint
 
     a, b = Checkpoint(ours), Checkpoint(peft)
     worst = 0.0
@@ -79,7 +80,7 @@ def compare_outputs(ours: Path, peft: Path, names: list[str]) -> float:
 def main() -> int:
     import torch
 
-    from merge.synthetic import LlamaShape, write_llama, write_lora
+    from synthetic import LlamaShape, write_llama, write_lora
     from mergeq.core.paths import cache_root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -23,10 +23,6 @@ CROSS_EDGES: set[tuple[str, str]] = {
     ("merge.validate", "exporters.int4.arch"),
     ("merge.validate", "exporters.int4.layerwise"),
     ("merge.validate", "exporters.streaming"),
-    ("exporters.evaluate", "merge.checkpoint"),
-    ("exporters.int4.checkpoint", "merge.checkpoint"),
-    ("exporters.int4.checkpoint", "merge.writer"),
-    ("exporters.streaming", "merge.checkpoint"),
 }
 
 

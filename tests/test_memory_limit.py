@@ -19,7 +19,7 @@ import pytest
 from int4_models import byte_tokenizer, calibration_text
 from memory_limit import run_limited, unavailable
 
-from merge.synthetic import LlamaShape, write_llama, write_lora
+from synthetic import LlamaShape, write_llama, write_lora
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merge.checkpoint import Checkpoint, SafetensorsFile, read_safetensors_header
-from merge.writer import OutTensor, ShardedWriter
+from mergeq.core.checkpoint import Checkpoint, SafetensorsFile, read_safetensors_header
+from mergeq.core.shards import OutTensor, ShardWriter
 from mergeq.core.errors import MergeqError
 
 
@@ -90,7 +90,7 @@ def test_shard_path_escaping_the_folder(tmp_path, shard):
 def test_sharded_checkpoint_round_trip(tmp_path):
     tensors = {f"t{i}": torch.randn(16, 8).to(torch.bfloat16) for i in range(5)}
     planned = [OutTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    writer = ShardedWriter(tmp_path, planned, max_shard_bytes=600)
+    writer = ShardWriter(tmp_path, max_shard_bytes=600, plan=planned)
     for name, t in tensors.items():
         writer.write(name, t)
     index = writer.finish()

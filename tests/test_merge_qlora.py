@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge.checkpoint import Checkpoint
+from mergeq.core.checkpoint import Checkpoint
 from merge.merger import AdapterRef, MergeConfig, run_merge
 from merge.qlora import QuantSettings, dequantize, quantized_weights
 from mergeq.core.errors import MergeqError

@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from merge.merger import AdapterRef, MergeConfig, run_merge
-from merge.synthetic import LlamaShape, write_llama, write_lora
-from merge.writer import OutTensor, ShardedWriter
+from mergeq.core.shards import OutTensor, ShardWriter
 
 def _all_bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
@@ -55,7 +54,7 @@ def test_shards_and_index(tmp_path, builders):
     sharded = tmp_path / "base-sharded"
     sharded.mkdir()
     (sharded / "config.json").write_bytes((base / "config.json").read_bytes())
-    writer = ShardedWriter(sharded, [OutTensor(n, t.dtype, tuple(t.shape)) for n, t in original.items()], 30_000)
+    writer = ShardWriter(sharded, 30_000, plan=[OutTensor(n, t.dtype, tuple(t.shape)) for n, t in original.items()])
     for name, tensor in original.items():
         writer.write(name, tensor)
     writer.finish()

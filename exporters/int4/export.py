@@ -16,12 +16,7 @@ import torch
 
 from exporters.int4 import kernels
 from exporters.int4.calibration import Calibration, load_calibration
-from exporters.int4.checkpoint import (
-    ShardWriter,
-    TensorSource,
-    copy_auxiliary_files,
-    read_config,
-)
+from exporters.int4.checkpoint import TensorSource
 from exporters.int4.families import family_of, require_awq
 from exporters.int4.formats import FORMATS
 from exporters.int4.layerwise import EngineOptions, StreamResult, quantize_streaming, resolve_device
@@ -34,6 +29,8 @@ from mergeq.core import VERSION
 from mergeq.core.atomic import atomic_dir, write_json
 from mergeq.core.errors import MergeqError
 from mergeq.core.memory import peak_rss_bytes, reset_peak_rss
+from mergeq.core.modelfiles import copy_aux_files, read_model_config
+from mergeq.core.shards import ShardWriter
 from mergeq.core.texts import FORMATS_HELP, split_column
 
 log = logging.getLogger(__name__)
@@ -81,7 +78,7 @@ class Plan:
 
 
 def plan(model_dir: Path, options: Int4Options) -> Plan:
-    config = read_config(model_dir)
+    config = read_model_config(model_dir)
     family = family_of(config)
     if options.method == "awq":
         require_awq(family)
@@ -237,7 +234,7 @@ def layer_checkpoints(model_dir: Path, out_dir: Path, tokens, engine: EngineOpti
     stage writes into a new temporary folder on every attempt. It is removed when the export finishes."""
     key = inputs_key(model_dir, tokens, {"engine": asdict(engine), "version": VERSION})
     return LayerCheckpoints(Path(out_dir).parent / f".mergeq-int4-resume-{key[:20]}", key,
-                            int(read_config(model_dir)["num_hidden_layers"]))
+                            int(read_model_config(model_dir)["num_hidden_layers"]))
 
 
 def write(model_dir: Path, tmp: Path, options: Int4Options, the_plan: Plan) -> list[str]:
@@ -245,7 +242,7 @@ def write(model_dir: Path, tmp: Path, options: Int4Options, the_plan: Plan) -> l
     fmt = FORMATS[the_plan.format_name]
     qconfig = fmt.quantization_config(the_plan.scheme, options.desc_act,
                                       options.damp_percent if options.method == "gptq" else None)
-    out_config = dict(read_config(model_dir))
+    out_config = dict(read_model_config(model_dir))
     out_config["quantization_config"] = qconfig
     out_config["dtype"] = "float16"
     if "torch_dtype" in out_config:
@@ -253,7 +250,7 @@ def write(model_dir: Path, tmp: Path, options: Int4Options, the_plan: Plan) -> l
     write_json(tmp / "config.json", out_config)
     for name, content in fmt.side_files(qconfig).items():
         write_json(tmp / name, content)
-    return copy_auxiliary_files(model_dir, tmp)
+    return copy_aux_files([model_dir], tmp)
 
 
 def report(model_dir: Path, out_dir: Path, options: Int4Options, the_plan: Plan, calibration: Calibration | None,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from exporters.int4.checkpoint import TensorSource, read_config
+from exporters.int4.checkpoint import TensorSource
 from exporters.int4.families import family_of
 from exporters.int4.quant import (
     QuantizedLinear,
@@ -35,6 +35,7 @@ from exporters.int4.quant import (
 )
 from exporters.int4.skeleton import module_state_dict
 from mergeq.core.errors import MergeqError
+from mergeq.core.modelfiles import read_model_config
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -276,7 +277,7 @@ def format_of(qconfig: dict):
 
 
 def quantization_config_of(model_dir: Path) -> dict:
-    config = read_config(model_dir)
+    config = read_model_config(model_dir)
     qconfig = config.get("quantization_config")
     if not qconfig:
         raise MergeqError(f"{Path(model_dir) / 'config.json'} has no quantization_config",
@@ -318,7 +319,7 @@ def dequantized_state_dict(model_dir: Path, dtype: torch.dtype | None = None, *,
             state[f"{prefix}.bias"] = linear.bias
     state.update(plain)
     if module_names:
-        state = module_state_dict(state, family_of(read_config(model_dir)))
+        state = module_state_dict(state, family_of(read_model_config(model_dir)))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return dict(sorted(state.items()))

@@ -34,7 +34,7 @@ from torch import nn
 from exporters.int4 import awq as awq_alg
 from exporters.int4 import experts as moe
 from exporters.int4.arch import Architecture
-from exporters.int4.checkpoint import TensorSource, read_config
+from exporters.int4.checkpoint import TensorSource
 from exporters.int4.families import Family, Fold, family_of, require_awq
 from exporters.int4.options import Int4Options
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
@@ -42,6 +42,7 @@ from exporters.int4.resume import LayerCheckpoints, LayerOutput
 from exporters.int4.skeleton import LayerCall, Skeleton, hf_config_of
 from mergeq.core.errors import MergeqError
 from mergeq.core.memory import release_freed_memory
+from mergeq.core.modelfiles import read_model_config
 from mergeq.core.progress import track
 
 log = logging.getLogger(__name__)
@@ -535,7 +536,7 @@ def quantize_streaming(model_dir: Path, tokens: torch.Tensor | None, options: En
     `tokens`: calibration samples [N, L] (None for RTN, which needs none). `checkpoints`: where each finished
     layer is saved; layers already saved there for the same inputs are replayed, not recomputed."""
     started = time.perf_counter()
-    config = read_config(model_dir)
+    config = read_model_config(model_dir)
     family = family_of(config)
     if options.method == "awq":
         require_awq(family)

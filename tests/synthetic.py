@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from merge.writer import DEFAULT_MAX_SHARD_BYTES, OutTensor, ShardedWriter
+from merge.options import DEFAULT_MAX_SHARD_BYTES
+from mergeq.core.shards import OutTensor, ShardWriter
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -73,7 +74,7 @@ def write_llama(folder: Path, shape: LlamaShape, *, dtype: torch.dtype = torch.f
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     specs = shape.tensors()
-    writer = ShardedWriter(folder, [OutTensor(n, dtype, s) for n, s in specs], max_shard_bytes)
+    writer = ShardWriter(folder, max_shard_bytes, plan=[OutTensor(n, dtype, s) for n, s in specs])
     for name, dims in specs:
         tensor = torch.ones(dims, dtype=dtype) if name.endswith("norm.weight") else _random(name, dims, 0.02, dtype, seed)
         writer.write(name, tensor)
