@@ -4,7 +4,7 @@ With both an fp16 base and the 4-bit base the adapter was trained on, two merges
 fp16 weights, or into the dequantized 4-bit weights. Each candidate is scored against the trained model (the
 4-bit base with the unmerged adapter, run by PEFT layer by layer, as merge/validate.py does) on windows of the
 evaluation text, with the evaluator's own windows and metrics (exporters/metrics.py). The candidates' weights
-are computed by the merge itself (merge.merger.Source), cast to the output dtype exactly as they would be
+are computed by the merge itself (merge.source.Source), cast to the output dtype exactly as they would be
 written, one decoder layer at a time (exporters/streaming.py): nothing is written until the choice is made,
 and then only the chosen checkpoint.
 """
@@ -47,9 +47,9 @@ class MergedWeights(UnmergedWeights):
     dtype), read back as fp32 for exporters.streaming; computed one tensor at a time, never written."""
 
     def get(self, name: str) -> torch.Tensor:
-        from merge.merger import _finalize
+        from merge.streaming import finalize
 
-        return _finalize(name, self.source.compute(name), self.source.out_dtype).to(torch.float32)
+        return finalize(name, self.source.compute(name), self.source.out_dtype).to(torch.float32)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.source.out_shapes.get(name) or self.source.shapes[name][1])

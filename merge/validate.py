@@ -235,7 +235,7 @@ class UnmergedWeights:
     dequantized, `--requantize` applied); the adapters are not applied here (PEFT does that per layer)."""
 
     def __init__(self, source):
-        self.source = source  # merge.merger.Source
+        self.source = source  # merge.source.Source
         self.folder = source.folder
 
     def names(self) -> list[str]:
@@ -273,7 +273,7 @@ class StreamPlan:
 
     def reference_logits(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
         from exporters.streaming import StreamedModel
-        from merge.merger import Source
+        from merge.source import Source
 
         source = Source(self.reference.base, "reference", self.reference.adapters, torch.float32,
                         self.reference.quantize)
@@ -296,7 +296,7 @@ def streaming_plan(reference: Reference, folders: dict[str, Path], device: str =
     from exporters import streaming
     from exporters.int4.arch import architecture_of
     from exporters.int4.layerwise import resolve_device
-    from merge.merger import Source
+    from merge.source import Source
 
     config = read_model_config(reference.base)
     why = None

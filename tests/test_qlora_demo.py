@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from merge.merger import AdapterRef, MergeConfig, Source, run_merge
+from merge.merger import AdapterRef, MergeConfig, run_merge
+from merge.source import Source
 from merge.qlora import QuantSettings
 from merge.target import choose_target
 
