@@ -1,6 +1,6 @@
 """The evaluator: perplexity, KL divergence and top-1 agreement of any artifact against its fp16 reference.
 
-One definition for every format (see exporters/metrics.py and docs/evaluation.md). The artifact is
+One definition for every format (see mergeq/core/metrics.py and docs/evaluation.md). The artifact is
 evaluated as written on disk:
 
 - Hugging Face fp16/bf16/fp32 directories: transformers loads the files, computation in fp32;
@@ -36,12 +36,13 @@ import numpy as np
 import torch
 
 from exporters.eval_options import EvalOptions
-from exporters.metrics import MetricSums, Windows, check_finite, first_scored, log_probs, make_windows
 from exporters.report import ArtifactReport, QualityInfo, SizeInfo, measure_stage
 from mergeq.core.atomic import atomic_dir, atomic_file, write_json
 from mergeq.core.errors import MergeqError, ToolError
 from mergeq.core.hashing import sha256_file
 from mergeq.core.locks import exclusive
+from mergeq.core.metrics import (MetricSums, Windows, check_finite, first_scored, log_probs, make_windows,
+                                 tokenize)
 from mergeq.core.modelfiles import read_model_config
 from mergeq.core.progress import track
 
@@ -195,23 +196,6 @@ def load_tokenizer(reference: Path):
                           hint="the reference must be a Hugging Face checkpoint directory with its tokenizer") from err
 
 
-def bos_if_added(tokenizer) -> int | None:
-    """The BOS id when the tokenizer prepends BOS (what llama.cpp's add_bos means), else None."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if len(special) > len(plain) and special[0] == bos else None
-
-
-def tokenize(tokenizer, text: str) -> tuple[list[int], int | None]:
-    """Token ids of the whole text as llama-perplexity makes them: BOS (if added), then the text."""
-    bos = bos_if_added(tokenizer)
-    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    return ([bos] if bos is not None else []) + ids, bos
-
-
 # --------------------------------------------------------------------------------------- torch models
 
 
@@ -285,7 +269,7 @@ def streamed_logprobs(artifact: Path, kind: str, windows: Windows, options: Eval
                       label: str) -> Iterator[tuple[int, torch.Tensor]]:
     """model_logprobs, one decoder layer in memory at a time, on options.device."""
     from exporters import streaming
-    from exporters.int4.layerwise import resolve_device
+    from mergeq.core.device import resolve_device
 
     check_checkpoint(artifact)
     device = resolve_device(options.device)

@@ -3,7 +3,7 @@
 With both an fp16 base and the 4-bit base the adapter was trained on, two merges are possible: into the
 fp16 weights, or into the dequantized 4-bit weights. Each candidate is scored against the trained model (the
 4-bit base with the unmerged adapter, run by PEFT layer by layer, as merge/validate.py does) on windows of the
-evaluation text, with the evaluator's own windows and metrics (exporters/metrics.py). The candidates' weights
+evaluation text, with the evaluator's own windows and metrics (mergeq/core/metrics.py). The candidates' weights
 are computed by the merge itself (merge.source.Source), cast to the output dtype exactly as they would be
 written, one decoder layer at a time (exporters/streaming.py): nothing is written until the choice is made,
 and then only the chosen checkpoint.
@@ -19,7 +19,9 @@ import torch
 
 from merge.validate import UnmergedWeights, _with_adapters
 from mergeq.core.errors import MergeqError
+from mergeq.core.metrics import MetricSums, first_scored, log_probs, make_windows, tokenize
 from mergeq.core.modelfiles import has_tokenizer, read_model_config
+from mergeq.core.texts import load_text
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,6 @@ class MergedWeights(UnmergedWeights):
 
 def windows_of(text_path: Path, tokenizer_dirs: list[Path], vocab: int, max_positions: int | None):
     """The evaluator's windows over the evaluation text, with the first tokenizer that fits the vocabulary."""
-    from exporters.evaluate import load_text, tokenize
-    from exporters.metrics import make_windows
 
     n_ctx = min(N_CTX, (max_positions or N_CTX) // 2 * 2)
     for folder in tokenizer_dirs:
@@ -76,7 +76,7 @@ def windows_of(text_path: Path, tokenizer_dirs: list[Path], vocab: int, max_posi
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        text = load_text(text_path, tokenizer)
+        text = load_text(text_path, tokenizer=tokenizer, what="evaluation")
         ids, bos = tokenize(tokenizer, text.text)
         if ids and max(ids) >= vocab:
             continue
@@ -97,7 +97,6 @@ def choose_target(sources: list, reference_source, text_path: Path, tokenizer_di
     """Score each candidate Source against `reference_source` (the 4-bit base, planned with the same
     adapters; run unmerged) on the evaluation text; the lowest mean KL wins (ties: the label's order)."""
     from exporters import streaming
-    from exporters.metrics import MetricSums, first_scored, log_probs
     config = read_model_config(reference_source.folder)
     if not streaming.supported(config):
         raise MergeqError(f"choosing the QLoRA merge target by measurement needs a layer mapping for "

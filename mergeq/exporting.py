@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 def check_eval_text(reference: Path, options: EvalOptions) -> None:
     """Refuse, before any work, an evaluation text that the evaluation would refuse after the export
     (too short for two windows, not UTF-8, missing): a clear error and nothing written."""
-    from exporters.evaluate import load_text, load_tokenizer, tokenize
-    from exporters.metrics import make_windows
+    from exporters.evaluate import load_text, load_tokenizer
+    from mergeq.core.metrics import make_windows, tokenize
 
     tokenizer = load_tokenizer(Path(reference))
     eval_text = load_text(options.text, tokenizer)

@@ -101,7 +101,7 @@ def _tool_versions(target: str, options=None) -> dict:
     if target != "gguf":
         import torch
 
-        from exporters.int4.layerwise import resolve_device
+        from mergeq.core.device import resolve_device
 
         # GPTQ's float sums run in another order with another thread count or device, and its bytes change
         # with them (on an H200, 39% of the packed words matched the CPU's)

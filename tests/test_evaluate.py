@@ -23,7 +23,7 @@ from exporters.evaluate import (
     parse_kl_output,
     write_llama_base,
 )
-from exporters.metrics import MetricSums, make_windows, scored_per_window, token_metrics
+from mergeq.core.metrics import MetricSums, make_windows, scored_per_window, token_metrics
 from exporters.report import ArtifactReport, SizeInfo
 from mergeq.core.errors import MergeqError
 

@@ -16,12 +16,9 @@ OURS = ("mergeq", "merge", "exporters")
 # shrink: an edge that is gone must be removed from it (test_cross_edges_listed_are_real).
 CROSS_EDGES: set[tuple[str, str]] = {
     ("merge.target", "exporters"),
-    ("merge.target", "exporters.evaluate"),
-    ("merge.target", "exporters.metrics"),
     ("merge.target", "exporters.streaming"),
     ("merge.validate", "exporters"),
     ("merge.validate", "exporters.int4.arch"),
-    ("merge.validate", "exporters.int4.layerwise"),
     ("merge.validate", "exporters.streaming"),
 }
 

@@ -19,7 +19,7 @@ from exporters.int4.calibration import Calibration, load_calibration
 from exporters.int4.checkpoint import TensorSource
 from exporters.int4.families import family_of, require_awq
 from exporters.int4.formats import FORMATS
-from exporters.int4.layerwise import EngineOptions, StreamResult, quantize_streaming, resolve_device
+from exporters.int4.layerwise import EngineOptions, StreamResult, quantize_streaming
 from exporters.int4.options import AwqOptions, GptqOptions, Int4Options
 from exporters.int4.quant import QuantizedLinear, QuantScheme
 from exporters.int4.resume import LayerCheckpoints, inputs_key
@@ -27,6 +27,7 @@ from exporters.registry import register
 from exporters.report import ArtifactReport, SizeInfo, StageCost
 from mergeq.core import VERSION
 from mergeq.core.atomic import atomic_dir, write_json
+from mergeq.core.device import resolve_device
 from mergeq.core.errors import MergeqError
 from mergeq.core.memory import peak_rss_bytes, reset_peak_rss
 from mergeq.core.modelfiles import copy_aux_files, read_model_config

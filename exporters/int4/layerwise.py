@@ -40,6 +40,7 @@ from exporters.int4.options import Int4Options
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
 from exporters.int4.resume import LayerCheckpoints, LayerOutput
 from exporters.int4.skeleton import LayerCall, Skeleton, hf_config_of
+from mergeq.core.device import resolve_device
 from mergeq.core.errors import MergeqError
 from mergeq.core.memory import release_freed_memory
 from mergeq.core.modelfiles import read_model_config
@@ -145,16 +146,6 @@ class Unit:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto" and name != "cpu" and not name.startswith("cuda"):
-        raise MergeqError(f"--device {name!r} is not supported", hint="use cpu, cuda (or cuda:N) or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeqError("--device cuda: no CUDA device is available to torch", hint="use --device cpu or auto")
-    return torch.device(name)
 
 
 class _Reached(Exception):

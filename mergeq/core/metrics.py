@@ -1,7 +1,8 @@
 """The quality metrics, one definition for every format: windows, scored positions, perplexity, KL, top-1.
 
-Everything here is plain math on token ids and log-probabilities; loading models and running llama.cpp
-live in exporters/evaluate.py. The windowing mirrors llama.cpp's `llama-perplexity` exactly:
+Everything here is plain math on token ids and log-probabilities (and the tokenization that gives the ids);
+loading models and running llama.cpp live in exporters/evaluate.py. merge/target.py scores merge candidates
+with the same windows and metrics. The windowing mirrors llama.cpp's `llama-perplexity` exactly:
 
 - the text loses one trailing newline (llama.cpp's `-f` does that) and is tokenized once, with the
   tokenizer's own BOS if it adds one;
@@ -143,3 +144,20 @@ def check_finite(values: torch.Tensor, what: str) -> None:
             f"{what} gives {bad} non-finite logits (NaN or Inf)",
             hint="the weights are corrupted or overflow their dtype; re-export the artifact",
         )
+
+
+def bos_if_added(tokenizer) -> int | None:
+    """The BOS id when the tokenizer prepends BOS (what llama.cpp's add_bos means), else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if len(special) > len(plain) and special[0] == bos else None
+
+
+def tokenize(tokenizer, text: str) -> tuple[list[int], int | None]:
+    """Token ids of the whole text as llama-perplexity makes them: BOS (if added), then the text."""
+    bos = bos_if_added(tokenizer)
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    return ([bos] if bos is not None else []) + ids, bos
