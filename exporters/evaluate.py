@@ -41,8 +41,7 @@ from mergeq.core.atomic import atomic_dir, atomic_file, write_json
 from mergeq.core.errors import MergeqError, ToolError
 from mergeq.core.hashing import sha256_file
 from mergeq.core.locks import exclusive
-from mergeq.core.metrics import (MetricSums, Windows, check_finite, first_scored, log_probs, make_windows,
-                                 tokenize)
+from mergeq.core.metrics import MetricSums, Windows, check_finite, first_scored, log_probs, make_windows, tokenize
 from mergeq.core.modelfiles import read_model_config
 from mergeq.core.progress import track
 

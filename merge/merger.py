@@ -22,8 +22,8 @@ import torch
 
 from merge import manifest as manifest_mod
 from merge.adapters import describe_adapter, read_config
-from merge.qlora import QuantSettings, check_quantization_config
 from merge.options import AdapterRef, MergeConfig
+from merge.qlora import QuantSettings, check_quantization_config
 from merge.qlora_detect import Decision, adapter_evidence, decide, user_base_evidence
 from merge.source import Source
 from merge.streaming import stream_merge

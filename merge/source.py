@@ -16,8 +16,15 @@ from merge.adapters import Adapter, load_adapter
 from merge.model_info import ModelInfo, describe
 from merge.ops import Operation
 from merge.plan import plan_merge
-from merge.qlora import (QuantSettings, check_quantization_config, dequantize, quantize_dequantize, quantized_shape,
-                         quantized_weights, read_state)
+from merge.qlora import (
+    QuantSettings,
+    check_quantization_config,
+    dequantize,
+    quantize_dequantize,
+    quantized_shape,
+    quantized_weights,
+    read_state,
+)
 from mergeq.core.checkpoint import Checkpoint
 from mergeq.core.errors import MergeqError
 from mergeq.core.modelfiles import read_json_object, read_model_config

@@ -101,12 +101,14 @@ def choose_target(sources: list, reference_source, text_path: Path, tokenizer_di
     if not streaming.supported(config):
         raise MergeqError(f"choosing the QLoRA merge target by measurement needs a layer mapping for "
                           f"{config.get('architectures')}, which mergeq does not have",
-                          hint="pass only one base: --qlora-base (the 4-bit base it was trained on) is the usual choice")
+                          hint="pass only one base: --qlora-base (the 4-bit base it was trained on) is the usual "
+                               "choice")
     vocab = reference_source.out_shapes[f"{reference_source.info.input_embedding}.weight"][0]
     windows, text, tokenizer_dir = windows_of(text_path, tokenizer_dirs, vocab, config.get("max_position_embeddings"))
     positions = slice(first_scored(windows.n_ctx), windows.n_ctx - 1)
-    reference = _streamed_model(UnmergedWeights(reference_source), config,
-                                hook=lambda index, layer: _with_adapters(reference_source, reference.arch, index, layer))
+    reference = _streamed_model(
+        UnmergedWeights(reference_source), config,
+        hook=lambda index, layer: _with_adapters(reference_source, reference.arch, index, layer))
     ref_hidden = streaming.final_hidden(reference, windows.tokens, positions, progress="trained model, layer by layer")
     results: dict[str, dict] = {}
     for source in sources:

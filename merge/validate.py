@@ -295,8 +295,8 @@ def streaming_plan(reference: Reference, folders: dict[str, Path], device: str =
     """How to validate layer by layer, or None (with the reason logged) when only whole models can."""
     from exporters import streaming
     from exporters.int4.arch import architecture_of
-    from mergeq.core.device import resolve_device
     from merge.source import Source
+    from mergeq.core.device import resolve_device
 
     config = read_model_config(reference.base)
     why = None

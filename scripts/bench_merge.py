@@ -79,8 +79,8 @@ def compare_outputs(ours: Path, peft: Path, names: list[str]) -> float:
 
 def main() -> int:
     import torch
-
     from synthetic import LlamaShape, write_llama, write_lora
+
     from mergeq.core.paths import cache_root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # peer_env: the peer environments share
 from peer_env import run_peer  # noqa: E402
 
 from exporters.evaluate import load_text, load_tokenizer  # noqa: E402
-from mergeq.core.metrics import first_scored, make_windows, tokenize  # noqa: E402
 from mergeq.core.errors import MergeqError  # noqa: E402
+from mergeq.core.metrics import first_scored, make_windows, tokenize  # noqa: E402
 
 SERVE = ROOT / "scripts" / "peers" / "vllm_serve.py"
 QUESTION = "What is the capital of France? Answer in one word."

@@ -76,7 +76,8 @@ def write_llama(folder: Path, shape: LlamaShape, *, dtype: torch.dtype = torch.f
     specs = shape.tensors()
     writer = ShardWriter(folder, max_shard_bytes, plan=[OutTensor(n, dtype, s) for n, s in specs])
     for name, dims in specs:
-        tensor = torch.ones(dims, dtype=dtype) if name.endswith("norm.weight") else _random(name, dims, 0.02, dtype, seed)
+        norm = name.endswith("norm.weight")
+        tensor = torch.ones(dims, dtype=dtype) if norm else _random(name, dims, 0.02, dtype, seed)
         writer.write(name, tensor)
     writer.finish()
     name = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]

@@ -23,9 +23,9 @@ from exporters.evaluate import (
     parse_kl_output,
     write_llama_base,
 )
-from mergeq.core.metrics import MetricSums, make_windows, scored_per_window, token_metrics
 from exporters.report import ArtifactReport, SizeInfo
 from mergeq.core.errors import MergeqError
+from mergeq.core.metrics import MetricSums, make_windows, scored_per_window, token_metrics
 
 WORDS = [f"w{i}" for i in range(90)]
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from int4_models import byte_tokenizer, calibration_text
 from memory_limit import run_limited, unavailable
-
 from synthetic import LlamaShape, write_llama, write_lora
 
 pytestmark = pytest.mark.slow

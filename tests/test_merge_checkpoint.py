@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from mergeq.core.checkpoint import Checkpoint, SafetensorsFile, read_safetensors_header
-from mergeq.core.shards import OutTensor, ShardWriter
 from mergeq.core.errors import MergeqError
+from mergeq.core.shards import OutTensor, ShardWriter
 
 
 def raw_file(path, header: dict, data: bytes = b"", length: int | None = None):

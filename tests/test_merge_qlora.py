@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergeq.core.checkpoint import Checkpoint
 from merge.merger import AdapterRef, MergeConfig, run_merge
 from merge.qlora import QuantSettings, dequantize, quantized_weights
+from mergeq.core.checkpoint import Checkpoint
 from mergeq.core.errors import MergeqError
 
 

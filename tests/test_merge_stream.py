@@ -4,7 +4,6 @@ by a hard limit in tests/test_memory_limit.py.)"""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 
 from merge.merger import AdapterRef, MergeConfig, run_merge
 from mergeq.core.shards import OutTensor, ShardWriter
+
 
 def _all_bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from merge.merger import AdapterRef, MergeConfig, run_merge
-from merge.source import Source
 from merge.qlora import QuantSettings
+from merge.source import Source
 from merge.target import choose_target
 
 pytestmark = pytest.mark.demo

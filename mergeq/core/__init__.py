@@ -1,5 +1,6 @@
 """mergeq's core layer: what merge/, exporters/ and the app share (errors, atomic writes, hashing, locks, paths,
-memory, progress, fault hooks, text loading, checkpoint reading, shard writing, model-folder files). Nothing here imports merge/, exporters/ or the app (mergeq.*
+memory, progress, fault hooks, text loading, checkpoint reading, shard writing, model-folder files, metrics,
+devices). Nothing here imports merge/, exporters/ or the app (mergeq.*
 outside core); tests/test_layering.py enforces it."""
 
 VERSION = "0.1.0"

@@ -281,7 +281,7 @@ class Checkpoint:
             for tensor, name in weight_map.items():
                 if tensor not in shards[name]:
                     raise MergeqError(f"{index_path}: says tensor {tensor!r} is in {name}, but that shard lacks it")
-            for name, st in shards.items():
+            for st in shards.values():
                 self._st[st.path] = st
                 self.files.append(st.path)
             # tensors in shard order, then by position in the file: reading is sequential
