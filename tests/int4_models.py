@@ -1,27 +1,17 @@
-"""Tiny random decoder checkpoints with a byte-level tokenizer, for the int4 tests: Llama / Mistral / Qwen2, and
-the other families the int4 engine handles (Qwen3, Gemma 3, Phi-3, OLMo 2, Mixtral, Qwen3-MoE)."""
+"""Tiny random decoder checkpoints with a byte-level tokenizer and loud norm channels, for the int4 tests: every
+family of tests/family_models.py, and one the int4 engine has no entry for."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from family_models import FAMILIES as FAMILY_CONFIGS  # noqa: E402 (tests/ is on sys.path)
 
 FAMILIES = ("llama", "mistral", "qwen2")
-# family -> (config class, model class, extra config): 2+ layers; Gemma 3 alternates sliding and global layers
-# (a 16-token window, shorter than the test samples); the MoE families have 4 experts, 2 per token
-MORE_FAMILIES = {
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               {"head_dim": 16, "sliding_window": 16, "query_pre_attn_scalar": 16,
-                "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 16,
-                   "norm_topk_prob": True}),
-}
+# the other families the int4 engine handles (their configs: tests/family_models.py): Qwen3, Gemma 2 and 3
+# (sliding and global layers), Phi-3, OLMo 2, Mixtral, Qwen3-MoE
+MORE_FAMILIES = tuple(f for f in FAMILY_CONFIGS if f not in FAMILIES)
 # a family the int4 engine has no entry for (non-gated MLP c_fc/c_proj with biases, LayerNorm)
 UNLISTED_FAMILIES = {"starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {})}
 
@@ -47,17 +37,15 @@ def tiny_model(folder: Path, family: str = "llama", *, layers: int = 2, hidden: 
     import transformers
 
     torch.manual_seed(seed)
-    names = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}), "mistral": ("MistralConfig", "MistralForCausalLM", {}),
-             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}), **MORE_FAMILIES, **UNLISTED_FAMILIES}
-    config_name, model_name, extra = names[family]
+    config_name, model_name, extra = {**FAMILY_CONFIGS, **UNLISTED_FAMILIES}[family]
     config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     values = {"vocab_size": 256, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
               "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 256,
               "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     values.update(extra)
     values.update(overrides or {})
-    if "layer_types" in values:
-        values["layer_types"] = [values["layer_types"][i % 2] for i in range(layers)]
+    if "layer_types" in values:  # alternate the two kinds over however many layers there are
+        values["layer_types"] = [extra["layer_types"][i % 2] for i in range(layers)]
     config = config_cls(**values)
     model = model_cls(config)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The int4 exporters on the families people fine-tune beyond Llama: Qwen3, Gemma 3 (sliding and global layers),
+"""The int4 exporters on the families people fine-tune beyond Llama: Qwen3, Gemma 2 and 3 (sliding and global layers),
 Phi-3 (fused qkv_proj and gate_up_proj), OLMo 2 (post-norms), Mixtral and Qwen3-MoE (experts), each a tiny
 random model built here from its transformers config.
 
@@ -36,6 +36,7 @@ ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 EXPECTED = {
     "qwen3": ATTENTION + DENSE_MLP,
+    "gemma2": ATTENTION + DENSE_MLP,
     "gemma3": ATTENTION + DENSE_MLP,
     "olmo2": ATTENTION + DENSE_MLP,
     "phi3": ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
@@ -116,7 +117,6 @@ def _hf_model(folder: Path, state: dict | None = None):
         save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
         folder = target
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.config._attn_implementation = "sdpa"
     return model.eval()
 
 

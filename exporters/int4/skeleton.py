@@ -94,7 +94,13 @@ class Skeleton:
         self.device = device
         self.hf_config = hf_config_of(model_dir)
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
+            try:
+                self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
+            except ValueError as exc:  # no SDPA attention in this family (Gemma 2's logit soft-capping): eager
+                if "scaled_dot_product_attention" not in str(exc):
+                    raise
+                self.hf_config._attn_implementation = "eager"
+                self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
         self.model.eval()
         self.layers_name, self.layers = self._find_layers(model_dir)
         self.prefix = self.layers_name + "."
