@@ -2,8 +2,9 @@
 
 Supported: LoRA (`lora_alpha / r`), rsLoRA (`lora_alpha / sqrt(r)`), per-module `rank_pattern` and
 `alpha_pattern`, DoRA magnitude vectors, `lora_bias`, LoRA on embeddings, GPT-2 style Conv1D
-(`fan_in_fan_out`), `modules_to_save`, trainable token rows (`trainable_token_indices`) and full embedding
-layers saved with the adapter (resized vocabularies). Every other PEFT type or LoRA variant is refused
+(`fan_in_fan_out`), `modules_to_save`, trainable token rows (`trainable_token_indices`), full embedding
+layers saved with the adapter (resized vocabularies), and LoRA on parameters (`target_parameters`: 2-D weights,
+and the fused expert tensors of MoE models, merge/experts.py). Every other PEFT type or LoRA variant is refused
 with "not supported: <type>".
 
 Tensors stay in the adapter file until the merge needs them (`Adapter.tensor`).
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from merge.experts import ExpertLora, wrapped_parameters
 from mergeq.core.checkpoint import SafetensorsFile, load_tensor_file
 from mergeq.core.errors import MergeqError
 from mergeq.core.modelfiles import read_json_object
@@ -37,13 +39,6 @@ UNSUPPORTED_LORA_OPTIONS = {
     "mica": "MiCA",
     "kasa_config": "KaSA",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on nn.Parameter (target_parameters)",
-}
-OPTION_HINTS = {
-    "target_parameters": "LoRA on parameters (such as the fused expert tensors of MoE models) is not merged by "
-                         "mergeq yet; PEFT can merge it: load the base with transformers, apply the adapter with "
-                         "PeftModel.from_pretrained, call merge_and_unload() and save_pretrained(), then give that "
-                         "folder to mergeq as the base model without this adapter",
 }
 # Initialisations that rewrite the base weights: the saved adapter only fits that rewritten base.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
@@ -97,6 +92,7 @@ class Adapter:
     replacements: dict[str, Replacement] = field(default_factory=dict)  # modules_to_save, by base tensor name
     base_layers: dict[str, Replacement] = field(default_factory=dict)  # saved (resized) base layers, by tensor
     tokens: dict[str, TokenRows] = field(default_factory=dict)  # by module name
+    expert_loras: dict[str, ExpertLora] = field(default_factory=dict)  # target_parameters LoRA, by parameter
     _st: SafetensorsFile | None = None
     _bin: dict[str, torch.Tensor] | None = None
 
@@ -166,8 +162,7 @@ def check_supported(path: Path, config: dict) -> None:
     for option, label in UNSUPPORTED_LORA_OPTIONS.items():
         if config.get(option):
             raise MergeqError(f"adapter {path}: not supported: {label} (option {option!r} is set)",
-                              hint=OPTION_HINTS.get(option, "only plain LoRA, rsLoRA and DoRA adapters can be "
-                                                            "merged by mergeq"))
+                              hint="only plain LoRA, rsLoRA and DoRA adapters can be merged by mergeq")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise MergeqError(
@@ -249,7 +244,18 @@ def _classify(adapter: Adapter, input_embedding: str | None) -> None:
                     f"adapter {adapter.path}: tensor {key} is neither a LoRA part nor listed in modules_to_save",
                     hint="the adapter config and weights do not belong together",
                 )
+    wrappers: dict[str, int] = {}
     for module, roles in parts.items():
+        if "A" in roles:
+            owner = module
+            while owner.endswith(".base_layer"):
+                owner = owner[: -len(".base_layer")]
+            wrappers[owner] = wrappers.get(owner, 0) + 1
+    wrapped = wrapped_parameters(config, wrappers, adapter.path) if config.get("target_parameters") else {}
+    for module, roles in parts.items():
+        if module in wrapped and not (wrapped[module][1] == "weight" and module == wrapped[module][0]):
+            _add_expert_lora(adapter, module, roles, *wrapped[module])
+            continue
         for param in ("weight", "bias"):  # the wrapper's own copy, saved next to the plain key with embedding layers
             tensor = f"{module}.{param}"
             if f"mts.{param}" in roles and tensor not in adapter.replacements:
@@ -294,6 +300,28 @@ def _classify(adapter: Adapter, input_embedding: str | None) -> None:
                                            bias_key=roles.get("bias"), magnitude_key=roles.get("m"))
 
 
+def _add_expert_lora(adapter: Adapter, module: str, roles: dict[str, str], owner: str, parameter: str) -> None:
+    """A ParamWrapper's lora_A (experts*r, in) and lora_B (out, r*experts) on the parameter `owner.parameter`."""
+    name = f"{owner}.{parameter}"
+    if set(roles) - {"A", "B"}:
+        raise MergeqError(f"adapter {adapter.path}: not supported: DoRA or lora_bias on the parameter {name} "
+                          "(target_parameters)")
+    if "B" not in roles:
+        raise MergeqError(f"adapter {adapter.path}: {name} has lora_A but no lora_B")
+    config = adapter.config
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise MergeqError(f"adapter {adapter.path}: not supported: rank_pattern/alpha_pattern together with "
+                          f"target_parameters ({name})")
+    r, _, scale = module_scale(config, owner)
+    a_rows = adapter.shape(roles["A"])[0]
+    b_shape = adapter.shape(roles["B"])
+    if a_rows % r or b_shape[1] != a_rows:
+        raise MergeqError(f"adapter {adapter.path}: {name} has lora_A rows {a_rows} and lora_B columns "
+                          f"{b_shape[1]}, not the same multiple of r={r}")
+    adapter.expert_loras[name] = ExpertLora(owner, parameter, r, scale, a_rows // r, adapter.shape(roles["A"])[1],
+                                            b_shape[0], roles["A"], roles["B"])
+
+
 def describe_adapter(adapter: Adapter) -> dict:
     """Manifest entry: where it came from, what it is, and the scale applied to every module."""
     variants = sorted({m.variant for m in adapter.loras.values()})
@@ -308,4 +336,6 @@ def describe_adapter(adapter: Adapter) -> dict:
         "scales": {m.module: m.scale for m in sorted(adapter.loras.values(), key=lambda m: m.module)},
         "applied_scales": {m.module: m.scale * adapter.weight
                            for m in sorted(adapter.loras.values(), key=lambda m: m.module)},
+        **({"parameter_scales": {name: e.scale * adapter.weight for name, e in sorted(adapter.expert_loras.items())}}
+           if adapter.expert_loras else {}),
     }

@@ -6,6 +6,8 @@ and how PEFT's merge_and_unload applies it (in fp32).
     BiasOp     b + s b_lora (lora_bias)
     ReplaceOp  the adapter's own copy (modules_to_save; may resize an embedding)
     TokensOp   some rows replaced (trainable tokens)
+    ExpertLoraOp  W + s B_e A_e, rows [start, stop): one expert's part of a LoRA on a fused MoE parameter
+                  (target_parameters, merge/experts.py)
 
 Planning (merge/plan.py) picks the class for each adapter part from LORA_OPS and the adapter's part kinds;
 nothing downstream looks at which class it holds, only at `expected_shape`, `apply` and the flags.
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from merge.adapters import Adapter, LoraModule
+from merge.experts import ExpertSlice, expert_factors
 from mergeq.core.errors import MergeqError
 
 
@@ -166,3 +169,28 @@ class TokensOp(Operation):
         current = current.clone() if current is base else current
         current[torch.tensor(self.indices, dtype=torch.int64)] = adapter.tensor(self.key)
         return current
+
+
+@dataclass
+class ExpertLoraOp(Operation):
+    piece: ExpertSlice
+
+    exclusive = True
+    blockwise = True
+
+    def expected_shape(self, adapter, base, current, check):
+        lora, piece = self.piece.lora, self.piece
+        want = (piece.stop - piece.start, lora.in_features)
+        if tuple(base) != want:
+            check.mismatches.append(f"{check.name}: base {list(base)}, expert {piece.expert} of {lora.name} in the "
+                                    f"adapter expects {list(want)}")
+        return current
+
+    def factors(self, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor, float]:
+        lora = self.piece.lora
+        left, right = expert_factors(lora, adapter.tensor(lora.a_key), adapter.tensor(lora.b_key), self.piece)
+        return left, right, lora.scale
+
+    def apply(self, adapter, current, base):
+        left, right, scale = self.factors(adapter)
+        return torch.addmm(current, left, right, alpha=scale)

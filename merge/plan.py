@@ -2,9 +2,10 @@
 
 From the base's tensor names and shapes and the adapters' parts (merge.adapters), each adapter part is matched
 to one base tensor and becomes an operation (merge/ops.py): a LoRA/DoRA product on a weight, a trained bias,
-a modules_to_save replacement, trainable token rows, or a saved (resized) base layer that replaces the base's
-own. Every shape is checked (the first mismatches are listed at once), and a tied output embedding that the
-checkpoint does not store (`virtual_head`) follows the input embedding unless an adapter changes it.
+a modules_to_save replacement, trainable token rows, one expert's part of a LoRA on a fused MoE parameter, or a
+saved (resized) base layer that replaces the base's own. Every shape is checked (the first mismatches are listed
+at once), and a tied output embedding that the checkpoint does not store (`virtual_head`) follows the input
+embedding unless an adapter changes it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from merge.adapters import Adapter, Replacement
-from merge.ops import LORA_OPS, BiasOp, Operation, ReplaceOp, ShapeCheck, TokensOp
+from merge.experts import disk_slices
+from merge.ops import LORA_OPS, BiasOp, ExpertLoraOp, Operation, ReplaceOp, ShapeCheck, TokensOp
 from mergeq.core.errors import MergeqError
 
 MAX_LISTED = 8
@@ -59,6 +61,10 @@ def plan_merge(source) -> Plan:
                                       "module has none")
                 else:
                     _add(plan, bias, adapter, BiasOp(lora.bias_key, lora.scale))
+        for expert_lora in adapter.expert_loras.values():
+            for target, piece in disk_slices(expert_lora, source.config.get("model_type"), source.shapes,
+                                             adapter.path).items():
+                _add(plan, target, adapter, ExpertLoraOp(piece))
         for tokens in adapter.tokens.values():
             target = f"{tokens.module}.weight"
             if target not in known:

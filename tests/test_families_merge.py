@@ -96,14 +96,47 @@ def test_gemma_tied_embeddings(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_expert_lora_on_fused_parameters_is_refused(tmp_path, family):
-    """PEFT's target_parameters LoRA on the fused expert tensors (transformers 5): PEFT merges it, mergeq does not
-    yet, so it refuses the adapter, names the option and says how to merge it with PEFT; nothing is written."""
+def test_expert_lora_on_fused_parameters_matches_peft(tmp_path, family):
+    """PEFT's target_parameters LoRA on the fused expert tensors (transformers 5: gate_up_proj and down_proj, 3-D in
+    memory) lands on the per-expert tensors the checkpoint stores on disk, as PEFT's merge saves them."""
     base = family_model(tmp_path / "base", family)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=12, target_modules=LINEAR_TARGETS[family],
+                           target_parameters=EXPERT_PARAMETERS)
+    expected = peft_saved(base, adapter, tmp_path / "peft")
+    got = ours(base, [(adapter, 1.0)], tmp_path / "out")
+    assert set(got) == set(expected)
+    assert_close(expected, got)
+    base_sd = load_file(base / "model.safetensors")
+    experts = [n for n in got if ".experts." in n]
+    assert len(experts) == 2 * 4 * 3 and all(not torch.equal(base_sd[n], got[n]) for n in experts)
+    merged_gap, adapter_effect = logits_gap(base, adapter, tmp_path / "out")
+    assert merged_gap < LOGITS_TOL and adapter_effect > 100 * LOGITS_TOL, (merged_gap, adapter_effect)
+
+
+def test_lora_on_a_plain_parameter_matches_peft(tmp_path):
+    """target_parameters on 2-D weights (no experts): the same delta as a LoRA on the module."""
+    base = family_model(tmp_path / "base", "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=12, target_modules=[],
+                           target_parameters=["self_attn.q_proj.weight", "mlp.down_proj.weight"])
+    expected = peft_saved(base, adapter, tmp_path / "peft")
+    got = ours(base, [(adapter, 1.0)], tmp_path / "out")
+    assert_close(expected, got)
+    base_sd = load_file(base / "model.safetensors")
+    assert sum(not torch.equal(base_sd[n], got[n]) for n in got) == 4
+
+
+def test_expert_lora_without_a_known_layout_is_refused(tmp_path, monkeypatch):
+    """Per-expert tensors on disk in a layout mergeq has no entry for: refused, naming the adapter, the parameter
+    and how to merge it with PEFT; nothing is written."""
+    import merge.experts
+
+    base = family_model(tmp_path / "base", "mixtral")
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=12, target_modules=["q_proj"],
                            target_parameters=EXPERT_PARAMETERS)
+    monkeypatch.delitem(merge.experts.EXPERT_LAYOUTS, "mixtral")
     with pytest.raises(MergeqError) as err:
         ours(base, [(adapter, 1.0)], tmp_path / "out")
-    assert str(adapter) in str(err.value) and "target_parameters" in str(err.value)
+    message = str(err.value)
+    assert str(adapter) in message and "model.layers.0.mlp.experts.gate_up_proj" in message and "mixtral" in message
     assert "merge_and_unload" in err.value.hint
     assert not (tmp_path / "out").exists()
