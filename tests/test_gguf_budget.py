@@ -14,6 +14,7 @@ from tiny_models import SP_CORPUS, sentencepiece_tokenizer, tiny_llama
 
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.gguf_budget.slots import quant_sizes
+from exporters.gguf_inspect import pinned_constants
 from exporters.llamacpp.build import ensure_built
 from mergeq.core.errors import MergeqError
 from mergeq.core.hashing import sha256_file
@@ -66,6 +67,14 @@ def test_mix_fits_the_named_mix_size_and_its_types_are_in_the_file(exported):
         assert shape[0] % sizes[qtype][0] == 0, (name, qtype)  # only types the row length allows
     assert any(sizes[t][0] == 256 for t in budget["tensor_types"].values())  # K-quants where rows allow them
     assert budget["predicted_kl"] > 0 and budget["measured"]["kl"] >= 0 and budget["named_mix"]["type"] == "Q4_K_M"
+    # the file type names the type holding the most bytes of the mix
+    held: dict = {}
+    for t in seen["tensors"]:
+        if t["name"] in budget["tensor_types"]:
+            held[t["type"]] = held.get(t["type"], 0) + t["n_bytes"]
+    dominant = max(held, key=held.get)
+    ftype = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}.get(dominant, dominant)  # llama-quantize's aliases
+    assert mix.extra["gguf"]["file_type"] == pinned_constants().LlamaFileType[f"MOSTLY_{ftype}"]
     assert set(budget["search"]["calibration"]["scales"]) >= {"attn_qk", "attn_vo", "ffn_in", "ffn_down"}
 
 

@@ -225,6 +225,15 @@ class BudgetSearch:
         fitting = [s for s in sized if s[0] <= budget]
         return (max(fitting) if fitting else min(sized))[1]
 
+    def dominant_type(self, types: dict[str, str]) -> str:
+        """The type that holds the most bytes of the mix: the file type llama-quantize is given (with one
+        override per tensor it only names the file, general.file_type), so a reader sees the mix's main type."""
+        state = self.state
+        held: dict[str, int] = {}
+        for slot in state.slots:
+            held[types[slot.name]] = held.get(types[slot.name], 0) + state.sizes.slot_bytes(slot, types[slot.name])
+        return max(sorted(held), key=lambda t: held[t]) if held else "Q8_0"
+
     def make(self, target: Target, parameters: int) -> Mix:
         state = self.state or self.prepare()
         budget = self.budget_bytes(target, parameters)
@@ -234,7 +243,8 @@ class BudgetSearch:
                             for t in x.candidates] for x in state.slots}
         allocation = alloc.allocate(choices, state.sizes.fixed_bytes, budget, what=f"{what} {target.spec}")
         out = self.work / f"{target.label}.gguf"
-        result = sensitivity.quantize_mix(self.intermediate, out, allocation.types, self.imatrix, self.settings.threads)
+        result = sensitivity.quantize_mix(self.intermediate, out, allocation.types, self.imatrix, self.settings.threads,
+                                          base_type=self.dominant_type(allocation.types))
         written = {t.name: t.type for t in read_gguf(out).tensors}
         wrong = {n: (t, written.get(n)) for n, t in allocation.types.items() if written.get(n) != t}
         if wrong:
