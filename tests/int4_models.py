@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from family_models import FAMILIES as FAMILY_CONFIGS  # noqa: E402 (tests/ is on sys.path)
+from family_models import LAYERS as FAMILY_LAYERS
 
 FAMILIES = ("llama", "mistral", "qwen2")
 # the other families the int4 engine handles (their configs: tests/family_models.py): Qwen3, Gemma 2 and 3
@@ -30,13 +31,14 @@ def byte_tokenizer(folder: Path):
     return fast
 
 
-def tiny_model(folder: Path, family: str = "llama", *, layers: int = 2, hidden: int = 64, intermediate: int = 128,
-               heads: int = 4, kv_heads: int = 2, seed: int = 0, dtype=torch.float16, tokenizer: bool = True,
-               overrides: dict | None = None) -> Path:
+def tiny_model(folder: Path, family: str = "llama", *, layers: int | None = None, hidden: int = 64,
+               intermediate: int = 128, heads: int = 4, kv_heads: int = 2, seed: int = 0, dtype=torch.float16,
+               tokenizer: bool = True, overrides: dict | None = None) -> Path:
     """A random decoder-only checkpoint of `family`, with outlier input channels like real LLMs have."""
     import transformers
 
     torch.manual_seed(seed)
+    layers = layers or FAMILY_LAYERS.get(family, 2)  # Gemma 3 needs 6 for a global layer after its 5 sliding ones
     config_name, model_name, extra = {**FAMILY_CONFIGS, **UNLISTED_FAMILIES}[family]
     config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     values = {"vocab_size": 256, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
