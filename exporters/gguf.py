@@ -133,6 +133,34 @@ def architecture(config: dict) -> str | None:
     return arches[0] if arches else None
 
 
+# Architectures whose layer layout the pinned converter does not write: llama.cpp assumes one (for Gemma 3: every
+# sixth layer global, the rest sliding-window, its load_swa_pattern(6)); name -> (period, what the layout is)
+FIXED_LAYER_LAYOUTS = {
+    "Gemma3ForCausalLM": (6, "five sliding-window layers, then one global layer, repeated"),
+    "Gemma3ForConditionalGeneration": (6, "five sliding-window layers, then one global layer, repeated"),
+}
+
+
+def check_layer_layout(config: dict, arch: str, config_path: Path) -> None:
+    """Refuse a checkpoint whose `layer_types` differ from the layout llama.cpp assumes for its architecture: the
+    GGUF would compute another model than the checkpoint, without any error from the converter."""
+    if arch not in FIXED_LAYER_LAYOUTS:
+        return
+    period, described = FIXED_LAYER_LAYOUTS[arch]
+    text = config.get("text_config") or config
+    layer_types = text.get("layer_types")
+    if not layer_types or not text.get("sliding_window"):
+        return
+    assumed = ["full_attention" if i % period == period - 1 else "sliding_attention" for i in range(len(layer_types))]
+    if list(layer_types) != assumed:
+        first = next(i for i, (a, b) in enumerate(zip(layer_types, assumed)) if a != b)
+        raise MergeqError(
+            f"{config_path}: layer_types give layer {first} {layer_types[first]!r}, but the pinned llama.cpp "
+            f"converter does not write the layer layout and llama.cpp assumes {described} for {arch} "
+            f"({assumed[first]!r} there): the GGUF would compute another model",
+            hint="export this model with `mergeq export awq` or `gptq` instead")
+
+
 def intermediate_type(config: dict, options: GGUFOptions) -> str:
     if options.intermediate != "auto":
         return options.intermediate
@@ -234,6 +262,7 @@ class GGUFExporter:
                 f"architecture {arch!r} ({model_dir / 'config.json'}) is not supported by the pinned llama.cpp "
                 f"converter ({pin.commit}); it supports {len(supported)} architectures: {', '.join(supported)}",
                 hint="export this model with `mergeq export awq` or `gptq` instead")
+        check_layer_layout(config, arch, model_dir / "config.json")
         if not weight_files(model_dir):
             raise MergeqError(f"{model_dir} holds no .safetensors or .bin weights")
         if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):

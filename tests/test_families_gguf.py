@@ -25,6 +25,7 @@ from tiny_models import sentencepiece_tokenizer
 from exporters.evaluate import EvalOptions, evaluate_full
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.gguf_inspect import read_gguf
+from mergeq.core.errors import MergeqError
 
 pytestmark = pytest.mark.llamacpp
 
@@ -83,3 +84,20 @@ def test_q8_gguf_converts_and_evaluates(tmp_path, text, family):
     assert 0 <= quality.kl_divergence < KL_BOUND, (family, quality.kl_divergence)
     assert 0 < quality.top1_agreement <= 1
     assert quality.perplexity == pytest.approx(quality.reference_perplexity, rel=0.05)
+
+
+def test_gemma3_layout_llama_cpp_cannot_represent_is_refused(tmp_path):
+    """The pinned converter writes no layer layout for Gemma 3 and llama.cpp assumes five sliding layers then one
+    global one: a checkpoint laid out otherwise (here sliding, global) would convert to another model, so the
+    export refuses it before any work, naming the layer."""
+    config = family_config("gemma3", vocab=SP_VOCAB, layers=2)
+    config.layer_types = ["sliding_attention", "full_attention"]
+    folder = tmp_path / "gemma3-2"
+    config.architectures = ["Gemma3ForCausalLM"]
+    config.save_pretrained(folder)
+    sentencepiece_tokenizer(folder, vocab=SP_VOCAB)
+    with pytest.raises(MergeqError) as err:
+        GGUFExporter().preflight(folder, GGUFOptions(quants=("Q8_0",)))
+    assert "layer 1 'full_attention'" in str(err.value) and "config.json" in str(err.value)
+    GGUFExporter().preflight(with_tokenizer(family_model(tmp_path / "ok", "gemma3", vocab=SP_VOCAB), "gemma3"),
+                             GGUFOptions(quants=("Q8_0",)))
