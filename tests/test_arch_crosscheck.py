@@ -1,4 +1,5 @@
-"""Our int4 checkpoints of every family in tests/test_arch_families.py, read by code we did not write.
+"""Our int4 checkpoints of every family (Llama, Mistral, Qwen2 and those of tests/test_arch_families.py), read by
+code we did not write.
 
 - compressed-tensors (gptq symmetric and awq asymmetric, pack-quantized): compressed-tensors' own unpacker
   (scripts/peers/unpack_ct.py) gives, for every packed module, MoE experts included, the same integer codes
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from int4_models import FAMILIES as LLAMA_LIKE
 from int4_models import MORE_FAMILIES, calibration_text, options_for, tiny_model
 from peer_env import ensure_live, run_measured
 from safetensors.torch import load_file
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 UNPACK = ROOT / "scripts" / "peers" / "unpack_ct.py"
 LOADER = ROOT / "scripts" / "peers" / "load_int4.py"
-FAMILIES = list(MORE_FAMILIES)
+FAMILIES = list(LLAMA_LIKE) + list(MORE_FAMILIES)
 MOE = {"mixtral", "qwen3_moe"}
 TOKENS = [[5, 17, 99, 3, 250, 64, 128, 7, 42, 200, 11, 31], [255, 0, 13, 66, 101, 140, 33, 2, 90, 160, 47, 222]]
 # case -> (method, format)
