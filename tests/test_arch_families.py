@@ -250,3 +250,30 @@ def test_a_wrong_fold_map_is_caught(tmp_path, monkeypatch):
         export_int4(base, tmp_path / "awq", options_for("awq", calib=calib, samples=4, seq_len=32,
                                                         group_size=32, device="cpu"))
     assert not (tmp_path / "awq").exists()
+
+
+def test_kernel_prediction_covers_fused_projections_and_experts():
+    """Phi-3's fused qkv_proj/gate_up_proj are vLLM's fused layers as they are; a MoE model's experts are one fused-MoE
+    layer: Marlin MoE while the intermediate size per TP partition is a whole number of groups (Qwen3-30B-A3B's 768 at
+    group 128: TP 1 and 2), MoE WNA16 beyond (TP 4: 192 per partition)."""
+    from exporters.int4 import kernels
+
+    scheme = QuantScheme(4, 128, True)
+    phi3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 2, "vocab_size": 32064}
+    names = {s.name for s in kernels.linear_shapes(phi3)}
+    assert names == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
+    predicted = kernels.predict_kernels(phi3, None, "gptq", scheme, False)
+    assert predicted["tp"]["1"]["kernels"] == dict.fromkeys(("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+                                                            "machete")
+    moe = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+           "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+           "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 2,
+           "vocab_size": 151936}
+    shapes = {s.name: (s.in_features, s.out_features) for s in kernels.linear_shapes(moe)}
+    assert shapes["mlp.experts.w13"] == (2048, 1536) and shapes["mlp.experts.w2"] == (768, 2048)
+    assert not any("gate" == name.rpartition(".")[2] for name in shapes)  # the router is not quantized
+    predicted = kernels.predict_kernels(moe, None, "gptq", scheme, False)
+    experts = {tp: predicted["tp"][tp]["kernels"]["experts"] for tp in ("1", "2", "4", "8")}
+    assert experts == {"1": "marlin_moe", "2": "marlin_moe", "4": "moe_wna16", "8": "moe_wna16"}
+    assert any("experts on sm90: moe_wna16" in p for p in predicted["tp"]["4"]["problems"])
