@@ -459,13 +459,14 @@ def llama_token_count(gguf: Path, text: str, n_ctx_probe: int, options: EvalOpti
     tokenizes, prints the count and stops.
     """
     from exporters.llamacpp.build import tool_command
-    from exporters.llamacpp.run import run_tool
+    from exporters.llamacpp.run import run_tool, weight_flags
 
     with tempfile.TemporaryDirectory(prefix="mergeq-eval-") as tmp:
         probe = Path(tmp) / "prefix.txt"
         probe.write_text(text + "\n", encoding="utf-8")  # llama.cpp drops one trailing newline
         command = tool_command("llama-perplexity", "-m", gguf, "-f", probe, "-c", n_ctx_probe,
-                               "-b", min(2048, n_ctx_probe), "-t", options.threads or os.cpu_count() or 1)
+                               "-b", min(2048, n_ctx_probe), "-t", options.threads or os.cpu_count() or 1,
+                               *weight_flags(gguf)[0])
         result = run_tool(command, hint=f"if {gguf} is damaged, export it again")
     found = _TOKEN_COUNT.findall(result.stdout + result.stderr)
     return int(found[-1]) if found else None
@@ -564,11 +565,8 @@ def _evaluate_torch(artifact: Path, kind: str, reference: Path, windows: Windows
 def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: EvalOptions, provenance: dict):
     """llama-perplexity in KL-divergence mode against the cached reference: our windows, llama.cpp's logits."""
     from exporters.llamacpp.build import tool_command
+    from exporters.llamacpp.run import weight_flags
 
-    if windows.scored_tokens < 100:
-        raise MergeqError(f"evaluating a GGUF needs at least 100 scored tokens, these windows score {windows.scored_tokens}",
-                          hint="use a longer evaluation text or a larger n_ctx (llama-perplexity prints no "
-                               "statistics below 100 tokens)")
     if windows.scored_tokens < 100:
         raise MergeqError(f"evaluating a GGUF needs at least 100 scored tokens; these windows score {windows.scored_tokens}",
                           hint="use a longer evaluation text or a larger n_ctx (llama-perplexity prints no "
@@ -586,9 +584,13 @@ def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: E
             write_llama_base(base, ref, windows)
     threads = options.threads or os.cpu_count() or 1
     n_ctx = windows.n_ctx
+    flags, why = weight_flags(artifact)
+    if why:
+        log.warning("%s", why)
+        provenance["llama_weights"] = why
     command = tool_command(
         "llama-perplexity", "-m", artifact, "--kl-divergence", "--kl-divergence-base", base, "-c", n_ctx,
-        "-b", n_ctx * max(1, 2048 // n_ctx), "-t", threads)
+        "-b", n_ctx * max(1, 2048 // n_ctx), "-t", threads, *flags)
     log.info("running %s", " ".join(command.argv))
     stats, result = run_kl_divergence(command, artifact)
     stats["peak_rss_bytes"] = result.peak_rss_bytes

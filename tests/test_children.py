@@ -115,3 +115,31 @@ def test_kill_9_of_mergeq_then_the_next_tool_start_clears_the_orphan(cache):
             os.killpg(orphan, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_memory_limit_is_read_from_the_cgroup_and_turns_off_repacking(tmp_path, monkeypatch):
+    """Inside a memory cgroup, mergeq reads its limit; a GGUF that does not fit beside mergeq under it is loaded
+    by llama.cpp without repacking (weights stay in the page cache, which the kernel can reclaim)."""
+    from memory_limit import run_limited, unavailable
+
+    from exporters.llamacpp.run import REPACK_HEADROOM, weight_flags
+    from mergeq.core import memory
+
+    if (why := unavailable()) is not None:
+        pytest.skip(why)
+    limit = 700 << 20
+    run = run_limited([sys.executable, "-c", "from mergeq.core.memory import memory_limit_bytes as m; print(m())"],
+                      limit, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout.strip()) == limit
+
+    gguf = tmp_path / "model.gguf"
+    with open(gguf, "wb") as handle:
+        handle.truncate(300 << 20)  # sparse: the size is what counts
+    monkeypatch.setattr(memory, "memory_limit_bytes", lambda: None)
+    assert weight_flags(gguf) == ((), None)
+    monkeypatch.setattr(memory, "memory_limit_bytes", lambda: (300 << 20) + REPACK_HEADROOM)
+    assert weight_flags(gguf) == ((), None)
+    monkeypatch.setattr(memory, "memory_limit_bytes", lambda: limit)
+    flags, why = weight_flags(gguf)
+    assert flags == ("--no-repack",) and "model.gguf" in why and "0.68 GiB" in why

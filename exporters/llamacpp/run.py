@@ -106,6 +106,28 @@ def run_tool(
     return result
 
 
+REPACK_HEADROOM = 512 << 20  # beside the weights: mergeq itself and the tool's own buffers
+
+
+def weight_flags(model: Path) -> tuple[tuple[str, ...], str | None]:
+    """Extra flags for a llama.cpp tool that loads `model`, and why (None: no flags).
+
+    llama.cpp's CPU backend repacks quantized weights into anonymous memory for its faster kernels: a copy of
+    the model that the kernel cannot page out. Under a memory limit (this process's cgroup: a container, a
+    `systemd-run -p MemoryMax=`) too small for that copy beside mergeq, `--no-repack` keeps the weights in the
+    memory-mapped file, which the kernel pages in and out as needed. Same model, slower kernels; the tool
+    would otherwise be OOM-killed."""
+    from mergeq.core.memory import memory_limit_bytes
+
+    limit = memory_limit_bytes()
+    size = Path(model).stat().st_size
+    if limit is None or size + REPACK_HEADROOM <= limit:
+        return (), None
+    return ("--no-repack",), (f"weights not repacked (--no-repack): {Path(model).name} ({size / 2**30:.2f} GiB) "
+                              f"plus {REPACK_HEADROOM >> 20} MiB does not fit this process's memory limit "
+                              f"({limit / 2**30:.2f} GiB)")
+
+
 def die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGKILL it when the mergeq thread that started it dies, so a
     `kill -9` of mergeq leaves no llama.cpp tool running (the tool has its own process group, so the

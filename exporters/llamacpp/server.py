@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from exporters.llamacpp.build import tool_path
-from exporters.llamacpp.run import ToolResult, die_with_parent, quoted_tail, stop_group, tool_failure
+from exporters.llamacpp.run import ToolResult, die_with_parent, quoted_tail, stop_group, tool_failure, weight_flags
 from mergeq.core import children, faults
 from mergeq.core.errors import ToolError
 from mergeq.core.memory import ChildPeak
@@ -63,7 +63,8 @@ class LlamaServer:
 
 def server_command(gguf: Path, *, threads: int = 1) -> tuple[str, ...]:
     return (str(tool_path(SERVER)), "-m", str(gguf), "--host", "127.0.0.1", "--port", "0",
-            "-c", str(SERVER_CONTEXT), "-np", "1", "-t", str(threads), "--no-warmup", "--no-webui", "--jinja")
+            "-c", str(SERVER_CONTEXT), "-np", "1", "-t", str(threads), "--no-warmup", "--no-webui", "--jinja",
+            *weight_flags(gguf)[0])
 
 
 @contextlib.contextmanager
