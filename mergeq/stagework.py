@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from exporters.eval_options import EvalOptions
-from exporters.report import ArtifactReport
+from exporters.report import ArtifactReport, StageCost
 from merge.options import MergeConfig
 from mergeq.config import PipelineConfig
 from mergeq.core import faults
@@ -123,9 +123,15 @@ DOC_FILES = ("report.json", "report.md", "README.md")
 def _merge(config: PipelineConfig, tmp: Path, evaluation: EvalOptions) -> None:
     from merge.merger import run_merge
 
+    from mergeq.core.memory import peak_rss_bytes, reset_peak_rss
+
     spec = config.merge
+    reset_peak_rss()
+    started = time.perf_counter()
     run_merge(replace(spec, out=tmp, overwrite=True, eval_text=config.evaluation.text))
+    merged = StageCost(round(time.perf_counter() - started, 3), peak_rss_bytes())  # validation included
     report = reference_report(tmp, spec)
+    report.stages["merge"] = merged
     if evaluation.enabled:
         from exporters.evaluate import evaluate_into_report
 
