@@ -562,6 +562,16 @@ def _evaluate_torch(artifact: Path, kind: str, reference: Path, windows: Windows
     return sums
 
 
+LOGITS_BUDGET = 512 << 20  # llama-perplexity holds fp32 logits of its whole batch: windows x n_ctx x n_vocab
+
+
+def parallel_windows(n_ctx: int, n_vocab: int) -> int:
+    """How many windows llama-perplexity scores in one batch: up to 2048 tokens, fewer where the batch's logits
+    would pass LOGITS_BUDGET (a 128k vocabulary: one window of 512 tokens holds 0.25 GiB of logits). Same
+    results, less memory."""
+    return max(1, min(2048 // n_ctx, LOGITS_BUDGET // (n_ctx * n_vocab * 4)))
+
+
 def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: EvalOptions, provenance: dict):
     """llama-perplexity in KL-divergence mode against the cached reference: our windows, llama.cpp's logits."""
     from exporters.llamacpp.build import tool_command
@@ -590,7 +600,7 @@ def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: E
         provenance["llama_weights"] = why
     command = tool_command(
         "llama-perplexity", "-m", artifact, "--kl-divergence", "--kl-divergence-base", base, "-c", n_ctx,
-        "-b", n_ctx * max(1, 2048 // n_ctx), "-t", threads, *flags)
+        "-b", n_ctx * parallel_windows(n_ctx, n_vocab), "-t", threads, *flags)
     log.info("running %s", " ".join(command.argv))
     stats, result = run_kl_divergence(command, artifact)
     stats["peak_rss_bytes"] = result.peak_rss_bytes

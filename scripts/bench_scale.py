@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Benchmark: a default `mergeq run` on a model larger than the memory it runs in.
+
+Writes a synthetic checkpoint with Llama-3.1-8B's shapes (hidden 4096, intermediate 14336, 32 query and 8
+key/value heads, vocabulary 128256; 32 layers, about 16 GB in fp16, sharded) and a rank-16 LoRA on every linear
+layer, then runs `mergeq run` with the default stages inside a hard memory limit (a cgroup, 6 GiB by default):
+merge with validation, GGUF Q4_K_M with evaluation, GPTQ with evaluation. The calibration and evaluation
+budgets are small (8 x 256 calibration tokens, two 512-token evaluation windows) to bound CPU time; memory
+does not depend on them beyond the activations.
+
+It prints wall time and peak RSS of every stage (from the stage reports: mergeq's own peak, or the largest
+child tool's), the cgroup's high-water mark, and the same figures for a plain PEFT merge (load +
+merge_and_unload + save) run without the limit. Target: the run completes under the limit, and no stage's
+peak exceeds 1 GiB plus three times the largest tensor.
+
+    .venv/bin/python scripts/bench_scale.py                       # 8B shapes, 32 layers: ~16 GB, ~55 GB of disk
+    .venv/bin/python scripts/bench_scale.py --layers 12           # the same widths, 12 layers (~7.3 GB)
+    .venv/bin/python scripts/bench_scale.py --limit-gib 6 --workdir /big/disk/scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+GiB = 1 << 30
+LLAMA_31_8B = {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8, "vocab": 128256}
+
+
+def build_inputs(work: Path, layers: int, rank: int) -> tuple[Path, Path, Path, Path]:
+    import torch
+    from int4_models import calibration_text
+    from synthetic import LlamaShape, write_llama, write_lora
+    from tiny_models import sentencepiece_tokenizer
+
+    shape = LlamaShape(**{**LLAMA_31_8B, "layers": layers})
+    tag = f"llama31-8b-shapes-l{layers}"
+    base, adapter = work / tag, work / f"{tag}-lora-r{rank}"
+    marker = base / "synthetic.json"
+    if not marker.is_file() or json.loads(marker.read_text()) != {**shape.__dict__}:
+        shutil.rmtree(base, ignore_errors=True)
+        print(f"writing synthetic base {base} ({shape.params() / 1e9:.2f}B parameters, fp16) ...", flush=True)
+        write_llama(base, shape, dtype=torch.float16, max_shard_bytes=2 * GiB)
+        # a SentencePiece tokenizer llama.cpp's converter reads; the converter pads the vocabulary to 128256
+        sentencepiece_tokenizer(base, vocab=320)
+    if not (adapter / "adapter_config.json").is_file() or \
+            json.loads((adapter / "adapter_config.json").read_text())["r"] != rank:
+        print(f"writing rank-{rank} LoRA on all linear layers {adapter} ...", flush=True)
+        write_lora(adapter, shape, base, r=rank, alpha=2 * rank)
+    calib = calibration_text(work / "calib.txt", chars=12000)
+    text = calibration_text(work / "eval.txt", chars=2400, seed=1)  # two 512-token windows
+    return base, adapter, calib, text
+
+
+def write_config(work: Path, base: Path, adapter: Path, calib: Path, text: Path) -> Path:
+    config = work / "run.toml"
+    config.write_text(f"""[merge]
+base = "{base}"
+adapters = [{{ path = "{adapter}" }}]
+
+[eval]
+text = "{text}"
+
+[gguf]
+quant = ["Q4_K_M"]
+
+[gptq]
+group_size = 128
+calib = "{calib}"
+samples = 8
+seq_len = 256
+""")
+    return config
+
+
+def stage_rows(out: Path) -> list[dict]:
+    rows = []
+    for report in sorted(out.rglob("report.json")):
+        data = json.loads(report.read_text())
+        stages = data.get("stages", {})
+        seconds, peaks = stages.get("seconds", {}), stages.get("peak_rss_bytes", {})
+        for name in seconds:
+            rows.append({"artifact": str(report.parent.relative_to(out)), "step": name,
+                         "seconds": seconds[name], "peak_gib": peaks.get(name, 0) / GiB})
+    return rows
+
+
+def main() -> int:
+    from bench_merge import PEFT_JOB, run_job
+    from memory_limit import run_limited, unavailable
+
+    from mergeq.core.paths import cache_root
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=LLAMA_31_8B["layers"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--limit-gib", type=float, default=6.0)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: <cache>/bench-scale")
+    parser.add_argument("--no-peft", action="store_true", help="skip the PEFT merge run")
+    parser.add_argument("--keep", action="store_true", help="keep the run's outputs")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if (why := unavailable()) is not None:
+        raise SystemExit(f"no hard memory limit can be set here: {why}")
+
+    work = args.workdir or cache_root() / "bench-scale"
+    work.mkdir(parents=True, exist_ok=True)
+    base, adapter, calib, text = build_inputs(work, args.layers, args.rank)
+    model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    largest = LLAMA_31_8B["vocab"] * LLAMA_31_8B["hidden"] * 2
+    bound = 1 * GiB + 3 * largest
+    config = write_config(work, base, adapter, calib, text)
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+
+    limit = int(args.limit_gib * GiB)
+    print(f"running mergeq run under a {args.limit_gib:g} GiB cgroup on a {model_bytes / GiB:.2f} GiB model ...",
+          flush=True)
+    env = {**os.environ, "MERGEQ_QUIET": "1"}
+    started = time.perf_counter()
+    run = run_limited([sys.executable, "-m", "mergeq.cli", "run", str(config), "--out", str(out)], limit, env=env,
+                      cwd=ROOT, timeout=6 * 3600)
+    wall = time.perf_counter() - started
+    if run.returncode != 0:
+        print(run.stderr[-4000:])
+        raise SystemExit(f"mergeq run failed (exit {run.returncode}, OOM-killed: {run.oom_killed}) "
+                         f"after {wall:.0f} s")
+    rows = stage_rows(out)
+    log = " ".join(run.stderr.split())
+    stage_walls = {name: float(seconds) for name, seconds in re.findall(r"stage (\w+): done in ([\d.]+) s", log)}
+    print("running mergeq run again on the finished output (every stage up to date) ...", flush=True)
+    started = time.perf_counter()
+    rerun = run_limited([sys.executable, "-m", "mergeq.cli", "run", str(config), "--out", str(out), "--json"], limit,
+                        env=env, cwd=ROOT, timeout=3600)
+    skip_s = time.perf_counter() - started
+    skipped = json.loads(rerun.stdout).get("skipped", []) if rerun.returncode == 0 else []
+    on_disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    peft = None
+    if not args.no_peft:
+        print("running PEFT load + merge_and_unload + save (no limit) ...", flush=True)
+        peft = run_job("peft", PEFT_JOB, base, adapter, work / "out-peft")
+        shutil.rmtree(work / "out-peft", ignore_errors=True)
+
+    print()
+    print(f"model: synthetic, Llama-3.1-8B widths, {args.layers} layers, {model_bytes / GiB:.2f} GiB fp16; "
+          f"LoRA r={args.rank} on every linear; largest tensor {largest / 2**20:.0f} MiB")
+    print(f"mergeq run (merge+validation, GGUF Q4_K_M + eval, GPTQ + eval) under a {args.limit_gib:g} GiB cgroup: "
+          f"{wall:.0f} s, cgroup high-water mark {(run.max_usage_bytes or 0) / GiB:.2f} GiB (page cache included)")
+    print("stage wall times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stage_walls.items()))
+    print(f"{'artifact':<24} {'step':<14} {'wall s':>8} {'peak GiB':>9}")
+    for row in rows:
+        print(f"{row['artifact']:<24} {row['step']:<14} {row['seconds']:>8.1f} {row['peak_gib']:>9.2f}")
+    worst = max((r["peak_gib"] for r in rows), default=0.0)
+    print(f"largest stage peak {worst:.2f} GiB vs 1 GiB + 3 x largest tensor = {bound / GiB:.2f} GiB: "
+          f"{'ok' if worst * GiB <= bound else 'MISSED'}")
+    print(f"rerun on the finished output ({on_disk / GiB:.1f} GiB of outputs): {skip_s:.1f} s, skipped "
+          f"{', '.join(skipped) or 'nothing'} (exit {rerun.returncode}); file stamps spare re-reading unchanged files")
+    if peft is not None:
+        print(f"PEFT merge (no limit): {peft['wall_s']:.0f} s, peak RSS {peft['peak_gib']:.2f} GiB")
+    print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    if args.json:
+        args.json.write_text(json.dumps({"layers": args.layers, "model_gib": model_bytes / GiB, "wall_s": wall,
+                                         "cgroup_max_gib": (run.max_usage_bytes or 0) / GiB, "stages": rows,
+                                         "stage_wall_s": stage_walls,
+                                         "bound_gib": bound / GiB, "peft": peft,
+                                         "rerun_s": skip_s, "rerun_skipped": skipped,
+                                         "outputs_gib": on_disk / GiB}, indent=2) + "\n")
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
