@@ -122,7 +122,6 @@ DOC_FILES = ("report.json", "report.md", "README.md")
 
 def _merge(config: PipelineConfig, tmp: Path, evaluation: EvalOptions) -> None:
     from merge.merger import run_merge
-
     from mergeq.core.memory import peak_rss_bytes, reset_peak_rss
 
     spec = config.merge
