@@ -24,6 +24,7 @@ from mergeq.config import PipelineConfig
 from mergeq.core import faults
 from mergeq.core.atomic import atomic_dir
 from mergeq.core.errors import MergeqError
+from mergeq.core.memory import peak_rss_bytes, release_freed_memory, reset_peak_rss, resident_bytes
 from mergeq.exporting import run_export
 from mergeq.plan import MERGE, StageTask
 from mergeq.stages import Stage, stage_key, tree_hashes
@@ -78,7 +79,12 @@ def run_stage(config: PipelineConfig, task: StageTask) -> StageOutcome:
         raise type(err)(f"{task.label} failed: {err}") from err
     stage.mark_done(out)
     seconds = time.monotonic() - started
-    log.info("%s: done in %.1f s", task.label, seconds)
+    # what the stage freed goes back to the system before the next stage starts in this process (a pipeline
+    # runs its stages one after another in one process; glibc otherwise keeps freed heap pages)
+    release_freed_memory()
+    rss = resident_bytes()
+    log.info("%s: done in %.1f s%s", task.label, seconds,
+             f" (resident afterwards: {rss / 2**30:.2f} GiB)" if rss is not None else "")
     return StageOutcome(task.id, True, seconds)
 
 
@@ -122,8 +128,6 @@ DOC_FILES = ("report.json", "report.md", "README.md")
 
 def _merge(config: PipelineConfig, tmp: Path, evaluation: EvalOptions) -> None:
     from merge.merger import run_merge
-    from mergeq.core.memory import peak_rss_bytes, reset_peak_rss
-
     spec = config.merge
     reset_peak_rss()
     started = time.perf_counter()

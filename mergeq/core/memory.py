@@ -26,6 +26,18 @@ def _vm_hwm_bytes(pid: int | str = "self") -> int | None:
     return None
 
 
+def resident_bytes() -> int | None:
+    """This process's resident set now (VmRSS), or None where /proc cannot tell."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def peak_rss_bytes() -> int:
     """This process's resident high-water mark since it started or since the last `reset_peak_rss`."""
     hwm = _vm_hwm_bytes()
