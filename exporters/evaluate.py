@@ -503,7 +503,8 @@ def evaluate_into_report(report: ArtifactReport, reference: Path, text: Path | N
             report.warnings.append(warning)
 
 
-def evaluate_full(artifact: Path, reference: Path, text: Path | None, settings: EvalOptions | None = None) -> EvalResult:
+def evaluate_full(artifact: Path, reference: Path, text: Path | None,
+                  settings: EvalOptions | None = None) -> EvalResult:
     options = settings or EvalOptions()
     artifact, reference = Path(artifact), Path(reference)
     if not reference.is_dir():
@@ -578,7 +579,8 @@ def _evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: E
     from exporters.llamacpp.run import weight_flags
 
     if windows.scored_tokens < 100:
-        raise MergeqError(f"evaluating a GGUF needs at least 100 scored tokens; these windows score {windows.scored_tokens}",
+        raise MergeqError(f"evaluating a GGUF needs at least 100 scored tokens; these windows score "
+                          f"{windows.scored_tokens}",
                           hint="use a longer evaluation text or a larger n_ctx (llama-perplexity prints no "
                                "statistics below 100 tokens)")
     summary = check_gguf(artifact)

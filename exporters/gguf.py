@@ -41,6 +41,7 @@ from mergeq.core.errors import MergeqError
 from mergeq.core.hashing import sha256_file, tree_hashes
 from mergeq.core.modelfiles import read_model_config
 from mergeq.core.options import OptionError, option
+from mergeq.core.paths import free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +199,6 @@ def chat_template(model_dir: Path) -> str | None:
         if isinstance(template, str):
             return template
     return None
-
-
-def free_bytes(path: Path) -> int:
-    probe = Path(path).absolute()
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
 
 
 def check_disk(model_dir: Path, config: dict, options: GGUFOptions, where: Path) -> dict[str, int]:

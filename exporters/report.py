@@ -304,7 +304,8 @@ def report_markdown(report: ArtifactReport) -> str:
     """report.md: the same facts as report.json, for people."""
     s, q = report.size, report.quality
     lines = [f"# {report.label}", "", f"Artifact: `{report.path}`", "", "## Size", "",
-             "| bytes on disk | MiB | fp16 MiB | ratio to fp16 | bits/weight (whole file) | bits/weight (quantized tensors) |",
+             "| bytes on disk | MiB | fp16 MiB | ratio to fp16 | bits/weight (whole file) "
+             "| bits/weight (quantized tensors) |",
              "|---|---|---|---|---|---|",
              f"| {s.size_bytes} | {_mib(s.size_bytes)} | {_mib(s.fp16_bytes)} | {_fmt(s.ratio_to_fp16, '.3f')} "
              f"| {_fmt(s.bits_per_weight, '.3f')} | {_fmt(s.bits_per_quantized_weight, '.3f')} |", ""]
@@ -313,7 +314,8 @@ def report_markdown(report: ArtifactReport) -> str:
         lines += [f"| {name} | {count} |" for name, count in sorted(s.tensor_types.items())]
         lines.append("")
     if s.fallbacks:
-        lines += [f"### Fallbacks ({len(s.fallbacks)} tensors)", "", "| tensor | wanted | got | why |", "|---|---|---|---|"]
+        lines += [f"### Fallbacks ({len(s.fallbacks)} tensors)", "", "| tensor | wanted | got | why |",
+                  "|---|---|---|---|"]
         lines += [f"| {f.get('tensor', '')} | {f.get('wanted', '')} | {f.get('got', '')} | {f.get('why', '')} |"
                   for f in s.fallbacks]
         lines.append("")
@@ -334,8 +336,10 @@ def report_markdown(report: ArtifactReport) -> str:
     lines += _chat_template_lines(report.extra.get("chat_template"))
     lines += _budget_lines(report.extra.get("budget"))
     if report.extra:
-        lines += ["## Format facts", "", "```json", json.dumps(_finite(report.extra), indent=2, sort_keys=True), "```", ""]
-    lines += ["## Provenance", "", "```json", json.dumps(_finite(report.provenance), indent=2, sort_keys=True), "```", ""]
+        lines += ["## Format facts", "", "```json", json.dumps(_finite(report.extra), indent=2, sort_keys=True),
+                  "```", ""]
+    lines += ["## Provenance", "", "```json", json.dumps(_finite(report.provenance), indent=2, sort_keys=True),
+              "```", ""]
     lines += ["## Warnings", ""] + ([f"- {w}" for w in report.warnings] or ["None."]) + [""]
     return "\n".join(lines)
 

@@ -120,7 +120,8 @@ class Int4Weights(CheckpointWeights):
         return super().shape(name)
 
 
-def row_blocks(checkpoint: Checkpoint, name: str, max_bytes: int = ROW_BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+def row_blocks(checkpoint: Checkpoint, name: str,
+               max_bytes: int = ROW_BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, rows) of a 2-D tensor, about `max_bytes` at a time, without reading all of it.
 
     The rows are read-only views into the file (for safetensors): use them before the next block."""

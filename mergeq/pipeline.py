@@ -56,7 +56,8 @@ def demo_config() -> PipelineConfig:
 def check_out_dir(config: PipelineConfig, out: Path) -> None:
     """The output may not be inside an input, nor escape through a symlink."""
     out_resolved = out.resolve()
-    if out.is_symlink() or any(p.is_symlink() for p in out.parents if p.exists() and p != p.parent and p.is_relative_to(Path.cwd())):
+    if out.is_symlink() or any(p.is_symlink() for p in out.parents
+                               if p.exists() and p != p.parent and p.is_relative_to(Path.cwd())):
         raise MergeqError(f"output directory {out} goes through a symlink (to {out_resolved})",
                           hint="give the real path as --out")
     inputs = [config.merge.base, *(a.path for a in config.merge.adapters)]

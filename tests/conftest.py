@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tiny_models import make_adapter, tiny_gpt2, tiny_llama
 
 

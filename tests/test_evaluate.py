@@ -114,7 +114,7 @@ Maximum KLD:   3.114870
 ====== Token probability statistics ======
 RMS \u0394p    :  6.012 \u00b1 0.160 %
 Same top p: 87.892 \u00b1 0.511 %
-"""
+"""  # noqa: E501 (llama-perplexity's own table, as it prints it)
 
 
 def test_parse_llama_kl_output():
@@ -177,7 +177,8 @@ def tiny_tokenizer(folder: Path, *, add_bos: bool) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
 
 
 def eval_text(path: Path, n_words: int, seed: int = 0) -> Path:

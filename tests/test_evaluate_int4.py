@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_llama
 from test_evaluate import eval_text, tiny_tokenizer
+from tiny_models import tiny_llama
 
 from exporters.evaluate import EvalOptions, evaluate, evaluate_full
 from mergeq.core.errors import MergeqError

@@ -119,7 +119,7 @@ def test_streaming_matches_whole_model_quantization(tmp_path):
     for index, layer in enumerate(model.model.layers):
         captured = {}
 
-        def hook(_module, args, kwargs):
+        def hook(_module, args, kwargs, captured=captured):
             captured["x"] = args[0] if args else kwargs["hidden_states"]
             raise Captured
 

@@ -127,7 +127,7 @@ def test_every_artifact_has_a_report_measured_the_same_way(demo_run):
 
 def test_model_cards_and_summary(demo_run):
     out, _, _, _, _ = demo_run
-    for fmt, rel in ARTIFACTS:
+    for _, rel in ARTIFACTS:
         card = (out / rel / "README.md").read_text()
         head = card.split("---")[1]
         assert card.startswith("---\n") and "base_model:" in head and "library_name:" in head, rel
