@@ -2,18 +2,17 @@
 
 sha256 of every input file, each adapter's config and the scale actually applied to every module, the
 output dtype and layout, tool versions, the validation numbers, and the QLoRA decision (`qlora`: every piece of
-evidence that the adapter was trained on a 4-bit base, and the merge target chosen from it). No timestamps: equal inputs give an
-equal manifest.
+evidence that the adapter was trained on a 4-bit base, and the merge target chosen from it). No timestamps: equal
+inputs give an equal manifest.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import platform
-from pathlib import Path
 
 from mergeq.core import VERSION as __version__
-from mergeq.core.hashing import sha256_file
+from mergeq.core.hashing import tree_hashes
 
 MANIFEST_NAME = "merge_manifest.json"
 SCHEMA = 1
@@ -30,15 +29,9 @@ def versions() -> dict[str, str]:
     return found
 
 
-def folder_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every regular file directly in `folder` (checkpoints and adapters are flat folders)."""
-    folder = Path(folder)
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
-
-
 def _source_entry(source, hashes: dict) -> dict:
     entry = {"path": str(source.folder), "format": source.ckpt.format, "kind": source.kind,
-             "files": hashes.get(source.folder) or folder_hashes(source.folder)}
+             "files": hashes.get(source.folder) or tree_hashes(source.folder, recursive=False)}
     if source.quant:
         entry["quantized_tensors"] = len(source.quant)
     if source.requantize is not None:
@@ -53,7 +46,8 @@ def build(*, config, chosen, sources, facts: dict, aux: list[str], adapters: lis
     hashes = hashes or {}
     adapter_entries = []
     for entry, adapter in zip(adapters, chosen.adapters):
-        adapter_entries.append({**entry, "files": hashes.get(adapter.path) or folder_hashes(adapter.path)})
+        adapter_entries.append({**entry, "files": hashes.get(adapter.path)
+                                or tree_hashes(adapter.path, recursive=False)})
     return {
         "schema": SCHEMA,
         "tool": "mergeq merge",

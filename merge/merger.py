@@ -29,6 +29,7 @@ from merge.source import Source
 from merge.streaming import stream_merge
 from mergeq.core.atomic import atomic_dir, write_json
 from mergeq.core.errors import MergeqError
+from mergeq.core.hashing import tree_hashes
 from mergeq.core.modelfiles import copy_aux_files, read_model_config
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
                         + "); their shapes fit this base, but task arithmetic assumes one shared base")
     # input hashes for the manifest: read in a background thread while the merge streams (hashlib drops the GIL)
     hasher = ThreadPoolExecutor(max_workers=1)
-    hashing = {folder: hasher.submit(manifest_mod.folder_hashes, folder)
+    hashing = {folder: hasher.submit(tree_hashes, folder, recursive=False)
                for folder in dict.fromkeys([s.folder for s in sources] + [r.path for r in refs])}
     result_validation = None
     fidelity = None

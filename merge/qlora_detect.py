@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 MODES = QLORA_MODES
 # pre-quantized bitsandbytes bases as the hub names them (unsloth/...-bnb-4bit, .../...-4bit, ...-nf4)
-NAME_4BIT = re.compile(r"(?:^|[-_./])(?:unsloth-)?(?:bnb[-_]?4bit|4bit|4-bit|int4[-_]bnb|(?P<type>nf4|fp4))(?:$|[-_./])",
-                       re.IGNORECASE)
+NAME_4BIT = re.compile(
+    r"(?:^|[-_./])(?:unsloth-)?(?:bnb[-_]?4bit|4bit|4-bit|int4[-_]bnb|(?P<type>nf4|fp4))(?:$|[-_./])", re.IGNORECASE)
 NAME_OTHER_QUANT = re.compile(r"(?:^|[-_./])(gptq|awq|gguf|exl2|hqq|aqlm|8bit|int8)(?:$|[-_./])", re.IGNORECASE)
 CARD_PREFIX = "The following `bitsandbytes` quantization config was used during training:"
 CARD_LINE = re.compile(r"^\s*-\s*(?P<key>[A-Za-z0-9_]+)\s*:\s*(?P<value>.*?)\s*$")

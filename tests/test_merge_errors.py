@@ -40,7 +40,8 @@ def refuse(tmp_path, *fragments, base=None, adapters=(), out=None, **kw):
 def test_adapter_from_another_base_lists_mismatches(tmp_path, builders, llama):
     other = builders.llama(tmp_path / "other", hidden=48, intermediate=96)
     adapter = builders.adapter(other, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-    message = refuse(tmp_path, "shape mismatch", "model.layers.0.self_attn.q_proj: base [32, 32], adapter expects [48, 48]",
+    message = refuse(tmp_path, "shape mismatch",
+                     "model.layers.0.self_attn.q_proj: base [32, 32], adapter expects [48, 48]",
                      base=llama, adapters=[adapter])
     assert "trained on another base" in message
 

@@ -1,0 +1,21 @@
+"""ruff, as configured in pyproject.toml ([tool.ruff]), finds nothing in the Python of the repo. Its findings
+are the failure message. ruff is a dev dependency (pip install -e '.[dev]', scripts/setup.sh)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHECKED = ("merge", "exporters", "mergeq", "tests", "scripts")
+
+
+def test_ruff_check_is_clean():
+    assert importlib.util.find_spec("ruff") is not None, (
+        "ruff is not installed in this environment: pip install -e '.[dev]' (scripts/setup.sh does)")
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", *CHECKED],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"ruff check found problems:\n{result.stdout}{result.stderr}"
