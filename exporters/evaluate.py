@@ -251,9 +251,9 @@ def model_logprobs(artifact: Path, kind: str, windows: Windows, options: EvalOpt
                    label: str) -> Iterator[tuple[int, torch.Tensor]]:
     """(window index, fp32 log-probabilities [scored, vocab]) of a checkpoint ("hf" or "int4") for every window.
 
-    Streamed one decoder layer at a time (exporters/streaming.py) where the architecture has a layer mapping
+    Streamed one decoder layer at a time (mergeq/core/streaming.py) where the architecture has a layer mapping
     and options.streaming is on; otherwise the whole model is loaded (the reference implementation)."""
-    from exporters import streaming
+    from mergeq.core import streaming
 
     if options.streaming and streaming.supported(read_model_config(artifact)):
         yield from streamed_logprobs(artifact, kind, windows, options, label)
@@ -267,14 +267,15 @@ def model_logprobs(artifact: Path, kind: str, windows: Windows, options: EvalOpt
 def streamed_logprobs(artifact: Path, kind: str, windows: Windows, options: EvalOptions,
                       label: str) -> Iterator[tuple[int, torch.Tensor]]:
     """model_logprobs, one decoder layer in memory at a time, on options.device."""
-    from exporters import streaming
+    from exporters.streaming import streamed
+    from mergeq.core import streaming
     from mergeq.core.device import resolve_device
 
     check_checkpoint(artifact)
     device = resolve_device(options.device)
     scored = slice(first_scored(windows.n_ctx), windows.n_ctx - 1)
     try:
-        with streaming.streamed(artifact, kind, device) as model:
+        with streamed(artifact, kind, device) as model:
             hidden = streaming.final_hidden(model, windows.tokens.to(device), scored, _batch(options),
                                             progress=f"eval {label} layers")
             for start, logits in streaming.logits_blocks(model, hidden):

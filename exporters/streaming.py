@@ -1,84 +1,16 @@
-"""Forward passes one decoder layer at a time, for evaluation and merge validation.
-
-The int4 calibration already streams (exporters/int4/layerwise.py); this reuses its machinery (the model's
-own decoder-layer class from transformers, built on the meta device and filled from the files, the rotary
-embeddings and masks computed as there) for plain forward passes:
-
-1. the embedding rows of the input tokens are gathered from the checkpoint, a block of rows at a time;
-2. for each decoder layer: its tensors are read from disk (mergeq.core.checkpoint's reader; int4 linears unpacked
-   from the files as written), the layer is built, every sequence goes through it, the layer is freed;
-3. the final norm, then logits against the output embedding read in blocks of rows.
-
-Peak memory is one layer in fp32 plus the activations, whatever the depth. Computation is fp32 on
-`device`; tensors move to the device one layer at a time.
-
-A weight source is anything with `names()` and `get(name)` (an fp32-convertible tensor) plus `row_blocks`
-for the embedding matrices: `CheckpointWeights` (a Hugging Face checkpoint) and `Int4Weights` (AWQ, GPTQ,
-compressed-tensors) here; merge/validate.py adds the unmerged base + adapter.
-"""
+"""The streamed forward (mergeq/core/streaming.py) over what the exporters write: `Int4Weights` reads an AWQ,
+GPTQ or compressed-tensors folder under the original tensor names, unpacking int4 linears as they are read;
+`streamed(folder, kind, ...)` opens a plain or int4 checkpoint folder for exporters/evaluate.py."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from exporters.int4.arch import Architecture, architecture_of
-from exporters.int4.layerwise import LayerContext, _layer_forward, hf_config_of, load_layer, rotary_embeddings
-from mergeq.core.checkpoint import Checkpoint
-from mergeq.core.errors import MergeqError
-from mergeq.core.memory import release_freed_memory
-from mergeq.core.modelfiles import read_model_config
-
-log = logging.getLogger(__name__)
-
-ROW_BLOCK_BYTES = 64 << 20  # embedding / lm_head rows read at once (in their stored dtype)
-LOGITS_BUDGET_BYTES = 256 << 20  # fp32 logits held at once while projecting on the output embedding
-
-LayerHook = Callable[[int, nn.Module], nn.Module]  # (layer index, built layer) -> the layer to run
-
-
-def supported(config: dict) -> bool:
-    """True when the architecture has a layer mapping (exporters/int4/arch.py) the stream can use."""
-    try:
-        architecture_of(config)
-    except MergeqError:
-        return False
-    return True
-
-
-# ------------------------------------------------------------------------------------------------ weights
-
-
-class CheckpointWeights:
-    """The tensors of a Hugging Face checkpoint folder (safetensors or .bin), read one at a time."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.checkpoint = Checkpoint(self.folder)
-
-    def names(self) -> list[str]:
-        return self.checkpoint.names()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.checkpoint
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.checkpoint.get(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.checkpoint.info(name)[1])
-
-    def row_blocks(self, name: str, max_bytes: int = ROW_BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
-        return row_blocks(self.checkpoint, name, max_bytes)
-
-    def close(self) -> None:
-        self.checkpoint.close()
+from mergeq.core import streaming
+from mergeq.core.streaming import CheckpointWeights, LayerHook
 
 
 class Int4Weights(CheckpointWeights):
@@ -120,166 +52,13 @@ class Int4Weights(CheckpointWeights):
         return super().shape(name)
 
 
-def row_blocks(checkpoint: Checkpoint, name: str,
-               max_bytes: int = ROW_BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, rows) of a 2-D tensor, about `max_bytes` at a time, without reading all of it.
-
-    The rows are read-only views into the file (for safetensors): use them before the next block."""
-    dtype, shape = checkpoint.info(name)
-    if len(shape) != 2:
-        raise MergeqError(f"tensor {name} in {checkpoint.folder} has shape {list(shape)}, expected 2 dimensions")
-    row_bytes = shape[1] * torch.empty((), dtype=dtype).element_size()
-    rows = max(1, max_bytes // max(1, row_bytes))
-    first = 0
-    for piece in checkpoint.chunks(name, rows * row_bytes):
-        block = piece.view(-1, shape[1])
-        yield first, block
-        first += block.shape[0]
-
-
 def open_weights(folder: Path, kind: str) -> CheckpointWeights:
     """"hf" or "int4" (the kinds of exporters.evaluate.detect_format)."""
     return Int4Weights(folder) if kind == "int4" else CheckpointWeights(folder)
 
 
-# ------------------------------------------------------------------------------------------------ the model
-
-
-@dataclass
-class StreamedModel:
-    """A causal LM as an architecture, a config and a weight source: nothing is held between layers."""
-
-    weights: CheckpointWeights
-    config: dict  # config.json
-    device: torch.device
-    hook: LayerHook | None = None  # e.g. merge validation puts the unmerged adapters into each layer
-
-    def __post_init__(self):
-        self.arch: Architecture = architecture_of(self.config)
-        self.hf_config = hf_config_of(self.weights.folder)
-        if hasattr(self.hf_config, "quantization_config"):  # the weights arrive unpacked, in fp32
-            del self.hf_config.quantization_config
-        self.layers = int(self.config["num_hidden_layers"])
-
-    @property
-    def head_name(self) -> str:
-        """The output embedding; a tied model (or a file without lm_head) projects on the input embedding."""
-        if self.arch.lm_head in self.weights and not getattr(self.hf_config, "tie_word_embeddings", False):
-            return self.arch.lm_head
-        return self.arch.embed
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """fp32 embeddings [*ids.shape, hidden] of token ids, gathering only the rows used."""
-        return gather_rows(self.weights, self.arch.embed, ids).to(self.device)
-
-    def layer(self, index: int) -> nn.Module:
-        layer = load_layer(self.weights, self.arch, self.hf_config, index, self.device)
-        return self.hook(index, layer) if self.hook is not None else layer
-
-    def final_norm(self) -> nn.Module:
-        """The model's own final-norm module (from a meta-device skeleton of the whole model), filled from disk."""
-        from transformers import AutoModelForCausalLM
-
-        module_name = self.arch.final_norm.rpartition(".")[0]
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(self.hf_config)
-        norm = skeleton.get_submodule(module_name)
-        prefix = module_name + "."
-        state = {n[len(prefix):]: self.weights.get(n).to(device=self.device, dtype=torch.float32)
-                 for n in self.weights.names() if n.startswith(prefix)}
-        norm.load_state_dict(state, strict=True, assign=True)
-        return norm.eval()
-
-    def close(self) -> None:
-        self.weights.close()
-
-
-def gather_rows(weights, name: str, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` of a 2-D tensor as fp32, read a block of rows at a time."""
-    flat = ids.reshape(-1).to(device="cpu", dtype=torch.int64)  # the rows are read on the CPU
-    unique, inverse = torch.unique(flat, return_inverse=True)
-    out = None
-    found = torch.zeros(unique.shape[0], dtype=torch.bool)
-    for first, block in weights.row_blocks(name):
-        inside = (unique >= first) & (unique < first + block.shape[0])
-        if out is None:
-            out = torch.empty(unique.shape[0], block.shape[1], dtype=torch.float32)
-        if bool(inside.any()):
-            out[inside] = block[unique[inside] - first].to(torch.float32)
-            found |= inside
-    if out is None or not bool(found.all()):
-        missing = unique[~found][:5].tolist()
-        raise MergeqError(f"token ids {missing} are outside {name} of {weights.folder}",
-                          hint="evaluate with the tokenizer of the checkpoint (the reference's vocabulary)")
-    return out[inverse].view(*ids.shape, out.shape[1])
-
-
-def final_hidden(model: StreamedModel, tokens: torch.Tensor, positions: slice, batch: int = 1,
-                 progress: str | None = None) -> torch.Tensor:
-    """Hidden states after the final norm at `positions` of every sequence: fp32 [N, P, hidden] on the device.
-
-    `tokens`: int64 [N, L]. The N sequences go through each layer `batch` at a time."""
-    return final_hidden_groups(model, [(tokens, positions)], batch, progress)[0]
-
-
-def final_hidden_groups(model: StreamedModel, groups: list[tuple[torch.Tensor, slice]], batch: int = 1,
-                        progress: str | None = None) -> list[torch.Tensor]:
-    """final_hidden for several groups of sequences (each group one length), all through each layer in turn,
-    so every layer is read once."""
-    from mergeq.core.progress import track
-
-    contexts = []
-    hidden = []
-    for tokens, _ in groups:
-        seq_len = tokens.shape[1]
-        hidden.append(model.embed(tokens))
-        contexts.append(LayerContext(arch=model.arch, options=None, seq_len=seq_len,
-                                     position_embeddings=rotary_embeddings(model.arch, model.hf_config, seq_len,
-                                                                           model.device)))
-    step = max(1, batch)
-    indices = range(model.layers)
-    for index in (track(indices, progress) if progress else indices):
-        layer = model.layer(index)  # built outside inference mode: a hook may still set up parameters
-        model.weights.close()  # unmap what this layer read: resident memory stays one layer deep
-        with torch.inference_mode():
-            for h, ctx in zip(hidden, contexts):
-                ctx.layer_index = index
-                for start in range(0, h.shape[0], step):
-                    h[start : start + step] = _layer_forward(layer, h[start : start + step], ctx)
-        del layer
-        release_freed_memory()
-    norm = model.final_norm()
-    model.weights.close()
-    with torch.inference_mode():
-        return [norm(h[:, positions]).contiguous() for h, (_, positions) in zip(hidden, groups)]
-
-
-def logits_blocks(model: StreamedModel, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first sequence, fp32 logits [g, P, vocab]) for groups of the final hidden states [N, P, hidden].
-
-    The output embedding is read a block of rows at a time (once per group); a group's logits stay within
-    LOGITS_BUDGET_BYTES where one sequence allows it."""
-    n, positions, _ = hidden.shape
-    vocab = model.weights.shape(model.head_name)[0]
-    group = max(1, LOGITS_BUDGET_BYTES // max(1, positions * vocab * 4))
-    with torch.inference_mode():
-        for start in range(0, n, group):
-            h = hidden[start : start + group]
-            logits = torch.empty(h.shape[0], positions, vocab, dtype=torch.float32, device=h.device)
-            for first, block in model.weights.row_blocks(model.head_name):
-                w = block.to(device=h.device, dtype=torch.float32)
-                logits[:, :, first : first + w.shape[0]] = h @ w.T
-                del w
-            model.weights.close()
-            yield start, logits
-
-
 @contextlib.contextmanager
 def streamed(folder: Path, kind: str, device: torch.device, hook: LayerHook | None = None):
-    """A StreamedModel of a checkpoint folder, closed on exit."""
-    config = read_model_config(folder)
-    model = StreamedModel(open_weights(folder, kind), config, device, hook)
-    try:
+    """A StreamedModel of a checkpoint folder ("hf" or "int4"), closed on exit."""
+    with streaming.streamed(open_weights(folder, kind), device, hook) as model:
         yield model
-    finally:
-        model.close()

@@ -5,7 +5,7 @@ fp16 weights, or into the dequantized 4-bit weights. Each candidate is scored ag
 4-bit base with the unmerged adapter, run by PEFT layer by layer, as merge/validate.py does) on windows of the
 evaluation text, with the evaluator's own windows and metrics (mergeq/core/metrics.py). The candidates' weights
 are computed by the merge itself (merge.source.Source), cast to the output dtype exactly as they would be
-written, one decoder layer at a time (exporters/streaming.py): nothing is written until the choice is made,
+written, one decoder layer at a time (mergeq/core/streaming.py): nothing is written until the choice is made,
 and then only the chosen checkpoint.
 """
 
@@ -46,7 +46,7 @@ class TargetChoice:
 
 class MergedWeights(UnmergedWeights):
     """A merge candidate's tensors as they would be written (merged in fp32, checked, cast to the output
-    dtype), read back as fp32 for exporters.streaming; computed one tensor at a time, never written."""
+    dtype), read back as fp32 for mergeq.core.streaming; computed one tensor at a time, never written."""
 
     def get(self, name: str) -> torch.Tensor:
         from merge.streaming import finalize
@@ -57,7 +57,7 @@ class MergedWeights(UnmergedWeights):
         return tuple(self.source.out_shapes.get(name) or self.source.shapes[name][1])
 
     def row_blocks(self, name: str):
-        from exporters.streaming import row_blocks
+        from mergeq.core.streaming import row_blocks
 
         if self.source.untouched(name):  # stored as it is: a block of rows at a time, cast as written
             for first, block in row_blocks(self.source.ckpt, name):
@@ -88,7 +88,7 @@ def windows_of(text_path: Path, tokenizer_dirs: list[Path], vocab: int, max_posi
 
 
 def _streamed_model(weights, config: dict, hook=None):
-    from exporters.streaming import StreamedModel
+    from mergeq.core.streaming import StreamedModel
 
     return StreamedModel(weights, config, torch.device("cpu"), hook)
 
@@ -96,7 +96,7 @@ def _streamed_model(weights, config: dict, hook=None):
 def choose_target(sources: list, reference_source, text_path: Path, tokenizer_dirs: list[Path]) -> TargetChoice:
     """Score each candidate Source against `reference_source` (the 4-bit base, planned with the same
     adapters; run unmerged) on the evaluation text; the lowest mean KL wins (ties: the label's order)."""
-    from exporters import streaming
+    from mergeq.core import streaming
     config = read_model_config(reference_source.folder)
     if not streaming.supported(config):
         raise MergeqError(f"choosing the QLoRA merge target by measurement needs a layer mapping for "

@@ -8,7 +8,7 @@ faithful the merged checkpoint is to the model that was actually trained.
 With both a 4-bit and an fp16 base (`--qlora-base` and `--base`), both merge targets are compared to that
 same reference, and the closer one is chosen.
 
-Both sides stream one decoder layer at a time (exporters/streaming.py): the reference layer is built from the
+Both sides stream one decoder layer at a time (mergeq/core/streaming.py): the reference layer is built from the
 base's tensors (4-bit bases dequantized by merge.qlora) and PEFT puts the unmerged adapter(s) into it
 (`inject_adapter_in_model` on that one layer, under its full module path, so target patterns match as in the
 whole model); the merged layer is read from the merged files. The two are independent: PEFT computes
@@ -231,7 +231,7 @@ def compare_candidates(reference: Reference, folders: dict[str, Path], kl_warn: 
 
 
 class UnmergedWeights:
-    """The reference base's tensors for exporters.streaming, in fp32 as the merge reads them (4-bit bases
+    """The reference base's tensors for mergeq.core.streaming, in fp32 as the merge reads them (4-bit bases
     dequantized, `--requantize` applied); the adapters are not applied here (PEFT does that per layer)."""
 
     def __init__(self, source):
@@ -251,7 +251,7 @@ class UnmergedWeights:
         return tuple(self.source.shapes[name][1])
 
     def row_blocks(self, name: str):
-        from exporters.streaming import row_blocks
+        from mergeq.core.streaming import row_blocks
 
         s = self.source
         if name in s.shapes and not ({name} & (set(s.quant) | s.requantized | set(s.base_layers) | set(s.ops))):
@@ -272,8 +272,8 @@ class StreamPlan:
     device: torch.device
 
     def reference_logits(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-        from exporters.streaming import StreamedModel
         from merge.source import Source
+        from mergeq.core.streaming import StreamedModel
 
         source = Source(self.reference.base, "reference", self.reference.adapters, torch.float32,
                         self.reference.quantize)
@@ -285,17 +285,17 @@ class StreamPlan:
             source.close()
 
     def candidate_logits(self, folder: Path, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-        from exporters import streaming
+        from mergeq.core import streaming
 
-        with streaming.streamed(folder, "hf", self.device) as model:
+        with streaming.streamed(streaming.CheckpointWeights(folder), self.device) as model:
             return _streamed_logits(model, prompts)
 
 
 def streaming_plan(reference: Reference, folders: dict[str, Path], device: str = "cpu") -> StreamPlan | None:
     """How to validate layer by layer, or None (with the reason logged) when only whole models can."""
-    from exporters import streaming
-    from exporters.int4.arch import architecture_of
     from merge.source import Source
+    from mergeq.core import streaming
+    from mergeq.core.arch import architecture_of
     from mergeq.core.device import resolve_device
 
     config = read_model_config(reference.base)
@@ -327,7 +327,7 @@ def streaming_plan(reference: Reference, folders: dict[str, Path], device: str =
 
 
 def _streamed_logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-    from exporters.streaming import final_hidden_groups, logits_blocks
+    from mergeq.core.streaming import final_hidden_groups, logits_blocks
 
     groups = [(ids, slice(None)) for ids in prompts]
     hidden = final_hidden_groups(model, groups, progress="validate layers")

@@ -1,4 +1,4 @@
-"""Evaluation and merge validation one decoder layer at a time (exporters/streaming.py) give the numbers of
+"""Evaluation and merge validation one decoder layer at a time (mergeq/core/streaming.py) give the numbers of
 the whole-model path, for plain checkpoints, every int4 format and every supported family; the streamed
 validation still flags a wrong merge."""
 
@@ -67,7 +67,7 @@ def test_streamed_evaluation_equals_whole_model_for_int4(tmp_path, family, metho
 def test_streamed_evaluation_reads_one_layer_at_a_time(tmp_path, monkeypatch):
     """The streamed path never builds a whole model and reads each decoder layer once."""
     import exporters.evaluate as ev
-    import exporters.streaming as st
+    import mergeq.core.streaming as st
 
     ref = tiny_llama(tmp_path / "ref", dtype=torch.float16, seed=3, layers=4)
     tiny_tokenizer(ref, add_bos=True)

@@ -13,14 +13,15 @@ import torch
 from int4_models import calibration_text, int4_options, tiny_model
 
 from exporters.int4 import kernels
-from exporters.int4.arch import architecture_of
 from exporters.int4.calibration import load_calibration
 from exporters.int4.export import export_int4, plan
 from exporters.int4.formats import dequantized_state_dict, read_quantized
-from exporters.int4.layerwise import EngineOptions, LayerContext, quantize_layer, rotary_embeddings
+from exporters.int4.layerwise import EngineOptions, LayerContext, quantize_layer
 from exporters.int4.options import AwqOptions, GptqOptions
 from exporters.int4.quant import QuantScheme
+from mergeq.core.arch import architecture_of
 from mergeq.core.errors import MergeqError
+from mergeq.core.streaming import rotary_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from exporters.int4 import kernels
-from exporters.int4.arch import architecture_of
 from exporters.int4.formats import FORMATS
 from exporters.int4.quant import QuantScheme
+from mergeq.core.arch import architecture_of
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peer_env import ensure_live, run_peer  # noqa: E402

@@ -33,18 +33,19 @@ from torch import nn
 
 from exporters.int4 import awq as awq_alg
 from exporters.int4 import experts as moe
-from exporters.int4.arch import Architecture
 from exporters.int4.checkpoint import TensorSource
 from exporters.int4.families import Family, Fold, family_of, require_awq
 from exporters.int4.options import Int4Options
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
 from exporters.int4.resume import LayerCheckpoints, LayerOutput
-from exporters.int4.skeleton import LayerCall, Skeleton, hf_config_of
+from exporters.int4.skeleton import LayerCall, Skeleton
+from mergeq.core.arch import Architecture
 from mergeq.core.device import resolve_device
 from mergeq.core.errors import MergeqError
 from mergeq.core.memory import release_freed_memory
 from mergeq.core.modelfiles import read_model_config
 from mergeq.core.progress import track
+from mergeq.core.streaming import layer_forward
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,8 @@ FOLD_TOLERANCE = 1e-3  # relative output change a fold may cause (float32 reasso
 __all__ = [
     "EngineOptions",
     "LayerContext",
-    "hf_config_of",
-    "load_layer",
     "quantize_layer",
     "quantize_streaming",
-    "resolve_device",
-    "rotary_embeddings",
 ]
 
 
@@ -116,7 +113,7 @@ class LayerContext:
     def call(self, layer: nn.Module, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
         if self.calls is not None:
             return self.calls[chunk](layer, hidden)
-        return _layer_forward(layer, hidden, self)
+        return layer_forward(layer, hidden, self.arch, self.position_embeddings)
 
     @property
     def the_family(self) -> Family:
@@ -625,52 +622,10 @@ def _to_output(tensor: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Ten
     return converted
 
 
-# ------------------------------------- Llama-like layers built by hand (streamed evaluation, merge validation)
+# ------------------------------------------- hand-built Llama-like layers (tests drive quantize_layer this way)
 
 
 def _arch_class(arch: Architecture | None) -> str:
     if arch is None:
         return "unknown"
     return f"{arch.decoder_class[: -len('DecoderLayer')]}ForCausalLM"
-
-
-def _mask_for(attention: nn.Module, seq_len: int, device) -> torch.Tensor | None:
-    """None (causal) unless the layer has a sliding window shorter than the samples."""
-    window = getattr(attention, "sliding_window", None)
-    if not window or window >= seq_len:
-        return None
-    i = torch.arange(seq_len, device=device)
-    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
-    return allowed[None, None]
-
-
-def _layer_forward(layer, h, ctx: LayerContext):
-    mask = _mask_for(layer.get_submodule(ctx.arch.attention), h.shape[1], h.device)
-    out = layer(h, attention_mask=mask, position_embeddings=ctx.position_embeddings)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def load_layer(source: TensorSource, arch: Architecture, hf_config, index: int, device) -> nn.Module:
-    decoder_cls, _ = arch.classes()
-    prefix = arch.layer_prefix(index)
-    with torch.device("meta"):
-        layer = decoder_cls(hf_config, layer_idx=index)
-    state = {
-        name[len(prefix):]: source.get(name).to(device=device, dtype=torch.float32)
-        for name in source.names()
-        if name.startswith(prefix)
-    }
-    try:
-        layer.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise MergeqError(f"decoder layer {index} ({prefix}*) does not match {arch.decoder_class}: {exc}") from exc
-    return layer.eval()
-
-
-def rotary_embeddings(arch: Architecture, hf_config, seq_len: int, device):
-    _, rotary_cls = arch.classes()
-    rotary = rotary_cls(config=hf_config).to(device)
-    position_ids = torch.arange(seq_len, device=device)[None, :]
-    dummy = torch.zeros(1, seq_len, 1, dtype=torch.float32, device=device)
-    with torch.inference_mode():
-        return rotary(dummy, position_ids)

@@ -23,6 +23,7 @@ from torch import nn
 from exporters.int4.checkpoint import TensorSource
 from exporters.int4.families import Family
 from mergeq.core.errors import MergeqError
+from mergeq.core.streaming import hf_config_of
 
 
 class _Stop(Exception):
@@ -73,16 +74,6 @@ class _Recorder(nn.Module):
         if self.last:
             raise _Stop
         return hidden
-
-
-def hf_config_of(model_dir: Path):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(model_dir))
-    config._attn_implementation = "sdpa"
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return config
 
 
 class Skeleton:

@@ -99,5 +99,5 @@ def architecture_of(config: dict) -> Architecture:
             return ARCHITECTURES[name]
     raise MergeqError(
         f"architecture {names or config.get('model_type')!r} is not supported by the int4 exporters",
-        hint=f"supported: {', '.join(ARCHITECTURES)}; add a mapping in exporters/int4/arch.py",
+        hint=f"supported: {', '.join(ARCHITECTURES)}; add a mapping in mergeq/core/arch.py",
     )
