@@ -1,6 +1,6 @@
 """The streamed forward (mergeq/core/streaming.py) over what the exporters write: `Int4Weights` reads an AWQ,
 GPTQ or compressed-tensors folder under the original tensor names, unpacking int4 linears as they are read;
-`streamed(folder, kind, ...)` opens a plain or int4 checkpoint folder for exporters/evaluate.py."""
+`streamed(folder, kind, ...)` opens a plain or int4 checkpoint folder for exporters/eval_torch.py."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class Int4Weights(CheckpointWeights):
 
 
 def open_weights(folder: Path, kind: str) -> CheckpointWeights:
-    """"hf" or "int4" (the kinds of exporters.evaluate.detect_format)."""
+    """"hf" or "int4" (the kinds of exporters.eval_inputs.detect_format)."""
     return Int4Weights(folder) if kind == "int4" else CheckpointWeights(folder)
 
 

@@ -1,7 +1,7 @@
 """The pipeline config (TOML): parsed, fully validated before any work, and written back resolved.
 
 Each table is read by the schema of its options dataclass (mergeq.core.options): [merge] by merge.options.MergeConfig,
-[eval] by exporters.evaluate.EvalOptions, [gguf] / [awq] / [gptq] by the exporter's own. The command-line flags
+[eval] by exporters.eval_options.EvalOptions, [gguf] / [awq] / [gptq] by the exporter's own. The command-line flags
 come from the same dataclasses, so a key is the flag's field name and takes the values the flag takes.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tomllib
 
-from exporters.evaluate import EvalOptions
+from exporters.eval_options import EvalOptions
 from exporters.registry import EXPORTER_MODULES, get_exporter
 from merge.options import MergeConfig
 from mergeq.core.errors import MergeqError

@@ -9,7 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from exporters.evaluate import EvalOptions
+from exporters.eval_options import EvalOptions
 from exporters.registry import get_exporter
 from exporters.report import ArtifactReport
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def check_eval_text(reference: Path, options: EvalOptions) -> None:
     """Refuse, before any work, an evaluation text that the evaluation would refuse after the export
     (too short for two windows, not UTF-8, missing): a clear error and nothing written."""
-    from exporters.evaluate import load_text, load_tokenizer
+    from exporters.eval_inputs import load_text, load_tokenizer
     from mergeq.core.metrics import make_windows, tokenize
 
     tokenizer = load_tokenizer(Path(reference))

@@ -144,7 +144,7 @@ def _merge(config: PipelineConfig, tmp: Path, evaluation: EvalOptions) -> None:
 
 def reference_report(merged: Path, spec: MergeConfig) -> ArtifactReport:
     """The merged checkpoint's own report: the fp16/bf16 reference every export is compared with."""
-    from exporters.evaluate import artifact_size
+    from exporters.eval_inputs import artifact_size
 
     size, quant = artifact_size(merged, merged)
     return ArtifactReport(format="hf", quant=quant, path=str(merged), size=size,

@@ -80,7 +80,8 @@ def compare_codes(a: Path, b: Path) -> dict:
 def run_eval(artifact: Path, reference: Path, text: Path, device: str, cache: Path, windows: int) -> dict:
     """mergeq's streamed evaluation of `artifact` against `reference` on `device` (reference pass included:
     each device gets its own empty reference cache)."""
-    from exporters.evaluate import EvalOptions, evaluate_full
+    from exporters.eval_options import EvalOptions
+    from exporters.evaluate import evaluate_full
 
     if cache.exists():
         shutil.rmtree(cache)

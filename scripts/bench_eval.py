@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 CHILD = """
 import json, sys, time, resource
 from pathlib import Path
-from exporters.evaluate import EvalOptions, evaluate_full
+from exporters.eval_options import EvalOptions
+from exporters.evaluate import evaluate_full
 artifact, reference, text, cache, windows = sys.argv[1:6]
 started = time.perf_counter()
 r = evaluate_full(Path(artifact), Path(reference), Path(text),

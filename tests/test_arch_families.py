@@ -167,7 +167,7 @@ def test_gptq_and_awq_beat_rtn_layer_by_layer(work, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_evaluation_gives_finite_perplexity(work, family):
-    from exporters.evaluate import load_torch_model
+    from exporters.eval_torch import load_torch_model
 
     base, out, _ = exported(work, family, "gptq")
     model = load_torch_model(out, "int4")

@@ -13,7 +13,8 @@ from int4_models import calibration_text, int4_options, tiny_model
 from test_evaluate import eval_text, perturbed_copy, tiny_tokenizer
 from tiny_models import make_adapter, tiny_llama
 
-from exporters.evaluate import EvalOptions, evaluate
+from exporters.eval_options import EvalOptions
+from exporters.evaluate import evaluate
 from merge.merger import AdapterRef, MergeConfig, run_merge
 from merge.validate import Reference, compare_candidates
 
@@ -66,13 +67,13 @@ def test_streamed_evaluation_equals_whole_model_for_int4(tmp_path, family, metho
 
 def test_streamed_evaluation_reads_one_layer_at_a_time(tmp_path, monkeypatch):
     """The streamed path never builds a whole model and reads each decoder layer once."""
-    import exporters.evaluate as ev
+    import exporters.eval_torch as et
     import mergeq.core.streaming as st
 
     ref = tiny_llama(tmp_path / "ref", dtype=torch.float16, seed=3, layers=4)
     tiny_tokenizer(ref, add_bos=True)
     text = eval_text(tmp_path / "eval.txt", 200)
-    monkeypatch.setattr(ev, "load_torch_model", lambda *a: pytest.fail("whole model loaded"))
+    monkeypatch.setattr(et, "load_torch_model", lambda *a: pytest.fail("whole model loaded"))
     built = []
     real = st.load_layer
     monkeypatch.setattr(st, "load_layer", lambda src, arch, cfg, index, dev: built.append(index) or

@@ -14,15 +14,10 @@ import pytest
 import torch
 from tiny_models import tiny_llama
 
-from exporters.evaluate import (
-    EvalOptions,
-    ReferenceLogprobs,
-    evaluate,
-    evaluate_full,
-    evaluate_into_report,
-    parse_kl_output,
-    write_llama_base,
-)
+from exporters.eval_gguf import parse_kl_output, write_llama_base
+from exporters.eval_options import EvalOptions
+from exporters.eval_reference import ReferenceLogprobs
+from exporters.evaluate import evaluate, evaluate_full, evaluate_into_report
 from exporters.report import ArtifactReport, SizeInfo
 from mergeq.core.errors import MergeqError
 from mergeq.core.metrics import MetricSums, make_windows, scored_per_window, token_metrics
@@ -239,11 +234,11 @@ def test_perturbed_artifact_against_reference_and_cache(tiny, tmp_path, monkeypa
     q_ref = evaluate(ref, ref, text, opts)
     assert q_small.reference_perplexity == pytest.approx(q_ref.perplexity, rel=1e-12)
     # the reference is cached: evaluating another artifact must not load the reference model again
-    import exporters.evaluate as ev
+    import exporters.eval_torch as et
 
     loaded = []
-    real = ev.model_logprobs
-    monkeypatch.setattr(ev, "model_logprobs", lambda path, *a: loaded.append(Path(path)) or real(path, *a))
+    real = et.model_logprobs
+    monkeypatch.setattr(et, "model_logprobs", lambda path, *a: loaded.append(Path(path)) or real(path, *a))
     q_big = evaluate(big, ref, text, opts)
     assert loaded == [big]
     assert 0 < q_small.kl_divergence < q_big.kl_divergence
@@ -351,7 +346,7 @@ def test_reference_cache_keeps_recent_entries(tmp_path):
     import os
     import time
 
-    from exporters.evaluate import CACHE_KEEP, EVICT_AFTER, _evict
+    from exporters.eval_reference import CACHE_KEEP, EVICT_AFTER, _evict
 
     now = time.time()
     ages = [10, 20, 30, 2 * EVICT_AFTER, 3 * EVICT_AFTER, 60]  # seconds since last use

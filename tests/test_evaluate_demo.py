@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from exporters.evaluate import EvalOptions, evaluate_full
+from exporters.eval_options import EvalOptions
+from exporters.evaluate import evaluate_full
 
 pytestmark = [pytest.mark.demo, pytest.mark.llamacpp, pytest.mark.slow]
 

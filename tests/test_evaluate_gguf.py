@@ -12,7 +12,9 @@ import torch
 from test_evaluate import KL_LOG, eval_text, read_llama_base, tiny_tokenizer
 from tiny_models import tiny_llama
 
+import exporters.eval_gguf as eg
 import exporters.evaluate as ev
+from exporters.eval_options import EvalOptions
 from exporters.llamacpp import build
 from exporters.llamacpp.run import ToolCommand
 from mergeq.core.errors import MergeqError, ToolError
@@ -52,10 +54,10 @@ def fake(tmp_path, monkeypatch):
     class Summary:
         array_lengths = {"tokenizer.ggml.tokens": 96}
 
-    monkeypatch.setattr(ev, "check_gguf", lambda path: Summary())
+    monkeypatch.setattr(eg, "check_gguf", lambda path: Summary())
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + bytes(100))
-    options = ev.EvalOptions(n_ctx=64, max_windows=8, cache_dir=tmp_path / "cache")
+    options = EvalOptions(n_ctx=64, max_windows=8, cache_dir=tmp_path / "cache")
     reference_ppl = ev.evaluate(ref, ref, text, options).reference_perplexity
 
     def stats(ppl=7.5, ref_ppl=reference_ppl, kl=0.0123, top=91.5):
@@ -118,11 +120,11 @@ def test_gguf_vocabulary_and_text_length_are_checked(fake):
     class Other:
         array_lengths = {"tokenizer.ggml.tokens": 100}
 
-    monkeypatch.setattr(ev, "check_gguf", lambda path: Other())
+    monkeypatch.setattr(eg, "check_gguf", lambda path: Other())
     with pytest.raises(MergeqError, match="vocabulary of 100 tokens, the reference .* 96"):
         ev.evaluate_full(gguf, ref, text, options)
     with pytest.raises(MergeqError, match="at least 100 scored tokens"):
-        ev.evaluate_full(gguf, ref, text, ev.EvalOptions(n_ctx=16, max_windows=8, cache_dir=options.cache_dir))
+        ev.evaluate_full(gguf, ref, text, EvalOptions(n_ctx=16, max_windows=8, cache_dir=options.cache_dir))
 
 
 @pytest.mark.llamacpp
@@ -144,7 +146,7 @@ def test_truncated_gguf_names_the_file(tmp_path):
     writer.close()
     path.write_bytes(path.read_bytes()[: path.stat().st_size - 5000])
     with pytest.raises(MergeqError, match=r"broken\.gguf"):
-        ev.evaluate(path, ref, text, ev.EvalOptions(n_ctx=64, max_windows=8, cache_dir=tmp_path / "cache"))
+        ev.evaluate(path, ref, text, EvalOptions(n_ctx=64, max_windows=8, cache_dir=tmp_path / "cache"))
 
 
 def test_a_kl_run_that_stops_early_is_run_once_more_then_quoted(fake, caplog):

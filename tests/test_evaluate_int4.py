@@ -9,7 +9,8 @@ import torch
 from test_evaluate import eval_text, tiny_tokenizer
 from tiny_models import tiny_llama
 
-from exporters.evaluate import EvalOptions, evaluate, evaluate_full
+from exporters.eval_options import EvalOptions
+from exporters.evaluate import evaluate, evaluate_full
 from mergeq.core.errors import MergeqError
 
 

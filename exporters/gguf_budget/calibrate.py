@@ -74,7 +74,7 @@ def kl_base(intermediate: Path, text: Path, out: Path, n_ctx: int, chunks: int, 
 
 
 def measure_kl(gguf: Path, base: KLBase, threads: int | None) -> Measured:
-    from exporters.evaluate import run_kl_divergence
+    from exporters.eval_gguf import run_kl_divergence
 
     stats, result = run_kl_divergence(tool_command("llama-perplexity", "-m", gguf, "--kl-divergence-base", base.path,
                                                    "--kl-divergence", *_flags(base.n_ctx, base.chunks, threads)),

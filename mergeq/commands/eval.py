@@ -16,7 +16,8 @@ RENAMED = {"text": "--text"}
 
 
 def run(args) -> int:
-    from exporters.evaluate import detect_format, evaluate_into_report
+    from exporters.eval_inputs import detect_format
+    from exporters.evaluate import evaluate_into_report
     from exporters.report import print_reports
     from mergeq.core.errors import MergeqError
     from mergeq.textopts import resolve_texts
@@ -42,7 +43,7 @@ def run(args) -> int:
 
 def artifact_report(model: Path, reference: Path, kind: str):
     """The artifact's own report.json if mergeq wrote one beside it (quality cleared), else a size-only report."""
-    from exporters.evaluate import artifact_size
+    from exporters.eval_inputs import artifact_size
     from exporters.report import ArtifactReport, load_report
 
     beside = (model if model.is_dir() else model.parent) / "report.json"

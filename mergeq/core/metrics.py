@@ -1,8 +1,8 @@
 """The quality metrics, one definition for every format: windows, scored positions, perplexity, KL, top-1.
 
 Everything here is plain math on token ids and log-probabilities (and the tokenization that gives the ids);
-loading models and running llama.cpp live in exporters/evaluate.py. merge/target.py scores merge candidates
-with the same windows and metrics. The windowing mirrors llama.cpp's `llama-perplexity` exactly:
+loading models and running llama.cpp live in exporters/eval_torch.py and exporters/eval_gguf.py. merge/target.py
+scores merge candidates with the same windows and metrics. The windowing mirrors llama.cpp's `llama-perplexity` exactly:
 
 - the text loses one trailing newline (llama.cpp's `-f` does that) and is tokenized once, with the
   tokenizer's own BOS if it adds one;
