@@ -69,7 +69,7 @@ def run_matrix(matrix: Matrix, out: Path, *, executor: str = "local", address: s
 
 def _summaries(matrix: Matrix, out: Path, collect_reports) -> list:
     """Each row's summary in its own directory; for a matrix, all rows side by side in OUT/summary.*."""
-    from exporters.report import write_summary
+    from exporters.summary import write_summary
 
     rows = {}
     for name in matrix.models:

@@ -206,7 +206,8 @@ def test_compare_finds_the_first_difference_and_the_end_of_the_shorter_side():
 
 
 def test_the_report_shows_the_round_trip():
-    from exporters.report import ArtifactReport, SizeInfo, report_markdown
+    from exporters.report import ArtifactReport, SizeInfo
+    from exporters.report_text import report_markdown
 
     result = ctc.compare("two turns", ctc.Rendering((1, 9), ("<|im_start|>", "Hi")),
                          ctc.Rendering((1, 8), ("<|im_start|>", "Hello")))

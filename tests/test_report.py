@@ -14,11 +14,10 @@ from exporters.report import (
     StageCost,
     load_report,
     measure_stage,
-    print_reports,
-    summary_figure,
     validate_report_json,
-    write_summary,
 )
+from exporters.report_text import print_reports
+from exporters.summary import summary_figure, write_summary
 from mergeq.core.errors import MergeqError
 
 FP16 = 269_060_352

@@ -18,7 +18,7 @@ RENAMED = {"text": "--text"}
 def run(args) -> int:
     from exporters.eval_inputs import detect_format
     from exporters.evaluate import evaluate_into_report
-    from exporters.report import print_reports
+    from exporters.report_text import print_reports
     from mergeq.core.errors import MergeqError
     from mergeq.textopts import resolve_texts
 

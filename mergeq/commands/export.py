@@ -49,7 +49,7 @@ def run(args) -> int:
     evaluation = from_namespace(EvalOptions, options_ns, only=EVAL_FLAGS)
     evaluation = resolve_texts(evaluation) if evaluation.enabled else evaluation
     reports = run_export(args.target, options_ns.model, options_ns.out, options, evaluation)
-    from exporters.report import print_reports
+    from exporters.report_text import print_reports
 
     print_reports(reports, as_json=options_ns.json)
     return 0

@@ -25,7 +25,7 @@ def run(args) -> int:
                 print(f"model {name}:")
             print(format_table(budgets, matrix.out_dir(args.out, name)))
         return 0
-    from exporters.report import print_reports
+    from exporters.report_text import print_reports
 
     if args.json:
         json.dump({"out": str(result.out), "ran": result.ran, "skipped": result.skipped,
