@@ -32,7 +32,7 @@ from torch import nn
 from exporters.int4.quant import QuantScheme
 from mergeq.core.errors import MergeqError
 
-VLLM_VERSION = "0.32"  # the vLLM whose rules these are (the `vllm` peer environment of mergeq.peers)
+VLLM_VERSION = "0.32"  # the vLLM whose rules these are (the `vllm` peer environment of tests/peer_env.py)
 TP_SIZES = (1, 2, 4, 8)
 # GPU generations by CUDA compute capability: Hopper (H100/H200), Ampere/Ada (A100, A10, L4, RTX 30/40), Turing (T4)
 GPUS = {"sm90": 90, "sm80": 80, "sm75": 75}
