@@ -42,6 +42,7 @@ class Shapes:
     largest_layer: int  # elements of the largest decoder layer
     hidden: int
     vocab: int
+    widest_input: int = 0  # the largest in_features of a decoder layer's matrices (GPTQ's Hessian is its square)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ def read_shapes(model_dir: Path) -> Shapes:
     checkpoint = Checkpoint(Path(model_dir))
     total = matrices = largest = 0
     layers: dict[int, int] = {}
+    widest = 0
     for name in checkpoint.names():
         _, shape = checkpoint.info(name)
         numel = 1
@@ -69,10 +71,12 @@ def read_shapes(model_dir: Path) -> Shapes:
         largest = max(largest, numel)
         if match := _LAYER.search(name):
             layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + numel
+            if len(shape) == 2:
+                widest = max(widest, shape[1])
     config = read_model_config(model_dir)
     text = config.get("text_config", config)
     return Shapes(total, matrices, largest, max(layers.values(), default=largest),
-                  int(text.get("hidden_size", 0)), int(text.get("vocab_size", 0)))
+                  int(text.get("hidden_size", 0)), int(text.get("vocab_size", 0)), widest)
 
 
 def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
@@ -104,11 +108,14 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
                     + (shapes.params - shapes.matrix_params) * fp16)
             # while it runs, the per-layer checkpoints (exporters/int4/resume.py) hold another copy of the int4
             # tensors and one layer's outputs on disk; saving those outputs serializes them once in memory
+            # GPTQ: the Hessian of the widest linear, its permuted copy, two Cholesky factors (exporters/int4/gptq.py)
+            hessians = 4 * shapes.widest_input**2 * fp32 if target == "gptq" else 0
             budgets.append(StageBudget(
-                target, RUNTIME_BYTES + 3 * shapes.largest_layer * fp32 + activations * 3 // 2
+                target, RUNTIME_BYTES + 3 * shapes.largest_layer * fp32 + activations * 3 // 2 + hessians
                 + eval_tokens * shapes.vocab * fp32, int(2 * int4 + activations // 2),
                 f"runtime + 3 x largest layer in fp32 + calibration activations ({options.samples} x "
-                f"{options.seq_len} x {shapes.hidden}, in and out, fp32, and one serialized copy) + evaluation "
+                f"{options.seq_len} x {shapes.hidden}, in and out, fp32, and one serialized copy)"
+                f"{f' + 4 GPTQ matrices of {shapes.widest_input}^2 fp32' if hessians else ''} + evaluation "
                 f"logits; disk: the checkpoint, and its per-layer resume copy while the stage runs"))
     return budgets
 

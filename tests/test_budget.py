@@ -9,7 +9,7 @@ import pytest
 from tiny_models import tiny_llama
 
 from exporters.gguf import GGUFOptions
-from exporters.int4.options import GptqOptions
+from exporters.int4.options import AwqOptions, GptqOptions
 from mergeq import budget
 from mergeq.core.errors import MergeqError
 
@@ -25,11 +25,12 @@ def test_shapes_are_read_from_the_checkpoint_headers(tmp_path):
     assert shapes.matrix_params == sum(t.numel() for t in state.values() if t.dim() == 2)
     assert shapes.largest_layer == sum(t.numel() for n, t in state.items() if n.startswith("model.layers.0."))
     assert shapes.largest_tensor == 96 * 32 and shapes.hidden == 32 and shapes.vocab == 96
+    assert shapes.widest_input == 64, "down_proj reads the intermediate width"
 
 
 def test_budgets_follow_the_shapes_and_options():
     shapes = budget.Shapes(params=8_000_000_000, matrix_params=7_900_000_000, largest_tensor=128256 * 4096,
-                           largest_layer=218_112_000, hidden=4096, vocab=128256)
+                           largest_layer=218_112_000, hidden=4096, vocab=128256, widest_input=14336)
     small = GptqOptions(samples=8, seq_len=256, group_size=128)
     large = GptqOptions(samples=16, seq_len=256, group_size=128)
     config = SimpleNamespace(exports={"gguf": GGUFOptions(quants=("Q8_0",)), "gptq": small})
@@ -47,6 +48,10 @@ def test_budgets_follow_the_shapes_and_options():
     bigger = budget.stage_budgets(SimpleNamespace(exports={"gptq": large}), shapes)[1]
     assert bigger.peak_bytes - gptq.peak_bytes == activations * 3 // 2, "activations, and one serialized copy"
     assert bigger.disk_bytes - gptq.disk_bytes == activations // 2, "one layer's outputs in the resume folder"
+    awq = budget.stage_budgets(SimpleNamespace(exports={"awq": AwqOptions(samples=8, seq_len=256, group_size=128)}),
+                               shapes)[1]
+    hessians = 4 * 14336**2 * 4  # GPTQ: down_proj's Hessian, its permuted copy, two Cholesky factors
+    assert gptq.peak_bytes - awq.peak_bytes == hessians, (gptq.peak_bytes, awq.peak_bytes)
 
 
 def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_any_work(tmp_path, monkeypatch):
