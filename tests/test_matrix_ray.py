@@ -30,7 +30,9 @@ RUN_TIMEOUT = 1200  # a safety net for a hung run, never a measurement
 def env(**extra: str) -> dict[str, str]:
     # one torch thread everywhere: each stage asks Ray for as many CPUs as the driver's torch uses, and the AWQ/GPTQ
     # keys record the thread count, so the local run and the Ray run must agree on it
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", **extra}
+    # RAY_AUTH_MODE explicit: Ray 2.60 turns token auth on for a cluster whose mode is unset when ~/.ray/auth_token
+    # exists (a local `ray.init()` cluster writes one), and then refuses clients that do not send it
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "RAY_AUTH_MODE": "disabled", **extra}
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return base
 
