@@ -94,7 +94,7 @@ def parse_kl_output(output: str) -> dict[str, float]:
     return found
 
 
-def run_kl_divergence(command, artifact: Path, attempts: int = 2):
+def run_kl_divergence(command, artifact: Path, attempts: int = 3):
     """Run `llama-perplexity --kl-divergence` and parse its statistics; returns (stats, tool result).
 
     llama-perplexity can exit 0 without (all of) its statistics: its KL pass stops early on "failed to decode"
@@ -123,7 +123,7 @@ def llama_token_count(gguf: Path, text: str, n_ctx_probe: int, options: EvalOpti
     """How many tokens llama.cpp makes of `text` (with its BOS), from llama-perplexity's too-short message.
 
     With a context of `n_ctx_probe` >= half the text's tokens, llama-perplexity only loads the model,
-    tokenizes, prints the count and stops.
+    tokenizes, prints the count and stops. None when it never printed the count (three runs).
     """
     from exporters.llamacpp.build import tool_command
     from exporters.llamacpp.run import run_tool, weight_flags
@@ -134,9 +134,11 @@ def llama_token_count(gguf: Path, text: str, n_ctx_probe: int, options: EvalOpti
         command = tool_command("llama-perplexity", "-m", gguf, "-f", probe, "-c", n_ctx_probe,
                                "-b", min(2048, n_ctx_probe), "-t", options.threads or os.cpu_count() or 1,
                                *weight_flags(gguf)[0])
-        result = run_tool(command, hint=f"if {gguf} is damaged, export it again")
-    found = _TOKEN_COUNT.findall(result.stdout + result.stderr)
-    return int(found[-1]) if found else None
+        for _ in range(3):  # its last log lines can be lost at exit (run_kl_divergence): ask again
+            result = run_tool(command, hint=f"if {gguf} is damaged, export it again")
+            if found := _TOKEN_COUNT.findall(result.stdout + result.stderr):
+                return int(found[-1])
+    return None
 
 
 def llama_version() -> dict:

@@ -151,7 +151,7 @@ def test_truncated_gguf_names_the_file(tmp_path):
 
 def test_a_kl_run_that_stops_early_is_run_once_more_then_quoted(fake, caplog):
     """llama-perplexity exits 0 when its KL pass stops early ("failed to decode"): once is retried with a
-    warning that quotes it; twice is an error that quotes it."""
+    warning that quotes it; three times in a row is an error that quotes it."""
     ref, text, gguf, options, calls, stats, monkeypatch = fake
     flaky = stats().replace("Mean PPL(Q)", "kl_divergence : failed to decode\n#", 1)
     marker = Path(str(calls) + ".failed-once")
