@@ -33,6 +33,7 @@ from exporters.gguf_inspect import read_gguf, read_ggufs, size_info
 from exporters.llamacpp.build import ensure_built, find_build_tools, is_built, tool_command
 from exporters.llamacpp.convert import converter_command, supported_architectures
 from exporters.llamacpp.pin import canonical_quant_type, load_pin, version_info
+from exporters.llamacpp.quantize import quantize
 from exporters.llamacpp.run import run_tool
 from exporters.registry import register
 from exporters.report import ArtifactReport, StageCost
@@ -339,10 +340,11 @@ class GGUFExporter:
                     continue
                 bar.update(task, description=f"GGUF: llama-quantize {quant}")
                 with atomic_dir(final_dir, overwrite=True) as tmp:
-                    args = ["--imatrix", imatrix_file] if imatrix_file is not None and quant not in FLOAT_TYPES else []
-                    result = run_tool(
-                        tool_command("llama-quantize", *args, intermediate, tmp / name, quant, *threads[1:]),
-                        hint=_quantize_hint(quant))
+                    # the imatrix is given by name from its folder: llama-quantize records the argument in the
+                    # file (quantize.imatrix.file), and a temporary folder's path would change the bytes each run
+                    result = quantize(intermediate, tmp / name, quant,
+                                      imatrix_file if quant not in FLOAT_TYPES else None,
+                                      options.threads, hint=_quantize_hint(quant))
                 stages[f"quantize_{quant}"] = StageCost(round(result.seconds, 3), result.peak_rss_bytes)
                 logs[quant] = result.stdout + result.stderr
                 finals[quant] = final_dir / name

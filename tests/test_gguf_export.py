@@ -223,6 +223,10 @@ def test_imatrix_is_used_and_recorded(model96, export96, tmp_path):
     assert meta.get("quantize.imatrix.chunks_count", 0) > 0
     plain = next(r for r in export96[1] if r.quant == "Q4_K_M")  # the same type without an imatrix
     assert sha256_file(Path(plain.path)) != sha256_file(Path(reports["Q4_K_M"].path))
+    # llama-quantize records its --imatrix argument: the name, never the temporary folder, so reruns match
+    assert meta.get("quantize.imatrix.file") == "imatrix.gguf"
+    again = {r.quant: r for r in GGUFExporter().export(model96, tmp_path / "again", options)}
+    assert sha256_file(Path(again["Q4_K_M"].path)) == sha256_file(Path(reports["Q4_K_M"].path))
 
 
 def test_llama_cpp_failure_is_a_tool_error_and_leaves_nothing_finished(model96, tmp_path):

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from exporters.gguf_budget.slots import Slot, type_file_lines
-from exporters.llamacpp.build import tool_command
 from exporters.llamacpp.layout import pinned_python_env
+from exporters.llamacpp.quantize import quantize
 from exporters.llamacpp.run import ToolCommand, run_tool
 from exporters.llamacpp.source import ensure_source
 from mergeq.core.atomic import write_text
@@ -37,22 +37,6 @@ def rounds(slots: list[Slot]) -> list[dict[str, str]]:
     """Round r: each tensor that has an r-th candidate type, with that type."""
     depth = max((len(s.candidates) for s in slots), default=0)
     return [{s.name: s.candidates[r] for s in slots if r < len(s.candidates)} for r in range(depth)]
-
-
-def quantize(intermediate: Path, out: Path, qtype: str, imatrix: Path | None, threads: int | None,
-             *flags: str | Path, hint: str):
-    """llama-quantize from `intermediate` to `out`. It runs in the imatrix's folder and is given the imatrix by
-    name: it records that argument in the file (quantize.imatrix.file), and a temporary folder's path there
-    would make the same inputs give different bytes."""
-    args = [*flags]
-    if imatrix is not None:
-        args += ["--imatrix", Path(imatrix).name]
-    args += [Path(intermediate).absolute(), Path(out).absolute(), qtype]
-    if threads:
-        args.append(str(threads))
-    command = tool_command("llama-quantize", *args)
-    return run_tool(ToolCommand(command.name, command.argv, command.env, Path(imatrix).parent if imatrix else None),
-                    hint=hint)
 
 
 def quantize_mix(intermediate: Path, out: Path, types: dict[str, str], imatrix: Path | None,
