@@ -10,10 +10,14 @@ from __future__ import annotations
 
 # offsets in points from the point to the label's anchor, with the label's alignment there, nearest first
 _POSITIONS = sorted(
-    ((dx, dy, "left" if dx > 0 else "right" if dx < 0 else "center", "bottom" if dy > 0 else "top")
-     for dx in (-120, -60, -7, 0, 7, 60, 120) for dy in (-100, -70, -45, -25, -9, 9, 25, 45, 70, 100)
-     if abs(dx) > 0 or abs(dy) >= 9),
-    key=lambda p: (p[0] ** 2 + p[1] ** 2, p[0] < 0, p[1] < 0, p[0], p[1]))
+    (
+        (dx, dy, "left" if dx > 0 else "right" if dx < 0 else "center", "bottom" if dy > 0 else "top")
+        for dx in (-120, -60, -7, 0, 7, 60, 120)
+        for dy in (-100, -70, -45, -25, -9, 9, 25, 45, 70, 100)
+        if abs(dx) > 0 or abs(dy) >= 9
+    ),
+    key=lambda p: (p[0] ** 2 + p[1] ** 2, p[0] < 0, p[1] < 0, p[0], p[1]),
+)
 MARKER_HALF = 6  # pixels of a point's marker counted as taken
 
 
@@ -53,11 +57,20 @@ def place_labels(ax, points: list[tuple[float, float]], texts: list[str], *, fon
     for (x, y), text in zip(points, texts):
         best = None
         for dx, dy, ha, va in _POSITIONS:
-            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
-                              fontsize=fontsize, arrowprops=None)
+            ann = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha=ha,
+                va=va,
+                fontsize=fontsize,
+                arrowprops=None,
+            )
             box = text_box(ann, renderer)
-            outside = (max(0, frame.x0 - box.x0) + max(0, box.x1 - frame.x1)) * box.height + \
-                      (max(0, frame.y0 - box.y0) + max(0, box.y1 - frame.y1)) * box.width
+            outside = (max(0, frame.x0 - box.x0) + max(0, box.x1 - frame.x1)) * box.height + (
+                max(0, frame.y0 - box.y0) + max(0, box.y1 - frame.y1)
+            ) * box.width
             cost = outside + sum(_overlap(box, other) for other in placed + markers)
             if best is None or cost < best[0]:
                 if best is not None:
@@ -70,9 +83,16 @@ def place_labels(ax, points: list[tuple[float, float]], texts: list[str], *, fon
         _, ann, box, (dx, dy) = best
         if abs(dx) > 7 or abs(dy) > 9:  # moved away from its point: a thin line shows which point it names
             ann.remove()
-            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ann.get_ha(),
-                              va=ann.get_va(), fontsize=fontsize,
-                              arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.6, "shrinkA": 0, "shrinkB": 4})
+            ann = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha=ann.get_ha(),
+                va=ann.get_va(),
+                fontsize=fontsize,
+                arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.6, "shrinkA": 0, "shrinkB": 4},
+            )
         placed.append(box)
         annotations.append(ann)
     return annotations

@@ -46,31 +46,53 @@ class Transcript:
 
 
 TRANSCRIPTS: tuple[Transcript, ...] = (
-    Transcript("one user turn", (
-        {"role": "user", "content": "Hello! Who are you?"},)),
-    Transcript("two turns, no system prompt", (
-        {"role": "user", "content": "Hello! Who are you?"},
-        {"role": "assistant", "content": "I am a helpful assistant."},
-        {"role": "user", "content": "What can you do for me today?"})),
-    Transcript("system prompt, one turn", (
-        {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
-        {"role": "user", "content": "Why is the sky blue?"})),
-    Transcript("system prompt, three turns", (
-        {"role": "system", "content": "You are a friendly support bot for a bicycle shop."},
-        {"role": "user", "content": "My chain keeps slipping."},
-        {"role": "assistant", "content": "Is the chain worn, or does it slip only in some gears?"},
-        {"role": "user", "content": "Only in the smallest gear."},
-        {"role": "assistant", "content": "Then the cable tension needs a small adjustment."},
-        {"role": "user", "content": "How do I do that?"})),
-    Transcript("newlines, numbers and accents", (
-        {"role": "user", "content": "Make a list:\n1. apples\n2. pears"},
-        {"role": "assistant", "content": "- apples\n- pears\n\nDone."},
-        {"role": "user", "content": "Café, naïve, 3.14 and 42 - thanks!"})),
-    Transcript("system prompt, code and an indented list", (
-        {"role": "system", "content": "You review Python code."},
-        {"role": "user", "content": "def area(r):\n    return 3.14159 * r ** 2\n\nSteps:\n  1. read r\n  2. print it"},
-        {"role": "assistant", "content": "It works. Use math.pi instead of 3.14159."},
-        {"role": "user", "content": "Like this?\n    return math.pi * r ** 2"})),
+    Transcript("one user turn", ({"role": "user", "content": "Hello! Who are you?"},)),
+    Transcript(
+        "two turns, no system prompt",
+        (
+            {"role": "user", "content": "Hello! Who are you?"},
+            {"role": "assistant", "content": "I am a helpful assistant."},
+            {"role": "user", "content": "What can you do for me today?"},
+        ),
+    ),
+    Transcript(
+        "system prompt, one turn",
+        (
+            {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
+            {"role": "user", "content": "Why is the sky blue?"},
+        ),
+    ),
+    Transcript(
+        "system prompt, three turns",
+        (
+            {"role": "system", "content": "You are a friendly support bot for a bicycle shop."},
+            {"role": "user", "content": "My chain keeps slipping."},
+            {"role": "assistant", "content": "Is the chain worn, or does it slip only in some gears?"},
+            {"role": "user", "content": "Only in the smallest gear."},
+            {"role": "assistant", "content": "Then the cable tension needs a small adjustment."},
+            {"role": "user", "content": "How do I do that?"},
+        ),
+    ),
+    Transcript(
+        "newlines, numbers and accents",
+        (
+            {"role": "user", "content": "Make a list:\n1. apples\n2. pears"},
+            {"role": "assistant", "content": "- apples\n- pears\n\nDone."},
+            {"role": "user", "content": "Café, naïve, 3.14 and 42 - thanks!"},
+        ),
+    ),
+    Transcript(
+        "system prompt, code and an indented list",
+        (
+            {"role": "system", "content": "You review Python code."},
+            {
+                "role": "user",
+                "content": "def area(r):\n    return 3.14159 * r ** 2\n\nSteps:\n  1. read r\n  2. print it",
+            },
+            {"role": "assistant", "content": "It works. Use math.pi instead of 3.14159."},
+            {"role": "user", "content": "Like this?\n    return math.pi * r ** 2"},
+        ),
+    ),
 )
 
 # ----------------------------------------------------------------------------------------------- results
@@ -131,8 +153,10 @@ class TemplateCheck:
         differing = [r for r in self.transcripts if not r.matched]
         if not differing:
             return []
-        return [f"{label}: llama.cpp renders the chat template to other tokens than transformers in "
-                f"{len(differing)} of {self.checked} transcripts; first: {describe(differing[0])}"]
+        return [
+            f"{label}: llama.cpp renders the chat template to other tokens than transformers in "
+            f"{len(differing)} of {self.checked} transcripts; first: {describe(differing[0])}"
+        ]
 
 
 def describe(result: TranscriptResult) -> str:
@@ -142,9 +166,11 @@ def describe(result: TranscriptResult) -> str:
     def side(token: TokenAt | None) -> str:
         return "ends" if token is None else f"{token.id} {token.piece!r}"
 
-    return (f"'{result.name}' at token {result.first_difference} (llama.cpp {side(result.llama_cpp)}, "
-            f"transformers {side(result.transformers)}; {result.llama_cpp_tokens} vs "
-            f"{result.transformers_tokens} tokens)")
+    return (
+        f"'{result.name}' at token {result.first_difference} (llama.cpp {side(result.llama_cpp)}, "
+        f"transformers {side(result.transformers)}; {result.llama_cpp_tokens} vs "
+        f"{result.transformers_tokens} tokens)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- comparing
@@ -162,15 +188,25 @@ class Rendering:
 def compare(name: str, llama: Rendering, reference: Rendering) -> TranscriptResult:
     if llama.error is not None or reference.error is not None:
         both = llama.error is not None and reference.error is not None
-        parts = [f"llama.cpp refused: {llama.error}" if llama.error else f"llama.cpp rendered {len(llama.ids)} tokens",
-                 f"transformers refused: {reference.error}" if reference.error
-                 else f"transformers rendered {len(reference.ids)} tokens"]
-        return TranscriptResult(name, both, None if llama.error else len(llama.ids),
-                                None if reference.error else len(reference.ids), error="; ".join(parts))
+        parts = [
+            f"llama.cpp refused: {llama.error}" if llama.error else f"llama.cpp rendered {len(llama.ids)} tokens",
+            f"transformers refused: {reference.error}"
+            if reference.error
+            else f"transformers rendered {len(reference.ids)} tokens",
+        ]
+        return TranscriptResult(
+            name,
+            both,
+            None if llama.error else len(llama.ids),
+            None if reference.error else len(reference.ids),
+            error="; ".join(parts),
+        )
     result = TranscriptResult(name, llama.ids == reference.ids, len(llama.ids), len(reference.ids))
     if not result.matched:
-        at = next((i for i, (a, b) in enumerate(zip(llama.ids, reference.ids)) if a != b),
-                  min(len(llama.ids), len(reference.ids)))
+        at = next(
+            (i for i, (a, b) in enumerate(zip(llama.ids, reference.ids)) if a != b),
+            min(len(llama.ids), len(reference.ids)),
+        )
         result.first_difference = at
         result.llama_cpp = TokenAt(llama.ids[at], llama.pieces[at]) if at < len(llama.ids) else None
         result.transformers = TokenAt(reference.ids[at], reference.pieces[at]) if at < len(reference.ids) else None
@@ -194,7 +230,8 @@ def render_with_transformers(model_dir: str) -> dict:
     for transcript in TRANSCRIPTS:
         try:
             encoded = tokenizer.apply_chat_template(
-                [dict(m) for m in transcript.messages], tokenize=True, add_generation_prompt=True, return_dict=True)
+                [dict(m) for m in transcript.messages], tokenize=True, add_generation_prompt=True, return_dict=True
+            )
         except Exception as err:  # the template's own raise_exception(), or a Jinja error: that side refuses
             out[transcript.name] = {"error": f"{type(err).__name__}: {err}"}
             continue
@@ -236,9 +273,17 @@ class PendingReference:
         self._outcome: Reference | MergeqError | None = None
         try:
             self._proc = subprocess.Popen(
-                faults.tool_argv(REFERENCE, argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True, errors="replace", env=env, cwd=REPO_ROOT,
-                start_new_session=True, preexec_fn=die_with_parent)
+                faults.tool_argv(REFERENCE, argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+                env=env,
+                cwd=REPO_ROOT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         except OSError as err:
             self._proc = None
             self._outcome = ToolError(f"{REFERENCE}: cannot run {sys.executable}: {err.strerror}")
@@ -261,17 +306,23 @@ class PendingReference:
             tool = ToolResult(out, err, time.perf_counter() - self._started, peak)
             if self._proc.returncode != 0:
                 self._outcome = tool_failure(
-                    REFERENCE, self._proc.returncode, tool,
-                    hint=f"transformers could not load the tokenizer of {self.model_dir}")
+                    REFERENCE,
+                    self._proc.returncode,
+                    tool,
+                    hint=f"transformers could not load the tokenizer of {self.model_dir}",
+                )
                 return self._outcome
             try:
                 data = json.loads(out.strip().splitlines()[-1])
-                self._outcome = (MergeqError(f"transformers could not load the tokenizer of {self.model_dir}: "
-                                             f"{data['load_error']}") if "load_error" in data else
-                                 reference_from_json(data, time.perf_counter() - waiting, tool.peak_rss_bytes))
+                self._outcome = (
+                    MergeqError(f"transformers could not load the tokenizer of {self.model_dir}: {data['load_error']}")
+                    if "load_error" in data
+                    else reference_from_json(data, time.perf_counter() - waiting, tool.peak_rss_bytes)
+                )
             except (ValueError, IndexError, KeyError, TypeError):
-                self._outcome = ToolError(f"{REFERENCE} exited without its result line; its last output lines:\n"
-                                          f"{quoted_tail(tool)}")
+                self._outcome = ToolError(
+                    f"{REFERENCE} exited without its result line; its last output lines:\n{quoted_tail(tool)}"
+                )
         return self._outcome
 
     def cancel(self) -> None:
@@ -286,8 +337,10 @@ def reference_from_json(data: dict, wait_seconds: float = 0.0, peak_rss_bytes: i
     """A Reference from `render_with_transformers`' data."""
     renderings = None
     if data["template"]:
-        renderings = {name: Rendering(tuple(r["ids"]), tuple(r["pieces"])) if "ids" in r
-                      else Rendering(error=r["error"]) for name, r in data["transcripts"].items()}
+        renderings = {
+            name: Rendering(tuple(r["ids"]), tuple(r["pieces"])) if "ids" in r else Rendering(error=r["error"])
+            for name, r in data["transcripts"].items()
+        }
     return Reference(renderings, round(data.get("cpu_seconds", 0.0), 3), round(wait_seconds, 3), peak_rss_bytes)
 
 
@@ -299,8 +352,9 @@ def render(server: LlamaServer, messages: tuple[dict[str, str], ...]) -> Renderi
     status, body = server.request("/apply-template", {"messages": list(messages), "add_generation_prompt": True})
     if status != 200:
         return Rendering(error=f"/apply-template answered HTTP {status}: {_error_text(body)}")
-    status, body = server.request("/tokenize", {"content": body["prompt"], "add_special": True,
-                                                "parse_special": True, "with_pieces": True})
+    status, body = server.request(
+        "/tokenize", {"content": body["prompt"], "add_special": True, "parse_special": True, "with_pieces": True}
+    )
     if status != 200:
         return Rendering(error=f"/tokenize answered HTTP {status}: {_error_text(body)}")
     tokens = body["tokens"]
@@ -346,8 +400,12 @@ def check_gguf(gguf: Path, ref: Reference) -> TemplateCheck:
         reason = str(err) if isinstance(err, MergeqError) else f"{SERVER}: {type(err).__name__}: {err}"
         log.warning("%s: chat template not checked: %s", gguf.name, reason)
         return TemplateCheck("not checked", reason=reason, seconds=round(time.perf_counter() - started, 3))
-    check = TemplateCheck("matched" if all(r.matched for r in results) else "mismatch", results,
-                          seconds=round(time.perf_counter() - started, 3), server_peak_rss_bytes=server.peak_rss_bytes)
+    check = TemplateCheck(
+        "matched" if all(r.matched for r in results) else "mismatch",
+        results,
+        seconds=round(time.perf_counter() - started, 3),
+        server_peak_rss_bytes=server.peak_rss_bytes,
+    )
     for warning in check.warnings(gguf.name):
         log.warning("%s", warning)
     return check

@@ -84,8 +84,10 @@ def parse_kl_output(output: str) -> dict[str, float]:
     for key, pattern in _KL_PATTERNS.items():
         matches = pattern.findall(output)
         if not matches:
-            raise ToolError(f"llama-perplexity printed no {key.replace('_', ' ')}",
-                            hint="its output format changed or the run stopped early; rerun with -v")
+            raise ToolError(
+                f"llama-perplexity printed no {key.replace('_', ' ')}",
+                hint="its output format changed or the run stopped early; rerun with -v",
+            )
         last = matches[-1]
         if key == "chunks":
             found["chunks"], found["n_ctx"] = float(last[0]), float(last[1])
@@ -111,8 +113,11 @@ def run_kl_divergence(command, artifact: Path, attempts: int = 3):
             quoted = quoted_tail(result, 12)
             if attempt == attempts:
                 raise ToolError(f"{err.args[0]}; its last output lines:\n{quoted}", hint=err.hint) from None
-            log.warning("llama-perplexity exited 0 without statistics on %s; running it once more. Its last "
-                        "output lines:\n%s", artifact, quoted)
+            log.warning(
+                "llama-perplexity exited 0 without statistics on %s; running it once more. Its last output lines:\n%s",
+                artifact,
+                quoted,
+            )
     raise AssertionError("unreachable")
 
 
@@ -131,9 +136,20 @@ def llama_token_count(gguf: Path, text: str, n_ctx_probe: int, options: EvalOpti
     with tempfile.TemporaryDirectory(prefix="mergeq-eval-") as tmp:
         probe = Path(tmp) / "prefix.txt"
         probe.write_text(text + "\n", encoding="utf-8")  # llama.cpp drops one trailing newline
-        command = tool_command("llama-perplexity", "-m", gguf, "-f", probe, "-c", n_ctx_probe,
-                               "-b", min(2048, n_ctx_probe), "-t", options.threads or os.cpu_count() or 1,
-                               *weight_flags(gguf)[0])
+        command = tool_command(
+            "llama-perplexity",
+            "-m",
+            gguf,
+            "-f",
+            probe,
+            "-c",
+            n_ctx_probe,
+            "-b",
+            min(2048, n_ctx_probe),
+            "-t",
+            options.threads or os.cpu_count() or 1,
+            *weight_flags(gguf)[0],
+        )
         for _ in range(3):  # its last log lines can be lost at exit (run_kl_divergence): ask again
             result = run_tool(command, hint=f"if {gguf} is damaged, export it again")
             if found := _TOKEN_COUNT.findall(result.stdout + result.stderr):
@@ -163,17 +179,20 @@ def evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: Ev
     from exporters.llamacpp.run import weight_flags
 
     if windows.scored_tokens < 100:
-        raise MergeqError("evaluating a GGUF needs at least 100 scored tokens; these windows score "
-                          f"{windows.scored_tokens}",
-                          hint="use a longer evaluation text or a larger n_ctx (llama-perplexity prints no "
-                               "statistics below 100 tokens)")
+        raise MergeqError(
+            f"evaluating a GGUF needs at least 100 scored tokens; these windows score {windows.scored_tokens}",
+            hint="use a longer evaluation text or a larger n_ctx (llama-perplexity prints no "
+            "statistics below 100 tokens)",
+        )
     summary = check_gguf(artifact)
     ref = reference_logprobs(reference, windows, options)
     n_vocab = int(ref.window(0).shape[-1])
     gguf_vocab = summary.array_lengths.get("tokenizer.ggml.tokens")
     if gguf_vocab is not None and gguf_vocab != n_vocab:
-        raise MergeqError(f"{artifact} has a vocabulary of {gguf_vocab} tokens, the reference {reference} {n_vocab}",
-                          hint="evaluate the GGUF against the checkpoint it was converted from")
+        raise MergeqError(
+            f"{artifact} has a vocabulary of {gguf_vocab} tokens, the reference {reference} {n_vocab}",
+            hint="evaluate the GGUF against the checkpoint it was converted from",
+        )
     base = ref.directory / "llama-base.bin"
     with exclusive(ref.directory.parent / f"{ref.directory.name}.lock", "waiting for the reference cache"):
         if not base.is_file():
@@ -185,28 +204,45 @@ def evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: Ev
         log.warning("%s", why)
         provenance["llama_weights"] = why
     command = tool_command(
-        "llama-perplexity", "-m", artifact, "--kl-divergence", "--kl-divergence-base", base, "-c", n_ctx,
-        "-b", n_ctx * parallel_windows(n_ctx, n_vocab), "-t", threads, *flags)
+        "llama-perplexity",
+        "-m",
+        artifact,
+        "--kl-divergence",
+        "--kl-divergence-base",
+        base,
+        "-c",
+        n_ctx,
+        "-b",
+        n_ctx * parallel_windows(n_ctx, n_vocab),
+        "-t",
+        threads,
+        *flags,
+    )
     log.info("running %s", " ".join(command.argv))
     stats, result = run_kl_divergence(command, artifact)
     stats["peak_rss_bytes"] = result.peak_rss_bytes
     provenance["llama.cpp"] = llama_version()
     if (int(stats["chunks"]), int(stats["n_ctx"])) != (windows.n_windows, n_ctx):
-        raise ToolError(f"llama-perplexity on {artifact} evaluated {int(stats['chunks'])} windows of "
-                        f"{int(stats['n_ctx'])} tokens, mergeq asked for {windows.n_windows} of {n_ctx}")
+        raise ToolError(
+            f"llama-perplexity on {artifact} evaluated {int(stats['chunks'])} windows of "
+            f"{int(stats['n_ctx'])} tokens, mergeq asked for {windows.n_windows} of {n_ctx}"
+        )
     sums = MetricSums()  # the reference's own numbers, exact, from the cache
     for i in range(windows.n_windows):
         lp = ref.window(i)
         sums.add(lp, lp, windows.targets[i])
     if abs(stats["reference_perplexity"] / sums.reference_perplexity - 1) > 1e-3:
-        raise ToolError(f"llama-perplexity read the reference perplexity as {stats['reference_perplexity']:.4f}, "
-                        f"mergeq computed {sums.reference_perplexity:.4f}", hint="the reference cache may be damaged; "
-                        f"remove {ref.directory} and rerun")
+        raise ToolError(
+            f"llama-perplexity read the reference perplexity as {stats['reference_perplexity']:.4f}, "
+            f"mergeq computed {sums.reference_perplexity:.4f}",
+            hint=f"the reference cache may be damaged; remove {ref.directory} and rerun",
+        )
     return stats, sums
 
 
-def check_tokenization(artifact: Path, tokenizer, eval_text: EvalText, windows: Windows, options: EvalOptions,
-                        warnings: list[str]) -> None:
+def check_tokenization(
+    artifact: Path, tokenizer, eval_text: EvalText, windows: Windows, options: EvalOptions, warnings: list[str]
+) -> None:
     """Warn when llama.cpp would tokenize the evaluated text into another number of tokens than the reference."""
     prefix, hf_count = eval_text_prefix(tokenizer, eval_text, windows)
     count = llama_token_count(artifact, prefix, hf_count, options)
@@ -216,7 +252,8 @@ def check_tokenization(artifact: Path, tokenizer, eval_text: EvalText, windows: 
         warnings.append(
             f"llama.cpp tokenizes the evaluated text into {count} tokens, the reference tokenizer into {hf_count}: "
             "in llama.cpp this model sees other tokens for the same text than in transformers. The scores here "
-            "use the reference tokenizer's tokens for every format, so they stay comparable")
+            "use the reference tokenizer's tokens for every format, so they stay comparable"
+        )
 
 
 def eval_text_prefix(tokenizer, eval_text: EvalText, windows: Windows) -> tuple[str, int]:

@@ -21,8 +21,9 @@ class EvalText:
     loaded: object | None = None  # mergeq.core.texts.LoadedText: format, samples, rendering
 
     def describe(self, tokens: int | None = None) -> dict:
-        return self.loaded.describe(tokens) if self.loaded is not None else {"file": str(self.path),
-                                                                              "sha256": self.sha256}
+        return (
+            self.loaded.describe(tokens) if self.loaded is not None else {"file": str(self.path), "sha256": self.sha256}
+        )
 
 
 def load_text(path: Path | str | None, tokenizer=None) -> EvalText:
@@ -32,15 +33,17 @@ def load_text(path: Path | str | None, tokenizer=None) -> EvalText:
     from mergeq.core.texts import load_text as load_any
 
     if path is None:
-        raise MergeqError(f"no evaluation text given ({FORMATS_HELP})",
-                          hint="pass --eval-text FILE (mergeq export), --text FILE (mergeq eval) or [eval] text "
-                               "(pipeline config); `demo` names the demo's evaluation text")
+        raise MergeqError(
+            f"no evaluation text given ({FORMATS_HELP})",
+            hint="pass --eval-text FILE (mergeq export), --text FILE (mergeq eval) or [eval] text "
+            "(pipeline config); `demo` names the demo's evaluation text",
+        )
     loaded = load_any(path, tokenizer=tokenizer, what="evaluation")
     return EvalText(path=loaded.path, text=loaded.text, sha256=loaded.sha256, loaded=loaded)
 
 
 def detect_format(artifact: Path) -> str:
-    """"gguf", "int4" (AWQ/GPTQ/compressed-tensors directory) or "hf" (plain checkpoint directory)."""
+    """ "gguf", "int4" (AWQ/GPTQ/compressed-tensors directory) or "hf" (plain checkpoint directory)."""
     artifact = Path(artifact)
     if not artifact.exists():
         raise MergeqError(f"artifact {artifact} does not exist", hint="check the path")
@@ -49,16 +52,20 @@ def detect_format(artifact: Path) -> str:
             magic = handle.read(4)
         if magic == b"GGUF":
             return "gguf"
-        raise MergeqError(f"artifact {artifact} is a file but not a GGUF file (magic {magic!r})",
-                          hint="pass a .gguf file or a Hugging Face checkpoint directory")
+        raise MergeqError(
+            f"artifact {artifact} is a file but not a GGUF file (magic {magic!r})",
+            hint="pass a .gguf file or a Hugging Face checkpoint directory",
+        )
     config = read_model_config(artifact)
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method is None:
         return "hf"
     if method in INT4_METHODS:
         return "int4"
-    raise MergeqError(f"artifact {artifact}: quantization method {method!r} cannot be evaluated",
-                      hint=f"mergeq evaluates plain checkpoints, GGUF files and {', '.join(INT4_METHODS)} directories")
+    raise MergeqError(
+        f"artifact {artifact}: quantization method {method!r} cannot be evaluated",
+        hint=f"mergeq evaluates plain checkpoints, GGUF files and {', '.join(INT4_METHODS)} directories",
+    )
 
 
 def check_checkpoint(directory: Path) -> None:
@@ -112,5 +119,7 @@ def load_tokenizer(reference: Path):
     try:
         return AutoTokenizer.from_pretrained(str(reference))
     except Exception as err:
-        raise MergeqError(f"cannot load the tokenizer of the reference {reference}: {err}",
-                          hint="the reference must be a Hugging Face checkpoint directory with its tokenizer") from err
+        raise MergeqError(
+            f"cannot load the tokenizer of the reference {reference}: {err}",
+            hint="the reference must be a Hugging Face checkpoint directory with its tokenizer",
+        ) from err

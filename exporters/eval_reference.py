@@ -53,8 +53,13 @@ def reference_logprobs(reference: Path, windows: Windows, options: EvalOptions) 
     """The reference's log-probabilities for these windows: from the cache, or computed once and cached."""
     from safetensors.torch import save_file
 
-    key_data = {"version": CACHE_VERSION, "reference": checkpoint_fingerprint(reference),
-                "tokens": _tokens_sha(windows), "n_ctx": windows.n_ctx, "torch": torch.__version__}
+    key_data = {
+        "version": CACHE_VERSION,
+        "reference": checkpoint_fingerprint(reference),
+        "tokens": _tokens_sha(windows),
+        "n_ctx": windows.n_ctx,
+        "torch": torch.__version__,
+    }
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
     root = options.resolved_cache()
     entry = root / f"ref-{key}"
@@ -67,8 +72,9 @@ def reference_logprobs(reference: Path, windows: Windows, options: EvalOptions) 
                 label = f"reference {Path(reference).name}"
                 for i, lp in eval_torch.model_logprobs(reference, "hf", windows, options, label):
                     save_file({"logprobs": lp.contiguous()}, str(tmp / f"window-{i:04d}.safetensors"))
-                write_json(tmp / "meta.json", {**key_data, "reference_path": str(reference),
-                                               "windows": windows.n_windows})
+                write_json(
+                    tmp / "meta.json", {**key_data, "reference_path": str(reference), "windows": windows.n_windows}
+                )
     _evict(root)
     return ReferenceLogprobs(entry, windows.n_windows)
 
@@ -95,7 +101,10 @@ def _fingerprint_cached(directory: str, stamp: tuple) -> str:
 def checkpoint_fingerprint(directory: Path) -> str:
     """sha256 over the weight files and config.json of a checkpoint (memoized per size and mtime)."""
     directory = Path(directory).resolve()
-    names = sorted(p.name for p in directory.iterdir()
-                   if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json"))
+    names = sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    )
     stamp = tuple((n, (directory / n).stat().st_size, (directory / n).stat().st_mtime_ns) for n in names)
     return _fingerprint_cached(str(directory), stamp)

@@ -55,7 +55,9 @@ def _load_torch_model(artifact: Path, kind: str):
             if missing or unexpected:
                 raise MergeqError(
                     f"unpacked weights of {artifact} do not fit its architecture: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}", hint="the artifact is damaged or was written by another tool")
+                    f"unexpected {unexpected[:5]}",
+                    hint="the artifact is damaged or was written by another tool",
+                )
             if tied:
                 model.tie_weights()
         else:
@@ -63,14 +65,17 @@ def _load_torch_model(artifact: Path, kind: str):
     except MergeqError:
         raise
     except Exception as err:
-        raise MergeqError(f"cannot load {artifact}: {type(err).__name__}: {err}",
-                          hint="the checkpoint is damaged or incomplete; export it again") from err
+        raise MergeqError(
+            f"cannot load {artifact}: {type(err).__name__}: {err}",
+            hint="the checkpoint is damaged or incomplete; export it again",
+        ) from err
     model.eval()
     return model
 
 
-def model_logprobs(artifact: Path, kind: str, windows: Windows, options: EvalOptions,
-                   label: str) -> Iterator[tuple[int, torch.Tensor]]:
+def model_logprobs(
+    artifact: Path, kind: str, windows: Windows, options: EvalOptions, label: str
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(window index, fp32 log-probabilities [scored, vocab]) of a checkpoint ("hf" or "int4") for every window.
 
     Streamed one decoder layer at a time (mergeq/core/streaming.py) where the architecture has a layer mapping
@@ -86,8 +91,9 @@ def model_logprobs(artifact: Path, kind: str, windows: Windows, options: EvalOpt
     yield from torch_logprobs(model, windows, _batch(options), label)
 
 
-def streamed_logprobs(artifact: Path, kind: str, windows: Windows, options: EvalOptions,
-                      label: str) -> Iterator[tuple[int, torch.Tensor]]:
+def streamed_logprobs(
+    artifact: Path, kind: str, windows: Windows, options: EvalOptions, label: str
+) -> Iterator[tuple[int, torch.Tensor]]:
     """model_logprobs, one decoder layer in memory at a time, on options.device."""
     from exporters.streaming import streamed
     from mergeq.core import streaming
@@ -98,8 +104,9 @@ def streamed_logprobs(artifact: Path, kind: str, windows: Windows, options: Eval
     scored = slice(first_scored(windows.n_ctx), windows.n_ctx - 1)
     try:
         with streamed(artifact, kind, device) as model:
-            hidden = streaming.final_hidden(model, windows.tokens.to(device), scored, _batch(options),
-                                            progress=f"eval {label} layers")
+            hidden = streaming.final_hidden(
+                model, windows.tokens.to(device), scored, _batch(options), progress=f"eval {label} layers"
+            )
             for start, logits in streaming.logits_blocks(model, hidden):
                 check_finite(logits, label)
                 for j in range(logits.shape[0]):
@@ -107,8 +114,10 @@ def streamed_logprobs(artifact: Path, kind: str, windows: Windows, options: Eval
     except MergeqError:
         raise
     except Exception as err:
-        raise MergeqError(f"cannot evaluate {artifact}: {type(err).__name__}: {err}",
-                          hint="the checkpoint is damaged or incomplete; export it again") from err
+        raise MergeqError(
+            f"cannot evaluate {artifact}: {type(err).__name__}: {err}",
+            hint="the checkpoint is damaged or incomplete; export it again",
+        ) from err
 
 
 def torch_logprobs(model, windows: Windows, batch: int, label: str) -> Iterator[tuple[int, torch.Tensor]]:

@@ -56,8 +56,9 @@ def evaluate(artifact: Path, reference: Path, text: Path | None, settings: EvalO
     return result.quality
 
 
-def evaluate_into_report(report: ArtifactReport, reference: Path, text: Path | None,
-                         settings: EvalOptions | None = None) -> None:
+def evaluate_into_report(
+    report: ArtifactReport, reference: Path, text: Path | None, settings: EvalOptions | None = None
+) -> None:
     """Fill report.quality, add the cost to report.stages["eval"], record provenance and warnings."""
     with measure_stage(report, "eval") as stage:
         result = evaluate_full(Path(report.path), Path(reference), text, settings)
@@ -70,16 +71,20 @@ def evaluate_into_report(report: ArtifactReport, reference: Path, text: Path | N
             report.warnings.append(warning)
 
 
-def evaluate_full(artifact: Path, reference: Path, text: Path | None,
-                  settings: EvalOptions | None = None) -> EvalResult:
+def evaluate_full(
+    artifact: Path, reference: Path, text: Path | None, settings: EvalOptions | None = None
+) -> EvalResult:
     options = settings or EvalOptions()
     artifact, reference = Path(artifact), Path(reference)
     if not reference.is_dir():
-        raise MergeqError(f"reference {reference} is not a checkpoint directory",
-                          hint="the reference is the merged fp16/bf16 Hugging Face checkpoint")
+        raise MergeqError(
+            f"reference {reference} is not a checkpoint directory",
+            hint="the reference is the merged fp16/bf16 Hugging Face checkpoint",
+        )
     if detect_format(reference) != "hf":
-        raise MergeqError(f"reference {reference} is a quantized checkpoint",
-                          hint="compare against the merged fp16/bf16 checkpoint")
+        raise MergeqError(
+            f"reference {reference} is a quantized checkpoint", hint="compare against the merged fp16/bf16 checkpoint"
+        )
     check_checkpoint(reference)
     kind = detect_format(artifact)
     tokenizer = load_tokenizer(reference)
@@ -88,9 +93,14 @@ def evaluate_full(artifact: Path, reference: Path, text: Path | None,
     windows = make_windows(ids, options.n_ctx, options.max_windows, bos, source=str(eval_text.path))
     warnings: list[str] = []
     provenance = {
-        "text": str(eval_text.path), "text_sha256": eval_text.sha256, "reference": str(reference),
-        "reference_sha256": checkpoint_fingerprint(reference), "n_ctx": windows.n_ctx,
-        "windows": windows.n_windows, "text_tokens": windows.text_tokens, "versions": _versions(),
+        "text": str(eval_text.path),
+        "text_sha256": eval_text.sha256,
+        "reference": str(reference),
+        "reference_sha256": checkpoint_fingerprint(reference),
+        "n_ctx": windows.n_ctx,
+        "windows": windows.n_windows,
+        "text_tokens": windows.text_tokens,
+        "versions": _versions(),
         "text_source": eval_text.describe(windows.text_tokens),
     }
     tool_peak = 0
@@ -99,21 +109,37 @@ def evaluate_full(artifact: Path, reference: Path, text: Path | None,
         tool_peak = stats["peak_rss_bytes"]
         check_tokenization(artifact, tokenizer, eval_text, windows, options, warnings)
         quality = QualityInfo(
-            perplexity=stats["perplexity"], reference_perplexity=sums.reference_perplexity,
-            kl_divergence=stats["kl_divergence"], top1_agreement=stats["top1_percent"] / 100,
-            eval_tokens=windows.scored_tokens, text_sha256=eval_text.sha256, context_length=windows.n_ctx,
-            evaluator="llama.cpp", windows=windows.n_windows, text_tokens=windows.text_tokens)
+            perplexity=stats["perplexity"],
+            reference_perplexity=sums.reference_perplexity,
+            kl_divergence=stats["kl_divergence"],
+            top1_agreement=stats["top1_percent"] / 100,
+            eval_tokens=windows.scored_tokens,
+            text_sha256=eval_text.sha256,
+            context_length=windows.n_ctx,
+            evaluator="llama.cpp",
+            windows=windows.n_windows,
+            text_tokens=windows.text_tokens,
+        )
     else:
         sums = _evaluate_torch(artifact, kind, reference, windows, options)
         quality = QualityInfo(
-            perplexity=sums.perplexity, reference_perplexity=sums.reference_perplexity,
-            kl_divergence=sums.kl_divergence, top1_agreement=sums.top1_agreement, eval_tokens=sums.count,
-            text_sha256=eval_text.sha256, context_length=windows.n_ctx, evaluator="torch",
-            windows=windows.n_windows, text_tokens=windows.text_tokens)
+            perplexity=sums.perplexity,
+            reference_perplexity=sums.reference_perplexity,
+            kl_divergence=sums.kl_divergence,
+            top1_agreement=sums.top1_agreement,
+            eval_tokens=sums.count,
+            text_sha256=eval_text.sha256,
+            context_length=windows.n_ctx,
+            evaluator="torch",
+            windows=windows.n_windows,
+            text_tokens=windows.text_tokens,
+        )
     for name, value in (("perplexity", quality.perplexity), ("KL divergence", quality.kl_divergence)):
         if not math.isfinite(value):
-            raise MergeqError(f"{artifact} gives a non-finite {name} ({value})",
-                              hint="the artifact's weights are damaged or overflow; export it again")
+            raise MergeqError(
+                f"{artifact} gives a non-finite {name} ({value})",
+                hint="the artifact's weights are damaged or overflow; export it again",
+            )
     return EvalResult(quality, warnings, provenance, tool_peak)
 
 

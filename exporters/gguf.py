@@ -63,28 +63,50 @@ class GGUFOptions:
     """The options of `mergeq export gguf` and of a pipeline's [gguf] table (mergeq.core.options)."""
 
     quants: tuple[str, ...] = option(
-        DEFAULT_QUANTS, flag="--quant", key="quant", repeat=True, metavar="TYPE",
+        DEFAULT_QUANTS,
+        flag="--quant",
+        key="quant",
+        repeat=True,
+        metavar="TYPE",
         help="llama-quantize type to write (repeatable or comma-separated): Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, "
-             "IQ4_XS, ..., F16, BF16")  # after checked(): llama-quantize spellings, request order, no duplicates
+        "IQ4_XS, ..., F16, BF16",
+    )  # after checked(): llama-quantize spellings, request order, no duplicates
     imatrix: bool = option(False, help="quantize with an importance matrix computed by llama-imatrix from --calib")
     calib: Path | None = option(None, metavar="FILE", help="calibration text for --imatrix")
-    imatrix_ctx: int = option(512, metavar="N", range=(8, None),
-                              help="llama-imatrix context (tokens per chunk; the text needs at least 2N tokens)")
-    intermediate: str = option("auto", choices=("auto", *INTERMEDIATES),
-                               help="type of the one intermediate GGUF (auto: bf16 for bfloat16 checkpoints, else f16)")
-    threads: int | None = option(None, metavar="N", range=(1, None), default_help="all cores",
-                                 help="llama.cpp threads")
+    imatrix_ctx: int = option(
+        512,
+        metavar="N",
+        range=(8, None),
+        help="llama-imatrix context (tokens per chunk; the text needs at least 2N tokens)",
+    )
+    intermediate: str = option(
+        "auto",
+        choices=("auto", *INTERMEDIATES),
+        help="type of the one intermediate GGUF (auto: bf16 for bfloat16 checkpoints, else f16)",
+    )
+    threads: int | None = option(None, metavar="N", range=(1, None), default_help="all cores", help="llama.cpp threads")
     # size budgets (exporters/gguf_budget): after checked(), every one in `targets` as "2.5GB", "4.5bpw" or
     # "like:Q4_K_M"; each makes one more GGUF, OUT/MIX-.../, with the least predicted divergence at that size
     targets: tuple[str, ...] = option(
-        (), flag="--target", key="target", repeat=True, metavar="SIZE|like:TYPE",
+        (),
+        flag="--target",
+        key="target",
+        repeat=True,
+        metavar="SIZE|like:TYPE",
         help="a GGUF that fits this size, its types chosen tensor by tensor from measurements (needs --imatrix "
-             "--calib): a file size (2.5GB, 700MiB), bits per weight (4.5bpw) or like:TYPE (the size of that "
-             "named mix, e.g. like:Q4_K_M); repeatable")
-    target_size: str | None = option(None, metavar="SIZE", toml=False,
-                                     help="the same as --target SIZE: a file size such as 2.5GB or 700MiB")
-    target_bpw: float | None = option(None, metavar="BITS", range=(1.0, 16.0), toml=False,
-                                      help="the same as --target BITSbpw: bits per weight over the whole file")
+        "--calib): a file size (2.5GB, 700MiB), bits per weight (4.5bpw) or like:TYPE (the size of that "
+        "named mix, e.g. like:Q4_K_M); repeatable",
+    )
+    target_size: str | None = option(
+        None, metavar="SIZE", toml=False, help="the same as --target SIZE: a file size such as 2.5GB or 700MiB"
+    )
+    target_bpw: float | None = option(
+        None,
+        metavar="BITS",
+        range=(1.0, 16.0),
+        toml=False,
+        help="the same as --target BITSbpw: bits per weight over the whole file",
+    )
 
     def checked(self) -> GGUFOptions:
         """The quant types canonical (llama-quantize's spelling, comma lists split, no duplicates), and the
@@ -96,18 +118,25 @@ class GGUFOptions:
             canonical = canonical_quant_type(name, pin)
             if canonical is None or canonical == "COPY":
                 known = ", ".join(t for t in pin.quant_types if t != "COPY")
-                raise OptionError("quants", f"--quant {name!r} is not a llama-quantize type",
-                                  hint=f"llama.cpp {pin.commit} (llama-cpp-python {pin.version}) knows: {known}")
+                raise OptionError(
+                    "quants",
+                    f"--quant {name!r} is not a llama-quantize type",
+                    hint=f"llama.cpp {pin.commit} (llama-cpp-python {pin.version}) knows: {known}",
+                )
             if canonical not in quants:
                 quants.append(canonical)
         if self.imatrix and self.calib is None:
-            raise OptionError("calib",
-                              "--imatrix needs --calib FILE: the text that llama-imatrix runs through the model")
+            raise OptionError(
+                "calib", "--imatrix needs --calib FILE: the text that llama-imatrix runs through the model"
+            )
         if self.calib is not None and not self.imatrix:
             raise OptionError("calib", "--calib is only used with --imatrix", hint="add --imatrix, or drop --calib")
         if not self.imatrix and (need := [q for q in quants if q in pin.needs_imatrix]):
-            raise OptionError("quants", f"--quant {', '.join(need)} requires an importance matrix",
-                              hint="add --imatrix --calib FILE, or choose e.g. IQ4_XS, Q3_K_M or Q4_K_M")
+            raise OptionError(
+                "quants",
+                f"--quant {', '.join(need)} requires an importance matrix",
+                hint="add --imatrix --calib FILE, or choose e.g. IQ4_XS, Q3_K_M or Q4_K_M",
+            )
         targets = list(self.targets)
         if self.target_size is not None:
             targets.append(self.target_size)
@@ -160,7 +189,8 @@ def check_layer_layout(config: dict, arch: str, config_path: Path) -> None:
             f"{config_path}: layer_types give layer {first} {layer_types[first]!r}, but the pinned llama.cpp "
             f"converter does not write the layer layout and llama.cpp assumes {described} for {arch} "
             f"({assumed[first]!r} there): the GGUF would compute another model",
-            hint="export this model with `mergeq export awq` or `gptq` instead")
+            hint="export this model with `mergeq export awq` or `gptq` instead",
+        )
 
 
 def intermediate_type(config: dict, options: GGUFOptions) -> str:
@@ -217,9 +247,11 @@ def check_disk(model_dir: Path, config: dict, options: GGUFOptions, where: Path)
     need = int(sum(plan.values()) * DISK_MARGIN) + (64 << 20)
     if (free := free_bytes(where)) < need:
         detail = ", ".join(f"{k} ~{v / 2**20:.0f} MiB" for k, v in plan.items())
-        raise MergeqError(f"not enough free disk for the GGUF export: about {need / 2**20:.0f} MiB needed "
-                          f"({detail}), {free / 2**20:.0f} MiB free at {where}",
-                          hint="free some space, or choose fewer --quant types")
+        raise MergeqError(
+            f"not enough free disk for the GGUF export: about {need / 2**20:.0f} MiB needed "
+            f"({detail}), {free / 2**20:.0f} MiB free at {where}",
+            hint="free some space, or choose fewer --quant types",
+        )
     return plan
 
 
@@ -249,20 +281,25 @@ class GGUFExporter:
         arch = architecture(config)
         supported = supported_architectures()
         if arch is None:
-            raise MergeqError(f"{model_dir / 'config.json'} names no architecture (\"architectures\" is missing)",
-                              hint="the converter picks its model class by that name")
+            raise MergeqError(
+                f'{model_dir / "config.json"} names no architecture ("architectures" is missing)',
+                hint="the converter picks its model class by that name",
+            )
         if arch not in supported:
             pin = load_pin()
             raise MergeqError(
                 f"architecture {arch!r} ({model_dir / 'config.json'}) is not supported by the pinned llama.cpp "
                 f"converter ({pin.commit}); it supports {len(supported)} architectures: {', '.join(supported)}",
-                hint="export this model with `mergeq export awq` or `gptq` instead")
+                hint="export this model with `mergeq export awq` or `gptq` instead",
+            )
         check_layer_layout(config, arch, model_dir / "config.json")
         if not weight_files(model_dir):
             raise MergeqError(f"{model_dir} holds no .safetensors or .bin weights")
         if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-            raise MergeqError(f"{model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
-                              hint="save the tokenizer next to the merged weights: GGUF files carry it")
+            raise MergeqError(
+                f"{model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
+                hint="save the tokenizer next to the merged weights: GGUF files carry it",
+            )
         if chat_template(model_dir) is None:
             warnings.append(f"{model_dir} has no chat template; the GGUF files will carry none")
         if options.imatrix:
@@ -275,8 +312,10 @@ class GGUFExporter:
         self._preflight_warnings = list(warnings)  # facts about the input: they go into every report
         if not is_built():
             find_build_tools()  # raises a clear error now rather than after the merge
-            warnings.append("llama.cpp is not built yet: the export builds it first (a few minutes, once); "
-                            "`mergeq setup-llamacpp` does it ahead of time")
+            warnings.append(
+                "llama.cpp is not built yet: the export builds it first (a few minutes, once); "
+                "`mergeq setup-llamacpp` does it ahead of time"
+            )
         return warnings
 
     # -- export
@@ -293,8 +332,9 @@ class GGUFExporter:
         work = Path(tempfile.mkdtemp(prefix=f".{WORK_NAME}.tmp-", dir=out_dir))
         hasher = ThreadPoolExecutor(max_workers=1)
         # transformers' side of the chat template round trip: a subprocess that overlaps with the conversion
-        self._template_reference = (chat_template_check.PendingReference(model_dir)
-                                    if chat_template(model_dir) is not None else None)
+        self._template_reference = (
+            chat_template_check.PendingReference(model_dir) if chat_template(model_dir) is not None else None
+        )
         try:
             inputs: Future = hasher.submit(_input_hashes, model_dir, options)
             return self._export(model_dir, out_dir, options, inter, stem, work, inputs)
@@ -314,19 +354,33 @@ class GGUFExporter:
         steps = 1 + int(options.imatrix) + len(options.quants) + int(bool(options.targets))
         with progress_bar() as bar:
             task = bar.add_task(f"GGUF: convert to {inter}", total=steps)
-            result = run_tool(converter_command(model_dir, intermediate, inter),
-                              hint="the pinned converter could not read this checkpoint")
+            result = run_tool(
+                converter_command(model_dir, intermediate, inter),
+                hint="the pinned converter could not read this checkpoint",
+            )
             stages["convert"] = StageCost(round(result.seconds, 3), result.peak_rss_bytes)
             bar.advance(task)
             imatrix_file = None
             if options.imatrix:
                 bar.update(task, description="GGUF: llama-imatrix")
                 imatrix_file = work / "imatrix.gguf"
-                result = run_tool(tool_command(
-                    "llama-imatrix", "-m", intermediate, "-f", options.calib, "-o", imatrix_file,
-                    "-c", str(options.imatrix_ctx), "--no-ppl", *threads),
+                result = run_tool(
+                    tool_command(
+                        "llama-imatrix",
+                        "-m",
+                        intermediate,
+                        "-f",
+                        options.calib,
+                        "-o",
+                        imatrix_file,
+                        "-c",
+                        str(options.imatrix_ctx),
+                        "--no-ppl",
+                        *threads,
+                    ),
                     hint=f"if it reports too few tokens: the calibration text needs at least 2 x --imatrix-ctx "
-                         f"({2 * options.imatrix_ctx}) tokens; give a longer --calib or a smaller --imatrix-ctx")
+                    f"({2 * options.imatrix_ctx}) tokens; give a longer --calib or a smaller --imatrix-ctx",
+                )
                 stages["imatrix"] = StageCost(round(result.seconds, 3), result.peak_rss_bytes)
                 bar.advance(task)
             finals: dict[str, Path] = {}
@@ -342,9 +396,14 @@ class GGUFExporter:
                 with atomic_dir(final_dir, overwrite=True) as tmp:
                     # the imatrix is given by name from its folder: llama-quantize records the argument in the
                     # file (quantize.imatrix.file), and a temporary folder's path would change the bytes each run
-                    result = quantize(intermediate, tmp / name, quant,
-                                      imatrix_file if quant not in FLOAT_TYPES else None,
-                                      options.threads, hint=_quantize_hint(quant))
+                    result = quantize(
+                        intermediate,
+                        tmp / name,
+                        quant,
+                        imatrix_file if quant not in FLOAT_TYPES else None,
+                        options.threads,
+                        hint=_quantize_hint(quant),
+                    )
                 stages[f"quantize_{quant}"] = StageCost(round(result.seconds, 3), result.peak_rss_bytes)
                 logs[quant] = result.stdout + result.stderr
                 finals[quant] = final_dir / name
@@ -352,8 +411,16 @@ class GGUFExporter:
             if options.targets:
                 started = time.perf_counter()
                 bar.update(task, description="GGUF: size-budget search")
-                made = self._budget_mixes(model_dir, out_dir, options, stem, intermediate, imatrix_file, work,
-                                          lambda step: bar.update(task, description=f"GGUF: {step}"))
+                made = self._budget_mixes(
+                    model_dir,
+                    out_dir,
+                    options,
+                    stem,
+                    intermediate,
+                    imatrix_file,
+                    work,
+                    lambda step: bar.update(task, description=f"GGUF: {step}"),
+                )
                 cost = StageCost(round(time.perf_counter() - started, 3), 0)
                 for artifact in made:
                     finals[artifact.label], logs[artifact.label] = artifact.path, artifact.log
@@ -374,8 +441,19 @@ class GGUFExporter:
         targets = check_targets(options.targets, options.imatrix, load_pin().quant_types)
         parameters = read_gguf(intermediate).parameters
         settings = SearchSettings(n_ctx=options.imatrix_ctx, threads=options.threads)
-        made, _ = artifacts.make(intermediate, imatrix_file, options.calib, targets, work / "budget", out_dir, stem,
-                                     parameters, requested=options.quants, settings=settings, on_step=on_step)
+        made, _ = artifacts.make(
+            intermediate,
+            imatrix_file,
+            options.calib,
+            targets,
+            work / "budget",
+            out_dir,
+            stem,
+            parameters,
+            requested=options.quants,
+            settings=settings,
+            on_step=on_step,
+        )
         self._budget = {a.label: a for a in made}
         return made
 
@@ -383,8 +461,7 @@ class GGUFExporter:
         pin = load_pin()
         summaries = read_ggufs(list(finals.values()))
         template = chat_template(model_dir)
-        template_checks = chat_template_check.check_ggufs(model_dir, list(finals.values()),
-                                                          self._template_reference)
+        template_checks = chat_template_check.check_ggufs(model_dir, list(finals.values()), self._template_reference)
         reports = []
         for (quant, path), summary, template_check in zip(finals.items(), summaries, template_checks):
             size, warnings = size_info(summary, quant, pin.default_types.get(quant), logs.get(quant))
@@ -398,7 +475,8 @@ class GGUFExporter:
                 warnings.append(
                     f"{quant}: {len(shape_fallbacks)} of {sum(t.is_matrix for t in summary.tensors)} weight matrices "
                     f"fell back to other types: their row length ({', '.join(map(str, cols))}) is not a multiple "
-                    "of the block size of the requested type (see fallbacks)")
+                    "of the block size of the requested type (see fallbacks)"
+                )
             stored_template = summary.metadata.get("tokenizer.chat_template")
             if template is not None and stored_template != template:
                 warnings.append(f"{quant}: the chat template in the GGUF differs from the checkpoint's")
@@ -409,39 +487,51 @@ class GGUFExporter:
                 own["quantize"] = stages[f"quantize_{quant}"]
             own["chat_template"] = StageCost(  # the wall time it added; the transformers side overlaps the conversion
                 template_check.wall_seconds,
-                max(template_check.reference_peak_rss_bytes, template_check.server_peak_rss_bytes))
+                max(template_check.reference_peak_rss_bytes, template_check.server_peak_rss_bytes),
+            )
             warnings += template_check.warnings(quant)
-            reports.append(ArtifactReport(
-                format="gguf", quant=quant, path=str(path), size=size, stages=own,
-                provenance={
-                    "inputs": input_hashes,
-                    "options": _jsonable(asdict(options)),
-                    "intermediate": inter,
-                    "imatrix": {"used": used_imatrix and quant not in FLOAT_TYPES,
-                                "calib": str(options.calib) if options.calib else None,
-                                "calib_sha256": input_hashes.get("calib_sha256"),
-                                "ctx": options.imatrix_ctx if used_imatrix else None},
-                    "tools": {"llama.cpp": version_info()},
-                },
-                warnings=warnings,
-                extra={"gguf": {
-                    "architecture": summary.metadata.get("general.architecture"),
-                    "file_type": summary.metadata.get("general.file_type"),
-                    "tensor_count": len(summary.tensors),
-                    "parameters": summary.parameters,
-                    "tokenizer_model": summary.metadata.get("tokenizer.ggml.model"),
-                    "vocab_size": summary.array_lengths.get("tokenizer.ggml.tokens"),
-                    "add_bos_token": summary.metadata.get("tokenizer.ggml.add_bos_token"),
-                    "chat_template": stored_template is not None,
-                    "chat_template_matches": None if template is None else stored_template == template,
-                }, "chat_template": template_check.to_json(),
-                    **({"budget": budget.extra} if budget is not None and budget.extra else {})},
-            ))
+            reports.append(
+                ArtifactReport(
+                    format="gguf",
+                    quant=quant,
+                    path=str(path),
+                    size=size,
+                    stages=own,
+                    provenance={
+                        "inputs": input_hashes,
+                        "options": _jsonable(asdict(options)),
+                        "intermediate": inter,
+                        "imatrix": {
+                            "used": used_imatrix and quant not in FLOAT_TYPES,
+                            "calib": str(options.calib) if options.calib else None,
+                            "calib_sha256": input_hashes.get("calib_sha256"),
+                            "ctx": options.imatrix_ctx if used_imatrix else None,
+                        },
+                        "tools": {"llama.cpp": version_info()},
+                    },
+                    warnings=warnings,
+                    extra={
+                        "gguf": {
+                            "architecture": summary.metadata.get("general.architecture"),
+                            "file_type": summary.metadata.get("general.file_type"),
+                            "tensor_count": len(summary.tensors),
+                            "parameters": summary.parameters,
+                            "tokenizer_model": summary.metadata.get("tokenizer.ggml.model"),
+                            "vocab_size": summary.array_lengths.get("tokenizer.ggml.tokens"),
+                            "add_bos_token": summary.metadata.get("tokenizer.ggml.add_bos_token"),
+                            "chat_template": stored_template is not None,
+                            "chat_template_matches": None if template is None else stored_template == template,
+                        },
+                        "chat_template": template_check.to_json(),
+                        **({"budget": budget.extra} if budget is not None and budget.extra else {}),
+                    },
+                )
+            )
         return reports
 
 
 def _quantize_hint(quant: str) -> str:
-    return (f"llama-quantize could not make {quant}; if it asks for an importance matrix, add --imatrix --calib FILE")
+    return f"llama-quantize could not make {quant}; if it asks for an importance matrix, add --imatrix --calib FILE"
 
 
 def _input_hashes(model_dir: Path, options: GGUFOptions) -> dict:
@@ -463,8 +553,10 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> Path:
     remove_stale_tmp(outfile)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outfile.name}.tmp-", dir=outfile.parent))
     try:
-        run_tool(converter_command(model_dir, tmp / outfile.name, outtype),
-                 hint="the pinned converter could not read this checkpoint")
+        run_tool(
+            converter_command(model_dir, tmp / outfile.name, outtype),
+            hint="the pinned converter could not read this checkpoint",
+        )
         os.replace(tmp / outfile.name, outfile)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

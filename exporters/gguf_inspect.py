@@ -90,8 +90,17 @@ def pinned_constants(gguf_py: Path | None = None):
 
 
 _SCALARS = {  # GGUFValueType name -> struct format (little-endian)
-    "UINT8": "<B", "INT8": "<b", "UINT16": "<H", "INT16": "<h", "UINT32": "<I", "INT32": "<i",
-    "FLOAT32": "<f", "BOOL": "<?", "UINT64": "<Q", "INT64": "<q", "FLOAT64": "<d",
+    "UINT8": "<B",
+    "INT8": "<b",
+    "UINT16": "<H",
+    "INT16": "<h",
+    "UINT32": "<I",
+    "INT32": "<i",
+    "FLOAT32": "<f",
+    "BOOL": "<?",
+    "UINT64": "<Q",
+    "INT64": "<q",
+    "FLOAT64": "<d",
 }
 
 
@@ -107,8 +116,10 @@ class _Cursor:
     def take(self, fmt: str):
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.data):
-            raise MergeqError(f"GGUF file {self.path} is truncated: its header ends after {len(self.data)} bytes",
-                              hint="the file is incomplete or damaged; export it again")
+            raise MergeqError(
+                f"GGUF file {self.path} is truncated: its header ends after {len(self.data)} bytes",
+                hint="the file is incomplete or damaged; export it again",
+            )
         (value,) = struct.unpack_from(fmt, self.data, self.pos)
         self.pos += size
         return value
@@ -117,7 +128,7 @@ class _Cursor:
         length = self.take("<Q")
         if self.pos + length > len(self.data):
             self.take(f"<{length}s")  # raises the truncation error
-        raw = bytes(self.data[self.pos:self.pos + length])
+        raw = bytes(self.data[self.pos : self.pos + length])
         self.pos += length
         return raw.decode("utf-8", errors="replace")
 
@@ -193,7 +204,8 @@ def read_gguf(path: Path) -> GGUFSummary:
                 type_name = qtypes(type_id).name
             except ValueError:
                 raise MergeqError(
-                    f"{path}: tensor {name!r} has type id {type_id}, unknown to the pinned gguf-py") from None
+                    f"{path}: tensor {name!r} has type id {type_id}, unknown to the pinned gguf-py"
+                ) from None
             block, type_size = sizes[type_name]
             n_elements = math.prod(shape)
             tensors.append(TensorInfo(name, type_name, shape, n_elements, n_elements // block * type_size))
@@ -202,11 +214,19 @@ def read_gguf(path: Path) -> GGUFSummary:
         data_start = -(-cur.pos // alignment) * alignment
         end = max((o + t.n_bytes for o, t in zip(offsets, tensors)), default=0)
         if data_start + end > size_bytes:
-            raise MergeqError(f"GGUF file {path} is truncated: its tensors need {data_start + end} bytes, "
-                              f"the file has {size_bytes}", hint="the file is incomplete or damaged; export it again")
+            raise MergeqError(
+                f"GGUF file {path} is truncated: its tensors need {data_start + end} bytes, the file has {size_bytes}",
+                hint="the file is incomplete or damaged; export it again",
+            )
         tensors = [dataclasses.replace(t, data_offset=data_start + o) for t, o in zip(tensors, offsets)]
-    return GGUFSummary(path=path, size_bytes=size_bytes, metadata=metadata, array_lengths=arrays, tensors=tensors,
-                       block_sizes={name: block for name, (block, _) in sizes.items()})
+    return GGUFSummary(
+        path=path,
+        size_bytes=size_bytes,
+        metadata=metadata,
+        array_lengths=arrays,
+        tensors=tensors,
+        block_sizes={name: block for name, (block, _) in sizes.items()},
+    )
 
 
 def read_ggufs(paths: list[Path]) -> list[GGUFSummary]:
@@ -243,7 +263,8 @@ def parse_quantize_log(text: str) -> QuantizeLog:
     fallbacks = {}
     for match in _FALLBACK_LINE.finditer(text):
         fallbacks[match["tensor"]] = ShapeFallback(
-            match["tensor"], int(match["ncols"]), int(match["block"]), match["wanted"].upper(), match["got"].upper())
+            match["tensor"], int(match["ncols"]), int(match["block"]), match["wanted"].upper(), match["got"].upper()
+        )
     count = _FALLBACK_COUNT.search(text)
     return QuantizeLog(fallbacks, int(count.group(1)) if count else 0)
 
@@ -272,8 +293,9 @@ def size_info_for_file(summary: GGUFSummary) -> tuple[SizeInfo, str, list[str]]:
     return info, quant, warnings
 
 
-def size_info(summary: GGUFSummary, quant: str, wanted_type: str | None, quantize_log: str | None = None
-              ) -> tuple[SizeInfo, list[str]]:
+def size_info(
+    summary: GGUFSummary, quant: str, wanted_type: str | None, quantize_log: str | None = None
+) -> tuple[SizeInfo, list[str]]:
     """SizeInfo of one GGUF requested as `quant` (whose tensors should be `wanted_type`), plus warnings.
 
     Every weight matrix that got another type than `wanted_type` is listed in `fallbacks`, as kind "shape"
@@ -297,21 +319,52 @@ def size_info(summary: GGUFSummary, quant: str, wanted_type: str | None, quantiz
             entry = logged.fallbacks.get(tensor.name) if logged is not None else None
             if entry is not None:  # announced by llama-quantize, and checked against the file above
                 rule = "" if entry.wanted == wanted_type else f"{quant}'s rules give this tensor {entry.wanted}; "
-                why = (f"{rule}{entry.columns} columns are not a multiple of {entry.block} "
-                       f"({entry.wanted} block size), so llama-quantize fell back to {tensor.type}")
-                fallbacks.append({"tensor": tensor.name, "wanted": entry.wanted, "got": tensor.type,
-                                  "why": why, "kind": "shape", "columns": entry.columns})
+                why = (
+                    f"{rule}{entry.columns} columns are not a multiple of {entry.block} "
+                    f"({entry.wanted} block size), so llama-quantize fell back to {tensor.type}"
+                )
+                fallbacks.append(
+                    {
+                        "tensor": tensor.name,
+                        "wanted": entry.wanted,
+                        "got": tensor.type,
+                        "why": why,
+                        "kind": "shape",
+                        "columns": entry.columns,
+                    }
+                )
             elif wanted_block and tensor.columns % wanted_block:
                 # not announced: the rules picked a fitting type themselves (the output tensor goes to Q8_0)
-                why = (f"{tensor.columns} columns are not a multiple of {wanted_block} ({wanted_type} block size); "
-                       f"llama-quantize's rules put this tensor in {tensor.type}")
-                fallbacks.append({"tensor": tensor.name, "wanted": wanted_type, "got": tensor.type,
-                                  "why": why, "kind": "shape", "columns": tensor.columns})
+                why = (
+                    f"{tensor.columns} columns are not a multiple of {wanted_block} ({wanted_type} block size); "
+                    f"llama-quantize's rules put this tensor in {tensor.type}"
+                )
+                fallbacks.append(
+                    {
+                        "tensor": tensor.name,
+                        "wanted": wanted_type,
+                        "got": tensor.type,
+                        "why": why,
+                        "kind": "shape",
+                        "columns": tensor.columns,
+                    }
+                )
             else:
-                why = (f"{quant}'s mixture rules keep this tensor in {tensor.type}" if tensor.type in UNQUANTIZED
-                       else f"{quant}'s mixture rules give this tensor {tensor.type} instead of {wanted_type}")
-                fallbacks.append({"tensor": tensor.name, "wanted": wanted_type, "got": tensor.type,
-                                  "why": why, "kind": "mixture", "columns": tensor.columns})
+                why = (
+                    f"{quant}'s mixture rules keep this tensor in {tensor.type}"
+                    if tensor.type in UNQUANTIZED
+                    else f"{quant}'s mixture rules give this tensor {tensor.type} instead of {wanted_type}"
+                )
+                fallbacks.append(
+                    {
+                        "tensor": tensor.name,
+                        "wanted": wanted_type,
+                        "got": tensor.type,
+                        "why": why,
+                        "kind": "mixture",
+                        "columns": tensor.columns,
+                    }
+                )
     info = SizeInfo(
         size_bytes=summary.size_bytes,
         fp16_bytes=2 * parameters,
@@ -327,8 +380,10 @@ def _verify_log(summary: GGUFSummary, logged: QuantizeLog) -> list[str]:
     """Every fallback llama-quantize announced must be visible in the file, with the shape it named."""
     problems = []
     if logged.reported_count != len(logged.fallbacks):
-        problems.append(f"llama-quantize reported {logged.reported_count} fallback tensors but its log named "
-                        f"{len(logged.fallbacks)}")
+        problems.append(
+            f"llama-quantize reported {logged.reported_count} fallback tensors but its log named "
+            f"{len(logged.fallbacks)}"
+        )
     for entry in logged.fallbacks.values():
         try:
             tensor = summary.tensor(entry.tensor)
@@ -337,6 +392,8 @@ def _verify_log(summary: GGUFSummary, logged: QuantizeLog) -> list[str]:
             continue
         block = summary.block_sizes.get(entry.wanted)
         if tensor.type != entry.got or tensor.columns != entry.columns or (block and tensor.columns % block == 0):
-            problems.append(f"{entry.tensor}: llama-quantize logged {entry.wanted} -> {entry.got} for "
-                            f"{entry.columns} columns, but the file holds {tensor.type} with {tensor.columns} columns")
+            problems.append(
+                f"{entry.tensor}: llama-quantize logged {entry.wanted} -> {entry.got} for "
+                f"{entry.columns} columns, but the file holds {tensor.type} with {tensor.columns} columns"
+            )
     return problems

@@ -111,18 +111,31 @@ class ArtifactReport:
     def from_json(cls, data: dict) -> ArtifactReport:
         validate_report_json(data)
         size = SizeInfo(
-            size_bytes=data["size_bytes"], fp16_bytes=data["fp16_bytes"], bits_per_weight=data["bits_per_weight"],
-            bits_per_quantized_weight=data["bits_per_quantized_weight"], tensor_types=dict(data["tensor_types"]),
-            fallbacks=list(data["fallbacks"]))
+            size_bytes=data["size_bytes"],
+            fp16_bytes=data["fp16_bytes"],
+            bits_per_weight=data["bits_per_weight"],
+            bits_per_quantized_weight=data["bits_per_quantized_weight"],
+            tensor_types=dict(data["tensor_types"]),
+            fallbacks=list(data["fallbacks"]),
+        )
         quality = None
         if data.get("eval"):
             names = {f.name for f in dataclasses.fields(QualityInfo)}
             quality = QualityInfo(**{k: v for k, v in data["eval"].items() if k in names})
-        stages = {name: StageCost(seconds, data["peak_rss_bytes"].get(name, 0))
-                  for name, seconds in data["seconds"].items()}
-        return cls(format=data["format"], quant=data["quant"], path=data["path"], size=size, quality=quality,
-                   stages=stages, provenance=dict(data["provenance"]), warnings=list(data["warnings"]),
-                   extra=dict(data.get("extra") or {}))
+        stages = {
+            name: StageCost(seconds, data["peak_rss_bytes"].get(name, 0)) for name, seconds in data["seconds"].items()
+        }
+        return cls(
+            format=data["format"],
+            quant=data["quant"],
+            path=data["path"],
+            size=size,
+            quality=quality,
+            stages=stages,
+            provenance=dict(data["provenance"]),
+            warnings=list(data["warnings"]),
+            extra=dict(data.get("extra") or {}),
+        )
 
     def write(self, directory: Path) -> Path:
         """Write report.json and report.md into `directory`; return the report.json path."""
@@ -189,7 +202,8 @@ def measure_stage(report: ArtifactReport, name: str) -> Iterator[StageMeter]:
     before = report.stages.get(name)
     report.stages[name] = StageCost(
         seconds=seconds + (before.seconds if before else 0.0),
-        peak_rss_bytes=max(peak_rss_bytes(), meter.child_peak, before.peak_rss_bytes if before else 0))
+        peak_rss_bytes=max(peak_rss_bytes(), meter.child_peak, before.peak_rss_bytes if before else 0),
+    )
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -225,12 +239,25 @@ REPORT_FIELDS: dict[str, tuple[type, ...]] = {
     "extra": (dict,),
 }
 EVAL_FIELDS: dict[str, tuple[type, ...]] = {
-    "perplexity": _NUM, "reference_perplexity": _NUM, "kl_divergence": _NUM, "top1_agreement": _NUM,
-    "eval_tokens": (int,), "text_sha256": (str,), "context_length": (int,), "evaluator": (str,),
-    "windows": (int,), "text_tokens": (int,),
+    "perplexity": _NUM,
+    "reference_perplexity": _NUM,
+    "kl_divergence": _NUM,
+    "top1_agreement": _NUM,
+    "eval_tokens": (int,),
+    "text_sha256": (str,),
+    "context_length": (int,),
+    "evaluator": (str,),
+    "windows": (int,),
+    "text_tokens": (int,),
 }
-QUALITY_KEYS = ("perplexity", "reference_perplexity", "perplexity_ratio", "kl_divergence", "top1_agreement",
-                "eval_tokens")
+QUALITY_KEYS = (
+    "perplexity",
+    "reference_perplexity",
+    "perplexity_ratio",
+    "kl_divergence",
+    "top1_agreement",
+    "eval_tokens",
+)
 
 
 def _type_names(types: tuple[type, ...]) -> str:
@@ -255,8 +282,10 @@ def validate_report_json(data: dict) -> None:
     problems: list[str] = []
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise MergeqError(f"report schema_version is {version!r}, this mergeq reads {SCHEMA_VERSION}",
-                          hint="re-run the export with this version of mergeq")
+        raise MergeqError(
+            f"report schema_version is {version!r}, this mergeq reads {SCHEMA_VERSION}",
+            hint="re-run the export with this version of mergeq",
+        )
     _check(data, REPORT_FIELDS, "", problems)
     if not problems:
         if data["size_bytes"] < 0 or data["fp16_bytes"] < 0:
@@ -275,11 +304,16 @@ def validate_report_json(data: dict) -> None:
         else:
             _check(data["eval"], EVAL_FIELDS, "eval.", problems)
             if not problems:
-                problems += [f"{k}: disagrees with eval.{k}" for k in QUALITY_KEYS
-                             if k in data["eval"] and data[k] != data["eval"][k]]
+                problems += [
+                    f"{k}: disagrees with eval.{k}"
+                    for k in QUALITY_KEYS
+                    if k in data["eval"] and data[k] != data["eval"][k]
+                ]
                 top1 = data["top1_agreement"]
                 if top1 is not None and not 0.0 <= top1 <= 1.0:
                     problems.append("top1_agreement: must lie in [0, 1]")
     if problems:
-        raise MergeqError("report does not match schema version 1: " + "; ".join(problems),
-                          hint="see docs/evaluation.md for the schema")
+        raise MergeqError(
+            "report does not match schema version 1: " + "; ".join(problems),
+            hint="see docs/evaluation.md for the schema",
+        )

@@ -53,7 +53,7 @@ class Int4Weights(CheckpointWeights):
 
 
 def open_weights(folder: Path, kind: str) -> CheckpointWeights:
-    """"hf" or "int4" (the kinds of exporters.eval_inputs.detect_format)."""
+    """ "hf" or "int4" (the kinds of exporters.eval_inputs.detect_format)."""
     return Int4Weights(folder) if kind == "int4" else CheckpointWeights(folder)
 
 

@@ -15,14 +15,25 @@ def summary_json(reports: list[ArtifactReport]) -> dict:
 
 
 def summary_markdown(reports: list[ArtifactReport]) -> str:
-    lines = ["# mergeq summary", "", "Quality is measured against the fp16 reference checkpoint; lower perplexity "
-             "and KL are better; see docs/evaluation.md for the definitions.", "",
-             "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines = [
+        "# mergeq summary",
+        "",
+        "Quality is measured against the fp16 reference checkpoint; lower perplexity "
+        "and KL are better; see docs/evaluation.md for the definitions.",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "---|" * len(TABLE_COLUMNS),
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in report_rows(reports)]
     q = next((r.quality for r in reports if r.quality), None)
     if q:
-        lines += ["", f"Scored {q.eval_tokens} tokens ({q.windows} windows of {q.context_length}), text sha256 "
-                      f"`{q.text_sha256}`.", "", "![size against perplexity](summary.png)"]
+        lines += [
+            "",
+            f"Scored {q.eval_tokens} tokens ({q.windows} windows of {q.context_length}), text sha256 "
+            f"`{q.text_sha256}`.",
+            "",
+            "![size against perplexity](summary.png)",
+        ]
     warned = [(r.label, w) for r in reports for w in r.warnings]
     if warned:
         lines += ["", "## Warnings", ""] + [f"- {label}: {w}" for label, w in warned]
@@ -57,8 +68,9 @@ def summary_figure(reports: list[ArtifactReport]):
     references = sorted({(r.size.fp16_bytes, r.quality.reference_perplexity) for r in shown if r.size.fp16_bytes})
     if references:
         fp16_bytes, ref_ppl = references[0]
-        ax.scatter([fp16_bytes / 2**20], [ref_ppl], marker="*", s=260, c="gold", edgecolors="black", zorder=4,
-                   gid="reference")
+        ax.scatter(
+            [fp16_bytes / 2**20], [ref_ppl], marker="*", s=260, c="gold", edgecolors="black", zorder=4, gid="reference"
+        )
         ax.axhline(ref_ppl, color="gray", linestyle="--", linewidth=1, zorder=1)
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel("perplexity on the evaluation text (lower is better)")
@@ -69,38 +81,64 @@ def summary_figure(reports: list[ArtifactReport]):
         subtitle += f"; {hidden} artifact(s) without evaluation not shown"
     ax.set_title(f"Size against perplexity\n{subtitle}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    handles = [Line2D([], [], marker="o", linestyle="", color=c, markeredgecolor="black", label=f)
-               for f, c in FORMAT_COLORS.items() if any(r.format == f for r in shown)]
-    handles.append(Line2D([], [], marker="*", linestyle="--", color="gray", markerfacecolor="gold",
-                          markeredgecolor="black", markersize=12, label="fp16 reference"))
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=c, markeredgecolor="black", label=f)
+        for f, c in FORMAT_COLORS.items()
+        if any(r.format == f for r in shown)
+    ]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            marker="*",
+            linestyle="--",
+            color="gray",
+            markerfacecolor="gold",
+            markeredgecolor="black",
+            markersize=12,
+            label="fp16 reference",
+        )
+    )
     ax.legend(handles=handles, loc="upper right", fontsize=8)
     ax.margins(x=0.25, y=0.2)
 
     diverged = [r for r in shown if r.quality.kl_divergence > 0]
-    for gid, group, marker in (("named", [r for r in diverged if not _budgeted(r)], "o"),
-                               ("budgeted", [r for r in diverged if _budgeted(r)], "D")):
+    for gid, group, marker in (
+        ("named", [r for r in diverged if not _budgeted(r)], "o"),
+        ("budgeted", [r for r in diverged if _budgeted(r)], "D"),
+    ):
         if group:
-            kl_ax.scatter([r.size.size_bytes / 2**20 for r in group], [r.quality.kl_divergence for r in group],
-                          c=[FORMAT_COLORS.get(r.format, "#666666") for r in group], marker=marker, s=60, zorder=3,
-                          gid=gid, edgecolors="black", linewidths=0.5)
+            kl_ax.scatter(
+                [r.size.size_bytes / 2**20 for r in group],
+                [r.quality.kl_divergence for r in group],
+                c=[FORMAT_COLORS.get(r.format, "#666666") for r in group],
+                marker=marker,
+                s=60,
+                zorder=3,
+                gid=gid,
+                edgecolors="black",
+                linewidths=0.5,
+            )
     kl_ax.set_yscale("log")
     kl_ax.set_xlabel("size on disk (MiB)")
     kl_ax.set_ylabel("mean KL divergence from the reference (nats, log scale)")
-    kl_ax.set_title("Size against KL divergence\ncircles: named types; diamonds: size-budgeted GGUF mixes",
-                    fontsize=10)
+    kl_ax.set_title("Size against KL divergence\ncircles: named types; diamonds: size-budgeted GGUF mixes", fontsize=10)
     kl_ax.grid(True, alpha=0.3, which="both")
     kl_ax.margins(x=0.25, y=0.3)
     fig.tight_layout()
     points = list(zip(xs, ys))
-    texts = [f"{r.label}\n{y:.2f} ppl (x{r.quality.perplexity_ratio:.3f}), {x:.0f} MiB"
-             for r, x, y in zip(shown, xs, ys)]
+    texts = [
+        f"{r.label}\n{y:.2f} ppl (x{r.quality.perplexity_ratio:.3f}), {x:.0f} MiB" for r, x, y in zip(shown, xs, ys)
+    ]
     if references:
         points.append((fp16_bytes / 2**20, ref_ppl))
         texts.append(f"fp16 reference\n{ref_ppl:.2f} ppl, {fp16_bytes / 2**20:.0f} MiB")
     place_labels(ax, points, texts)
-    place_labels(kl_ax, [(r.size.size_bytes / 2**20, r.quality.kl_divergence) for r in diverged],
-                 [f"{r.label}\nKL {r.quality.kl_divergence:.4f}, {r.size.size_bytes / 2**20:.0f} MiB"
-                  for r in diverged])
+    place_labels(
+        kl_ax,
+        [(r.size.size_bytes / 2**20, r.quality.kl_divergence) for r in diverged],
+        [f"{r.label}\nKL {r.quality.kl_divergence:.4f}, {r.size.size_bytes / 2**20:.0f} MiB" for r in diverged],
+    )
     return fig
 
 

@@ -148,8 +148,10 @@ def module_scale(config: dict, module: str) -> tuple[int, float, float]:
 
 
 def read_config(path: Path) -> dict:
-    return read_json_object(Path(path) / CONFIG_NAME, hint="is this a PEFT adapter folder? pass the folder written "
-                                                           "by PeftModel.save_pretrained")
+    return read_json_object(
+        Path(path) / CONFIG_NAME,
+        hint="is this a PEFT adapter folder? pass the folder written by PeftModel.save_pretrained",
+    )
 
 
 def check_supported(path: Path, config: dict) -> None:
@@ -161,19 +163,21 @@ def check_supported(path: Path, config: dict) -> None:
         )
     for option, label in UNSUPPORTED_LORA_OPTIONS.items():
         if config.get(option):
-            raise MergeqError(f"adapter {path}: not supported: {label} (option {option!r} is set)",
-                              hint="only plain LoRA, rsLoRA and DoRA adapters can be merged by mergeq")
+            raise MergeqError(
+                f"adapter {path}: not supported: {label} (option {option!r} is set)",
+                hint="only plain LoRA, rsLoRA and DoRA adapters can be merged by mergeq",
+            )
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise MergeqError(
             f"adapter {path}: not supported: LoRA initialised with {init!r}, which rewrites the base weights",
             hint="convert it to a plain LoRA first: PEFT's save_pretrained(..., "
-                 "path_initial_model_for_weight_conversion=...)",
+            "path_initial_model_for_weight_conversion=...)",
         )
 
 
 def _strip(key: str) -> str:
-    return key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+    return key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
 
 
 def _token_indices(config: dict, module: str, input_embedding: str | None) -> list[int] | None:
@@ -206,8 +210,7 @@ def load_adapter(path: Path, weight: float, index: int, input_embedding: str | N
         raise MergeqError(f"adapter {path}: no adapter_model.safetensors or adapter_model.bin")
     if not math.isfinite(weight):
         raise MergeqError(f"adapter {path}: weight {weight} is not a finite number")
-    adapter = Adapter(path=path, weight=float(weight), name=f"adapter{index}", config=config,
-                      weights_file=weights_file)
+    adapter = Adapter(path=path, weight=float(weight), name=f"adapter{index}", config=config, weights_file=weights_file)
     if weights_file.suffix == ".safetensors":
         adapter._st = SafetensorsFile(weights_file)
     else:
@@ -221,14 +224,23 @@ def _classify(adapter: Adapter, input_embedding: str | None) -> None:
     parts: dict[str, dict[str, str]] = {}
     for key in adapter.keys():
         name = _strip(key)
-        for suffix, role in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_B.bias", "bias"),
-                             (".lora_embedding_A", "embA"), (".lora_embedding_B", "embB"),
-                             (".lora_magnitude_vector.weight", "m"), (".lora_magnitude_vector", "m"),
-                             (".token_adapter.trainable_tokens_delta", "tokens"),
-                             (".token_adapter.base_layer.weight", "base.weight"),
-                             (".base_layer.weight", "base.weight"), (".base_layer.bias", "base.bias"),
-                             (".original_module.weight", "base.weight"), (".original_module.bias", "base.bias"),
-                             (".modules_to_save.weight", "mts.weight"), (".modules_to_save.bias", "mts.bias")):
+        for suffix, role in (
+            (".lora_A.weight", "A"),
+            (".lora_B.weight", "B"),
+            (".lora_B.bias", "bias"),
+            (".lora_embedding_A", "embA"),
+            (".lora_embedding_B", "embB"),
+            (".lora_magnitude_vector.weight", "m"),
+            (".lora_magnitude_vector", "m"),
+            (".token_adapter.trainable_tokens_delta", "tokens"),
+            (".token_adapter.base_layer.weight", "base.weight"),
+            (".base_layer.weight", "base.weight"),
+            (".base_layer.bias", "base.bias"),
+            (".original_module.weight", "base.weight"),
+            (".original_module.bias", "base.bias"),
+            (".modules_to_save.weight", "mts.weight"),
+            (".modules_to_save.bias", "mts.bias"),
+        ):
             if name.endswith(suffix):
                 parts.setdefault(name[: -len(suffix)], {})[role] = key
                 break
@@ -237,8 +249,7 @@ def _classify(adapter: Adapter, input_embedding: str | None) -> None:
             if param in ("weight", "bias") and _is_modules_to_save(config, module):
                 adapter.replacements[name] = Replacement(name, key, "modules_to_save")
             elif ".lora_" in name or "lora_" in param:
-                raise MergeqError(f"adapter {adapter.path}: not supported: adapter tensor {key} "
-                                  "(an unknown LoRA part)")
+                raise MergeqError(f"adapter {adapter.path}: not supported: adapter tensor {key} (an unknown LoRA part)")
             else:
                 raise MergeqError(
                     f"adapter {adapter.path}: tensor {key} is neither a LoRA part nor listed in modules_to_save",
@@ -267,12 +278,16 @@ def _classify(adapter: Adapter, input_embedding: str | None) -> None:
         if "tokens" in roles:
             indices = _token_indices(config, module, input_embedding)
             if indices is None:
-                raise MergeqError(f"adapter {adapter.path}: trainable token rows for {module} but no matching "
-                                  "trainable_token_indices in the config")
+                raise MergeqError(
+                    f"adapter {adapter.path}: trainable token rows for {module} but no matching "
+                    "trainable_token_indices in the config"
+                )
             rows = adapter.shape(roles["tokens"])[0]
             if rows != len(indices):
-                raise MergeqError(f"adapter {adapter.path}: {module} has {rows} trainable token rows but the "
-                                  f"config lists {len(indices)} indices")
+                raise MergeqError(
+                    f"adapter {adapter.path}: {module} has {rows} trainable token rows but the "
+                    f"config lists {len(indices)} indices"
+                )
             adapter.tokens[module] = TokenRows(module, indices, roles["tokens"])
         linear = "A" in roles or "B" in roles
         embedding = "embA" in roles or "embB" in roles
@@ -286,8 +301,10 @@ def _classify(adapter: Adapter, input_embedding: str | None) -> None:
             raise MergeqError(f"adapter {adapter.path}: {module} has only one of lora_A / lora_B")
         a_shape, b_shape = adapter.shape(a_key), adapter.shape(b_key)
         if len(a_shape) != 2 or len(b_shape) != 2:
-            raise MergeqError(f"adapter {adapter.path}: not supported: LoRA on a convolution layer ({module}, "
-                              f"lora_A shape {list(a_shape)})")
+            raise MergeqError(
+                f"adapter {adapter.path}: not supported: LoRA on a convolution layer ({module}, "
+                f"lora_A shape {list(a_shape)})"
+            )
         r, alpha, scale = module_scale(config, module)
         kind = "embedding" if embedding else "linear"
         rank_a = a_shape[0]
@@ -295,31 +312,40 @@ def _classify(adapter: Adapter, input_embedding: str | None) -> None:
         if rank_a != r or rank_b != r:
             raise MergeqError(
                 f"adapter {adapter.path}: {module} has rank {rank_a} (lora_A) / {rank_b} (lora_B) but the config "
-                f"gives r={r}", hint="check r and rank_pattern in adapter_config.json")
-        adapter.loras[module] = LoraModule(module, kind, r, alpha, scale, a_key, b_key,
-                                           bias_key=roles.get("bias"), magnitude_key=roles.get("m"))
+                f"gives r={r}",
+                hint="check r and rank_pattern in adapter_config.json",
+            )
+        adapter.loras[module] = LoraModule(
+            module, kind, r, alpha, scale, a_key, b_key, bias_key=roles.get("bias"), magnitude_key=roles.get("m")
+        )
 
 
 def _add_expert_lora(adapter: Adapter, module: str, roles: dict[str, str], owner: str, parameter: str) -> None:
     """A ParamWrapper's lora_A (experts*r, in) and lora_B (out, r*experts) on the parameter `owner.parameter`."""
     name = f"{owner}.{parameter}"
     if set(roles) - {"A", "B"}:
-        raise MergeqError(f"adapter {adapter.path}: not supported: DoRA or lora_bias on the parameter {name} "
-                          "(target_parameters)")
+        raise MergeqError(
+            f"adapter {adapter.path}: not supported: DoRA or lora_bias on the parameter {name} (target_parameters)"
+        )
     if "B" not in roles:
         raise MergeqError(f"adapter {adapter.path}: {name} has lora_A but no lora_B")
     config = adapter.config
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise MergeqError(f"adapter {adapter.path}: not supported: rank_pattern/alpha_pattern together with "
-                          f"target_parameters ({name})")
+        raise MergeqError(
+            f"adapter {adapter.path}: not supported: rank_pattern/alpha_pattern together with "
+            f"target_parameters ({name})"
+        )
     r, _, scale = module_scale(config, owner)
     a_rows = adapter.shape(roles["A"])[0]
     b_shape = adapter.shape(roles["B"])
     if a_rows % r or b_shape[1] != a_rows:
-        raise MergeqError(f"adapter {adapter.path}: {name} has lora_A rows {a_rows} and lora_B columns "
-                          f"{b_shape[1]}, not the same multiple of r={r}")
-    adapter.expert_loras[name] = ExpertLora(owner, parameter, r, scale, a_rows // r, adapter.shape(roles["A"])[1],
-                                            b_shape[0], roles["A"], roles["B"])
+        raise MergeqError(
+            f"adapter {adapter.path}: {name} has lora_A rows {a_rows} and lora_B columns "
+            f"{b_shape[1]}, not the same multiple of r={r}"
+        )
+    adapter.expert_loras[name] = ExpertLora(
+        owner, parameter, r, scale, a_rows // r, adapter.shape(roles["A"])[1], b_shape[0], roles["A"], roles["B"]
+    )
 
 
 def describe_adapter(adapter: Adapter) -> dict:
@@ -334,8 +360,12 @@ def describe_adapter(adapter: Adapter) -> dict:
         "saved_base_layers": sorted(adapter.base_layers),
         "trainable_tokens": {m: t.indices for m, t in sorted(adapter.tokens.items())},
         "scales": {m.module: m.scale for m in sorted(adapter.loras.values(), key=lambda m: m.module)},
-        "applied_scales": {m.module: m.scale * adapter.weight
-                           for m in sorted(adapter.loras.values(), key=lambda m: m.module)},
-        **({"parameter_scales": {name: e.scale * adapter.weight for name, e in sorted(adapter.expert_loras.items())}}
-           if adapter.expert_loras else {}),
+        "applied_scales": {
+            m.module: m.scale * adapter.weight for m in sorted(adapter.loras.values(), key=lambda m: m.module)
+        },
+        **(
+            {"parameter_scales": {name: e.scale * adapter.weight for name, e in sorted(adapter.expert_loras.items())}}
+            if adapter.expert_loras
+            else {}
+        ),
     }

@@ -21,9 +21,11 @@ import torch
 
 from mergeq.core.errors import MergeqError
 
-PEFT_HINT = ("PEFT can merge it: load the base with transformers, apply the adapter with PeftModel.from_pretrained, "
-             "call merge_and_unload() and save_pretrained(), then give that folder to mergeq as the base model "
-             "without this adapter")
+PEFT_HINT = (
+    "PEFT can merge it: load the base with transformers, apply the adapter with PeftModel.from_pretrained, "
+    "call merge_and_unload() and save_pretrained(), then give that folder to mergeq as the base model "
+    "without this adapter"
+)
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,12 @@ class ExpertLayout:
 PARAMETER_ORDER = ("gate_up_proj", "down_proj")
 
 EXPERT_LAYOUTS: dict[str, ExpertLayout] = {  # by config.json model_type
-    "mixtral": ExpertLayout("block_sparse_moe.experts", "mlp.experts",
-                            {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}),
-    "qwen3_moe": ExpertLayout("mlp.experts", "mlp.experts",
-                              {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}),
+    "mixtral": ExpertLayout(
+        "block_sparse_moe.experts", "mlp.experts", {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
+    ),
+    "qwen3_moe": ExpertLayout(
+        "mlp.experts", "mlp.experts", {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+    ),
 }
 
 
@@ -82,14 +86,20 @@ def wrapped_parameters(config: dict, wrappers: dict[str, int], adapter_path) -> 
     targets = list(config.get("target_parameters") or [])
     found: dict[str, tuple[str, str]] = {}
     for owner, depth_count in wrappers.items():
-        params = {t.rpartition(".")[2] for t in targets
-                  if owner == t.rpartition(".")[0] or owner.endswith("." + t.rpartition(".")[0])}
+        params = {
+            t.rpartition(".")[2]
+            for t in targets
+            if owner == t.rpartition(".")[0] or owner.endswith("." + t.rpartition(".")[0])
+        }
         if len(params) != depth_count:
             continue  # not a parameter wrapper (or not one we can name): left to the module LoRA rules
         if depth_count > 1 and not params <= set(PARAMETER_ORDER):
-            raise MergeqError(f"adapter {adapter_path}: LoRA on the parameters {sorted(params)} of {owner} "
-                              "(target_parameters): mergeq cannot tell which of the nested tensors belongs to which "
-                              "parameter", hint=PEFT_HINT)
+            raise MergeqError(
+                f"adapter {adapter_path}: LoRA on the parameters {sorted(params)} of {owner} "
+                "(target_parameters): mergeq cannot tell which of the nested tensors belongs to which "
+                "parameter",
+                hint=PEFT_HINT,
+            )
         ordered = sorted(params, key=lambda p: PARAMETER_ORDER.index(p) if p in PARAMETER_ORDER else 0)
         for depth in range(depth_count):  # depth 0 is the outermost wrapper, the parameter defined last
             found[owner + ".base_layer" * depth] = (owner, ordered[depth_count - 1 - depth])
@@ -104,7 +114,8 @@ def disk_slices(lora: ExpertLora, model_type: str | None, shapes: dict, adapter_
         raise MergeqError(
             f"adapter {adapter_path}: LoRA on the fused parameter {lora.name} (target_parameters), but mergeq does "
             f"not know how a {model_type!r} checkpoint stores it on disk (known: {', '.join(sorted(EXPERT_LAYOUTS))})",
-            hint=PEFT_HINT)
+            hint=PEFT_HINT,
+        )
     prefix = lora.module[: len(lora.module) - len(layout.memory_module)]
     slices: dict[str, ExpertSlice] = {}
     for expert in range(lora.experts):
@@ -112,23 +123,26 @@ def disk_slices(lora: ExpertLora, model_type: str | None, shapes: dict, adapter_
         for part in layout.parts[lora.parameter]:
             name = f"{prefix}{layout.disk_module}.{expert}.{part}.weight"
             if name not in shapes:
-                raise MergeqError(f"adapter {adapter_path}: {lora.name} has {lora.experts} experts but the base "
-                                  f"has no tensor {name}",
-                                  hint="the adapter was trained on another base model; pass the base it was trained "
-                                       "on")
+                raise MergeqError(
+                    f"adapter {adapter_path}: {lora.name} has {lora.experts} experts but the base has no tensor {name}",
+                    hint="the adapter was trained on another base model; pass the base it was trained on",
+                )
             rows = shapes[name][1][0]
             slices[name] = ExpertSlice(lora, expert, start, start + rows)
             start += rows
         if start != lora.out_features:
-            raise MergeqError(f"adapter {adapter_path}: {lora.name} has {lora.out_features} output features but "
-                              f"the base's expert tensors {', '.join(layout.parts[lora.parameter])} have {start} rows",
-                              hint="the adapter was trained on another base model; pass the base it was trained on")
+            raise MergeqError(
+                f"adapter {adapter_path}: {lora.name} has {lora.out_features} output features but "
+                f"the base's expert tensors {', '.join(layout.parts[lora.parameter])} have {start} rows",
+                hint="the adapter was trained on another base model; pass the base it was trained on",
+            )
     return slices
 
 
-def expert_factors(lora: ExpertLora, a: torch.Tensor, b: torch.Tensor,
-                   piece: ExpertSlice) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_factors(
+    lora: ExpertLora, a: torch.Tensor, b: torch.Tensor, piece: ExpertSlice
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B_e rows [start, stop), A_e): one expert's change to one of its tensors is scale * left @ right."""
     a_e = a.reshape(lora.experts, lora.r, a.shape[-1])[piece.expert]
-    b_e = b.reshape(b.shape[0], lora.r, lora.experts)[piece.start:piece.stop, :, piece.expert]
+    b_e = b.reshape(b.shape[0], lora.r, lora.experts)[piece.start : piece.stop, :, piece.expert]
     return b_e.contiguous(), a_e.contiguous()

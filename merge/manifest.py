@@ -30,24 +30,44 @@ def versions() -> dict[str, str]:
 
 
 def _source_entry(source, hashes: dict) -> dict:
-    entry = {"path": str(source.folder), "format": source.ckpt.format, "kind": source.kind,
-             "files": hashes.get(source.folder) or tree_hashes(source.folder, recursive=False)}
+    entry = {
+        "path": str(source.folder),
+        "format": source.ckpt.format,
+        "kind": source.kind,
+        "files": hashes.get(source.folder) or tree_hashes(source.folder, recursive=False),
+    }
     if source.quant:
         entry["quantized_tensors"] = len(source.quant)
     if source.requantize is not None:
-        entry["requantized"] = {"quant_type": source.requantize.quant_type, "blocksize": source.requantize.blocksize,
-                                "double_quant": source.requantize.double_quant,
-                                "tensors": len(source.requantized)}
+        entry["requantized"] = {
+            "quant_type": source.requantize.quant_type,
+            "blocksize": source.requantize.blocksize,
+            "double_quant": source.requantize.double_quant,
+            "tensors": len(source.requantized),
+        }
     return entry
 
 
-def build(*, config, chosen, sources, facts: dict, aux: list[str], adapters: list[dict], validation: dict | None,
-          fidelity: dict | None, warnings: list[str], hashes: dict | None = None, qlora: dict | None = None) -> dict:
+def build(
+    *,
+    config,
+    chosen,
+    sources,
+    facts: dict,
+    aux: list[str],
+    adapters: list[dict],
+    validation: dict | None,
+    fidelity: dict | None,
+    warnings: list[str],
+    hashes: dict | None = None,
+    qlora: dict | None = None,
+) -> dict:
     hashes = hashes or {}
     adapter_entries = []
     for entry, adapter in zip(adapters, chosen.adapters):
-        adapter_entries.append({**entry, "files": hashes.get(adapter.path)
-                                or tree_hashes(adapter.path, recursive=False)})
+        adapter_entries.append(
+            {**entry, "files": hashes.get(adapter.path) or tree_hashes(adapter.path, recursive=False)}
+        )
     return {
         "schema": SCHEMA,
         "tool": "mergeq merge",

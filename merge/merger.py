@@ -48,6 +48,7 @@ class MergeResult:
 
 # ----------------------------------------------------------------------------------------------- output checks
 
+
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or child.is_relative_to(parent)
 
@@ -57,17 +58,23 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
     for source in inputs:
         src = Path(source).resolve()
         if _inside(out_r, src):
-            raise MergeqError(f"output directory {out} is inside the input {source}",
-                              hint="choose an --out directory outside every input folder")
+            raise MergeqError(
+                f"output directory {out} is inside the input {source}",
+                hint="choose an --out directory outside every input folder",
+            )
         if _inside(src, out_r):
-            raise MergeqError(f"input {source} is inside the output directory {out}",
-                              hint="choose an --out directory that holds no input")
+            raise MergeqError(
+                f"input {source} is inside the output directory {out}",
+                hint="choose an --out directory that holds no input",
+            )
     if out_r.exists():
         if not out_r.is_dir():
             raise MergeqError(f"output {out} exists and is not a directory", hint="choose another --out")
         if any(out_r.iterdir()) and not overwrite:
-            raise MergeqError(f"output directory {out} exists and is not empty",
-                              hint="choose a new --out, or pass --overwrite to replace it")
+            raise MergeqError(
+                f"output directory {out} exists and is not empty",
+                hint="choose a new --out, or pass --overwrite to replace it",
+            )
 
 
 def _write_config(source: Source, folder: Path, facts: dict, dtype_name: str) -> dict:
@@ -151,9 +158,15 @@ def qlora_decision(config: MergeConfig, refs: list[AdapterRef]) -> Decision:
         evidence.append(user_base_evidence(given[0], None, given[1]))
     if config.requantize is not None and given is None:
         s = config.requantize
-        return Decision("explicit", True, s, f"fp16 base requantized to {s.quant_type}"
-                        + (" (double quant)" if s.double_quant else ""), evidence, [],
-                        "quantization settings given explicitly (--requantize)")
+        return Decision(
+            "explicit",
+            True,
+            s,
+            f"fp16 base requantized to {s.quant_type}" + (" (double quant)" if s.double_quant else ""),
+            evidence,
+            [],
+            "quantization settings given explicitly (--requantize)",
+        )
     return decide(config.qlora, evidence, has_4bit_base=given is not None, double_quant=config.double_quant)
 
 
@@ -180,12 +193,17 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
     warnings: list[str] = [f"QLoRA: {w}" for w in decision.warnings]
     recorded = {a.config.get("base_model_name_or_path") for a in sources[0].adapters} - {None, ""}
     if len(recorded) > 1:
-        warnings.append("the adapters record different bases (" + ", ".join(sorted(map(str, recorded)))
-                        + "); their shapes fit this base, but task arithmetic assumes one shared base")
+        warnings.append(
+            "the adapters record different bases ("
+            + ", ".join(sorted(map(str, recorded)))
+            + "); their shapes fit this base, but task arithmetic assumes one shared base"
+        )
     # input hashes for the manifest: read in a background thread while the merge streams (hashlib drops the GIL)
     hasher = ThreadPoolExecutor(max_workers=1)
-    hashing = {folder: hasher.submit(tree_hashes, folder, recursive=False)
-               for folder in dict.fromkeys([s.folder for s in sources] + [r.path for r in refs])}
+    hashing = {
+        folder: hasher.submit(tree_hashes, folder, recursive=False)
+        for folder in dict.fromkeys([s.folder for s in sources] + [r.path for r in refs])
+    }
     result_validation = None
     fidelity = None
     try:
@@ -204,26 +222,41 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
                 from merge import validate as validate_mod
 
                 reference_base = Path(config.qlora_base) if config.qlora_base else Path(config.base)
-                reference = validate_mod.Reference(base=reference_base, adapters=refs,
-                                                   vocab_size=facts[chosen.label]["vocab_size"],
-                                                   tokenizer_dirs=_tokenizer_dirs(config, refs),
-                                                   quantize=None if config.qlora_base else requantize)
-                outcome = validate_mod.compare_candidates(reference, {chosen.label: tmp}, config.kl_warn,
-                                                          config.logit_warn)
+                reference = validate_mod.Reference(
+                    base=reference_base,
+                    adapters=refs,
+                    vocab_size=facts[chosen.label]["vocab_size"],
+                    tokenizer_dirs=_tokenizer_dirs(config, refs),
+                    quantize=None if config.qlora_base else requantize,
+                )
+                outcome = validate_mod.compare_candidates(
+                    reference, {chosen.label: tmp}, config.kl_warn, config.logit_warn
+                )
                 warnings.extend(outcome.warnings)
                 result_validation = outcome.results[chosen.label]
             else:
                 warnings.append("validation skipped (--no-validate)")
             chosen_facts = facts[chosen.label]
-            aux = copy_aux_files([Path(p) for p in (config.base, config.qlora_base) if p is not None], tmp,
-                                 tokenizer_from=[r.path for r in refs])
+            aux = copy_aux_files(
+                [Path(p) for p in (config.base, config.qlora_base) if p is not None],
+                tmp,
+                tokenizer_from=[r.path for r in refs],
+            )
             for source in sources:
                 warnings.extend(source.warnings)
             manifest = manifest_mod.build(
-                config=config, chosen=chosen, sources=sources, facts=chosen_facts, aux=aux,
+                config=config,
+                chosen=chosen,
+                sources=sources,
+                facts=chosen_facts,
+                aux=aux,
                 adapters=[describe_adapter(a) for a in chosen.adapters],
-                validation=result_validation, fidelity=fidelity, warnings=warnings, qlora=decision.describe(),
-                hashes={folder: future.result() for folder, future in hashing.items()})
+                validation=result_validation,
+                fidelity=fidelity,
+                warnings=warnings,
+                qlora=decision.describe(),
+                hashes={folder: future.result() for folder, future in hashing.items()},
+            )
             write_json(tmp / manifest_mod.MANIFEST_NAME, manifest)
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
@@ -231,8 +264,9 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
             source.close()
     for warning in warnings:
         log.warning("%s", warning)
-    return MergeResult(out=out, manifest=manifest, warnings=warnings, shards=chosen_facts["shards"],
-                       validation=result_validation)
+    return MergeResult(
+        out=out, manifest=manifest, warnings=warnings, shards=chosen_facts["shards"], validation=result_validation
+    )
 
 
 def _tokenizer_dirs(config: MergeConfig, refs: list[AdapterRef]) -> list[Path]:
@@ -244,10 +278,12 @@ def _choose(config: MergeConfig, refs: list[AdapterRef], sources: list[Source]):
     from merge.target import choose_target
 
     if config.eval_text is None:
-        raise MergeqError("--base and --qlora-base: the merge target is chosen by measuring both merges against "
-                          "the trained model on an evaluation text, and none was given",
-                          hint="pass --eval-text FILE (text like what the model will see in use; .txt, .jsonl, "
-                               ".parquet:COLUMN), or pass only one base")
+        raise MergeqError(
+            "--base and --qlora-base: the merge target is chosen by measuring both merges against "
+            "the trained model on an evaluation text, and none was given",
+            hint="pass --eval-text FILE (text like what the model will see in use; .txt, .jsonl, "
+            ".parquet:COLUMN), or pass only one base",
+        )
     reference = Source(Path(config.qlora_base), "reference", refs, torch.float32, None)
     try:
         return choose_target(sources, reference, Path(config.eval_text), _tokenizer_dirs(config, refs))

@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-INPUT_EMBEDDING_GUESSES = ("model.embed_tokens", "transformer.wte", "model.decoder.embed_tokens", "embed_tokens",
-                           "wte", "transformer.word_embeddings", "gpt_neox.embed_in")
+INPUT_EMBEDDING_GUESSES = (
+    "model.embed_tokens",
+    "transformer.wte",
+    "model.decoder.embed_tokens",
+    "embed_tokens",
+    "wte",
+    "transformer.word_embeddings",
+    "gpt_neox.embed_in",
+)
 OUTPUT_EMBEDDING_GUESSES = ("lm_head", "embed_out")
 
 

@@ -39,8 +39,9 @@ class Operation:
     exclusive = False  # rewrites the whole weight: an adapter may do at most one such change to a tensor
     blockwise = False  # W + sum of low-rank products: mergeable a block of rows at a time from the memory map
 
-    def expected_shape(self, adapter: Adapter, base: tuple[int, ...], current: tuple[int, ...],
-                       check: ShapeCheck) -> tuple[int, ...]:
+    def expected_shape(
+        self, adapter: Adapter, base: tuple[int, ...], current: tuple[int, ...], check: ShapeCheck
+    ) -> tuple[int, ...]:
         """Record any mismatch with the base in `check.mismatches`; return the tensor's shape after this op."""
         raise NotImplementedError
 
@@ -76,8 +77,11 @@ class LoraOp(Operation):
         a = adapter.tensor(self.lora.a_key)
         b = adapter.tensor(self.lora.b_key)
         # W + scale * B @ A in one fused pass (transposed: A^T B^T = (B A)^T)
-        return torch.addmm(current, a.T, b.T, alpha=self.lora.scale) if self.transposed else \
-            torch.addmm(current, b, a, alpha=self.lora.scale)
+        return (
+            torch.addmm(current, a.T, b.T, alpha=self.lora.scale)
+            if self.transposed
+            else torch.addmm(current, b, a, alpha=self.lora.scale)
+        )
 
 
 @dataclass
@@ -144,7 +148,8 @@ class ReplaceOp(Operation):
             raise MergeqError(
                 f"adapter {adapter.path} resizes {check.name} to {shape[0]} rows; combining it with a weight "
                 "or with other adapters needs the resized base layer saved in the adapter",
-                hint="save the adapter with save_embedding_layers=True, or merge it alone with weight 1")
+                hint="save the adapter with save_embedding_layers=True, or merge it alone with weight 1",
+            )
         return shape
 
     def apply(self, adapter, current, base):
@@ -182,8 +187,10 @@ class ExpertLoraOp(Operation):
         lora, piece = self.piece.lora, self.piece
         want = (piece.stop - piece.start, lora.in_features)
         if tuple(base) != want:
-            check.mismatches.append(f"{check.name}: base {list(base)}, expert {piece.expert} of {lora.name} in the "
-                                    f"adapter expects {list(want)}")
+            check.mismatches.append(
+                f"{check.name}: base {list(base)}, expert {piece.expert} of {lora.name} in the "
+                f"adapter expects {list(want)}"
+            )
         return current
 
     def factors(self, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor, float]:

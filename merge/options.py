@@ -59,48 +59,87 @@ class MergeConfig:
     """Everything a merge needs. `base` or `qlora_base` (or both: the fidelity comparison) must be given."""
 
     base: Path | None = option(
-        None, exists="base model", help="base model folder: fp16/bf16/fp32 safetensors (single or sharded), "
-                                        "a bitsandbytes 4-bit checkpoint, or pytorch_model.bin")
+        None,
+        exists="base model",
+        help="base model folder: fp16/bf16/fp32 safetensors (single or sharded), "
+        "a bitsandbytes 4-bit checkpoint, or pytorch_model.bin",
+    )
     adapters: Sequence[AdapterRef | tuple[Path, float] | Path | str] = option(
-        (), flag="--adapter", repeat=True, required=True, metavar="PATH[@WEIGHT]", parse=AdapterRef.parse,
+        (),
+        flag="--adapter",
+        repeat=True,
+        required=True,
+        metavar="PATH[@WEIGHT]",
+        parse=AdapterRef.parse,
         parse_toml=AdapterRef.from_toml,
         help="PEFT adapter folder(s), each with an optional weight; several (--adapter repeated, or a list) are "
-             "summed (task arithmetic)")
-    out: Path | None = option(None, toml=False, required=True,
-                              help="output folder (must not exist or be empty)")  # a pipeline sets its own
+        "summed (task arithmetic)",
+    )
+    out: Path | None = option(
+        None, toml=False, required=True, help="output folder (must not exist or be empty)"
+    )  # a pipeline sets its own
     dtype: str = option("float16", choices=DTYPES, help="output dtype")
     qlora_base: Path | None = option(
-        None, exists="QLoRA 4-bit base", help="the bitsandbytes 4-bit base the adapter was trained on; with --base, "
-                                              "both merge targets are compared and the closer is used")
-    validate: bool = option(True, flag=None, off_flag="--no-validate",
-                            help="compare the merge with the unmerged PEFT model",
-                            off_help="skip the comparison with the unmerged PEFT model")
+        None,
+        exists="QLoRA 4-bit base",
+        help="the bitsandbytes 4-bit base the adapter was trained on; with --base, "
+        "both merge targets are compared and the closer is used",
+    )
+    validate: bool = option(
+        True,
+        flag=None,
+        off_flag="--no-validate",
+        help="compare the merge with the unmerged PEFT model",
+        off_help="skip the comparison with the unmerged PEFT model",
+    )
     overwrite: bool = option(False, toml=False, help="replace a non-empty --out")
     # merge into dequant(quant(base)): the QLoRA target from an fp16 base. Given as nf4|fp4 (the older spelling of
     # --qlora nf4|fp4), made QuantSettings with quant_blocksize and double_quant by __post_init__
     requantize: QuantSettings | str | None = option(
-        None, toml=False, choices=("nf4", "fp4"), parse=str,
-        help="same as --qlora nf4|fp4, with --quant-blocksize and --no-double-quant taken as given")
+        None,
+        toml=False,
+        choices=("nf4", "fp4"),
+        parse=str,
+        help="same as --qlora nf4|fp4, with --quant-blocksize and --no-double-quant taken as given",
+    )
     qlora: str = option(
-        "auto", choices=QLORA_MODES,
+        "auto",
+        choices=QLORA_MODES,
         help="the 4-bit base a QLoRA adapter was trained on, rebuilt from the fp16 --base: auto when the adapter "
-             "folder shows QLoRA training (recorded base name, trainer config, model card), nf4/fp4 always, off "
-             "never")  # merge.qlora_detect
+        "folder shows QLoRA training (recorded base name, trainer config, model card), nf4/fp4 always, off "
+        "never",
+    )  # merge.qlora_detect
     # with base and qlora_base: the text both merges are measured on (merge.target); a pipeline passes its [eval] text
     eval_text: Path | None = option(
-        None, flag="--eval-text", toml=False, text="evaluation",
+        None,
+        flag="--eval-text",
+        toml=False,
+        text="evaluation",
         help="with --base and --qlora-base: the text both merges are scored on against the trained model "
-             "(.txt; .jsonl text/messages; .parquet:COLUMN; `demo`)")
+        "(.txt; .jsonl text/messages; .parquet:COLUMN; `demo`)",
+    )
     double_quant: bool | None = option(
-        None, flag=None, off_flag="--no-double-quant", toml=False,
-        help="the rebuilt 4-bit base without double quantization (default: as the evidence says, else with it)")
+        None,
+        flag=None,
+        off_flag="--no-double-quant",
+        toml=False,
+        help="the rebuilt 4-bit base without double quantization (default: as the evidence says, else with it)",
+    )
     quant_blocksize: int = option(DEFAULT_BLOCKSIZE, toml=False, help="blocksize of the rebuilt 4-bit base")
-    max_shard_bytes: int = option(DEFAULT_MAX_SHARD_BYTES, flag="--max-shard-size", toml=False, value_type=float,
-                                  unit="GiB", scale=1024**3, help="output shard size")
+    max_shard_bytes: int = option(
+        DEFAULT_MAX_SHARD_BYTES,
+        flag="--max-shard-size",
+        toml=False,
+        value_type=float,
+        unit="GiB",
+        scale=1024**3,
+        help="output shard size",
+    )
     # compute threads while streaming: the merge is memory-bound in cache-sized blocks, where one thread is
     # fastest and never stalls on a busy machine; another core hashes the inputs meanwhile
-    threads: int = option(1, toml=False, range=(0, None),
-                          help="compute threads for the streaming merge (0 = torch's default)")
+    threads: int = option(
+        1, toml=False, range=(0, None), help="compute threads for the streaming merge (0 = torch's default)"
+    )
     kl_warn: float = 0.01
     logit_warn: float = 1.0
 

@@ -57,13 +57,15 @@ def plan_merge(source) -> Plan:
             if lora.bias_key:
                 bias = f"{lora.module}.bias"
                 if bias not in known:
-                    mismatches.append(f"{lora.module}: the adapter trains a bias (lora_bias) but the base "
-                                      "module has none")
+                    mismatches.append(
+                        f"{lora.module}: the adapter trains a bias (lora_bias) but the base module has none"
+                    )
                 else:
                     _add(plan, bias, adapter, BiasOp(lora.bias_key, lora.scale))
         for expert_lora in adapter.expert_loras.values():
-            for target, piece in disk_slices(expert_lora, source.config.get("model_type"), source.shapes,
-                                             adapter.path).items():
+            for target, piece in disk_slices(
+                expert_lora, source.config.get("model_type"), source.shapes, adapter.path
+            ).items():
                 _add(plan, target, adapter, ExpertLoraOp(piece))
         for tokens in adapter.tokens.values():
             target = f"{tokens.module}.weight"
@@ -77,8 +79,10 @@ def plan_merge(source) -> Plan:
     if unmatched:
         raise MergeqError(
             f"{len(unmatched)} adapter target module(s) match nothing in the base {source.folder}: "
-            + "; ".join(unmatched[:MAX_LISTED]) + (" ..." if len(unmatched) > MAX_LISTED else ""),
-            hint="the adapter was trained on another model; pass the base it was trained on")
+            + "; ".join(unmatched[:MAX_LISTED])
+            + (" ..." if len(unmatched) > MAX_LISTED else ""),
+            hint="the adapter was trained on another model; pass the base it was trained on",
+        )
     for adapter, rep in plan.base_layers.values():
         _check_base_layer(source, plan, adapter, rep, mismatches)
     for name in sorted(known):
@@ -86,9 +90,9 @@ def plan_merge(source) -> Plan:
     if mismatches:
         raise MergeqError(
             f"adapter {', '.join(str(a.path) for a in source.adapters)} does not fit the base {source.folder} "
-            f"({len(mismatches)} shape mismatch(es)); first: "
-            + "; ".join(mismatches[:MAX_LISTED]),
-            hint="the adapter was trained on another base model; pass the base it was trained on")
+            f"({len(mismatches)} shape mismatch(es)); first: " + "; ".join(mismatches[:MAX_LISTED]),
+            hint="the adapter was trained on another base model; pass the base it was trained on",
+        )
     _check_vocab(source, plan)
     return plan
 
@@ -118,15 +122,23 @@ def _check_base_layer(source, plan: Plan, adapter: Adapter, rep: Replacement, mi
     for other in source.adapters:
         orep = other.base_layers.get(rep.tensor)
         if other is not adapter and orep is not None and tuple(other.shape(orep.key)) != shape:
-            raise MergeqError(f"adapters {adapter.path} and {other.path} do not share one base: their saved "
-                              f"{rep.tensor} differ in shape", hint="merge adapters trained on one base only")
+            raise MergeqError(
+                f"adapters {adapter.path} and {other.path} do not share one base: their saved "
+                f"{rep.tensor} differ in shape",
+                hint="merge adapters trained on one base only",
+            )
 
 
 def _out_shape(source, plan: Plan, name: str, mismatches: list[str]) -> tuple[int, ...]:
     base = base_shape(source, plan, name)
     ops = plan.ops.get(name, [])
-    check = ShapeCheck(name, resizable=name in (source.in_w, source.out_w), saved_base=name in plan.base_layers,
-                       changes=len(ops), mismatches=mismatches)
+    check = ShapeCheck(
+        name,
+        resizable=name in (source.in_w, source.out_w),
+        saved_base=name in plan.base_layers,
+        changes=len(ops),
+        mismatches=mismatches,
+    )
     out = base
     for adapter, op in ops:
         out = op.expected_shape(adapter, base, out, check)
@@ -142,7 +154,8 @@ def _check_vocab(source, plan: Plan) -> None:
         raise MergeqError(
             f"the adapter gives {in_w} {emb[0]} rows but {out_w} {head[0]} rows "
             "(resized vocabulary without the matching output layer)",
-            hint="save the adapter with modules_to_save=['lm_head', 'embed_tokens'] or save_embedding_layers=True")
+            hint="save the adapter with modules_to_save=['lm_head', 'embed_tokens'] or save_embedding_layers=True",
+        )
     if plan.virtual_head and emb[0] != head[0]:
         # a tied head follows the resized embedding unless the adapter gives its own
         plan.out_shapes[out_w] = emb if out_w not in plan.ops else head

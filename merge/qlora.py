@@ -73,8 +73,10 @@ def quantized_weights(names: list[str]) -> dict[str, str]:
         if match:
             found[match["weight"]] = name
         elif name.endswith(EIGHT_BIT_SUFFIXES):
-            raise MergeqError(f"base tensor {name}: not supported: bitsandbytes 8-bit (LLM.int8) base",
-                              hint="merge into the original fp16/bf16 base instead")
+            raise MergeqError(
+                f"base tensor {name}: not supported: bitsandbytes 8-bit (LLM.int8) base",
+                hint="merge into the original fp16/bf16 base instead",
+            )
     for name in names:
         for suffix in AUX_SUFFIXES:
             if name.endswith(suffix) and name[: -len(suffix)] not in found and ".quant_state." not in name:
@@ -82,13 +84,17 @@ def quantized_weights(names: list[str]) -> dict[str, str]:
                 if f"{owner}.absmax" in names or suffix == ".absmax":
                     raise MergeqError(
                         f"corrupt bitsandbytes quant state: {name} exists but {owner}.quant_state.bitsandbytes__nf4 "
-                        "(or __fp4) does not", hint="re-save the 4-bit checkpoint with transformers")
+                        "(or __fp4) does not",
+                        hint="re-save the 4-bit checkpoint with transformers",
+                    )
     return found
 
 
 def _state_error(weight: str, what: str) -> MergeqError:
-    return MergeqError(f"corrupt bitsandbytes quant state for {weight}: {what}",
-                       hint="re-save the 4-bit checkpoint with transformers (model.save_pretrained)")
+    return MergeqError(
+        f"corrupt bitsandbytes quant state for {weight}: {what}",
+        hint="re-save the 4-bit checkpoint with transformers (model.save_pretrained)",
+    )
 
 
 def read_state(ckpt: Checkpoint, weight: str, state_key: str) -> QuantState:
@@ -119,17 +125,26 @@ def read_state(ckpt: Checkpoint, weight: str, state_key: str) -> QuantState:
     packed_dtype, _ = ckpt.info(weight)
     packed_bytes = math.prod(packed_shape) * torch.empty((), dtype=packed_dtype).element_size()
     if packed_bytes != -(-n // 2):
-        raise _state_error(weight, f"{packed_bytes} packed bytes cannot hold shape {shape} "
-                                   f"({-(-n // 2)} bytes needed)")
+        raise _state_error(weight, f"{packed_bytes} packed bytes cannot hold shape {shape} ({-(-n // 2)} bytes needed)")
     absmax_dtype, absmax_shape = ckpt.info(f"{weight}.absmax")
     if math.prod(absmax_shape) != blocks:
-        raise _state_error(weight, f"absmax has {math.prod(absmax_shape)} entries but shape {shape} with blocksize "
-                                   f"{blocksize} needs {blocks} (wrong blocksize?)")
+        raise _state_error(
+            weight,
+            f"absmax has {math.prod(absmax_shape)} entries but shape {shape} with blocksize "
+            f"{blocksize} needs {blocks} (wrong blocksize?)",
+        )
     quant_map = ckpt.get(f"{weight}.quant_map", torch.float32).reshape(-1)
     if quant_map.numel() != 16:
         raise _state_error(weight, f"quant_map has {quant_map.numel()} entries, not 16")
-    state = QuantState(weight, quant_type, blocksize, dtype, tuple(shape),
-                       absmax=ckpt.get(f"{weight}.absmax").reshape(-1), quant_map=quant_map)
+    state = QuantState(
+        weight,
+        quant_type,
+        blocksize,
+        dtype,
+        tuple(shape),
+        absmax=ckpt.get(f"{weight}.absmax").reshape(-1),
+        quant_map=quant_map,
+    )
     nested = "nested_blocksize" in meta or f"{weight}.nested_absmax" in ckpt
     if nested:
         for part in ("nested_absmax", "nested_quant_map"):
@@ -150,8 +165,9 @@ def read_state(ckpt: Checkpoint, weight: str, state_key: str) -> QuantState:
         if state.nested_quant_map.numel() != 256:
             raise _state_error(weight, f"nested_quant_map has {state.nested_quant_map.numel()} entries, not 256")
         if state.nested_absmax.numel() != -(-blocks // nb):
-            raise _state_error(weight, f"nested_absmax has {state.nested_absmax.numel()} entries, "
-                                       f"expected {-(-blocks // nb)}")
+            raise _state_error(
+                weight, f"nested_absmax has {state.nested_absmax.numel()} entries, expected {-(-blocks // nb)}"
+            )
     elif absmax_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise _state_error(weight, f"absmax dtype {absmax_dtype} needs nested_absmax/nested_quant_map (double quant)")
     return state
@@ -194,10 +210,24 @@ def dequantize(ckpt: Checkpoint, weight: str, state_key: str) -> torch.Tensor:
 # The 4-bit code tables and the 8-bit "dynamic" table of double quantization, as bitsandbytes defines them
 # (QLoRA paper, arXiv 2305.14314, and Dettmers 2015, arXiv 1511.04561). Built in fp32 exactly as bitsandbytes
 # builds them, so the codes and the dequantized values are bit for bit the same.
-NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-              0.7229568362236023, 1.0)
+NF4_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
 # FP4 (e2m1 with bitsandbytes' own code order): code i holds FP4_RAW[i] / 12
 FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 NESTED_BLOCKSIZE = 256  # double quantization: blocks of 256 absmax values, 8-bit dynamic codes
@@ -214,7 +244,7 @@ def dynamic_table() -> torch.Tensor:
     0.1 and 1 (midpoints of an fp32 linspace) times 10**(i-6) in fp32, both signs; then 0 and 1."""
     values: list[float] = []
     for i in range(7):
-        edges = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
         mids = (edges[:-1] + edges[1:]) / 2.0
         scale = 10.0 ** (i - 6)
         values += (scale * mids).tolist() + (-scale * mids).tolist()  # products in fp32
@@ -255,8 +285,15 @@ def quantize_4bit(weight: torch.Tensor, settings: QuantSettings) -> tuple[torch.
         scaled = torch.cat([scaled, scaled.new_zeros(1)])  # an odd count is padded with the code of 0.0
     codes = _nearest_codes(scaled, table).to(torch.uint8)
     packed = (codes[0::2] << 4) | codes[1::2]
-    state = QuantState(weight="(requantized)", quant_type=settings.quant_type, blocksize=settings.blocksize,
-                       dtype=weight.dtype, shape=tuple(weight.shape), absmax=absmax, quant_map=table)
+    state = QuantState(
+        weight="(requantized)",
+        quant_type=settings.quant_type,
+        blocksize=settings.blocksize,
+        dtype=weight.dtype,
+        shape=tuple(weight.shape),
+        absmax=absmax,
+        quant_map=table,
+    )
     if settings.double_quant:
         offset = absmax.mean()
         nested_absmax, nested_scaled = _blocks_absmax(absmax - offset, NESTED_BLOCKSIZE)
@@ -294,9 +331,13 @@ def check_quantization_config(config: dict, folder) -> str | None:
         return None
     method = str(qc.get("quant_method", "unknown"))
     if method != "bitsandbytes":
-        raise MergeqError(f"{folder}: not supported: {method}-quantized base",
-                          hint="merge into the original fp16/bf16 base (or a bitsandbytes 4-bit one)")
+        raise MergeqError(
+            f"{folder}: not supported: {method}-quantized base",
+            hint="merge into the original fp16/bf16 base (or a bitsandbytes 4-bit one)",
+        )
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
-        raise MergeqError(f"{folder}: not supported: bitsandbytes 8-bit (LLM.int8) base",
-                          hint="merge into the original fp16/bf16 base instead")
+        raise MergeqError(
+            f"{folder}: not supported: bitsandbytes 8-bit (LLM.int8) base",
+            hint="merge into the original fp16/bf16 base instead",
+        )
     return "bnb-4bit"

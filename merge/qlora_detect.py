@@ -34,12 +34,20 @@ log = logging.getLogger(__name__)
 MODES = QLORA_MODES
 # pre-quantized bitsandbytes bases as the hub names them (unsloth/...-bnb-4bit, .../...-4bit, ...-nf4)
 NAME_4BIT = re.compile(
-    r"(?:^|[-_./])(?:unsloth-)?(?:bnb[-_]?4bit|4bit|4-bit|int4[-_]bnb|(?P<type>nf4|fp4))(?:$|[-_./])", re.IGNORECASE)
+    r"(?:^|[-_./])(?:unsloth-)?(?:bnb[-_]?4bit|4bit|4-bit|int4[-_]bnb|(?P<type>nf4|fp4))(?:$|[-_./])", re.IGNORECASE
+)
 NAME_OTHER_QUANT = re.compile(r"(?:^|[-_./])(gptq|awq|gguf|exl2|hqq|aqlm|8bit|int8)(?:$|[-_./])", re.IGNORECASE)
 CARD_PREFIX = "The following `bitsandbytes` quantization config was used during training:"
 CARD_LINE = re.compile(r"^\s*-\s*(?P<key>[A-Za-z0-9_]+)\s*:\s*(?P<value>.*?)\s*$")
-TRAINER_CONFIGS = ("*.yml", "*.yaml", "training_config.json", "trainer_config.json", "train_config.json",
-                   "axolotl_config.json", "model_args.json")
+TRAINER_CONFIGS = (
+    "*.yml",
+    "*.yaml",
+    "training_config.json",
+    "trainer_config.json",
+    "train_config.json",
+    "axolotl_config.json",
+    "model_args.json",
+)
 TRUE = ("true", "1", "yes")
 
 
@@ -70,9 +78,14 @@ class Decision:
     why: str = ""
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "trained_on_4bit": self.trained_on_4bit, "target": self.target, "why": self.why,
-                "settings": None if self.settings is None else asdict(self.settings),
-                "evidence": [{k: v for k, v in asdict(e).items() if v is not None} for e in self.evidence]}
+        return {
+            "mode": self.mode,
+            "trained_on_4bit": self.trained_on_4bit,
+            "target": self.target,
+            "why": self.why,
+            "settings": None if self.settings is None else asdict(self.settings),
+            "evidence": [{k: v for k, v in asdict(e).items() if v is not None} for e in self.evidence],
+        }
 
 
 # --------------------------------------------------------------------------------------------- evidence readers
@@ -95,12 +108,21 @@ def _from_bnb_config(qc: dict, source: str, where: str) -> Evidence | None:
     quant_type = str(qc.get("bnb_4bit_quant_type", "")).lower() or None
     double = _bool(qc.get("bnb_4bit_use_double_quant"))
     dtype = qc.get("bnb_4bit_compute_dtype")
-    parts = [f"load_in_4bit={four}"] + ([f"bnb_4bit_quant_type={quant_type}"] if quant_type else []) + \
-        ([f"bnb_4bit_use_double_quant={double}"] if double is not None else []) + \
-        ([f"bnb_4bit_compute_dtype={dtype}"] if dtype else [])
-    return Evidence(source, where, ", ".join(parts), four_bit=four,
-                    quant_type=quant_type if quant_type in ("nf4", "fp4") else None, double_quant=double,
-                    compute_dtype=str(dtype) if dtype else None)
+    parts = (
+        [f"load_in_4bit={four}"]
+        + ([f"bnb_4bit_quant_type={quant_type}"] if quant_type else [])
+        + ([f"bnb_4bit_use_double_quant={double}"] if double is not None else [])
+        + ([f"bnb_4bit_compute_dtype={dtype}"] if dtype else [])
+    )
+    return Evidence(
+        source,
+        where,
+        ", ".join(parts),
+        four_bit=four,
+        quant_type=quant_type if quant_type in ("nf4", "fp4") else None,
+        double_quant=double,
+        compute_dtype=str(dtype) if dtype else None,
+    )
 
 
 def from_name(name: str, where: str) -> Evidence | None:
@@ -115,18 +137,33 @@ def from_name(name: str, where: str) -> Evidence | None:
         found = _from_bnb_config(qc, "base_model_name_or_path", where) if isinstance(qc, dict) else None
         if found is None:  # a local checkpoint that is not bitsandbytes-quantized: its config says so
             return None
-        return Evidence(found.source, where, f"recorded base {name} is a bitsandbytes checkpoint: " + found.detail,
-                        found.four_bit, found.quant_type, found.double_quant, compute_dtype=found.compute_dtype)
+        return Evidence(
+            found.source,
+            where,
+            f"recorded base {name} is a bitsandbytes checkpoint: " + found.detail,
+            found.four_bit,
+            found.quant_type,
+            found.double_quant,
+            compute_dtype=found.compute_dtype,
+        )
     leaf = name.rstrip("/").rsplit("/", 1)[-1]  # the model's own name, not the folders or the hub org above it
     match = NAME_4BIT.search(leaf)
     if match:
         quant_type = (match["type"] or "").lower() or None
-        return Evidence("base_model_name_or_path", where, f"recorded base {name!r} is named like a bitsandbytes "
-                        "4-bit base", quant_type=quant_type)
+        return Evidence(
+            "base_model_name_or_path",
+            where,
+            f"recorded base {name!r} is named like a bitsandbytes 4-bit base",
+            quant_type=quant_type,
+        )
     other = NAME_OTHER_QUANT.search(leaf)
     if other:
-        return Evidence("base_model_name_or_path", where, f"recorded base {name!r} is named like a "
-                        f"{other.group(1)}-quantized base (not bitsandbytes)", four_bit=False)
+        return Evidence(
+            "base_model_name_or_path",
+            where,
+            f"recorded base {name!r} is named like a {other.group(1)}-quantized base (not bitsandbytes)",
+            four_bit=False,
+        )
     return None
 
 
@@ -190,11 +227,20 @@ def from_trainer_config(path: Path) -> Evidence | None:
     four = True if adapter == "qlora" and four is None else four
     quant_type = str(flat.get("bnb_4bit_quant_type", "")).lower() or None
     double = _bool(flat.get("bnb_4bit_use_double_quant", flat.get("use_bnb_nested_quant")))
-    parts = [f"load_in_4bit={four}"] + ([f"adapter={adapter}"] if adapter else []) + \
-        ([f"bnb_4bit_quant_type={quant_type}"] if quant_type else []) + \
-        ([f"double quant={double}"] if double is not None else [])
-    return Evidence("trainer config", str(path), ", ".join(parts), four_bit=bool(four),
-                    quant_type=quant_type if quant_type in ("nf4", "fp4") else None, double_quant=double)
+    parts = (
+        [f"load_in_4bit={four}"]
+        + ([f"adapter={adapter}"] if adapter else [])
+        + ([f"bnb_4bit_quant_type={quant_type}"] if quant_type else [])
+        + ([f"double quant={double}"] if double is not None else [])
+    )
+    return Evidence(
+        "trainer config",
+        str(path),
+        ", ".join(parts),
+        four_bit=bool(four),
+        quant_type=quant_type if quant_type in ("nf4", "fp4") else None,
+        double_quant=double,
+    )
 
 
 def adapter_evidence(adapter_dir: Path, adapter_config: dict) -> list[Evidence]:
@@ -215,8 +261,14 @@ def adapter_evidence(adapter_dir: Path, adapter_config: dict) -> list[Evidence]:
 def user_base_evidence(folder: Path, settings: QuantSettings | None, option: str) -> Evidence:
     detail = f"4-bit base given with {option}: {folder}"
     if settings is not None:
-        return Evidence("user", option, detail, quant_type=settings.quant_type, double_quant=settings.double_quant,
-                        blocksize=settings.blocksize)
+        return Evidence(
+            "user",
+            option,
+            detail,
+            quant_type=settings.quant_type,
+            double_quant=settings.double_quant,
+            blocksize=settings.blocksize,
+        )
     return Evidence("user", option, detail)
 
 
@@ -232,8 +284,9 @@ def _agreed(values: list, what: str, warnings: list[str], evidence: list[Evidenc
     return distinct[0] if distinct else None
 
 
-def decide(mode: str, evidence: list[Evidence], *, has_4bit_base: bool, blocksize: int = 64,
-           double_quant: bool | None = None) -> Decision:
+def decide(
+    mode: str, evidence: list[Evidence], *, has_4bit_base: bool, blocksize: int = 64, double_quant: bool | None = None
+) -> Decision:
     """The merge target from `--qlora MODE` and the evidence (see module doc)."""
     if mode not in MODES:
         raise MergeqError(f"--qlora {mode!r} is not one of {', '.join(MODES)}")
@@ -241,19 +294,37 @@ def decide(mode: str, evidence: list[Evidence], *, has_4bit_base: bool, blocksiz
     against = [e for e in evidence if not e.four_bit]
     warnings: list[str] = []
     if has_4bit_base:
-        return Decision(mode, True, None, "4-bit base given", evidence, warnings,
-                        "a bitsandbytes 4-bit base was given: it is the base the adapter was trained on")
+        return Decision(
+            mode,
+            True,
+            None,
+            "4-bit base given",
+            evidence,
+            warnings,
+            "a bitsandbytes 4-bit base was given: it is the base the adapter was trained on",
+        )
     if mode == "off":
         why = "--qlora off: merged into the base as given"
         if four:
-            warnings.append("--qlora off, but the adapter looks QLoRA-trained (" + "; ".join(e.detail for e in four)
-                            + "): the merge goes into the fp16 weights, not the 4-bit weights it was trained with")
+            warnings.append(
+                "--qlora off, but the adapter looks QLoRA-trained ("
+                + "; ".join(e.detail for e in four)
+                + "): the merge goes into the fp16 weights, not the 4-bit weights it was trained with"
+            )
         return Decision(mode, bool(four), None, "fp16 base", evidence, warnings, why)
     if mode == "auto" and not four:
-        why = "no evidence of a 4-bit training base" + (" (" + "; ".join(e.detail for e in against) + ")"
-                                                         if against else "")
-        return Decision(mode, False, None, "fp16 base", evidence, warnings,
-                        why + "; if it was trained with load_in_4bit, pass --qlora nf4 (or fp4)")
+        why = "no evidence of a 4-bit training base" + (
+            " (" + "; ".join(e.detail for e in against) + ")" if against else ""
+        )
+        return Decision(
+            mode,
+            False,
+            None,
+            "fp16 base",
+            evidence,
+            warnings,
+            why + "; if it was trained with load_in_4bit, pass --qlora nf4 (or fp4)",
+        )
     quant_types = [e.quant_type for e in four]
     quant_type = _agreed(quant_types, "quant type", warnings, four)
     if mode in ("nf4", "fp4"):
@@ -266,10 +337,12 @@ def decide(mode: str, evidence: list[Evidence], *, has_4bit_base: bool, blocksiz
         if quant_type is None:
             conflict = any(q for q in quant_types)
             warnings.append(
-                "the adapter looks QLoRA-trained but " + ("the evidence disagrees on" if conflict else "nothing says")
+                "the adapter looks QLoRA-trained but "
+                + ("the evidence disagrees on" if conflict else "nothing says")
                 + " whether the base was NF4 or FP4; rebuilding it as NF4 (the QLoRA recipe's choice and the "
                 "usual trainer default). If it was FP4 pass --qlora fp4; to merge into the fp16 weights as they are, "
-                "--qlora off")
+                "--qlora off"
+            )
             quant_type = "nf4"
         if against:
             warnings.append("some evidence says otherwise: " + "; ".join(e.detail for e in against))
@@ -277,9 +350,11 @@ def decide(mode: str, evidence: list[Evidence], *, has_4bit_base: bool, blocksiz
         double_quant = _agreed([e.double_quant for e in four], "double quantization", warnings, four)
         if double_quant is None:
             double_quant = True
-            warnings.append("nothing says whether the 4-bit base used double quantization; assuming it did "
-                            "(the QLoRA recipe); pass --no-double-quant if it did not (the difference is small: "
-                            "only the per-block scales change)")
+            warnings.append(
+                "nothing says whether the 4-bit base used double quantization; assuming it did "
+                "(the QLoRA recipe); pass --no-double-quant if it did not (the difference is small: "
+                "only the per-block scales change)"
+            )
     settings = QuantSettings(quant_type, blocksize, double_quant)
     target = f"fp16 base requantized to {quant_type}" + (" (double quant)" if double_quant else "")
     return Decision(mode, True, settings, target, evidence, warnings, why)

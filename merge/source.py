@@ -33,8 +33,14 @@ from mergeq.core.modelfiles import read_json_object, read_model_config
 class Source:
     """A base checkpoint with the adapters planned against it: `ops`, `base_layers`, `out_shapes` (the plan)."""
 
-    def __init__(self, folder: Path, label: str, adapters_refs: list, out_dtype: torch.dtype,
-                 requantize: QuantSettings | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        label: str,
+        adapters_refs: list,
+        out_dtype: torch.dtype,
+        requantize: QuantSettings | None = None,
+    ):
         self.folder = Path(folder)
         self.label = label
         self.out_dtype = out_dtype
@@ -46,30 +52,39 @@ class Source:
         if self.quant and self.kind == "plain":
             self.kind = "bnb-4bit"
         if self.kind == "bnb-4bit" and not self.quant:
-            raise MergeqError(f"{self.folder}: config.json has a bitsandbytes quantization_config but no tensor "
-                              "carries a 4-bit quant state", hint="re-save the 4-bit checkpoint with transformers")
-        self.aux = {f"{w}.{s}" for w in self.quant
-                    for s in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")} | set(self.quant.values())
+            raise MergeqError(
+                f"{self.folder}: config.json has a bitsandbytes quantization_config but no tensor "
+                "carries a 4-bit quant state",
+                hint="re-save the 4-bit checkpoint with transformers",
+            )
+        self.aux = {
+            f"{w}.{s}" for w in self.quant for s in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+        } | set(self.quant.values())
         for weight, state_key in self.quant.items():  # every quant state is validated before any output
             read_state(self.ckpt, weight, state_key)
         self.base_names = [n for n in self.ckpt.names() if n not in self.aux]
         self.info: ModelInfo = describe(self.config, self.base_names)
         self.shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for name in self.base_names:
-            self.shapes[name] = quantized_shape(self.ckpt, self.quant[name]) if name in self.quant \
-                else self.ckpt.info(name)
-        self.adapters = [load_adapter(ref.path, ref.weight, i, self.info.input_embedding)
-                         for i, ref in enumerate(adapters_refs)]
+            self.shapes[name] = (
+                quantized_shape(self.ckpt, self.quant[name]) if name in self.quant else self.ckpt.info(name)
+            )
+        self.adapters = [
+            load_adapter(ref.path, ref.weight, i, self.info.input_embedding) for i, ref in enumerate(adapters_refs)
+        ]
         for adapter in self.adapters:
             _check_architecture(adapter, self.config, self.folder)
         self.requantized: set[str] = set()
         if requantize is not None:
             if self.kind != "plain":
                 raise MergeqError(f"{self.folder} is already quantized; --requantize needs an fp16/bf16 base")
-            self.requantized = {f"{m}.weight" for m, k in self.info.kinds.items()
-                                if k in ("linear", "conv1d") and f"{m}.weight" in self.shapes
-                                and not any(f"{m}.".startswith(f"{x}.") or f".{x}." in f".{m}." for x in
-                                            self.info.not_quantized)}
+            self.requantized = {
+                f"{m}.weight"
+                for m, k in self.info.kinds.items()
+                if k in ("linear", "conv1d")
+                and f"{m}.weight" in self.shapes
+                and not any(f"{m}.".startswith(f"{x}.") or f".{x}." in f".{m}." for x in self.info.not_quantized)
+            }
         self.warnings: list[str] = []
         plan = plan_merge(self)
         self.ops = plan.ops
@@ -91,16 +106,27 @@ class Source:
     def plain_lora(self, name: str) -> bool:
         """Only plain LoRA products change this 2-D base tensor: it can be merged block of rows by block."""
         ops = self.ops.get(name)
-        return bool(ops) and name not in self.base_layers and name not in self.quant \
-            and name not in self.requantized and name in self.shapes and len(self.shapes[name][1]) == 2 \
-            and not (self.info.tied and name in (self.in_w, self.out_w)) \
+        return (
+            bool(ops)
+            and name not in self.base_layers
+            and name not in self.quant
+            and name not in self.requantized
+            and name in self.shapes
+            and len(self.shapes[name][1]) == 2
+            and not (self.info.tied and name in (self.in_w, self.out_w))
             and all(op.blockwise for _, op in ops)
+        )
 
     def untouched(self, name: str) -> bool:
         """Copied through as it is (only cast): no adapter, quantization or tied-embedding logic involved."""
-        return (name not in self.ops and name not in self.base_layers and name not in self.quant
-                and name not in self.requantized and name in self.shapes
-                and not (self.info.tied and name in (self.in_w, self.out_w)))
+        return (
+            name not in self.ops
+            and name not in self.base_layers
+            and name not in self.quant
+            and name not in self.requantized
+            and name in self.shapes
+            and not (self.info.tied and name in (self.in_w, self.out_w))
+        )
 
     def base_tensor(self, name: str) -> torch.Tensor:
         """The base's value of one tensor, as a fresh fp32 tensor (dequantized / resized as needed)."""
@@ -129,7 +155,9 @@ class Source:
         if diff > 0.05 * scale:
             raise MergeqError(
                 f"adapter {adapter.path} was saved from another base: its {name} differs from {real} in "
-                f"{self.folder} by up to {diff:.4g}", hint="pass the base model the adapter was trained on")
+                f"{self.folder} by up to {diff:.4g}",
+                hint="pass the base model the adapter was trained on",
+            )
 
     def compute(self, name: str) -> torch.Tensor:
         """The merged fp32 value of one output tensor."""
@@ -143,7 +171,7 @@ class Source:
             by_adapter.setdefault(id(adapter), []).append(op)
             owners[id(adapter)] = adapter
         if len(by_adapter) == 1:
-            (key, adapter_ops), = by_adapter.items()
+            ((key, adapter_ops),) = by_adapter.items()
             adapter = owners[key]
             merged = merge_one(adapter, adapter_ops, base)
             if adapter.weight == 1.0:
@@ -198,4 +226,5 @@ def _check_architecture(adapter: Adapter, base_config: dict, folder: Path) -> No
             f"adapter {adapter.path} was trained on {recorded} ({t_arch}, model_type {t_type}), but the base "
             f"{folder} is {b_arch} (model_type {b_type}) (from their config.json files): the tensor shapes may "
             "agree, the models do not",
-            hint="pass the base the adapter was trained on")
+            hint="pass the base the adapter was trained on",
+        )

@@ -31,12 +31,15 @@ def check_values(name: str, value: torch.Tensor, out_dtype: torch.dtype, what: s
     lo, hi = (float(x) for x in torch.aminmax(value))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(value)).sum())
-        raise MergeqError(f"{what} {name} has {bad} NaN or Inf value(s)",
-                          hint="check the base and adapter for NaN/Inf, and the adapter weights")
+        raise MergeqError(
+            f"{what} {name} has {bad} NaN or Inf value(s)",
+            hint="check the base and adapter for NaN/Inf, and the adapter weights",
+        )
     peak = max(-lo, hi)
     if out_dtype == torch.float16 and peak > FP16_MAX:
-        raise MergeqError(f"{what} {name} reaches {peak:.6g}, beyond float16's largest value 65504",
-                          hint="use --dtype bfloat16")
+        raise MergeqError(
+            f"{what} {name} reaches {peak:.6g}, beyond float16's largest value 65504", hint="use --dtype bfloat16"
+        )
 
 
 def finalize(name: str, value: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -89,8 +92,12 @@ def stream_merge(source: Source, folder: Path, max_shard_bytes: int) -> dict:
     tie_kept = source.info.tied
     write_head = False
     if source.virtual_head:
-        touched = source.out_w in source.ops or source.in_w in source.ops or source.out_w in source.base_layers \
+        touched = (
+            source.out_w in source.ops
+            or source.in_w in source.ops
+            or source.out_w in source.base_layers
             or source.in_w in source.base_layers
+        )
         if touched:
             emb = finalize(source.in_w, source.compute(source.in_w), out_dtype)
             head = finalize(source.out_w, source.compute(source.out_w), out_dtype)
@@ -130,5 +137,10 @@ def stream_merge(source: Source, folder: Path, max_shard_bytes: int) -> dict:
         a, b = written_sums.values()
         tie_kept = a.shape == b.shape and torch.equal(a, b)
     vocab = source.out_shapes.get(source.in_w, (None,))[0] if source.in_w else None
-    return {"index": index, "shards": writer.names, "tied": tie_kept, "vocab_size": vocab,
-            "lm_head_written_separately": write_head}
+    return {
+        "index": index,
+        "shards": writer.names,
+        "tied": tie_kept,
+        "vocab_size": vocab,
+        "lm_head_written_separately": write_head,
+    }

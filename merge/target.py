@@ -39,9 +39,14 @@ class TargetChoice:
     warnings: list[str] = field(default_factory=list)
 
     def describe(self) -> dict:
-        return {"reference": self.reference, "candidates": self.candidates, "chosen": self.chosen,
-                "why": "lowest mean KL to the trained model (4-bit base + unmerged adapter) on the evaluation text",
-                "text": self.text, "scored_tokens": self.scored_tokens}
+        return {
+            "reference": self.reference,
+            "candidates": self.candidates,
+            "chosen": self.chosen,
+            "why": "lowest mean KL to the trained model (4-bit base + unmerged adapter) on the evaluation text",
+            "text": self.text,
+            "scored_tokens": self.scored_tokens,
+        }
 
 
 class MergedWeights(UnmergedWeights):
@@ -82,9 +87,12 @@ def windows_of(text_path: Path, tokenizer_dirs: list[Path], vocab: int, max_posi
             continue
         windows = make_windows(ids, n_ctx, MAX_WINDOWS, bos, source=str(text_path))
         return windows, text.describe(len(ids)), str(folder)
-    raise MergeqError("choosing the QLoRA merge target needs a tokenizer for the evaluation text, and none of "
-                      + ", ".join(map(str, tokenizer_dirs)) + " has one that fits the model's vocabulary",
-                      hint="put the tokenizer files in the adapter or base folder")
+    raise MergeqError(
+        "choosing the QLoRA merge target needs a tokenizer for the evaluation text, and none of "
+        + ", ".join(map(str, tokenizer_dirs))
+        + " has one that fits the model's vocabulary",
+        hint="put the tokenizer files in the adapter or base folder",
+    )
 
 
 def _streamed_model(weights, config: dict, hook=None):
@@ -97,39 +105,55 @@ def choose_target(sources: list, reference_source, text_path: Path, tokenizer_di
     """Score each candidate Source against `reference_source` (the 4-bit base, planned with the same
     adapters; run unmerged) on the evaluation text; the lowest mean KL wins (ties: the label's order)."""
     from mergeq.core import streaming
+
     config = read_model_config(reference_source.folder)
     if not streaming.supported(config):
-        raise MergeqError(f"choosing the QLoRA merge target by measurement needs a layer mapping for "
-                          f"{config.get('architectures')}, which mergeq does not have",
-                          hint="pass only one base: --qlora-base (the 4-bit base it was trained on) is the usual "
-                               "choice")
+        raise MergeqError(
+            f"choosing the QLoRA merge target by measurement needs a layer mapping for "
+            f"{config.get('architectures')}, which mergeq does not have",
+            hint="pass only one base: --qlora-base (the 4-bit base it was trained on) is the usual choice",
+        )
     vocab = reference_source.out_shapes[f"{reference_source.info.input_embedding}.weight"][0]
     windows, text, tokenizer_dir = windows_of(text_path, tokenizer_dirs, vocab, config.get("max_position_embeddings"))
     positions = slice(first_scored(windows.n_ctx), windows.n_ctx - 1)
     reference = _streamed_model(
-        UnmergedWeights(reference_source), config,
-        hook=lambda index, layer: _with_adapters(reference_source, reference.arch, index, layer))
+        UnmergedWeights(reference_source),
+        config,
+        hook=lambda index, layer: _with_adapters(reference_source, reference.arch, index, layer),
+    )
     ref_hidden = streaming.final_hidden(reference, windows.tokens, positions, progress="trained model, layer by layer")
     results: dict[str, dict] = {}
     for source in sources:
         candidate = _streamed_model(MergedWeights(source), config)
         hidden = streaming.final_hidden(candidate, windows.tokens, positions, progress=f"merge into {source.label}")
         sums = MetricSums()
-        for (first, ref_logits), (_, logits) in zip(streaming.logits_blocks(reference, ref_hidden),
-                                                    streaming.logits_blocks(candidate, hidden)):
+        for (first, ref_logits), (_, logits) in zip(
+            streaming.logits_blocks(reference, ref_hidden), streaming.logits_blocks(candidate, hidden)
+        ):
             targets = windows.targets[first : first + logits.shape[0]].reshape(-1)
-            sums.add(log_probs(ref_logits.reshape(-1, ref_logits.shape[-1])),
-                     log_probs(logits.reshape(-1, logits.shape[-1])), targets)
+            sums.add(
+                log_probs(ref_logits.reshape(-1, ref_logits.shape[-1])),
+                log_probs(logits.reshape(-1, logits.shape[-1])),
+                targets,
+            )
         candidate.close()
-        results[source.label] = {"mean_kl": float(f"{sums.kl_divergence:.6g}"),
-                                 "top1_agreement": float(f"{sums.top1_agreement:.6g}"),
-                                 "perplexity": float(f"{sums.perplexity:.6g}")}
+        results[source.label] = {
+            "mean_kl": float(f"{sums.kl_divergence:.6g}"),
+            "top1_agreement": float(f"{sums.top1_agreement:.6g}"),
+            "perplexity": float(f"{sums.perplexity:.6g}"),
+        }
         reference_ppl = sums.reference_perplexity
     reference.close()
     chosen = min(results, key=lambda label: (results[label]["mean_kl"], [s.label for s in sources].index(label)))
     text["tokenizer"] = tokenizer_dir
-    described = (f"the trained model: PEFT, unmerged adapter(s) on {reference_source.folder} "
-                 f"(dequantized 4-bit), layer by layer; perplexity {reference_ppl:.6g}")
-    log.info("QLoRA merge target: %s (mean KL %s) vs %s", chosen, results[chosen]["mean_kl"],
-             ", ".join(f"{k} {v['mean_kl']}" for k, v in results.items() if k != chosen))
+    described = (
+        f"the trained model: PEFT, unmerged adapter(s) on {reference_source.folder} "
+        f"(dequantized 4-bit), layer by layer; perplexity {reference_ppl:.6g}"
+    )
+    log.info(
+        "QLoRA merge target: %s (mean KL %s) vs %s",
+        chosen,
+        results[chosen]["mean_kl"],
+        ", ".join(f"{k} {v['mean_kl']}" for k, v in results.items() if k != chosen),
+    )
     return TargetChoice(chosen, results, described, text, windows.scored_tokens)

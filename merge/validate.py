@@ -83,8 +83,10 @@ def prompt_ids(tokenizer_dirs: list[Path], vocab_size: int) -> tuple[list[torch.
 
 def _adapter_flags(path: Path) -> dict:
     config = read_json_object(Path(path) / "adapter_config.json")
-    return {"dora": bool(config.get("use_dora")),
-            "extra": bool(config.get("modules_to_save") or config.get("trainable_token_indices"))}
+    return {
+        "dora": bool(config.get("use_dora")),
+        "extra": bool(config.get("modules_to_save") or config.get("trainable_token_indices")),
+    }
 
 
 def reference_skip_reason(adapters: list) -> str | None:
@@ -108,12 +110,17 @@ def _load(folder: Path, quantize=None):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quantize.quant_type, bnb_4bit_use_double_quant=quantize.double_quant,
-            bnb_4bit_compute_dtype=torch.float32)
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantize.quant_type,
+            bnb_4bit_use_double_quant=quantize.double_quant,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
         kwargs["device_map"] = "cpu"
         if quantize.blocksize != 64:
-            raise MergeqError(f"validation: transformers quantizes with blocksize 64, not {quantize.blocksize}",
-                              hint="use --no-validate with another --quant-blocksize")
+            raise MergeqError(
+                f"validation: transformers quantizes with blocksize 64, not {quantize.blocksize}",
+                hint="use --no-validate with another --quant-blocksize",
+            )
     if config.get("quantization_config"):
         kwargs["device_map"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
@@ -160,12 +167,22 @@ def compare(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> dict:
         log_q = torch.log_softmax(got, dim=-1)
         kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
         positions += ref.shape[0]
-    return {"max_abs_logit_delta": _round(max_abs), "mean_kl": _round(kl_sum / max(positions, 1)),
-            "positions": positions}
+    return {
+        "max_abs_logit_delta": _round(max_abs),
+        "mean_kl": _round(kl_sum / max(positions, 1)),
+        "positions": positions,
+    }
 
 
-def compare_candidates(reference: Reference, folders: dict[str, Path], kl_warn: float, logit_warn: float, *,
-                       streaming: bool = True, device: str = "cpu") -> Outcome:
+def compare_candidates(
+    reference: Reference,
+    folders: dict[str, Path],
+    kl_warn: float,
+    logit_warn: float,
+    *,
+    streaming: bool = True,
+    device: str = "cpu",
+) -> Outcome:
     """Validate each merged candidate folder against the PEFT reference; pick the lowest mean KL.
 
     `streaming`: one decoder layer at a time where possible (False: whole models, the reference
@@ -183,8 +200,11 @@ def compare_candidates(reference: Reference, folders: dict[str, Path], kl_warn: 
         vocab = stream_plan.vocab
         prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, vocab)
         ref_logits = stream_plan.reference_logits(prompts)
-        described = ("PEFT, unmerged adapter(s) on the dequantized 4-bit base, layer by layer"
-                     if stream_plan.quantized else "PEFT, unmerged adapter(s) on the base, layer by layer")
+        described = (
+            "PEFT, unmerged adapter(s) on the dequantized 4-bit base, layer by layer"
+            if stream_plan.quantized
+            else "PEFT, unmerged adapter(s) on the base, layer by layer"
+        )
         candidate_logits = stream_plan.candidate_logits
     else:
         ref_model = reference_model(reference)
@@ -193,17 +213,27 @@ def compare_candidates(reference: Reference, folders: dict[str, Path], kl_warn: 
         ref_logits = logits_of(ref_model, prompts)
         quantized = bool(getattr(ref_model.base_model.model.config, "quantization_config", None))
         del ref_model
-        described = ("PEFT, unmerged adapter(s) on the 4-bit base (bitsandbytes, CPU)" if quantized
-                     else "PEFT, unmerged adapter(s) on the base")
+        described = (
+            "PEFT, unmerged adapter(s) on the 4-bit base (bitsandbytes, CPU)"
+            if quantized
+            else "PEFT, unmerged adapter(s) on the base"
+        )
 
         def candidate_logits(folder: Path, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
             model = _load(folder)
             return logits_of(model, prompts)
+
     results: dict[str, dict] = {}
     for label, folder in folders.items():
         numbers = compare(ref_logits, candidate_logits(folder, prompts))
-        numbers.update({"reference": described, "prompts": len(prompts), "prompt_source": prompt_source,
-                        "thresholds": {"mean_kl": kl_warn, "max_abs_logit_delta": logit_warn}})
+        numbers.update(
+            {
+                "reference": described,
+                "prompts": len(prompts),
+                "prompt_source": prompt_source,
+                "thresholds": {"mean_kl": kl_warn, "max_abs_logit_delta": logit_warn},
+            }
+        )
         numbers["ok"] = numbers["mean_kl"] <= kl_warn and numbers["max_abs_logit_delta"] <= logit_warn
         results[label] = numbers
     best = min(results, key=lambda k: (results[k]["mean_kl"], k))
@@ -212,18 +242,25 @@ def compare_candidates(reference: Reference, folders: dict[str, Path], kl_warn: 
             warnings.append(
                 f"merged model ({label}) differs from the unmerged reference: mean KL {numbers['mean_kl']:.4g} "
                 f"(threshold {kl_warn}), max |delta logit| {numbers['max_abs_logit_delta']:.4g} "
-                f"(threshold {logit_warn})")
+                f"(threshold {logit_warn})"
+            )
     fidelity = None
     if len(results) > 1:
         fidelity = {
             "reference": described,
-            "candidates": {k: {"mean_kl": v["mean_kl"], "max_abs_logit_delta": v["max_abs_logit_delta"]}
-                           for k, v in results.items()},
+            "candidates": {
+                k: {"mean_kl": v["mean_kl"], "max_abs_logit_delta": v["max_abs_logit_delta"]}
+                for k, v in results.items()
+            },
             "chosen": best,
             "why": "lowest mean KL to the trained (4-bit base + adapter) model on the validation prompts",
         }
-        log.info("QLoRA merge target: %s (mean KL %s) vs %s", best, results[best]["mean_kl"],
-                 ", ".join(f"{k} {v['mean_kl']}" for k, v in results.items() if k != best))
+        log.info(
+            "QLoRA merge target: %s (mean KL %s) vs %s",
+            best,
+            results[best]["mean_kl"],
+            ", ".join(f"{k} {v['mean_kl']}" for k, v in results.items() if k != best),
+        )
     return Outcome(results, best, fidelity, warnings)
 
 
@@ -275,11 +312,16 @@ class StreamPlan:
         from merge.source import Source
         from mergeq.core.streaming import StreamedModel
 
-        source = Source(self.reference.base, "reference", self.reference.adapters, torch.float32,
-                        self.reference.quantize)
+        source = Source(
+            self.reference.base, "reference", self.reference.adapters, torch.float32, self.reference.quantize
+        )
         try:
-            model = StreamedModel(UnmergedWeights(source), self.config, self.device,
-                                  hook=lambda index, layer: _with_adapters(source, model.arch, index, layer))
+            model = StreamedModel(
+                UnmergedWeights(source),
+                self.config,
+                self.device,
+                hook=lambda index, layer: _with_adapters(source, model.arch, index, layer),
+            )
             return _streamed_logits(model, prompts)
         finally:
             source.close()
@@ -365,11 +407,14 @@ def _with_adapters(source, arch, index: int, layer: torch.nn.Module) -> torch.nn
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             inject_adapter_in_model(PeftConfig.from_pretrained(str(adapter.path)), root, adapter_name=name)
-            state = {k[len("base_model.model."):]: adapter.tensor(k) for k in keys}
+            state = {k[len("base_model.model.") :]: adapter.tensor(k) for k in keys}
             loaded = set_peft_model_state_dict(root, state, adapter_name=name)
         if loaded.unexpected_keys:
-            raise MergeqError(f"validation: PEFT did not place {loaded.unexpected_keys[:3]} of adapter {adapter.path} "
-                              f"in decoder layer {index}", hint="pass --no-validate to merge without the check")
+            raise MergeqError(
+                f"validation: PEFT did not place {loaded.unexpected_keys[:3]} of adapter {adapter.path} "
+                f"in decoder layer {index}",
+                hint="pass --no-validate to merge without the check",
+            )
         names.append((name, adapter.weight))
     for module in root.modules():
         if isinstance(module, LoraLayer):

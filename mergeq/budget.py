@@ -23,11 +23,35 @@ GIB = 1 << 30
 RUNTIME_BYTES = 1 * GIB  # python, torch and transformers loaded, measured at 0.5-0.9 GiB here: rounded up
 LLAMACPP_RUNTIME_BYTES = 256 << 20  # a llama.cpp tool's own buffers and KV cache at the evaluation context
 # bits per weight of llama.cpp's tensor types (block bytes * 8 / block weights, from ggml's type table)
-GGUF_BPW = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q5_0": 5.5,
-            "Q5_1": 6.0, "Q4_K": 4.5, "Q4_0": 4.5, "Q4_1": 5.0, "IQ4_NL": 4.5, "IQ4_XS": 4.25, "Q3_K": 3.4375,
-            "IQ3_S": 3.4375, "IQ3_XXS": 3.0625, "Q2_K": 2.625, "IQ2_S": 2.5625, "IQ2_XS": 2.3125,
-            "IQ2_XXS": 2.0625, "IQ1_M": 1.75, "IQ1_S": 1.5625, "TQ1_0": 1.6875, "TQ2_0": 2.0625, "MXFP4": 4.25,
-            "Q1_0": 1.125, "Q2_0": 2.125}
+GGUF_BPW = {
+    "F32": 32.0,
+    "F16": 16.0,
+    "BF16": 16.0,
+    "Q8_0": 8.5,
+    "Q6_K": 6.5625,
+    "Q5_K": 5.5,
+    "Q5_0": 5.5,
+    "Q5_1": 6.0,
+    "Q4_K": 4.5,
+    "Q4_0": 4.5,
+    "Q4_1": 5.0,
+    "IQ4_NL": 4.5,
+    "IQ4_XS": 4.25,
+    "Q3_K": 3.4375,
+    "IQ3_S": 3.4375,
+    "IQ3_XXS": 3.0625,
+    "Q2_K": 2.625,
+    "IQ2_S": 2.5625,
+    "IQ2_XS": 2.3125,
+    "IQ2_XXS": 2.0625,
+    "IQ1_M": 1.75,
+    "IQ1_S": 1.5625,
+    "TQ1_0": 1.6875,
+    "TQ2_0": 2.0625,
+    "MXFP4": 4.25,
+    "Q1_0": 1.125,
+    "Q2_0": 2.125,
+}
 MIX_MARGIN = 1.25  # named mixes put some tensors in larger types (Q6_K, Q8_0 fallbacks): an upper margin
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -75,17 +99,29 @@ def read_shapes(model_dir: Path) -> Shapes:
                 widest = max(widest, shape[1])
     config = read_model_config(model_dir)
     text = config.get("text_config", config)
-    return Shapes(total, matrices, largest, max(layers.values(), default=largest),
-                  int(text.get("hidden_size", 0)), int(text.get("vocab_size", 0)), widest)
+    return Shapes(
+        total,
+        matrices,
+        largest,
+        max(layers.values(), default=largest),
+        int(text.get("hidden_size", 0)),
+        int(text.get("vocab_size", 0)),
+        widest,
+    )
 
 
 def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
     """Predicted peak memory and disk of each stage of `config` (a PipelineConfig) on a base of `shapes`."""
     fp32, fp16 = 4, 2
     merged_bytes = shapes.params * fp16
-    budgets = [StageBudget(
-        "merge", RUNTIME_BYTES + 2 * shapes.largest_tensor * fp32 + 2 * shapes.largest_layer * fp32, merged_bytes,
-        "runtime + 2 x largest tensor (merged, cast) + 2 x largest layer in fp32 (streamed validation)")]
+    budgets = [
+        StageBudget(
+            "merge",
+            RUNTIME_BYTES + 2 * shapes.largest_tensor * fp32 + 2 * shapes.largest_layer * fp32,
+            merged_bytes,
+            "runtime + 2 x largest tensor (merged, cast) + 2 x largest layer in fp32 (streamed validation)",
+        )
+    ]
     eval_tokens = 512 * 4  # activations of a few evaluation windows beside one layer
     for target, options in config.exports.items():
         if target == "gguf":
@@ -95,28 +131,44 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
             sizes += [2 * _gguf_bytes(shapes, "Q8_0") for _ in options.targets]
             sizes += [2 * _gguf_bytes(shapes, "Q8_0")] if options.targets else []
             intermediate = shapes.params * fp16
-            budgets.append(StageBudget(
-                "gguf", max(RUNTIME_BYTES + 2 * shapes.largest_tensor * fp32,
-                            LLAMACPP_RUNTIME_BYTES + max(sizes + [intermediate])),
-                intermediate + sum(sizes),
-                f"converter: runtime + 2 x largest tensor; llama.cpp tools map the whole file they read "
-                f"(f16 intermediate {intermediate / GIB:.2f} GiB, kept); files {', '.join(options.quants)}"))
+            budgets.append(
+                StageBudget(
+                    "gguf",
+                    max(
+                        RUNTIME_BYTES + 2 * shapes.largest_tensor * fp32,
+                        LLAMACPP_RUNTIME_BYTES + max(sizes + [intermediate]),
+                    ),
+                    intermediate + sum(sizes),
+                    f"converter: runtime + 2 x largest tensor; llama.cpp tools map the whole file they read "
+                    f"(f16 intermediate {intermediate / GIB:.2f} GiB, kept); files {', '.join(options.quants)}",
+                )
+            )
         elif target in ("awq", "gptq", "rtn"):
             activations = options.samples * options.seq_len * shapes.hidden * fp32 * 2  # layer inputs and outputs
             group = options.group_size or 128
-            int4 = (shapes.matrix_params * (options.bits / 8 + 2 * fp16 / group)
-                    + (shapes.params - shapes.matrix_params) * fp16)
+            int4 = (
+                shapes.matrix_params * (options.bits / 8 + 2 * fp16 / group)
+                + (shapes.params - shapes.matrix_params) * fp16
+            )
             # while it runs, the per-layer checkpoints (exporters/int4/resume.py) hold another copy of the int4
             # tensors and one layer's outputs on disk; saving those outputs serializes them once in memory
             # GPTQ: the Hessian of the widest linear, its permuted copy, two Cholesky factors (exporters/int4/gptq.py)
             hessians = 4 * shapes.widest_input**2 * fp32 if target == "gptq" else 0
-            budgets.append(StageBudget(
-                target, RUNTIME_BYTES + 3 * shapes.largest_layer * fp32 + activations * 3 // 2 + hessians
-                + eval_tokens * shapes.vocab * fp32, int(2 * int4 + activations // 2),
-                f"runtime + 3 x largest layer in fp32 + calibration activations ({options.samples} x "
-                f"{options.seq_len} x {shapes.hidden}, in and out, fp32, and one serialized copy)"
-                f"{f' + 4 GPTQ matrices of {shapes.widest_input}^2 fp32' if hessians else ''} + evaluation "
-                f"logits; disk: the checkpoint, and its per-layer resume copy while the stage runs"))
+            budgets.append(
+                StageBudget(
+                    target,
+                    RUNTIME_BYTES
+                    + 3 * shapes.largest_layer * fp32
+                    + activations * 3 // 2
+                    + hessians
+                    + eval_tokens * shapes.vocab * fp32,
+                    int(2 * int4 + activations // 2),
+                    f"runtime + 3 x largest layer in fp32 + calibration activations ({options.samples} x "
+                    f"{options.seq_len} x {shapes.hidden}, in and out, fp32, and one serialized copy)"
+                    f"{f' + 4 GPTQ matrices of {shapes.widest_input}^2 fp32' if hessians else ''} + evaluation "
+                    f"logits; disk: the checkpoint, and its per-layer resume copy while the stage runs",
+                )
+            )
     return budgets
 
 
@@ -138,7 +190,8 @@ def check_disk(budgets: list[StageBudget], out: Path, pending: list[str]) -> Non
             f"the output disk of {out} has {free / GIB:.2f} GiB free, and the stages still to run "
             f"({', '.join(pending)}) are predicted to write {need / GIB:.2f} GiB",
             hint="free space there, choose another --out, or export fewer formats (mergeq run --check lists "
-                 "each stage's share)")
+            "each stage's share)",
+        )
 
 
 def format_table(budgets: list[StageBudget], out: Path) -> str:
@@ -146,6 +199,8 @@ def format_table(budgets: list[StageBudget], out: Path) -> str:
     for b in budgets:
         lines.append(f"{b.stage:<6} {b.peak_bytes / GIB:>8.2f} GiB {b.disk_bytes / GIB:>6.2f} GiB  {b.basis}")
     total = sum(b.disk_bytes for b in budgets)
-    lines.append(f"total disk {total / GIB:.2f} GiB; free on {out}'s disk: {free_bytes(out) / GIB:.2f} GiB; "
-                 f"largest peak {max(b.peak_bytes for b in budgets) / GIB:.2f} GiB")
+    lines.append(
+        f"total disk {total / GIB:.2f} GiB; free on {out}'s disk: {free_bytes(out) / GIB:.2f} GiB; "
+        f"largest peak {max(b.peak_bytes for b in budgets) / GIB:.2f} GiB"
+    )
     return "\n".join(lines)

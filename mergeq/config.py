@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from exporters.eval_options import EvalOptions
 from exporters.registry import EXPORTER_MODULES, get_exporter
@@ -94,14 +93,18 @@ class _Reader:
     def table(self, section: str, cls, table, *, require_texts: bool = True):
         """Table `section` as dataclass `cls` by its schema; text options resolved and, with require_texts,
         the required ones present."""
-        options = from_table(cls, table, problem=lambda key, message: self.problem(section, key, message),
-                             path_of=self.path_of)
+        options = from_table(
+            cls, table, problem=lambda key, message: self.problem(section, key, message), path_of=self.path_of
+        )
         if options is None or not require_texts:
             return options
         for spec in specs(cls):
             if spec.opt.text and spec.opt.required and spec.opt.toml and getattr(options, spec.name) is None:
-                self.problem(section, spec.key, f"missing: the {spec.opt.text} text ({FORMATS_HELP}); "
-                                                f"{spec.key} = \"{DEMO}\" uses the demo's text")
+                self.problem(
+                    section,
+                    spec.key,
+                    f'missing: the {spec.opt.text} text ({FORMATS_HELP}); {spec.key} = "{DEMO}" uses the demo\'s text',
+                )
                 return None
         return options
 

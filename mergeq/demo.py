@@ -155,8 +155,9 @@ def build_base(out: Path) -> dict:
     # lm_head is tied to the embeddings, so it may be absent from the GGUF state dict; nothing else may be.
     missing = [name for name in missing if name != "lm_head.weight"]
     if missing or unexpected:
-        raise MergeqError(f"GGUF {gguf} did not map onto a Llama model: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
+        raise MergeqError(
+            f"GGUF {gguf} did not map onto a Llama model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     del loaded
     model = model.to(torch.float16)
     model.generation_config = GenerationConfig(
@@ -172,8 +173,11 @@ def build_base(out: Path) -> dict:
     _normalize_tokenizer_config(out / "tokenizer_config.json", template)
     if not (out / "chat_template.jinja").is_file():
         (out / "chat_template.jinja").write_text(template)
-    return {"gguf": gguf.name, "gguf_sha256": sha256_file(gguf),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "gguf": gguf.name,
+        "gguf_sha256": sha256_file(gguf),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def _normalize_tokenizer_config(path: Path, template: str) -> None:
@@ -303,12 +307,14 @@ def _ensure_adapter(assets: DemoAssets, rebuild: bool) -> bool:
     with atomic_dir(assets.adapter, overwrite=True) as tmp:
         os.chmod(tmp, 0o755)
         with _timed(timings, "train_seconds"):
-            training = train_adapter(assets.base_nf4, assets.train_text.read_text(encoding="utf-8"), tmp,
-                                     train_settings)
+            training = train_adapter(
+                assets.base_nf4, assets.train_text.read_text(encoding="utf-8"), tmp, train_settings
+            )
         log.info("measuring held-out perplexity on %s", assets.eval_text)
         with _timed(timings, "measure_seconds"):
-            ppl = measure(assets.base, assets.base_nf4, tmp, assets.eval_text.read_text(encoding="utf-8"),
-                          eval_settings)
+            ppl = measure(
+                assets.base, assets.base_nf4, tmp, assets.eval_text.read_text(encoding="utf-8"), eval_settings
+            )
         check_adapter_gain(ppl)
     info = {**training, "perplexity": ppl, "eval_settings": asdict(eval_settings), **timings}
     info["adapter_sha256"] = sha256_file(assets.adapter / "adapter_model.safetensors")

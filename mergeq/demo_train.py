@@ -148,7 +148,8 @@ def train_blocks(tokens, settings: TrainSettings):
     needed = settings.steps * settings.batch_size
     if count < needed:
         raise MergeqError(
-            f"the demo training text has {count} blocks of {settings.block_tokens} tokens; {needed} needed")
+            f"the demo training text has {count} blocks of {settings.block_tokens} tokens; {needed} needed"
+        )
     blocks = tokens[: count * settings.block_tokens].view(count, settings.block_tokens)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(settings.seed))[:needed]
     return blocks[order].view(settings.steps, settings.batch_size, settings.block_tokens)
@@ -227,7 +228,8 @@ def perplexity(model, tokenizer, text: str, settings: EvalSettings) -> dict:
     windows = min(tokens.numel(), settings.max_tokens) // settings.context
     if windows == 0:
         raise MergeqError(
-            f"the evaluation text has {tokens.numel()} tokens, fewer than one {settings.context}-token window")
+            f"the evaluation text has {tokens.numel()} tokens, fewer than one {settings.context}-token window"
+        )
     blocks = tokens[: windows * settings.context].view(windows, settings.context)
     total_nll, scored = 0.0, 0
     with torch.inference_mode():

@@ -42,8 +42,9 @@ def run_export(target: str, model_dir: Path, out_dir: Path, options, evaluation:
             if evaluation.enabled:
                 from exporters.evaluate import evaluate_into_report
 
-                evaluate_into_report(report, reference=evaluation.reference or model_dir, text=evaluation.text,
-                                     settings=evaluation)
+                evaluate_into_report(
+                    report, reference=evaluation.reference or model_dir, text=evaluation.text, settings=evaluation
+                )
             report.write(Path(report.path) if Path(report.path).is_dir() else Path(report.path).parent)
     except BaseException:
         if created:  # this command made the directory: a failed export or evaluation leaves none of it behind

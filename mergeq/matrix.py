@@ -40,8 +40,10 @@ class Matrix:
     def resolved(self) -> dict:
         if self.single:
             return self.models[SINGLE].resolved()
-        return {"models": {name: config.resolved() for name, config in self.models.items()},
-                "source": str(self.source) if self.source else None}
+        return {
+            "models": {name: config.resolved() for name, config in self.models.items()},
+            "source": str(self.source) if self.source else None,
+        }
 
 
 def single(config: PipelineConfig) -> Matrix:
@@ -61,12 +63,16 @@ def parse_matrix(data: dict, *, path: Path | None = None, text: str = "") -> Mat
     place = f"{path}:{key_line(text, MODEL_TABLE, '') or 1}" if path else "config"
     rows = data[MODEL_TABLE]
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise ConfigError(f"{place}: [[model]] must be one or more tables, each with a `name` and the keys of "
-                          f"[merge] (`base`, `adapters`, ...)")
+        raise ConfigError(
+            f"{place}: [[model]] must be one or more tables, each with a `name` and the keys of "
+            f"[merge] (`base`, `adapters`, ...)"
+        )
     defaults = data.get("merge", {})
     if not isinstance(defaults, dict) or "adapters" in defaults:
-        raise ConfigError(f"{place}: with [[model]] tables, [merge] holds only the defaults they share (base, "
-                          f"dtype, ...); give each model's `adapters` in its own [[model]] table")
+        raise ConfigError(
+            f"{place}: with [[model]] tables, [merge] holds only the defaults they share (base, "
+            f"dtype, ...); give each model's `adapters` in its own [[model]] table"
+        )
     shared = {key: value for key, value in data.items() if key not in (MODEL_TABLE, "merge")}
     models: dict[str, PipelineConfig] = {}
     problems: list[str] = []
@@ -74,8 +80,9 @@ def parse_matrix(data: dict, *, path: Path | None = None, text: str = "") -> Mat
         name = row.get("name")
         label = f"[[model]] #{number}" + (f" ({name})" if isinstance(name, str) else "")
         if not isinstance(name, str) or not _NAME.match(name):
-            problems.append(f"{place}: {label}: `name` must be a directory name (letters, digits, '.', '_', '-'), "
-                            f"got {name!r}")
+            problems.append(
+                f"{place}: {label}: `name` must be a directory name (letters, digits, '.', '_', '-'), got {name!r}"
+            )
             continue
         if name in models:
             problems.append(f"{place}: {label}: the name {name!r} is used twice; each model needs its own")
@@ -95,8 +102,9 @@ def check_layout(matrix: Matrix, out: Path) -> None:
     reserved = {"summary.json", "summary.md", "summary.png", "resolved_config.json", ".mergeq"}
     for name in matrix.models:
         if name in reserved:
-            raise MergeqError(f"model name {name!r} collides with a file mergeq writes into {out}",
-                              hint="rename that [[model]] table")
+            raise MergeqError(
+                f"model name {name!r} collides with a file mergeq writes into {out}", hint="rename that [[model]] table"
+            )
 
 
 @dataclass
@@ -118,4 +126,3 @@ def matrix_reports(rows: dict[str, list[ArtifactReport]]) -> list[ArtifactReport
             fields = {f: getattr(report, f) for f in report.__dataclass_fields__}
             merged.append(MatrixReport(**{**fields, "path": f"{name}/{report.path}"}, model=name))
     return merged
-

@@ -86,19 +86,30 @@ class MatrixView:
         with self.lock:
             elapsed = time.monotonic() - self.started
             done = sum(c.state in (DONE, SKIPPED) for c in self.cells.values())
-            table = Table(title=f"mergeq run: {done}/{len(self.cells)} stages finished, {elapsed:.0f}s",
-                          title_justify="left")
+            table = Table(
+                title=f"mergeq run: {done}/{len(self.cells)} stages finished, {elapsed:.0f}s", title_justify="left"
+            )
             table.add_column("artifact", no_wrap=True)
             for column in self.plan.columns:
                 table.add_column(column, no_wrap=True)
             for row in self.plan.rows:
-                table.add_row(row or "(model)",
-                              *(self.text(f"{row}/{column}" if row else column) for column in self.plan.columns))
+                table.add_row(
+                    row or "(model)", *(self.text(f"{row}/{column}" if row else column) for column in self.plan.columns)
+                )
             return table
 
     @contextlib.contextmanager
     def live(self) -> Iterator[MatrixView]:
         """Redraw the view on stderr while the block runs; print it once more, final, at the end."""
-        with Live(get_renderable=self.table, console=stderr_console(), refresh_per_second=2, transient=False,
-                  redirect_stdout=False) if not quiet() else contextlib.nullcontext():
+        with (
+            Live(
+                get_renderable=self.table,
+                console=stderr_console(),
+                refresh_per_second=2,
+                transient=False,
+                redirect_stdout=False,
+            )
+            if not quiet()
+            else contextlib.nullcontext()
+        ):
             yield self

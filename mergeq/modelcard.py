@@ -18,7 +18,7 @@ SERVE = {
 
 def _yaml_value(value) -> str:
     text = str(value)
-    return f'"{text}"' if any(c in text for c in ':#{}[],&*!|>%@`"\'') else text
+    return f'"{text}"' if any(c in text for c in ":#{}[],&*!|>%@`\"'") else text
 
 
 def _fmt(value, spec: str) -> str:
@@ -28,9 +28,12 @@ def _fmt(value, spec: str) -> str:
 def model_card(reports: list[ArtifactReport], *, base_model: str) -> str:
     """The card for one artifact directory holding one or more reports of the same format."""
     fmt = reports[0].format
-    meta = {"base_model": base_model, "library_name": LIBRARY.get(fmt, "transformers"),
-            "tags": ["mergeq", fmt, *sorted({r.quant for r in reports})],
-            "quantization": ", ".join(sorted({r.quant for r in reports}))}
+    meta = {
+        "base_model": base_model,
+        "library_name": LIBRARY.get(fmt, "transformers"),
+        "tags": ["mergeq", fmt, *sorted({r.quant for r in reports})],
+        "quantization": ", ".join(sorted({r.quant for r in reports})),
+    }
     lines = ["---"]
     for key, value in meta.items():
         if isinstance(value, list):
@@ -38,21 +41,37 @@ def model_card(reports: list[ArtifactReport], *, base_model: str) -> str:
             lines += [f"- {_yaml_value(v)}" for v in value]
         else:
             lines.append(f"{key}: {_yaml_value(value)}")
-    lines += ["---", "", f"# {Path(base_model).name} — {fmt} ({meta['quantization']})", "",
-              f"Made by mergeq from `{base_model}`. Quality is measured against the merged fp16 checkpoint.", "",
-              "| quant | size (MiB) | bits/weight | vs fp16 size | perplexity | ref. perplexity | KL (nats) "
-              "| top-1 agree |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "---",
+        "",
+        f"# {Path(base_model).name} — {fmt} ({meta['quantization']})",
+        "",
+        f"Made by mergeq from `{base_model}`. Quality is measured against the merged fp16 checkpoint.",
+        "",
+        "| quant | size (MiB) | bits/weight | vs fp16 size | perplexity | ref. perplexity | KL (nats) | top-1 agree |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in reports:
         q = r.quality
-        lines.append("| {} | {:.1f} | {:.2f} | {:.3f} | {} | {} | {} | {} |".format(
-            r.quant, r.size.size_bytes / 2**20, r.size.bits_per_weight, r.size.ratio_to_fp16,
-            _fmt(q and q.perplexity, ".3f"), _fmt(q and q.reference_perplexity, ".3f"),
-            _fmt(q and q.kl_divergence, ".4f"), _fmt(q and q.top1_agreement, ".3f")))
+        lines.append(
+            "| {} | {:.1f} | {:.2f} | {:.3f} | {} | {} | {} | {} |".format(
+                r.quant,
+                r.size.size_bytes / 2**20,
+                r.size.bits_per_weight,
+                r.size.ratio_to_fp16,
+                _fmt(q and q.perplexity, ".3f"),
+                _fmt(q and q.reference_perplexity, ".3f"),
+                _fmt(q and q.kl_divergence, ".4f"),
+                _fmt(q and q.top1_agreement, ".3f"),
+            )
+        )
     if reports[0].quality:
         q = reports[0].quality
-        lines += ["", f"Evaluated on {q.eval_tokens} scored tokens, context {q.context_length}, "
-                      f"text sha256 `{q.text_sha256[:16]}…`, by {q.evaluator}."]
+        lines += [
+            "",
+            f"Evaluated on {q.eval_tokens} scored tokens, context {q.context_length}, "
+            f"text sha256 `{q.text_sha256[:16]}…`, by {q.evaluator}.",
+        ]
     warnings = sorted({w for r in reports for w in r.warnings})
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]

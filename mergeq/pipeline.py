@@ -17,8 +17,11 @@ from mergeq.core.errors import MergeqError
 
 log = logging.getLogger(__name__)
 
-DEMO_EXPORTS = {"gguf": {"quant": ["Q8_0", "Q4_K_M"]}, "awq": {"group_size": 64, "calib": "demo"},
-                "gptq": {"group_size": 64, "calib": "demo"}}
+DEMO_EXPORTS = {
+    "gguf": {"quant": ["Q8_0", "Q4_K_M"]},
+    "awq": {"group_size": 64, "calib": "demo"},
+    "gptq": {"group_size": 64, "calib": "demo"},
+}
 
 
 @dataclass
@@ -45,8 +48,7 @@ def demo_config() -> PipelineConfig:
     assets = demo_assets()
     data = {
         # only the fp16 base: the adapter folder shows QLoRA training, so the merge rebuilds its NF4 base
-        "merge": {"base": str(assets.base),
-                  "adapters": [{"path": str(assets.adapter), "weight": 1.0}]},
+        "merge": {"base": str(assets.base), "adapters": [{"path": str(assets.adapter), "weight": 1.0}]},
         "eval": {"text": str(assets.eval_text)},
         **DEMO_EXPORTS,
     }
@@ -56,21 +58,27 @@ def demo_config() -> PipelineConfig:
 def check_out_dir(config: PipelineConfig, out: Path) -> None:
     """The output may not be inside an input, nor escape through a symlink."""
     out_resolved = out.resolve()
-    if out.is_symlink() or any(p.is_symlink() for p in out.parents
-                               if p.exists() and p != p.parent and p.is_relative_to(Path.cwd())):
-        raise MergeqError(f"output directory {out} goes through a symlink (to {out_resolved})",
-                          hint="give the real path as --out")
+    if out.is_symlink() or any(
+        p.is_symlink() for p in out.parents if p.exists() and p != p.parent and p.is_relative_to(Path.cwd())
+    ):
+        raise MergeqError(
+            f"output directory {out} goes through a symlink (to {out_resolved})", hint="give the real path as --out"
+        )
     inputs = [config.merge.base, *(a.path for a in config.merge.adapters)]
     if config.merge.qlora_base:
         inputs.append(config.merge.qlora_base)
     for source in inputs:
         src = Path(source).resolve()
         if out_resolved == src or out_resolved.is_relative_to(src):
-            raise MergeqError(f"output directory {out} is inside the input {source}",
-                              hint="choose an --out directory outside every input")
+            raise MergeqError(
+                f"output directory {out} is inside the input {source}",
+                hint="choose an --out directory outside every input",
+            )
         if src.is_relative_to(out_resolved):
-            raise MergeqError(f"input {source} is inside the output directory {out}",
-                              hint="choose an --out directory that holds no input")
+            raise MergeqError(
+                f"input {source} is inside the output directory {out}",
+                hint="choose an --out directory that holds no input",
+            )
 
 
 def run_pipeline(config: PipelineConfig, out: Path, *, preflight_only: bool = False, verify: bool = False) -> RunResult:

@@ -75,6 +75,9 @@ def plan_run(matrix: Matrix, out: Path, *, threads: int | None = None) -> Plan:
         merge = StageTask(name, MERGE, row_out, (), peaks[MERGE], threads, "cpu")
         plan.tasks.append(merge)
         for target, options in config.exports.items():
-            plan.tasks.append(StageTask(name, target, row_out, (merge.id,), peaks[target], threads,
-                                        str(getattr(options, "device", "cpu"))))
+            plan.tasks.append(
+                StageTask(
+                    name, target, row_out, (merge.id,), peaks[target], threads, str(getattr(options, "device", "cpu"))
+                )
+            )
     return plan

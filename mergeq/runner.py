@@ -21,8 +21,16 @@ from mergeq.stages import STATE_DIR, run_lock
 log = logging.getLogger(__name__)
 
 
-def run_matrix(matrix: Matrix, out: Path, *, executor: str = "local", address: str | None = None,
-               num_cpus: int | None = None, preflight_only: bool = False, verify: bool = False):
+def run_matrix(
+    matrix: Matrix,
+    out: Path,
+    *,
+    executor: str = "local",
+    address: str | None = None,
+    num_cpus: int | None = None,
+    preflight_only: bool = False,
+    verify: bool = False,
+):
     """Run every stage of every row that is not up to date (see mergeq.pipeline.run_pipeline for the options).
     Returns a mergeq.pipeline.RunResult; `ran` and `skipped` name tasks (`STAGE`, or `ROW/STAGE` in a matrix)."""
     from mergeq import budget
@@ -40,8 +48,12 @@ def run_matrix(matrix: Matrix, out: Path, *, executor: str = "local", address: s
     if preflight_only:
         return result
     runner = get_executor(executor, address=address, num_cpus=num_cpus)
-    pending = [b for name, row in plan.budgets.items() for b in row
-               if not (matrix.out_dir(out, name) / STATE_DIR / "stages" / f"{b.stage}.json").is_file()]
+    pending = [
+        b
+        for name, row in plan.budgets.items()
+        for b in row
+        if not (matrix.out_dir(out, name) / STATE_DIR / "stages" / f"{b.stage}.json").is_file()
+    ]
     budget.check_disk(pending, out, [b.stage for b in pending])
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

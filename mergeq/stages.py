@@ -58,8 +58,9 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 
 def stage_key(name: str, inputs: dict, options: dict, versions: dict) -> str:
-    blob = json.dumps({"stage": name, "inputs": inputs, "options": options, "versions": versions},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {"stage": name, "inputs": inputs, "options": options, "versions": versions}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -94,6 +95,10 @@ class Stage:
 def run_lock(out_root: Path):
     """An exclusive lock on an output directory: a second `mergeq run` on it refuses, clearly."""
     out_root = Path(out_root)
-    return exclusive(out_root / STATE_DIR / "lock", refuse=lambda holder: MergeqError(
-        f"another mergeq run (pid {holder}) is writing to {out_root}",
-        hint="wait for it to finish, or choose another --out directory"))
+    return exclusive(
+        out_root / STATE_DIR / "lock",
+        refuse=lambda holder: MergeqError(
+            f"another mergeq run (pid {holder}) is writing to {out_root}",
+            hint="wait for it to finish, or choose another --out directory",
+        ),
+    )

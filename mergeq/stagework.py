@@ -46,13 +46,21 @@ def stage_of(config: PipelineConfig, task: StageTask) -> Stage:
     tool_versions = versions()
     merged = task.out / "merged"
     if task.stage == MERGE:
-        return Stage(MERGE, merged, stage_key(MERGE, _merge_inputs(config.merge), config.resolved()["merge"],
-                                              tool_versions))
+        return Stage(
+            MERGE, merged, stage_key(MERGE, _merge_inputs(config.merge), config.resolved()["merge"], tool_versions)
+        )
     merged_hash = stage_key("merged", model_files(merged), {}, {})
     options = config.exports[task.stage]
-    return Stage(task.stage, task.out / task.stage, stage_key(
-        task.stage, {"merged": merged_hash, "eval": _eval_inputs(config.evaluation)},
-        config.export_values(task.stage), {**tool_versions, **_tool_versions(task.stage, options)}))
+    return Stage(
+        task.stage,
+        task.out / task.stage,
+        stage_key(
+            task.stage,
+            {"merged": merged_hash, "eval": _eval_inputs(config.evaluation)},
+            config.export_values(task.stage),
+            {**tool_versions, **_tool_versions(task.stage, options)},
+        ),
+    )
 
 
 def run_stage(config: PipelineConfig, task: StageTask) -> StageOutcome:
@@ -83,8 +91,12 @@ def run_stage(config: PipelineConfig, task: StageTask) -> StageOutcome:
     # runs its stages one after another in one process; glibc otherwise keeps freed heap pages)
     release_freed_memory()
     rss = resident_bytes()
-    log.info("%s: done in %.1f s%s", task.label, seconds,
-             f" (resident afterwards: {rss / 2**30:.2f} GiB)" if rss is not None else "")
+    log.info(
+        "%s: done in %.1f s%s",
+        task.label,
+        seconds,
+        f" (resident afterwards: {rss / 2**30:.2f} GiB)" if rss is not None else "",
+    )
     return StageOutcome(task.id, True, seconds)
 
 
@@ -92,8 +104,10 @@ def run_stage(config: PipelineConfig, task: StageTask) -> StageOutcome:
 
 
 def _merge_inputs(spec: MergeConfig) -> dict:
-    inputs = {"base": tree_hashes(spec.base), "adapters": [
-        {"files": tree_hashes(a.path), "weight": a.weight} for a in spec.adapters]}
+    inputs = {
+        "base": tree_hashes(spec.base),
+        "adapters": [{"files": tree_hashes(a.path), "weight": a.weight} for a in spec.adapters],
+    }
     if spec.qlora_base:
         inputs["qlora_base"] = tree_hashes(spec.qlora_base)
     return inputs
@@ -128,6 +142,7 @@ DOC_FILES = ("report.json", "report.md", "README.md")
 
 def _merge(config: PipelineConfig, tmp: Path, evaluation: EvalOptions) -> None:
     from merge.merger import run_merge
+
     spec = config.merge
     reset_peak_rss()
     started = time.perf_counter()
@@ -147,8 +162,13 @@ def reference_report(merged: Path, spec: MergeConfig) -> ArtifactReport:
     from exporters.eval_inputs import artifact_size
 
     size, quant = artifact_size(merged, merged)
-    return ArtifactReport(format="hf", quant=quant, path=str(merged), size=size,
-                          provenance={"merge_manifest": "merge_manifest.json", "dtype": spec.dtype})
+    return ArtifactReport(
+        format="hf",
+        quant=quant,
+        path=str(merged),
+        size=size,
+        provenance={"merge_manifest": "merge_manifest.json", "dtype": spec.dtype},
+    )
 
 
 def _export(target: str, merged: Path, tmp: Path, options, evaluation: EvalOptions, base_model: str) -> None:

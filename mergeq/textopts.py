@@ -19,7 +19,8 @@ def resolve_text_option(value: Path | str | None, *, option: str, purpose: str) 
         raise MergeqError(
             f"no {purpose} text given: pass {option} FILE ({FORMATS_HELP})",
             hint=f"use text like what the model will see in use (for a chat fine-tune: its chat data); "
-                 f"{option} {DEMO} uses the demo's standard-library docstrings")
+            f"{option} {DEMO} uses the demo's standard-library docstrings",
+        )
     if str(value) == DEMO:
         from mergeq.demo import demo_assets
 

@@ -27,25 +27,50 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-def run_export(method: str, device: str, model: Path, out: Path, calib: Path, samples: int, seq_len: int,
-               reuse: bool = False) -> dict:
+def run_export(
+    method: str, device: str, model: Path, out: Path, calib: Path, samples: int, seq_len: int, reuse: bool = False
+) -> dict:
     """One `mergeq export` in a child process: wall seconds and the largest child peak RSS so far."""
     if reuse and (out / "config.json").is_file():
         return {"method": method, "device": device, "reused": str(out)}
     if out.exists():
         shutil.rmtree(out)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    argv = [sys.executable, "-m", "mergeq.cli", "export", method, "--model", str(model), "--out", str(out),
-            "--calib", str(calib), "--samples", str(samples), "--seq-len", str(seq_len), "--device", device,
-            "--group-size", "128", "--no-eval", "--json"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mergeq.cli",
+        "export",
+        method,
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--calib",
+        str(calib),
+        "--samples",
+        str(samples),
+        "--seq-len",
+        str(seq_len),
+        "--device",
+        device,
+        "--group-size",
+        "128",
+        "--no-eval",
+        "--json",
+    ]
     started = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{method} on {device} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
-    return {"method": method, "device": device, "wall_s": round(wall, 1),
-            "max_child_rss_gib": round(peak_kib / 2**20, 2)}
+    return {
+        "method": method,
+        "device": device,
+        "wall_s": round(wall, 1),
+        "max_child_rss_gib": round(peak_kib / 2**20, 2),
+    }
 
 
 def compare_codes(a: Path, b: Path) -> dict:
@@ -89,9 +114,16 @@ def run_eval(artifact: Path, reference: Path, text: Path, device: str, cache: Pa
     result = evaluate_full(artifact, reference, text, EvalOptions(device=device, cache_dir=cache, max_windows=windows))
     quality = result.quality if hasattr(result, "quality") else result
     info = quality.to_json() if hasattr(quality, "to_json") else getattr(quality, "__dict__", {})
-    return {"eval": artifact.name, "device": device, "wall_s": round(time.perf_counter() - started, 1),
-            **{k: info[k] for k in ("perplexity", "reference_perplexity", "kl_divergence", "top1_agreement",
-                                    "eval_tokens") if k in info}}
+    return {
+        "eval": artifact.name,
+        "device": device,
+        "wall_s": round(time.perf_counter() - started, 1),
+        **{
+            k: info[k]
+            for k in ("perplexity", "reference_perplexity", "kl_divergence", "top1_agreement", "eval_tokens")
+            if k in info
+        },
+    }
 
 
 def main() -> int:
@@ -101,8 +133,9 @@ def main() -> int:
     from synthetic import LlamaShape, write_llama
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", type=Path, required=True,
-                        help="folder with tokenizer.json (its vocab sets the model's)")
+    parser.add_argument(
+        "--tokenizer", type=Path, required=True, help="folder with tokenizer.json (its vocab sets the model's)"
+    )
     parser.add_argument("--calib", type=Path, required=True, help="calibration text")
     parser.add_argument("--work", type=Path, default=Path("/tmp/mergeq-bench-device"))
     parser.add_argument("--hidden", type=int, default=2048)
@@ -119,8 +152,9 @@ def main() -> int:
     args = parser.parse_args()
 
     vocab = len(json.loads((args.tokenizer / "tokenizer.json").read_text())["model"]["vocab"])
-    shape = LlamaShape(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=16, kv_heads=4,
-                       vocab=vocab)
+    shape = LlamaShape(
+        hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=16, kv_heads=4, vocab=vocab
+    )
     model = args.work / "model"
     started = time.perf_counter()
     if not (model / "config.json").is_file():
@@ -128,10 +162,13 @@ def main() -> int:
         for name in TOKENIZER_FILES:
             if (args.tokenizer / name).is_file():
                 shutil.copy(args.tokenizer / name, model / name)
-    print(f"synthetic Llama {shape.params() / 1e9:.2f}B params ({shape.layers} layers, hidden {shape.hidden}, "
-          f"vocab {vocab}) in {time.perf_counter() - started:.1f} s; torch {torch.__version__}, "
-          f"cuda {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, "
-          f"{os.cpu_count()} CPUs", flush=True)
+    print(
+        f"synthetic Llama {shape.params() / 1e9:.2f}B params ({shape.layers} layers, hidden {shape.hidden}, "
+        f"vocab {vocab}) in {time.perf_counter() - started:.1f} s; torch {torch.__version__}, "
+        f"cuda {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}, "
+        f"{os.cpu_count()} CPUs",
+        flush=True,
+    )
 
     rows = []
     for method in args.methods.split(","):
@@ -150,8 +187,14 @@ def main() -> int:
     if args.eval_text:
         first = args.methods.split(",")[0]
         for device in args.devices.split(","):
-            row = run_eval(args.work / f"{first}-{args.devices.split(',')[0]}", model, args.eval_text, device,
-                           args.work / f"eval-cache-{device}", args.eval_windows)
+            row = run_eval(
+                args.work / f"{first}-{args.devices.split(',')[0]}",
+                model,
+                args.eval_text,
+                device,
+                args.work / f"eval-cache-{device}",
+                args.eval_windows,
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
 

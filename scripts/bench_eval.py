@@ -66,8 +66,9 @@ def run(argv: list[str]) -> tuple[float, str]:
 
 
 def evaluate(artifact: Path, reference: Path, text: Path, cache: Path, windows: int) -> tuple[float, dict]:
-    seconds, out = run([sys.executable, "-c", CHILD, str(artifact), str(reference), str(text), str(cache),
-                        str(windows)])
+    seconds, out = run(
+        [sys.executable, "-c", CHILD, str(artifact), str(reference), str(text), str(cache), str(windows)]
+    )
     return seconds, json.loads(out.strip().splitlines()[-1])
 
 
@@ -108,8 +109,23 @@ def main() -> None:
         seconds, gg = evaluate(gguf, base, text, cache, args.windows)
         rows.append(("GGUF f16 through mergeq (reference cached)", seconds, child_rss(), gg))
         # 4. the peer: llama-perplexity alone, same settings
-        peer_seconds, _ = run([str(perplexity_tool), "-m", str(gguf), "-f", str(text), "-c", "512", "-b", "2048",
-                               "--chunks", str(args.windows), "-t", str(os.cpu_count() or 1)])
+        peer_seconds, _ = run(
+            [
+                str(perplexity_tool),
+                "-m",
+                str(gguf),
+                "-f",
+                str(text),
+                "-c",
+                "512",
+                "-b",
+                "2048",
+                "--chunks",
+                str(args.windows),
+                "-t",
+                str(os.cpu_count() or 1),
+            ]
+        )
         rows.append(("peer: llama-perplexity alone", peer_seconds, child_rss(), None))
 
     cpus = CPU[-4:]
@@ -118,11 +134,15 @@ def main() -> None:
         ppl = f"{result['perplexity']:.4f}" if result else ""
         print(f"{name:46s} {seconds:8.1f} {cpu:7.1f} {rss / 2**20:21.0f}  {ppl}")
     print(f"(load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    print(f"\nscored tokens: {hf['tokens']}; budget: one artifact <= 60 s -> HF {rows[1][1]:.1f} s, "
-          f"GGUF {rows[2][1]:.1f} s")
+    print(
+        f"\nscored tokens: {hf['tokens']}; budget: one artifact <= 60 s -> HF {rows[1][1]:.1f} s, "
+        f"GGUF {rows[2][1]:.1f} s"
+    )
     print(f"GGUF through mergeq / llama-perplexity alone: {rows[2][1] / peer_seconds:.2f}")
-    print(f"cross-check: GGUF f16 ppl {gg['perplexity']:.4f} vs HF fp16 {hf['perplexity']:.4f} "
-          f"(ratio {gg['perplexity'] / hf['perplexity']:.5f}), KL {gg['kl']:.2e}, top-1 {gg['top1']:.4f}")
+    print(
+        f"cross-check: GGUF f16 ppl {gg['perplexity']:.4f} vs HF fp16 {hf['perplexity']:.4f} "
+        f"(ratio {gg['perplexity'] / hf['perplexity']:.5f}), KL {gg['kl']:.2e}, top-1 {gg['top1']:.4f}"
+    )
     if gg["warnings"]:
         print("GGUF warnings:", *gg["warnings"], sep="\n  ")
 

@@ -44,11 +44,18 @@ def by_hand(model: Path, work: Path, quants: list[str]) -> float:
     env.pop("NO_LOCAL_GGUF", None)
     f16 = work / "model-f16.gguf"
     started = time.perf_counter()
-    subprocess.run([sys.executable, str(where.converter), str(model), "--outfile", str(f16), "--outtype", "f16"],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(where.converter), str(model), "--outfile", str(f16), "--outtype", "f16"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     for quant in quants:
-        subprocess.run([str(where.bin / "llama-quantize"), str(f16), str(work / f"model-{quant}.gguf"), quant],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(where.bin / "llama-quantize"), str(f16), str(work / f"model-{quant}.gguf"), quant],
+            check=True,
+            capture_output=True,
+        )
     return time.perf_counter() - started
 
 
@@ -65,8 +72,19 @@ def with_mergeq(model: Path, work: Path, quants: list[str]) -> float:
 
 def with_mergeq_cli(model: Path, work: Path, quants: list[str]) -> float:
     """The same through `mergeq export gguf --no-eval` in a fresh process (adds the CLI's start-up)."""
-    argv = [sys.executable, "-m", "mergeq.cli", "-q", "export", "gguf", "--model", str(model), "--out", str(work),
-            "--no-eval"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mergeq.cli",
+        "-q",
+        "export",
+        "gguf",
+        "--model",
+        str(model),
+        "--out",
+        str(work),
+        "--no-eval",
+    ]
     for quant in quants:
         argv += ["--quant", quant]
     started = time.perf_counter()
@@ -111,12 +129,18 @@ def main() -> int:
     print(f"GGUF export of {args.model} to {', '.join(quants)} ({args.repeats} runs each, evaluation excluded)")
     print(f"{'':11} {'wall s':>7} {'ratio':>6}  {'cpu s':>7} {'ratio':>6}  wall of each run")
     for name, values in times.items():
-        print(f"{name:11} {best[name]:7.2f} {best[name] / best['by hand']:6.3f}  {best_cpu[name]:7.2f} "
-              f"{best_cpu[name] / best_cpu['by hand']:6.3f}  " + " ".join(f"{v:.2f}" for v in values))
-    print(f"ratio mergeq / by hand (fastest wall time): {ratio:.3f} (target <= {TARGET}): "
-          f"{'OK' if ratio <= TARGET else 'OVER TARGET'}")
-    print("(cpu: user+system seconds of mergeq's process and every tool it ran, a check that does not depend on "
-          "the machine's load; mergeq CLI adds the `mergeq` start-up, which imports every exporter's dependencies)")
+        print(
+            f"{name:11} {best[name]:7.2f} {best[name] / best['by hand']:6.3f}  {best_cpu[name]:7.2f} "
+            f"{best_cpu[name] / best_cpu['by hand']:6.3f}  " + " ".join(f"{v:.2f}" for v in values)
+        )
+    print(
+        f"ratio mergeq / by hand (fastest wall time): {ratio:.3f} (target <= {TARGET}): "
+        f"{'OK' if ratio <= TARGET else 'OVER TARGET'}"
+    )
+    print(
+        "(cpu: user+system seconds of mergeq's process and every tool it ran, a check that does not depend on "
+        "the machine's load; mergeq CLI adds the `mergeq` start-up, which imports every exporter's dependencies)"
+    )
     return 0 if ratio <= TARGET else 1
 
 

@@ -52,8 +52,24 @@ def demo_merged() -> Path:
     if not (out / "config.json").is_file():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "mergeq.cli", "-q", "merge", "--base", str(assets.base), "--adapter",
-                        str(assets.adapter), "--out", str(tmp), "--no-validate"], cwd=ROOT, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mergeq.cli",
+                "-q",
+                "merge",
+                "--base",
+                str(assets.base),
+                "--adapter",
+                str(assets.adapter),
+                "--out",
+                str(tmp),
+                "--no-validate",
+            ],
+            cwd=ROOT,
+            check=True,
+        )
         os.replace(tmp, out)
     return out
 
@@ -78,17 +94,27 @@ def run_one(args) -> int:
     work = Path(args.keep)
     quants = tuple(q for q in args.quants.split(",") if q)
     targets = tuple(t for t in args.targets.split(",") if t)
-    reports, wall, cpu = export(args.model, work / args.one, work / "calib.txt", demo_assets().eval_text, quants,
-                                targets)
-    (work / f"{args.one}.json").write_text(json.dumps({"wall": wall, "cpu": cpu, "reports": {
-        q: str(Path(r.path).parent / "report.json") for q, r in reports.items()}}))
+    reports, wall, cpu = export(
+        args.model, work / args.one, work / "calib.txt", demo_assets().eval_text, quants, targets
+    )
+    (work / f"{args.one}.json").write_text(
+        json.dumps(
+            {
+                "wall": wall,
+                "cpu": cpu,
+                "reports": {q: str(Path(r.path).parent / "report.json") for q, r in reports.items()},
+            }
+        )
+    )
     return 0
 
 
 def row(name: str, r) -> str:
     q = r.quality
-    return (f"| {name} | {r.size.size_bytes / 2**20:.2f} | {r.size.bits_per_weight:.2f} | {q.perplexity:.3f} "
-            f"| {q.kl_divergence:.5f} | {q.top1_agreement:.3f} |")
+    return (
+        f"| {name} | {r.size.size_bytes / 2**20:.2f} | {r.size.bits_per_weight:.2f} | {q.perplexity:.3f} "
+        f"| {q.kl_divergence:.5f} | {q.top1_agreement:.3f} |"
+    )
 
 
 def main() -> int:
@@ -122,9 +148,26 @@ def main() -> int:
         from exporters.evaluate import evaluate_full
 
         evaluate_full(model, model, assets.eval_text)  # warms the reference cache every run reads
-        procs = {name: subprocess.Popen([sys.executable, __file__, "--one", name, "--model", str(model), "--keep",
-                                         str(work), "--quants", ",".join(q), "--targets", ",".join(t)], cwd=ROOT)
-                 for name, (q, t) in jobs.items()}
+        procs = {
+            name: subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    name,
+                    "--model",
+                    str(model),
+                    "--keep",
+                    str(work),
+                    "--quants",
+                    ",".join(q),
+                    "--targets",
+                    ",".join(t),
+                ],
+                cwd=ROOT,
+            )
+            for name, (q, t) in jobs.items()
+        }
         for name, proc in procs.items():
             if proc.wait() != 0:
                 raise SystemExit(f"the {name} export failed (exit {proc.returncode})")
@@ -133,13 +176,17 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    pairs = {"Q4_K_M": {"Q4_K_M": reports["plain"]["Q4_K_M"], "MIX-like-Q4_K_M": reports["budget"]["MIX-like-Q4_K_M"]},
-             "Q3_K_M": reports["q3"]}
+    pairs = {
+        "Q4_K_M": {"Q4_K_M": reports["plain"]["Q4_K_M"], "MIX-like-Q4_K_M": reports["budget"]["MIX-like-Q4_K_M"]},
+        "Q3_K_M": reports["q3"],
+    }
     plain_s, plain_cpu = results["plain"]["wall"], results["plain"]["cpu"]
     budget_s, budget_cpu = results["budget"]["wall"], results["budget"]["cpu"]
     budget_reports = reports["budget"]
-    print(f"GGUF size budgets on {model} (imatrix from {args.calib_chars} characters of the demo calib.txt; "
-          f"evaluated on the demo eval.txt against the merged checkpoint)\n")
+    print(
+        f"GGUF size budgets on {model} (imatrix from {args.calib_chars} characters of the demo calib.txt; "
+        f"evaluated on the demo eval.txt against the merged checkpoint)\n"
+    )
     print("| artifact | MiB | bits/weight | ppl | KL | top-1 |\n|---|---|---|---|---|---|")
     for t, reports in pairs.items():
         plain, mix = reports[t], reports[f"MIX-like-{t}"]
@@ -153,17 +200,21 @@ def main() -> int:
         good = ratio <= KL_TARGET and fits
         ok &= good
         budget = mix.extra["budget"]
-        print(f"{t}: KL ratio mix / named {ratio:.3f} (target <= {KL_TARGET}), {mix.size.size_bytes:,} <= "
-              f"{plain.size.size_bytes:,} bytes: {fits}; on the calibration text predicted KL "
-              f"{budget['predicted_kl']:.5f}, measured {budget['measured']['kl']:.5f} (named: "
-              f"{budget['named_mix']['kl']:.5f}): {'OK' if good else 'MISSED'}")
+        print(
+            f"{t}: KL ratio mix / named {ratio:.3f} (target <= {KL_TARGET}), {mix.size.size_bytes:,} <= "
+            f"{plain.size.size_bytes:,} bytes: {fits}; on the calibration text predicted KL "
+            f"{budget['predicted_kl']:.5f}, measured {budget['measured']['kl']:.5f} (named: "
+            f"{budget['named_mix']['kl']:.5f}): {'OK' if good else 'MISSED'}"
+        )
     cost = budget_cpu / plain_cpu
     ok &= cost <= COST_TARGET
     search = budget_reports["MIX-like-Q4_K_M"].extra["budget"]["search"]["seconds"]
-    print(f"cost: plain `--quant Q4_K_M` export + eval {plain_cpu:.1f} s CPU ({plain_s:.1f} s wall); "
-          f"`--target like:Q4_K_M` search + export + eval {budget_cpu:.1f} s CPU ({budget_s:.1f} s wall); "
-          f"ratio {cost:.2f} CPU (target <= {COST_TARGET}): {'OK' if cost <= COST_TARGET else 'MISSED'} "
-          f"(wall ratio {budget_s / plain_s:.2f}, the three exports ran at the same time)")
+    print(
+        f"cost: plain `--quant Q4_K_M` export + eval {plain_cpu:.1f} s CPU ({plain_s:.1f} s wall); "
+        f"`--target like:Q4_K_M` search + export + eval {budget_cpu:.1f} s CPU ({budget_s:.1f} s wall); "
+        f"ratio {cost:.2f} CPU (target <= {COST_TARGET}): {'OK' if cost <= COST_TARGET else 'MISSED'} "
+        f"(wall ratio {budget_s / plain_s:.2f}, the three exports ran at the same time)"
+    )
     print("search stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in search.items()))
     return 0 if ok else 1
 

@@ -86,8 +86,16 @@ def measure(row: Row, cmd: list[str], env_name: str | None = None) -> dict:
 def perplexity(artifact: Path, reference: Path, text: Path | None) -> float:
     """`mergeq eval` of one artifact (the same evaluator, text and windows for every row)."""
     log.info("evaluating %s", artifact)
-    cmd = mergeq_cmd("eval", "--model", str(artifact), "--reference", str(reference), "--json",
-                     "--text", str(text) if text else "demo")
+    cmd = mergeq_cmd(
+        "eval",
+        "--model",
+        str(artifact),
+        "--reference",
+        str(reference),
+        "--json",
+        "--text",
+        str(text) if text else "demo",
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"`{' '.join(cmd)}` failed:\n{done.stderr[-3000:]}")
@@ -105,23 +113,46 @@ def crosscheck_peer_artifact(row: Row, work: Path) -> None:
     tokens = work / "tokens.json"
     tokens.write_text("[[1, 2, 3, 4]]")
     out = work / f"{row.path.name}.peer-read.safetensors"
-    peer_env.run_peer("int4-loaders", PEERS_DIR / "load_int4.py", [tokens, row.path, out],
-                      label=f"read {row.path.name}")
+    peer_env.run_peer(
+        "int4-loaders", PEERS_DIR / "load_int4.py", [tokens, row.path, out], label=f"read {row.path.name}"
+    )
     theirs = {k.removeprefix("weight:"): v for k, v in load_file(out).items() if k.startswith("weight:")}
     ours = dequantized_state_dict(row.path, torch.float32)
-    worst = max(float((v - ours[f"{k}.weight"]).abs().max() / ours[f"{k}.weight"].abs().max())
-                for k, v in theirs.items())
+    worst = max(
+        float((v - ours[f"{k}.weight"]).abs().max() / ours[f"{k}.weight"].abs().max()) for k, v in theirs.items()
+    )
     row.notes.append(f"compressed-tensors and mergeq read {len(theirs)} layers alike (max rel diff {worst:.1e})")
 
 
 def mergeq_export(row: Row, target: str, base: Path, calib: Path, samples: int, seq_len: int, extra: list[str]) -> None:
-    measure(row, mergeq_cmd("-q", "export", target, "--model", str(base), "--out", str(row.path), "--group-size",
-                            str(GROUP), "--calib", str(calib), "--samples", str(samples), "--seq-len", str(seq_len),
-                            "--no-eval", *extra))
+    measure(
+        row,
+        mergeq_cmd(
+            "-q",
+            "export",
+            target,
+            "--model",
+            str(base),
+            "--out",
+            str(row.path),
+            "--group-size",
+            str(GROUP),
+            "--calib",
+            str(calib),
+            "--samples",
+            str(samples),
+            "--seq-len",
+            str(seq_len),
+            "--no-eval",
+            *extra,
+        ),
+    )
     report = json.loads((row.path / "report.json").read_text())
     extra_info = report.get("extra", {})
-    row.notes.append(f"{extra_info.get('calib_samples')}x{extra_info.get('calib_seq_len')} tokens, "
-                     f"vLLM kernel {extra_info.get('vllm_method')}")
+    row.notes.append(
+        f"{extra_info.get('calib_samples')}x{extra_info.get('calib_seq_len')} tokens, "
+        f"vLLM kernel {extra_info.get('vllm_method')}"
+    )
 
 
 def rtn_export(row: Row, base: Path, sym: bool) -> None:
@@ -139,10 +170,22 @@ def gptq_rows(args, base: Path, calib: Path, work: Path) -> list[Row]:
     for sym in args.symmetries:
         label = "sym" if sym else "asym"
         peer = Row(f"llm-compressor GPTQ {label}", "llm-compressor 0.14", path=work / f"llmc-gptq-{label}")
-        info = measure(peer, [str(PEERS_DIR / "llmcompressor_gptq.py"), str(base), str(subset), str(peer.path), label,
-                              str(GROUP), str(GPTQ_SEQ)], env_name="llmcompressor")
-        peer.notes.append(f"{info.get('samples')} docs, {info.get('tokens')} tokens, "
-                          f"quantize {info.get('quantize_seconds')} s")
+        info = measure(
+            peer,
+            [
+                str(PEERS_DIR / "llmcompressor_gptq.py"),
+                str(base),
+                str(subset),
+                str(peer.path),
+                label,
+                str(GROUP),
+                str(GPTQ_SEQ),
+            ],
+            env_name="llmcompressor",
+        )
+        peer.notes.append(
+            f"{info.get('samples')} docs, {info.get('tokens')} tokens, quantize {info.get('quantize_seconds')} s"
+        )
         crosscheck_peer_artifact(peer, work)
         ours = Row(f"mergeq GPTQ {label}", "mergeq", path=work / f"mergeq-gptq-{label}")
         mergeq_export(ours, "gptq", base, subset, GPTQ_DOCS, GPTQ_SEQ, [] if sym else ["--asym"])
@@ -154,13 +197,18 @@ def awq_rows(args, base: Path, calib: Path, work: Path) -> list[Row]:
     subset = first_documents(calib, AWQ_DOCS, work / f"calib-{AWQ_DOCS}docs.txt")
     peer = Row("autoawq AWQ asym", "autoawq 0.2.9", path=work / "autoawq-awq")
     if args.with_autoawq:
-        info = measure(peer, [str(PEERS_DIR / "autoawq_quantize.py"), str(base), str(subset), str(peer.path),
-                              str(GROUP), str(AWQ_SEQ)], env_name="autoawq")
+        info = measure(
+            peer,
+            [str(PEERS_DIR / "autoawq_quantize.py"), str(base), str(subset), str(peer.path), str(GROUP), str(AWQ_SEQ)],
+            env_name="autoawq",
+        )
         peer.notes.append(f"{info.get('samples')} docs, quantize {info.get('quantize_seconds')} s")
     else:
         peer.wall, peer.recorded, peer.path = AUTOAWQ_RECORDED_SECONDS, True, None
-        peer.notes.append(f"RECORDED earlier on this machine, not run now (--with-autoawq runs it); "
-                          f"its model's perplexity was {AUTOAWQ_RECORDED_PPL}")
+        peer.notes.append(
+            f"RECORDED earlier on this machine, not run now (--with-autoawq runs it); "
+            f"its model's perplexity was {AUTOAWQ_RECORDED_PPL}"
+        )
     ours = Row("mergeq AWQ asym", "mergeq", path=work / "mergeq-awq")
     mergeq_export(ours, "awq", base, subset, AWQ_DOCS, AWQ_SEQ, [])
     rtn = Row("mergeq RTN asym", "mergeq", path=work / "mergeq-rtn-asym")
@@ -203,18 +251,27 @@ def print_targets(rows: list[Row], fp16_ppl: float | None) -> None:
         peer, ours = by.get(f"llm-compressor GPTQ {label}"), by.get(f"mergeq GPTQ {label}")
         if not (peer and ours):
             continue
-        check(f"GPTQ {label} wall <= llm-compressor", ours.wall <= peer.wall,
-              f"{ours.wall:.1f} s vs {peer.wall:.1f} s (ratio {ratio(ours.wall, peer.wall)}); "
-              f"peak RSS {fmt_bytes(ours.rss)} vs {fmt_bytes(peer.rss)}")
+        check(
+            f"GPTQ {label} wall <= llm-compressor",
+            ours.wall <= peer.wall,
+            f"{ours.wall:.1f} s vs {peer.wall:.1f} s (ratio {ratio(ours.wall, peer.wall)}); "
+            f"peak RSS {fmt_bytes(ours.rss)} vs {fmt_bytes(peer.rss)}",
+        )
         if ours.ppl is not None and peer.ppl is not None:
-            check(f"GPTQ {label} perplexity <= llm-compressor", ours.ppl <= peer.ppl,
-                  f"{ours.ppl:.3f} vs {peer.ppl:.3f} (ratio {ratio(ours.ppl, peer.ppl)})")
+            check(
+                f"GPTQ {label} perplexity <= llm-compressor",
+                ours.ppl <= peer.ppl,
+                f"{ours.ppl:.3f} vs {peer.ppl:.3f} (ratio {ratio(ours.ppl, peer.ppl)})",
+            )
     peer, ours, rtn = by.get("autoawq AWQ asym"), by.get("mergeq AWQ asym"), by.get("mergeq RTN asym")
     if peer and ours:
         speedup = peer.wall / ours.wall
-        check("AWQ >= 10x faster than autoawq", speedup >= 10,
-              f"{speedup:.1f}x ({ours.wall:.1f} s vs {peer.wall:.1f} s{' RECORDED' if peer.recorded else ''}); "
-              f"peak RSS {fmt_bytes(ours.rss)} vs {fmt_bytes(peer.rss)}")
+        check(
+            "AWQ >= 10x faster than autoawq",
+            speedup >= 10,
+            f"{speedup:.1f}x ({ours.wall:.1f} s vs {peer.wall:.1f} s{' RECORDED' if peer.recorded else ''}); "
+            f"peak RSS {fmt_bytes(ours.rss)} vs {fmt_bytes(peer.rss)}",
+        )
         if rtn and ours.ppl is not None and rtn.ppl is not None:
             check("AWQ perplexity below RTN", ours.ppl < rtn.ppl, f"{ours.ppl:.3f} vs {rtn.ppl:.3f}")
         if ours.ppl is not None and fp16_ppl:
@@ -232,8 +289,11 @@ def main() -> int:
     parser.add_argument("--skip-awq", action="store_true")
     parser.add_argument("--no-eval", action="store_true", help="skip perplexities")
     parser.add_argument("--base", type=Path, help="fp16 checkpoint (default: the demo base)")
-    parser.add_argument("--calib", type=Path, help="calibration text, documents separated by blank lines "
-                                                   "(default: the demo calibration text)")
+    parser.add_argument(
+        "--calib",
+        type=Path,
+        help="calibration text, documents separated by blank lines (default: the demo calibration text)",
+    )
     parser.add_argument("--eval-text", type=Path, help="evaluation text (default: `demo`, the demo evaluation text)")
     parser.add_argument("--work", type=Path, help="where artifacts go (default: a temporary directory)")
     args = parser.parse_args()

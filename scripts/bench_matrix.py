@@ -44,8 +44,10 @@ def make_adapters(work: Path) -> list[Path]:
             shutil.copytree(source, folder)
             if scale != 1.0:
                 weights = load_file(folder / "adapter_model.safetensors")
-                save_file({k: (v * scale).to(v.dtype) if "lora_B" in k else v for k, v in weights.items()},
-                          folder / "adapter_model.safetensors")
+                save_file(
+                    {k: (v * scale).to(v.dtype) if "lora_B" in k else v for k, v in weights.items()},
+                    folder / "adapter_model.safetensors",
+                )
         adapters.append(folder)
     return adapters
 
@@ -55,13 +57,17 @@ def write_config(work: Path, adapters: list[Path], exports: list[str], evaluate:
 
     assets = demo_assets()
     rows = "\n".join(f'[[model]]\nname = "demo{n}"\nadapters = [{{path = "{a}"}}]\n' for n, a in enumerate(adapters, 1))
-    sections = {"gguf": '[gguf]\nquant = ["Q8_0"]\n',
-                "awq": f'[awq]\ngroup_size = 64\ncalib = "{assets.calib_text}"\n',
-                "gptq": f'[gptq]\ngroup_size = 64\ncalib = "{assets.calib_text}"\n'}
+    sections = {
+        "gguf": '[gguf]\nquant = ["Q8_0"]\n',
+        "awq": f'[awq]\ngroup_size = 64\ncalib = "{assets.calib_text}"\n',
+        "gptq": f'[gptq]\ngroup_size = 64\ncalib = "{assets.calib_text}"\n',
+    }
     evaluation = f'text = "{assets.eval_text}"' if evaluate else "enabled = false"
     config = work / "matrix.toml"
-    config.write_text(f'[merge]\nbase = "{assets.base}"\nvalidate = false\n\n{rows}\n[eval]\n{evaluation}\n\n'
-                      + "\n".join(sections[e] for e in exports))
+    config.write_text(
+        f'[merge]\nbase = "{assets.base}"\nvalidate = false\n\n{rows}\n[eval]\n{evaluation}\n\n'
+        + "\n".join(sections[e] for e in exports)
+    )
     return config
 
 
@@ -72,8 +78,14 @@ def timed_run(config: Path, out: Path, threads: int, *more: str) -> tuple[float,
     process that exits between two samples is lost, in both runs alike)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mergeq.cli", "-q", "run", str(config), "--out", str(out), *more],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mergeq.cli", "-q", "run", str(config), "--out", str(out), *more],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen: dict[tuple[int, int], float] = {}  # (pid, start tick) -> CPU seconds
     while proc.poll() is None:
         seen.update(_tree_cpu(proc.pid))
@@ -108,9 +120,14 @@ def _tree_cpu(root: int) -> dict[tuple[int, int], float]:
 
 
 def artifacts(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and ".mergeq" not in p.relative_to(out).parts and p.name not in DOC_FILES
-            and not p.name.startswith("summary.")}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+        and ".mergeq" not in p.relative_to(out).parts
+        and p.name not in DOC_FILES
+        and not p.name.startswith("summary.")
+    }
 
 
 def main() -> None:
@@ -128,8 +145,10 @@ def main() -> None:
         local = timed_run(config, work / "local", args.threads, "--executor", "local")
         ray = timed_run(config, work / "ray", args.threads, "--executor", "ray", "--num-cpus", str(args.num_cpus))
         same = artifacts(work / "local") == artifacts(work / "ray")
-        print(f"demo matrix: {len(SCALES)} adapters x ({args.exports}), evaluation {'on' if args.eval else 'off'}, "
-              f"{args.threads} torch thread(s) per stage, {os.cpu_count()} cores")
+        print(
+            f"demo matrix: {len(SCALES)} adapters x ({args.exports}), evaluation {'on' if args.eval else 'off'}, "
+            f"{args.threads} torch thread(s) per stage, {os.cpu_count()} cores"
+        )
         print(f"{'executor':<28} {'wall s':>8} {'CPU s':>8}  (CPU: the run's whole process tree)")
         print(f"{'local (sequential)':<28} {local[0]:>8.1f} {local[1]:>8.1f}")
         print(f"{f'ray (local cluster, {args.num_cpus} CPUs)':<28} {ray[0]:>8.1f} {ray[1]:>8.1f}")

@@ -55,8 +55,13 @@ def run_job(name: str, code: str, base: Path, adapter: Path, out: Path, extra: t
     if out.exists():
         shutil.rmtree(out)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, str(base), str(adapter), str(out), *extra], cwd=ROOT,
-                          capture_output=True, text=True, env={**__import__("os").environ, "MERGEQ_QUIET": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(base), str(adapter), str(out), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "MERGEQ_QUIET": "1"},
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
@@ -112,8 +117,10 @@ def main() -> int:
             shutil.rmtree(base)
         print(f"writing synthetic base {base} ({shape.params() / 1e9:.2f}B parameters, fp16) ...", flush=True)
         write_llama(base, shape, dtype=torch.float16, max_shard_bytes=int(args.shard_gib * 2**30))
-    if not (adapter / "adapter_config.json").is_file() or \
-            json.loads((adapter / "adapter_config.json").read_text())["r"] != args.rank:
+    if (
+        not (adapter / "adapter_config.json").is_file()
+        or json.loads((adapter / "adapter_config.json").read_text())["r"] != args.rank
+    ):
         print(f"writing rank-{args.rank} LoRA on all linear layers {adapter} ...", flush=True)
         write_lora(adapter, shape, base, r=args.rank, alpha=args.alpha)
 
@@ -126,8 +133,11 @@ def main() -> int:
             runs[name].append(run_job(name, code, base, adapter, work / f"out-{name}", extra))
     results = [min(rows, key=lambda r: r["wall_s"]) for rows in runs.values()]
     ours, peft = results
-    check = ["model.layers.0.self_attn.q_proj.weight", f"model.layers.{shape.layers - 1}.mlp.down_proj.weight",
-             "lm_head.weight"]
+    check = [
+        "model.layers.0.self_attn.q_proj.weight",
+        f"model.layers.{shape.layers - 1}.mlp.down_proj.weight",
+        "lm_head.weight",
+    ]
     diff = compare_outputs(work / "out-mergeq", work / "out-peft", check)
 
     rss_ratio = ours["peak_gib"] / peft["peak_gib"]
@@ -135,25 +145,45 @@ def main() -> int:
     bound = 1.0 + largest / 2**30
     print()
     print(f"mergeq: {'--no-validate' if args.no_validate else 'default settings (validation on)'}")
-    print(f"model: synthetic Llama {shape.params() / 1e9:.2f}B params fp16 ({shape.layers} layers, hidden "
-          f"{shape.hidden}, intermediate {shape.intermediate}, vocab {shape.vocab}); LoRA r={args.rank} on all "
-          f"linear layers; largest tensor {largest / 2**20:.0f} MiB")
+    print(
+        f"model: synthetic Llama {shape.params() / 1e9:.2f}B params fp16 ({shape.layers} layers, hidden "
+        f"{shape.hidden}, intermediate {shape.intermediate}, vocab {shape.vocab}); LoRA r={args.rank} on all "
+        f"linear layers; largest tensor {largest / 2**20:.0f} MiB"
+    )
     print(f"{'tool':<8} {'wall s':>9} {'CPU s':>9} {'peak RSS GiB':>13}")
     for row in results:
         print(f"{row['tool']:<8} {row['wall_s']:>9.1f} {row['cpu_s']:>9.1f} {row['peak_gib']:>13.2f}")
     cpu_ratio = ours["cpu_s"] / peft["cpu_s"]
-    print(f"ratio mergeq/peft: wall {wall_ratio:.2f} (target <= 0.5: {'ok' if wall_ratio <= 0.5 else 'MISSED'}), "
-          f"CPU {cpu_ratio:.2f}, peak RSS {rss_ratio:.2f} (target <= 0.2: {'ok' if rss_ratio <= 0.2 else 'MISSED'})")
-    print(f"load average during the run: {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())} "
-          f"on {__import__('os').cpu_count()} cores (wall times on a shared machine vary)")
-    print(f"mergeq peak RSS {ours['peak_gib']:.2f} GiB vs 1 GiB + largest tensor = {bound:.2f} GiB: "
-          f"{'ok' if ours['peak_gib'] <= bound else 'MISSED'}")
+    print(
+        f"ratio mergeq/peft: wall {wall_ratio:.2f} (target <= 0.5: {'ok' if wall_ratio <= 0.5 else 'MISSED'}), "
+        f"CPU {cpu_ratio:.2f}, peak RSS {rss_ratio:.2f} (target <= 0.2: {'ok' if rss_ratio <= 0.2 else 'MISSED'})"
+    )
+    print(
+        f"load average during the run: {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())} "
+        f"on {__import__('os').cpu_count()} cores (wall times on a shared machine vary)"
+    )
+    print(
+        f"mergeq peak RSS {ours['peak_gib']:.2f} GiB vs 1 GiB + largest tensor = {bound:.2f} GiB: "
+        f"{'ok' if ours['peak_gib'] <= bound else 'MISSED'}"
+    )
     print(f"max |mergeq - peft| on {len(check)} checked tensors: {diff:.3g} (both fp16)")
     if args.json:
-        args.json.write_text(json.dumps({"shape": shape.__dict__, "results": results, "runs": runs,
-                                         "wall_ratio": wall_ratio, "cpu_ratio": cpu_ratio,
-                                         "rss_ratio": rss_ratio, "bound_gib": bound, "max_abs_diff": diff},
-                                        indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "shape": shape.__dict__,
+                    "results": results,
+                    "runs": runs,
+                    "wall_ratio": wall_ratio,
+                    "cpu_ratio": cpu_ratio,
+                    "rss_ratio": rss_ratio,
+                    "bound_gib": bound,
+                    "max_abs_diff": diff,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     if not args.keep:
         for row in results:
             shutil.rmtree(work / f"out-{row['tool']}", ignore_errors=True)

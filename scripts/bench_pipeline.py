@@ -34,9 +34,14 @@ DOC_FILES = {"report.json", "report.md", "README.md"}
 
 
 def mergeq(*argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mergeq.cli", "-q", *argv], cwd=ROOT,
-                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mergeq.cli", "-q", *argv],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait(proc: subprocess.Popen, what: str) -> None:
@@ -78,8 +83,20 @@ def merge_demo(work: Path) -> Path:
 
     assets = demo_assets()
     merged = work / "merged"
-    wait(mergeq("merge", "--base", str(assets.base), "--qlora-base", str(assets.base_nf4),
-                "--adapter", str(assets.adapter), "--out", str(merged)), "merge")
+    wait(
+        mergeq(
+            "merge",
+            "--base",
+            str(assets.base),
+            "--qlora-base",
+            str(assets.base_nf4),
+            "--adapter",
+            str(assets.adapter),
+            "--out",
+            str(merged),
+        ),
+        "merge",
+    )
     return merged
 
 
@@ -111,8 +128,10 @@ def main() -> None:
         for name, seconds in results.items():
             cells = " | ".join(f"{seconds[t]:.1f}" for t in EXPORTS)
             print(f"| {name} | {cells} | {seconds['all']:.1f} | {seconds['all'] / base:.2f} |")
-        differ = {name: sorted(k for k in set(f) | set(files["sequential"]) if f.get(k) != files["sequential"].get(k))
-                  for name, f in files.items()}
+        differ = {
+            name: sorted(k for k in set(f) | set(files["sequential"]) if f.get(k) != files["sequential"].get(k))
+            for name, f in files.items()
+        }
         for name, paths in differ.items():
             print(f"{name}: {'byte-identical to sequential' if not paths else 'differs in ' + ', '.join(paths)}")
         print(json.dumps({"cores": os.cpu_count(), "seconds": results, "differ": differ}))

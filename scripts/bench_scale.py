@@ -54,8 +54,10 @@ def build_inputs(work: Path, layers: int, rank: int) -> tuple[Path, Path, Path, 
         write_llama(base, shape, dtype=torch.float16, max_shard_bytes=2 * GiB)
         # a SentencePiece tokenizer llama.cpp's converter reads; the converter pads the vocabulary to 128256
         sentencepiece_tokenizer(base, vocab=320)
-    if not (adapter / "adapter_config.json").is_file() or \
-            json.loads((adapter / "adapter_config.json").read_text())["r"] != rank:
+    if (
+        not (adapter / "adapter_config.json").is_file()
+        or json.loads((adapter / "adapter_config.json").read_text())["r"] != rank
+    ):
         print(f"writing rank-{rank} LoRA on all linear layers {adapter} ...", flush=True)
         write_lora(adapter, shape, base, r=rank, alpha=2 * rank)
     calib = calibration_text(work / "calib.txt", chars=12000)
@@ -91,8 +93,14 @@ def stage_rows(out: Path) -> list[dict]:
         stages = data.get("stages", {})
         seconds, peaks = stages.get("seconds", {}), stages.get("peak_rss_bytes", {})
         for name in seconds:
-            rows.append({"artifact": str(report.parent.relative_to(out)), "step": name,
-                         "seconds": seconds[name], "peak_gib": peaks.get(name, 0) / GiB})
+            rows.append(
+                {
+                    "artifact": str(report.parent.relative_to(out)),
+                    "step": name,
+                    "seconds": seconds[name],
+                    "peak_gib": peaks.get(name, 0) / GiB,
+                }
+            )
     return rows
 
 
@@ -125,24 +133,35 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
 
     limit = int(args.limit_gib * GiB)
-    print(f"running mergeq run under a {args.limit_gib:g} GiB cgroup on a {model_bytes / GiB:.2f} GiB model ...",
-          flush=True)
+    print(
+        f"running mergeq run under a {args.limit_gib:g} GiB cgroup on a {model_bytes / GiB:.2f} GiB model ...",
+        flush=True,
+    )
     env = {**os.environ, "MERGEQ_QUIET": "1"}
     started = time.perf_counter()
-    run = run_limited([sys.executable, "-m", "mergeq.cli", "run", str(config), "--out", str(out)], limit, env=env,
-                      cwd=ROOT, timeout=6 * 3600)
+    run = run_limited(
+        [sys.executable, "-m", "mergeq.cli", "run", str(config), "--out", str(out)],
+        limit,
+        env=env,
+        cwd=ROOT,
+        timeout=6 * 3600,
+    )
     wall = time.perf_counter() - started
     if run.returncode != 0:
         print(run.stderr[-4000:])
-        raise SystemExit(f"mergeq run failed (exit {run.returncode}, OOM-killed: {run.oom_killed}) "
-                         f"after {wall:.0f} s")
+        raise SystemExit(f"mergeq run failed (exit {run.returncode}, OOM-killed: {run.oom_killed}) after {wall:.0f} s")
     rows = stage_rows(out)
     log = " ".join(run.stderr.split())
     stage_walls = {name: float(seconds) for name, seconds in re.findall(r"stage (\w+): done in ([\d.]+) s", log)}
     print("running mergeq run again on the finished output (every stage up to date) ...", flush=True)
     started = time.perf_counter()
-    rerun = run_limited([sys.executable, "-m", "mergeq.cli", "run", str(config), "--out", str(out), "--json"], limit,
-                        env=env, cwd=ROOT, timeout=3600)
+    rerun = run_limited(
+        [sys.executable, "-m", "mergeq.cli", "run", str(config), "--out", str(out), "--json"],
+        limit,
+        env=env,
+        cwd=ROOT,
+        timeout=3600,
+    )
     skip_s = time.perf_counter() - started
     skipped = json.loads(rerun.stdout).get("skipped", []) if rerun.returncode == 0 else []
     on_disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -153,29 +172,50 @@ def main() -> int:
         shutil.rmtree(work / "out-peft", ignore_errors=True)
 
     print()
-    print(f"model: synthetic, Llama-3.1-8B widths, {args.layers} layers, {model_bytes / GiB:.2f} GiB fp16; "
-          f"LoRA r={args.rank} on every linear; largest tensor {largest / 2**20:.0f} MiB")
-    print(f"mergeq run (merge+validation, GGUF Q4_K_M + eval, GPTQ + eval) under a {args.limit_gib:g} GiB cgroup: "
-          f"{wall:.0f} s, cgroup high-water mark {(run.max_usage_bytes or 0) / GiB:.2f} GiB (page cache included)")
+    print(
+        f"model: synthetic, Llama-3.1-8B widths, {args.layers} layers, {model_bytes / GiB:.2f} GiB fp16; "
+        f"LoRA r={args.rank} on every linear; largest tensor {largest / 2**20:.0f} MiB"
+    )
+    print(
+        f"mergeq run (merge+validation, GGUF Q4_K_M + eval, GPTQ + eval) under a {args.limit_gib:g} GiB cgroup: "
+        f"{wall:.0f} s, cgroup high-water mark {(run.max_usage_bytes or 0) / GiB:.2f} GiB (page cache included)"
+    )
     print("stage wall times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stage_walls.items()))
     print(f"{'artifact':<24} {'step':<14} {'wall s':>8} {'peak GiB':>9}")
     for row in rows:
         print(f"{row['artifact']:<24} {row['step']:<14} {row['seconds']:>8.1f} {row['peak_gib']:>9.2f}")
     worst = max((r["peak_gib"] for r in rows), default=0.0)
-    print(f"largest stage peak {worst:.2f} GiB vs 1 GiB + 3 x largest tensor = {bound / GiB:.2f} GiB: "
-          f"{'ok' if worst * GiB <= bound else 'MISSED'}")
-    print(f"rerun on the finished output ({on_disk / GiB:.1f} GiB of outputs): {skip_s:.1f} s, skipped "
-          f"{', '.join(skipped) or 'nothing'} (exit {rerun.returncode}); file stamps spare re-reading unchanged files")
+    print(
+        f"largest stage peak {worst:.2f} GiB vs 1 GiB + 3 x largest tensor = {bound / GiB:.2f} GiB: "
+        f"{'ok' if worst * GiB <= bound else 'MISSED'}"
+    )
+    print(
+        f"rerun on the finished output ({on_disk / GiB:.1f} GiB of outputs): {skip_s:.1f} s, skipped "
+        f"{', '.join(skipped) or 'nothing'} (exit {rerun.returncode}); file stamps spare re-reading unchanged files"
+    )
     if peft is not None:
         print(f"PEFT merge (no limit): {peft['wall_s']:.0f} s, peak RSS {peft['peak_gib']:.2f} GiB")
     print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     if args.json:
-        args.json.write_text(json.dumps({"layers": args.layers, "model_gib": model_bytes / GiB, "wall_s": wall,
-                                         "cgroup_max_gib": (run.max_usage_bytes or 0) / GiB, "stages": rows,
-                                         "stage_wall_s": stage_walls,
-                                         "bound_gib": bound / GiB, "peft": peft,
-                                         "rerun_s": skip_s, "rerun_skipped": skipped,
-                                         "outputs_gib": on_disk / GiB}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "layers": args.layers,
+                    "model_gib": model_bytes / GiB,
+                    "wall_s": wall,
+                    "cgroup_max_gib": (run.max_usage_bytes or 0) / GiB,
+                    "stages": rows,
+                    "stage_wall_s": stage_walls,
+                    "bound_gib": bound / GiB,
+                    "peft": peft,
+                    "rerun_s": skip_s,
+                    "rerun_skipped": skipped,
+                    "outputs_gib": on_disk / GiB,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return 0

@@ -51,16 +51,31 @@ def main() -> int:
         cases = make_corpus.build(root)
         for case in cases:
             outcome = run_case(case, root)
-            count(case.group, outcome.clear, bool(outcome.leftovers), bool(outcome.lost),
-                  outcome.explain().split("\n--- output")[0])
+            count(
+                case.group,
+                outcome.clear,
+                bool(outcome.leftovers),
+                bool(outcome.lost),
+                outcome.explain().split("\n--- output")[0],
+            )
         ref = fault_cases.reference_run(root)
         for outcome in fault_cases.all_faults(root, ref):
-            count("fault", outcome.clear and not outcome.problems, bool(outcome.leftovers), bool(outcome.lost),
-                  outcome.explain().split("\n--- output")[0])
+            count(
+                "fault",
+                outcome.clear and not outcome.problems,
+                bool(outcome.leftovers),
+                bool(outcome.lost),
+                outcome.explain().split("\n--- output")[0],
+            )
         kills = [] if args.no_kills else fault_cases.kill_and_resume(root, ref)
         for trial in kills:
-            count("kill -9", trial.ok, bool(trial.leftovers), trial.killed and trial.rerun_code == 0
-                  and not trial.identical, f"{trial.label()}: {trial.detail}")
+            count(
+                "kill -9",
+                trial.ok,
+                bool(trial.leftovers),
+                trial.killed and trial.rerun_code == 0 and not trial.identical,
+                f"{trial.label()}: {trial.detail}",
+            )
 
     lines = ["| inputs | cases tried | clear errors | left files behind | lost data |", "|---|---:|---:|---:|---:|"]
     total = [0, 0, 0, 0]
@@ -69,8 +84,9 @@ def main() -> int:
             continue
         row = rows[group]
         total = [a + b for a, b in zip(total, row)]
-        label = {"fault": "faults (ENOSPC, tool crash, two runs)",
-                 "kill -9": "kill -9 + rerun (byte-identical)"}.get(group, group)
+        label = {"fault": "faults (ENOSPC, tool crash, two runs)", "kill -9": "kill -9 + rerun (byte-identical)"}.get(
+            group, group
+        )
         lines.append(f"| {label} | {row[0]} | {row[1]} | {row[2]} | {row[3]} |")
     lines.append(f"| **total** | **{total[0]}** | **{total[1]}** | **{total[2]}** | **{total[3]}** |")
     print("\n".join(lines))
@@ -78,8 +94,10 @@ def main() -> int:
         stages = defaultdict(int)
         for trial in kills:
             stages[trial.stage] += int(trial.killed)
-        print(f"\nkill -9 trials per stage: {', '.join(f'{s} {n}' for s, n in stages.items())} "
-              f"(seed {fault_cases.KILL_SEED}); {time.monotonic() - started:.0f} s in all")
+        print(
+            f"\nkill -9 trials per stage: {', '.join(f'{s} {n}' for s, n in stages.items())} "
+            f"(seed {fault_cases.KILL_SEED}); {time.monotonic() - started:.0f} s in all"
+        )
     if failures:
         print("\nfailed:\n" + "\n".join(f"- {f}" for f in failures))
     return 1 if failures else 0

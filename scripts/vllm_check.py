@@ -85,13 +85,17 @@ def evaluation_windows(report: dict) -> tuple[list[list[int]], int, int]:
     tokenizer = load_tokenizer(Path(ev["reference"]))
     text = load_text(Path(ev["text"]), tokenizer)
     if text.sha256 != ev["text_sha256"]:
-        raise MergeqError(f"evaluation text {ev['text']} changed since the report was written",
-                          hint="evaluate the artifact again")
+        raise MergeqError(
+            f"evaluation text {ev['text']} changed since the report was written", hint="evaluate the artifact again"
+        )
     ids, bos = tokenize(tokenizer, text.text)
     windows = make_windows(ids, int(ev["n_ctx"]), int(ev["windows"]), bos, source=ev["text"])
     if windows.scored_tokens != report["eval_tokens"] or windows.text_tokens != ev["text_tokens"]:
-        raise MergeqError(f"rebuilt windows score {windows.scored_tokens} of {windows.text_tokens} tokens, the report "
-                          f"{report['eval_tokens']} of {ev['text_tokens']}", hint="evaluate the artifact again")
+        raise MergeqError(
+            f"rebuilt windows score {windows.scored_tokens} of {windows.text_tokens} tokens, the report "
+            f"{report['eval_tokens']} of {ev['text_tokens']}",
+            hint="evaluate the artifact again",
+        )
     return windows.tokens.tolist(), first_scored(windows.n_ctx), windows.scored_tokens
 
 
@@ -102,8 +106,14 @@ def serve(artifact: Path, work: Path, quantization: str | None = None, *, from_r
     if from_report:
         quantization = quantization_argument(report["extra"]["vllm_serve"])
     windows, first, scored = evaluation_windows(report)
-    request = {"model": str(artifact), "quantization": quantization, "dtype": "float16", "windows": windows,
-               "first_scored": first, "question": QUESTION}
+    request = {
+        "model": str(artifact),
+        "quantization": quantization,
+        "dtype": "float16",
+        "windows": windows,
+        "first_scored": first,
+        "question": QUESTION,
+    }
     work.mkdir(parents=True, exist_ok=True)
     request_path, out_path = work / f"{artifact.name}.request.json", work / f"{artifact.name}.vllm.json"
     request_path.write_text(json.dumps(request))
@@ -111,19 +121,30 @@ def serve(artifact: Path, work: Path, quantization: str | None = None, *, from_r
     result = json.loads(out_path.read_text())
     if result["count"] != scored:
         raise MergeqError(f"vLLM scored {result['count']} tokens, mergeq {scored}")
-    return Served(artifact=str(artifact), quantization=quantization,
-                  vllm_perplexity=math.exp(sum(result["nll"]) / result["count"]),
-                  mergeq_perplexity=float(report["perplexity"]), scored_tokens=scored, answer=result["answer"],
-                  kernels=result["kernels"], vllm_version=result["vllm"], seconds=result["seconds"])
+    return Served(
+        artifact=str(artifact),
+        quantization=quantization,
+        vllm_perplexity=math.exp(sum(result["nll"]) / result["count"]),
+        mergeq_perplexity=float(report["perplexity"]),
+        scored_tokens=scored,
+        answer=result["answer"],
+        kernels=result["kernels"],
+        vllm_version=result["vllm"],
+        seconds=result["seconds"],
+    )
 
 
 def table(rows: list[Served]) -> str:
-    lines = ["| artifact | vLLM ppl | mergeq ppl | ratio | vLLM kernel (CPU) | --quantization | answer |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| artifact | vLLM ppl | mergeq ppl | ratio | vLLM kernel (CPU) | --quantization | answer |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         kernels = ", ".join(f"{k} x{n}" for k, n in sorted(row.kernels.items()))
-        lines.append(f"| {Path(row.artifact).name} | {row.vllm_perplexity:.3f} | {row.mergeq_perplexity:.3f} | "
-                     f"{row.ratio:.4f} | {kernels} | {row.quantization or '(detected)'} | {row.answer.strip()!r} |")
+        lines.append(
+            f"| {Path(row.artifact).name} | {row.vllm_perplexity:.3f} | {row.mergeq_perplexity:.3f} | "
+            f"{row.ratio:.4f} | {kernels} | {row.quantization or '(detected)'} | {row.answer.strip()!r} |"
+        )
     return "\n".join(lines)
 
 

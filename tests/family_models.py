@@ -20,23 +20,44 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
-               {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "tie_word_embeddings": True,
-                "layer_types": ["sliding_attention", "full_attention"]}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "tie_word_embeddings": True}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "head_dim": 16,
+            "sliding_window": 4,
+            "query_pre_attn_scalar": 16,
+            "tie_word_embeddings": True,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "tie_word_embeddings": True},
+    ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16,
-                   "norm_topk_prob": True}),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "head_dim": 16,
+            "norm_topk_prob": True,
+        },
+    ),
 }
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 # the Linear modules a LoRA adapter targets in each family (the MoE experts are parameters, not modules)
 LINEAR_TARGETS: dict[str, list[str]] = {
-    **{f: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-       for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2")},
+    **{
+        f: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        for f in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2")
+    },
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -46,16 +67,27 @@ EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 LAYERS = {"gemma3": 6}  # decoder layers where a family needs more than 2 for both of its layer kinds
 
 
-def family_config(family: str, *, vocab: int = 96, layers: int | None = None, hidden: int = 64,
-                  intermediate: int = 128):
+def family_config(
+    family: str, *, vocab: int = 96, layers: int | None = None, hidden: int = 64, intermediate: int = 128
+):
     import transformers
 
     layers = layers or LAYERS.get(family, 2)
     config_name, _, extra = FAMILIES[family]
-    values = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
-              "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-              "pad_token_id": None, **extra}
+    values = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+        **extra,
+    }
     if "layer_types" in values:  # alternate the two kinds over however many layers there are
         values["layer_types"] = [extra["layer_types"][i % 2] for i in range(layers)]
     return getattr(transformers, config_name)(**values)

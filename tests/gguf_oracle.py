@@ -30,10 +30,19 @@ def _probe(paths: list[str]) -> list[dict]:
             else:
                 value = fld.contents()
                 metadata[name] = value.item() if hasattr(value, "item") else value
-        tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
-                    "n_elements": int(t.n_elements), "n_bytes": int(t.n_bytes)} for t in reader.tensors]
-        results.append({"path": path, "metadata": metadata, "arrays": arrays, "tensors": tensors,
-                        "gguf_py": gguf.__file__})
+        tensors = [
+            {
+                "name": t.name,
+                "type": t.tensor_type.name,
+                "shape": [int(d) for d in t.shape],
+                "n_elements": int(t.n_elements),
+                "n_bytes": int(t.n_bytes),
+            }
+            for t in reader.tensors
+        ]
+        results.append(
+            {"path": path, "metadata": metadata, "arrays": arrays, "tensors": tensors, "gguf_py": gguf.__file__}
+        )
     return results
 
 
@@ -44,9 +53,13 @@ def read_with_gguf_py(paths: list[Path]) -> list[dict]:
     from exporters.llamacpp.source import ensure_source
 
     where = ensure_source()
-    result = run_tool(ToolCommand(
-        "gguf-py reader", (sys.executable, str(Path(__file__).resolve()), *map(str, paths)),
-        env=pinned_python_env(where)))
+    result = run_tool(
+        ToolCommand(
+            "gguf-py reader",
+            (sys.executable, str(Path(__file__).resolve()), *map(str, paths)),
+            env=pinned_python_env(where),
+        )
+    )
     return json.loads(result.stdout)
 
 

@@ -31,9 +31,20 @@ def byte_tokenizer(folder: Path):
     return fast
 
 
-def tiny_model(folder: Path, family: str = "llama", *, layers: int | None = None, hidden: int = 64,
-               intermediate: int = 128, heads: int = 4, kv_heads: int = 2, seed: int = 0, dtype=torch.float16,
-               tokenizer: bool = True, overrides: dict | None = None) -> Path:
+def tiny_model(
+    folder: Path,
+    family: str = "llama",
+    *,
+    layers: int | None = None,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    dtype=torch.float16,
+    tokenizer: bool = True,
+    overrides: dict | None = None,
+) -> Path:
     """A random decoder-only checkpoint of `family`, with outlier input channels like real LLMs have."""
     import transformers
 
@@ -41,9 +52,19 @@ def tiny_model(folder: Path, family: str = "llama", *, layers: int | None = None
     layers = layers or FAMILY_LAYERS.get(family, 2)  # Gemma 3 needs 6 for a global layer after its 5 sliding ones
     config_name, model_name, extra = {**FAMILY_CONFIGS, **UNLISTED_FAMILIES}[family]
     config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
-    values = {"vocab_size": 256, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 256,
-              "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    values = {
+        "vocab_size": 256,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
     values.update(extra)
     values.update(overrides or {})
     if "layer_types" in values:  # alternate the two kinds over however many layers there are

@@ -28,8 +28,9 @@ def build_matrix(root: Path, adapters: int = 3, *, evaluate: bool = False) -> Pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for number in range(1, adapters + 1):
-            adapter = make_adapter(base, root / f"adapter{number}", seed=number, r=4, lora_alpha=8,
-                                   target_modules=["q_proj", "v_proj"])
+            adapter = make_adapter(
+                base, root / f"adapter{number}", seed=number, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+            )
             rows.append(f'[[model]]\nname = "task{number}"\nadapters = [{{path = "{adapter}"}}]\n')
     (root / "calib.txt").write_text(CORPUS)
     (root / "eval.txt").write_text(CORPUS * 2)
@@ -47,7 +48,7 @@ quant = ["Q8_0"]
 
 [awq]
 group_size = 32
-calib = "{root / 'calib.txt'}"
+calib = "{root / "calib.txt"}"
 samples = 4
 seq_len = 32
 """)

@@ -50,15 +50,20 @@ def unavailable() -> str | None:
     v1 = _v1_writable()
     if v1 is None:
         return None
-    if shutil.which("systemd-run") and subprocess.run(
-            ["systemd-run", "--user", "--scope", "-q", "-p", "MemoryMax=1G", "true"],
-            capture_output=True).returncode == 0:
+    if (
+        shutil.which("systemd-run")
+        and subprocess.run(
+            ["systemd-run", "--user", "--scope", "-q", "-p", "MemoryMax=1G", "true"], capture_output=True
+        ).returncode
+        == 0
+    ):
         return None
     return f"{v1}; and systemd-run --scope -p MemoryMax= is not usable"
 
 
-def run_limited(argv: list[str], limit_bytes: int, *, env: dict | None = None, cwd: Path | None = None,
-                timeout: float = 600) -> LimitedRun:
+def run_limited(
+    argv: list[str], limit_bytes: int, *, env: dict | None = None, cwd: Path | None = None, timeout: float = 600
+) -> LimitedRun:
     """Run argv with at most limit_bytes of memory (RAM + swap)."""
     if _v1_writable() is None:
         return _run_v1(argv, limit_bytes, env, cwd, timeout)
@@ -79,8 +84,7 @@ def _run_v1(argv, limit_bytes, env, cwd, timeout) -> LimitedRun:
                 handle.write(str(os.getpid()))
 
         start = time.perf_counter()
-        proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=enter)
+        proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, preexec_fn=enter)
         seconds = time.perf_counter() - start
         usage = int((group / "memory.max_usage_in_bytes").read_text())
         oom = _oom_kills(group) > 0 or proc.returncode in (-9, 137)
@@ -103,8 +107,14 @@ def _oom_kills(group: Path) -> int:
 
 def _run_systemd(argv, limit_bytes, env, cwd, timeout) -> LimitedRun:
     start = time.perf_counter()
-    proc = subprocess.run(["systemd-run", "--user", "--scope", "-q", "-p", f"MemoryMax={limit_bytes}",
-                           "-p", "MemorySwapMax=0", *argv], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-    return LimitedRun(proc.returncode, time.perf_counter() - start, None, proc.returncode in (-9, 137),
-                      proc.stdout, proc.stderr)
+    proc = subprocess.run(
+        ["systemd-run", "--user", "--scope", "-q", "-p", f"MemoryMax={limit_bytes}", "-p", "MemorySwapMax=0", *argv],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return LimitedRun(
+        proc.returncode, time.perf_counter() - start, None, proc.returncode in (-9, 137), proc.stdout, proc.stderr
+    )

@@ -67,10 +67,27 @@ PEERS: dict[str, PeerEnv] = {
             # CUDA torch and many extras it does not need on CPU, so it goes in with --no-deps.
             "int4-loaders",
             steps=(
-                (TORCH, "transformers==5.23.0", "accelerate==1.15.0", "safetensors==0.8.0", "threadpoolctl==3.8.0",
-                 "packaging==26.3", "compressed-tensors==0.20.0", "pillow==13.0.0", "requests==2.34.2"),
-                ("--no-deps", "gptqmodel==7.7.0", "optimum==2.3.0", "device-smi==0.5.7", "logbar==0.4.15",
-                 "tokenicer==0.0.14", "defuser==0.0.28", "pypcre==0.6.4"),
+                (
+                    TORCH,
+                    "transformers==5.23.0",
+                    "accelerate==1.15.0",
+                    "safetensors==0.8.0",
+                    "threadpoolctl==3.8.0",
+                    "packaging==26.3",
+                    "compressed-tensors==0.20.0",
+                    "pillow==13.0.0",
+                    "requests==2.34.2",
+                ),
+                (
+                    "--no-deps",
+                    "gptqmodel==7.7.0",
+                    "optimum==2.3.0",
+                    "device-smi==0.5.7",
+                    "logbar==0.4.15",
+                    "tokenicer==0.0.14",
+                    "defuser==0.0.28",
+                    "pypcre==0.6.4",
+                ),
             ),
             check="import gptqmodel, optimum.gptq, compressed_tensors, transformers",
             note="transformers + GPTQModel (no deps) + compressed-tensors: about 2 minutes",
@@ -141,8 +158,9 @@ def ensure(name: str) -> Path:
         try:
             _stream([sys.executable, "-m", "venv", str(directory)], f"{name} venv")
             for step in spec.steps:
-                _stream([str(_python(directory)), "-m", "pip", "install", "--progress-bar", "off", *step],
-                        f"{name} pip")
+                _stream(
+                    [str(_python(directory)), "-m", "pip", "install", "--progress-bar", "off", *step], f"{name} pip"
+                )
             if spec.remove:
                 _stream([str(_python(directory)), "-m", "pip", "uninstall", "-y", *spec.remove], f"{name} pip")
             _stream([str(_python(directory)), "-c", spec.check], f"{name} check")

@@ -64,23 +64,48 @@ class LocalCluster:
         return f"127.0.0.1:{self.port}"
 
     def start_head(self, num_cpus: int = 0, memory: int = 1 << 30) -> subprocess.Popen:
-        return self._start(["--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
-                            f"--temp-dir={self.temp}", "--include-dashboard=false"], num_cpus, memory, self.env)
+        return self._start(
+            [
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.port}",
+                f"--temp-dir={self.temp}",
+                "--include-dashboard=false",
+            ],
+            num_cpus,
+            memory,
+            self.env,
+        )
 
-    def add_worker(self, num_cpus: int = 1, memory: int = 3 << 30,
-                   env: dict[str, str] | None = None) -> subprocess.Popen:
+    def add_worker(
+        self, num_cpus: int = 1, memory: int = 3 << 30, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         self.ips += 1
         ip = f"127.0.0.{self.ips}"
-        proc = self._start([f"--address={self.address}", f"--node-ip-address={ip}"], num_cpus, memory,
-                           {**self.env, **(env or {})})
+        proc = self._start(
+            [f"--address={self.address}", f"--node-ip-address={ip}"], num_cpus, memory, {**self.env, **(env or {})}
+        )
         self.wait_for(lambda: ip in self.alive_nodes(), f"worker node {ip} to join")
         return proc
 
     def _start(self, args: list[str], num_cpus: int, memory: int, env: dict[str, str]) -> subprocess.Popen:
         log = open(self.temp / f"node{len(self.nodes)}.log", "w")
-        proc = subprocess.Popen([RAY, "start", *args, f"--num-cpus={num_cpus}", f"--memory={memory}",
-                                 f"--object-store-memory={OBJECT_STORE}", "--disable-usage-stats", "--block"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                RAY,
+                "start",
+                *args,
+                f"--num-cpus={num_cpus}",
+                f"--memory={memory}",
+                f"--object-store-memory={OBJECT_STORE}",
+                "--disable-usage-stats",
+                "--block",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.nodes.append(proc)
         if "--head" in args:
             self.wait_for(lambda: bool(self.alive_nodes()), "the head node to start")
@@ -88,8 +113,13 @@ class LocalCluster:
 
     def alive_nodes(self) -> set[str]:
         """The addresses of the nodes the cluster counts alive (empty while the head is not up)."""
-        probe = subprocess.run([sys.executable, "-c", _ALIVE_NODES, self.address], env=self.env,
-                               capture_output=True, text=True, timeout=120)
+        probe = subprocess.run(
+            [sys.executable, "-c", _ALIVE_NODES, self.address],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         lines = [line for line in probe.stdout.splitlines() if line.startswith("ALIVE ")]
         return set(lines[-1].split()[1:]) if probe.returncode == 0 and lines else set()
 

@@ -37,12 +37,17 @@ class LlamaShape:
         out = [("model.embed_tokens.weight", (self.vocab, h))]
         for n in range(self.layers):
             p = f"model.layers.{n}"
-            out += [(f"{p}.input_layernorm.weight", (h,)),
-                    (f"{p}.self_attn.q_proj.weight", (h, h)), (f"{p}.self_attn.k_proj.weight", (kv, h)),
-                    (f"{p}.self_attn.v_proj.weight", (kv, h)), (f"{p}.self_attn.o_proj.weight", (h, h)),
-                    (f"{p}.post_attention_layernorm.weight", (h,)),
-                    (f"{p}.mlp.gate_proj.weight", (i, h)), (f"{p}.mlp.up_proj.weight", (i, h)),
-                    (f"{p}.mlp.down_proj.weight", (h, i))]
+            out += [
+                (f"{p}.input_layernorm.weight", (h,)),
+                (f"{p}.self_attn.q_proj.weight", (h, h)),
+                (f"{p}.self_attn.k_proj.weight", (kv, h)),
+                (f"{p}.self_attn.v_proj.weight", (kv, h)),
+                (f"{p}.self_attn.o_proj.weight", (h, h)),
+                (f"{p}.post_attention_layernorm.weight", (h,)),
+                (f"{p}.mlp.gate_proj.weight", (i, h)),
+                (f"{p}.mlp.up_proj.weight", (i, h)),
+                (f"{p}.mlp.down_proj.weight", (h, i)),
+            ]
         out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
         return out
 
@@ -56,12 +61,25 @@ class LlamaShape:
         return total
 
     def config(self, dtype: str) -> dict:
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
-                "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
-                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
-                "vocab_size": self.vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-                "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-                "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "dtype": dtype}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "dtype": dtype,
+        }
 
 
 def _random(name: str, shape: tuple[int, ...], scale: float, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -69,8 +87,14 @@ def _random(name: str, shape: tuple[int, ...], scale: float, dtype: torch.dtype,
     return (torch.randn(shape, generator=generator) * scale).to(dtype)
 
 
-def write_llama(folder: Path, shape: LlamaShape, *, dtype: torch.dtype = torch.float16, seed: int = 0,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def write_llama(
+    folder: Path,
+    shape: LlamaShape,
+    *,
+    dtype: torch.dtype = torch.float16,
+    seed: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     specs = shape.tensors()
@@ -86,8 +110,16 @@ def write_llama(folder: Path, shape: LlamaShape, *, dtype: torch.dtype = torch.f
     return folder
 
 
-def write_lora(folder: Path, shape: LlamaShape, base: Path, *, r: int = 64, alpha: int = 128,
-               targets: tuple[str, ...] = LINEAR, seed: int = 1) -> Path:
+def write_lora(
+    folder: Path,
+    shape: LlamaShape,
+    base: Path,
+    *,
+    r: int = 64,
+    alpha: int = 128,
+    targets: tuple[str, ...] = LINEAR,
+    seed: int = 1,
+) -> Path:
     """A PEFT-format LoRA adapter (fp32) on `targets` of every layer."""
     from safetensors.torch import save_file
 
@@ -100,12 +132,24 @@ def write_lora(folder: Path, shape: LlamaShape, base: Path, *, r: int = 64, alph
             continue
         out_f, in_f = dims
         prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = _random(prefix + "A", (r, in_f), 1 / in_f ** 0.5, torch.float32, seed)
+        tensors[f"{prefix}.lora_A.weight"] = _random(prefix + "A", (r, in_f), 1 / in_f**0.5, torch.float32, seed)
         tensors[f"{prefix}.lora_B.weight"] = _random(prefix + "B", (out_f, r), 0.01, torch.float32, seed)
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-              "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-              "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
-              "base_model_name_or_path": str(base), "inference_mode": True}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "base_model_name_or_path": str(base),
+        "inference_mode": True,
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder

@@ -37,8 +37,12 @@ FAMILIES = list(LLAMA_LIKE) + list(MORE_FAMILIES)
 MOE = {"mixtral", "qwen3_moe"}
 TOKENS = [[5, 17, 99, 3, 250, 64, 128, 7, 42, 200, 11, 31], [255, 0, 13, 66, 101, 140, 33, 2, 90, 160, 47, 222]]
 # case -> (method, format)
-CASES = {"ct-gptq": ("gptq", "compressed-tensors"), "ct-awq": ("awq", "compressed-tensors"),
-         "gptq": ("gptq", "native"), "awq": ("awq", "native")}
+CASES = {
+    "ct-gptq": ("gptq", "compressed-tensors"),
+    "ct-awq": ("awq", "compressed-tensors"),
+    "gptq": ("gptq", "native"),
+    "awq": ("awq", "native"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +55,11 @@ def artifacts(tmp_path_factory, pytestconfig) -> dict:
         base = tiny_model(work / f"base-{family}", family)
         for case, (method, fmt) in CASES.items():
             out = work / f"{family}-{case}"
-            export_int4(base, out, options_for(method, format=fmt, calib=calib, samples=4, seq_len=64,
-                                               group_size=32, device="cpu"))
+            export_int4(
+                base,
+                out,
+                options_for(method, format=fmt, calib=calib, samples=4, seq_len=64, group_size=32, device="cpu"),
+            )
             dirs[(family, case)] = out
     args = []
     for (family, case), out in dirs.items():
@@ -66,8 +73,9 @@ def artifacts(tmp_path_factory, pytestconfig) -> dict:
         if not case.startswith("ct-"):
             native += [str(out), str(work / f"{family}-{case}.peer.safetensors")]
     run = run_measured([str(python), str(LOADER), *native], label="int4-loaders", check=False)
-    loaded = {Path(d["model"]).name: d for d in map(json.loads, (x for x in run.output.splitlines()
-                                                                   if x.startswith("{")))}
+    loaded = {
+        Path(d["model"]).name: d for d in map(json.loads, (x for x in run.output.splitlines() if x.startswith("{")))
+    }
     return {"dirs": dirs, "work": work, "loaded": loaded, "output": run.output}
 
 
@@ -99,8 +107,9 @@ def test_gptqmodel_dequantizes_our_linears_as_we_do(artifacts, family, case):
     assert info["method"] == case and all(t.startswith("gptqmodel.") for t in info["layer_types"])
     peer = load_file(artifacts["work"] / f"{family}-{case}.peer.safetensors")
     weights = {k.removeprefix("weight:"): v for k, v in peer.items() if k.startswith("weight:")}
-    state = {k: v.half().float() for k, v in dequantized_state_dict(out, torch.float32).items()
-             if v.is_floating_point()}
+    state = {
+        k: v.half().float() for k, v in dequantized_state_dict(out, torch.float32).items() if v.is_floating_point()
+    }
     ours, _ = read_quantized(out)
     expected = {n for n in ours if ".experts." not in n}
     assert set(weights) == expected

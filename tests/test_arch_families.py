@@ -64,8 +64,19 @@ def exported(work: Path, family: str, method: str, fmt: str = "native") -> tuple
     key = (family, method, fmt)
     out = work / f"{family}-{method}-{fmt}"
     if key not in _exports:
-        report = export_int4(base, out, options_for(method, calib=work / "calib.txt", samples=SAMPLES,
-                                                    seq_len=SEQ_LEN, group_size=GROUP, device="cpu", format=fmt))
+        report = export_int4(
+            base,
+            out,
+            options_for(
+                method,
+                calib=work / "calib.txt",
+                samples=SAMPLES,
+                seq_len=SEQ_LEN,
+                group_size=GROUP,
+                device="cpu",
+                format=fmt,
+            ),
+        )
         _exports[key] = report
     return base, out, _exports[key]
 
@@ -83,13 +94,16 @@ def _names(folder: Path) -> set[str]:
 def test_export_keeps_the_checkpoint_names(work, family, method):
     base, out, report = exported(work, family, method)
     linears, plain = read_quantized(out)
-    layer0 = sorted(name[len("model.layers.0."):] for name in linears if name.startswith("model.layers.0."))
+    layer0 = sorted(name[len("model.layers.0.") :] for name in linears if name.startswith("model.layers.0."))
     assert layer0 == sorted(EXPECTED[family])
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     assert len(linears) == layers * len(EXPECTED[family])
     # every tensor of the original checkpoint is there under its own name, quantized or copied
-    rebuilt = set(plain) | {f"{name}.weight" for name in linears} | {f"{n}.bias" for n, q in linears.items()
-                                                                      if q.bias is not None}
+    rebuilt = (
+        set(plain)
+        | {f"{name}.weight" for name in linears}
+        | {f"{n}.bias" for n, q in linears.items() if q.bias is not None}
+    )
     assert rebuilt == _names(base)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == ("awq" if method == "awq" else "gptq")
@@ -128,14 +142,17 @@ def layer_errors(base: Path, outs: dict[str, Path], tokens: torch.Tensor) -> dic
     calls: list[tuple] = [None] * len(layers)
     handles = []
     for i, layer in enumerate(layers):
+
         def pre(_m, args, kwargs, i=i):
             calls[i] = (args, kwargs)
 
         def post(_m, _args, _kwargs, output, i=i):
             calls[i] = calls[i] + (output[0] if isinstance(output, tuple) else output,)
 
-        handles += [layer.register_forward_pre_hook(pre, with_kwargs=True),
-                    layer.register_forward_hook(post, with_kwargs=True)]
+        handles += [
+            layer.register_forward_pre_hook(pre, with_kwargs=True),
+            layer.register_forward_hook(post, with_kwargs=True),
+        ]
     with torch.inference_mode():
         reference(input_ids=tokens, use_cache=False)
     for handle in handles:
@@ -192,8 +209,9 @@ def test_moe_experts_without_calibration_tokens_are_reported_and_rounded(tmp_pat
     calib.write_text("abcd")
     for method in ("gptq", "awq"):
         out = tmp_path / method
-        report = export_int4(base, out, options_for(method, calib=calib, samples=1, seq_len=4,
-                                                    group_size=32, device="cpu"))
+        report = export_int4(
+            base, out, options_for(method, calib=calib, samples=1, seq_len=4, group_size=32, device="cpu")
+        )
         idle_warnings = [w for w in report.warnings if "received no calibration tokens" in w]
         assert len(idle_warnings) == 2, report.warnings  # one per layer
         linears, plain = read_quantized(out)
@@ -232,8 +250,9 @@ def test_family_without_awq_map_gptq_works_awq_refuses(tmp_path):
     assert not (tmp_path / "awq").exists()
     export_int4(base, tmp_path / "gptq", options_for("gptq", **options))
     linears, _ = read_quantized(tmp_path / "gptq")
-    assert sorted(n[len("model.layers.0."):] for n in linears if n.startswith("model.layers.0.")) == sorted(
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.c_fc", "mlp.c_proj"])
+    assert sorted(n[len("model.layers.0.") :] for n in linears if n.startswith("model.layers.0.")) == sorted(
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.c_fc", "mlp.c_proj"]
+    )
     assert all(q.bias is not None for q in linears.values())
 
 
@@ -241,14 +260,18 @@ def test_a_wrong_fold_map_is_caught(tmp_path, monkeypatch):
     """Folding Gemma's x*(1+w) norms as if they computed x*w changes the layer: the engine refuses."""
     base = tiny_model(tmp_path / "base", "gemma3")
     calib = calibration_text(tmp_path / "calib.txt")
-    wrong = tuple(families.Fold(f.group, f.into, "norm" if f.kind == "norm_plus_one" else f.kind, f.chunks)
-                  for f in families.GEMMA_FOLDS)
-    entries = tuple(families.Family(f.name, f.architectures, wrong) if f.name == "gemma3" else f
-                    for f in families.FAMILIES)
+    wrong = tuple(
+        families.Fold(f.group, f.into, "norm" if f.kind == "norm_plus_one" else f.kind, f.chunks)
+        for f in families.GEMMA_FOLDS
+    )
+    entries = tuple(
+        families.Family(f.name, f.architectures, wrong) if f.name == "gemma3" else f for f in families.FAMILIES
+    )
     monkeypatch.setattr(families, "FAMILIES", entries)
     with pytest.raises(MergeqError, match="fold map .* is wrong"):
-        export_int4(base, tmp_path / "awq", options_for("awq", calib=calib, samples=4, seq_len=32,
-                                                        group_size=32, device="cpu"))
+        export_int4(
+            base, tmp_path / "awq", options_for("awq", calib=calib, samples=4, seq_len=32, group_size=32, device="cpu")
+        )
     assert not (tmp_path / "awq").exists()
 
 
@@ -259,17 +282,36 @@ def test_kernel_prediction_covers_fused_projections_and_experts():
     from exporters.int4 import kernels
 
     scheme = QuantScheme(4, 128, True)
-    phi3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
-            "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 2, "vocab_size": 32064}
+    phi3 = {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "num_hidden_layers": 2,
+        "vocab_size": 32064,
+    }
     names = {s.name for s in kernels.linear_shapes(phi3)}
     assert names == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
     predicted = kernels.predict_kernels(phi3, None, "gptq", scheme, False)
-    assert predicted["tp"]["1"]["kernels"] == dict.fromkeys(("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-                                                            "machete")
-    moe = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
-           "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
-           "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 2,
-           "vocab_size": 151936}
+    assert predicted["tp"]["1"]["kernels"] == dict.fromkeys(
+        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "machete"
+    )
+    moe = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "num_hidden_layers": 2,
+        "vocab_size": 151936,
+    }
     shapes = {s.name: (s.in_features, s.out_features) for s in kernels.linear_shapes(moe)}
     assert shapes["mlp.experts.w13"] == (2048, 1536) and shapes["mlp.experts.w2"] == (768, 2048)
     assert not any("gate" == name.rpartition(".")[2] for name in shapes)  # the router is not quantized

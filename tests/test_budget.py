@@ -29,18 +29,27 @@ def test_shapes_are_read_from_the_checkpoint_headers(tmp_path):
 
 
 def test_budgets_follow_the_shapes_and_options():
-    shapes = budget.Shapes(params=8_000_000_000, matrix_params=7_900_000_000, largest_tensor=128256 * 4096,
-                           largest_layer=218_112_000, hidden=4096, vocab=128256, widest_input=14336)
+    shapes = budget.Shapes(
+        params=8_000_000_000,
+        matrix_params=7_900_000_000,
+        largest_tensor=128256 * 4096,
+        largest_layer=218_112_000,
+        hidden=4096,
+        vocab=128256,
+        widest_input=14336,
+    )
     small = GptqOptions(samples=8, seq_len=256, group_size=128)
     large = GptqOptions(samples=16, seq_len=256, group_size=128)
     config = SimpleNamespace(exports={"gguf": GGUFOptions(quants=("Q8_0",)), "gptq": small})
     merge, gguf, gptq = budget.stage_budgets(config, shapes)
     assert merge.peak_bytes < shapes.params * 2, "the predicted merge peak is below the fp16 model's size"
     assert merge.stage == "merge" and merge.disk_bytes == shapes.params * 2
-    deeper = budget.Shapes(**{**shapes.__dict__, "params": 2 * shapes.params,
-                              "matrix_params": 2 * shapes.matrix_params})
-    assert [b.peak_bytes for b in budget.stage_budgets(config, deeper)][0::2] == [merge.peak_bytes, gptq.peak_bytes], \
+    deeper = budget.Shapes(
+        **{**shapes.__dict__, "params": 2 * shapes.params, "matrix_params": 2 * shapes.matrix_params}
+    )
+    assert [b.peak_bytes for b in budget.stage_budgets(config, deeper)][0::2] == [merge.peak_bytes, gptq.peak_bytes], (
         "every stage streams layers: twice the depth, the same predicted peak"
+    )
     assert gguf.disk_bytes == shapes.params * 2 + int(shapes.matrix_params * 8.5 / 8 + 100_000_000 * 4)
     activations = 8 * 256 * 4096 * 4 * 2  # samples x seq x hidden, in and out, fp32
     # the int4 checkpoint (~0.27 of fp16) and its per-layer resume copy while the stage runs, plus one layer's outputs
@@ -48,8 +57,9 @@ def test_budgets_follow_the_shapes_and_options():
     bigger = budget.stage_budgets(SimpleNamespace(exports={"gptq": large}), shapes)[1]
     assert bigger.peak_bytes - gptq.peak_bytes == activations * 3 // 2, "activations, and one serialized copy"
     assert bigger.disk_bytes - gptq.disk_bytes == activations // 2, "one layer's outputs in the resume folder"
-    awq = budget.stage_budgets(SimpleNamespace(exports={"awq": AwqOptions(samples=8, seq_len=256, group_size=128)}),
-                               shapes)[1]
+    awq = budget.stage_budgets(
+        SimpleNamespace(exports={"awq": AwqOptions(samples=8, seq_len=256, group_size=128)}), shapes
+    )[1]
     hessians = 4 * 14336**2 * 4  # GPTQ: down_proj's Hessian, its permuted copy, two Cholesky factors
     assert gptq.peak_bytes - awq.peak_bytes == hessians, (gptq.peak_bytes, awq.peak_bytes)
 
@@ -57,8 +67,11 @@ def test_budgets_follow_the_shapes_and_options():
 def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_any_work(tmp_path, monkeypatch):
     stages = [budget.StageBudget("merge", 1, 3 * budget.GIB, ""), budget.StageBudget("gptq", 1, 1 * budget.GIB, "")]
     monkeypatch.setattr(budget, "free_bytes", lambda path: 2 * budget.GIB)
-    with pytest.raises(MergeqError, match=r"has 2.00 GiB free, and the stages still to run \(merge, gptq\) are "
-                                          r"predicted to write 4.00 GiB"):
+    with pytest.raises(
+        MergeqError,
+        match=r"has 2.00 GiB free, and the stages still to run \(merge, gptq\) are "
+        r"predicted to write 4.00 GiB",
+    ):
         budget.check_disk(stages, tmp_path / "out", ["merge", "gptq"])
     budget.check_disk(stages, tmp_path / "out", ["gptq"])  # merge already done: 1 GiB fits
     assert not (tmp_path / "out").exists()

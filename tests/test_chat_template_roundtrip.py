@@ -39,14 +39,25 @@ def tiny_chat_model(path: Path) -> Path:
     # SmolLM2's own tokenizer.json splits digits before the byte-level step; transformers' GGUF loader drops
     # that step (llama.cpp keeps it: its "smollm" pre-tokenizer), and whitespace before a digit then splits
     # differently (test_the_demo_base_shows_its_known_tokenizer_difference). Restore it here.
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForCausalLM(config).to(torch.float16).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -79,9 +90,13 @@ def rewrite_gguf(src: Path, dst: Path, *args: str) -> Path:
     """A copy of `src` with changed metadata, written by the pinned gguf-py's own gguf_new_metadata.py."""
     where = ensure_source()
     script = where.gguf_py / "gguf" / "scripts" / "gguf_new_metadata.py"
-    run_tool(ToolCommand(
-        "gguf_new_metadata.py", (sys.executable, str(script), str(src), str(dst), "--force", *args),
-        env=pinned_python_env(where)))
+    run_tool(
+        ToolCommand(
+            "gguf_new_metadata.py",
+            (sys.executable, str(script), str(src), str(dst), "--force", *args),
+            env=pinned_python_env(where),
+        )
+    )
     return dst
 
 
@@ -110,8 +125,9 @@ def test_the_server_renders_the_chatml_prompt(exported):
     with ctc.running_server(Path(exported.path)) as server:
         status, body = server.request("/apply-template", {"messages": [{"role": "user", "content": "Hi"}]})
         assert status == 200
-        assert body["prompt"] == (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                                  "<|im_start|>assistant\n")
+        assert body["prompt"] == (
+            f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        )
         rendering = ctc.render(server, ({"role": "user", "content": "Hi"},))
     assert "".join(rendering.pieces) == body["prompt"]
     starts = [i for i, piece in enumerate(rendering.pieces) if piece == "<|im_start|>"]
@@ -138,8 +154,9 @@ def test_an_altered_template_is_reported_with_the_position(exported, chat_model,
             continue
         # where transformers itself, given the altered template, first departs from the original rendering
         ours = tokenizer.apply_chat_template(list(transcript.messages), add_generation_prompt=True)["input_ids"]
-        theirs = tokenizer.apply_chat_template(list(transcript.messages), add_generation_prompt=True,
-                                               chat_template=altered)["input_ids"]
+        theirs = tokenizer.apply_chat_template(
+            list(transcript.messages), add_generation_prompt=True, chat_template=altered
+        )["input_ids"]
         at = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
         assert not result.matched and result.first_difference == at > 5
         assert result.transformers.id == ours[at] and result.llama_cpp.id == theirs[at]
@@ -193,8 +210,12 @@ def test_compare_finds_the_first_difference_and_the_end_of_the_shorter_side():
     assert ctc.compare("t", same, same).matched
     other = ctc.compare("t", ctc.Rendering((1, 9, 3), ("a", "x", "c")), same)
     assert not other.matched and other.first_difference == 1
-    assert ((other.llama_cpp.id, other.llama_cpp.piece, other.transformers.id, other.transformers.piece)
-            == (9, "x", 2, "b"))
+    assert (other.llama_cpp.id, other.llama_cpp.piece, other.transformers.id, other.transformers.piece) == (
+        9,
+        "x",
+        2,
+        "b",
+    )
     longer = ctc.compare("t", ctc.Rendering((1, 2, 3, 4), ("a", "b", "c", "d")), same)
     assert longer.first_difference == 3 and longer.transformers is None and longer.llama_cpp.piece == "d"
     assert "transformers ends" in ctc.describe(longer)
@@ -209,17 +230,26 @@ def test_the_report_shows_the_round_trip():
     from exporters.report import ArtifactReport, SizeInfo
     from exporters.report_text import report_markdown
 
-    result = ctc.compare("two turns", ctc.Rendering((1, 9), ("<|im_start|>", "Hi")),
-                         ctc.Rendering((1, 8), ("<|im_start|>", "Hello")))
+    result = ctc.compare(
+        "two turns", ctc.Rendering((1, 9), ("<|im_start|>", "Hi")), ctc.Rendering((1, 8), ("<|im_start|>", "Hello"))
+    )
     check = ctc.TemplateCheck("mismatch", [result])
-    report = ArtifactReport("gguf", "Q8_0", "x.gguf", SizeInfo(1, 2, 8.0, 8.5),
-                            extra={"chat_template": check.to_json()}, warnings=check.warnings("Q8_0"))
+    report = ArtifactReport(
+        "gguf",
+        "Q8_0",
+        "x.gguf",
+        SizeInfo(1, 2, 8.0, 8.5),
+        extra={"chat_template": check.to_json()},
+        warnings=check.warnings("Q8_0"),
+    )
     text = report_markdown(report)
     assert "## Chat template round trip" in text and "mismatch, 0 of 1 transcripts" in text
     assert "| two turns | 2 / 2 | no | token 1: llama.cpp 9 `'Hi'`, transformers 8 `'Hello'` |" in text
-    assert report.warnings == ["Q8_0: llama.cpp renders the chat template to other tokens than transformers in 1 of 1 "
-                               "transcripts; first: 'two turns' at token 1 (llama.cpp 9 'Hi', transformers 8 'Hello'; "
-                               "2 vs 2 tokens)"]
+    assert report.warnings == [
+        "Q8_0: llama.cpp renders the chat template to other tokens than transformers in 1 of 1 "
+        "transcripts; first: 'two turns' at token 1 (llama.cpp 9 'Hi', transformers 8 'Hello'; "
+        "2 vs 2 tokens)"
+    ]
     assert ArtifactReport.from_json(report.to_json()).extra["chat_template"]["transcripts"][0]["first_difference"] == 1
 
 

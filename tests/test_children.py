@@ -39,8 +39,18 @@ def _record(tool: subprocess.Popen, owner: int, owner_started, name: str = "llam
     folder = children.registry_dir()
     folder.mkdir(parents=True, exist_ok=True)
     entry = folder / f"{tool.pid}.json"
-    entry.write_text(json.dumps({"pid": tool.pid, "started": children.start_time(tool.pid), "name": name,
-                                 "argv": ["x"], "owner": owner, "owner_started": owner_started}))
+    entry.write_text(
+        json.dumps(
+            {
+                "pid": tool.pid,
+                "started": children.start_time(tool.pid),
+                "name": name,
+                "argv": ["x"],
+                "owner": owner,
+                "owner_started": owner_started,
+            }
+        )
+    )
     return entry
 
 
@@ -128,8 +138,13 @@ def test_memory_limit_is_read_from_the_cgroup_and_turns_off_repacking(tmp_path, 
     if (why := unavailable()) is not None:
         pytest.skip(why)
     limit = 700 << 20
-    run = run_limited([sys.executable, "-c", "from mergeq.core.memory import memory_limit_bytes as m; print(m())"],
-                      limit, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+    run = run_limited(
+        [sys.executable, "-c", "from mergeq.core.memory import memory_limit_bytes as m; print(m())"],
+        limit,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert int(run.stdout.strip()) == limit
 

@@ -179,14 +179,24 @@ def _tiny_nf4(folder: Path, vocab: int = 256) -> tuple[Path, Path]:
     from mergeq.demo_train import nf4_config
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
     fp16 = folder / "fp16"
     LlamaForCausalLM(config).to(torch.float16).save_pretrained(fp16)
     nf4 = folder / "nf4"
-    AutoModelForCausalLM.from_pretrained(fp16, quantization_config=nf4_config(), dtype=torch.float16,
-                                         device_map="cpu").save_pretrained(nf4)
+    AutoModelForCausalLM.from_pretrained(
+        fp16, quantization_config=nf4_config(), dtype=torch.float16, device_map="cpu"
+    ).save_pretrained(nf4)
     return fp16, nf4
 
 
@@ -308,8 +318,15 @@ def test_demo_adapter_config_and_recorded_perplexities(assets):
 
     config = json.loads((assets.adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 16 and config["lora_alpha"] == 32
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     with safe_open(assets.adapter / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
         assert len(keys) == 30 * 7 * 2

@@ -58,8 +58,9 @@ def test_streamed_evaluation_equals_whole_model_for_int4(tmp_path, family, metho
     base = tiny_model(tmp_path / "base", family, layers=2)
     text = calibration_text(tmp_path / "eval.txt", chars=6000)
     out = tmp_path / "q"
-    export_int4(base, out, int4_options(method, format=fmt, calib=text, samples=4, seq_len=32, group_size=32,
-                                        device="cpu"))
+    export_int4(
+        base, out, int4_options(method, format=fmt, calib=text, samples=4, seq_len=32, group_size=32, device="cpu")
+    )
     streamed, whole = _both(out, base, text, tmp_path, n_ctx=64, max_windows=4)
     _same(streamed, whole)
     assert streamed.kl_divergence > 0  # the int4 weights were really read (not the reference's)
@@ -76,8 +77,9 @@ def test_streamed_evaluation_reads_one_layer_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(et, "load_torch_model", lambda *a: pytest.fail("whole model loaded"))
     built = []
     real = st.load_layer
-    monkeypatch.setattr(st, "load_layer", lambda src, arch, cfg, index, dev: built.append(index) or
-                        real(src, arch, cfg, index, dev))
+    monkeypatch.setattr(
+        st, "load_layer", lambda src, arch, cfg, index, dev: built.append(index) or real(src, arch, cfg, index, dev)
+    )
     quality = evaluate(ref, ref, text, EvalOptions(n_ctx=32, max_windows=4, cache_dir=tmp_path / "c"))
     assert built == [0, 1, 2, 3] and quality.kl_divergence == 0
 
@@ -87,15 +89,24 @@ def test_streamed_evaluation_reads_one_layer_at_a_time(tmp_path, monkeypatch):
 
 def _validation(tmp_path, refs, merged, *, streaming):
     reference = Reference(base=tmp_path / "base", adapters=refs, vocab_size=96)
-    return compare_candidates(reference, {"base": merged}, kl_warn=1e-6, logit_warn=1e-3,
-                              streaming=streaming).results["base"]
+    return compare_candidates(reference, {"base": merged}, kl_warn=1e-6, logit_warn=1e-3, streaming=streaming).results[
+        "base"
+    ]
 
 
 def test_streamed_validation_equals_whole_model_and_flags_a_wrong_merge(tmp_path):
     base = tiny_llama(tmp_path / "base", layers=3)
     a = make_adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=12, target_modules=["q_proj", "up_proj"])
-    b = make_adapter(base, tmp_path / "b", seed=2, r=8, lora_alpha=4, use_dora=True, use_rslora=True,
-                     target_modules=["v_proj", "down_proj"])
+    b = make_adapter(
+        base,
+        tmp_path / "b",
+        seed=2,
+        r=8,
+        lora_alpha=4,
+        use_dora=True,
+        use_rslora=True,
+        target_modules=["v_proj", "down_proj"],
+    )
     refs = [AdapterRef(a, 0.7), AdapterRef(b, 1.0)]
     result = run_merge(MergeConfig(base=base, adapters=refs, out=tmp_path / "o", dtype="float32"))
     good = result.manifest["validation"]
@@ -121,15 +132,17 @@ def test_streamed_validation_equals_whole_model_and_flags_a_wrong_merge(tmp_path
         flagged = _validation(tmp_path, refs, wrong, streaming=streaming)
         assert flagged["ok"] is False and flagged["mean_kl"] > 1e3 * max(good["mean_kl"], 1e-12), flagged
     # and the weights matter: the right merge checked against other adapter weights is flagged too
-    assert _validation(tmp_path, [AdapterRef(a, 1.0), AdapterRef(b, 1.0)], tmp_path / "o",
-                       streaming=True)["ok"] is False
+    assert (
+        _validation(tmp_path, [AdapterRef(a, 1.0), AdapterRef(b, 1.0)], tmp_path / "o", streaming=True)["ok"] is False
+    )
 
 
 def test_validation_falls_back_to_whole_models_outside_the_layers(tmp_path):
     """An adapter with modules_to_save on lm_head: validated with whole models, still exact."""
     base = tiny_llama(tmp_path / "base")
-    adapter = make_adapter(base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"],
-                           modules_to_save=["lm_head"])
+    adapter = make_adapter(
+        base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
     result = run_merge(MergeConfig(base=base, adapters=[adapter], out=tmp_path / "o", dtype="float32"))
     validation = result.manifest["validation"]
     assert "layer by layer" not in validation["reference"] and validation["ok"], validation
@@ -154,8 +167,7 @@ def test_streamed_evaluation_on_cuda_matches_cpu(tmp_path):
     text = eval_text(tmp_path / "eval.txt", 300)
     artifact = perturbed_copy(ref, tmp_path / "noisy", 0.05)
     cpu = evaluate(artifact, ref, text, EvalOptions(n_ctx=32, max_windows=4, cache_dir=tmp_path / "cpu"))
-    gpu = evaluate(artifact, ref, text, EvalOptions(n_ctx=32, max_windows=4, cache_dir=tmp_path / "gpu",
-                                                    device="cuda"))
+    gpu = evaluate(artifact, ref, text, EvalOptions(n_ctx=32, max_windows=4, cache_dir=tmp_path / "gpu", device="cuda"))
     for key in ("perplexity", "reference_perplexity", "kl_divergence"):
         assert getattr(gpu, key) == pytest.approx(getattr(cpu, key), rel=1e-4, abs=1e-7), key
 

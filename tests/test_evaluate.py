@@ -114,8 +114,14 @@ Same top p: 87.892 \u00b1 0.511 %
 
 def test_parse_llama_kl_output():
     stats = parse_kl_output(KL_LOG)
-    assert stats == {"chunks": 16, "n_ctx": 512, "perplexity": 7.674472, "reference_perplexity": 7.185863,
-                     "kl_divergence": 0.055709, "top1_percent": 87.892}
+    assert stats == {
+        "chunks": 16,
+        "n_ctx": 512,
+        "perplexity": 7.674472,
+        "reference_perplexity": 7.185863,
+        "kl_divergence": 0.055709,
+        "top1_percent": 87.892,
+    }
     with pytest.raises(MergeqError, match="no kl divergence"):
         parse_kl_output(KL_LOG.replace("Mean    KLD", "Mean KLD?"))
 
@@ -209,8 +215,10 @@ def perturbed_copy(ref: Path, dest: Path, scale: float) -> Path:
             dest.joinpath(item.name).write_bytes(item.read_bytes())
     state = load_file(str(ref / "model.safetensors"))
     gen = torch.Generator().manual_seed(7)
-    noisy = {k: (v.float() + scale * torch.randn(v.shape, generator=gen)).to(v.dtype) if "proj" in k else v
-             for k, v in state.items()}
+    noisy = {
+        k: (v.float() + scale * torch.randn(v.shape, generator=gen)).to(v.dtype) if "proj" in k else v
+        for k, v in state.items()
+    }
     save_file(noisy, str(dest / "model.safetensors"), metadata={"format": "pt"})
     return dest
 
@@ -249,8 +257,12 @@ def test_perturbed_artifact_against_reference_and_cache(tiny, tmp_path, monkeypa
 
     a = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32)
     b = AutoModelForCausalLM.from_pretrained(big, dtype=torch.float32)
-    ids = [1] + [int(t) for t in __import__("transformers").AutoTokenizer.from_pretrained(ref)(
-        text.read_text()[:-1], add_special_tokens=False)["input_ids"]]
+    ids = [1] + [
+        int(t)
+        for t in __import__("transformers").AutoTokenizer.from_pretrained(ref)(
+            text.read_text()[:-1], add_special_tokens=False
+        )["input_ids"]
+    ]
     kl_sum, n = 0.0, 0
     for i in range(4):
         window = torch.tensor([[1] + ids[i * 32 + 1 : (i + 1) * 32]])

@@ -44,6 +44,8 @@ def test_f16_gguf_and_fp16_checkpoint_agree(demo):
     assert 0 <= gg.quality.kl_divergence < 0.002, gg.quality.kl_divergence
     assert gg.quality.top1_agreement > 0.98, gg.quality.top1_agreement
     assert gg.provenance["llama.cpp"]["version"]
-    print(f"\nHF fp16 ppl {hf.quality.perplexity:.4f}, GGUF f16 ppl {gg.quality.perplexity:.4f} "
-          f"(ratio {ratio:.5f}), KL {gg.quality.kl_divergence:.6f}, top-1 {gg.quality.top1_agreement:.4f}; "
-          f"warnings: {gg.warnings}")
+    print(
+        f"\nHF fp16 ppl {hf.quality.perplexity:.4f}, GGUF f16 ppl {gg.quality.perplexity:.4f} "
+        f"(ratio {ratio:.5f}), KL {gg.quality.kl_divergence:.6f}, top-1 {gg.quality.top1_agreement:.4f}; "
+        f"warnings: {gg.warnings}"
+    )

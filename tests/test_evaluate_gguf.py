@@ -19,7 +19,7 @@ from exporters.llamacpp import build
 from exporters.llamacpp.run import ToolCommand
 from mergeq.core.errors import MergeqError, ToolError
 
-FAKE = textwrap.dedent('''
+FAKE = textwrap.dedent("""
     import json, os, struct, sys
     args = sys.argv[1:]
     log = os.environ["FAKE_LOG"]
@@ -34,7 +34,7 @@ FAKE = textwrap.dedent('''
     n_chunk += int(os.environ.get("FAKE_EXTRA_CHUNKS", "0"))
     print(f"kl_divergence: computing over {n_chunk} chunks, n_ctx={n_ctx}, batch_size=2048, n_seq=4")
     print(os.environ["FAKE_STATS"])
-''')
+""")
 
 
 @pytest.fixture
@@ -47,8 +47,9 @@ def fake(tmp_path, monkeypatch):
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_LOG", str(calls))
     monkeypatch.setenv("FAKE_COUNT", str(8 * 64))
-    monkeypatch.setattr(build, "tool_command",
-                        lambda name, *args: ToolCommand(name, (sys.executable, str(script), *map(str, args))))
+    monkeypatch.setattr(
+        build, "tool_command", lambda name, *args: ToolCommand(name, (sys.executable, str(script), *map(str, args)))
+    )
     monkeypatch.setattr("exporters.llamacpp.pin.version_info", lambda: {"version": "test"})
 
     class Summary:
@@ -155,19 +156,20 @@ def test_a_kl_run_that_stops_early_is_run_once_more_then_quoted(fake, caplog):
     ref, text, gguf, options, calls, stats, monkeypatch = fake
     flaky = stats().replace("Mean PPL(Q)", "kl_divergence : failed to decode\n#", 1)
     marker = Path(str(calls) + ".failed-once")
-    script = f'''
+    script = f"""
 import os, sys
 from pathlib import Path
 m = Path({str(marker)!r})
 if "--kl-divergence-base" in sys.argv and not m.exists():
     m.write_text("x")
     os.environ["FAKE_STATS"] = {flaky!r}
-'''
+"""
     original = Path(build.tool_command("x").argv[1])  # the fixture's fake tool
     wrapper = original.with_name("flaky.py")
     wrapper.write_text(script + original.read_text())
-    monkeypatch.setattr(build, "tool_command",
-                        lambda name, *args: ToolCommand(name, (sys.executable, str(wrapper), *map(str, args))))
+    monkeypatch.setattr(
+        build, "tool_command", lambda name, *args: ToolCommand(name, (sys.executable, str(wrapper), *map(str, args)))
+    )
     q = ev.evaluate_full(gguf, ref, text, options).quality
     assert q.perplexity == 7.5 and marker.exists()
     assert "exited 0 without statistics" in caplog.text and "failed to decode" in caplog.text

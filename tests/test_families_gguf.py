@@ -34,8 +34,18 @@ SP_VOCAB = 320
 BPE_FAMILIES = ("olmo2", "qwen3_moe")  # the converter's path for these reads byte-level BPE only
 SP_SYMBOLS = {"phi3": ("<|endoftext|>",)}
 # the llama.cpp architecture each family converts to (general.architecture of the GGUF)
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-             "gemma3": "gemma3", "phi3": "phi3", "olmo2": "olmo2", "mixtral": "llama", "qwen3_moe": "qwen3moe"}
+GGUF_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
+    "mixtral": "llama",
+    "qwen3_moe": "qwen3moe",
+}
 log = logging.getLogger(__name__)
 KL_BOUND = 0.01  # nats; Q8_0 of these models measures 3e-6 .. 5e-4
 
@@ -52,8 +62,10 @@ def with_tokenizer(folder: Path, family: str) -> Path:
     return folder
 
 
-FAMILY_PARAMS = [pytest.param(family, marks=[pytest.mark.demo] if family in BPE_FAMILIES else [], id=family)
-                 for family in sorted(FAMILIES)]
+FAMILY_PARAMS = [
+    pytest.param(family, marks=[pytest.mark.demo] if family in BPE_FAMILIES else [], id=family)
+    for family in sorted(FAMILIES)
+]
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +86,19 @@ def test_q8_gguf_converts_and_evaluates(tmp_path, text, family):
         assert summary.metadata[f"{arch}.expert_count"] == 4
         assert summary.metadata[f"{arch}.expert_used_count"] == 2
     assert "Q8_0" in report.size.tensor_types
-    result = evaluate_full(Path(report.path), model, text, EvalOptions(n_ctx=64, max_windows=4,
-                                                                       cache_dir=tmp_path / "cache"))
+    result = evaluate_full(
+        Path(report.path), model, text, EvalOptions(n_ctx=64, max_windows=4, cache_dir=tmp_path / "cache")
+    )
     quality = result.quality
-    log.info("%s: ppl %.3f (reference %.3f), KL %.6f, top-1 %.4f over %d tokens", family, quality.perplexity,
-             quality.reference_perplexity, quality.kl_divergence, quality.top1_agreement, quality.eval_tokens)
+    log.info(
+        "%s: ppl %.3f (reference %.3f), KL %.6f, top-1 %.4f over %d tokens",
+        family,
+        quality.perplexity,
+        quality.reference_perplexity,
+        quality.kl_divergence,
+        quality.top1_agreement,
+        quality.eval_tokens,
+    )
     assert quality.evaluator == "llama.cpp" and quality.windows == 4 and quality.eval_tokens > 0
     for value in (quality.perplexity, quality.reference_perplexity, quality.kl_divergence, quality.top1_agreement):
         assert math.isfinite(value)
@@ -100,5 +120,6 @@ def test_gemma3_layout_llama_cpp_cannot_represent_is_refused(tmp_path):
     with pytest.raises(MergeqError) as err:
         GGUFExporter().preflight(folder, GGUFOptions(quants=("Q8_0",)))
     assert "layer 1 'full_attention'" in str(err.value) and "config.json" in str(err.value)
-    GGUFExporter().preflight(with_tokenizer(family_model(tmp_path / "ok", "gemma3", vocab=SP_VOCAB), "gemma3"),
-                             GGUFOptions(quants=("Q8_0",)))
+    GGUFExporter().preflight(
+        with_tokenizer(family_model(tmp_path / "ok", "gemma3", vocab=SP_VOCAB), "gemma3"), GGUFOptions(quants=("Q8_0",))
+    )

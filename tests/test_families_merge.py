@@ -42,8 +42,7 @@ def logits_gap(base, adapter, merged) -> tuple[float, float]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                              adapter)
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
     ours_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     with torch.no_grad():
@@ -100,8 +99,14 @@ def test_expert_lora_on_fused_parameters_matches_peft(tmp_path, family):
     """PEFT's target_parameters LoRA on the fused expert tensors (transformers 5: gate_up_proj and down_proj, 3-D in
     memory) lands on the per-expert tensors the checkpoint stores on disk, as PEFT's merge saves them."""
     base = family_model(tmp_path / "base", family)
-    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=12, target_modules=LINEAR_TARGETS[family],
-                           target_parameters=EXPERT_PARAMETERS)
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=12,
+        target_modules=LINEAR_TARGETS[family],
+        target_parameters=EXPERT_PARAMETERS,
+    )
     expected = peft_saved(base, adapter, tmp_path / "peft")
     got = ours(base, [(adapter, 1.0)], tmp_path / "out")
     assert set(got) == set(expected)
@@ -116,8 +121,14 @@ def test_expert_lora_on_fused_parameters_matches_peft(tmp_path, family):
 def test_lora_on_a_plain_parameter_matches_peft(tmp_path):
     """target_parameters on 2-D weights (no experts): the same delta as a LoRA on the module."""
     base = family_model(tmp_path / "base", "llama")
-    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=12, target_modules=[],
-                           target_parameters=["self_attn.q_proj.weight", "mlp.down_proj.weight"])
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=12,
+        target_modules=[],
+        target_parameters=["self_attn.q_proj.weight", "mlp.down_proj.weight"],
+    )
     expected = peft_saved(base, adapter, tmp_path / "peft")
     got = ours(base, [(adapter, 1.0)], tmp_path / "out")
     assert_close(expected, got)
@@ -131,8 +142,9 @@ def test_expert_lora_without_a_known_layout_is_refused(tmp_path, monkeypatch):
     import merge.experts
 
     base = family_model(tmp_path / "base", "mixtral")
-    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=12, target_modules=["q_proj"],
-                           target_parameters=EXPERT_PARAMETERS)
+    adapter = make_adapter(
+        base, tmp_path / "adapter", r=4, lora_alpha=12, target_modules=["q_proj"], target_parameters=EXPERT_PARAMETERS
+    )
     monkeypatch.delitem(merge.experts.EXPERT_LAYOUTS, "mixtral")
     with pytest.raises(MergeqError) as err:
         ours(base, [(adapter, 1.0)], tmp_path / "out")

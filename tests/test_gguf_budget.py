@@ -27,8 +27,15 @@ def model(tmp_path_factory):
     ensure_built()
     import torch
 
-    folder = tiny_llama(tmp_path_factory.mktemp("m") / "tiny", vocab=320, hidden=96, intermediate=256, layers=2,
-                        dtype=torch.float16, seed=3)
+    folder = tiny_llama(
+        tmp_path_factory.mktemp("m") / "tiny",
+        vocab=320,
+        hidden=96,
+        intermediate=256,
+        layers=2,
+        dtype=torch.float16,
+        seed=3,
+    )
     return sentencepiece_tokenizer(folder)
 
 
@@ -87,7 +94,7 @@ def test_a_size_target_is_respected(exported):
 
 def test_report_lists_every_tensor_and_predicted_against_measured(exported):
     out, reports = exported
-    md = (out / "MIX-like-Q4_K_M" / "report.md")
+    md = out / "MIX-like-Q4_K_M" / "report.md"
     reports["MIX-like-Q4_K_M"].write(md.parent)
     text = md.read_text()
     assert "## Size budget" in text and "KL predicted" in text and "blk.1.ffn_down.weight" in text
@@ -95,8 +102,9 @@ def test_report_lists_every_tensor_and_predicted_against_measured(exported):
 
 def test_same_inputs_give_the_same_mix(model, calib, exported, tmp_path):
     _, first = exported
-    again = {r.quant: r for r in GGUFExporter().export(model, tmp_path / "out", options(calib, "like:Q4_K_M",
-                                                                                         quants=()))}
+    again = {
+        r.quant: r for r in GGUFExporter().export(model, tmp_path / "out", options(calib, "like:Q4_K_M", quants=()))
+    }
     assert sha256_file(Path(again["MIX-like-Q4_K_M"].path)) == sha256_file(Path(first["MIX-like-Q4_K_M"].path))
 
 

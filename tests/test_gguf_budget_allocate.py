@@ -20,8 +20,9 @@ def choices(n: int, seed: int = 0) -> dict[str, list[Option]]:
     for i in range(n):
         elems = rng.choice((4096, 8192, 16384))
         weight = rng.uniform(0.2, 5.0)
-        out[f"blk.{i}.w"] = [Option(t, int(elems * bits / 8), weight * err * rng.uniform(0.8, 1.2))
-                             for t, bits, err in TYPES]
+        out[f"blk.{i}.w"] = [
+            Option(t, int(elems * bits / 8), weight * err * rng.uniform(0.8, 1.2)) for t, bits, err in TYPES
+        ]
     return out
 
 
@@ -72,11 +73,20 @@ def test_impossible_budget_names_the_option_and_the_smallest_size():
     assert allocate(ch, 500, floor).nbytes == floor
 
 
-@pytest.mark.parametrize("spec, kind, value", [
-    ("2.5GB", "size", 2_500_000_000), ("700MiB", "size", 700 * 2**20), ("123B", "size", 123), ("4.5bpw", "bpw", 4.5),
-    ("like:q4_k_m", "like", "Q4_K_M"), ("1e3", None, None), ("3 parsecs", None, None), ("like:Q9_X", None, None),
-    ("40bpw", None, None),
-])
+@pytest.mark.parametrize(
+    "spec, kind, value",
+    [
+        ("2.5GB", "size", 2_500_000_000),
+        ("700MiB", "size", 700 * 2**20),
+        ("123B", "size", 123),
+        ("4.5bpw", "bpw", 4.5),
+        ("like:q4_k_m", "like", "Q4_K_M"),
+        ("1e3", None, None),
+        ("3 parsecs", None, None),
+        ("like:Q9_X", None, None),
+        ("40bpw", None, None),
+    ],
+)
 def test_target_specs(spec, kind, value):
     if kind is None:
         with pytest.raises(MergeqError) as err:
@@ -93,10 +103,12 @@ def test_calibration_recovers_group_scales_and_the_floor():
     from exporters.gguf_budget.slots import Slot
 
     truth, floor = {"attn_qk": 0.5, "ffn_down": 2.0, "token_embd": 9.0}, 0.003
-    slots = [Slot("blk.0.attn_q.weight", (64, 64), ("Q8_0", "IQ4_NL")),
-             Slot("blk.0.attn_k.weight", (64, 16), ("Q8_0", "IQ4_NL")),
-             Slot("blk.0.ffn_down.weight", (256, 64), ("Q8_0", "Q4_K")),
-             Slot("token_embd.weight", (64, 320), ("Q8_0", "IQ4_NL"))]
+    slots = [
+        Slot("blk.0.attn_q.weight", (64, 64), ("Q8_0", "IQ4_NL")),
+        Slot("blk.0.attn_k.weight", (64, 16), ("Q8_0", "IQ4_NL")),
+        Slot("blk.0.ffn_down.weight", (256, 64), ("Q8_0", "Q4_K")),
+        Slot("token_embd.weight", (64, 320), ("Q8_0", "IQ4_NL")),
+    ]
     errors = {s.name: {"Q8_0": 1e-5 * (i + 1), s.candidates[1]: 1e-2 * (i + 1)} for i, s in enumerate(slots)}
 
     def kl(types):
@@ -128,8 +140,9 @@ def test_targets_from_the_command_line_and_the_pipeline_table(tmp_path):
     calib.write_text("text")
     parser = argparse.ArgumentParser()
     add_options(parser, GGUFOptions)
-    args = parser.parse_args(["--imatrix", "--calib", str(calib), "--target", "like:q4_k_m", "--target-size", "2.5GB",
-                              "--target-bpw", "4.5"])
+    args = parser.parse_args(
+        ["--imatrix", "--calib", str(calib), "--target", "like:q4_k_m", "--target-size", "2.5GB", "--target-bpw", "4.5"]
+    )
     assert from_namespace(GGUFOptions, args).targets == ("like:q4_k_m", "2.5GB", "4.5bpw")
     with pytest.raises(MergeqError) as err:
         from_namespace(GGUFOptions, parser.parse_args(["--target-size", "2.5GB"]))

@@ -18,8 +18,19 @@ pytestmark = [pytest.mark.demo, pytest.mark.llamacpp, pytest.mark.slow]
 
 CTX = 256
 CHUNKS = 4
-REPORT_KEYS = {"format", "quant", "size_bytes", "bits_per_weight", "bits_per_quantized_weight", "ratio_to_fp16",
-               "tensor_types", "fallbacks", "seconds", "warnings", "provenance"}
+REPORT_KEYS = {
+    "format",
+    "quant",
+    "size_bytes",
+    "bits_per_weight",
+    "bits_per_quantized_weight",
+    "ratio_to_fp16",
+    "tensor_types",
+    "fallbacks",
+    "seconds",
+    "warnings",
+    "provenance",
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +50,11 @@ def demo(tmp_path_factory):
 
 
 def llama_perplexity(model: Path, text: Path, *extra: str) -> str:
-    result = run_tool(tool_command(
-        "llama-perplexity", "-m", model, "-f", text, "-c", str(CTX), "-b", str(CTX), "--chunks", str(CHUNKS), *extra))
+    result = run_tool(
+        tool_command(
+            "llama-perplexity", "-m", model, "-f", text, "-c", str(CTX), "-b", str(CTX), "--chunks", str(CHUNKS), *extra
+        )
+    )
     return result.stdout + result.stderr
 
 
@@ -55,15 +69,22 @@ def test_llama_cpp_loads_and_evaluates_each_gguf(demo):
     in KL-divergence mode (the mode the evaluator uses). Q8_0 stays within 1% of the f16 perplexity."""
     _, reports, text, _, work = demo
     base_logits = work / "f16.kld"
-    f16_ppl = stat(llama_perplexity(Path(reports["F16"].path), text, "--kl-divergence-base", str(base_logits)),
-                   "Final estimate: PPL")
+    f16_ppl = stat(
+        llama_perplexity(Path(reports["F16"].path), text, "--kl-divergence-base", str(base_logits)),
+        "Final estimate: PPL",
+    )
     assert 1.0 < f16_ppl < 200.0 and base_logits.stat().st_size > 0
     scored = {}
     for quant in ("Q8_0", "Q4_K_M"):
-        output = llama_perplexity(Path(reports[quant].path), text, "--kl-divergence-base", str(base_logits),
-                                  "--kl-divergence")
-        scored[quant] = {"ppl": stat(output, "Mean PPL(Q)"), "base": stat(output, "Mean PPL(base)"),
-                         "kld": stat(output, "Mean    KLD"), "top1": stat(output, "Same top p")}
+        output = llama_perplexity(
+            Path(reports[quant].path), text, "--kl-divergence-base", str(base_logits), "--kl-divergence"
+        )
+        scored[quant] = {
+            "ppl": stat(output, "Mean PPL(Q)"),
+            "base": stat(output, "Mean PPL(base)"),
+            "kld": stat(output, "Mean    KLD"),
+            "top1": stat(output, "Same top p"),
+        }
         assert scored[quant]["base"] == pytest.approx(f16_ppl, rel=1e-3)
     q8, q4 = scored["Q8_0"], scored["Q4_K_M"]
     assert abs(q8["ppl"] / f16_ppl - 1) < 0.01, scored
@@ -113,4 +134,5 @@ def test_header_reader_agrees_with_gguf_py_on_a_real_vocabulary(demo):
     assert ours.metadata == theirs["metadata"] and ours.array_lengths == theirs["arrays"]
     assert ours.array_lengths["tokenizer.ggml.tokens"] == 49152
     assert [(t.name, t.type, t.n_bytes) for t in ours.tensors] == [
-        (t["name"], t["type"], t["n_bytes"]) for t in theirs["tensors"]]
+        (t["name"], t["type"], t["n_bytes"]) for t in theirs["tensors"]
+    ]

@@ -29,8 +29,10 @@ from mergeq.core.hashing import sha256_file
 pytestmark = pytest.mark.llamacpp
 
 REPO = Path(__file__).resolve().parent.parent
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 VOCAB = 320  # 256 byte tokens (llama.cpp needs a newline token) + pieces
 CORPUS = SP_CORPUS
 
@@ -42,9 +44,18 @@ def tiny_llama(path: Path, hidden: int, *, layers: int = 2, seed: int = 0) -> Pa
 
     path.mkdir(parents=True)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
-                         max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 32,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).to(torch.float16).save_pretrained(path)
     sentencepiece_tokenizer(path, vocab=VOCAB, chat_template=TEMPLATE)
     return path
@@ -82,7 +93,10 @@ def test_layout_one_directory_per_type_and_no_leftovers(export96):
         assert Path(report.path).is_file()
     assert sorted(p.name for p in out.iterdir()) == ["F16", "Q4_K_M", "Q8_0"], "work files must be gone"
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.gguf")) == [
-        "F16/tiny96-F16.gguf", "Q4_K_M/tiny96-Q4_K_M.gguf", "Q8_0/tiny96-Q8_0.gguf"]
+        "F16/tiny96-F16.gguf",
+        "Q4_K_M/tiny96-Q4_K_M.gguf",
+        "Q8_0/tiny96-Q8_0.gguf",
+    ]
 
 
 def test_tensor_types_and_shape_fallbacks(export96):
@@ -107,8 +121,10 @@ def test_tensor_types_and_shape_fallbacks(export96):
         else:  # announced by llama-quantize: Q4_K -> Q5_0, and Q6_K (Q4_K_M's extra bits) -> Q8_0
             assert f["got"] == {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[f["wanted"]], f
             assert "llama-quantize fell back to" in f["why"]
-    assert ({n for n, f in by_tensor.items() if f["wanted"] == "Q6_K"}
-            == {"blk.1.attn_v.weight", "blk.1.ffn_down.weight"})
+    assert {n for n, f in by_tensor.items() if f["wanted"] == "Q6_K"} == {
+        "blk.1.attn_v.weight",
+        "blk.1.ffn_down.weight",
+    }
     assert any("fell back to other types" in w for w in by["Q4_K_M"].warnings)
     # the histogram counts every tensor of the file
     summary = read_gguf(Path(by["Q4_K_M"].path))
@@ -159,7 +175,8 @@ def test_header_reader_agrees_with_the_pinned_gguf_py_reader(export96):
         assert ours.metadata == theirs["metadata"]
         assert ours.array_lengths == theirs["arrays"]
         assert [(t.name, t.type, list(t.shape), t.n_elements, t.n_bytes) for t in ours.tensors] == [
-            (t["name"], t["type"], t["shape"], t["n_elements"], t["n_bytes"]) for t in theirs["tensors"]]
+            (t["name"], t["type"], t["shape"], t["n_elements"], t["n_bytes"]) for t in theirs["tensors"]
+        ]
 
 
 def test_truncated_or_foreign_files_are_named(export96, tmp_path):
@@ -255,9 +272,11 @@ def test_converter_failure_is_a_tool_error(model96, tmp_path):
 def test_killed_export_leaves_no_finished_looking_file(tmp_path, built):
     model = tiny_llama(tmp_path / "bigger", 512, layers=8)
     out = tmp_path / "out"
-    script = ("import sys; from pathlib import Path; from exporters.gguf import GGUFExporter, GGUFOptions\n"
-              "GGUFExporter().export(Path(sys.argv[1]), Path(sys.argv[2]), "
-              "GGUFOptions(quants=('Q8_0', 'Q4_K_M', 'Q6_K')))\n")
+    script = (
+        "import sys; from pathlib import Path; from exporters.gguf import GGUFExporter, GGUFOptions\n"
+        "GGUFExporter().export(Path(sys.argv[1]), Path(sys.argv[2]), "
+        "GGUFOptions(quants=('Q8_0', 'Q4_K_M', 'Q6_K')))\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script, str(model), str(out)], cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(out.glob(".gguf-work.tmp-*/*.gguf")):

@@ -15,8 +15,10 @@ def test_tree_hashes_recursive_flat_skip_and_file(tmp_path):
     (tmp_path / "sub" / "c.bin").write_bytes(b"c")
     (tmp_path / ".state").mkdir()
     (tmp_path / ".state" / "lock").write_text("1")
-    digest = {name: hashlib.sha256(data).hexdigest() for name, data in
-              {"a.txt": b"a", "b.bin": b"b", "sub/c.bin": b"c", ".state/lock": b"1"}.items()}
+    digest = {
+        name: hashlib.sha256(data).hexdigest()
+        for name, data in {"a.txt": b"a", "b.bin": b"b", "sub/c.bin": b"c", ".state/lock": b"1"}.items()
+    }
 
     everything = tree_hashes(tmp_path)
     assert list(everything) == [".state/lock", "a.txt", "b.bin", "sub/c.bin"]  # sorted, POSIX, relative

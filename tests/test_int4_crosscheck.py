@@ -35,8 +35,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADER = ROOT / "scripts" / "peers" / "load_int4.py"
-TOKENS = [[5, 17, 99, 3, 250, 64, 128, 7, 42, 200, 11, 31, 77, 180, 9, 1],
-          [255, 0, 13, 66, 101, 140, 33, 2, 90, 160, 47, 222, 8, 19, 230, 120]]
+TOKENS = [
+    [5, 17, 99, 3, 250, 64, 128, 7, 42, 200, 11, 31, 77, 180, 9, 1],
+    [255, 0, 13, 66, 101, 140, 33, 2, 90, 160, 47, 222, 8, 19, 230, 120],
+]
 EXPORT = ["--group-size", "64", "--samples", "8", "--seq-len", "64", "--no-eval"]
 
 # artifact name -> (model family, exporter, extra options). Qwen2 has q/k/v biases.
@@ -51,9 +53,19 @@ CASES = {
     "qwen2-ct-gptq-sym": ("qwen2", "gptq", ["--format", "compressed-tensors"]),
 }
 TAMPERED = "awq-plain-order"
-QUANTIZED = sorted(f"model.layers.{i}.{proj}" for i in range(2) for proj in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+QUANTIZED = sorted(
+    f"model.layers.{i}.{proj}"
+    for i in range(2)
+    for proj in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +97,17 @@ def artifacts(tmp_path_factory, peer_python) -> dict:
     from mergeq.cli import main
 
     work = tmp_path_factory.mktemp("int4-crosscheck")
-    bases = {family: tiny_model(work / family, family, hidden=128, intermediate=256, layers=2)
-             for family in sorted({family for family, _, _ in CASES.values()})}
+    bases = {
+        family: tiny_model(work / family, family, hidden=128, intermediate=256, layers=2)
+        for family in sorted({family for family, _, _ in CASES.values()})
+    }
     calib = calibration_text(work / "calib.txt")
     dirs = {}
     for name, (family, target, extra) in CASES.items():
         out = work / name
-        code = main(["export", target, "--model", str(bases[family]), "--out", str(out), "--calib", str(calib),
-                     *EXPORT, *extra])
+        code = main(
+            ["export", target, "--model", str(bases[family]), "--out", str(out), "--calib", str(calib), *EXPORT, *extra]
+        )
         assert code == 0, f"mergeq export {target} {' '.join(extra)} failed with exit code {code}"
         dirs[name] = out
     tampered_layer = _tamper_awq_order(dirs["awq"], work / TAMPERED)
@@ -118,8 +133,10 @@ def our_side(model_dir: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 
     from exporters.int4.formats import dequantized_state_dict
 
-    state = {k: v.half().float() if v.is_floating_point() else v
-             for k, v in dequantized_state_dict(model_dir, torch.float32).items()}
+    state = {
+        k: v.half().float() if v.is_floating_point() else v
+        for k, v in dequantized_state_dict(model_dir, torch.float32).items()
+    }
     config = AutoConfig.from_pretrained(model_dir)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -144,8 +161,9 @@ def test_peer_reads_our_checkpoint_as_we_do(artifacts, case):
     peer_weights = {k.removeprefix("weight:"): v for k, v in peer.items() if k.startswith("weight:")}
     assert sorted(peer_weights) == QUANTIZED, f"{case}: the peer found other quantized layers than we wrote"
     for name, weight in peer_weights.items():
-        torch.testing.assert_close(weight, state[f"{name}.weight"], rtol=0, atol=0,
-                                   msg=lambda m, n=name: f"{case} {n}: {m}")
+        torch.testing.assert_close(
+            weight, state[f"{name}.weight"], rtol=0, atol=0, msg=lambda m, n=name: f"{case} {n}: {m}"
+        )
     # the weights really are quantized (not the fp16 originals passed through)
     base = load_file(next(artifacts["bases"][CASES[case][0]].glob("*.safetensors")))
     w = state["model.layers.0.mlp.down_proj.weight"]

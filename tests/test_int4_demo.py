@@ -57,6 +57,8 @@ def test_demo_gptq_and_awq_beat_rtn(demo, tmp_path):
     assert ppl["awq"] < ppl["rtn-asym"]
     assert ppl["awq"] <= 1.15 * fp16
     # the demo's out_features 576 and 960 are not multiples of 128: Machete (SM 9.0) takes only gate_up_proj
-    assert (reports["gptq-sym"].extra["vllm_kernel_by_tp"]["1"]
-            == "auto_gptq: sm90 machete x1, marlin x3; sm80 sm75 marlin x4")
+    assert (
+        reports["gptq-sym"].extra["vllm_kernel_by_tp"]["1"]
+        == "auto_gptq: sm90 machete x1, marlin x3; sm80 sm75 marlin x4"
+    )
     assert reports["awq"].extra["vllm_kernel_by_tp"]["2"].startswith("fails: 9 attention heads")

@@ -111,8 +111,9 @@ def test_streaming_matches_whole_model_quantization(tmp_path):
     config = json.loads((base / "config.json").read_text())
     arch = architecture_of(config)
     options = EngineOptions(given=GptqOptions(device="cpu"), scheme=QuantScheme(4, 32, True))
-    ctx = LayerContext(arch=arch, options=options, seq_len=48,
-                       position_embeddings=rotary_embeddings(arch, model.config, 48, "cpu"))
+    ctx = LayerContext(
+        arch=arch, options=options, seq_len=48, position_embeddings=rotary_embeddings(arch, model.config, 48, "cpu")
+    )
 
     class Captured(Exception):
         pass
@@ -162,14 +163,25 @@ def test_preflight_names_the_layers_and_suggests_a_group_size(tmp_path):
 
 
 def test_preflight_refuses_what_vllm_cannot_load(tmp_path):
-    demo_like = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
-                 "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 30}
+    demo_like = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "num_hidden_layers": 30,
+    }
     arch = architecture_of(demo_like)
     sym = kernels.predict_kernels(demo_like, arch, "gptq", QuantScheme(4, 64, True), False)
     assert sym["method"] == "auto_gptq"  # vLLM 0.32; tests/test_int4_kernels_vllm.py checks these against vLLM
     # Marlin pads misaligned tiles since vLLM 0.2x; Machete (SM 9.0) needs out % 128, which only gate_up has
-    assert sym["tp"]["1"]["kernels"] == {"qkv_proj": "marlin", "o_proj": "marlin", "gate_up_proj": "machete",
-                                         "down_proj": "marlin"}
+    assert sym["tp"]["1"]["kernels"] == {
+        "qkv_proj": "marlin",
+        "o_proj": "marlin",
+        "gate_up_proj": "machete",
+        "down_proj": "marlin",
+    }
     assert sym["tp"]["1"]["by_gpu"]["sm80"] == dict.fromkeys(sym["tp"]["1"]["kernels"], "marlin")
     assert not sym["tp"]["2"]["ok"] and "9 attention heads" in sym["tp"]["2"]["problems"][0]
     asym = kernels.predict_kernels(demo_like, arch, "gptq", QuantScheme(4, 64, False), False)
@@ -178,11 +190,18 @@ def test_preflight_refuses_what_vllm_cannot_load(tmp_path):
     assert awq["method"] == "auto_awq" and awq["tp"]["1"]["kernels"]["qkv_proj"] == "marlin"
     ct_asym = kernels.predict_kernels(demo_like, arch, "compressed-tensors", QuantScheme(4, 64, False), False)
     assert ct_asym["tp"]["1"]["ok"]  # asymmetric WNA16 runs on Machete/Marlin in vLLM 0.32
-    big = dict(demo_like, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-               head_dim=128)
+    big = dict(
+        demo_like,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+    )
     fast = kernels.predict_kernels(big, arch, "gptq", QuantScheme(4, 128, True), False)
-    assert all(entry["kernels"] == dict.fromkeys(entry["kernels"], "machete") and entry["ok"]
-               for entry in fast["tp"].values())
+    assert all(
+        entry["kernels"] == dict.fromkeys(entry["kernels"], "machete") and entry["ok"] for entry in fast["tp"].values()
+    )
     assert kernels.summarize(fast)["8"] == "auto_gptq: sm90 machete x4; sm80 sm75 marlin x4"
     assert kernels.predict_kernels(big, arch, "gptq", QuantScheme(4, 128, True), True)["refused"]  # desc_act
 
@@ -224,8 +243,25 @@ def test_cli_export_writes_artifact_and_refuses_foreign_output(tmp_path):
     base = tiny_model(tmp_path / "base")
     calib = calibration_text(tmp_path / "calib.txt")
     out = tmp_path / "gptq"
-    argv = ["export", "gptq", "--model", str(base), "--out", str(out), "--no-eval", "--calib", str(calib),
-            "--samples", "4", "--seq-len", "32", "--group-size", "32", "--device", "cpu"]
+    argv = [
+        "export",
+        "gptq",
+        "--model",
+        str(base),
+        "--out",
+        str(out),
+        "--no-eval",
+        "--calib",
+        str(calib),
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--group-size",
+        "32",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "gptq" and report["quant"] == "w4g32-sym"

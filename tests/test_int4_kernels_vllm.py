@@ -34,18 +34,54 @@ CAPABILITIES = {**kernels.GPUS, "sm70": 70}  # 7.0 (V100): below what vLLM 0.32 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152}
 SHAPES = {
     # the demo (SmolLM2-135M): every one of its 30 layers
-    "demo": dict(LLAMA, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                 head_dim=64, num_hidden_layers=30),
-    "llama-1b": dict(LLAMA, hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=64, num_hidden_layers=2),
-    "llama-8b": dict(LLAMA, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, num_hidden_layers=2),
-    "qwen2-0.5b": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
-                   "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2,
-                   "head_dim": 64, "num_hidden_layers": 2},
+    "demo": dict(
+        LLAMA,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        num_hidden_layers=30,
+    ),
+    "llama-1b": dict(
+        LLAMA,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        num_hidden_layers=2,
+    ),
+    "llama-8b": dict(
+        LLAMA,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        num_hidden_layers=2,
+    ),
+    "qwen2-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "num_hidden_layers": 2,
+    },
     # in 320 per o_proj partition at TP 2: with group 128, Marlin cannot take it and Exllama (or AWQ GEMM) can
-    "odd": dict(LLAMA, hidden_size=640, intermediate_size=1792, num_attention_heads=10, num_key_value_heads=2,
-                head_dim=64, num_hidden_layers=2),
+    "odd": dict(
+        LLAMA,
+        hidden_size=640,
+        intermediate_size=1792,
+        num_attention_heads=10,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=2,
+    ),
 }
 # name -> (format, bits, group size, symmetric, desc_act)
 SCHEMES = {
@@ -70,8 +106,12 @@ def _fits(config: dict, group: int) -> bool:
     return group == -1 or all(n % group == 0 for n in ins)
 
 
-CASES = {f"{shape}/{scheme}": (shape, scheme) for shape in SHAPES for scheme in SCHEMES
-         if _fits(SHAPES[shape], SCHEMES[scheme][2])}
+CASES = {
+    f"{shape}/{scheme}": (shape, scheme)
+    for shape in SHAPES
+    for scheme in SCHEMES
+    if _fits(SHAPES[shape], SCHEMES[scheme][2])
+}
 
 
 def _case(shape: str, scheme_name: str) -> tuple[dict, QuantScheme, str, bool]:
@@ -85,8 +125,11 @@ def _case(shape: str, scheme_name: str) -> tuple[dict, QuantScheme, str, bool]:
 def vllm_choices(pytestconfig, tmp_path_factory) -> dict:
     ensure_live(pytestconfig, "vllm")
     work = tmp_path_factory.mktemp("vllm-kernels")
-    request = {"cases": [{"name": name, "config": _case(*parts)[0]} for name, parts in CASES.items()],
-               "tp": list(kernels.TP_SIZES), "capabilities": sorted(set(CAPABILITIES.values()), reverse=True)}
+    request = {
+        "cases": [{"name": name, "config": _case(*parts)[0]} for name, parts in CASES.items()],
+        "tp": list(kernels.TP_SIZES),
+        "capabilities": sorted(set(CAPABILITIES.values()), reverse=True),
+    }
     (work / "request.json").write_text(json.dumps(request))
     run_peer("vllm", PROBE, [work / "request.json", work / "out.json"], label="vllm kernels")
     return json.loads((work / "out.json").read_text())
@@ -105,8 +148,12 @@ def test_prediction_matches_vllm_for_every_layer(vllm_choices, case):
     actual = vllm_choices["cases"][case]
     if predicted["refused"]:
         # vLLM refuses the config itself, or builds no layer on any GPU
-        assert actual["refused"] or all(k == "none" for per_tp in actual["tp"].values() for entry in per_tp.values()
-                                        for k in entry["kernels"].values()), (predicted["refused"], actual)
+        assert actual["refused"] or all(
+            k == "none"
+            for per_tp in actual["tp"].values()
+            for entry in per_tp.values()
+            for k in entry["kernels"].values()
+        ), (predicted["refused"], actual)
         return
     assert actual["refused"] is None, f"vLLM refused what mergeq accepts: {actual['refused']}"
     mismatches = []
@@ -119,8 +166,10 @@ def test_prediction_matches_vllm_for_every_layer(vllm_choices, case):
         for gpu, kernels_by_layer in entry["by_gpu"].items():
             vllm_kernels = vllm_tp[str(CAPABILITIES[gpu])]["kernels"]
             if kernels_by_layer != vllm_kernels:
-                mismatches.append(f"TP {tp} {gpu}: mergeq {kernels_by_layer}, vLLM {vllm_kernels} "
-                                  f"({vllm_tp[str(CAPABILITIES[gpu])]['problems']})")
+                mismatches.append(
+                    f"TP {tp} {gpu}: mergeq {kernels_by_layer}, vLLM {vllm_kernels} "
+                    f"({vllm_tp[str(CAPABILITIES[gpu])]['problems']})"
+                )
         below = vllm_tp[str(CAPABILITIES["sm70"])]["kernels"]
         assert set(below.values()) == {"none"}, f"TP {tp}: vLLM loads on SM 7.0 what mergeq says it cannot: {below}"
     assert not mismatches, "\n".join(mismatches)
@@ -128,7 +177,12 @@ def test_prediction_matches_vllm_for_every_layer(vllm_choices, case):
 
 def test_the_cases_cover_every_kernel_and_a_refusal(vllm_choices):
     """The comparison above means something only if vLLM chose each kernel somewhere and refused somewhere."""
-    chosen = {k for case in vllm_choices["cases"].values() for per_tp in case["tp"].values()
-              for entry in per_tp.values() for k in entry["kernels"].values()}
+    chosen = {
+        k
+        for case in vllm_choices["cases"].values()
+        for per_tp in case["tp"].values()
+        for entry in per_tp.values()
+        for k in entry["kernels"].values()
+    }
     assert {"machete", "marlin", "exllama", "awq_gemm", "none"} <= chosen, chosen
     assert any(case["refused"] for case in vllm_choices["cases"].values())

@@ -66,8 +66,13 @@ def test_compressed_tensors_layout_matches_pack_quantized():
     assert "m.weight_zero_point" not in sym
 
 
-ROUND_TRIPS = [(fmt, sym, desc_act) for fmt in sorted(FORMATS) for sym in (True, False) for desc_act in (False, True)
-               if not (fmt in ("awq", "compressed-tensors") and desc_act)]  # test_refuses_desc_act
+ROUND_TRIPS = [
+    (fmt, sym, desc_act)
+    for fmt in sorted(FORMATS)
+    for sym in (True, False)
+    for desc_act in (False, True)
+    if not (fmt in ("awq", "compressed-tensors") and desc_act)
+]  # test_refuses_desc_act
 
 
 @pytest.mark.parametrize(("fmt", "sym", "desc_act"), ROUND_TRIPS)
@@ -81,8 +86,9 @@ def test_writer_reader_round_trip(fmt, sym, desc_act):
     q = gptq_quantize(w, h.value(), scheme, act_order="dynamic" if desc_act else "static")
     q.bias = torch.randn(32).half()
     tensors = layout.linear_tensors("l", q, scheme, desc_act)
-    back = layout.read_linear("l", tensors.__getitem__, layout.quantization_config(scheme, desc_act, 0.01),
-                              set(tensors))
+    back = layout.read_linear(
+        "l", tensors.__getitem__, layout.quantization_config(scheme, desc_act, 0.01), set(tensors)
+    )
     assert torch.equal(back.codes.long(), q.codes.long())
     assert torch.equal(back.zeros.long(), q.zeros.long())
     assert torch.equal(back.scales, q.scales)

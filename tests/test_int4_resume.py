@@ -32,9 +32,28 @@ def _env(**extra) -> dict:
 
 
 def _export_argv(method: str, model: Path, out: Path, calib: Path) -> list[str]:
-    return [sys.executable, "-m", "mergeq.cli", "export", method, "--model", str(model), "--out", str(out),
-            "--calib", str(calib), "--samples", "4", "--seq-len", "32", "--group-size", "32", "--no-eval",
-            "--device", "cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "mergeq.cli",
+        "export",
+        method,
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--calib",
+        str(calib),
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--group-size",
+        "32",
+        "--no-eval",
+        "--device",
+        "cpu",
+    ]
 
 
 def _files(out: Path) -> dict[str, str]:
@@ -60,8 +79,13 @@ def test_kill_9_mid_export_resumes_at_the_next_layer_with_identical_bytes(inputs
     work.mkdir()
     trace = work / "events.tsv"
     reference = work / "reference" / "out"
-    done = subprocess.run(_export_argv(method, model, reference, calib), env=_env(MERGEQ_FAULT=f"progress@{trace}"),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    done = subprocess.run(
+        _export_argv(method, model, reference, calib),
+        env=_env(MERGEQ_FAULT=f"progress@{trace}"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert _resume_dirs(reference.parent) == [], "a finished export leaves its layer checkpoints behind"
     events = [line.split("\t")[2] for line in trace.read_text().splitlines()]
@@ -69,8 +93,13 @@ def test_kill_9_mid_export_resumes_at_the_next_layer_with_identical_bytes(inputs
 
     out = work / "killed" / "out"
     marker = work / "held"
-    proc = subprocess.Popen(_export_argv(method, model, out, calib), env=_env(MERGEQ_FAULT=f"hold@:{at}:{marker}"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        _export_argv(method, model, out, calib),
+        env=_env(MERGEQ_FAULT=f"hold@:{at}:{marker}"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + TIMEOUT
         while not marker.exists():
@@ -87,8 +116,9 @@ def test_kill_9_mid_export_resumes_at_the_next_layer_with_identical_bytes(inputs
     [checkpoints] = _resume_dirs(out.parent)
     assert json.loads((checkpoints / "state.json").read_text())["done"] == 2
 
-    rerun = subprocess.run(_export_argv(method, model, out, calib), env=_env(), capture_output=True, text=True,
-                           timeout=TIMEOUT)
+    rerun = subprocess.run(
+        _export_argv(method, model, out, calib), env=_env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming after layer 1 of {LAYERS}" in " ".join(rerun.stderr.split()), rerun.stderr[-3000:]
     assert _files(out) == _files(reference)
@@ -98,12 +128,18 @@ def test_kill_9_mid_export_resumes_at_the_next_layer_with_identical_bytes(inputs
 
 def _layer(seed: int) -> LayerOutput:
     g = torch.Generator().manual_seed(seed)
-    q = QuantizedLinear(codes=torch.randint(0, 16, (8, 16), generator=g, dtype=torch.int32),
-                        scales=torch.rand(8, 1, generator=g).half(), zeros=torch.full((8, 1), 8, dtype=torch.int32),
-                        g_idx=torch.zeros(16, dtype=torch.int32), bias=None)
-    return LayerOutput(quantized={"self_attn.q_proj": q},
-                       tensors={"input_layernorm.weight": torch.rand(16, generator=g).half()},
-                       info={"alpha": {"attn_in": 0.35, "mlp_out": None}})
+    q = QuantizedLinear(
+        codes=torch.randint(0, 16, (8, 16), generator=g, dtype=torch.int32),
+        scales=torch.rand(8, 1, generator=g).half(),
+        zeros=torch.full((8, 1), 8, dtype=torch.int32),
+        g_idx=torch.zeros(16, dtype=torch.int32),
+        bias=None,
+    )
+    return LayerOutput(
+        quantized={"self_attn.q_proj": q},
+        tensors={"input_layernorm.weight": torch.rand(16, generator=g).half()},
+        info={"alpha": {"attn_in": 0.35, "mlp_out": None}},
+    )
 
 
 def test_checkpoints_round_trip_and_refuse_other_inputs(tmp_path):
@@ -121,8 +157,9 @@ def test_checkpoints_round_trip_and_refuse_other_inputs(tmp_path):
     expected = _layer(1)
     assert list(loaded.quantized) == list(expected.quantized) and loaded.info == expected.info
     for field in ("codes", "scales", "zeros", "g_idx"):
-        assert torch.equal(getattr(loaded.quantized["self_attn.q_proj"], field),
-                           getattr(expected.quantized["self_attn.q_proj"], field))
+        assert torch.equal(
+            getattr(loaded.quantized["self_attn.q_proj"], field), getattr(expected.quantized["self_attn.q_proj"], field)
+        )
     assert loaded.quantized["self_attn.q_proj"].bias is None
     assert torch.equal(loaded.tensors["input_layernorm.weight"], expected.tensors["input_layernorm.weight"])
     assert all(torch.equal(a, b + 1) for a, b in zip(again.hidden(1), hidden))

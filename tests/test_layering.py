@@ -87,10 +87,13 @@ def test_cross_edges_listed_are_real():
     assert stale == [], f"remove these edges from CROSS_EDGES, they are gone: {stale}"
 
 
-@pytest.mark.parametrize("bad_import, expected", [
-    ("from mergeq.pipeline import run_pipeline", "imports mergeq.pipeline (app)"),
-    ("import mergeq", "imports the app package root"),
-])
+@pytest.mark.parametrize(
+    "bad_import, expected",
+    [
+        ("from mergeq.pipeline import run_pipeline", "imports mergeq.pipeline (app)"),
+        ("import mergeq", "imports the app package root"),
+    ],
+)
 def test_the_check_catches_an_app_import(tmp_path, monkeypatch, bad_import, expected):
     fake = REPO / "merge" / "_layering_probe.py"
     fake.write_text(bad_import + "\n")

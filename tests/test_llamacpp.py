@@ -59,8 +59,9 @@ def make_fake_sdist(path: Path, version: str = "9.9.9") -> Path:
         f"{top}/PKG-INFO": "Name: llama_cpp_python\n",
         f"{top}/vendor/llama.cpp/convert_hf_to_gguf.py": "print('converter')\n",
         f"{top}/vendor/llama.cpp/gguf-py/gguf/__init__.py": "VERSION = 'fake'\n",
-        f"{top}/vendor/llama.cpp/conversion/__init__.py":
-            "TEXT_MODEL_MAP: dict[str, str] = {'FooForCausalLM': 'foo', 'BarVision': 'foo'}\n",
+        f"{top}/vendor/llama.cpp/conversion/__init__.py": (
+            "TEXT_MODEL_MAP: dict[str, str] = {'FooForCausalLM': 'foo', 'BarVision': 'foo'}\n"
+        ),
         f"{top}/vendor/llama.cpp/conversion/foo.py": FOO_MODULE,
         f"{top}/vendor/llama.cpp/tools/quantize/quantize.cpp": "int main() {}\n",
         f"{top}/llama_cpp/__init__.py": "outside the tree\n",
@@ -97,8 +98,13 @@ def test_pin_is_complete_and_static():
     assert pin.needs_imatrix <= set(pin.quant_types)
     assert set(pin.default_types) == set(pin.quant_types) - {"COPY"}
     info = version_info()
-    assert info == {"package": "llama-cpp-python", "version": "0.3.36", "sha256": pin.sha256,
-                    "llama_cpp_commit": pin.commit, "gguf_py_version": pin.gguf_py_version}
+    assert info == {
+        "package": "llama-cpp-python",
+        "version": "0.3.36",
+        "sha256": pin.sha256,
+        "llama_cpp_commit": pin.commit,
+        "gguf_py_version": pin.gguf_py_version,
+    }
 
 
 def test_quant_type_names_match_case_insensitively():
@@ -156,8 +162,17 @@ def test_concurrent_setups_share_one_extraction(fake_pin, tmp_path):
         "print(json.dumps(sorted(p.name for p in where.src.iterdir())))\n"
     )
     env = {**__import__("os").environ, "MERGEQ_CACHE": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(sdist), pin.filename, pin.sha256], cwd=REPO,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(sdist), pin.filename, pin.sha256],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     listings = {out for out, _ in outputs}
@@ -203,9 +218,14 @@ def test_setup_command_reports_missing_tools(fake_pin, tmp_path, monkeypatch):
 
 
 def test_run_tool_failure_names_the_tool_and_quotes_stderr():
-    command = ToolCommand("fake-tool", (
-        sys.executable, "-c",
-        "import sys\nfor i in range(40): print(f'err line {i}', file=sys.stderr)\nprint('out')\nsys.exit(3)"))
+    command = ToolCommand(
+        "fake-tool",
+        (
+            sys.executable,
+            "-c",
+            "import sys\nfor i in range(40): print(f'err line {i}', file=sys.stderr)\nprint('out')\nsys.exit(3)",
+        ),
+    )
     with pytest.raises(ToolError) as caught:
         run_tool(command, hint="do this")
     text = str(caught.value)
@@ -219,18 +239,27 @@ def test_run_tool_missing_executable_and_signal():
     with pytest.raises(ToolError, match="cannot run /nonexistent/llama-quantize: not found"):
         run_tool(ToolCommand("llama-quantize", ("/nonexistent/llama-quantize",)))
     with pytest.raises(ToolError, match=r"was killed by signal 9 \(SIGKILL\): SIGKILL comes from outside"):
-        run_tool(ToolCommand("victim", (
-            sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")))
+        run_tool(
+            ToolCommand("victim", (sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
+        )
 
 
 def test_run_tool_captures_output_and_env(monkeypatch):
     monkeypatch.setenv("MERGEQ_TEST_DROP", "1")
     seen = []
-    result = run_tool(ToolCommand("py", (
-        sys.executable, "-c",
-        "import os, time; x = bytearray(64 << 20); time.sleep(0.3); "
-        "print(os.environ.get('MERGEQ_TEST_SET'), os.environ.get('MERGEQ_TEST_DROP'))"),
-        env={"MERGEQ_TEST_SET": "yes", "MERGEQ_TEST_DROP": None}), on_line=seen.append)
+    result = run_tool(
+        ToolCommand(
+            "py",
+            (
+                sys.executable,
+                "-c",
+                "import os, time; x = bytearray(64 << 20); time.sleep(0.3); "
+                "print(os.environ.get('MERGEQ_TEST_SET'), os.environ.get('MERGEQ_TEST_DROP'))",
+            ),
+            env={"MERGEQ_TEST_SET": "yes", "MERGEQ_TEST_DROP": None},
+        ),
+        on_line=seen.append,
+    )
     assert result.stdout == "yes None\n" and seen == ["yes None"]
     # the child's own peak (its 64 MiB plus a bare interpreter), not the test process's inherited mark
     assert 64 << 20 <= result.peak_rss_bytes < 128 << 20, result.peak_rss_bytes
@@ -259,10 +288,13 @@ def test_supported_architectures_equal_the_converters_registered_classes():
     where = ensure_source()
     static = supported_architectures()
     assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= set(static)
-    script = ("import json, conversion\nfrom conversion import ModelBase, ModelType, load_all_models\n"
-              "load_all_models()\nprint(json.dumps(sorted(ModelBase._model_classes[ModelType.TEXT])))")
-    result = run_tool(ToolCommand(
-        "conversion import", (sys.executable, "-c", script), env=pinned_python_env(where), cwd=where.src))
+    script = (
+        "import json, conversion\nfrom conversion import ModelBase, ModelType, load_all_models\n"
+        "load_all_models()\nprint(json.dumps(sorted(ModelBase._model_classes[ModelType.TEXT])))"
+    )
+    result = run_tool(
+        ToolCommand("conversion import", (sys.executable, "-c", script), env=pinned_python_env(where), cwd=where.src)
+    )
     registered = json.loads(result.stdout.strip().splitlines()[-1])
     assert static == registered
     assert _scan_architectures(where.src / "conversion") == registered
@@ -273,14 +305,14 @@ def test_pinned_quant_tables_match_the_pinned_sources():
     where = ensure_source()
     pin = load_pin()
     quantize = (where.src / "tools" / "quantize" / "quantize.cpp").read_text()
-    options = quantize[quantize.index("QUANT_OPTIONS"):]
-    options = options[:options.index("};")]
+    options = quantize[quantize.index("QUANT_OPTIONS") :]
+    options = options[: options.index("};")]
     names = re.findall(r'\{\s*"([A-Z0-9_]+)",\s*LLAMA_FTYPE_(\w+)', options)
     assert tuple(n for n, _ in names) == pin.quant_types
     ftype_of = dict(names)
     quant = (where.src / "src" / "llama-quant.cpp").read_text()
-    body = quant[quant.index("ggml_type llama_ftype_get_default_type"):]
-    body = body[:body.index("default: return GGML_TYPE_COUNT")]
+    body = quant[quant.index("ggml_type llama_ftype_get_default_type") :]
+    body = body[: body.index("default: return GGML_TYPE_COUNT")]
     default = {}
     pending = []
     for case, ret in re.findall(r"case LLAMA_FTYPE_(\w+):\s*(?:return GGML_TYPE_(\w+);)?", body):
@@ -293,10 +325,17 @@ def test_pinned_quant_tables_match_the_pinned_sources():
         if name == "COPY":
             continue
         assert pin.default_types[name] == default[ftype], name
-    requires = quant[quant.index("static bool tensor_requires_imatrix"):]
-    requires = requires[:requires.index("default:")]
+    requires = quant[quant.index("static bool tensor_requires_imatrix") :]
+    requires = requires[: requires.index("default:")]
     assert set(re.findall(r"case GGML_TYPE_(\w+):", requires)) == {
-        "IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S", "Q2_K"}
+        "IQ3_XXS",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ2_S",
+        "IQ1_M",
+        "IQ1_S",
+        "Q2_K",
+    }
 
 
 def test_a_build_for_another_cpu_is_not_built(fake_pin):
@@ -307,8 +346,12 @@ def test_a_build_for_another_cpu_is_not_built(fake_pin):
     for name in pin.targets:
         (where.bin / name).write_text("#!/bin/sh\n")
         (where.bin / name).chmod(0o755)
-    stamp = {"pin": _stamp_content(pin), "cpu": cpu_fingerprint(),
-             "variant": {"name": "native"}, "smoke": {"passed": True}}
+    stamp = {
+        "pin": _stamp_content(pin),
+        "cpu": cpu_fingerprint(),
+        "variant": {"name": "native"},
+        "smoke": {"passed": True},
+    }
     where.stamp.write_text(json.dumps(stamp))
     assert is_built(pin)
     where.stamp.write_text(json.dumps({**stamp, "smoke": {"passed": False}}))
@@ -391,8 +434,11 @@ def test_a_passing_native_build_is_kept(standin_build):
     pin, sdist, builds, _ = standin_build
     where = ensure_built(pin, sdist=sdist)
     assert builds == ["native"]
-    assert read_stamp(where)["variant"] == {"name": "native", "cmake_args": ["-DGGML_NATIVE=ON"],
-                                                      "reason": "first choice"}
+    assert read_stamp(where)["variant"] == {
+        "name": "native",
+        "cmake_args": ["-DGGML_NATIVE=ON"],
+        "reason": "first choice",
+    }
     # asking for the other variant builds it
     ensure_built(pin, sdist=sdist, variant="portable")
     assert builds == ["native", "portable"] and built_variant(where) == "portable"
@@ -422,12 +468,22 @@ def test_a_tool_that_fails_without_a_signal_is_not_a_cpu_problem(standin_build):
 
 
 def test_portable_flags_follow_the_cpu_and_never_enable_amx():
-    amx_xeon = frozenset("sse4_2 avx avx2 bmi2 fma f16c avx512f avx512vl avx512dq avx512bw avx512vbmi avx512_vnni "
-                         "avx512_bf16 amx_tile amx_int8 amx_bf16".split())
+    amx_xeon = frozenset(
+        "sse4_2 avx avx2 bmi2 fma f16c avx512f avx512vl avx512dq avx512bw avx512vbmi avx512_vnni "
+        "avx512_bf16 amx_tile amx_int8 amx_bf16".split()
+    )
     args = variant_cmake_args("portable", amx_xeon, "x86_64")
     assert args[0] == "-DGGML_NATIVE=OFF"
-    assert {"-DGGML_AVX2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
-            "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_AVX_VNNI=OFF"} <= set(args)
+    assert {
+        "-DGGML_AVX2=ON",
+        "-DGGML_AVX512=ON",
+        "-DGGML_AVX512_VNNI=ON",
+        "-DGGML_AVX512_BF16=ON",
+        "-DGGML_AMX_TILE=OFF",
+        "-DGGML_AMX_INT8=OFF",
+        "-DGGML_AMX_BF16=OFF",
+        "-DGGML_AVX_VNNI=OFF",
+    } <= set(args)
     # AVX-512 foundation without VL/DQ/BW: ggml would add -mavx512vl etc., so it stays off, with its extensions
     partial = variant_cmake_args("portable", frozenset({"avx", "avx2", "avx512f", "avx512_vnni"}), "x86_64")
     assert "-DGGML_AVX512=OFF" in partial and "-DGGML_AVX512_VNNI=ON" in partial
@@ -440,9 +496,15 @@ def test_portable_flags_follow_the_cpu_and_never_enable_amx():
 
 
 def test_sigill_says_the_cpu_rejected_the_build_and_how_to_rebuild():
-    command = ToolCommand("llama-perplexity", (
-        sys.executable, "-c", "import os, signal, sys; print('computing', file=sys.stderr, flush=True); "
-                              "os.kill(os.getpid(), signal.SIGILL)"))
+    command = ToolCommand(
+        "llama-perplexity",
+        (
+            sys.executable,
+            "-c",
+            "import os, signal, sys; print('computing', file=sys.stderr, flush=True); "
+            "os.kill(os.getpid(), signal.SIGILL)",
+        ),
+    )
     with pytest.raises(ToolError) as caught:
         run_tool(command, hint="if model.gguf is damaged, export it again")
     text = str(caught.value)
@@ -453,8 +515,10 @@ def test_sigill_says_the_cpu_rejected_the_build_and_how_to_rebuild():
     assert caught.value.returncode == -4
     # an exit code keeps the caller's hint: the tool may have rejected its input
     with pytest.raises(ToolError, match=r"failed with exit code 2(.|\n)*hint: if model.gguf is damaged"):
-        run_tool(ToolCommand("llama-perplexity", (sys.executable, "-c", "raise SystemExit(2)")),
-                          hint="if model.gguf is damaged, export it again")
+        run_tool(
+            ToolCommand("llama-perplexity", (sys.executable, "-c", "raise SystemExit(2)")),
+            hint="if model.gguf is damaged, export it again",
+        )
 
 
 def test_a_tool_dies_with_a_killed_mergeq(tmp_path):
@@ -462,8 +526,10 @@ def test_a_tool_dies_with_a_killed_mergeq(tmp_path):
     signal): no orphan llama.cpp keeps running. The kill waits for the tool to have started."""
     marker = tmp_path / "tool.pid"
     tool = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
-    parent = ("import sys; from exporters.llamacpp.run import ToolCommand, run_tool\n"
-              f"run_tool(ToolCommand('sleeper', (sys.executable, '-c', {tool!r})))\n")
+    parent = (
+        "import sys; from exporters.llamacpp.run import ToolCommand, run_tool\n"
+        f"run_tool(ToolCommand('sleeper', (sys.executable, '-c', {tool!r})))\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO)
     try:
         deadline = __import__("time").monotonic() + 120

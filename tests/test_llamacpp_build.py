@@ -80,6 +80,7 @@ def test_converter_uses_the_pinned_gguf_py(where, tmp_path):
     assert command.argv[1] == str(where.converter)
     assert command.env["PYTHONPATH"].split(":")[0] == str(where.gguf_py)
     assert command.env["NO_LOCAL_GGUF"] is None
-    probe = run_tool(ToolCommand("probe", (command.argv[0], "-c", "import gguf; print(gguf.__file__)"),
-                                                   env=command.env))
+    probe = run_tool(
+        ToolCommand("probe", (command.argv[0], "-c", "import gguf; print(gguf.__file__)"), env=command.env)
+    )
     assert probe.stdout.strip().startswith(str(where.gguf_py))

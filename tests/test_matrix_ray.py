@@ -37,11 +37,11 @@ def env(**extra: str) -> dict[str, str]:
     return base
 
 
-def mergeq_run(config: Path, out: Path, *more: str, extra_env: dict[str, str] | None = None,
-               wait: bool = True):
+def mergeq_run(config: Path, out: Path, *more: str, extra_env: dict[str, str] | None = None, wait: bool = True):
     argv = [sys.executable, "-m", "mergeq.cli", "run", str(config), "--out", str(out), "--json", *more]
-    proc = subprocess.Popen(argv, env=env(**(extra_env or {})), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, env=env(**(extra_env or {})), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     return finish(proc) if wait else proc
 
 
@@ -55,9 +55,14 @@ def finish(proc: subprocess.Popen) -> tuple[int, dict | None, str]:
 
 def artifact_files(out: Path) -> dict[str, bytes]:
     """Every file of every artifact (not the reports, cards, summaries and state, which record times)."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and ".mergeq" not in p.relative_to(out).parts and p.name not in DOC_FILES
-            and not p.name.startswith("summary.")}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+        and ".mergeq" not in p.relative_to(out).parts
+        and p.name not in DOC_FILES
+        and not p.name.startswith("summary.")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,7 @@ def test_matrix_rows_share_defaults_and_exports(matrix):
 def test_single_model_config_stays_one_row_in_out(matrix, tmp_path):
     text = matrix.read_text()
     single = text.split("[[model]]")[0].replace("validate = false", 'validate = false\nadapters = ["adapter1"]')
-    single += text[text.index("[eval]"):]
+    single += text[text.index("[eval]") :]
     (tmp_path / "adapter1").symlink_to(matrix.parent / "adapter1")
     config = tmp_path / "one.toml"
     config.write_text(single)
@@ -97,12 +102,15 @@ def test_single_model_config_stays_one_row_in_out(matrix, tmp_path):
     assert parsed.single and parsed.out_dir(tmp_path / "o", "") == tmp_path / "o"
 
 
-@pytest.mark.parametrize("edit, expect", [
-    (lambda t: t.replace('name = "task2"', 'name = "task1"'), "used twice"),
-    (lambda t: t.replace('name = "task3"', 'name = "../up"'), "must be a directory name"),
-    (lambda t: t.replace("validate = false", 'validate = false\nadapters = ["x"]'), "only the defaults"),
-    (lambda t: t.replace('adapter2"', 'missing-adapter"'), "[[model]] #2 (task2)"),
-])
+@pytest.mark.parametrize(
+    "edit, expect",
+    [
+        (lambda t: t.replace('name = "task2"', 'name = "task1"'), "used twice"),
+        (lambda t: t.replace('name = "task3"', 'name = "../up"'), "must be a directory name"),
+        (lambda t: t.replace("validate = false", 'validate = false\nadapters = ["x"]'), "only the defaults"),
+        (lambda t: t.replace('adapter2"', 'missing-adapter"'), "[[model]] #2 (task2)"),
+    ],
+)
 def test_matrix_config_errors_name_the_row(matrix, tmp_path, edit, expect):
     config = tmp_path / "bad.toml"
     config.write_text(edit(matrix.read_text()))
@@ -156,8 +164,13 @@ def test_matrix_view_shows_state_elapsed_and_retries(matrix, tmp_path):
     view.failed("task3/merge")
     view.blocked("task3/gguf")
     states = view.states()
-    assert (states["task1/merge"], states["task2/merge"], states["task3/merge"], states["task3/gguf"],
-            states["task1/awq"]) == ("done", "skipped", "failed", "blocked", "waiting")
+    assert (
+        states["task1/merge"],
+        states["task2/merge"],
+        states["task3/merge"],
+        states["task3/gguf"],
+        states["task1/awq"],
+    ) == ("done", "skipped", "failed", "blocked", "waiting")
     table = view.table()
     assert [c.header for c in table.columns] == ["artifact", *STAGES] and table.row_count == 3
 
@@ -200,8 +213,11 @@ def test_ray_cluster_survives_a_lost_node_and_matches_the_local_run(matrix, loca
         doomed = cluster.add_worker(num_cpus=1, env={"MERGEQ_FAULT": f"hold@gguf:1:{marker}"})
         out = tmp_path / "ray-out"
         proc = mergeq_run(matrix, out, "--executor", "ray", "--address", cluster.address, wait=False)
-        cluster.wait_for(lambda: marker.exists() or proc.poll() is not None, "a GGUF stage to reach its first unit "
-                         "of work on the doomed node", limit_s=RUN_TIMEOUT)
+        cluster.wait_for(
+            lambda: marker.exists() or proc.poll() is not None,
+            "a GGUF stage to reach its first unit of work on the doomed node",
+            limit_s=RUN_TIMEOUT,
+        )
         assert marker.exists(), finish(proc)[2]
         assert marker.read_text().startswith("gguf\t1\t")
         cluster.lose(doomed)  # the held stage's worker, its raylet and agents: kill -9, all at once

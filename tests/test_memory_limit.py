@@ -93,5 +93,7 @@ def test_run_with_default_stages_fits_in_half_the_model(model):
     for report_path in (out / "gguf" / "Q8_0" / "report.json", out / "awq" / "report.json"):
         report = json.loads(report_path.read_text())
         assert report["eval_tokens"] > 500 and 0 <= report["kl_divergence"] < 1, (report_path, report)
-        print(f"{report_path.relative_to(out)}: KL {report['kl_divergence']:.3g}, stage peaks (MiB) "
-              f"{ {k: v // MiB for k, v in report['peak_rss_bytes'].items()} }")
+        print(
+            f"{report_path.relative_to(out)}: KL {report['kl_divergence']:.3g}, stage peaks (MiB) "
+            f"{ {k: v // MiB for k, v in report['peak_rss_bytes'].items()} }"
+        )

@@ -20,8 +20,10 @@ def raw_file(path, header: dict, data: bytes = b"", length: int | None = None):
     return path
 
 
-GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-        "b": {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]}}
+GOOD = {
+    "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+    "b": {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]},
+}
 
 
 def test_valid_file_reads_lazily(tmp_path):
@@ -36,18 +38,34 @@ def test_valid_file_reads_lazily(tmp_path):
     st.close()
 
 
-@pytest.mark.parametrize("case, header, data, length, message", [
-    ("tiny", None, b"", None, "fewer than the 8-byte header"),
-    ("header past end", GOOD, b"\0" * 24, 10_000, "runs past the end"),
-    ("huge header", GOOD, b"\0" * 24, 200 * 1024 * 1024, "exceeds the 100 MB limit"),
-    ("truncated data", GOOD, b"\0" * 20, None, "truncated"),
-    ("overlap", {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
-                 "b": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]}}, b"\0" * 24, None, "overlap"),
-    ("size mismatch", {"a": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 16]}}, b"\0" * 16, None,
-     "needs 24 bytes"),
-    ("backwards", {"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, b"\0" * 16, None, "go backwards"),
-    ("bad dtype", {"a": {"dtype": "F12", "shape": [1], "data_offsets": [0, 2]}}, b"\0" * 2, None, "unknown dtype"),
-])
+@pytest.mark.parametrize(
+    "case, header, data, length, message",
+    [
+        ("tiny", None, b"", None, "fewer than the 8-byte header"),
+        ("header past end", GOOD, b"\0" * 24, 10_000, "runs past the end"),
+        ("huge header", GOOD, b"\0" * 24, 200 * 1024 * 1024, "exceeds the 100 MB limit"),
+        ("truncated data", GOOD, b"\0" * 20, None, "truncated"),
+        (
+            "overlap",
+            {
+                "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+                "b": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]},
+            },
+            b"\0" * 24,
+            None,
+            "overlap",
+        ),
+        (
+            "size mismatch",
+            {"a": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 16]}},
+            b"\0" * 16,
+            None,
+            "needs 24 bytes",
+        ),
+        ("backwards", {"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, b"\0" * 16, None, "go backwards"),
+        ("bad dtype", {"a": {"dtype": "F12", "shape": [1], "data_offsets": [0, 2]}}, b"\0" * 2, None, "unknown dtype"),
+    ],
+)
 def test_corrupt_headers_are_refused(tmp_path, case, header, data, length, message):
     path = tmp_path / "bad.safetensors"
     if header is None:
@@ -101,6 +119,7 @@ def test_sharded_checkpoint_round_trip(tmp_path):
         assert torch.equal(ckpt.get(name), t)
     # our shards are valid for the reference implementation too
     from safetensors.torch import load_file
+
     assert torch.equal(load_file(tmp_path / index["weight_map"]["t4"])["t4"], tensors["t4"])
 
 

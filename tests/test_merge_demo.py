@@ -21,8 +21,16 @@ def assets():
 
 def test_demo_qlora_merge_chooses_the_faithful_target(tmp_path, assets):
     out = tmp_path / "merged"
-    result = run_merge(MergeConfig(base=assets.base, qlora_base=assets.base_nf4, adapters=[AdapterRef(assets.adapter)],
-                                   out=out, dtype="float16", eval_text=assets.eval_text))
+    result = run_merge(
+        MergeConfig(
+            base=assets.base,
+            qlora_base=assets.base_nf4,
+            adapters=[AdapterRef(assets.adapter)],
+            out=out,
+            dtype="float16",
+            eval_text=assets.eval_text,
+        )
+    )
     manifest = json.loads((out / "merge_manifest.json").read_text())
     fidelity = manifest["qlora_fidelity"]
     kl = {k: v["mean_kl"] for k, v in fidelity["candidates"].items()}
@@ -48,13 +56,25 @@ def test_demo_merged_model_loads_and_chats(tmp_path, assets):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    code = main(["-q", "merge", "--base", str(assets.base_nf4), "--adapter", str(assets.adapter), "--out", str(out),
-                 "--no-validate"])
+    code = main(
+        [
+            "-q",
+            "merge",
+            "--base",
+            str(assets.base_nf4),
+            "--adapter",
+            str(assets.adapter),
+            "--out",
+            str(out),
+            "--no-validate",
+        ]
+    )
     assert code == 0
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does os.path.join do?"}],
-                                           tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What does os.path.join do?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         generated = model.generate(**ids, max_new_tokens=8, do_sample=False)

@@ -40,16 +40,21 @@ def refuse(tmp_path, *fragments, base=None, adapters=(), out=None, **kw):
 def test_adapter_from_another_base_lists_mismatches(tmp_path, builders, llama):
     other = builders.llama(tmp_path / "other", hidden=48, intermediate=96)
     adapter = builders.adapter(other, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-    message = refuse(tmp_path, "shape mismatch",
-                     "model.layers.0.self_attn.q_proj: base [32, 32], adapter expects [48, 48]",
-                     base=llama, adapters=[adapter])
+    message = refuse(
+        tmp_path,
+        "shape mismatch",
+        "model.layers.0.self_attn.q_proj: base [32, 32], adapter expects [48, 48]",
+        base=llama,
+        adapters=[adapter],
+    )
     assert "trained on another base" in message
 
 
 def test_target_module_matching_nothing(tmp_path, builders, llama):
     gpt2 = builders.gpt2(tmp_path / "gpt2")
-    adapter = builders.adapter(gpt2, tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True,
-                               target_modules=["c_attn"])
+    adapter = builders.adapter(
+        gpt2, tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn"]
+    )
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "some-org/some-model"  # a hub id: no config to compare architectures
     (adapter / "adapter_config.json").write_text(json.dumps(config))
@@ -58,8 +63,9 @@ def test_target_module_matching_nothing(tmp_path, builders, llama):
 
 def test_adapter_recorded_for_another_architecture(tmp_path, builders, llama):
     gpt2 = builders.gpt2(tmp_path / "gpt2")
-    adapter = builders.adapter(gpt2, tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True,
-                               target_modules=["c_attn"])
+    adapter = builders.adapter(
+        gpt2, tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn"]
+    )
     refuse(tmp_path, "GPT2LMHeadModel", "LlamaForCausalLM", "the models do not", base=llama, adapters=[adapter])
 
 
@@ -99,7 +105,8 @@ def test_shard_path_escaping_its_folder(tmp_path, llama, lora):
     (llama / "model.safetensors").rename(tmp_path / "stolen.safetensors")
     names = load_file(tmp_path / "stolen.safetensors")
     (llama / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {n: "../stolen.safetensors" for n in names}}))
+        json.dumps({"weight_map": {n: "../stolen.safetensors" for n in names}})
+    )
     refuse(tmp_path, "escapes the checkpoint folder", "../stolen.safetensors", base=llama, adapters=[lora])
 
 
@@ -135,10 +142,12 @@ def test_other_peft_types_are_not_supported(tmp_path, llama, kind):
     from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    config = {"IA3": IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
-              "LOHA": LoHaConfig(r=4, target_modules=["q_proj"]),
-              "LOKR": LoKrConfig(r=4, target_modules=["q_proj"]),
-              "ADALORA": AdaLoraConfig(r=4, target_modules=["q_proj"], total_step=10)}[kind]
+    config = {
+        "IA3": IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "LOHA": LoHaConfig(r=4, target_modules=["q_proj"]),
+        "LOKR": LoKrConfig(r=4, target_modules=["q_proj"]),
+        "ADALORA": AdaLoraConfig(r=4, target_modules=["q_proj"], total_step=10),
+    }[kind]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama), config)
@@ -163,8 +172,13 @@ def test_fp16_overflow_suggests_bfloat16(tmp_path, builders, target):
     refuse(tmp_path, "model.layers.1.mlp.up_proj.weight", "65504", "--dtype bfloat16", base=base, adapters=[adapter])
     out = tmp_path / "bf16"
     run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=out, dtype="bfloat16", validate=False))
-    assert abs(float(load_file(out / "model-00001-of-00001.safetensors")["model.layers.1.mlp.up_proj.weight"][0, 0])
-               - 70000) < 500
+    assert (
+        abs(
+            float(load_file(out / "model-00001-of-00001.safetensors")["model.layers.1.mlp.up_proj.weight"][0, 0])
+            - 70000
+        )
+        < 500
+    )
 
 
 def test_nan_in_base_is_caught(tmp_path, builders):
@@ -178,13 +192,27 @@ def test_nan_in_base_is_caught(tmp_path, builders):
 
 def test_cli_reports_errors_without_traceback(tmp_path, llama, lora, capsys):
     out = tmp_path / "x" / "out"
-    code = main(["merge", "--base", str(llama), "--adapter", f"{lora}@0.5", "--out", str(llama / "sub"),
-                 "--no-validate"])
+    code = main(
+        ["merge", "--base", str(llama), "--adapter", f"{lora}@0.5", "--out", str(llama / "sub"), "--no-validate"]
+    )
     assert code == 2
     printed = " ".join(capsys.readouterr().err.split())
     assert "is inside the input" in printed and "Traceback" not in printed
-    code = main(["-q", "merge", "--base", str(llama), "--adapter", f"{lora}@0.5", "--out", str(out),
-                 "--no-validate", "--dtype", "bfloat16"])
+    code = main(
+        [
+            "-q",
+            "merge",
+            "--base",
+            str(llama),
+            "--adapter",
+            f"{lora}@0.5",
+            "--out",
+            str(out),
+            "--no-validate",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert code == 0
     manifest = json.loads((out / "merge_manifest.json").read_text())
     assert manifest["dtype"] == "bfloat16" and manifest["inputs"]["adapters"][0]["weight"] == 0.5

@@ -62,9 +62,13 @@ def assert_close(expected: dict, got: dict, tied_pairs=()):
 LLAMA_VARIANTS = {
     "lora": dict(r=4, lora_alpha=12, target_modules=LLAMA_LINEAR),
     "rslora": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=LLAMA_LINEAR),
-    "patterns": dict(r=4, lora_alpha=12, target_modules=LLAMA_LINEAR,
-                     rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
-                     alpha_pattern={"v_proj": 3, "o_proj": 20}),
+    "patterns": dict(
+        r=4,
+        lora_alpha=12,
+        target_modules=LLAMA_LINEAR,
+        rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+        alpha_pattern={"v_proj": 3, "o_proj": 20},
+    ),
     "dora": dict(r=4, lora_alpha=12, use_dora=True, target_modules=LLAMA_LINEAR),
     "modules_to_save": dict(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
     "lora_embedding": dict(r=4, lora_alpha=12, target_modules=["embed_tokens", "lm_head", "q_proj"]),
@@ -80,8 +84,11 @@ def test_llama_variant_matches_peft(tmp_path, builders, variant):
     expected = peft_merged(base, adapter)
     got = ours(base, [(adapter, 1.0)], tmp_path / "out")
     assert_close(expected, got)
-    changed = [n for n in expected if n in got and not torch.equal(
-        load_file(base / "model.safetensors").get(n, got[n]), got[n])]
+    changed = [
+        n
+        for n in expected
+        if n in got and not torch.equal(load_file(base / "model.safetensors").get(n, got[n]), got[n])
+    ]
     assert changed, "the merge changed nothing: the test would not catch a no-op"
 
 
@@ -103,11 +110,18 @@ def test_llama_resized_vocabulary(tmp_path, builders, modules):
 
 GPT2_VARIANTS = {
     "fan_in_fan_out": dict(r=4, lora_alpha=16, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]),
-    "dora_fan_in_fan_out": dict(r=4, lora_alpha=16, fan_in_fan_out=True, use_dora=True,
-                                target_modules=["c_attn", "c_fc"]),
+    "dora_fan_in_fan_out": dict(
+        r=4, lora_alpha=16, fan_in_fan_out=True, use_dora=True, target_modules=["c_attn", "c_fc"]
+    ),
     "lora_bias": dict(r=4, lora_alpha=16, fan_in_fan_out=True, lora_bias=True, target_modules=["c_attn", "c_proj"]),
-    "rslora_patterns": dict(r=4, lora_alpha=16, fan_in_fan_out=True, use_rslora=True, target_modules=["c_attn", "c_fc"],
-                            rank_pattern={"h.0.attn.c_attn": 8}),
+    "rslora_patterns": dict(
+        r=4,
+        lora_alpha=16,
+        fan_in_fan_out=True,
+        use_rslora=True,
+        target_modules=["c_attn", "c_fc"],
+        rank_pattern={"h.0.attn.c_attn": 8},
+    ),
 }
 
 
@@ -124,8 +138,9 @@ def test_gpt2_conv1d_matches_peft(tmp_path, builders, variant):
 def test_several_adapters_are_summed_with_weights(tmp_path, builders):
     base = builders.llama(tmp_path / "base")
     a = builders.adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=12, target_modules=LLAMA_LINEAR)
-    b = builders.adapter(base, tmp_path / "b", seed=2, r=2, lora_alpha=5, use_rslora=True,
-                         target_modules=["q_proj", "down_proj"])
+    b = builders.adapter(
+        base, tmp_path / "b", seed=2, r=2, lora_alpha=5, use_rslora=True, target_modules=["q_proj", "down_proj"]
+    )
     c = builders.adapter(base, tmp_path / "c", seed=3, r=4, lora_alpha=12, use_dora=True, target_modules=["v_proj"])
     weights = {a: 0.7, b: -0.3, c: 0.5}
     base_sd = load_file(base / "model.safetensors")
@@ -161,8 +176,9 @@ def test_tied_embeddings_kept_or_split(tmp_path, builders):
         # the merged model computes what the trained (unmerged) PEFT model computes
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                                  adapter)
+            reference = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+            )
         merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         with torch.no_grad():
             diff = float((reference(ids).logits - merged(ids).logits).abs().max())

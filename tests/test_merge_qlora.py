@@ -18,8 +18,12 @@ from mergeq.core.errors import MergeqError
 def quantize_checkpoint(src, dst, quant_type="nf4", double_quant=True):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")
@@ -45,8 +49,7 @@ def bnb_generic_dequantize(packed, state):
     if state.nested:
         absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
     code = state.code.to(torch.float32)
-    return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), code, state.blocksize, state.shape,
-                                    state.dtype)
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), code, state.blocksize, state.shape, state.dtype)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -64,7 +67,7 @@ def test_dequantize_matches_bitsandbytes(tmp_path, builders, quant_type, double_
     original = load_file(base / "model.safetensors")
     for weight, state_key in found.items():
         ours = dequantize(ckpt, weight, state_key)
-        parts = {k[len(weight) + 1:]: v for k, v in raw.items() if k.startswith(weight + ".")}
+        parts = {k[len(weight) + 1 :]: v for k, v in raw.items() if k.startswith(weight + ".")}
         state = QuantState.from_dict(parts, device="cpu")
         aligned = state.shape[-1] % state.blocksize == 0
         theirs = dequantize_4bit(raw[weight], state) if aligned else bnb_generic_dequantize(raw[weight], state)
@@ -79,9 +82,13 @@ def test_dequantize_matches_bitsandbytes(tmp_path, builders, quant_type, double_
 def qlora_setup(tmp_path, builders):
     base = builders.llama(tmp_path / "base", hidden=64, intermediate=128)
     q = quantize_checkpoint(base, tmp_path / "base-nf4")
-    adapter = builders.adapter(base, tmp_path / "adapter", r=8, lora_alpha=16,
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj"])
+    adapter = builders.adapter(
+        base,
+        tmp_path / "adapter",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     return base, q, adapter
 
 
@@ -114,9 +121,13 @@ def qlora_setup_with_text(tmp_path, builders):
     base = builders.llama(tmp_path / "base", hidden=64, intermediate=128, vocab=256)
     byte_tokenizer(base)
     q = quantize_checkpoint(base, tmp_path / "base-nf4")
-    adapter = builders.adapter(base, tmp_path / "adapter", r=8, lora_alpha=16,
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj"])
+    adapter = builders.adapter(
+        base,
+        tmp_path / "adapter",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     return base, q, adapter, calibration_text(tmp_path / "eval.txt", chars=3000)
 
 
@@ -128,8 +139,7 @@ def test_both_bases_choose_by_measurement_and_write_once(tmp_path, qlora_setup_w
     real = merger.stream_merge
     monkeypatch.setattr(merger, "stream_merge", lambda source, *a: written.append(source.label) or real(source, *a))
     out = tmp_path / "out"
-    result = run_merge(MergeConfig(base=base, qlora_base=q, adapters=[AdapterRef(adapter)], out=out,
-                                   eval_text=text))
+    result = run_merge(MergeConfig(base=base, qlora_base=q, adapters=[AdapterRef(adapter)], out=out, eval_text=text))
     assert written == ["qlora-base"]  # one checkpoint written: the chosen one
     fidelity = result.manifest["qlora_fidelity"]
     kl = {k: v["mean_kl"] for k, v in fidelity["candidates"].items()}
@@ -140,13 +150,19 @@ def test_both_bases_choose_by_measurement_and_write_once(tmp_path, qlora_setup_w
     assert "trained model" in fidelity["reference"]
     assert result.manifest["merge_target"] == "qlora-base"
     assert result.manifest["validation"]["mean_kl"] < 1e-3
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "merge_manifest.json",
-                                                     "model-00001-of-00001.safetensors",
-                                                     "model.safetensors.index.json", "tokenizer.json",
-                                                     "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "merge_manifest.json",
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     # the same bytes as merging into the 4-bit base alone
-    alone = run_merge(MergeConfig(base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "alone",
-                                  validate=False))
+    alone = run_merge(
+        MergeConfig(base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "alone", validate=False)
+    )
     ta, tb = merged_tensors(out), merged_tensors(alone.out)
     assert all(torch.equal(ta[n], tb[n]) for n in ta)
 
@@ -161,10 +177,21 @@ def test_both_bases_without_a_text_is_an_error(tmp_path, qlora_setup):
 
 def test_requantized_fp_base_equals_the_4bit_checkpoint(tmp_path, qlora_setup):
     base, q, adapter = qlora_setup
-    a = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "a", dtype="float32",
-                              validate=False, requantize=QuantSettings("nf4", 64, True)))
-    b = run_merge(MergeConfig(base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "b",
-                              dtype="float32", validate=False))
+    a = run_merge(
+        MergeConfig(
+            base=base,
+            adapters=[AdapterRef(adapter)],
+            out=tmp_path / "a",
+            dtype="float32",
+            validate=False,
+            requantize=QuantSettings("nf4", 64, True),
+        )
+    )
+    b = run_merge(
+        MergeConfig(
+            base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "b", dtype="float32", validate=False
+        )
+    )
     ta, tb = merged_tensors(a.out), merged_tensors(b.out)
     assert ta.keys() == tb.keys()
     for name in ta:
@@ -188,15 +215,21 @@ def _set_state(tensors, **changes):
     tensors[STATE] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
 
 
-@pytest.mark.parametrize("case, edit, message", [
-    ("missing absmax", lambda t: t.pop("model.layers.0.mlp.up_proj.weight.absmax"),
-     "missing tensor model.layers.0.mlp.up_proj.weight.absmax"),
-    ("wrong blocksize", lambda t: _set_state(t, blocksize=128), "wrong blocksize"),
-    ("bad blocksize", lambda t: _set_state(t, blocksize=100), "blocksize 100"),
-    ("missing nested", lambda t: t.pop("model.layers.0.mlp.up_proj.weight.nested_absmax"), "nested_absmax"),
-    ("bad shape", lambda t: _set_state(t, shape=[128, 65]), "packed bytes cannot hold"),
-    ("garbage state", lambda t: t.__setitem__(STATE, torch.tensor([1, 2, 255], dtype=torch.uint8)), "not JSON"),
-])
+@pytest.mark.parametrize(
+    "case, edit, message",
+    [
+        (
+            "missing absmax",
+            lambda t: t.pop("model.layers.0.mlp.up_proj.weight.absmax"),
+            "missing tensor model.layers.0.mlp.up_proj.weight.absmax",
+        ),
+        ("wrong blocksize", lambda t: _set_state(t, blocksize=128), "wrong blocksize"),
+        ("bad blocksize", lambda t: _set_state(t, blocksize=100), "blocksize 100"),
+        ("missing nested", lambda t: t.pop("model.layers.0.mlp.up_proj.weight.nested_absmax"), "nested_absmax"),
+        ("bad shape", lambda t: _set_state(t, shape=[128, 65]), "packed bytes cannot hold"),
+        ("garbage state", lambda t: t.__setitem__(STATE, torch.tensor([1, 2, 255], dtype=torch.uint8)), "not JSON"),
+    ],
+)
 def test_corrupt_quant_state(tmp_path, qlora_setup, case, edit, message):
     base, q, adapter = qlora_setup
     _corrupt(q, edit)
@@ -210,8 +243,15 @@ def test_corrupt_quant_state(tmp_path, qlora_setup, case, edit, message):
 
 def test_requantized_target_is_validated_against_the_4bit_model(tmp_path, qlora_setup):
     base, _, adapter = qlora_setup
-    result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "out", dtype="float32",
-                                   requantize=QuantSettings("nf4", 64, True)))
+    result = run_merge(
+        MergeConfig(
+            base=base,
+            adapters=[AdapterRef(adapter)],
+            out=tmp_path / "out",
+            dtype="float32",
+            requantize=QuantSettings("nf4", 64, True),
+        )
+    )
     validation = result.manifest["validation"]
     assert "4-bit" in validation["reference"]
     assert validation["mean_kl"] < 1e-6, validation
@@ -219,6 +259,7 @@ def test_requantized_target_is_validated_against_the_4bit_model(tmp_path, qlora_
 
 
 # ------------------------------------------------------------------ our own 4-bit quantization vs bitsandbytes'
+
 
 def _bnb_device_independent_nested(absmax):
     """bitsandbytes' own device-independent blockwise 8-bit quantization (the torch path it ships as the default
@@ -305,21 +346,42 @@ def test_detected_qlora_adapter_rebuilds_the_trained_base(tmp_path, qlora_setup)
     NF4 weights (the same bytes as merging into the 4-bit checkpoint), and the manifest says why."""
     base, q, adapter = qlora_setup
     _record_base(adapter, "unsloth/tiny-llama-bnb-4bit")
-    (adapter / "config.json").write_text(json.dumps({"quantization_config": {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": True}}))
-    auto = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "auto", dtype="float32",
-                                 validate=False))
+    (adapter / "config.json").write_text(
+        json.dumps(
+            {
+                "quantization_config": {
+                    "quant_method": "bitsandbytes",
+                    "load_in_4bit": True,
+                    "bnb_4bit_quant_type": "nf4",
+                    "bnb_4bit_use_double_quant": True,
+                }
+            }
+        )
+    )
+    auto = run_merge(
+        MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "auto", dtype="float32", validate=False)
+    )
     qlora = auto.manifest["qlora"]
     assert qlora["trained_on_4bit"] and qlora["target"] == "fp16 base requantized to nf4 (double quant)"
     assert {e["source"] for e in qlora["evidence"]} == {"base_model_name_or_path", "config.json"}
     assert qlora["settings"] is not None and auto.manifest["inputs"]["sources"]["base"]["requantized"]["tensors"] == 14
-    into_q = run_merge(MergeConfig(base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "q",
-                                   dtype="float32", validate=False))
+    into_q = run_merge(
+        MergeConfig(
+            base=None, qlora_base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "q", dtype="float32", validate=False
+        )
+    )
     ta, tq = merged_tensors(auto.out), merged_tensors(into_q.out)
     assert all(torch.equal(ta[name], tq[name]) for name in ta)
-    off = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "off", dtype="float32",
-                                validate=False, qlora="off"))
+    off = run_merge(
+        MergeConfig(
+            base=base,
+            adapters=[AdapterRef(adapter)],
+            out=tmp_path / "off",
+            dtype="float32",
+            validate=False,
+            qlora="off",
+        )
+    )
     assert off.manifest["qlora"]["settings"] is None
     assert any("--qlora off" in w for w in off.warnings)
     assert "requantized" not in off.manifest["inputs"]["sources"]["base"]
@@ -327,8 +389,9 @@ def test_detected_qlora_adapter_rebuilds_the_trained_base(tmp_path, qlora_setup)
 
 def test_plain_adapter_is_merged_into_the_fp16_base(tmp_path, qlora_setup):
     base, _, adapter = qlora_setup
-    result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "out", dtype="float32",
-                                   validate=False))
+    result = run_merge(
+        MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "out", dtype="float32", validate=False)
+    )
     assert result.manifest["qlora"]["target"] == "fp16 base" and result.manifest["qlora"]["evidence"] == []
     assert "requantized" not in result.manifest["inputs"]["sources"]["base"]
 
@@ -348,9 +411,11 @@ def test_cli_both_bases_need_a_text_and_print_the_choice(tmp_path, qlora_setup_w
 
 def test_a_4bit_base_given_is_the_evidence(tmp_path, qlora_setup):
     _, q, adapter = qlora_setup
-    result = run_merge(MergeConfig(base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "out", validate=False,
-                                   qlora="fp4"))
+    result = run_merge(
+        MergeConfig(base=q, adapters=[AdapterRef(adapter)], out=tmp_path / "out", validate=False, qlora="fp4")
+    )
     qlora = result.manifest["qlora"]
     assert qlora["target"] == "4-bit base given" and qlora["settings"] is None  # nothing to rebuild
-    assert qlora["evidence"] == [{"source": "user", "where": "--base", "detail": f"4-bit base given with --base: {q}",
-                                  "four_bit": True}]
+    assert qlora["evidence"] == [
+        {"source": "user", "where": "--base", "detail": f"4-bit base given with --base: {q}", "four_bit": True}
+    ]

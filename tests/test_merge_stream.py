@@ -19,8 +19,15 @@ def _all_bytes(folder):
 
 def test_outputs_are_byte_identical(tmp_path, builders):
     base = builders.llama(tmp_path / "base", dtype=torch.float16)
-    adapter = builders.adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, use_dora=True,
-                               target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["lm_head"])
+    adapter = builders.adapter(
+        base,
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=8,
+        use_dora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        modules_to_save=["lm_head"],
+    )
     outs = []
     for name in ("one", "two"):
         run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / name))
@@ -40,8 +47,11 @@ def test_outputs_are_byte_identical(tmp_path, builders):
 def test_shards_and_index(tmp_path, builders):
     base = builders.llama(tmp_path / "base")
     adapter = builders.adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
-    result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "out", validate=False,
-                                   max_shard_bytes=20_000))
+    result = run_merge(
+        MergeConfig(
+            base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "out", validate=False, max_shard_bytes=20_000
+        )
+    )
     assert len(result.shards) >= 3
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(result.shards)
@@ -58,8 +68,11 @@ def test_shards_and_index(tmp_path, builders):
     for name, tensor in original.items():
         writer.write(name, tensor)
     writer.finish()
-    again = run_merge(MergeConfig(base=sharded, adapters=[AdapterRef(adapter)], out=tmp_path / "again",
-                                  validate=False, max_shard_bytes=20_000))
+    again = run_merge(
+        MergeConfig(
+            base=sharded, adapters=[AdapterRef(adapter)], out=tmp_path / "again", validate=False, max_shard_bytes=20_000
+        )
+    )
     for shard in result.shards:
         assert (tmp_path / "out" / shard).read_bytes() == (tmp_path / "again" / shard).read_bytes()
     assert again.manifest["inputs"]["sources"]["base"]["format"] == "safetensors"
@@ -74,8 +87,11 @@ def test_validation_numbers_are_recorded(tmp_path, builders, weight):
     assert validation["positions"] > 0 and validation["ok"] is True
     assert 0 <= validation["mean_kl"] < 1e-4 and validation["max_abs_logit_delta"] < 0.05
     # a threshold the fp16 cast cannot meet is reported as a warning
-    strict = run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter, weight)], out=tmp_path / "strict",
-                                   kl_warn=0.0, logit_warn=0.0))
+    strict = run_merge(
+        MergeConfig(
+            base=base, adapters=[AdapterRef(adapter, weight)], out=tmp_path / "strict", kl_warn=0.0, logit_warn=0.0
+        )
+    )
     assert strict.manifest["validation"]["ok"] is False
     assert any("differs from the unmerged reference" in w for w in strict.warnings)
 

@@ -9,10 +9,12 @@ from merge.validate import Reference, compare_candidates
 def test_weighted_adapters_validate_against_peft(tmp_path, builders):
     base = builders.llama(tmp_path / "base")
     a = builders.adapter(base, tmp_path / "a", seed=1, r=4, lora_alpha=12, target_modules=["q_proj", "up_proj"])
-    b = builders.adapter(base, tmp_path / "b", seed=2, r=8, lora_alpha=4, use_dora=True,
-                         target_modules=["v_proj", "down_proj"])
-    result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(a, 0.7), AdapterRef(b, 1.0)], out=tmp_path / "o",
-                                   dtype="float32"))
+    b = builders.adapter(
+        base, tmp_path / "b", seed=2, r=8, lora_alpha=4, use_dora=True, target_modules=["v_proj", "down_proj"]
+    )
+    result = run_merge(
+        MergeConfig(base=base, adapters=[AdapterRef(a, 0.7), AdapterRef(b, 1.0)], out=tmp_path / "o", dtype="float32")
+    )
     validation = result.manifest["validation"]
     assert validation["ok"] and validation["mean_kl"] < 1e-9 and validation["max_abs_logit_delta"] < 1e-4, validation
     # the reference honours the weights: the same merge checked against weights (1, 1) is flagged
@@ -38,7 +40,8 @@ def test_adapters_recording_different_bases_warn(tmp_path, builders):
     config = json.loads((b / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "some-org/another-model"
     (b / "adapter_config.json").write_text(json.dumps(config))
-    result = run_merge(MergeConfig(base=base, adapters=[AdapterRef(a, 0.5), AdapterRef(b, 0.5)], out=tmp_path / "o",
-                                   validate=False))
+    result = run_merge(
+        MergeConfig(base=base, adapters=[AdapterRef(a, 0.5), AdapterRef(b, 0.5)], out=tmp_path / "o", validate=False)
+    )
     assert any("record different bases" in w and "some-org/another-model" in w for w in result.warnings)
     assert result.manifest["warnings"] == result.warnings

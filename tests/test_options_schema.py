@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from exporters.eval_options import EvalOptions
 from exporters.gguf import GGUFOptions
@@ -97,20 +97,62 @@ def test_int4_targets_are_one_exporter_with_their_own_options():
 def test_cli_and_config_read_the_same_options(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("text")
-    argv = ["--group-size", "64", "--asym", "--desc-act", "--act-order", "none", "--calib", str(calib),
-            "--samples", "8", "--format", "compressed-tensors", "--damp-percent", "0.05"]
+    argv = [
+        "--group-size",
+        "64",
+        "--asym",
+        "--desc-act",
+        "--act-order",
+        "none",
+        "--calib",
+        str(calib),
+        "--samples",
+        "8",
+        "--format",
+        "compressed-tensors",
+        "--damp-percent",
+        "0.05",
+    ]
     from_cli = from_namespace(GptqOptions, _parser(GptqOptions).parse_args(argv))
-    from_toml, problems = _table(GptqOptions, {"group_size": 64, "sym": False, "desc_act": True, "act_order": "none",
-                                               "calib": str(calib), "samples": 8, "format": "compressed-tensors",
-                                               "damp_percent": 0.05})
+    from_toml, problems = _table(
+        GptqOptions,
+        {
+            "group_size": 64,
+            "sym": False,
+            "desc_act": True,
+            "act_order": "none",
+            "calib": str(calib),
+            "samples": 8,
+            "format": "compressed-tensors",
+            "damp_percent": 0.05,
+        },
+    )
     assert not problems and from_cli == from_toml
-    merge_cli = from_namespace(MergeConfig, _parser(MergeConfig).parse_args(
-        ["--base", "b", "--adapter", "a@0.5", "--adapter", "c", "--out", "o", "--no-validate", "--qlora", "off",
-         "--max-shard-size", "0.5"]))
+    merge_cli = from_namespace(
+        MergeConfig,
+        _parser(MergeConfig).parse_args(
+            [
+                "--base",
+                "b",
+                "--adapter",
+                "a@0.5",
+                "--adapter",
+                "c",
+                "--out",
+                "o",
+                "--no-validate",
+                "--qlora",
+                "off",
+                "--max-shard-size",
+                "0.5",
+            ]
+        ),
+    )
     assert merge_cli.adapter_refs() == [AdapterRef(Path("a"), 0.5), AdapterRef(Path("c"), 1.0)]
     assert (merge_cli.validate, merge_cli.qlora, merge_cli.max_shard_bytes) == (False, "off", 1 << 29)
-    merge_toml, problems = _table(MergeConfig, {"base": "b", "adapters": [{"path": "a", "weight": 0.5}, "c"],
-                                                "validate": False, "qlora": "off"})
+    merge_toml, problems = _table(
+        MergeConfig, {"base": "b", "adapters": [{"path": "a", "weight": 0.5}, "c"], "validate": False, "qlora": "off"}
+    )
     assert not problems and merge_toml.adapter_refs() == merge_cli.adapter_refs()
     _, problems = _table(MergeConfig, {"adapters": [{"path": "a", "colour": 1}], "out": "x"})
     assert [k for k, _ in problems] == ["adapters", "out"]
@@ -135,19 +177,27 @@ def _pipeline(tmp_path: Path, gptq: str) -> Path:
         (tmp_path / folder).mkdir()
     (tmp_path / "calib.txt").write_text("text")
     config = tmp_path / "run.toml"
-    config.write_text(f'[merge]\nbase = "base"\nadapters = ["adapter"]\n\n[eval]\nenabled = false\n\n'
-                      f'[gptq]\ncalib = "calib.txt"\n{gptq}\n')
+    config.write_text(
+        f'[merge]\nbase = "base"\nadapters = ["adapter"]\n\n[eval]\nenabled = false\n\n'
+        f'[gptq]\ncalib = "calib.txt"\n{gptq}\n'
+    )
     return config
 
 
-@pytest.mark.parametrize("line, message", [
-    ('group_size = "64"', "[gptq] group_size: expected int, got str '64'"),
-    ("samples = 0", "[gptq] samples: 0 is out of range: at least 1"),
-    ('format = "zip"', "[gptq] format: 'zip' is not one of native, compressed-tensors"),
-    ("bits = [4]", "[gptq] bits: expected one value, got a list [4]"),
-    ("colour = 1", "[gptq] colour: unknown key; allowed keys are act_order, bits, calib, damp_percent, desc_act, "
-                   "device, format, group_size, samples, seq_len, sym"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('group_size = "64"', "[gptq] group_size: expected int, got str '64'"),
+        ("samples = 0", "[gptq] samples: 0 is out of range: at least 1"),
+        ('format = "zip"', "[gptq] format: 'zip' is not one of native, compressed-tensors"),
+        ("bits = [4]", "[gptq] bits: expected one value, got a list [4]"),
+        (
+            "colour = 1",
+            "[gptq] colour: unknown key; allowed keys are act_order, bits, calib, damp_percent, desc_act, "
+            "device, format, group_size, samples, seq_len, sym",
+        ),
+    ],
+)
 def test_a_bad_toml_value_names_file_line_and_option(tmp_path, line, message):
     config = _pipeline(tmp_path, f"sym = true\n{line}")
     with pytest.raises(ConfigError) as caught:
@@ -162,9 +212,14 @@ def test_a_good_config_resolves_paths_against_its_file(tmp_path):
     assert gptq.calib == (tmp_path / "calib.txt").resolve()
     assert config.merge.base == (tmp_path / "base").resolve() and not config.evaluation.enabled
     root = tmp_path.resolve()
-    assert config.resolved()["merge"] == {"base": str(root / "base"), "dtype": "float16", "qlora": "auto",
-                                          "adapters": [{"path": str(root / "adapter"), "weight": 1.0}],
-                                          "qlora_base": None, "validate": True}
+    assert config.resolved()["merge"] == {
+        "base": str(root / "base"),
+        "dtype": "float16",
+        "qlora": "auto",
+        "adapters": [{"path": str(root / "adapter"), "weight": 1.0}],
+        "qlora_base": None,
+        "validate": True,
+    }
 
 
 def test_readme_config_keys_and_flags_exist():

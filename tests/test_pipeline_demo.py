@@ -33,8 +33,14 @@ def mergeq(*argv: str, log: Path, stdout=subprocess.DEVNULL) -> subprocess.Popen
     env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     with open(log, "w") as sink:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "mergeq.cli", *argv], cwd=REPO, env=env,
-                                stdout=stdout, stderr=sink, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "mergeq.cli", *argv],
+            cwd=REPO,
+            env=env,
+            stdout=stdout,
+            stderr=sink,
+            start_new_session=True,
+        )
 
 
 def run_to_end(out: Path, log: Path, *, as_json: bool = False) -> tuple[dict, str]:
@@ -54,8 +60,10 @@ def run_to_end(out: Path, log: Path, *, as_json: bool = False) -> tuple[dict, st
     assert code == 0, f"mergeq run exited {code}:\n{text[-4000:]}"
     if as_json:
         return json.loads(stdout.read_text()), text
-    return {"ran": re.findall(r"stage (\w+): done in", text),
-            "skipped": re.findall(r"stage (\w+): unchanged", text)}, text
+    return {
+        "ran": re.findall(r"stage (\w+): done in", text),
+        "skipped": re.findall(r"stage (\w+): unchanged", text),
+    }, text
 
 
 def leftovers(out: Path) -> list[str]:
@@ -108,8 +116,10 @@ def test_every_artifact_has_a_report_measured_the_same_way(demo_run):
     qualities = [r.quality for r in reports.values()]
     assert all(q is not None for q in qualities)
     # one definition for every format: the same text, tokens and reference
-    assert len({(q.text_sha256, q.eval_tokens, q.context_length, round(q.reference_perplexity, 6))
-                for q in qualities}) == 1, qualities
+    assert (
+        len({(q.text_sha256, q.eval_tokens, q.context_length, round(q.reference_perplexity, 6)) for q in qualities})
+        == 1
+    ), qualities
     ratio = {rel: r.quality.perplexity_ratio for rel, r in reports.items()}
     kl = {rel: r.quality.kl_divergence for rel, r in reports.items()}
     assert ratio["merged"] == pytest.approx(1.0, abs=1e-6) and kl["merged"] == pytest.approx(0.0, abs=1e-6)

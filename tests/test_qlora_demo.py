@@ -23,8 +23,9 @@ def assets():
 
 
 def test_demo_adapter_is_detected_as_qlora(tmp_path, assets):
-    result = run_merge(MergeConfig(base=assets.base, adapters=[AdapterRef(assets.adapter)], out=tmp_path / "m",
-                                   validate=False))
+    result = run_merge(
+        MergeConfig(base=assets.base, adapters=[AdapterRef(assets.adapter)], out=tmp_path / "m", validate=False)
+    )
     qlora = json.loads((tmp_path / "m" / "merge_manifest.json").read_text())["qlora"]
     assert qlora == result.manifest["qlora"]
     assert qlora["target"] == "fp16 base requantized to nf4 (double quant)" and qlora["trained_on_4bit"]

@@ -43,15 +43,18 @@ def evidence_of(folder):
     return adapter_evidence(folder, json.loads((folder / "adapter_config.json").read_text()))
 
 
-@pytest.mark.parametrize("name, four_bit, quant_type", [
-    ("unsloth/llama-3-8b-bnb-4bit", True, None),
-    ("unsloth/Meta-Llama-3.1-8B-Instruct-unsloth-bnb-4bit", True, None),
-    ("someone/mistral-7b-4bit", True, None),
-    ("someone/Qwen2.5-7B-nf4", True, "nf4"),
-    ("TheBloke/Llama-2-7B-GPTQ", False, None),
-    ("meta-llama/Llama-3.2-1B", None, None),
-    ("someone/model-4bitnet", None, None),
-])
+@pytest.mark.parametrize(
+    "name, four_bit, quant_type",
+    [
+        ("unsloth/llama-3-8b-bnb-4bit", True, None),
+        ("unsloth/Meta-Llama-3.1-8B-Instruct-unsloth-bnb-4bit", True, None),
+        ("someone/mistral-7b-4bit", True, None),
+        ("someone/Qwen2.5-7B-nf4", True, "nf4"),
+        ("TheBloke/Llama-2-7B-GPTQ", False, None),
+        ("meta-llama/Llama-3.2-1B", None, None),
+        ("someone/model-4bitnet", None, None),
+    ],
+)
 def test_base_name(name, four_bit, quant_type):
     found = from_name(name, "adapter_config.json")
     if four_bit is None:
@@ -63,17 +66,33 @@ def test_base_name(name, four_bit, quant_type):
 def test_recorded_local_base_that_is_4bit(tmp_path):
     base = tmp_path / "mybase"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({"quantization_config": {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
-        "bnb_4bit_use_double_quant": False}}))
+    (base / "config.json").write_text(
+        json.dumps(
+            {
+                "quantization_config": {
+                    "quant_method": "bitsandbytes",
+                    "load_in_4bit": True,
+                    "bnb_4bit_quant_type": "fp4",
+                    "bnb_4bit_use_double_quant": False,
+                }
+            }
+        )
+    )
     found = from_name(str(base), "adapter_config.json")
     assert found.four_bit and found.quant_type == "fp4" and found.double_quant is False
 
 
 def test_each_file_alone(tmp_path):
-    qc = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-                                  "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                                  "bnb_4bit_compute_dtype": "bfloat16"}}
+    qc = {
+        "quantization_config": {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": True,
+            "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": "bfloat16",
+        }
+    }
     cases = {
         "config.json": adapter_dir(tmp_path, "a", config__json=json.dumps(qc)),
         "model card": adapter_dir(tmp_path, "b", README__md=CARD.format(quant_type="nf4")),
@@ -90,8 +109,17 @@ def test_each_file_alone(tmp_path):
 
 
 def test_trl_model_arguments(tmp_path):
-    folder = adapter_dir(tmp_path, model_args__json=json.dumps(
-        {"model_name_or_path": "x", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "use_bnb_nested_quant": False}))
+    folder = adapter_dir(
+        tmp_path,
+        model_args__json=json.dumps(
+            {
+                "model_name_or_path": "x",
+                "load_in_4bit": True,
+                "bnb_4bit_quant_type": "fp4",
+                "use_bnb_nested_quant": False,
+            }
+        ),
+    )
     (found,) = evidence_of(folder)
     assert found.quant_type == "fp4" and found.double_quant is False
 

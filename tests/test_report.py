@@ -24,24 +24,56 @@ FP16 = 269_060_352
 
 
 def make_report(fmt: str, quant: str, size: int, ppl: float | None, *, kl: float = 0.01) -> ArtifactReport:
-    quality = None if ppl is None else QualityInfo(
-        perplexity=ppl, reference_perplexity=15.0, kl_divergence=kl, top1_agreement=0.9, eval_tokens=4080,
-        text_sha256="ab" * 32, context_length=512, evaluator="llama.cpp" if fmt == "gguf" else "torch",
-        windows=16, text_tokens=30000)
+    quality = (
+        None
+        if ppl is None
+        else QualityInfo(
+            perplexity=ppl,
+            reference_perplexity=15.0,
+            kl_divergence=kl,
+            top1_agreement=0.9,
+            eval_tokens=4080,
+            text_sha256="ab" * 32,
+            context_length=512,
+            evaluator="llama.cpp" if fmt == "gguf" else "torch",
+            windows=16,
+            text_tokens=30000,
+        )
+    )
     return ArtifactReport(
-        format=fmt, quant=quant, path=f"/out/{fmt}/{quant}", quality=quality,
-        size=SizeInfo(size_bytes=size, fp16_bytes=FP16, bits_per_weight=16 * size / FP16,
-                      bits_per_quantized_weight=None if fmt == "hf" else 4.5,
-                      tensor_types={"F32": 61, "Q5_0": 120} if fmt == "gguf" else {},
-                      fallbacks=[{"tensor": "blk.0.attn_q.weight", "wanted": "Q4_K", "got": "Q5_0",
-                                  "why": "576 columns are not a multiple of 256"}] if fmt == "gguf" else []),
+        format=fmt,
+        quant=quant,
+        path=f"/out/{fmt}/{quant}",
+        quality=quality,
+        size=SizeInfo(
+            size_bytes=size,
+            fp16_bytes=FP16,
+            bits_per_weight=16 * size / FP16,
+            bits_per_quantized_weight=None if fmt == "hf" else 4.5,
+            tensor_types={"F32": 61, "Q5_0": 120} if fmt == "gguf" else {},
+            fallbacks=[
+                {
+                    "tensor": "blk.0.attn_q.weight",
+                    "wanted": "Q4_K",
+                    "got": "Q5_0",
+                    "why": "576 columns are not a multiple of 256",
+                }
+            ]
+            if fmt == "gguf"
+            else [],
+        ),
         stages={"export": StageCost(12.5, 900 * 2**20), "eval": StageCost(30.25, 1200 * 2**20)},
         provenance={"model_sha256": "cd" * 32, "options": {"quant": quant}},
-        warnings=["group size 128 does not divide 576; used 64"] if fmt == "awq" else [])
+        warnings=["group size 128 does not divide 576; used 64"] if fmt == "awq" else [],
+    )
 
 
-REPORTS = [make_report("hf", "f16", FP16, 15.0, kl=0.0), make_report("gguf", "Q8_0", 145_000_000, 15.05),
-           make_report("gguf", "Q4_K_M", 105_000_000, 16.4), make_report("awq", "w4g64-asym", 110_000_000, 16.9)]
+REPORTS = [
+    make_report("hf", "f16", FP16, 15.0, kl=0.0),
+    make_report("gguf", "Q8_0", 145_000_000, 15.05),
+    make_report("gguf", "Q4_K_M", 105_000_000, 16.4),
+    make_report("awq", "w4g64-asym", 110_000_000, 16.9),
+]
 
 
 def test_report_json_and_md_are_written_and_validate(tmp_path):
@@ -49,15 +81,35 @@ def test_report_json_and_md_are_written_and_validate(tmp_path):
     path = report.write(tmp_path)
     data = json.loads(path.read_text())
     validate_report_json(data)
-    for key in ("format", "quant", "size_bytes", "bits_per_weight", "perplexity", "reference_perplexity",
-                "kl_divergence", "top1_agreement", "eval_tokens", "seconds", "warnings"):
+    for key in (
+        "format",
+        "quant",
+        "size_bytes",
+        "bits_per_weight",
+        "perplexity",
+        "reference_perplexity",
+        "kl_divergence",
+        "top1_agreement",
+        "eval_tokens",
+        "seconds",
+        "warnings",
+    ):
         assert key in data
     assert data["schema_version"] == 1 and data["perplexity_ratio"] == pytest.approx(16.4 / 15.0)
     assert data["seconds"] == {"export": 12.5, "eval": 30.25}
     assert load_report(path) == report  # the JSON holds everything the report has
     md = (tmp_path / "report.md").read_text()
-    for fact in ("gguf Q4_K_M", "16.4000", "15.0000", "4080", "blk.0.attn_q.weight", "Q5_0 | 120", "576 columns",
-                 "ab" * 32, "| eval | 30.2 | 1200.0 |"):
+    for fact in (
+        "gguf Q4_K_M",
+        "16.4000",
+        "15.0000",
+        "4080",
+        "blk.0.attn_q.weight",
+        "Q5_0 | 120",
+        "576 columns",
+        "ab" * 32,
+        "| eval | 30.2 | 1200.0 |",
+    ):
         assert fact in md, fact
 
 
@@ -70,17 +122,20 @@ def test_report_without_quality_and_with_nan_sizes(tmp_path):
     assert load_report(tmp_path / "report.json").quality is None
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.pop("kl_divergence"), "kl_divergence: missing"),
-    (lambda d: d.update(size_bytes="12"), "size_bytes: expected integer"),
-    (lambda d: d.update(schema_version=2), "schema_version is 2"),
-    (lambda d: d.update(top1_agreement=1.5, eval={**d["eval"], "top1_agreement": 1.5}), "top1_agreement: must lie"),
-    (lambda d: d.update(perplexity=3.0), "perplexity: disagrees with eval.perplexity"),
-    (lambda d: d["eval"].pop("text_sha256"), "eval.text_sha256: missing"),
-    (lambda d: d.update(warnings=[1]), "warnings: expected an array of strings"),
-    (lambda d: d["seconds"].update(eval="long"), "seconds.eval: expected number"),
-    (lambda d: d.update(eval=None), "perplexity: must be null without eval"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.pop("kl_divergence"), "kl_divergence: missing"),
+        (lambda d: d.update(size_bytes="12"), "size_bytes: expected integer"),
+        (lambda d: d.update(schema_version=2), "schema_version is 2"),
+        (lambda d: d.update(top1_agreement=1.5, eval={**d["eval"], "top1_agreement": 1.5}), "top1_agreement: must lie"),
+        (lambda d: d.update(perplexity=3.0), "perplexity: disagrees with eval.perplexity"),
+        (lambda d: d["eval"].pop("text_sha256"), "eval.text_sha256: missing"),
+        (lambda d: d.update(warnings=[1]), "warnings: expected an array of strings"),
+        (lambda d: d["seconds"].update(eval="long"), "seconds.eval: expected number"),
+        (lambda d: d.update(eval=None), "perplexity: must be null without eval"),
+    ],
+)
 def test_schema_rejects_bad_reports(mutate, message, tmp_path):
     data = copy.deepcopy(REPORTS[1].to_json())
     validate_report_json(copy.deepcopy(data))
@@ -152,14 +207,16 @@ def test_summary_files_chart_points_and_deterministic_png(tmp_path):
 
 def test_labels_do_not_overlap_and_budgeted_mixes_are_on_the_kl_panel():
     """AWQ and GPTQ of nearly the same size and perplexity (the demo's) used to get colliding labels."""
-    close = [make_report("hf", "f16", FP16, 11.342, kl=0.0),
-             make_report("gguf", "Q8_0", 144_800_000, 11.381, kl=0.0034),
-             make_report("gguf", "Q4_K_M", 105_500_000, 11.755, kl=0.044),
-             make_report("awq", "w4g64-asym", 117_500_000, 12.221, kl=0.099),
-             make_report("gptq", "w4g64-sym", 118_200_000, 12.272, kl=0.081),
-             make_report("gguf", "MIX-like-Q4_K_M", 105_400_000, 11.52, kl=0.025),
-             make_report("gguf", "Q3_K_M", 95_000_000, 12.6, kl=0.09),
-             make_report("gguf", "MIX-like-Q3_K_M", 94_900_000, 11.9, kl=0.05)]
+    close = [
+        make_report("hf", "f16", FP16, 11.342, kl=0.0),
+        make_report("gguf", "Q8_0", 144_800_000, 11.381, kl=0.0034),
+        make_report("gguf", "Q4_K_M", 105_500_000, 11.755, kl=0.044),
+        make_report("awq", "w4g64-asym", 117_500_000, 12.221, kl=0.099),
+        make_report("gptq", "w4g64-sym", 118_200_000, 12.272, kl=0.081),
+        make_report("gguf", "MIX-like-Q4_K_M", 105_400_000, 11.52, kl=0.025),
+        make_report("gguf", "Q3_K_M", 95_000_000, 12.6, kl=0.09),
+        make_report("gguf", "MIX-like-Q3_K_M", 94_900_000, 11.9, kl=0.05),
+    ]
     for r in close[-3::2]:
         r.extra["budget"] = {"target": r.quant}
     from exporters.chart_labels import text_box
@@ -171,7 +228,7 @@ def test_labels_do_not_overlap_and_budgeted_mixes_are_on_the_kl_panel():
         boxes = [text_box(t, renderer) for t in ax.texts]
         assert len(boxes) >= 7
         for i, a in enumerate(boxes):
-            for b in boxes[i + 1:]:
+            for b in boxes[i + 1 :]:
                 assert not a.overlaps(b), (ax.get_title(), a, b)
     diamonds = next(c for c in kl_ax.collections if c.get_gid() == "budgeted")
     assert sorted(diamonds.get_offsets()[:, 1].tolist()) == [0.025, 0.05]

@@ -12,10 +12,13 @@ from mergeq.core.errors import MergeqError
 from mergeq.core.texts import load_text
 from mergeq.textopts import resolve_text_option
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}")
+TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
 CHATS = [
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Merge what?"},
-     {"role": "assistant", "content": "The adapter into its base."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Merge what?"},
+        {"role": "assistant", "content": "The adapter into its base."},
+    ],
     [{"role": "user", "content": "And then?"}, {"role": "assistant", "content": "Quantize it."}],
 ]
 
@@ -33,8 +36,14 @@ def test_plain_text(tmp_path):
     loaded = load_text(path)
     assert loaded.text == "one\ntwo" and loaded.format == "txt" and loaded.samples == 1
     assert loaded.sha256 == hashlib.sha256(b"one\ntwo\n").hexdigest()
-    assert loaded.describe(5) == {"file": str(path), "sha256": loaded.sha256, "format": "txt", "samples": 1,
-                                  "rendering": "the file as it is", "tokens": 5}
+    assert loaded.describe(5) == {
+        "file": str(path),
+        "sha256": loaded.sha256,
+        "format": "txt",
+        "samples": 1,
+        "rendering": "the file as it is",
+        "tokens": 5,
+    }
 
 
 def test_jsonl_text(tmp_path):
@@ -71,13 +80,16 @@ def test_parquet_column(tmp_path, chat_tokenizer):
         load_text(f"{path}:id")
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"text": 1}\n', 'no "text" field'),
-    ('not json\n', "not valid JSON"),
-    ('{"messages": [{"role": "wizard", "content": "x"}]}\n', "unknown chat role 'wizard'"),
-    ('{"messages": [{"role": "user"}]}\n', 'string "content"'),
-    ('{"text": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n', "mixes"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": 1}\n', 'no "text" field'),
+        ("not json\n", "not valid JSON"),
+        ('{"messages": [{"role": "wizard", "content": "x"}]}\n', "unknown chat role 'wizard'"),
+        ('{"messages": [{"role": "user"}]}\n', 'string "content"'),
+        ('{"text": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n', "mixes"),
+    ],
+)
 def test_bad_jsonl(tmp_path, chat_tokenizer, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
@@ -127,8 +139,10 @@ def test_evaluation_report_names_the_text(tmp_path):
 
     model = tiny_model(tmp_path / "m")
     path = tmp_path / "e.jsonl"
-    path.write_text("\n".join(json.dumps({"text": calibration_text(tmp_path / f"{i}.txt", 400, i).read_text()})
-                              for i in range(4)) + "\n")
+    path.write_text(
+        "\n".join(json.dumps({"text": calibration_text(tmp_path / f"{i}.txt", 400, i).read_text()}) for i in range(4))
+        + "\n"
+    )
     result = evaluate_full(model, model, path, EvalOptions(n_ctx=64, max_windows=4, cache_dir=tmp_path / "cache"))
     source = result.provenance["text_source"]
     assert source["format"] == "jsonl/text" and source["samples"] == 4 and source["tokens"] > 256

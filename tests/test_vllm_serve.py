@@ -54,8 +54,21 @@ def served(pytestconfig, tmp_path_factory) -> dict:
     results = {}
     for fmt in FORMATS:
         out = work / fmt
-        code = main(["export", fmt, "--model", str(assets.base), "--out", str(out), "--calib", str(assets.calib_text),
-                     "--eval-text", str(assets.eval_text), *EXPORT])
+        code = main(
+            [
+                "export",
+                fmt,
+                "--model",
+                str(assets.base),
+                "--out",
+                str(out),
+                "--calib",
+                str(assets.calib_text),
+                "--eval-text",
+                str(assets.eval_text),
+                *EXPORT,
+            ]
+        )
         assert code == 0, f"mergeq export {fmt} failed with exit code {code}"
         results[fmt] = vllm_check.serve(out, work / "vllm", readme_quantization(fmt), from_report=False)
     return results
@@ -85,5 +98,6 @@ def test_chat_template_answers_sensibly(served, fmt):
 def test_vllm_perplexity_equals_mergeq_report(served, fmt):
     result = served[fmt]
     assert result.scored_tokens == 4080
-    assert abs(result.ratio - 1) < 0.01, (f"{fmt}: vLLM {result.vllm_perplexity:.4f} vs mergeq "
-                                          f"{result.mergeq_perplexity:.4f} (ratio {result.ratio:.4f})")
+    assert abs(result.ratio - 1) < 0.01, (
+        f"{fmt}: vLLM {result.vllm_perplexity:.4f} vs mergeq {result.mergeq_perplexity:.4f} (ratio {result.ratio:.4f})"
+    )

@@ -8,25 +8,45 @@ from pathlib import Path
 import torch
 
 
-def tiny_llama(folder: Path, *, tie: bool = False, vocab: int = 96, layers: int = 2, hidden: int = 32,
-               intermediate: int = 64, dtype=torch.float32, seed: int = 0) -> Path:
+def tiny_llama(
+    folder: Path,
+    *,
+    tie: bool = False,
+    vocab: int = 96,
+    layers: int = 2,
+    hidden: int = 32,
+    intermediate: int = 64,
+    dtype=torch.float32,
+    seed: int = 0,
+) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=tie, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(config).to(dtype)
     model.save_pretrained(folder)
     return Path(folder)
 
 
-SP_CORPUS = "\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7} and then sleeps"
-                      for i in range(300))
+SP_CORPUS = "\n".join(
+    f"the quick brown fox {i} jumps over the lazy dog number {i * 7} and then sleeps" for i in range(300)
+)
 
 
-def sentencepiece_tokenizer(folder: Path, *, vocab: int = 320, chat_template: str | None = None,
-                            symbols: tuple[str, ...] = ()) -> Path:
+def sentencepiece_tokenizer(
+    folder: Path, *, vocab: int = 320, chat_template: str | None = None, symbols: tuple[str, ...] = ()
+) -> Path:
     """A SentencePiece (LlamaTokenizer) tokenizer trained here, with byte fallback: llama.cpp's converter reads it
     (it refuses byte-level BPE tokenizers it has no pre-tokenizer hash for). `vocab` >= 320: 256 byte tokens
     (llama.cpp needs a newline token) + pieces. Token ids: <unk> 0, <s> 1, </s> 2, then `symbols` (user-defined
@@ -40,9 +60,20 @@ def sentencepiece_tokenizer(folder: Path, *, vocab: int = 320, chat_template: st
     folder.mkdir(parents=True, exist_ok=True)
     model_file = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SP_CORPUS.splitlines()), model_writer=model_file, vocab_size=vocab,
-        model_type="unigram", character_coverage=1.0, byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        num_threads=1, minloglevel=2, user_defined_symbols=list(symbols))
+        sentence_iterator=iter(SP_CORPUS.splitlines()),
+        model_writer=model_file,
+        vocab_size=vocab,
+        model_type="unigram",
+        character_coverage=1.0,
+        byte_fallback=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+        user_defined_symbols=list(symbols),
+    )
     (folder / "tokenizer.model").write_bytes(model_file.getvalue())
     config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     if chat_template is not None:
@@ -55,8 +86,9 @@ def tiny_gpt2(folder: Path, *, vocab: int = 96, layers: int = 2, hidden: int = 3
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
-                        bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+    )
     GPT2LMHeadModel(config).save_pretrained(folder)
     return Path(folder)
 

@@ -55,13 +55,16 @@ def smallest_bytes(choices: dict[str, list[Option]], fixed_bytes: int) -> int:
 
 def check_feasible(floor: int, budget: int, what: str) -> None:
     if budget < floor:
-        raise MergeqError(f"{what}: a budget of {budget:,} bytes ({budget / 1e9:.3f} GB) cannot be met; the smallest "
-                          f"file the candidate types reach is {floor:,} bytes ({floor / 1e9:.3f} GB)",
-                          hint=f"ask for at least {floor:,} bytes, or allow smaller types")
+        raise MergeqError(
+            f"{what}: a budget of {budget:,} bytes ({budget / 1e9:.3f} GB) cannot be met; the smallest "
+            f"file the candidate types reach is {floor:,} bytes ({floor / 1e9:.3f} GB)",
+            hint=f"ask for at least {floor:,} bytes, or allow smaller types",
+        )
 
 
-def allocate(choices: dict[str, list[Option]], fixed_bytes: int, budget: int, *,
-             what: str = "--target-size") -> Allocation:
+def allocate(
+    choices: dict[str, list[Option]], fixed_bytes: int, budget: int, *, what: str = "--target-size"
+) -> Allocation:
     """The mix of least predicted cost whose file is at most `budget` bytes; `what` names the option in errors."""
     floor = smallest_bytes(choices, fixed_bytes)
     check_feasible(floor, budget, what)

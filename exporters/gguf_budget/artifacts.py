@@ -24,9 +24,20 @@ class BudgetArtifact:
     warnings: list[str] = field(default_factory=list)
 
 
-def make(intermediate: Path, imatrix: Path, calib: Path, targets: list[Target], work: Path, out_dir: Path,
-         stem: str, parameters: int, *, requested: tuple[str, ...], settings: SearchSettings,
-         on_step=None) -> tuple[list[BudgetArtifact], dict]:
+def make(
+    intermediate: Path,
+    imatrix: Path,
+    calib: Path,
+    targets: list[Target],
+    work: Path,
+    out_dir: Path,
+    stem: str,
+    parameters: int,
+    *,
+    requested: tuple[str, ...],
+    settings: SearchSettings,
+    on_step=None,
+) -> tuple[list[BudgetArtifact], dict]:
     """Every target's mix in OUT/<label>/<stem>-<label>.gguf; the named mix nearest in size too where the
     mix measured worse (unless it is requested anyway). Returns the artifacts and the search's facts."""
     search = BudgetSearch(intermediate, imatrix, calib, work, settings)
@@ -44,12 +55,14 @@ def make(intermediate: Path, imatrix: Path, calib: Path, targets: list[Target], 
             warnings.append(
                 f"{target.label}: measured KL {mix.measured.kl:.5f} on the calibration text is worse than the named "
                 f"mix nearest in size, {named} ({mix.named['kl']:.5f} at {mix.named['bytes']:,} bytes); "
-                f"{named} is written too")
+                f"{named} is written too"
+            )
             if named not in requested and named not in written_named:
                 written_named.add(named)
                 artifacts.append(_place(Path(mix.named["path"]), out_dir, stem, named, "", None, []))
-        artifacts.append(_place(mix.path, out_dir, stem, target.label, mix.quantize_log, _section(mix, state),
-                                warnings))
+        artifacts.append(
+            _place(mix.path, out_dir, stem, target.label, mix.quantize_log, _section(mix, state), warnings)
+        )
     return artifacts, state.to_json()
 
 
@@ -61,8 +74,9 @@ def _section(mix: Mix, state) -> dict:
     return data
 
 
-def _place(src: Path, out_dir: Path, stem: str, label: str, quantize_log: str, extra: dict | None,
-           warnings: list[str]) -> BudgetArtifact:
+def _place(
+    src: Path, out_dir: Path, stem: str, label: str, quantize_log: str, extra: dict | None, warnings: list[str]
+) -> BudgetArtifact:
     name = f"{stem}-{label}.gguf"
     with atomic_dir(out_dir / label, overwrite=True) as tmp:
         os.replace(src, tmp / name)

@@ -28,10 +28,18 @@ from exporters.llamacpp.run import run_tool
 log = logging.getLogger(__name__)
 
 # role -> calibration group; roles not named here share "other"
-GROUPS = {"attn_q": "attn_qk", "attn_k": "attn_qk", "attn_qkv": "attn_qkv",
-          "attn_v": "attn_vo", "attn_output": "attn_vo",
-          "ffn_gate": "ffn_in", "ffn_up": "ffn_in", "ffn_down": "ffn_down",
-          "token_embd": "token_embd", "output": "output"}
+GROUPS = {
+    "attn_q": "attn_qk",
+    "attn_k": "attn_qk",
+    "attn_qkv": "attn_qkv",
+    "attn_v": "attn_vo",
+    "attn_output": "attn_vo",
+    "ffn_gate": "ffn_in",
+    "ffn_up": "ffn_in",
+    "ffn_down": "ffn_down",
+    "token_embd": "token_embd",
+    "output": "output",
+}
 PROBE_BITS = 4.0  # a probe gives its group the smallest candidate of at least this many bits per weight
 KL_ATTEMPTS = 4  # the search runs llama-perplexity a dozen times; its lost log tails (evaluate.py) add up
 MIN_SCALE_SHARE = 0.05  # a group whose probe moved KL by (about) nothing gets this share of the median scale
@@ -66,9 +74,19 @@ def _flags(n_ctx: int, chunks: int, threads: int | None) -> list[str]:
 
 
 def kl_base(intermediate: Path, text: Path, out: Path, n_ctx: int, chunks: int, threads: int | None) -> KLBase:
-    result = run_tool(tool_command("llama-perplexity", "-m", intermediate, "-f", text, "--kl-divergence-base", out,
-                                   *_flags(n_ctx, chunks, threads)),
-                      hint=f"the calibration text {text} needs at least 2 x {n_ctx} tokens")
+    result = run_tool(
+        tool_command(
+            "llama-perplexity",
+            "-m",
+            intermediate,
+            "-f",
+            text,
+            "--kl-divergence-base",
+            out,
+            *_flags(n_ctx, chunks, threads),
+        ),
+        hint=f"the calibration text {text} needs at least 2 x {n_ctx} tokens",
+    )
     found = re.findall(r"computing over (\d+) chunks", result.stdout + result.stderr)
     return KLBase(out, n_ctx, int(found[-1]) if found else chunks, result.seconds)
 
@@ -76,14 +94,25 @@ def kl_base(intermediate: Path, text: Path, out: Path, n_ctx: int, chunks: int, 
 def measure_kl(gguf: Path, base: KLBase, threads: int | None) -> Measured:
     from exporters.eval_gguf import run_kl_divergence
 
-    stats, result = run_kl_divergence(tool_command("llama-perplexity", "-m", gguf, "--kl-divergence-base", base.path,
-                                                   "--kl-divergence", *_flags(base.n_ctx, base.chunks, threads)),
-                                      gguf, attempts=KL_ATTEMPTS)
+    stats, result = run_kl_divergence(
+        tool_command(
+            "llama-perplexity",
+            "-m",
+            gguf,
+            "--kl-divergence-base",
+            base.path,
+            "--kl-divergence",
+            *_flags(base.n_ctx, base.chunks, threads),
+        ),
+        gguf,
+        attempts=KL_ATTEMPTS,
+    )
     return Measured(stats["kl_divergence"], stats["top1_percent"] / 100, stats["perplexity"], result.seconds)
 
 
-def probe_types(slots: list[Slot], errors: dict[str, dict[str, float]], bits: dict[str, float],
-                group: str) -> dict[str, str]:
+def probe_types(
+    slots: list[Slot], errors: dict[str, dict[str, float]], bits: dict[str, float], group: str
+) -> dict[str, str]:
     """All slots at their highest-bit type (Q8_0 by default) except `group`'s, at their probe type."""
     types = {}
     for slot in slots:
@@ -123,8 +152,12 @@ def fit(slots, errors, baseline: dict, probes: dict[str, dict]) -> Calibration:
     floor = (positive[len(positive) // 2] if positive else 1.0) * MIN_SCALE_SHARE
     for group in scales:
         if scales[group] <= 0:
-            log.info("calibration: probe %s moved KL by %.2e; its scale is set to %.3g", group,
-                     probes[group]["kl"] - baseline["kl"], floor)
+            log.info(
+                "calibration: probe %s moved KL by %.2e; its scale is set to %.3g",
+                group,
+                probes[group]["kl"] - baseline["kl"],
+                floor,
+            )
             scales[group] = floor
     explained = sum(scales[g] * baseline["error_sums"].get(g, 0.0) for g in scales)
     return Calibration(scales, {"q8_0": baseline, **probes}, max(0.0, baseline["kl"] - explained))

@@ -64,11 +64,14 @@ class Mix:
 
     def to_json(self) -> dict:
         return {
-            "target": self.target.spec, "budget_bytes": self.budget_bytes, "predicted_bytes": self.predicted_bytes,
+            "target": self.target.spec,
+            "budget_bytes": self.budget_bytes,
+            "predicted_bytes": self.predicted_bytes,
             "predicted_kl": self.predicted_kl,
             "measured": {"kl": self.measured.kl, "top1": self.measured.top1, "ppl": self.measured.ppl},
             "named_mix": {k: v for k, v in self.named.items() if k != "path"},
-            "beats_named_mix": self.beats_named, "tensor_types": dict(sorted(self.types.items())),
+            "beats_named_mix": self.beats_named,
+            "tensor_types": dict(sorted(self.types.items())),
         }
 
 
@@ -81,15 +84,21 @@ class SearchState:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"calibration": {"scales": self.calibration.scales, "intercept": self.calibration.intercept,
-                                "probes": self.calibration.probes},
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-                "sensitivity": {n: {t: e for t, e in sorted(v.items())} for n, v in sorted(self.errors.items())}}
+        return {
+            "calibration": {
+                "scales": self.calibration.scales,
+                "intercept": self.calibration.intercept,
+                "probes": self.calibration.probes,
+            },
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "sensitivity": {n: {t: e for t, e in sorted(v.items())} for n, v in sorted(self.errors.items())},
+        }
 
 
 class BudgetSearch:
-    def __init__(self, intermediate: Path, imatrix: Path, calib_text: Path, work: Path,
-                 settings: SearchSettings | None = None):
+    def __init__(
+        self, intermediate: Path, imatrix: Path, calib_text: Path, work: Path, settings: SearchSettings | None = None
+    ):
         self.intermediate, self.imatrix, self.text = Path(intermediate), Path(imatrix), Path(calib_text)
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -106,8 +115,10 @@ class BudgetSearch:
         summary = read_gguf(self.intermediate)
         slots = candidate_slots(summary, s.candidates)
         if not slots:
-            raise MergeqError(f"{self.intermediate} has no tensor that any candidate type fits",
-                              hint=f"candidates: {', '.join(s.candidates)}")
+            raise MergeqError(
+                f"{self.intermediate} has no tensor that any candidate type fits",
+                hint=f"candidates: {', '.join(s.candidates)}",
+            )
         rounds = sensitivity.rounds(slots)
         files, measured = [], {"errors": {}, "weighted": {}}
         seconds["quantize_rounds"] = seconds["error_pass"] = 0.0
@@ -131,28 +142,36 @@ class BudgetSearch:
         kept = [x.name for x in slots if not errors.get(x.name)]
         if kept:
             log.info("llama-quantize keeps %d tensor(s) as they are: %s", len(kept), ", ".join(kept[:8]))
-        slots = [Slot(x.name, x.shape, tuple(t for t in x.candidates if t in errors.get(x.name, {})))
-                 for x in slots if errors.get(x.name)]
+        slots = [
+            Slot(x.name, x.shape, tuple(t for t in x.candidates if t in errors.get(x.name, {})))
+            for x in slots
+            if errors.get(x.name)
+        ]
         sizes = size_model(summary, slots)
         # the header of a llama-quantize output differs from the intermediate's (imatrix keys, version):
         # take the fixed bytes from a real output, round 0, whose types are known
         round0 = read_gguf(files[0])
         r0_types = {t.name: t.type for t in round0.tensors}
-        sizes = SizeModel(round0.size_bytes - sum(sizes.slot_bytes(x, r0_types[x.name]) for x in slots),
-                          sizes.alignment, sizes.sizes)
+        sizes = SizeModel(
+            round0.size_bytes - sum(sizes.slot_bytes(x, r0_types[x.name]) for x in slots), sizes.alignment, sizes.sizes
+        )
         # calibration: the all-highest mix is round 0 (every tensor's first candidate)
         started = time.perf_counter()
         bits = self._bits()
-        self._base = calibrate.kl_base(self.intermediate, self.text, self.work / "kl-base.bin", s.n_ctx, s.chunks,
-                                       s.threads)
+        self._base = calibrate.kl_base(
+            self.intermediate, self.text, self.work / "kl-base.bin", s.n_ctx, s.chunks, s.threads
+        )
         groups = sorted({calibrate.group_of(x) for x in slots})
         top = {x.name: max(errors[x.name], key=lambda t: (bits[t], -errors[x.name][t], t)) for x in slots}
         if any(r0_types[n] != t for n, t in top.items()):
             sensitivity.quantize_mix(self.intermediate, files[0], top, self.imatrix, s.threads)
         base = calibrate.measure_kl(files[0], self._base, s.threads)
         files[0].unlink(missing_ok=True)
-        baseline = {"kl": base.kl, "top1": base.top1,
-                    "error_sums": {g: calibrate.error_sum(slots, errors, top, g) for g in groups}}
+        baseline = {
+            "kl": base.kl,
+            "top1": base.top1,
+            "error_sums": {g: calibrate.error_sum(slots, errors, top, g) for g in groups},
+        }
         if on_step:
             on_step("calibration: all-Q8_0 mix")
         probes = {}
@@ -162,9 +181,12 @@ class BudgetSearch:
             sensitivity.quantize_mix(self.intermediate, out, types, self.imatrix, s.threads)
             result = calibrate.measure_kl(out, self._base, s.threads)
             out.unlink(missing_ok=True)
-            probes[group] = {"kl": result.kl, "top1": result.top1,
-                             "error_sum": calibrate.error_sum(slots, errors, types, group),
-                             "types": sorted(set(types[x.name] for x in slots if calibrate.group_of(x) == group))}
+            probes[group] = {
+                "kl": result.kl,
+                "top1": result.top1,
+                "error_sum": calibrate.error_sum(slots, errors, types, group),
+                "types": sorted(set(types[x.name] for x in slots if calibrate.group_of(x) == group)),
+            }
             if on_step:
                 on_step(f"calibration: probe {group}")
         seconds["calibration"] = time.perf_counter() - started
@@ -199,17 +221,30 @@ class BudgetSearch:
         """A named llama-quantize mix made with the same imatrix, its size and its KL (made once)."""
         if qtype not in self._named:
             out = self.work / f"named-{qtype}.gguf"
-            result = sensitivity.quantize(self.intermediate, out, qtype, self.imatrix, self.settings.threads,
-                                          hint=f"llama-quantize could not make {qtype}")
+            result = sensitivity.quantize(
+                self.intermediate,
+                out,
+                qtype,
+                self.imatrix,
+                self.settings.threads,
+                hint=f"llama-quantize could not make {qtype}",
+            )
             measured = calibrate.measure_kl(out, self._base, self.settings.threads)
             types = {t.name: t.type for t in read_gguf(out).tensors}
             state = self.state
             predicted = None
             if all(types.get(x.name) in state.errors[x.name] for x in state.slots):
                 predicted = state.calibration.predict(state.slots, state.errors, types)
-            self._named[qtype] = {"type": qtype, "bytes": out.stat().st_size, "path": out, "kl": measured.kl,
-                                  "top1": measured.top1, "ppl": measured.ppl, "predicted_kl": predicted,
-                                  "log": result.stdout + result.stderr}
+            self._named[qtype] = {
+                "type": qtype,
+                "bytes": out.stat().st_size,
+                "path": out,
+                "kl": measured.kl,
+                "top1": measured.top1,
+                "ppl": measured.ppl,
+                "predicted_kl": predicted,
+                "log": result.stdout + result.stderr,
+            }
         return self._named[qtype]
 
     def nearest_named(self, budget: int) -> str:
@@ -217,8 +252,17 @@ class BudgetSearch:
         sized = []
         fixed_extra = self.state.sizes.fixed_bytes
         for qtype in NAMED_MIXES:
-            result = run_tool(tool_command("llama-quantize", "--dry-run", "--imatrix", self.imatrix,
-                                           self.intermediate, self.work / "dry-run.gguf", qtype))
+            result = run_tool(
+                tool_command(
+                    "llama-quantize",
+                    "--dry-run",
+                    "--imatrix",
+                    self.imatrix,
+                    self.intermediate,
+                    self.work / "dry-run.gguf",
+                    qtype,
+                )
+            )
             found = _DRY_SIZE.findall(result.stdout + result.stderr)
             if found:
                 sized.append((int(float(found[-1]) * 2**20) + fixed_extra, qtype))
@@ -238,24 +282,47 @@ class BudgetSearch:
         state = self.state or self.prepare()
         budget = self.budget_bytes(target, parameters)
         what = option_name(target)
-        choices = {x.name: [alloc.Option(t, state.sizes.slot_bytes(x, t),
-                                         state.calibration.scales[calibrate.group_of(x)] * state.errors[x.name][t])
-                            for t in x.candidates] for x in state.slots}
+        choices = {
+            x.name: [
+                alloc.Option(
+                    t,
+                    state.sizes.slot_bytes(x, t),
+                    state.calibration.scales[calibrate.group_of(x)] * state.errors[x.name][t],
+                )
+                for t in x.candidates
+            ]
+            for x in state.slots
+        }
         allocation = alloc.allocate(choices, state.sizes.fixed_bytes, budget, what=f"{what} {target.spec}")
         out = self.work / f"{target.label}.gguf"
-        result = sensitivity.quantize_mix(self.intermediate, out, allocation.types, self.imatrix, self.settings.threads,
-                                          base_type=self.dominant_type(allocation.types))
+        result = sensitivity.quantize_mix(
+            self.intermediate,
+            out,
+            allocation.types,
+            self.imatrix,
+            self.settings.threads,
+            base_type=self.dominant_type(allocation.types),
+        )
         written = {t.name: t.type for t in read_gguf(out).tensors}
         wrong = {n: (t, written.get(n)) for n, t in allocation.types.items() if written.get(n) != t}
         if wrong:
-            raise MergeqError(f"llama-quantize did not apply {len(wrong)} of the budget's tensor types to {out.name}, "
-                              f"e.g. {next(iter(wrong))}: {next(iter(wrong.values()))}",
-                              hint="the pinned llama-quantize's --tensor-type-file handling changed; report this")
+            raise MergeqError(
+                f"llama-quantize did not apply {len(wrong)} of the budget's tensor types to {out.name}, "
+                f"e.g. {next(iter(wrong))}: {next(iter(wrong.values()))}",
+                hint="the pinned llama-quantize's --tensor-type-file handling changed; report this",
+            )
         measured = calibrate.measure_kl(out, self._base, self.settings.threads)
         named = self.named_mix(str(target.value) if target.kind == "like" else self.nearest_named(budget))
         if out.stat().st_size != allocation.nbytes:
             log.warning("%s: %d bytes, predicted %d", out.name, out.stat().st_size, allocation.nbytes)
-        return Mix(target, budget, out, allocation.types, allocation.nbytes,
-                   state.calibration.predict(state.slots, state.errors, allocation.types), measured,
-                   {k: v for k, v in named.items() if k != "log"}, result.stdout + result.stderr)
-
+        return Mix(
+            target,
+            budget,
+            out,
+            allocation.types,
+            allocation.nbytes,
+            state.calibration.predict(state.slots, state.errors, allocation.types),
+            measured,
+            {k: v for k, v in named.items() if k != "log"},
+            result.stdout + result.stderr,
+        )

@@ -39,28 +39,50 @@ def rounds(slots: list[Slot]) -> list[dict[str, str]]:
     return [{s.name: s.candidates[r] for s in slots if r < len(s.candidates)} for r in range(depth)]
 
 
-def quantize_mix(intermediate: Path, out: Path, types: dict[str, str], imatrix: Path | None,
-                 threads: int | None, base_type: str = "Q8_0"):
+def quantize_mix(
+    intermediate: Path,
+    out: Path,
+    types: dict[str, str],
+    imatrix: Path | None,
+    threads: int | None,
+    base_type: str = "Q8_0",
+):
     """One llama-quantize run giving each named tensor its type (--pure: no mixture rules for the others,
     which get `base_type`). Returns the tool result (its log lists every override it applied)."""
     type_file = out.with_name(out.name + ".types.txt")
     write_text(type_file, type_file_lines(types))
-    return quantize(intermediate, out, base_type, imatrix, threads, "--pure", "--tensor-type-file",
-                    type_file.absolute(), hint="llama-quantize could not make the budgeted mix; see its last lines")
+    return quantize(
+        intermediate,
+        out,
+        base_type,
+        imatrix,
+        threads,
+        "--pure",
+        "--tensor-type-file",
+        type_file.absolute(),
+        hint="llama-quantize could not make the budgeted mix; see its last lines",
+    )
 
 
 def errors_of(reference: Path, imatrix: Path | None, files: list[Path], names: list[str]) -> dict:
     """Run the error pass in a subprocess under the pinned gguf-py (the installed `gguf` may lag the pin)."""
     where = ensure_source()
-    request = {"reference": str(reference), "imatrix": str(imatrix) if imatrix else None,
-               "files": [str(f) for f in files], "tensors": names}
+    request = {
+        "reference": str(reference),
+        "imatrix": str(imatrix) if imatrix else None,
+        "files": [str(f) for f in files],
+        "tensors": names,
+    }
     request_file = Path(files[0]).with_name("errors-request.json") if files else Path(reference).with_suffix(".json")
     write_text(request_file, json.dumps(request))
-    result = run_tool(ToolCommand(
-        "gguf-py error pass",
-        (sys.executable, "-c", "from exporters.gguf_budget.sensitivity import _main; _main()", str(request_file)),
-        env={**pinned_python_env(where, REPO_ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
-        cwd=REPO_ROOT))
+    result = run_tool(
+        ToolCommand(
+            "gguf-py error pass",
+            (sys.executable, "-c", "from exporters.gguf_budget.sensitivity import _main; _main()", str(request_file)),
+            env={**pinned_python_env(where, REPO_ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+            cwd=REPO_ROOT,
+        )
+    )
     return json.loads(result.stdout)
 
 
@@ -73,7 +95,7 @@ def _array(path: Path, info, mm):
 
     cols = info.shape[0]
     rows = info.n_elements // cols
-    raw = mm[info.data_offset:info.data_offset + info.n_bytes]
+    raw = mm[info.data_offset : info.data_offset + info.n_bytes]
     if info.type == "F32":
         return np.frombuffer(raw, dtype="<f4").reshape(rows, cols)
     if info.type == "F16":
@@ -126,8 +148,9 @@ def _main() -> None:
     if request["imatrix"]:
         summary = read_gguf(Path(request["imatrix"]))
         mm = open_map(request["imatrix"])
-        imatrix = {t.name: np.frombuffer(mm[t.data_offset:t.data_offset + t.n_bytes], dtype="<f4")
-                   for t in summary.tensors}
+        imatrix = {
+            t.name: np.frombuffer(mm[t.data_offset : t.data_offset + t.n_bytes], dtype="<f4") for t in summary.tensors
+        }
     errors: dict[str, dict[str, float]] = {}
     weighted: dict[str, bool] = {}
     for path in request["files"]:
@@ -143,9 +166,11 @@ def _main() -> None:
             qtype = GGMLQuantizationType[tensor.type]
             err = total = 0.0
             for start in range(0, w_all.shape[0], ROW_CHUNK):
-                w = w_all[start:start + ROW_CHUNK].astype(np.float32)
-                q = dequantize(q_all[start:start + ROW_CHUNK], qtype).reshape(w.shape)
-                cw = 1.0 if weights is None else weights if weights.shape[0] == 1 else weights[start:start + ROW_CHUNK]
+                w = w_all[start : start + ROW_CHUNK].astype(np.float32)
+                q = dequantize(q_all[start : start + ROW_CHUNK], qtype).reshape(w.shape)
+                cw = (
+                    1.0 if weights is None else weights if weights.shape[0] == 1 else weights[start : start + ROW_CHUNK]
+                )
                 err += float(((w - q) ** 2 * cw).sum(dtype=np.float64))
                 total += float((w * w * cw).sum(dtype=np.float64))
             errors.setdefault(tensor.name, {})[tensor.type] = err / total if total > 0 else 0.0

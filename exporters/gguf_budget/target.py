@@ -8,8 +8,17 @@ from dataclasses import dataclass
 
 from mergeq.core.errors import MergeqError
 
-UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 _BPW = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*bpw\s*$", re.IGNORECASE)
 TARGET_HELP = "a file size (2.5GB, 700MiB, 123456789B), bits per weight (4.5bpw) or like:TYPE (like:Q4_K_M)"
@@ -36,8 +45,9 @@ def parse_target(spec: str, what: str = "--target", known_types: tuple[str, ...]
     if text.lower().startswith("like:"):
         name = text[5:].strip().upper()
         if known_types and name not in known_types:
-            raise MergeqError(f"{what} {spec!r}: {name!r} is not a llama-quantize type",
-                              hint=f"name one of: {', '.join(known_types)}")
+            raise MergeqError(
+                f"{what} {spec!r}: {name!r} is not a llama-quantize type", hint=f"name one of: {', '.join(known_types)}"
+            )
         return Target("like", name, text)
     if match := _BPW.match(text):
         bpw = float(match.group(1))
@@ -63,9 +73,11 @@ def check_targets(specs: tuple[str, ...], imatrix: bool, known_types: tuple[str,
     """The targets, parsed; they need the imatrix (the search measures errors the way the file is made)."""
     targets = [parse_target(spec, "--target", known_types) for spec in specs]
     if targets and not imatrix:
-        raise MergeqError(f"{option_name(targets[0])} {targets[0].spec} needs an importance matrix",
-                          hint="add --imatrix --calib FILE (the fine-tune's own text): the search measures each "
-                               "tensor's error with it and calibrates on that text")
+        raise MergeqError(
+            f"{option_name(targets[0])} {targets[0].spec} needs an importance matrix",
+            hint="add --imatrix --calib FILE (the fine-tune's own text): the search measures each "
+            "tensor's error with it and calibrates on that text",
+        )
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise MergeqError(f"the same size target is given twice: {', '.join(specs)}")

@@ -89,8 +89,9 @@ def search_scales(weight: torch.Tensor, stats: InputStats, scheme: QuantScheme, 
     return ScaleResult(scales=losses[best][1], alpha=best / grid, loss=losses[best][0], rtn_loss=evaluate(0))
 
 
-def search_clip(weight: torch.Tensor, sketch: torch.Tensor, scheme: QuantScheme, *, grid: int = 20,
-                max_shrink: float = 0.5) -> torch.Tensor:
+def search_clip(
+    weight: torch.Tensor, sketch: torch.Tensor, scheme: QuantScheme, *, grid: int = 20, max_shrink: float = 0.5
+) -> torch.Tensor:
     """Per (row, group) clip bound for weight [out, in], given the sketch [rows, in] of its (scaled) input."""
     out, inf = weight.shape
     gs = scheme.effective_group_size(inf)
@@ -120,4 +121,3 @@ def apply_clip(weight: torch.Tensor, bound: torch.Tensor, scheme: QuantScheme) -
     gs = scheme.effective_group_size(inf)
     wg = weight.reshape(out, inf // gs, gs)
     return torch.maximum(torch.minimum(wg, bound[..., None]), -bound[..., None]).reshape(out, inf)
-

@@ -76,5 +76,12 @@ def load_calibration(path: Path, tokenizer, samples: int, seq_len: int) -> Calib
     else:
         chosen = [(i * windows) // samples for i in range(samples)]
     tokens = torch.stack([stream[w * seq_len : (w + 1) * seq_len] for w in chosen])
-    return Calibration(tokens=tokens, source=str(loaded.path), sha256=loaded.sha256, text_tokens=stream.numel(),
-                       requested_samples=samples, warnings=warnings, text=loaded)
+    return Calibration(
+        tokens=tokens,
+        source=str(loaded.path),
+        sha256=loaded.sha256,
+        text_tokens=stream.numel(),
+        requested_samples=samples,
+        warnings=warnings,
+        text=loaded,
+    )

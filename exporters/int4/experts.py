@@ -50,12 +50,16 @@ class Routed:
 def check_module(module: nn.Module, name: str) -> None:
     for attribute in ("gate_up_proj", "down_proj", "act_fn", "num_experts"):
         if not hasattr(module, attribute):
-            raise MergeqError(f"{name} ({type(module).__name__}) has no {attribute}: not a fused experts module "
-                              "the int4 engine knows (gate_up_proj [E, 2I, H], down_proj [E, H, I])")
+            raise MergeqError(
+                f"{name} ({type(module).__name__}) has no {attribute}: not a fused experts module "
+                "the int4 engine knows (gate_up_proj [E, 2I, H], down_proj [E, H, I])"
+            )
     for attribute in ("gate_up_proj_bias", "down_proj_bias"):
         if getattr(module, attribute, None) is not None:
-            raise MergeqError(f"{name} ({type(module).__name__}) has expert biases, which the int4 engine does "
-                              "not quantize", hint="leave this model unquantized or use another tool")
+            raise MergeqError(
+                f"{name} ({type(module).__name__}) has expert biases, which the int4 engine does not quantize",
+                hint="leave this model unquantized or use another tool",
+            )
 
 
 def _gate_up(module, e: int) -> torch.Tensor:
@@ -115,17 +119,25 @@ def gptq_solver(scheme: QuantScheme, given, block_size: int, where: str):
         for x in inputs:
             acc.add(x)
         try:
-            return gptq_quantize(weight.to(torch.float32), acc.value(), scheme, damp_percent=given.damp_percent,
-                                 act_order="dynamic" if given.desc_act else given.act_order, block_size=block_size)
+            return gptq_quantize(
+                weight.to(torch.float32),
+                acc.value(),
+                scheme,
+                damp_percent=given.damp_percent,
+                act_order="dynamic" if given.desc_act else given.act_order,
+                block_size=block_size,
+            )
         except RuntimeError as exc:
-            raise MergeqError(f"GPTQ failed on {where}: {exc}",
-                              hint="raise --damp-percent (e.g. 0.1), or check the calibration text") from exc
+            raise MergeqError(
+                f"GPTQ failed on {where}: {exc}", hint="raise --damp-percent (e.g. 0.1), or check the calibration text"
+            ) from exc
 
     return solve
 
 
-def awq_down(module, routed: Routed, scheme: QuantScheme, grid: int, sketch_rows: int, seed: int,
-             shared: torch.Tensor) -> tuple[dict, list[int], dict]:
+def awq_down(
+    module, routed: Routed, scheme: QuantScheme, grid: int, sketch_rows: int, seed: int, shared: torch.Tensor
+) -> tuple[dict, list[int], dict]:
     """AWQ for every expert's down matrix (its input scale folds into the expert's up rows), then rounding
     of every expert's gate/up and down. Call after the shared input's scale `shared` is folded (the captured
     inputs predate it: they are divided by it here)."""

@@ -91,8 +91,9 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
     warnings: list[str] = []
 
     if options.samples < 1 or options.seq_len < 2:
-        raise MergeqError(f"--samples {options.samples} --seq-len {options.seq_len}: "
-                          "need at least 1 sample of 2 tokens")
+        raise MergeqError(
+            f"--samples {options.samples} --seq-len {options.seq_len}: need at least 1 sample of 2 tokens"
+        )
     if options.method != "rtn" and options.calib is not None and not split_column(options.calib)[0].is_file():
         raise MergeqError(f"calibration file {options.calib} not found", hint=f"pass --calib FILE ({FORMATS_HELP})")
     if options.method == "awq" and options.desc_act:
@@ -102,7 +103,8 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
             "--desc-act with --format compressed-tensors: groups in activation order (actorder 'group') were "
             "removed from compressed-tensors, which now refuses such checkpoints",
             hint="drop --desc-act (the default --act-order static already quantizes columns in activation order, "
-                 "compressed-tensors' 'weight' order), or use --format native")
+            "compressed-tensors' 'weight' order), or use --format native",
+        )
     if options.method == "awq" and options.format == "native" and options.bits != 4:
         raise MergeqError(f"--bits {options.bits}: vLLM's AWQ kernels take 4-bit weights only", hint="use --bits 4")
     resolve_device(options.device)
@@ -122,15 +124,19 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
     prediction = kernels.predict_kernels(config, arch, options.format_name, scheme, options.desc_act)
     tp1 = prediction["tp"]["1"]
     if not tp1["ok"] and not prediction["refused"]:  # a refusal of the whole format is a warning below
-        hint = "use --sym, or the native format" if options.format == "compressed-tensors" and not sym else \
-            "choose a --group-size that divides every in_features, or another --format"
+        hint = (
+            "use --sym, or the native format"
+            if options.format == "compressed-tensors" and not sym
+            else "choose a --group-size that divides every in_features, or another --format"
+        )
         raise MergeqError("vLLM would refuse this checkpoint on one GPU: " + "; ".join(tp1["problems"]), hint=hint)
     for problem in tp1["problems"]:
         warnings.append(f"vLLM at TP 1: {problem}")
     if prediction["refused"]:
         warnings.append(f"vLLM will not load this checkpoint: {prediction['refused']} (transformers/GPTQModel do)")
-    return Plan(scheme=scheme, format_name=options.format_name, prediction=prediction, warnings=warnings,
-                choices=choices)
+    return Plan(
+        scheme=scheme, format_name=options.format_name, prediction=prediction, warnings=warnings, choices=choices
+    )
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -195,8 +201,10 @@ def export_int4(model_dir: Path, out_dir: Path, options: Int4Options) -> Artifac
 
 def _check_output(model_dir: Path, out_dir: Path) -> None:
     if not _replaceable(out_dir):
-        raise MergeqError(f"{out_dir} exists and is not an int4 checkpoint written by mergeq",
-                          hint="choose another --out or remove it")
+        raise MergeqError(
+            f"{out_dir} exists and is not an int4 checkpoint written by mergeq",
+            hint="choose another --out or remove it",
+        )
     if model_dir.resolve() == out_dir.resolve():
         raise MergeqError("--out must differ from --model")
 
@@ -206,25 +214,29 @@ def calibrate(model_dir: Path, options: Int4Options) -> Calibration | None:
     if options.method == "rtn":
         return None
     if options.calib is None:
-        raise MergeqError(f"no calibration text given ({FORMATS_HELP})",
-                          hint="pass --calib FILE (or `calib` in the config): text like what the model will see "
-                               "in use; `demo` names the demo's calibration text")
+        raise MergeqError(
+            f"no calibration text given ({FORMATS_HELP})",
+            hint="pass --calib FILE (or `calib` in the config): text like what the model will see "
+            "in use; `demo` names the demo's calibration text",
+        )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return load_calibration(options.calib, tokenizer, options.samples, options.seq_len)
 
 
-def quantize(model_dir: Path, out_dir: Path, tmp: Path, options: Int4Options, the_plan: Plan,
-             calibration: Calibration | None) -> tuple[StreamResult, FormatSink]:
+def quantize(
+    model_dir: Path, out_dir: Path, tmp: Path, options: Int4Options, the_plan: Plan, calibration: Calibration | None
+) -> tuple[StreamResult, FormatSink]:
     """Every decoder layer quantized in turn, its tensors written to shards under tmp in the plan's format
     (each finished layer also saved beside out_dir, so a killed export resumes at the next layer)."""
     engine = EngineOptions(given=options, scheme=the_plan.scheme)
     writer = ShardWriter(tmp, max_shard_bytes=SHARD_BYTES)
     sink = FormatSink(FORMATS[the_plan.format_name], writer, the_plan.scheme, options.desc_act)
     tokens = None if calibration is None else calibration.tokens
-    result = quantize_streaming(model_dir, tokens, engine, sink,
-                                checkpoints=layer_checkpoints(model_dir, out_dir, tokens, engine))
+    result = quantize_streaming(
+        model_dir, tokens, engine, sink, checkpoints=layer_checkpoints(model_dir, out_dir, tokens, engine)
+    )
     writer.finish()
     return result, sink
 
@@ -234,15 +246,19 @@ def layer_checkpoints(model_dir: Path, out_dir: Path, tokens, engine: EngineOpti
     beside the output and is named by the inputs' key, not by the output's (temporary) name: the pipeline's
     stage writes into a new temporary folder on every attempt. It is removed when the export finishes."""
     key = inputs_key(model_dir, tokens, {"engine": asdict(engine), "version": VERSION})
-    return LayerCheckpoints(Path(out_dir).parent / f".mergeq-int4-resume-{key[:20]}", key,
-                            int(read_model_config(model_dir)["num_hidden_layers"]))
+    return LayerCheckpoints(
+        Path(out_dir).parent / f".mergeq-int4-resume-{key[:20]}",
+        key,
+        int(read_model_config(model_dir)["num_hidden_layers"]),
+    )
 
 
 def write(model_dir: Path, tmp: Path, options: Int4Options, the_plan: Plan) -> list[str]:
     """config.json with the quantization config, the format's side files, the tokenizer and other small files."""
     fmt = FORMATS[the_plan.format_name]
-    qconfig = fmt.quantization_config(the_plan.scheme, options.desc_act,
-                                      options.damp_percent if options.method == "gptq" else None)
+    qconfig = fmt.quantization_config(
+        the_plan.scheme, options.desc_act, options.damp_percent if options.method == "gptq" else None
+    )
     out_config = dict(read_model_config(model_dir))
     out_config["quantization_config"] = qconfig
     out_config["dtype"] = "float16"
@@ -254,9 +270,18 @@ def write(model_dir: Path, tmp: Path, options: Int4Options, the_plan: Plan) -> l
     return copy_aux_files([model_dir], tmp)
 
 
-def report(model_dir: Path, out_dir: Path, options: Int4Options, the_plan: Plan, calibration: Calibration | None,
-           result: StreamResult, sink: FormatSink, copied: list[str], size_bytes: int,
-           seconds: float) -> ArtifactReport:
+def report(
+    model_dir: Path,
+    out_dir: Path,
+    options: Int4Options,
+    the_plan: Plan,
+    calibration: Calibration | None,
+    result: StreamResult,
+    sink: FormatSink,
+    copied: list[str],
+    size_bytes: int,
+    seconds: float,
+) -> ArtifactReport:
     source = TensorSource(model_dir)
     total_params = sum(_numel(source.shape(n)) for n in source.names())
     source.close()
@@ -291,8 +316,9 @@ def report(model_dir: Path, out_dir: Path, options: Int4Options, the_plan: Plan,
         extra["awq_mean_alpha"] = round(sum(alphas) / len(alphas), 4) if alphas else None
     if calibration is not None:
         extra.update(calibration.describe())
-    warnings = (list(the_plan.warnings) + (calibration.warnings if calibration else []) + the_plan.choices
-                + result.warnings)
+    warnings = (
+        list(the_plan.warnings) + (calibration.warnings if calibration else []) + the_plan.choices + result.warnings
+    )
     return ArtifactReport(
         format=options.method if options.method != "rtn" else "gptq",
         quant=the_plan.scheme.label,

@@ -57,13 +57,13 @@ class ExpertLayout:
     def to_module(self, name: str) -> str:
         for disk, module in self.renames:
             if name.startswith(disk):
-                return module + name[len(disk):]
+                return module + name[len(disk) :]
         return name
 
     def to_disk(self, name: str) -> str:
         for disk, module in self.renames:
             if name.startswith(module):
-                return disk + name[len(module):]
+                return disk + name[len(module) :]
         return name
 
 
@@ -106,24 +106,43 @@ FAMILIES: tuple[Family, ...] = (
     # q_norm/k_norm act on q_proj/k_proj's outputs per head: the input norm still folds into q, k, v
     Family("qwen3", ("Qwen3ForCausalLM",), LLAMA_FOLDS),
     # x * (1 + w) norms; post_attention_layernorm and post_feedforward_layernorm act on outputs (sandwich norms)
-    Family("gemma2", ("Gemma2ForCausalLM",), GEMMA_FOLDS,
-           awq_notes=(SANDWICH,)),
-    Family("gemma3", ("Gemma3ForCausalLM",), GEMMA_FOLDS,
-           awq_notes=(SANDWICH,)),
-    Family("phi3", ("Phi3ForCausalLM",),
-           (Fold("self_attn.qkv_proj", "input_layernorm", "norm"),
+    Family("gemma2", ("Gemma2ForCausalLM",), GEMMA_FOLDS, awq_notes=(SANDWICH,)),
+    Family("gemma3", ("Gemma3ForCausalLM",), GEMMA_FOLDS, awq_notes=(SANDWICH,)),
+    Family(
+        "phi3",
+        ("Phi3ForCausalLM",),
+        (
+            Fold("self_attn.qkv_proj", "input_layernorm", "norm"),
             Fold("self_attn.o_proj", "self_attn.qkv_proj", "linear", chunks=3),
             Fold("mlp.gate_up_proj", "post_attention_layernorm", "norm"),
-            Fold("mlp.down_proj", "mlp.gate_up_proj", "linear", chunks=2))),
-    Family("olmo2", ("Olmo2ForCausalLM",),
-           (Fold("self_attn.o_proj", "self_attn.v_proj", "linear"), Fold("mlp.down_proj", "mlp.up_proj", "linear")),
-           awq_notes=(("OLMo 2 normalizes sublayer outputs (post-norm): q/k/v and gate/up read the raw residual "
-                       "stream, which no single module produces, so their scales are not folded (scale 1, clipped)"),)),
-    Family("mixtral", ("MixtralForCausalLM",), MOE_FOLDS,
-           experts=ExpertLayout("mlp.experts", "block_sparse_moe.experts", "w1", "w3", "w2",
-                                renames=(("block_sparse_moe.", "mlp."),))),
-    Family("qwen3_moe", ("Qwen3MoeForCausalLM",), MOE_FOLDS + _mlp_folds(),
-           experts=ExpertLayout("mlp.experts", "mlp.experts", "gate_proj", "up_proj", "down_proj")),
+            Fold("mlp.down_proj", "mlp.gate_up_proj", "linear", chunks=2),
+        ),
+    ),
+    Family(
+        "olmo2",
+        ("Olmo2ForCausalLM",),
+        (Fold("self_attn.o_proj", "self_attn.v_proj", "linear"), Fold("mlp.down_proj", "mlp.up_proj", "linear")),
+        awq_notes=(
+            (
+                "OLMo 2 normalizes sublayer outputs (post-norm): q/k/v and gate/up read the raw residual "
+                "stream, which no single module produces, so their scales are not folded (scale 1, clipped)"
+            ),
+        ),
+    ),
+    Family(
+        "mixtral",
+        ("MixtralForCausalLM",),
+        MOE_FOLDS,
+        experts=ExpertLayout(
+            "mlp.experts", "block_sparse_moe.experts", "w1", "w3", "w2", renames=(("block_sparse_moe.", "mlp."),)
+        ),
+    ),
+    Family(
+        "qwen3_moe",
+        ("Qwen3MoeForCausalLM",),
+        MOE_FOLDS + _mlp_folds(),
+        experts=ExpertLayout("mlp.experts", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+    ),
 )
 
 
@@ -143,7 +162,8 @@ def require_awq(family: Family) -> None:
         raise MergeqError(
             f"AWQ has no scale-fold map for {family.name}: where its scales may fold is not known",
             hint=f"use GPTQ (`mergeq export gptq`), which works without one; AWQ knows {known} "
-                 "(a map is one entry in exporters/int4/families.py)")
+            "(a map is one entry in exporters/int4/families.py)",
+        )
 
 
 def excluded(family: Family, name: str, patterns: tuple[str, ...] = ()) -> bool:

@@ -108,8 +108,13 @@ class GptqFormat:
             g_idx = get(f"{prefix}.g_idx").to(torch.int32)
         else:
             g_idx = default_g_idx(in_features, int(qconfig.get("group_size", -1)))
-        return QuantizedLinear(codes=codes.contiguous(), scales=scales.t().contiguous(), zeros=zeros.contiguous(),
-                               g_idx=g_idx, bias=_optional(get, f"{prefix}.bias", names))
+        return QuantizedLinear(
+            codes=codes.contiguous(),
+            scales=scales.t().contiguous(),
+            zeros=zeros.contiguous(),
+            g_idx=g_idx,
+            bias=_optional(get, f"{prefix}.bias", names),
+        )
 
 
 class AwqFormat:
@@ -163,9 +168,13 @@ class AwqFormat:
         zeros = unpack_last(get(f"{prefix}.qzeros"), bits, order).t()
         scales = get(f"{prefix}.scales").t()
         in_features = codes.shape[1]
-        return QuantizedLinear(codes=codes.contiguous(), scales=scales.contiguous(), zeros=zeros.contiguous(),
-                               g_idx=default_g_idx(in_features, group_size),
-                               bias=_optional(get, f"{prefix}.bias", names))
+        return QuantizedLinear(
+            codes=codes.contiguous(),
+            scales=scales.contiguous(),
+            zeros=zeros.contiguous(),
+            g_idx=default_g_idx(in_features, group_size),
+            bias=_optional(get, f"{prefix}.bias", names),
+        )
 
 
 class CompressedTensorsFormat:
@@ -181,8 +190,10 @@ class CompressedTensorsFormat:
 
     def linear_tensors(self, prefix: str, q: QuantizedLinear, scheme: QuantScheme, desc_act: bool) -> dict:
         if desc_act:
-            raise MergeqError("compressed-tensors removed groups in activation order (actorder 'group')",
-                              hint="drop --desc-act, or use --format native")
+            raise MergeqError(
+                "compressed-tensors removed groups in activation order (actorder 'group')",
+                hint="drop --desc-act, or use --format native",
+            )
         out_features, in_features = q.codes.shape
         tensors = {
             f"{prefix}.weight_packed": pack_last(q.codes, scheme.bits),
@@ -250,8 +261,13 @@ class CompressedTensorsFormat:
         else:
             group_size = weights.get("group_size") or -1
             g_idx = default_g_idx(in_features, int(group_size) if weights.get("strategy") == "group" else -1)
-        return QuantizedLinear(codes=codes.contiguous(), scales=scales.contiguous(), zeros=zeros.contiguous(),
-                               g_idx=g_idx, bias=_optional(get, f"{prefix}.bias", names))
+        return QuantizedLinear(
+            codes=codes.contiguous(),
+            scales=scales.contiguous(),
+            zeros=zeros.contiguous(),
+            g_idx=g_idx,
+            bias=_optional(get, f"{prefix}.bias", names),
+        )
 
 
 FORMATS = {"gptq": GptqFormat(), "awq": AwqFormat(), "compressed-tensors": CompressedTensorsFormat()}
@@ -272,16 +288,20 @@ def format_of(qconfig: dict):
         raise MergeqError(f"AWQ version {qconfig.get('version')!r} is not supported", hint="mergeq reads version gemm")
     if method in ("gptq", "awq"):
         return FORMATS[method]
-    raise MergeqError(f"quantization_config quant_method {method!r} is not supported",
-                      hint="mergeq reads gptq, awq (gemm) and compressed-tensors (pack-quantized)")
+    raise MergeqError(
+        f"quantization_config quant_method {method!r} is not supported",
+        hint="mergeq reads gptq, awq (gemm) and compressed-tensors (pack-quantized)",
+    )
 
 
 def quantization_config_of(model_dir: Path) -> dict:
     config = read_model_config(model_dir)
     qconfig = config.get("quantization_config")
     if not qconfig:
-        raise MergeqError(f"{Path(model_dir) / 'config.json'} has no quantization_config",
-                          hint="this is not a gptq, awq or compressed-tensors checkpoint")
+        raise MergeqError(
+            f"{Path(model_dir) / 'config.json'} has no quantization_config",
+            hint="this is not a gptq, awq or compressed-tensors checkpoint",
+        )
     return qconfig
 
 
@@ -300,8 +320,9 @@ def read_quantized(model_dir: Path) -> tuple[dict[str, QuantizedLinear], dict[st
     return linears, plain
 
 
-def dequantized_state_dict(model_dir: Path, dtype: torch.dtype | None = None, *,
-                           module_names: bool = False) -> dict[str, torch.Tensor]:
+def dequantized_state_dict(
+    model_dir: Path, dtype: torch.dtype | None = None, *, module_names: bool = False
+) -> dict[str, torch.Tensor]:
     """A plain state dict with the original Hugging Face names (`...q_proj.weight`, biases, norms,
     embeddings), with every quantized linear reconstructed from the packed tensors on disk.
 

@@ -72,8 +72,11 @@ def linear_shapes(config: dict, arch=None) -> list[LinearShape]:
                 inter, hidden = module.down_proj.shape[-1], module.gate_up_proj.shape[-1]
                 for shape in (LinearShape(f"{name}.w13", hidden, 2 * inter), LinearShape(f"{name}.w2", inter, hidden)):
                     shapes.setdefault((shape.name, shape.in_features, shape.out_features), shape)
-            elif isinstance(module, nn.Linear) and not excluded(family, name) and not (
-                    experts and name.startswith(experts + ".")):
+            elif (
+                isinstance(module, nn.Linear)
+                and not excluded(family, name)
+                and not (experts and name.startswith(experts + "."))
+            ):
                 key = (name, module.in_features, module.out_features)
                 shapes.setdefault(key, LinearShape(name, module.in_features, module.out_features))
     return list(shapes.values())
@@ -93,8 +96,10 @@ def meta_model(config: dict):
     try:
         hf_config = AutoConfig.for_model(model_type, **values)
     except (KeyError, ValueError) as exc:
-        raise MergeqError(f"transformers does not know model_type {model_type!r}: {exc}",
-                          hint="upgrade transformers, or leave this model unquantized") from exc
+        raise MergeqError(
+            f"transformers does not know model_type {model_type!r}: {exc}",
+            hint="upgrade transformers, or leave this model unquantized",
+        ) from exc
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
 
@@ -107,7 +112,7 @@ def check_group_size(shapes: list[LinearShape], scheme: QuantScheme, layers: int
         return
     fits = [g for g in (128, 64, 32) if all(s.in_features % g == 0 for s in shapes)]
     listing = ", ".join(f"model.layers.[0-{layers - 1}].{s.name} (in_features {s.in_features})" for s in bad)
-    hint = (f"use --group-size {fits[0]}" if fits else "use --group-size -1 (one group per output channel)")
+    hint = f"use --group-size {fits[0]}" if fits else "use --group-size -1 (one group per output channel)"
     raise MergeqError(f"--group-size {scheme.group_size} does not divide the in_features of {listing}", hint=hint)
 
 
@@ -150,8 +155,9 @@ def fused_layers(shapes: dict[str, LinearShape]) -> dict[str, tuple[str, tuple[s
     return layers
 
 
-def expert_kernel(config: dict, shapes: dict[str, LinearShape], scheme: QuantScheme, tp: int,
-                  cc: int) -> tuple[str, str | None]:
+def expert_kernel(
+    config: dict, shapes: dict[str, LinearShape], scheme: QuantScheme, tp: int, cc: int
+) -> tuple[str, str | None]:
     """vLLM's fused-MoE kernel for the experts (check_moe_marlin_supports_config with tile padding, as
     auto_gptq, auto_awq and compressed-tensors WNA16 call it): Marlin MoE when the hidden size is a multiple
     of 128, the group size is Marlin's and the intermediate size per TP partition is a whole number of
@@ -182,8 +188,10 @@ def refusal(fmt_name: str, scheme: QuantScheme, desc_act: bool) -> str | None:
     """Why vLLM refuses the checkpoint on every GPU, whatever the shapes; None if it does not."""
     if fmt_name == "gptq":
         if not scheme.sym or scheme.bits not in (4, 8):
-            return (f"vLLM {VLLM_VERSION} loads only symmetric 4- or 8-bit GPTQ (auto_gptq); this is "
-                    f"{'a' if scheme.sym else 'an a'}symmetric {scheme.bits}-bit checkpoint")
+            return (
+                f"vLLM {VLLM_VERSION} loads only symmetric 4- or 8-bit GPTQ (auto_gptq); this is "
+                f"{'a' if scheme.sym else 'an a'}symmetric {scheme.bits}-bit checkpoint"
+            )
         if desc_act and scheme.group_size != -1:
             return f"vLLM {VLLM_VERSION} no longer loads GPTQ with activation-order groups (desc_act)"
         if scheme.group_size not in MARLIN_GROUP_SIZES:
@@ -193,8 +201,9 @@ def refusal(fmt_name: str, scheme: QuantScheme, desc_act: bool) -> str | None:
     return None
 
 
-def _partition(config: dict, shapes: dict[str, LinearShape], split: str, members: tuple[str, ...],
-               tp: int) -> tuple[int, int, int, str | None]:
+def _partition(
+    config: dict, shapes: dict[str, LinearShape], split: str, members: tuple[str, ...], tp: int
+) -> tuple[int, int, int, str | None]:
     """(out per partition, in per partition, full in, problem) of a fused vLLM layer at TP size `tp`."""
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
@@ -319,8 +328,10 @@ def layer_kernel(fmt_name: str, layer: _Layer, cc: int) -> tuple[str, str | None
         return "none", f"Marlin cannot take it ({why}), nor the AWQ GEMM kernel ({gemm})"
     if fmt_name == "compressed-tensors" and layer.group != -1 and layer.in_part % layer.group:
         # its WNA16 scheme splits the scales with the input and refuses a group straddling the split
-        return "none", (f"compressed-tensors: in_features per partition {layer.in_part} is not a multiple of the "
-                        f"group size {layer.group}")
+        return "none", (
+            f"compressed-tensors: in_features per partition {layer.in_part} is not a multiple of the "
+            f"group size {layer.group}"
+        )
     for name, check in _MP_KERNELS:
         if (why := check(layer, cc)) is None:
             slower = name not in ("machete", "marlin") or (name == "marlin" and cc == 90)
@@ -339,8 +350,13 @@ def predict_kernels(config: dict, arch, fmt_name: str, scheme: QuantScheme, desc
     layers = fused_layers(shapes)
     refused = refusal(fmt_name, scheme, desc_act)
     zero_points = not scheme.sym
-    result = {"method": vllm_method(fmt_name, scheme), "vllm": VLLM_VERSION, "refused": refused,
-              "min_capability": {"format": FORMAT_MIN_CAPABILITY, **KERNEL_MIN_CAPABILITY}, "tp": {}}
+    result = {
+        "method": vllm_method(fmt_name, scheme),
+        "vllm": VLLM_VERSION,
+        "refused": refused,
+        "min_capability": {"format": FORMAT_MIN_CAPABILITY, **KERNEL_MIN_CAPABILITY},
+        "tp": {},
+    }
     for tp in TP_SIZES:
         problems: list[str] = [refused] if refused else []
         if (whole := model_problem(config, tp)) is not None:
@@ -371,8 +387,12 @@ def predict_kernels(config: dict, arch, fmt_name: str, scheme: QuantScheme, desc
                     if note not in problems:
                         problems.append(note)
         kernels = by_gpu[FASTEST_GPU]
-        result["tp"][str(tp)] = {"ok": all(k != "none" for k in kernels.values()), "kernels": kernels,
-                                 "by_gpu": by_gpu, "problems": problems}
+        result["tp"][str(tp)] = {
+            "ok": all(k != "none" for k in kernels.values()),
+            "kernels": kernels,
+            "by_gpu": by_gpu,
+            "problems": problems,
+        }
     return result
 
 

@@ -194,8 +194,9 @@ def _check_units(layer: nn.Module, units: list[Unit], scheme: QuantScheme, prefi
             sizes = {name: _linear(layer, name).in_features for name in unit.names}
         for name, in_features in sizes.items():
             if in_features % scheme.group_size:
-                raise MergeqError(f"{prefix}{name}: in_features {in_features} is not divisible by --group-size "
-                                  f"{scheme.group_size}")
+                raise MergeqError(
+                    f"{prefix}{name}: in_features {in_features} is not divisible by --group-size {scheme.group_size}"
+                )
 
 
 def _experts_name(layer: nn.Module, family: Family) -> str | None:
@@ -231,9 +232,11 @@ def _check_nothing_left(layer: nn.Module, linears: dict[str, nn.Linear], experts
         owned |= {f"{experts}.gate_up_proj", f"{experts}.down_proj"}
     for name, parameter in layer.named_parameters():
         if parameter.dim() >= 3 and name not in owned:
-            raise MergeqError(f"{prefix}{name} is a {parameter.dim()}-D weight ({type(layer).__name__}) the int4 "
-                              "engine does not know how to quantize: stacked experts need an expert layout",
-                              hint="add the family to exporters/int4/families.py, or leave this model unquantized")
+            raise MergeqError(
+                f"{prefix}{name} is a {parameter.dim()}-D weight ({type(layer).__name__}) the int4 "
+                "engine does not know how to quantize: stacked experts need an expert layout",
+                hint="add the family to exporters/int4/families.py, or leave this model unquantized",
+            )
 
 
 def find_units(layer: nn.Module, hidden: list[torch.Tensor], ctx: LayerContext) -> list[Unit]:
@@ -331,8 +334,11 @@ def _add_experts(quantized: dict, family: Family, per_expert: dict) -> None:
 def _idle_note(ctx: LayerContext, idle: list[int], info: dict) -> None:
     if idle:
         info["idle_experts"] = idle
-        log.warning("decoder layer %d: experts %s received no calibration tokens: rounded to nearest without "
-                    "calibration", ctx.layer_index, idle)
+        log.warning(
+            "decoder layer %d: experts %s received no calibration tokens: rounded to nearest without calibration",
+            ctx.layer_index,
+            idle,
+        )
 
 
 def _rtn_layer(layer, hidden, ctx: LayerContext, units: list[Unit]):
@@ -387,8 +393,11 @@ def _gptq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext, units: lis
         inputs.clear()
     if idle_linears:
         info["idle_linears"] = idle_linears
-        log.warning("decoder layer %d: %s received no calibration input: rounded to nearest", ctx.layer_index,
-                    ", ".join(idle_linears))
+        log.warning(
+            "decoder layer %d: %s received no calibration input: rounded to nearest",
+            ctx.layer_index,
+            ", ".join(idle_linears),
+        )
     outputs = [ctx.call(layer, h, i) for i, h in enumerate(hidden)]
     return outputs, quantized, info
 
@@ -459,8 +468,15 @@ def _awq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext, units: list
     for index, unit in enumerate(units):
         if unit.experts:
             module = layer.get_submodule(unit.name)
-            per_expert, idle, alphas = moe.awq_down(module, routed[unit.name], opts.scheme, AWQ_GRID, AWQ_SKETCH_ROWS,
-                                                    seed=1000 * (index + 1), shared=scales[unit.name])
+            per_expert, idle, alphas = moe.awq_down(
+                module,
+                routed[unit.name],
+                opts.scheme,
+                AWQ_GRID,
+                AWQ_SKETCH_ROWS,
+                seed=1000 * (index + 1),
+                shared=scales[unit.name],
+            )
             _add_experts(quantized, family, per_expert)
             info["expert_down_alpha"] = alphas
             _idle_note(ctx, idle, info)
@@ -492,11 +508,13 @@ def _fold(layer, fold: Fold, s: torch.Tensor) -> str | None:
     if rows != fold.chunks * s.shape[0]:
         for name in fold.also_scale:
             layer.get_submodule(name).weight.data.div_(s[None, :])
-        return (f"{fold.into} has {rows} output rows, not {fold.chunks} x {s.shape[0]} "
-                "(fewer key/value heads than query heads): scale not folded")
-    producer.weight.data[rows - s.shape[0]:].div_(s[:, None])
+        return (
+            f"{fold.into} has {rows} output rows, not {fold.chunks} x {s.shape[0]} "
+            "(fewer key/value heads than query heads): scale not folded"
+        )
+    producer.weight.data[rows - s.shape[0] :].div_(s[:, None])
     if getattr(producer, "bias", None) is not None:
-        producer.bias.data[rows - s.shape[0]:].div_(s)
+        producer.bias.data[rows - s.shape[0] :].div_(s)
     return None
 
 
@@ -507,18 +525,25 @@ def _verify_folds(layer, hidden: torch.Tensor, expected: torch.Tensor, ctx: Laye
     error = (got - expected).norm(dim=-1) / expected.norm(dim=-1).clamp(min=1e-6)
     bad = float((error > FOLD_TOLERANCE).float().mean())
     if bad > 0.01:
-        raise MergeqError(f"AWQ's scale folding changed the output of decoder layer {ctx.layer_index} "
-                          f"({bad:.1%} of tokens, worst relative change {float(error.max()):.3g}): the "
-                          f"{ctx.the_family.name} fold map in exporters/int4/families.py is wrong for this model",
-                          hint="use GPTQ, which needs no fold map")
+        raise MergeqError(
+            f"AWQ's scale folding changed the output of decoder layer {ctx.layer_index} "
+            f"({bad:.1%} of tokens, worst relative change {float(error.max()):.3g}): the "
+            f"{ctx.the_family.name} fold map in exporters/int4/families.py is wrong for this model",
+            hint="use GPTQ, which needs no fold map",
+        )
 
 
 # ------------------------------------------------------------------------------------------- whole model
 
 
-def quantize_streaming(model_dir: Path, tokens: torch.Tensor | None, options: EngineOptions, sink: Sink,
-                       output_dtype: torch.dtype = torch.float16,
-                       checkpoints: LayerCheckpoints | None = None) -> StreamResult:
+def quantize_streaming(
+    model_dir: Path,
+    tokens: torch.Tensor | None,
+    options: EngineOptions,
+    sink: Sink,
+    output_dtype: torch.dtype = torch.float16,
+    checkpoints: LayerCheckpoints | None = None,
+) -> StreamResult:
     """Quantize every decoder layer of `model_dir` and send every output tensor to `sink`.
 
     `tokens`: calibration samples [N, L] (None for RTN, which needs none). `checkpoints`: where each finished
@@ -559,8 +584,9 @@ def quantize_streaming(model_dir: Path, tokens: torch.Tensor | None, options: En
             _send(sink, checkpoints.load(index), prefix, result)
             continue
         layer = skeleton.load_layer(index)
-        ctx = LayerContext(options=options, family=family, calls=calls[index] if needs_data else None,
-                           layer_index=index, prefix=prefix)
+        ctx = LayerContext(
+            options=options, family=family, calls=calls[index] if needs_data else None, layer_index=index, prefix=prefix
+        )
         source.close()  # unmap what this layer read, so resident memory stays one layer deep
         outputs, quantized, info = quantize_layer(layer, hidden, ctx)
         done = LayerOutput(quantized={skeleton.disk_name(n): _to_cpu(q) for n, q in quantized.items()}, info=info)
@@ -596,9 +622,12 @@ def _send(sink: Sink, done: LayerOutput, prefix: str, result: StreamResult) -> N
 
 
 def _warnings(layer_info: list[dict], family: Family, method: str) -> list[str]:
-    warnings = [f"decoder layer {index}: experts {info['idle_experts']} received no calibration tokens and were "
-                "rounded to nearest (pass more or more varied calibration text)"
-                for index, info in enumerate(layer_info) if info.get("idle_experts")]
+    warnings = [
+        f"decoder layer {index}: experts {info['idle_experts']} received no calibration tokens and were "
+        "rounded to nearest (pass more or more varied calibration text)"
+        for index, info in enumerate(layer_info)
+        if info.get("idle_experts")
+    ]
     notes = sorted({why for info in layer_info for why in info.get("not_folded", {}).values()})
     warnings += [f"AWQ: {why}" for why in notes]
     if method == "awq":
@@ -607,8 +636,13 @@ def _warnings(layer_info: list[dict], family: Family, method: str) -> list[str]:
 
 
 def _to_cpu(q: QuantizedLinear) -> QuantizedLinear:
-    return QuantizedLinear(codes=q.codes.cpu(), scales=q.scales.cpu(), zeros=q.zeros.cpu(), g_idx=q.g_idx.cpu(),
-                           bias=None if q.bias is None else q.bias.cpu())
+    return QuantizedLinear(
+        codes=q.codes.cpu(),
+        scales=q.scales.cpu(),
+        zeros=q.zeros.cpu(),
+        g_idx=q.g_idx.cpu(),
+        bias=None if q.bias is None else q.bias.cpu(),
+    )
 
 
 def _to_output(tensor: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -617,8 +651,10 @@ def _to_output(tensor: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Ten
         return tensor
     converted = tensor.to(dtype)
     if not torch.isfinite(converted).all() and torch.isfinite(tensor).all():
-        raise MergeqError(f"tensor {name} overflows {dtype} (largest magnitude {float(tensor.abs().max()):g})",
-                          hint="vLLM's int4 kernels run in float16; this checkpoint's values do not fit")
+        raise MergeqError(
+            f"tensor {name} overflows {dtype} (largest magnitude {float(tensor.abs().max()):g})",
+            hint="vLLM's int4 kernels run in float16; this checkpoint's values do not fit",
+        )
     return converted
 
 

@@ -54,8 +54,9 @@ def inputs_key(model_dir: Path, tokens: torch.Tensor | None, options: dict) -> s
     if tokens is not None:
         digest.update(str(tuple(tokens.shape)).encode())
         digest.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
-    digest.update(json.dumps({**options, "torch_threads": torch.get_num_threads()}, sort_keys=True,
-                             default=str).encode())
+    digest.update(
+        json.dumps({**options, "torch_threads": torch.get_num_threads()}, sort_keys=True, default=str).encode()
+    )
     return digest.hexdigest()
 
 
@@ -78,8 +79,11 @@ class LayerCheckpoints:
         done = int(state.get("done", 0))
         missing = [i for i in range(done) if not self._layer_path(i).is_file()]
         if missing or (done and not self._hidden_path(done - 1).is_file() and done < self.layers):
-            log.warning("%s: checkpoint files are missing (layers %s); starting again from layer 0",
-                        self.directory, missing[:5] or [done - 1])
+            log.warning(
+                "%s: checkpoint files are missing (layers %s); starting again from layer 0",
+                self.directory,
+                missing[:5] or [done - 1],
+            )
             return 0
         return done
 
@@ -150,4 +154,3 @@ class LayerCheckpoints:
 
     def _hidden_path(self, index: int) -> Path:
         return self.directory / f"hidden-{index:05d}.safetensors"
-

@@ -99,12 +99,17 @@ class Skeleton:
     def _find_layers(self, model_dir: Path) -> tuple[str, nn.ModuleList]:
         text = self.hf_config.get_text_config() if hasattr(self.hf_config, "get_text_config") else self.hf_config
         count = int(text.num_hidden_layers)
-        found = [(name, module) for name, module in self.model.named_modules()
-                 if isinstance(module, nn.ModuleList) and len(module) == count and name.endswith("layers")]
+        found = [
+            (name, module)
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.ModuleList) and len(module) == count and name.endswith("layers")
+        ]
         if len(found) != 1:
-            raise MergeqError(f"{model_dir}: cannot tell the decoder layers of {type(self.model).__name__} "
-                              f"({len(found)} lists of {count} modules)",
-                              hint="the int4 exporters take decoder-only causal LMs with one list of layers")
+            raise MergeqError(
+                f"{model_dir}: cannot tell the decoder layers of {type(self.model).__name__} "
+                f"({len(found)} lists of {count} modules)",
+                hint="the int4 exporters take decoder-only causal LMs with one list of layers",
+            )
         return found[0]
 
     @property
@@ -122,16 +127,16 @@ class Skeleton:
         embedding = self.model.get_input_embeddings()
         embed_name = next(n for n, m in self.model.named_modules() if m is embedding) + ".weight"
         if embed_name not in self.source:
-            raise MergeqError(f"the checkpoint has no {embed_name}, the input embedding of "
-                              f"{type(self.model).__name__}")
+            raise MergeqError(f"the checkpoint has no {embed_name}, the input embedding of {type(self.model).__name__}")
         table = self.source.get(embed_name)
         if int(unique.max()) >= table.shape[0]:
-            raise MergeqError(f"calibration token id {int(unique.max())} is outside {embed_name} "
-                              f"({table.shape[0]} rows)", hint="calibrate with the model's own tokenizer")
+            raise MergeqError(
+                f"calibration token id {int(unique.max())} is outside {embed_name} ({table.shape[0]} rows)",
+                hint="calibrate with the model's own tokenizer",
+            )
         self._materialize_outside_layers()
         # only the rows the tokens use, in float32; the ids are renumbered into them
-        embedding.weight = nn.Parameter(table[unique].to(device=self.device, dtype=torch.float32),
-                                        requires_grad=False)
+        embedding.weight = nn.Parameter(table[unique].to(device=self.device, dtype=torch.float32), requires_grad=False)
         del table
         self.source.close()
         calls: list[list[LayerCall]] = [[] for _ in range(self.count)]
@@ -150,15 +155,19 @@ class Skeleton:
                     except _Stop:
                         pass
                     else:
-                        raise MergeqError(f"{type(self.model).__name__}'s forward did not call its last "
-                                          "decoder layer", hint="this model is not a plain decoder stack")
+                        raise MergeqError(
+                            f"{type(self.model).__name__}'s forward did not call its last decoder layer",
+                            hint="this model is not a plain decoder stack",
+                        )
         finally:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
             embedding.weight = nn.Parameter(torch.empty_like(embedding.weight, device="meta"), requires_grad=False)
         if any(len(c) != len(hidden) for c in calls):
-            raise MergeqError("some decoder layers were not called once per calibration chunk",
-                              hint="this model is not a plain decoder stack")
+            raise MergeqError(
+                "some decoder layers were not called once per calibration chunk",
+                hint="this model is not a plain decoder stack",
+            )
         return [h.to(torch.float32) for h in hidden], calls
 
     def _materialize_outside_layers(self) -> None:
@@ -178,17 +187,20 @@ class Skeleton:
         state = {}
         for name in self.source.names():
             if name.startswith(prefix):
-                state[name[len(prefix):]] = self.source.get(name).to(device=self.device, dtype=torch.float32)
+                state[name[len(prefix) :]] = self.source.get(name).to(device=self.device, dtype=torch.float32)
         experts = self.family.experts
         if experts is not None:
             state = _stack_experts(state, experts, prefix)
         try:
             layer.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
-            raise MergeqError(f"decoder layer {index} ({prefix}*) does not match {type(layer).__name__}: {exc}",
-                              hint=None if experts or not _has_experts(state) else
-                              "its experts are stored per expert; the family needs an expert layout in "
-                              "exporters/int4/families.py") from exc
+            raise MergeqError(
+                f"decoder layer {index} ({prefix}*) does not match {type(layer).__name__}: {exc}",
+                hint=None
+                if experts or not _has_experts(state)
+                else "its experts are stored per expert; the family needs an expert layout in "
+                "exporters/int4/families.py",
+            ) from exc
         for module in layer.modules():
             _materialize_buffers(self.model, module, self.device)
         return layer.eval()
@@ -221,7 +233,7 @@ def module_state_dict(state: dict[str, torch.Tensor], family: Family) -> dict[st
     for name, tensor in state.items():
         match = _LAYER.match(name)
         if match:
-            layers.setdefault(match.group(1), {})[name[match.end(1):]] = tensor
+            layers.setdefault(match.group(1), {})[name[match.end(1) :]] = tensor
         else:
             out[name] = tensor
     for prefix, layer_state in layers.items():
@@ -243,7 +255,7 @@ def _stack_experts(state: dict[str, torch.Tensor], layout, prefix: str) -> dict[
     out = {}
     for name, tensor in state.items():
         if name.startswith(disk):
-            index, _, rest = name[len(disk):].partition(".")
+            index, _, rest = name[len(disk) :].partition(".")
             per_expert.setdefault(int(index), {})[rest] = tensor
         else:
             out[layout.to_module(name)] = tensor

@@ -33,8 +33,12 @@ INSTALL_HINT = "install them with: apt-get install cmake g++ make   (or: pip ins
 
 def _stamp_content(pin: Pin) -> dict:
     return {
-        "package": pin.package, "version": pin.version, "sha256": pin.sha256, "commit": pin.commit,
-        "cmake_args": list(pin.cmake_args), "targets": list(pin.targets),
+        "package": pin.package,
+        "version": pin.version,
+        "sha256": pin.sha256,
+        "commit": pin.commit,
+        "cmake_args": list(pin.cmake_args),
+        "targets": list(pin.targets),
     }
 
 
@@ -76,8 +80,9 @@ X86_EXTENSIONS: tuple[tuple[tuple[str, ...], str], ...] = (
 AMX_OPTIONS = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 
 
-def variant_cmake_args(variant: str, flags: frozenset[str] | None = None,
-                       machine: str | None = None) -> tuple[str, ...]:
+def variant_cmake_args(
+    variant: str, flags: frozenset[str] | None = None, machine: str | None = None
+) -> tuple[str, ...]:
     """The cmake arguments that select the instruction set of `variant` on a CPU with `flags`."""
     if variant == NATIVE:
         return ("-DGGML_NATIVE=ON",)
@@ -190,8 +195,9 @@ def _build(pin: Pin, where: Layout, tools: BuildTools, jobs: int, variant: str =
     generator = _cmake_cache_generator(tree)
     cache_source = None
     if (tree / "CMakeCache.txt").is_file():
-        found = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.*)$",
-                          (tree / "CMakeCache.txt").read_text(errors="replace"), re.MULTILINE)
+        found = re.search(
+            r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.*)$", (tree / "CMakeCache.txt").read_text(errors="replace"), re.MULTILINE
+        )
         cache_source = found.group(1) if found else None
     if (generator and generator != tools.generator) or (cache_source and Path(cache_source) != where.src):
         shutil.rmtree(tree)  # configured for another generator or tree: start clean
@@ -200,27 +206,52 @@ def _build(pin: Pin, where: Layout, tools: BuildTools, jobs: int, variant: str =
     label = f"llama.cpp {pin.version} ({variant})"
     with _progress_bar() as bar:
         task = bar.add_task(f"{label}: configure", total=100)
-        run_tool(ToolCommand("cmake (configure llama.cpp)", (
-            tools.cmake, "-S", str(where.src), "-B", str(tree), "-G", tools.generator, *pin.cmake_args,
-            *variant_cmake_args(variant)), env=env), on_line=lambda line: log.debug("cmake: %s", line), hint=hint)
+        run_tool(
+            ToolCommand(
+                "cmake (configure llama.cpp)",
+                (
+                    tools.cmake,
+                    "-S",
+                    str(where.src),
+                    "-B",
+                    str(tree),
+                    "-G",
+                    tools.generator,
+                    *pin.cmake_args,
+                    *variant_cmake_args(variant),
+                ),
+                env=env,
+            ),
+            on_line=lambda line: log.debug("cmake: %s", line),
+            hint=hint,
+        )
         bar.update(task, description=f"{label}: build {', '.join(pin.targets)}", completed=0)
-        run_tool(ToolCommand("cmake --build (llama.cpp)", (
-            tools.cmake, "--build", str(tree), "--config", "Release", "-j", str(jobs),
-            "--target", *pin.targets), env=env), on_line=_BuildProgress(bar, task, f"building {label}"), hint=hint)
+        run_tool(
+            ToolCommand(
+                "cmake --build (llama.cpp)",
+                (tools.cmake, "--build", str(tree), "--config", "Release", "-j", str(jobs), "--target", *pin.targets),
+                env=env,
+            ),
+            on_line=_BuildProgress(bar, task, f"building {label}"),
+            hint=hint,
+        )
         bar.update(task, completed=100)
     where.bin.mkdir(parents=True, exist_ok=True)
     for name in pin.targets:
         built = tree / "bin" / name
         if not built.is_file():
-            raise ToolError(f"the llama.cpp build finished but {built} is missing", hint="delete "
-                            f"{where.root} and run mergeq setup-llamacpp again")
+            raise ToolError(
+                f"the llama.cpp build finished but {built} is missing",
+                hint=f"delete {where.root} and run mergeq setup-llamacpp again",
+            )
         with atomic_file(where.bin / name) as out, open(built, "rb") as src:
             shutil.copyfileobj(src, out, 1 << 22)
         os.chmod(where.bin / name, 0o755)
 
 
-def ensure_built(pin: Pin | None = None, *, sdist: Path | None = None, jobs: int | None = None,
-                 variant: str = "auto") -> Layout:
+def ensure_built(
+    pin: Pin | None = None, *, sdist: Path | None = None, jobs: int | None = None, variant: str = "auto"
+) -> Layout:
     """Everything `mergeq setup-llamacpp` does: fetch, verify, extract, build, smoke-test, stamp.
 
     `variant` "auto" builds native first and falls back to portable once if a tool dies by a signal in the
@@ -246,38 +277,60 @@ def ensure_built(pin: Pin | None = None, *, sdist: Path | None = None, jobs: int
         order = [NATIVE, PORTABLE] if variant == "auto" else [variant]
         rejected: list[dict] = []
         for name in order:
-            log.info("building llama.cpp %s (%s), %s variant, in %s; this takes a few minutes, once",
-                     pin.version, pin.commit, name, where.build)
+            log.info(
+                "building llama.cpp %s (%s), %s variant, in %s; this takes a few minutes, once",
+                pin.version,
+                pin.commit,
+                name,
+                where.build,
+            )
             _build(pin, where, tools, jobs or os.cpu_count() or 2, name)
             smoke = smoke_test(where, pin)
             if smoke.passed:
                 if variant != "auto":
                     reason = f"asked for with --variant {variant}"
                 elif rejected:
-                    reason = ("the " + " and ".join(r["variant"] for r in rejected) + " build failed its smoke "
-                              "test: " + "; ".join(r["summary"] for r in rejected))
+                    reason = (
+                        "the " + " and ".join(r["variant"] for r in rejected) + " build failed its smoke "
+                        "test: " + "; ".join(r["summary"] for r in rejected)
+                    )
                 else:
                     reason = "first choice"
-                write_json(where.stamp, {
-                    "pin": _stamp_content(pin), "cpu": cpu_fingerprint(), "generator": tools.generator,
-                    "compiler": tools.cxx_compiler, "seconds": round(time.perf_counter() - started, 1),
-                    "variant": {"name": name, "cmake_args": list(variant_cmake_args(name)), "reason": reason},
-                    "rejected": rejected, "smoke": smoke.as_json(),
-                })
-                log.info("llama.cpp %s ready in %s (%s variant; smoke test %s)", pin.version, where.bin, name,
-                         smoke.summary())
+                write_json(
+                    where.stamp,
+                    {
+                        "pin": _stamp_content(pin),
+                        "cpu": cpu_fingerprint(),
+                        "generator": tools.generator,
+                        "compiler": tools.cxx_compiler,
+                        "seconds": round(time.perf_counter() - started, 1),
+                        "variant": {"name": name, "cmake_args": list(variant_cmake_args(name)), "reason": reason},
+                        "rejected": rejected,
+                        "smoke": smoke.as_json(),
+                    },
+                )
+                log.info(
+                    "llama.cpp %s ready in %s (%s variant; smoke test %s)",
+                    pin.version,
+                    where.bin,
+                    name,
+                    smoke.summary(),
+                )
                 return where
             rejected.append({"variant": name, "summary": smoke.summary(), "smoke": smoke.as_json()})
             if not any(check.died_by_signal for check in smoke.failed) or name == order[-1]:
                 break
-            log.warning("the %s llama.cpp build failed its smoke test (%s); building it once more with a "
-                        "portable instruction set (this CPU's extensions named one by one, AMX off)", name,
-                        smoke.summary())
+            log.warning(
+                "the %s llama.cpp build failed its smoke test (%s); building it once more with a "
+                "portable instruction set (this CPU's extensions named one by one, AMX off)",
+                name,
+                smoke.summary(),
+            )
         details = "\n".join(f"  {r['variant']}: {r['summary']}" for r in rejected)
         raise ToolError(
             f"the pinned llama.cpp was built but its tools fail on a tiny model made on the spot:\n{details}",
             hint="run mergeq setup-llamacpp --rebuild -v to see the whole build and test log"
-                 + ("" if variant != "auto" else "; try --variant portable or --variant native"),
+            + ("" if variant != "auto" else "; try --variant portable or --variant native"),
         )
 
 
@@ -289,8 +342,9 @@ def tool_path(name: str) -> Path:
     """
     pin = load_pin()
     if name not in pin.targets:
-        raise MergeqError(f"{name!r} is not one of the pinned llama.cpp tools",
-                          hint=f"use one of {', '.join(pin.targets)}")
+        raise MergeqError(
+            f"{name!r} is not one of the pinned llama.cpp tools", hint=f"use one of {', '.join(pin.targets)}"
+        )
     return ensure_built(pin).bin / name
 
 

@@ -71,8 +71,11 @@ def _scan_architectures(conversion: Path) -> list[str]:
 def _literal_assignment(path: Path, variable: str):
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (
-            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        target = (
+            node.target
+            if isinstance(node, ast.AnnAssign)
+            else (node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        )
         if isinstance(target, ast.Name) and target.id == variable and node.value is not None:
             return ast.literal_eval(node.value)
     raise MergeqError(f"{path}: no {variable} found; the pinned converter's layout changed")
@@ -85,16 +88,20 @@ def _base_names(node: ast.ClassDef) -> list[str]:
 def _registered_names(node: ast.ClassDef) -> list[str]:
     names = []
     for decorator in node.decorator_list:
-        if (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Attribute)
-                and decorator.func.attr == "register"):
+        if (
+            isinstance(decorator, ast.Call)
+            and isinstance(decorator.func, ast.Attribute)
+            and decorator.func.attr == "register"
+        ):
             names += [a.value for a in decorator.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
     return names
 
 
 def _declares_mmproj(node: ast.ClassDef) -> bool:
     for stmt in node.body:
-        targets = (stmt.targets if isinstance(stmt, ast.Assign)
-                   else [stmt.target] if isinstance(stmt, ast.AnnAssign) else [])
+        targets = (
+            stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+        )
         value = getattr(stmt, "value", None)
         if any(isinstance(t, ast.Name) and t.id == "model_arch" for t in targets) and isinstance(value, ast.Attribute):
             if value.attr == "MMPROJ":

@@ -19,23 +19,30 @@ def doctor_rows(*, smoke: bool = True) -> list[tuple[str, str]]:
         return [("llama.cpp", f"[red]{err}")]
     where = layout(pin)
     rows = [("llama.cpp pin", f"{pin.requirement} (llama.cpp {pin.commit}, gguf-py {pin.gguf_py_version})")]
-    rows.append(("llama.cpp source",
-                 str(where.src) if has_source(pin) else "[yellow]not fetched: run mergeq setup-llamacpp"))
+    rows.append(
+        ("llama.cpp source", str(where.src) if has_source(pin) else "[yellow]not fetched: run mergeq setup-llamacpp")
+    )
     if is_built(pin):
         stamp = read_stamp(where) or {}
         variant = stamp.get("variant", {})
-        rows.append(("llama.cpp build",
-                     f"built in {where.bin} ({stamp.get('seconds', '?')} s, {stamp.get('compiler', '?')})"))
+        rows.append(
+            ("llama.cpp build", f"built in {where.bin} ({stamp.get('seconds', '?')} s, {stamp.get('compiler', '?')})")
+        )
         rows.append(("llama.cpp variant", f"{variant.get('name')}: {variant.get('reason')}"))
         for name in pin.targets:
             rows.append((f"llama.cpp tool: {name}", str(where.bin / name)))
         if smoke:
             result = smoke_test(where, pin)
-            rows.append(("llama.cpp smoke test", result.summary() if result.passed
-                         else f"[red]FAILED: {result.summary()}; {REBUILD_HINT}"))
+            rows.append(
+                (
+                    "llama.cpp smoke test",
+                    result.summary() if result.passed else f"[red]FAILED: {result.summary()}; {REBUILD_HINT}",
+                )
+            )
     else:
-        rows.append(("llama.cpp build",
-                     "[yellow]not built: run mergeq setup-llamacpp (or it builds on first GGUF export)"))
+        rows.append(
+            ("llama.cpp build", "[yellow]not built: run mergeq setup-llamacpp (or it builds on first GGUF export)")
+        )
         try:
             find_build_tools()
             rows.append(("llama.cpp build tools", "cmake, C/C++ compilers and make/ninja found"))

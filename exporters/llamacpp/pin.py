@@ -52,11 +52,18 @@ def load_pin(path: Path = PIN_FILE) -> Pin:
     try:
         source, llama, build, quant = data["source"], data["llama_cpp"], data["build"], data["quantize"]
         return Pin(
-            package=source["package"], version=source["version"], filename=source["filename"],
-            sha256=source["sha256"].lower(), tree=source["tree"].strip("/"),
-            repository=llama["repository"], commit=llama["commit"], gguf_py_version=llama["gguf_py_version"],
-            targets=tuple(build["targets"]), cmake_args=tuple(build["cmake_args"]),
-            quant_types=tuple(quant["types"]), needs_imatrix=frozenset(quant["needs_imatrix"]),
+            package=source["package"],
+            version=source["version"],
+            filename=source["filename"],
+            sha256=source["sha256"].lower(),
+            tree=source["tree"].strip("/"),
+            repository=llama["repository"],
+            commit=llama["commit"],
+            gguf_py_version=llama["gguf_py_version"],
+            targets=tuple(build["targets"]),
+            cmake_args=tuple(build["cmake_args"]),
+            quant_types=tuple(quant["types"]),
+            needs_imatrix=frozenset(quant["needs_imatrix"]),
             default_types=dict(quant.get("default_type", {})),
         )
     except KeyError as err:
@@ -74,6 +81,9 @@ def version_info() -> dict:
     """What identifies the pinned llama.cpp (static, from the pin: cheap, and the same on every machine)."""
     pin = load_pin()
     return {
-        "package": pin.package, "version": pin.version, "sha256": pin.sha256,
-        "llama_cpp_commit": pin.commit, "gguf_py_version": pin.gguf_py_version,
+        "package": pin.package,
+        "version": pin.version,
+        "sha256": pin.sha256,
+        "llama_cpp_commit": pin.commit,
+        "gguf_py_version": pin.gguf_py_version,
     }

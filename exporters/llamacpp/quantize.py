@@ -8,8 +8,9 @@ from exporters.llamacpp.build import tool_command
 from exporters.llamacpp.run import ToolCommand, run_tool
 
 
-def quantize(intermediate: Path, out: Path, qtype: str, imatrix: Path | None, threads: int | None,
-             *flags: str | Path, hint: str):
+def quantize(
+    intermediate: Path, out: Path, qtype: str, imatrix: Path | None, threads: int | None, *flags: str | Path, hint: str
+):
     """llama-quantize from `intermediate` to `out`. It runs in the imatrix's folder and is given the imatrix by
     name: it records that argument in the file (quantize.imatrix.file), and a temporary folder's path there
     would make the same inputs give different bytes."""
@@ -20,5 +21,6 @@ def quantize(intermediate: Path, out: Path, qtype: str, imatrix: Path | None, th
     if threads:
         args.append(str(threads))
     command = tool_command("llama-quantize", *args)
-    return run_tool(ToolCommand(command.name, command.argv, command.env, Path(imatrix).parent if imatrix else None),
-                    hint=hint)
+    return run_tool(
+        ToolCommand(command.name, command.argv, command.env, Path(imatrix).parent if imatrix else None), hint=hint
+    )

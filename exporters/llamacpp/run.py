@@ -64,8 +64,15 @@ def run_tool(
         from mergeq.core import faults  # inert unless MERGEQ_FAULT names this tool (hostile-input tests)
 
         proc = subprocess.Popen(
-            faults.tool_argv(command.name, command.argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            cwd=command.cwd, text=True, errors="replace", bufsize=1, start_new_session=True,
+            faults.tool_argv(command.name, command.argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=command.cwd,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
             preexec_fn=die_with_parent,
         )
     except FileNotFoundError as err:
@@ -85,8 +92,10 @@ def run_tool(
 
     entry = children.register(proc.pid, command.name, command.argv)
     memory = ChildPeak(proc.pid)
-    readers = [threading.Thread(target=pump, args=(proc.stdout, out_lines), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, err_lines), daemon=True)]
+    readers = [
+        threading.Thread(target=pump, args=(proc.stdout, out_lines), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, err_lines), daemon=True),
+    ]
     for reader in readers:
         reader.start()
     try:
@@ -123,9 +132,11 @@ def weight_flags(model: Path) -> tuple[tuple[str, ...], str | None]:
     size = Path(model).stat().st_size
     if limit is None or size + REPACK_HEADROOM <= limit:
         return (), None
-    return ("--no-repack",), (f"weights not repacked (--no-repack): {Path(model).name} ({size / 2**30:.2f} GiB) "
-                              f"plus {REPACK_HEADROOM >> 20} MiB does not fit this process's memory limit "
-                              f"({limit / 2**30:.2f} GiB)")
+    return ("--no-repack",), (
+        f"weights not repacked (--no-repack): {Path(model).name} ({size / 2**30:.2f} GiB) "
+        f"plus {REPACK_HEADROOM >> 20} MiB does not fit this process's memory limit "
+        f"({limit / 2**30:.2f} GiB)"
+    )
 
 
 def die_with_parent() -> None:
@@ -164,13 +175,21 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 # What a tool's death by each signal means, as far as the signal alone tells (never the input's fault
 # unless the tool said so): (what happened, what to do or None to keep the caller's hint).
-REBUILD_HINT = ("rebuild it: mergeq setup-llamacpp --rebuild (the build tests itself and falls back to a portable "
-                "instruction set), or force that variant: mergeq setup-llamacpp --rebuild --variant portable")
+REBUILD_HINT = (
+    "rebuild it: mergeq setup-llamacpp --rebuild (the build tests itself and falls back to a portable "
+    "instruction set), or force that variant: mergeq setup-llamacpp --rebuild --variant portable"
+)
 SIGNAL_MEANINGS: dict[int, tuple[str, str | None]] = {
-    signal.SIGILL: ("the CPU rejected an instruction of this llama.cpp build (an illegal instruction): the "
-                    "build does not match this processor; the input file is not the cause", REBUILD_HINT),
-    signal.SIGKILL: ("SIGKILL comes from outside the tool: another process, or the kernel (its out-of-memory "
-                     "killer logs to dmesg when it is the one)", None),
+    signal.SIGILL: (
+        "the CPU rejected an instruction of this llama.cpp build (an illegal instruction): the "
+        "build does not match this processor; the input file is not the cause",
+        REBUILD_HINT,
+    ),
+    signal.SIGKILL: (
+        "SIGKILL comes from outside the tool: another process, or the kernel (its out-of-memory "
+        "killer logs to dmesg when it is the one)",
+        None,
+    ),
     signal.SIGSEGV: ("the tool made an invalid memory access", None),
     signal.SIGBUS: ("a memory-mapped file could not be read: it was truncated while in use, or the disk failed", None),
     signal.SIGABRT: ("the tool aborted itself on a failed check; its last lines say which", None),

@@ -62,9 +62,25 @@ class LlamaServer:
 
 
 def server_command(gguf: Path, *, threads: int = 1) -> tuple[str, ...]:
-    return (str(tool_path(SERVER)), "-m", str(gguf), "--host", "127.0.0.1", "--port", "0",
-            "-c", str(SERVER_CONTEXT), "-np", "1", "-t", str(threads), "--no-warmup", "--no-webui", "--jinja",
-            *weight_flags(gguf)[0])
+    return (
+        str(tool_path(SERVER)),
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "-c",
+        str(SERVER_CONTEXT),
+        "-np",
+        "1",
+        "-t",
+        str(threads),
+        "--no-warmup",
+        "--no-webui",
+        "--jinja",
+        *weight_flags(gguf)[0],
+    )
 
 
 @contextlib.contextmanager
@@ -78,9 +94,17 @@ def running_server(gguf: Path, *, timeout: float = START_TIMEOUT) -> Iterator[Ll
     started = time.perf_counter()
     try:
         # its own process group (stopped as a whole), and killed by Linux if mergeq dies first
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", bufsize=1, start_new_session=True,
-                                preexec_fn=die_with_parent)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
     except OSError as err:
         raise ToolError(f"{SERVER}: cannot run {argv[0]}: {err.strerror}") from err
     lines: list[str] = []
@@ -135,4 +159,3 @@ def _wait_ready(proc, lines, ports, port_found, deadline, timeout, gguf) -> Llam
                 return server
         time.sleep(0.05)
     raise failure(f"did not answer /health within {timeout:.0f} s")
-

@@ -14,8 +14,10 @@ from exporters.llamacpp.pin import Pin, load_pin
 from exporters.llamacpp.run import ToolCommand, run_tool
 from mergeq.core.errors import ToolError
 
-SMOKE_TEXT = ("The quick brown fox jumps over the lazy dog. A merged model is exported, quantized and measured; "
-              "every tool of the pinned build runs once on a tiny model before the build is trusted. ") * 4
+SMOKE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A merged model is exported, quantized and measured; "
+    "every tool of the pinned build runs once on a tiny model before the build is trusted. "
+) * 4
 TINY_WRITER = Path(__file__).resolve().with_name("tiny.py")
 
 
@@ -51,15 +53,20 @@ class SmokeResult:
         return "; ".join(c.error.splitlines()[0].removesuffix("; its last output lines:") for c in self.failed)
 
     def as_json(self) -> dict:
-        return {"passed": self.passed, "checks": [
-            {"tool": c.tool, "seconds": round(c.seconds, 2), "error": c.error, "returncode": c.returncode}
-            for c in self.checks]}
+        return {
+            "passed": self.passed,
+            "checks": [
+                {"tool": c.tool, "seconds": round(c.seconds, 2), "error": c.error, "returncode": c.returncode}
+                for c in self.checks
+            ],
+        }
 
 
 def write_tiny_gguf(where: Layout, path: Path) -> None:
     """The smoke test's model, written by the pinned gguf-py (exporters/llamacpp/tiny.py)."""
-    run_tool(ToolCommand("tiny GGUF writer", (sys.executable, str(TINY_WRITER), str(path)),
-                         env=pinned_python_env(where)))
+    run_tool(
+        ToolCommand("tiny GGUF writer", (sys.executable, str(TINY_WRITER), str(path)), env=pinned_python_env(where))
+    )
 
 
 def smoke_test(where: Layout, pin: Pin | None = None) -> SmokeResult:
@@ -80,8 +87,20 @@ def smoke_test(where: Layout, pin: Pin | None = None) -> SmokeResult:
         steps = {
             "llama-quantize": (f16, q8, "Q8_0", threads),
             "llama-perplexity": ("-m", q8, "-f", text, "-c", "64", "-b", "64", "--chunks", "2", "-t", threads),
-            "llama-imatrix": ("-m", q8, "-f", text, "-c", "64", "--chunks", "2", "-t", threads,
-                              "-o", work / "imatrix.gguf"),
+            "llama-imatrix": (
+                "-m",
+                q8,
+                "-f",
+                text,
+                "-c",
+                "64",
+                "--chunks",
+                "2",
+                "-t",
+                threads,
+                "-o",
+                work / "imatrix.gguf",
+            ),
         }
         for name in pin.targets:
             args = steps.get(name, ("--version",))
@@ -92,8 +111,9 @@ def smoke_test(where: Layout, pin: Pin | None = None) -> SmokeResult:
             try:
                 run_tool(ToolCommand(name, (str(where.bin / name), *(str(a) for a in args))))
             except ToolError as err:
-                checks.append(SmokeCheck(name, time.perf_counter() - started, str(err),
-                                         getattr(err, "returncode", None)))
+                checks.append(
+                    SmokeCheck(name, time.perf_counter() - started, str(err), getattr(err, "returncode", None))
+                )
             else:
                 checks.append(SmokeCheck(name, time.perf_counter() - started))
     return SmokeResult(tuple(checks))

@@ -33,21 +33,37 @@ def fetch_sdist(pin: Pin, where: Layout, sdist: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix=".pip-download-", dir=where.download) as tmp:
         if source is not None:
             if not Path(source).is_file():
-                raise MergeqError(f"llama.cpp source package {source} does not exist",
-                                  hint=f"unset {SDIST_ENV} to download {pin.requirement} with pip")
+                raise MergeqError(
+                    f"llama.cpp source package {source} does not exist",
+                    hint=f"unset {SDIST_ENV} to download {pin.requirement} with pip",
+                )
             candidate = Path(source)
         else:
             log.info("downloading %s (source distribution) with pip", pin.requirement)
             run_tool(
-                ToolCommand("pip download", (
-                    sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "--disable-pip-version-check", "--dest", tmp, pin.requirement)),
+                ToolCommand(
+                    "pip download",
+                    (
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "--no-binary",
+                        ":all:",
+                        "--disable-pip-version-check",
+                        "--dest",
+                        tmp,
+                        pin.requirement,
+                    ),
+                ),
                 hint=f"check the network connection to PyPI, or set {SDIST_ENV} to a local copy of {pin.filename}",
             )
             found = sorted(Path(tmp).glob("*.tar.gz"))
             if len(found) != 1:
-                raise MergeqError(f"pip download of {pin.requirement} produced {[p.name for p in found]}, "
-                                  f"expected {pin.filename}")
+                raise MergeqError(
+                    f"pip download of {pin.requirement} produced {[p.name for p in found]}, expected {pin.filename}"
+                )
             candidate = found[0]
         digest = sha256_file(candidate)
         if digest != pin.sha256:
@@ -70,7 +86,7 @@ def extract_tree(pin: Pin, sdist: Path, where: Layout) -> None:
         for member in members:
             if not member.name.startswith(prefix) or not (member.isfile() or member.isdir()):
                 continue
-            relative = member.name[len(prefix):]
+            relative = member.name[len(prefix) :]
             if not relative or relative.startswith("/") or ".." in Path(relative).parts:
                 continue
             member.name = relative

@@ -40,7 +40,8 @@ def run(args) -> int:
 
 def register(sub) -> None:
     parser = sub.add_parser(
-        "demo-assets", help="build (first use) or refresh the embedded demo assets; show paths and perplexities")
+        "demo-assets", help="build (first use) or refresh the embedded demo assets; show paths and perplexities"
+    )
     parser.add_argument("--rebuild", action="store_true", help="rebuild every demo asset from scratch")
     parser.add_argument("--json", action="store_true", help="print paths and recorded facts as JSON on stdout")
     parser.set_defaults(run=run)

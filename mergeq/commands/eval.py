@@ -28,8 +28,10 @@ def run(args) -> int:
     reference = options.reference
     if reference is None:
         if kind != "hf":
-            raise MergeqError(f"{model} is a quantized artifact: say what to compare it with",
-                              hint="pass --reference DIR, the fp16 checkpoint it was exported from")
+            raise MergeqError(
+                f"{model} is a quantized artifact: say what to compare it with",
+                hint="pass --reference DIR, the fp16 checkpoint it was exported from",
+            )
         reference = model
     report = artifact_report(model, Path(reference), kind)
     options = resolve_texts(options, flags=RENAMED)

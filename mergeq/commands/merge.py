@@ -24,9 +24,18 @@ def run(args) -> int:
     config = replace(config, eval_text=eval_text)
     result = run_merge(config)
     if args.json:
-        json.dump({"out": str(result.out), "shards": result.shards, "validation": result.validation,
-                   "warnings": result.warnings, "qlora_fidelity": result.manifest.get("qlora_fidelity")},
-                  sys.stdout, indent=2, sort_keys=True)
+        json.dump(
+            {
+                "out": str(result.out),
+                "shards": result.shards,
+                "validation": result.validation,
+                "warnings": result.warnings,
+                "qlora_fidelity": result.manifest.get("qlora_fidelity"),
+            },
+            sys.stdout,
+            indent=2,
+            sort_keys=True,
+        )
         sys.stdout.write("\n")
     else:
         from mergeq.core.progress import stderr_console
@@ -34,8 +43,10 @@ def run(args) -> int:
         console = stderr_console()
         console.print(f"merged checkpoint: {result.out} ({len(result.shards)} shard(s), {config.dtype})")
         if result.validation and "mean_kl" in result.validation:
-            console.print(f"validation: mean KL {result.validation['mean_kl']:.3g}, "
-                          f"max |delta logit| {result.validation['max_abs_logit_delta']:.3g}")
+            console.print(
+                f"validation: mean KL {result.validation['mean_kl']:.3g}, "
+                f"max |delta logit| {result.validation['max_abs_logit_delta']:.3g}"
+            )
         qlora = result.manifest.get("qlora") or {}
         if qlora:
             console.print(f"merge target: {qlora['target']} ({qlora['why']})")
@@ -43,8 +54,10 @@ def run(args) -> int:
         if fidelity:
             console.print(f"merge targets scored on {fidelity['text']['file']} ({fidelity['scored_tokens']} tokens):")
             for label, numbers in fidelity["candidates"].items():
-                console.print(f"merge target {label}: mean KL {numbers['mean_kl']:.3g}"
-                              + ("  <- chosen" if label == fidelity["chosen"] else ""))
+                console.print(
+                    f"merge target {label}: mean KL {numbers['mean_kl']:.3g}"
+                    + ("  <- chosen" if label == fidelity["chosen"] else "")
+                )
     return 0
 
 

@@ -32,14 +32,23 @@ def register(sub) -> None:
     parser = sub.add_parser(
         "setup-llamacpp",
         help="download, verify, build and smoke-test the pinned llama.cpp (llama-quantize, llama-perplexity, "
-             "llama-imatrix, llama-server)")
-    parser.add_argument("--sdist", type=Path, metavar="FILE",
-                        help="use this local copy of the pinned llama-cpp-python sdist instead of pip download "
-                             "(its sha256 is still checked)")
+        "llama-imatrix, llama-server)",
+    )
+    parser.add_argument(
+        "--sdist",
+        type=Path,
+        metavar="FILE",
+        help="use this local copy of the pinned llama-cpp-python sdist instead of pip download "
+        "(its sha256 is still checked)",
+    )
     parser.add_argument("--jobs", type=int, metavar="N", help="parallel compile jobs (default: all cores)")
     parser.add_argument("--rebuild", action="store_true", help="build again even if a complete build is cached")
-    parser.add_argument("--variant", choices=("auto", "native", "portable"), default="auto",
-                        help="instruction set: native (-march=native), portable (this CPU's extensions named one by "
-                             "one, AMX off), or auto: native, and portable if a tool dies by a signal in the smoke "
-                             "test (default: auto)")
+    parser.add_argument(
+        "--variant",
+        choices=("auto", "native", "portable"),
+        default="auto",
+        help="instruction set: native (-march=native), portable (this CPU's extensions named one by "
+        "one, AMX off), or auto: native, and portable if a tool dies by a signal in the smoke "
+        "test (default: auto)",
+    )
     parser.set_defaults(run=run)

@@ -74,12 +74,23 @@ def _llama_like(family: str, module: str, prefix: str) -> Architecture:
         input_norm="input_layernorm",
         post_attention_norm="post_attention_layernorm",
         groups=(
-            LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                        fold_into="input_layernorm", fold_kind="norm", clip=(False, False, True)),
-            LinearGroup("attn_out", ("self_attn.o_proj",), fold_into="self_attn.v_proj", fold_kind="linear",
-                        clip=(True,)),
-            LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), fold_into="post_attention_layernorm",
-                        fold_kind="norm", clip=(True, True)),
+            LinearGroup(
+                "attn_in",
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                fold_into="input_layernorm",
+                fold_kind="norm",
+                clip=(False, False, True),
+            ),
+            LinearGroup(
+                "attn_out", ("self_attn.o_proj",), fold_into="self_attn.v_proj", fold_kind="linear", clip=(True,)
+            ),
+            LinearGroup(
+                "mlp_in",
+                ("mlp.gate_proj", "mlp.up_proj"),
+                fold_into="post_attention_layernorm",
+                fold_kind="norm",
+                clip=(True, True),
+            ),
             LinearGroup("mlp_out", ("mlp.down_proj",), fold_into="mlp.up_proj", fold_kind="linear", clip=(True,)),
         ),
     )

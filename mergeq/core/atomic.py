@@ -134,7 +134,8 @@ def disk_full(final: Path, needed: int | None) -> MergeqError | None:
         f"no space left on the device while writing {final}: it needs at least {_human(needed)} "
         f"({needed} bytes were written when the disk filled, {_human(free)} left at {probe}); "
         f"nothing was replaced and the partial files were removed",
-        hint=f"free at least {_human(needed)} at {probe} (or write elsewhere) and run again")
+        hint=f"free at least {_human(needed)} at {probe} (or write elsewhere) and run again",
+    )
 
 
 def write_json(final: Path, data) -> None:

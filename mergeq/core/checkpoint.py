@@ -112,8 +112,11 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     spans = sorted((i.begin, i.end, i.name) for i in infos.values() if i.end > i.begin)
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise _bad(path, f"tensors {n0!r} and {n1!r} overlap (bytes {b0 - data_start}-{e0 - data_start} "
-                             f"and {b1 - data_start}-{e1 - data_start})")
+            raise _bad(
+                path,
+                f"tensors {n0!r} and {n1!r} overlap (bytes {b0 - data_start}-{e0 - data_start} "
+                f"and {b1 - data_start}-{e1 - data_start})",
+            )
     return infos, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -127,20 +130,27 @@ def _parse_entry(path: Path, name: str, entry, data_start: int, data_size: int) 
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
     offsets = entry.get("data_offsets")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise _bad(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
     begin, end = offsets
     if begin < 0 or end < begin:
         raise _bad(path, f"tensor {name!r} has data_offsets {offsets} that go backwards")
     if end > data_size:
-        raise _bad(path, f"tensor {name!r} ends at byte {end} but the file holds only {data_size} data bytes "
-                         "(truncated file?)")
+        raise _bad(
+            path, f"tensor {name!r} ends at byte {end} but the file holds only {data_size} data bytes (truncated file?)"
+        )
     dtype = DTYPES[code]
     expected = math.prod(shape) * itemsize(dtype)
     if end - begin != expected:
-        raise _bad(path, f"tensor {name!r} is {code} {shape}, which needs {expected} bytes, "
-                         f"but its data_offsets span {end - begin} bytes")
+        raise _bad(
+            path,
+            f"tensor {name!r} is {code} {shape}, which needs {expected} bytes, "
+            f"but its data_offsets span {end - begin} bytes",
+        )
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
@@ -275,8 +285,10 @@ class Checkpoint:
             for name in dict.fromkeys(weight_map.values()):
                 shard = _safe_child(folder, name, index_path)
                 if not shard.is_file():
-                    raise MergeqError(f"{index_path}: names shard {name!r}, which does not exist in {folder}",
-                                      hint="copy the missing shard or re-save the checkpoint")
+                    raise MergeqError(
+                        f"{index_path}: names shard {name!r}, which does not exist in {folder}",
+                        hint="copy the missing shard or re-save the checkpoint",
+                    )
                 shards[name] = SafetensorsFile(shard)
             for tensor, name in weight_map.items():
                 if tensor not in shards[name]:
@@ -371,7 +383,7 @@ class Checkpoint:
         flat = self._load_bin(path)[name].reshape(-1)
         step = max(1, max_bytes // flat.element_size())
         for first in range(0, flat.numel(), step):
-            yield flat[first:first + step]
+            yield flat[first : first + step]
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self._where:
@@ -407,8 +419,10 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise MergeqError(f"{path}: cannot load with torch.load(weights_only=True): {str(err).splitlines()[0]}",
-                          hint="mergeq never unpickles arbitrary objects; save the adapter as safetensors") from err
+        raise MergeqError(
+            f"{path}: cannot load with torch.load(weights_only=True): {str(err).splitlines()[0]}",
+            hint="mergeq never unpickles arbitrary objects; save the adapter as safetensors",
+        ) from err
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise MergeqError(f"{path}: not a state dict of tensors")
     return dict(data)

@@ -47,8 +47,14 @@ def register(pid: int, name: str, argv: list[str] | tuple[str, ...]) -> Path | N
     """Write down a tool that now runs as the leader of its own process group. Returns the entry to remove with
     `unregister` when the tool has ended (None when the entry could not be written: nothing depends on it)."""
     entry = registry_dir() / f"{pid}.json"
-    record = {"pid": pid, "started": start_time(pid), "name": name, "argv": [str(a) for a in argv][:8],
-              "owner": os.getpid(), "owner_started": start_time(os.getpid())}
+    record = {
+        "pid": pid,
+        "started": start_time(pid),
+        "name": name,
+        "argv": [str(a) for a in argv][:8],
+        "owner": os.getpid(),
+        "owner_started": start_time(os.getpid()),
+    }
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         partial = entry.with_name(entry.name + ".partial")

@@ -23,8 +23,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tree_hashes(root: Path, *, recursive: bool = True, skip: Collection[str] = (),
-                digest: Callable[[Path], str] = sha256_file) -> dict[str, str]:
+def tree_hashes(
+    root: Path, *, recursive: bool = True, skip: Collection[str] = (), digest: Callable[[Path], str] = sha256_file
+) -> dict[str, str]:
     """sha256 of every regular file under `root` (only those directly in it when not `recursive`: checkpoints
     and adapters are flat folders), keyed by POSIX path relative to it, in sorted order. Files below a
     directory named in `skip` are left out; a file `root` gives {its name: its digest}. `digest` hashes one
@@ -92,5 +93,7 @@ class FileStamps:
         write_json(self.path, dict(sorted(self.used.items())))
 
     def summary(self) -> str:
-        return (f"{self.trusted_files} files ({self.trusted_bytes / 2**30:.2f} GiB) trusted from their stamps, "
-                f"{self.read_files} read ({self.read_bytes / 2**30:.2f} GiB)")
+        return (
+            f"{self.trusted_files} files ({self.trusted_bytes / 2**30:.2f} GiB) trusted from their stamps, "
+            f"{self.read_files} read ({self.read_bytes / 2**30:.2f} GiB)"
+        )

@@ -14,8 +14,9 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: Path, waiting: str = "", *,
-              refuse: Callable[[str], BaseException] | None = None) -> Iterator[None]:
+def exclusive(
+    lock_file: Path, waiting: str = "", *, refuse: Callable[[str], BaseException] | None = None
+) -> Iterator[None]:
     """Hold an exclusive lock on `lock_file` (created if missing), with this process's pid written in it.
 
     If another process holds it: wait for it, logging `waiting`; or, given `refuse`, do not wait and raise

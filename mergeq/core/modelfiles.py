@@ -11,9 +11,19 @@ from mergeq.core.errors import MergeqError
 
 CONFIG_NAME = "config.json"
 # what a tokenizer (and its chat template) may consist of, in every format transformers loads
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "spiece.model", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "spiece.model",
+    "vocab.txt",
+)
 # copied beside converted weights: the tokenizer, then the generation defaults
 AUX_FILES = (*TOKENIZER_FILES, "generation_config.json")
 # the files one of which a folder needs for transformers to load a tokenizer from it
@@ -38,11 +48,14 @@ def read_model_config(folder: Path) -> dict:
     """config.json of a Hugging Face model folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise MergeqError(f"model directory {folder} does not exist or is not a directory",
-                          hint="pass a Hugging Face model folder (config.json and the weights)")
-    return read_json_object(folder / CONFIG_NAME,
-                            hint=f"{folder} is not a Hugging Face model folder: pass the folder that holds "
-                                 "config.json and the weights")
+        raise MergeqError(
+            f"model directory {folder} does not exist or is not a directory",
+            hint="pass a Hugging Face model folder (config.json and the weights)",
+        )
+    return read_json_object(
+        folder / CONFIG_NAME,
+        hint=f"{folder} is not a Hugging Face model folder: pass the folder that holds config.json and the weights",
+    )
 
 
 def has_tokenizer(folder: Path) -> bool:

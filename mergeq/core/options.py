@@ -106,8 +106,13 @@ class Spec:
 
     def range_text(self) -> str:
         low, high = self.opt.range
-        return (f"{low} to {high}" if low is not None and high is not None else
-                f"at least {low}" if low is not None else f"at most {high}")
+        return (
+            f"{low} to {high}"
+            if low is not None and high is not None
+            else f"at least {low}"
+            if low is not None
+            else f"at most {high}"
+        )
 
     def help_text(self) -> str:
         notes = []
@@ -126,8 +131,11 @@ def specs(cls) -> list[Spec]:
         if opt is None:
             continue
         kind, optional = _scalar_type(_hint(cls, f))
-        default = f.default if f.default is not MISSING else (
-            f.default_factory() if f.default_factory is not MISSING else MISSING)
+        default = (
+            f.default
+            if f.default is not MISSING
+            else (f.default_factory() if f.default_factory is not MISSING else MISSING)
+        )
         found.append(Spec(f.name, opt, opt.value_type or kind, optional, default))
     return found
 
@@ -204,8 +212,9 @@ def _typed(value) -> str:
 # ------------------------------------------------------------------------------------------ command line
 
 
-def add_options(parser: argparse.ArgumentParser, cls, *, only: Sequence[str] | None = None,
-                flags: dict[str, str] | None = None) -> None:
+def add_options(
+    parser: argparse.ArgumentParser, cls, *, only: Sequence[str] | None = None, flags: dict[str, str] | None = None
+) -> None:
     """Add a flag for every command-line option of `cls` (or of the fields in `only`); `flags` renames a
     field's flag for this command."""
     for spec in specs(cls):
@@ -216,10 +225,16 @@ def add_options(parser: argparse.ArgumentParser, cls, *, only: Sequence[str] | N
             _add_switch(parser, spec, flag)
             continue
         parser.add_argument(
-            flag, dest=spec.name, action="append" if spec.opt.repeat else "store",
-            type=_argparse_type(spec), default=None if spec.opt.repeat else spec.default,
-            choices=None if spec.opt.scale else spec.opt.choices, required=spec.opt.required and not spec.opt.text,
-            metavar=_metavar(spec, flag), help=spec.help_text())
+            flag,
+            dest=spec.name,
+            action="append" if spec.opt.repeat else "store",
+            type=_argparse_type(spec),
+            default=None if spec.opt.repeat else spec.default,
+            choices=None if spec.opt.scale else spec.opt.choices,
+            required=spec.opt.required and not spec.opt.text,
+            metavar=_metavar(spec, flag),
+            help=spec.help_text(),
+        )
 
 
 def _metavar(spec: Spec, flag: str) -> str | None:
@@ -235,9 +250,13 @@ def _add_switch(parser, spec: Spec, flag: str | None) -> None:
     if flag:
         target.add_argument(flag, dest=spec.name, action="store_true", default=spec.default, help=spec.opt.help)
     if spec.opt.off_flag:
-        target.add_argument(spec.opt.off_flag, dest=spec.name, action="store_false",
-                            help=spec.opt.off_help or spec.opt.help,
-                            **({} if flag else {"default": spec.default}))
+        target.add_argument(
+            spec.opt.off_flag,
+            dest=spec.name,
+            action="store_false",
+            help=spec.opt.off_help or spec.opt.help,
+            **({} if flag else {"default": spec.default}),
+        )
 
 
 def _argparse_type(spec: Spec):
@@ -279,8 +298,9 @@ def flag_of(cls, field: str) -> str:
 # ------------------------------------------------------------------------------------------ TOML
 
 
-def from_table(cls, table: dict, *, problem: Callable[[str, str], None], path_of: Callable | None = None,
-               fixed: dict | None = None):
+def from_table(
+    cls, table: dict, *, problem: Callable[[str, str], None], path_of: Callable | None = None, fixed: dict | None = None
+):
     """The dataclass from one TOML table, or None; every problem goes to problem(key, message) ("" for the
     table itself). Keys are the fields' TOML keys; values are checked as the command line checks them."""
     if not isinstance(table, dict):

@@ -107,8 +107,10 @@ class ShardWriter:
             raise RuntimeError("write needs a writer with a plan; add() appends without one")
         planned = self._begin(name)
         if planned.dtype != tensor.dtype or tuple(tensor.shape) != planned.shape:
-            raise RuntimeError(f"writer expected {planned.name} {planned.dtype} {planned.shape}, "
-                               f"got {name} {tensor.dtype} {tuple(tensor.shape)}")
+            raise RuntimeError(
+                f"writer expected {planned.name} {planned.dtype} {planned.shape}, "
+                f"got {name} {tensor.dtype} {tuple(tensor.shape)}"
+            )
         if planned.nbytes:
             self._handle.write(_flat_bytes(tensor))
         self._next += 1
@@ -216,8 +218,10 @@ class ShardWriter:
         self.names = [shard_name(i, count) for i in range(count)]
         for i, name in enumerate(self.names):
             (self.folder / f".shard-{i:05d}.safetensors").rename(self.folder / name)
-        index = {"metadata": {"total_size": self.total_bytes},
-                 "weight_map": {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard}}
+        index = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard},
+        }
         write_json(self.folder / SAFETENSORS_INDEX, index)
         return index
 

@@ -82,9 +82,9 @@ class CheckpointWeights:
         self.checkpoint.close()
 
 
-
-def row_blocks(checkpoint: Checkpoint, name: str,
-               max_bytes: int = ROW_BLOCK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+def row_blocks(
+    checkpoint: Checkpoint, name: str, max_bytes: int = ROW_BLOCK_BYTES
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, rows) of a 2-D tensor, about `max_bytes` at a time, without reading all of it.
 
     The rows are read-only views into the file (for safetensors): use them before the next block."""
@@ -143,8 +143,11 @@ class StreamedModel:
             skeleton = AutoModelForCausalLM.from_config(self.hf_config)
         norm = skeleton.get_submodule(module_name)
         prefix = module_name + "."
-        state = {n[len(prefix):]: self.weights.get(n).to(device=self.device, dtype=torch.float32)
-                 for n in self.weights.names() if n.startswith(prefix)}
+        state = {
+            n[len(prefix) :]: self.weights.get(n).to(device=self.device, dtype=torch.float32)
+            for n in self.weights.names()
+            if n.startswith(prefix)
+        }
         norm.load_state_dict(state, strict=True, assign=True)
         return norm.eval()
 
@@ -167,21 +170,25 @@ def gather_rows(weights, name: str, ids: torch.Tensor) -> torch.Tensor:
             found |= inside
     if out is None or not bool(found.all()):
         missing = unique[~found][:5].tolist()
-        raise MergeqError(f"token ids {missing} are outside {name} of {weights.folder}",
-                          hint="evaluate with the tokenizer of the checkpoint (the reference's vocabulary)")
+        raise MergeqError(
+            f"token ids {missing} are outside {name} of {weights.folder}",
+            hint="evaluate with the tokenizer of the checkpoint (the reference's vocabulary)",
+        )
     return out[inverse].view(*ids.shape, out.shape[1])
 
 
-def final_hidden(model: StreamedModel, tokens: torch.Tensor, positions: slice, batch: int = 1,
-                 progress: str | None = None) -> torch.Tensor:
+def final_hidden(
+    model: StreamedModel, tokens: torch.Tensor, positions: slice, batch: int = 1, progress: str | None = None
+) -> torch.Tensor:
     """Hidden states after the final norm at `positions` of every sequence: fp32 [N, P, hidden] on the device.
 
     `tokens`: int64 [N, L]. The N sequences go through each layer `batch` at a time."""
     return final_hidden_groups(model, [(tokens, positions)], batch, progress)[0]
 
 
-def final_hidden_groups(model: StreamedModel, groups: list[tuple[torch.Tensor, slice]], batch: int = 1,
-                        progress: str | None = None) -> list[torch.Tensor]:
+def final_hidden_groups(
+    model: StreamedModel, groups: list[tuple[torch.Tensor, slice]], batch: int = 1, progress: str | None = None
+) -> list[torch.Tensor]:
     """final_hidden for several groups of sequences (each group one length), all through each layer in turn,
     so every layer is read once."""
     from mergeq.core.progress import track
@@ -194,14 +201,15 @@ def final_hidden_groups(model: StreamedModel, groups: list[tuple[torch.Tensor, s
         rotary.append(rotary_embeddings(model.arch, model.hf_config, seq_len, model.device))
     step = max(1, batch)
     indices = range(model.layers)
-    for index in (track(indices, progress) if progress else indices):
+    for index in track(indices, progress) if progress else indices:
         layer = model.layer(index)  # built outside inference mode: a hook may still set up parameters
         model.weights.close()  # unmap what this layer read: resident memory stays one layer deep
         with torch.inference_mode():
             for h, position_embeddings in zip(hidden, rotary):
                 for start in range(0, h.shape[0], step):
-                    h[start : start + step] = layer_forward(layer, h[start : start + step], model.arch,
-                                                            position_embeddings)
+                    h[start : start + step] = layer_forward(
+                        layer, h[start : start + step], model.arch, position_embeddings
+                    )
         del layer
         release_freed_memory()
     norm = model.final_norm()
@@ -277,7 +285,7 @@ def load_layer(source, arch: Architecture, hf_config, index: int, device) -> nn.
     with torch.device("meta"):
         layer = decoder_cls(hf_config, layer_idx=index)
     state = {
-        name[len(prefix):]: source.get(name).to(device=device, dtype=torch.float32)
+        name[len(prefix) :]: source.get(name).to(device=device, dtype=torch.float32)
         for name in source.names()
         if name.startswith(prefix)
     }

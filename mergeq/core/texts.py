@@ -23,8 +23,9 @@ from pathlib import Path
 
 from mergeq.core.errors import MergeqError
 
-FORMATS_HELP = (".txt; .jsonl with a \"text\" field or chat \"messages\" (rendered with the model's chat template); "
-                ".parquet:COLUMN")
+FORMATS_HELP = (
+    '.txt; .jsonl with a "text" field or chat "messages" (rendered with the model\'s chat template); .parquet:COLUMN'
+)
 SEPARATOR = "\n\n"
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "function")
 
@@ -39,8 +40,13 @@ class LoadedText:
     text: str  # what is tokenized
 
     def describe(self, tokens: int | None = None) -> dict:
-        found = {"file": str(self.path), "sha256": self.sha256, "format": self.format, "samples": self.samples,
-                 "rendering": self.rendering}
+        found = {
+            "file": str(self.path),
+            "sha256": self.sha256,
+            "format": self.format,
+            "samples": self.samples,
+            "rendering": self.rendering,
+        }
         if tokens is not None:
             found["tokens"] = tokens
         return found
@@ -65,18 +71,23 @@ def _decode(data: bytes, path: Path, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise MergeqError(f"{what} text {path} is not UTF-8 (bad byte at offset {err.start})",
-                          hint="convert the file to UTF-8") from err
+        raise MergeqError(
+            f"{what} text {path} is not UTF-8 (bad byte at offset {err.start})", hint="convert the file to UTF-8"
+        ) from err
 
 
 def _check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise MergeqError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+        raise MergeqError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
     for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise MergeqError(f"{where}: each message needs a string \"role\" and a string \"content\", got "
-                              f"{json.dumps(message)[:120]}")
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise MergeqError(
+                f'{where}: each message needs a string "role" and a string "content", got {json.dumps(message)[:120]}'
+            )
         if message["role"] not in CHAT_ROLES:
             raise MergeqError(f"{where}: unknown chat role {message['role']!r}; roles are {', '.join(CHAT_ROLES)}")
     return messages
@@ -87,13 +98,16 @@ class ChatRenderer:
 
     def __init__(self, tokenizer, path: Path):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise MergeqError(f"{path} holds chat \"messages\", but the model's tokenizer has no chat template",
-                              hint="give the text as plain text or a \"text\" field, or use a model folder with a "
-                                   "chat template (tokenizer_config.json or chat_template.jinja)")
+            raise MergeqError(
+                f'{path} holds chat "messages", but the model\'s tokenizer has no chat template',
+                hint='give the text as plain text or a "text" field, or use a model folder with a '
+                "chat template (tokenizer_config.json or chat_template.jinja)",
+            )
         self.tokenizer = tokenizer
         name = getattr(tokenizer, "name_or_path", "") or "the model"
-        self.rendering = (f"chat template of {name} (apply_chat_template, tokenize=False), "
-                          "conversations joined by a blank line")
+        self.rendering = (
+            f"chat template of {name} (apply_chat_template, tokenize=False), conversations joined by a blank line"
+        )
 
     def __call__(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False)
@@ -110,8 +124,10 @@ def _jsonl(raw: str, path: Path, tokenizer) -> tuple[list[str], str, str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise MergeqError(f"{where}: not valid JSON ({exc.msg})",
-                              hint='each line must be a JSON object with a "text" field or chat "messages"') from exc
+            raise MergeqError(
+                f"{where}: not valid JSON ({exc.msg})",
+                hint='each line must be a JSON object with a "text" field or chat "messages"',
+            ) from exc
         if isinstance(record, str):
             texts.append(record)
             kinds.add("text")
@@ -123,11 +139,14 @@ def _jsonl(raw: str, path: Path, tokenizer) -> tuple[list[str], str, str]:
             texts.append(renderer(_check_messages(record["messages"], where)))
             kinds.add("messages")
         else:
-            raise MergeqError(f'{where}: no "text" field and no "messages"',
-                              hint='each line must be a JSON object with a "text" field or chat "messages"')
+            raise MergeqError(
+                f'{where}: no "text" field and no "messages"',
+                hint='each line must be a JSON object with a "text" field or chat "messages"',
+            )
     if len(kinds) > 1:
-        raise MergeqError(f'{path} mixes "text" records and chat "messages" records',
-                          hint="use one kind of record per file")
+        raise MergeqError(
+            f'{path} mixes "text" records and chat "messages" records', hint="use one kind of record per file"
+        )
     if "messages" in kinds:
         return texts, "jsonl/messages", renderer.rendering
     return texts, "jsonl/text", 'the records\' "text" fields joined by a blank line'

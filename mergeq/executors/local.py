@@ -24,7 +24,7 @@ class LocalExecutor:
                         outcome = run_stage(plan.matrix.models[row], task)
                     except BaseException:
                         view.failed(task.id)
-                        for later in plan.tasks[plan.tasks.index(task) + 1:]:
+                        for later in plan.tasks[plan.tasks.index(task) + 1 :]:
                             view.blocked(later.id)
                         raise
                     view.finished(task.id, outcome.ran)

@@ -60,8 +60,10 @@ def _import_ray():
     try:
         import ray
     except ImportError as err:
-        raise MergeqError("--executor ray needs the `ray` package, which is not installed",
-                          hint="pip install 'mergeq[ray]' (or ray) on the driver and on every node") from err
+        raise MergeqError(
+            "--executor ray needs the `ray` package, which is not installed",
+            hint="pip install 'mergeq[ray]' (or ray) on the driver and on every node",
+        ) from err
     return ray
 
 
@@ -74,9 +76,11 @@ def _connect(ray, address: str | None, num_cpus: int | None) -> None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        raise MergeqError(f"cannot connect to {where}: {err}",
-                          hint="start the head with `ray start --head` and pass its address (HOST:6379), or omit "
-                               "--address to start a local cluster") from err
+        raise MergeqError(
+            f"cannot connect to {where}: {err}",
+            hint="start the head with `ray start --head` and pass its address (HOST:6379), or omit "
+            "--address to start a local cluster",
+        ) from err
 
 
 def requests(plan: Plan, nodes: list[dict]) -> dict[str, dict]:
@@ -87,16 +91,20 @@ def requests(plan: Plan, nodes: list[dict]) -> dict[str, dict]:
     for task in plan.tasks:
         gpus = 1 if task.device.startswith("cuda") or (task.device == "auto" and has_gpus) else 0
         request = {"num_cpus": task.threads, "memory": task.peak_bytes, "num_gpus": gpus}
-        if not any(r.get("CPU", 0) >= task.threads and r.get("memory", 0) >= task.peak_bytes
-                   and r.get("GPU", 0) >= gpus for r in alive):
+        if not any(
+            r.get("CPU", 0) >= task.threads and r.get("memory", 0) >= task.peak_bytes and r.get("GPU", 0) >= gpus
+            for r in alive
+        ):
             largest = max(alive, key=lambda r: (r.get("memory", 0), r.get("CPU", 0)), default={})
             raise MergeqError(
                 f"{task.label} asks for {task.threads} CPUs, {task.peak_bytes / GIB:.2f} GiB of memory (its "
-                f"predicted peak, see mergeq run --check)" + (" and a GPU" if gpus else "")
+                f"predicted peak, see mergeq run --check)"
+                + (" and a GPU" if gpus else "")
                 + f", and no node of the Ray cluster offers that (the largest: {largest.get('CPU', 0):g} CPUs, "
                 f"{largest.get('memory', 0) / GIB:.2f} GiB, {largest.get('GPU', 0):g} GPUs)",
                 hint="add a node that large (ray start --num-cpus N --memory BYTES), or run the driver with fewer "
-                     "torch threads (OMP_NUM_THREADS): each stage asks for as many CPUs as the driver's torch uses")
+                "torch threads (OMP_NUM_THREADS): each stage asks for as many CPUs as the driver's torch uses",
+            )
         wanted[task.id] = request
     return wanted
 
@@ -108,7 +116,10 @@ def _run(ray, plan: Plan, view: MatrixView, verify: bool) -> dict[str, StageOutc
     refs: dict[str, object] = {}
     for task in plan.tasks:
         refs[task.id] = remote.options(
-            **wanted[task.id], name=task.id, max_retries=MAX_RETRIES, retry_exceptions=False,
+            **wanted[task.id],
+            name=task.id,
+            max_retries=MAX_RETRIES,
+            retry_exceptions=False,
         ).remote(plan.matrix.models[task.model], task, verify, board, *(refs[n] for n in task.needs))
     pending = {ref: task_id for task_id, ref in refs.items()}
     outcomes: dict[str, StageOutcome] = {}
@@ -126,8 +137,10 @@ def _run(ray, plan: Plan, view: MatrixView, verify: bool) -> dict[str, StageOutc
                     raise _cause(err) from None
                 except ray.exceptions.RayError as err:
                     view.failed(task_id)
-                    raise MergeqError(f"{plan.task(task_id).label} was lost by Ray after {MAX_RETRIES} retries: "
-                                      f"{err}", hint="see the Ray logs of the nodes (ray logs ...)") from err
+                    raise MergeqError(
+                        f"{plan.task(task_id).label} was lost by Ray after {MAX_RETRIES} retries: {err}",
+                        hint="see the Ray logs of the nodes (ray logs ...)",
+                    ) from err
                 seen = _poll_starts(ray, board, view, seen)  # its start, if it finished between two polls
                 view.finished(task_id, outcome.ran)
                 outcomes[task_id] = outcome
@@ -172,8 +185,11 @@ def _board_actor(ray):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    return ray.remote(_Board).options(
-        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True)).remote()
+    return (
+        ray.remote(_Board)
+        .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True))
+        .remote()
+    )
 
 
 def _stage_task(config, task: StageTask, verify: bool, board, *needs: StageOutcome) -> StageOutcome:

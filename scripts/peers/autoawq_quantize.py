@@ -25,8 +25,9 @@ def main() -> None:
     model = AutoAWQForCausalLM.from_pretrained(base, device_map="cpu")
     config = {"zero_point": True, "q_group_size": int(group_size), "w_bit": 4, "version": "GEMM"}
     start = time.perf_counter()
-    model.quantize(tokenizer, quant_config=config, calib_data=docs, max_calib_seq_len=int(seq_len),
-                   n_parallel_calib_samples=8)
+    model.quantize(
+        tokenizer, quant_config=config, calib_data=docs, max_calib_seq_len=int(seq_len), n_parallel_calib_samples=8
+    )
     seconds = time.perf_counter() - start
     model.save_quantized(out)
     tokenizer.save_pretrained(out)

@@ -26,11 +26,20 @@ def main() -> None:
     with open(calib, encoding="utf-8") as handle:
         docs = [doc for doc in handle.read().split("\n\n") if doc.strip()]
     dataset = Dataset.from_dict({"text": docs}).map(
-        lambda row: tokenizer(row["text"], truncation=True, max_length=seq_len), remove_columns=["text"])
+        lambda row: tokenizer(row["text"], truncation=True, max_length=seq_len), remove_columns=["text"]
+    )
     tokens = sum(len(ids) for ids in dataset["input_ids"])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    scheme = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": symmetry == "sym",
-                                                 "strategy": "group", "group_size": group_size}}
+    scheme = {
+        "targets": ["Linear"],
+        "weights": {
+            "num_bits": 4,
+            "type": "int",
+            "symmetric": symmetry == "sym",
+            "strategy": "group",
+            "group_size": group_size,
+        },
+    }
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     start = time.perf_counter()
     oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=seq_len, num_calibration_samples=len(docs))

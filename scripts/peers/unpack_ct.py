@@ -38,8 +38,11 @@ def unpack(model_dir: str, out: str) -> None:
                 if f"{prefix}.weight_zero_point" in names:
                     groups = handle.get_tensor(f"{prefix}.weight_scale").shape[-1]
                     tensors[f"zeros:{prefix}"] = unpack_from_int32(
-                        handle.get_tensor(f"{prefix}.weight_zero_point"), bits, torch.Size([shape[0], groups]),
-                        packed_dim=0)
+                        handle.get_tensor(f"{prefix}.weight_zero_point"),
+                        bits,
+                        torch.Size([shape[0], groups]),
+                        packed_dim=0,
+                    )
     save_file({k: v.contiguous() for k, v in tensors.items()}, out)
     print(json.dumps({"model": model_dir, "modules": sum(k.startswith("codes:") for k in tensors)}), flush=True)
 

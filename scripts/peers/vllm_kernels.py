@@ -34,9 +34,14 @@ from vllm.platforms import PlatformEnum, current_platform
 from vllm.platforms.interface import DeviceCapability
 
 KERNEL_NAMES = {
-    "MacheteLinearKernel": "machete", "MarlinLinearKernel": "marlin", "ExllamaLinearKernel": "exllama",
-    "ConchLinearKernel": "conch", "TritonW4A16LinearKernel": "triton_w4a16", "HummingLinearKernel": "humming",
-    "CutlassW4A8LinearKernel": "cutlass_w4a8", "AutoAWQLinearMethod": "awq_gemm",
+    "MacheteLinearKernel": "machete",
+    "MarlinLinearKernel": "marlin",
+    "ExllamaLinearKernel": "exllama",
+    "ConchLinearKernel": "conch",
+    "TritonW4A16LinearKernel": "triton_w4a16",
+    "HummingLinearKernel": "humming",
+    "CutlassW4A8LinearKernel": "cutlass_w4a8",
+    "AutoAWQLinearMethod": "awq_gemm",
 }
 FUSED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -132,9 +137,16 @@ def main() -> None:
     for method in ("awq", "gptq", "compressed-tensors"):
         get_quantization_config(method)  # imports every quantization module while the platform is still the CPU
     pretend_cuda()
-    min_capability = {KERNEL_NAMES[cls.__name__]: cls.get_min_capability()
-                      for cls in (mp.MacheteLinearKernel, mp.MarlinLinearKernel, mp.ExllamaLinearKernel,
-                                  mp.ConchLinearKernel, mp.TritonW4A16LinearKernel)}
+    min_capability = {
+        KERNEL_NAMES[cls.__name__]: cls.get_min_capability()
+        for cls in (
+            mp.MacheteLinearKernel,
+            mp.MarlinLinearKernel,
+            mp.ExllamaLinearKernel,
+            mp.ConchLinearKernel,
+            mp.TritonW4A16LinearKernel,
+        )
+    }
     min_capability["awq_gemm"] = get_quantization_config("awq").get_min_capability()
     out = {"vllm": vllm.__version__, "min_capability": min_capability, "cases": {}}
     for case in request["cases"]:

@@ -49,8 +49,14 @@ def main() -> None:
     seconds = {}
 
     start = time.monotonic()
-    llm = LLM(model=request["model"], quantization=request.get("quantization"), dtype=request.get("dtype", "float16"),
-              max_model_len=n_ctx + 32, enforce_eager=True, seed=0)
+    llm = LLM(
+        model=request["model"],
+        quantization=request.get("quantization"),
+        dtype=request.get("dtype", "float16"),
+        max_model_len=n_ctx + 32,
+        enforce_eager=True,
+        seed=0,
+    )
     seconds["load"] = time.monotonic() - start
     layers = llm.apply_model(layer_kernels)[0]
 
@@ -67,8 +73,9 @@ def main() -> None:
     seconds["score"] = time.monotonic() - start
 
     start = time.monotonic()
-    reply = llm.chat([{"role": "user", "content": request["question"]}],
-                     SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)
+    reply = llm.chat(
+        [{"role": "user", "content": request["question"]}], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False
+    )
     seconds["chat"] = time.monotonic() - start
 
     kernels: dict[str, int] = {}
@@ -77,10 +84,18 @@ def main() -> None:
         key = info["kernel"] or info["method"]
         kernels[key] = kernels.get(key, 0) + 1
         methods[info["method"]] = methods.get(info["method"], 0) + 1
-    result = {"model": request["model"], "quantization": request.get("quantization"), "nll": nll, "count": count,
-              "answer": reply[0].outputs[0].text, "kernels": kernels, "linear_methods": methods,
-              "quantized_modules": len(layers), "vllm": vllm.__version__,
-              "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+    result = {
+        "model": request["model"],
+        "quantization": request.get("quantization"),
+        "nll": nll,
+        "count": count,
+        "answer": reply[0].outputs[0].text,
+        "kernels": kernels,
+        "linear_methods": methods,
+        "quantized_modules": len(layers),
+        "vllm": vllm.__version__,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
     with open(out_path, "w") as handle:
         json.dump(result, handle, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "nll"}), flush=True)

@@ -60,8 +60,15 @@ def _fresh(root: Path, name: str) -> Path:
     return folder
 
 
-def _judge(name: str, what: str, folder: Path, argv: list[str], expect: list[str], env: dict[str, str],
-           code_wanted: int | None = None) -> Outcome:
+def _judge(
+    name: str,
+    what: str,
+    folder: Path,
+    argv: list[str],
+    expect: list[str],
+    env: dict[str, str],
+    code_wanted: int | None = None,
+) -> Outcome:
     before = snapshot(folder)
     code, output = run_inprocess(argv, env)
     new, lost = compare(before, snapshot(folder))
@@ -81,9 +88,15 @@ def enospc_merge(root: Path) -> Outcome:
     argv = ["merge", "--base", str(s / "base"), "--adapter", str(s / "adapter"), "--out", str(prev), "--no-validate"]
     code, output = run_inprocess(argv)
     assert code == 0, output
-    return _judge("enospc-merge", "disk full while writing the merged checkpoint over a previous one", folder,
-                  [*argv[:4], f"{s / 'adapter'}@0.5", *argv[5:], "--overwrite"],
-                  ["no space left", str(prev), "needs at least"], {"MERGEQ_FAULT": f"enospc@{prev.name}"}, 2)
+    return _judge(
+        "enospc-merge",
+        "disk full while writing the merged checkpoint over a previous one",
+        folder,
+        [*argv[:4], f"{s / 'adapter'}@0.5", *argv[5:], "--overwrite"],
+        ["no space left", str(prev), "needs at least"],
+        {"MERGEQ_FAULT": f"enospc@{prev.name}"},
+        2,
+    )
 
 
 def enospc_gguf(root: Path) -> Outcome:
@@ -93,21 +106,49 @@ def enospc_gguf(root: Path) -> Outcome:
     argv = ["export", "gguf", "--model", str(s / "merged"), "--out", str(out), "--quant", "Q8_0", "--no-eval"]
     code, output = run_inprocess(argv)
     assert code == 0, output
-    return _judge("enospc-gguf", "disk full while llama-quantize's output is committed over a previous GGUF",
-                  folder, argv, ["no space left", str(out / "Q8_0"), "needs at least"],
-                  {"MERGEQ_FAULT": "enospc@Q8_0"}, 2)
+    return _judge(
+        "enospc-gguf",
+        "disk full while llama-quantize's output is committed over a previous GGUF",
+        folder,
+        argv,
+        ["no space left", str(out / "Q8_0"), "needs at least"],
+        {"MERGEQ_FAULT": "enospc@Q8_0"},
+        2,
+    )
 
 
 def enospc_awq(root: Path) -> Outcome:
     s = _shared(root)
     folder = _fresh(root, "enospc-awq")
     out = folder / "awq"
-    argv = ["export", "awq", "--model", str(s / "merged"), "--out", str(out), "--no-eval", "--calib",
-            str(s / "calib.txt"), "--group-size", "32", "--samples", "4", "--seq-len", "32"]
+    argv = [
+        "export",
+        "awq",
+        "--model",
+        str(s / "merged"),
+        "--out",
+        str(out),
+        "--no-eval",
+        "--calib",
+        str(s / "calib.txt"),
+        "--group-size",
+        "32",
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+    ]
     code, output = run_inprocess(argv)
     assert code == 0, output
-    return _judge("enospc-awq", "disk full while writing an AWQ checkpoint over a previous one", folder, argv,
-                  ["no space left", str(out), "needs at least"], {"MERGEQ_FAULT": f"enospc@{out.name}"}, 2)
+    return _judge(
+        "enospc-awq",
+        "disk full while writing an AWQ checkpoint over a previous one",
+        folder,
+        argv,
+        ["no space left", str(out), "needs at least"],
+        {"MERGEQ_FAULT": f"enospc@{out.name}"},
+        2,
+    )
 
 
 _REAL_DISK_SCRIPT = r"""
@@ -126,8 +167,7 @@ def real_disk_available() -> bool:
     """Whether this machine lets an unprivileged test mount a size-limited tmpfs in its own namespace."""
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
-                           capture_output=True)
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"], capture_output=True)
     return probe.returncode == 0
 
 
@@ -141,12 +181,23 @@ def enospc_real_disk(root: Path) -> Outcome:
     logs.mkdir()
     argv = mergeq_command("merge", "--base", str(s / "base"), "--adapter", str(s / "adapter"), "--no-validate")
     env = subprocess_env(SIZE="900k", DISK=str(disk), LOGS=str(logs))
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", _REAL_DISK_SCRIPT, "sh", *argv], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", _REAL_DISK_SCRIPT, "sh", *argv],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
     read = lambda name: (logs / name).read_text() if (logs / name).exists() else ""  # noqa: E731
-    outcome = Outcome("enospc-real-disk", "fault", "a real full disk (small tmpfs) while overwriting a merge",
-                      int(read("second.code") or -1), read("second.log"),
-                      check_fragments(read("second.log"), ["no space left", "merged", "needs at least"]))
+    outcome = Outcome(
+        "enospc-real-disk",
+        "fault",
+        "a real full disk (small tmpfs) while overwriting a merge",
+        int(read("second.code") or -1),
+        read("second.log"),
+        check_fragments(read("second.log"), ["no space left", "merged", "needs at least"]),
+    )
     if proc.returncode != 0:
         outcome.problems.append(f"setup failed (exit {proc.returncode}): {proc.stderr[-1000:]} {read('first.log')}")
         return outcome
@@ -167,8 +218,15 @@ def tool_fault(root: Path, mode: str, tool: str) -> Outcome:
     out = folder / "gguf"
     argv = ["export", "gguf", "--model", str(s / "merged"), "--out", str(out), "--quant", "Q8_0", "--no-eval"]
     signal_text = "killed by signal 9" if mode == "killtool" else "killed by signal 6"
-    outcome = _judge(name, f"{tool} {'killed (SIGKILL)' if mode == 'killtool' else 'crashes (SIGABRT)'} mid-run",
-                     folder, argv, [tool, signal_text, "injected fault"], {"MERGEQ_FAULT": f"{mode}@{tool}"}, 3)
+    outcome = _judge(
+        name,
+        f"{tool} {'killed (SIGKILL)' if mode == 'killtool' else 'crashes (SIGABRT)'} mid-run",
+        folder,
+        argv,
+        [tool, signal_text, "injected fault"],
+        {"MERGEQ_FAULT": f"{mode}@{tool}"},
+        3,
+    )
     gguf_files = [p for p in outcome.leftovers if p.endswith(".gguf")]
     if gguf_files:
         outcome.problems.append(f"finished-looking GGUF files left: {gguf_files}")
@@ -178,13 +236,25 @@ def tool_fault(root: Path, mode: str, tool: str) -> Outcome:
 # ------------------------------------------------------------------------------------------ pipeline runs
 
 
-def start_run(config: Path, out: Path, env: dict[str, str] | None = None, log: Path | None = None,
-              quiet: bool = True, group: bool = False) -> subprocess.Popen:
+def start_run(
+    config: Path,
+    out: Path,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    quiet: bool = True,
+    group: bool = False,
+) -> subprocess.Popen:
     """`mergeq run CONFIG --out OUT` in the background; with `group`, in a process group of its own (its pid)."""
     argv = mergeq_command(*(["-q"] if quiet else []), "run", str(config), "--out", str(out))
     with open(log, "w") if log else contextlib.nullcontext(subprocess.DEVNULL) as sink:  # the child keeps a copy
-        return subprocess.Popen(argv, env=subprocess_env(**(env or {})), cwd=REPO, stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=group)
+        return subprocess.Popen(
+            argv,
+            env=subprocess_env(**(env or {})),
+            cwd=REPO,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=group,
+        )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -216,8 +286,12 @@ def reference_run(root: Path) -> Reference:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     trace, events, log = folder / "trace.tsv", folder / "progress.tsv", folder / "run.log"
-    code, output = finish(start_run(_shared(root) / "run.toml", cached,
-                                    {"MERGEQ_FAULT": f"trace@{trace},progress@{events}"}, log, quiet=False), log)
+    code, output = finish(
+        start_run(
+            _shared(root) / "run.toml", cached, {"MERGEQ_FAULT": f"trace@{trace},progress@{events}"}, log, quiet=False
+        ),
+        log,
+    )
     assert code == 0, output
     seconds = {m.group(1): float(m.group(2)) for m in re.finditer(r"stage (\w+): done in ([\d.]+) s", output)}
     assert set(seconds) == set(STAGES), output
@@ -251,8 +325,11 @@ def _stage_points(trace: Path, out: Path) -> dict[str, list[int]]:
         if rel is not None:
             head = rel.parts[0]
             for name, directory in STAGE_DIRS.items():
-                if head == directory or head.startswith(f".{directory}.tmp-") or rel.as_posix() == \
-                        f".mergeq/stages/{name}.json":
+                if (
+                    head == directory
+                    or head.startswith(f".{directory}.tmp-")
+                    or rel.as_posix() == f".mergeq/stages/{name}.json"
+                ):
                     stage = name
         owner.append(stage)
     points = {}
@@ -267,7 +344,7 @@ def prefix_state(ref: Reference, out: Path, stage: str) -> None:
     if stage == STAGES[0]:
         return
     shutil.copytree(ref.out, out, symlinks=True)
-    for later in STAGES[STAGES.index(stage):]:
+    for later in STAGES[STAGES.index(stage) :]:
         shutil.rmtree(out / STAGE_DIRS[later], ignore_errors=True)
         (out / ".mergeq" / "stages" / f"{later}.json").unlink(missing_ok=True)
     for name in ("summary.json", "summary.md", "summary.png"):
@@ -292,8 +369,14 @@ class KillTrial:
 
     @property
     def ok(self) -> bool:
-        return (self.killed and self.inside is not False and self.rerun_code == 0 and self.redone and self.identical
-                and not self.leftovers)
+        return (
+            self.killed
+            and self.inside is not False
+            and self.rerun_code == 0
+            and self.redone
+            and self.identical
+            and not self.leftovers
+        )
 
     def label(self) -> str:
         where = f"event {self.at} ({self.event})" if self.how == "progress" else f"commit point {self.at}"
@@ -373,8 +456,9 @@ def run_kill(root: Path, ref: Reference, trial: KillTrial) -> KillTrial:
     if trial.how == "progress":
         trial.inside = held == f"{trial.stage}\t{trial.at}\t{trial.event}\n" and bool(why)
         if not trial.inside:
-            trial.detail = (f"the kill did not land inside the stage at {trial.event!r}: held {held!r}, "
-                            f"{why or 'finished'}")
+            trial.detail = (
+                f"the kill did not land inside the stage at {trial.event!r}: held {held!r}, {why or 'finished'}"
+            )
             return trial
     expect_ran = [stage for stage in STAGES if not _stamp(out, stage).exists()]
     rerun_log = folder / "rerun.log"
@@ -417,9 +501,16 @@ def two_runs(root: Path, ref: Reference) -> Outcome:
     before = snapshot(out)
     code, output = run_inprocess(["run", str(_shared(root) / "run.toml"), "--out", str(out)])
     new, lost = compare(before, snapshot(out))
-    outcome = Outcome("two-runs", "fault", "a second mergeq run on the output directory of a running one", code,
-                      output, check_fragments(output, ["another mergeq run", f"pid {first.pid}", str(out)]), new,
-                      lost)
+    outcome = Outcome(
+        "two-runs",
+        "fault",
+        "a second mergeq run on the output directory of a running one",
+        code,
+        output,
+        check_fragments(output, ["another mergeq run", f"pid {first.pid}", str(out)]),
+        new,
+        lost,
+    )
     release.touch()
     first_code, first_output = finish(first, log)
     if first_code != 0:
@@ -434,6 +525,13 @@ def two_runs(root: Path, ref: Reference) -> Outcome:
 def all_faults(root: Path, ref: Reference) -> list[Outcome]:
     """Every fault except the kills (see kill_and_resume)."""
     real = [enospc_real_disk(root)] if real_disk_available() else []
-    return [enospc_merge(root), enospc_gguf(root), enospc_awq(root), *real,
-            tool_fault(root, "crash", "convert_hf_to_gguf.py"), tool_fault(root, "crash", "llama-quantize"),
-            tool_fault(root, "killtool", "llama-quantize"), two_runs(root, ref)]
+    return [
+        enospc_merge(root),
+        enospc_gguf(root),
+        enospc_awq(root),
+        *real,
+        tool_fault(root, "crash", "convert_hf_to_gguf.py"),
+        tool_fault(root, "crash", "llama-quantize"),
+        tool_fault(root, "killtool", "llama-quantize"),
+        two_runs(root, ref),
+    ]

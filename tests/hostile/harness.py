@@ -135,8 +135,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def run_subprocess(argv: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
-    proc = subprocess.run(mergeq_command(*argv), env=subprocess_env(**(env or {})), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        mergeq_command(*argv),
+        env=subprocess_env(**(env or {})),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -163,8 +169,9 @@ def run_case(case, root: Path, *, in_process: bool = True) -> Outcome:
 
 def model_files(out: Path) -> dict[str, str]:
     """Hashes of an output tree's artifacts: everything but reports, cards, summaries and the state dir."""
-    return {rel: digest for rel, digest in tree_hashes(out, skip={".mergeq"}).items()
-            if Path(rel).name not in DOC_FILES}
+    return {
+        rel: digest for rel, digest in tree_hashes(out, skip={".mergeq"}).items() if Path(rel).name not in DOC_FILES
+    }
 
 
 def temp_leftovers(root: Path) -> list[str]:

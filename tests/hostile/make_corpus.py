@@ -52,15 +52,43 @@ PAYLOAD_MARKER = "PAYLOAD_RAN"  # a pickle payload creates this file if it ever 
 
 # every case build() writes, in order (test_corpus.py parametrizes over these; a test checks the list)
 CASE_NAMES = (
-    "st-truncated", "st-header-past-end", "st-header-huge", "st-overlap", "st-out-of-bounds", "st-dtype-shape",
-    "st-dtype-bytes", "st-non-json", "index-missing-shard", "index-dotdot", "index-absolute", "st-adapter-truncated",
-    "adapter-wrong-base", "adapter-other-architecture", "adapter-targets-nothing", "adapter-nan", "adapter-inf",
-    "adapter-unknown-type", "adapter-no-config", "adapter-pickle-payload", "base-pickle-payload",
-    "bnb-missing-absmax", "bnb-wrong-blocksize", "base-fp16-overflow",
-    "calib-empty", "calib-short", "eval-short", "group-size-divides-nothing", "gguf-unknown-architecture",
+    "st-truncated",
+    "st-header-past-end",
+    "st-header-huge",
+    "st-overlap",
+    "st-out-of-bounds",
+    "st-dtype-shape",
+    "st-dtype-bytes",
+    "st-non-json",
+    "index-missing-shard",
+    "index-dotdot",
+    "index-absolute",
+    "st-adapter-truncated",
+    "adapter-wrong-base",
+    "adapter-other-architecture",
+    "adapter-targets-nothing",
+    "adapter-nan",
+    "adapter-inf",
+    "adapter-unknown-type",
+    "adapter-no-config",
+    "adapter-pickle-payload",
+    "base-pickle-payload",
+    "bnb-missing-absmax",
+    "bnb-wrong-blocksize",
+    "base-fp16-overflow",
+    "calib-empty",
+    "calib-short",
+    "eval-short",
+    "group-size-divides-nothing",
+    "gguf-unknown-architecture",
     "gguf-unknown-quant",
-    "config-unknown-keys", "config-wrong-types", "config-out-inside-input", "config-out-symlink",
-    "config-out-through-symlink", "config-eval-short", "run-corrupt-base",
+    "config-unknown-keys",
+    "config-wrong-types",
+    "config-out-inside-input",
+    "config-out-symlink",
+    "config-out-through-symlink",
+    "config-eval-short",
+    "run-corrupt-base",
 )
 
 
@@ -98,8 +126,9 @@ def add_fast_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def pipeline_toml(base: Path, adapter: Path, calib: Path, *, gguf: str = '["Q8_0"]', extra: str = "",
-                  eval_text: Path | None = None) -> str:
+def pipeline_toml(
+    base: Path, adapter: Path, calib: Path, *, gguf: str = '["Q8_0"]', extra: str = "", eval_text: Path | None = None
+) -> str:
     evaluation = f'text = "{eval_text}"' if eval_text else "enabled = false"
     return f"""[merge]
 base = "{base}"
@@ -186,11 +215,18 @@ def safetensors_cases(cases: Path, s: dict) -> list[Case]:
         path = base / "model.safetensors"
         edit(path)
         target = folder / "out"
-        out.append(Case(name, "safetensors", merge_argv(base, s["adapter"], target),
-                        [str(path), *expect], [str(target)], what=what))
+        out.append(
+            Case(
+                name,
+                "safetensors",
+                merge_argv(base, s["adapter"], target),
+                [str(path), *expect],
+                [str(target)],
+                what=what,
+            )
+        )
 
-    corrupt("st-truncated", "safetensors file cut short", lambda p: p.write_bytes(p.read_bytes()[:-100]),
-            ["truncated"])
+    corrupt("st-truncated", "safetensors file cut short", lambda p: p.write_bytes(p.read_bytes()[:-100]), ["truncated"])
 
     def header_past_end(p: Path) -> None:
         data = p.read_bytes()
@@ -198,8 +234,12 @@ def safetensors_cases(cases: Path, s: dict) -> list[Case]:
 
     corrupt("st-header-past-end", "header length larger than the file", header_past_end, ["runs past the end"])
     # only the 8-byte length claims 200 MB: the file stays small
-    corrupt("st-header-huge", "header length over 100 MB", lambda p: p.write_bytes(
-        struct.pack("<Q", 200 * 1024 * 1024) + p.read_bytes()[8:]), ["exceeds the 100 MB limit"])
+    corrupt(
+        "st-header-huge",
+        "header length over 100 MB",
+        lambda p: p.write_bytes(struct.pack("<Q", 200 * 1024 * 1024) + p.read_bytes()[8:]),
+        ["exceeds the 100 MB limit"],
+    )
 
     def overlap(p: Path) -> None:
         header, body = read_raw(p)
@@ -218,24 +258,28 @@ def safetensors_cases(cases: Path, s: dict) -> list[Case]:
         header[last]["data_offsets"] = [len(body) + 64, len(body) + 64 + size]
         write_raw(p, header, body)
 
-    corrupt("st-out-of-bounds", "a tensor's offsets point past the end of the data", out_of_bounds,
-            ["ends at byte"])
+    corrupt("st-out-of-bounds", "a tensor's offsets point past the end of the data", out_of_bounds, ["ends at byte"])
 
     def shape_mismatch(p: Path) -> None:
         header, body = read_raw(p)
         header["model.layers.0.self_attn.q_proj.weight"]["shape"] = [HIDDEN, HIDDEN + 1]
         write_raw(p, header, body)
 
-    corrupt("st-dtype-shape", "dtype and shape disagree with the byte length", shape_mismatch,
-            ["model.layers.0.self_attn.q_proj.weight", "needs"])
+    corrupt(
+        "st-dtype-shape",
+        "dtype and shape disagree with the byte length",
+        shape_mismatch,
+        ["model.layers.0.self_attn.q_proj.weight", "needs"],
+    )
 
     def wrong_dtype(p: Path) -> None:
         header, body = read_raw(p)
         header["model.norm.weight"]["dtype"] = "F32"
         write_raw(p, header, body)
 
-    corrupt("st-dtype-bytes", "dtype changed: the byte length no longer fits", wrong_dtype,
-            ["model.norm.weight", "needs"])
+    corrupt(
+        "st-dtype-bytes", "dtype changed: the byte length no longer fits", wrong_dtype, ["model.norm.weight", "needs"]
+    )
 
     def non_json(p: Path) -> None:
         data = bytearray(p.read_bytes())
@@ -257,23 +301,53 @@ def safetensors_cases(cases: Path, s: dict) -> list[Case]:
         weight_map = {n: (first if i % 2 == 0 else second) for i, n in enumerate(names)}
         (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
         target = folder / "out"
-        out.append(Case(name, "safetensors", merge_argv(base, s["adapter"], target),
-                        [str(base / "model.safetensors.index.json"), *expect], [str(target)], what=what))
+        out.append(
+            Case(
+                name,
+                "safetensors",
+                merge_argv(base, s["adapter"], target),
+                [str(base / "model.safetensors.index.json"), *expect],
+                [str(target)],
+                what=what,
+            )
+        )
 
-    sharded("index-missing-shard", "index names a shard that is not there", "model-00002-of-00002.safetensors",
-            ["model-00002-of-00002.safetensors", "does not exist"])
-    sharded("index-dotdot", "index shard path with ..", "../stolen.safetensors",
-            ["../stolen.safetensors", "escapes the checkpoint folder"], stolen=True)
-    sharded("index-absolute", "index shard path is absolute", "{case}/stolen.safetensors",
-            ["stolen.safetensors", "escapes the checkpoint folder"], stolen=True)
+    sharded(
+        "index-missing-shard",
+        "index names a shard that is not there",
+        "model-00002-of-00002.safetensors",
+        ["model-00002-of-00002.safetensors", "does not exist"],
+    )
+    sharded(
+        "index-dotdot",
+        "index shard path with ..",
+        "../stolen.safetensors",
+        ["../stolen.safetensors", "escapes the checkpoint folder"],
+        stolen=True,
+    )
+    sharded(
+        "index-absolute",
+        "index shard path is absolute",
+        "{case}/stolen.safetensors",
+        ["stolen.safetensors", "escapes the checkpoint folder"],
+        stolen=True,
+    )
 
     # the adapter's own safetensors file, truncated: the message names the adapter file
     folder = cases / "st-adapter-truncated"
     adapter = copy_dir(s["adapter"], folder / "adapter")
     path = adapter / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:-64])
-    out.append(Case(folder.name, "safetensors", merge_argv(s["base"], adapter, folder / "out"),
-                    [str(path), "truncated"], [str(folder / "out")], what="adapter safetensors cut short"))
+    out.append(
+        Case(
+            folder.name,
+            "safetensors",
+            merge_argv(s["base"], adapter, folder / "out"),
+            [str(path), "truncated"],
+            [str(folder / "out")],
+            what="adapter safetensors cut short",
+        )
+    )
     return out
 
 
@@ -290,36 +364,65 @@ def pickle_with_payload(path: Path, marker: Path) -> None:
 def adapter_cases(cases: Path, s: dict) -> list[Case]:
     out: list[Case] = []
 
-    def add(name: str, what: str, adapter: Path, expect: list[str], *, base: Path | None = None,
-            absent: list[str] = ()) -> None:
+    def add(
+        name: str, what: str, adapter: Path, expect: list[str], *, base: Path | None = None, absent: list[str] = ()
+    ) -> None:
         target = cases / name / "out"
-        out.append(Case(name, "adapter", merge_argv(base or s["base"], adapter, target), expect,
-                        [str(target), *absent], what=what))
+        out.append(
+            Case(
+                name,
+                "adapter",
+                merge_argv(base or s["base"], adapter, target),
+                expect,
+                [str(target), *absent],
+                what=what,
+            )
+        )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         folder = cases / "adapter-wrong-base"
         other = plain_llama(folder / "other-base", hidden=48, intermediate=96, vocab=320)
         adapter = make_adapter(other, folder / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-        add(folder.name, "adapter trained on a base of other shapes", adapter,
-            [str(adapter), "shape mismatch", "model.layers.0.self_attn.q_proj"])
+        add(
+            folder.name,
+            "adapter trained on a base of other shapes",
+            adapter,
+            [str(adapter), "shape mismatch", "model.layers.0.self_attn.q_proj"],
+        )
 
         folder = cases / "adapter-other-architecture"
-        mistral = tiny_model(folder / "mistral-base", "mistral", hidden=HIDDEN, intermediate=2 * HIDDEN, heads=2,
-                             kv_heads=2, tokenizer=False)
+        mistral = tiny_model(
+            folder / "mistral-base",
+            "mistral",
+            hidden=HIDDEN,
+            intermediate=2 * HIDDEN,
+            heads=2,
+            kv_heads=2,
+            tokenizer=False,
+        )
         adapter = make_adapter(mistral, folder / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-        add(folder.name, "same shapes, adapter's base config is another architecture", adapter,
-            [str(adapter), "MistralForCausalLM", "LlamaForCausalLM"])
+        add(
+            folder.name,
+            "same shapes, adapter's base config is another architecture",
+            adapter,
+            [str(adapter), "MistralForCausalLM", "LlamaForCausalLM"],
+        )
 
         folder = cases / "adapter-targets-nothing"
         gpt2 = tiny_gpt2(folder / "gpt2-base")
-        adapter = make_adapter(gpt2, folder / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True,
-                               target_modules=["c_attn"])
+        adapter = make_adapter(
+            gpt2, folder / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn"]
+        )
         config = json.loads((adapter / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = "openai-community/gpt2"  # as downloaded: a hub id, not a local folder
         (adapter / "adapter_config.json").write_text(json.dumps(config))
-        add(folder.name, "target modules match nothing in the base", adapter,
-            [str(adapter), "match nothing in the base", "c_attn"])
+        add(
+            folder.name,
+            "target modules match nothing in the base",
+            adapter,
+            [str(adapter), "match nothing in the base", "c_attn"],
+        )
 
     for name, value in (("adapter-nan", float("nan")), ("adapter-inf", float("inf"))):
         adapter = copy_dir(s["adapter"], cases / name / "adapter")
@@ -334,8 +437,12 @@ def adapter_cases(cases: Path, s: dict) -> list[Case]:
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["peft_type"] = "HYPERLORA"
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    add("adapter-unknown-type", "unknown PEFT adapter type", adapter,
-        [str(adapter), "not supported: HYPERLORA", "adapter_config.json"])
+    add(
+        "adapter-unknown-type",
+        "unknown PEFT adapter type",
+        adapter,
+        [str(adapter), "not supported: HYPERLORA", "adapter_config.json"],
+    )
 
     adapter = copy_dir(s["adapter"], cases / "adapter-no-config" / "adapter")
     (adapter / "adapter_config.json").unlink()
@@ -347,8 +454,13 @@ def adapter_cases(cases: Path, s: dict) -> list[Case]:
     shutil.copyfile(s["adapter"] / "adapter_config.json", adapter / "adapter_config.json")
     marker = folder / PAYLOAD_MARKER
     pickle_with_payload(adapter / "adapter_model.bin", marker)
-    add(folder.name, "adapter_model.bin pickle whose payload would run code", adapter,
-        [str(adapter / "adapter_model.bin"), "weights_only=True"], absent=[str(marker)])
+    add(
+        folder.name,
+        "adapter_model.bin pickle whose payload would run code",
+        adapter,
+        [str(adapter / "adapter_model.bin"), "weights_only=True"],
+        absent=[str(marker)],
+    )
 
     folder = cases / "base-pickle-payload"
     base = folder / "base"
@@ -358,8 +470,14 @@ def adapter_cases(cases: Path, s: dict) -> list[Case]:
             shutil.copyfile(item, base / item.name)
     marker = folder / PAYLOAD_MARKER
     pickle_with_payload(base / "pytorch_model.bin", marker)
-    add(folder.name, "base pytorch_model.bin pickle whose payload would run code", s["adapter"],
-        [str(base / "pytorch_model.bin"), "weights_only=True"], base=base, absent=[str(marker)])
+    add(
+        folder.name,
+        "base pytorch_model.bin pickle whose payload would run code",
+        s["adapter"],
+        [str(base / "pytorch_model.bin"), "weights_only=True"],
+        base=base,
+        absent=[str(marker)],
+    )
     return out
 
 
@@ -377,19 +495,43 @@ def base_cases(cases: Path, s: dict) -> list[Case]:
         edit(tensors)
         save_file(tensors, path, metadata={"format": "pt"})
         target = case / "out"
-        out.append(Case(name, "base", ["merge", "--qlora-base", str(q), "--adapter", str(s["adapter"]),
-                                       "--out", str(target), "--no-validate"],
-                        ["model.layers.0.mlp.up_proj.weight", *expect], [str(target)], what=what))
+        out.append(
+            Case(
+                name,
+                "base",
+                [
+                    "merge",
+                    "--qlora-base",
+                    str(q),
+                    "--adapter",
+                    str(s["adapter"]),
+                    "--out",
+                    str(target),
+                    "--no-validate",
+                ],
+                ["model.layers.0.mlp.up_proj.weight", *expect],
+                [str(target)],
+                what=what,
+            )
+        )
 
     def set_state(tensors, **changes):
         meta = json.loads(bytes(tensors[state_name].numpy().tobytes()))
         meta.update(changes)
         tensors[state_name] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
 
-    corrupt("bnb-missing-absmax", "4-bit base without absmax",
-            lambda t: t.pop("model.layers.0.mlp.up_proj.weight.absmax"), ["absmax"])
-    corrupt("bnb-wrong-blocksize", "4-bit quant state with a wrong blocksize",
-            lambda t: set_state(t, blocksize=128), ["blocksize"])
+    corrupt(
+        "bnb-missing-absmax",
+        "4-bit base without absmax",
+        lambda t: t.pop("model.layers.0.mlp.up_proj.weight.absmax"),
+        ["absmax"],
+    )
+    corrupt(
+        "bnb-wrong-blocksize",
+        "4-bit quant state with a wrong blocksize",
+        lambda t: set_state(t, blocksize=128),
+        ["blocksize"],
+    )
     shutil.rmtree(folder)
 
     name = "base-fp16-overflow"
@@ -398,9 +540,16 @@ def base_cases(cases: Path, s: dict) -> list[Case]:
     tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = 70000.0
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     target = cases / name / "out"
-    out.append(Case(name, "base", merge_argv(base, s["adapter"], target),
-                    ["model.layers.1.mlp.up_proj.weight", "65504", "--dtype bfloat16"], [str(target)],
-                    what="fp32 base value beyond float16 after the merge"))
+    out.append(
+        Case(
+            name,
+            "base",
+            merge_argv(base, s["adapter"], target),
+            ["model.layers.1.mlp.up_proj.weight", "65504", "--dtype bfloat16"],
+            [str(target)],
+            what="fp32 base value beyond float16 after the merge",
+        )
+    )
     return out
 
 
@@ -411,45 +560,102 @@ def export_cases(cases: Path, s: dict) -> list[Case]:
     def add(name: str, what: str, argv: list[str], expect: list[str]) -> None:
         target = cases / name / "out"
         (cases / name).mkdir(parents=True, exist_ok=True)
-        out.append(Case(name, "export", [a.replace("{out}", str(target)) for a in argv], expect, [str(target)],
-                        what=what))
+        out.append(
+            Case(name, "export", [a.replace("{out}", str(target)) for a in argv], expect, [str(target)], what=what)
+        )
 
     empty = cases / "calib-empty" / "empty.txt"
     empty.parent.mkdir(parents=True)
     empty.write_text("")
-    add("calib-empty", "empty calibration text",
-        ["export", "awq", "--model", str(merged), "--out", "{out}", "--no-eval", "--calib", str(empty),
-         "--group-size", "32"], [str(empty), "no text"])
+    add(
+        "calib-empty",
+        "empty calibration text",
+        [
+            "export",
+            "awq",
+            "--model",
+            str(merged),
+            "--out",
+            "{out}",
+            "--no-eval",
+            "--calib",
+            str(empty),
+            "--group-size",
+            "32",
+        ],
+        [str(empty), "no text"],
+    )
 
     short = cases / "calib-short" / "short.txt"
     short.parent.mkdir(parents=True)
     short.write_text("the quick brown fox")
-    add("calib-short", "calibration text shorter than one sample",
-        ["export", "gptq", "--model", str(merged), "--out", "{out}", "--no-eval", "--calib", str(short),
-         "--group-size", "32", "--seq-len", "64"], [str(short), "fewer than one sample"])
+    add(
+        "calib-short",
+        "calibration text shorter than one sample",
+        [
+            "export",
+            "gptq",
+            "--model",
+            str(merged),
+            "--out",
+            "{out}",
+            "--no-eval",
+            "--calib",
+            str(short),
+            "--group-size",
+            "32",
+            "--seq-len",
+            "64",
+        ],
+        [str(short), "fewer than one sample"],
+    )
 
     text = cases / "eval-short" / "eval.txt"
     text.parent.mkdir(parents=True)
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
-    add("eval-short", "evaluation text shorter than two windows",
+    add(
+        "eval-short",
+        "evaluation text shorter than two windows",
         ["export", "gguf", "--model", str(merged), "--out", "{out}", "--quant", "Q8_0", "--eval-text", str(text)],
-        [str(text), "fewer than two windows"])
+        [str(text), "fewer than two windows"],
+    )
 
-    add("group-size-divides-nothing", "int4 group size that divides no layer",
-        ["export", "awq", "--model", str(merged), "--out", "{out}", "--no-eval", "--calib", str(s["calib"]),
-         "--group-size", "48"], ["48", "group"])
+    add(
+        "group-size-divides-nothing",
+        "int4 group size that divides no layer",
+        [
+            "export",
+            "awq",
+            "--model",
+            str(merged),
+            "--out",
+            "{out}",
+            "--no-eval",
+            "--calib",
+            str(s["calib"]),
+            "--group-size",
+            "48",
+        ],
+        ["48", "group"],
+    )
 
     model = copy_dir(merged, cases / "gguf-unknown-architecture" / "model")
     config = json.loads((model / "config.json").read_text())
     config["architectures"] = ["QuuxForCausalLM"]
     (model / "config.json").write_text(json.dumps(config))
-    add("gguf-unknown-architecture", "architecture the GGUF converter does not know",
+    add(
+        "gguf-unknown-architecture",
+        "architecture the GGUF converter does not know",
         ["export", "gguf", "--model", str(model), "--out", "{out}", "--no-eval", "--quant", "Q8_0"],
-        ["QuuxForCausalLM", str(model / "config.json")])
+        ["QuuxForCausalLM", str(model / "config.json")],
+    )
 
-    add("gguf-unknown-quant", "unknown quantization type",
+    add(
+        "gguf-unknown-quant",
+        "unknown quantization type",
         ["export", "gguf", "--model", str(merged), "--out", "{out}", "--no-eval", "--quant", "Q3_FANCY"],
-        ["Q3_FANCY"])
+        ["Q3_FANCY"],
+    )
     return out
 
 
@@ -464,41 +670,79 @@ def config_cases(cases: Path, s: dict) -> list[Case]:
         config.write_text(text)
         existed = target is not None and (target.exists() or target.is_symlink())
         target = target or folder / "out"
-        out.append(Case(name, "config", ["run", str(config), "--out", str(target)], expect,
-                        [] if existed else [str(target)], what=what))
+        out.append(
+            Case(
+                name,
+                "config",
+                ["run", str(config), "--out", str(target)],
+                expect,
+                [] if existed else [str(target)],
+                what=what,
+            )
+        )
         return folder
 
-    add("config-unknown-keys", "unknown keys in the config",
-        good.replace("validate = false", "validate = false\ncolour = \"red\"").replace(
-            "quant = [\"Q8_0\"]", "quant = [\"Q8_0\"]\nturbo = true"),
-        ["run.toml:5: [merge] colour: unknown key", "[gguf] turbo"])
-    add("config-wrong-types", "wrong value types in the config",
-        good.replace("validate = false", "validate = \"no\"").replace("samples = 4", "samples = \"four\"", 1),
-        ["run.toml:4: [merge] validate: expected bool", "four"])
-    add("config-out-inside-input", "output directory inside an input", good, ["inside the input", str(s["base"])],
-        target=s["base"] / "out")
+    add(
+        "config-unknown-keys",
+        "unknown keys in the config",
+        good.replace("validate = false", 'validate = false\ncolour = "red"').replace(
+            'quant = ["Q8_0"]', 'quant = ["Q8_0"]\nturbo = true'
+        ),
+        ["run.toml:5: [merge] colour: unknown key", "[gguf] turbo"],
+    )
+    add(
+        "config-wrong-types",
+        "wrong value types in the config",
+        good.replace("validate = false", 'validate = "no"').replace("samples = 4", 'samples = "four"', 1),
+        ["run.toml:4: [merge] validate: expected bool", "four"],
+    )
+    add(
+        "config-out-inside-input",
+        "output directory inside an input",
+        good,
+        ["inside the input", str(s["base"])],
+        target=s["base"] / "out",
+    )
     folder = cases / "config-out-symlink"
     folder.mkdir()
     elsewhere = folder / "elsewhere"
     elsewhere.mkdir()
     (folder / "link").symlink_to(elsewhere, target_is_directory=True)
-    add(folder.name, "output directory is a symlink to somewhere else", good, ["symlink", str(folder / "link")],
-        target=folder / "link")
+    add(
+        folder.name,
+        "output directory is a symlink to somewhere else",
+        good,
+        ["symlink", str(folder / "link")],
+        target=folder / "link",
+    )
     folder = cases / "config-out-through-symlink"
     folder.mkdir()
     (folder / "results").symlink_to(s["adapter"], target_is_directory=True)
-    add(folder.name, "output path escapes through a symlink into an input", good,
-        ["symlink|inside the input", str(folder / "results" / "run1")], target=folder / "results" / "run1")
+    add(
+        folder.name,
+        "output path escapes through a symlink into an input",
+        good,
+        ["symlink|inside the input", str(folder / "results" / "run1")],
+        target=folder / "results" / "run1",
+    )
     short = cases / "config-eval-short" / "eval.txt"
     short.parent.mkdir(parents=True)
     short.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
-    add("config-eval-short", "pipeline evaluation text shorter than two windows",
-        good.replace("enabled = false", f'text = "{short}"'), [str(short), "fewer than two windows"])
+    add(
+        "config-eval-short",
+        "pipeline evaluation text shorter than two windows",
+        good.replace("enabled = false", f'text = "{short}"'),
+        [str(short), "fewer than two windows"],
+    )
     folder = cases / "run-corrupt-base"
     base = copy_dir(s["base"], folder / "base")
     (base / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes()[:-100])
-    add(folder.name, "pipeline on a truncated base", pipeline_toml(base, s["adapter"], s["calib"]),
-        [str(base / "model.safetensors"), "truncated"])
+    add(
+        folder.name,
+        "pipeline on a truncated base",
+        pipeline_toml(base, s["adapter"], s["calib"]),
+        [str(base / "model.safetensors"), "truncated"],
+    )
     return out
 
 
