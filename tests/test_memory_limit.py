@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from tiny_models import sentencepiece_tokenizer
 pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
+GiB = 1 << 30
+DISK_NEEDED = 8 * GiB
 LIMIT = 1024 * MiB
 # 21.5 MiB of fp16 per decoder layer (43 MiB in fp32); 97 layers: 2.04 GiB, 2.04x the limit. Grouped-query attention
 # (2 key/value heads) as in current models: llama-perplexity's KV cache for 4 windows of 512 is 0.2 GiB (0.8 with 8)
@@ -42,6 +45,14 @@ def model(tmp_path_factory):
         print(f"\nskipping the hard-memory-limit test: {why}")
         pytest.skip(why)
     root = tmp_path_factory.mktemp("memory-limit")
+    # on disk at once: the base and the merged checkpoint (2.04 GiB each), the GGUF stage's f16 intermediate
+    # (2.1 GiB) beside its Q8_0 (1.1 GiB), then AWQ (0.6 GiB): about 8 GiB. Said up front, not 20 minutes in.
+    free = shutil.disk_usage(root).free
+    if free < DISK_NEEDED:
+        pytest.fail(
+            f"the hard-memory-limit test needs about {DISK_NEEDED / GiB:.0f} GiB free disk under {root}, "
+            f"{free / GiB:.1f} GiB free; free some space (or point --basetemp at a larger disk)"
+        )
     base = write_llama(root / "base", SHAPE, max_shard_bytes=512 * MiB)
     sentencepiece_tokenizer(base, vocab=SHAPE.vocab)  # one llama.cpp's converter reads
     write_lora(root / "lora", SHAPE, base, r=8, alpha=16)
