@@ -16,8 +16,9 @@ from exporters.int4 import kernels
 from exporters.int4.calibration import load_calibration
 from exporters.int4.export import export_int4, plan
 from exporters.int4.formats import dequantized_state_dict, read_quantized
-from exporters.int4.layerwise import EngineOptions, LayerContext, quantize_layer
+from exporters.int4.layer import EngineOptions, LayerContext
 from exporters.int4.options import AwqOptions, GptqOptions
+from exporters.int4.passes import quantize_layer
 from exporters.int4.quant import QuantScheme
 from mergeq.core.arch import architecture_of
 from mergeq.core.errors import MergeqError

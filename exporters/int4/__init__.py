@@ -5,7 +5,9 @@ Modules, one concept each:
 - gptq / awq: the two calibration algorithms, acting on one group of linears at a time.
 - arch: architecture mappings (Llama, Mistral, Qwen2) as data.
 - calibration: calibration text -> token samples.
-- layerwise: the streaming engine (one decoder layer in memory at a time).
+- layerwise: the streaming loop (one decoder layer in memory at a time, resumable after a kill: resume).
+- layer: one decoder layer's units (linears reading one input, fused experts) and the capture of their inputs.
+- passes: the RTN, GPTQ and AWQ passes over one layer (AWQ's scale folds and their check).
 - formats: writers and readers for gptq, awq and compressed-tensors checkpoints.
 - kernels: preflight checks and the prediction of the vLLM kernel per tensor-parallel size.
 """

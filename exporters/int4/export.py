@@ -19,7 +19,8 @@ from exporters.int4.calibration import Calibration, load_calibration
 from exporters.int4.checkpoint import TensorSource
 from exporters.int4.families import family_of, require_awq
 from exporters.int4.formats import FORMATS
-from exporters.int4.layerwise import EngineOptions, StreamResult, quantize_streaming
+from exporters.int4.layer import EngineOptions
+from exporters.int4.layerwise import StreamResult, quantize_streaming
 from exporters.int4.options import AwqOptions, GptqOptions, Int4Options
 from exporters.int4.quant import QuantizedLinear, QuantScheme
 from exporters.int4.resume import LayerCheckpoints, inputs_key
