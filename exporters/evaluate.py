@@ -26,8 +26,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from exporters import eval_torch
 from exporters.eval_gguf import check_tokenization, evaluate_gguf
 from exporters.eval_inputs import check_checkpoint, detect_format, load_text, load_tokenizer
@@ -36,6 +34,7 @@ from exporters.eval_reference import checkpoint_fingerprint, reference_logprobs
 from exporters.report import ArtifactReport, QualityInfo, measure_stage
 from mergeq.core.errors import MergeqError
 from mergeq.core.metrics import MetricSums, Windows, make_windows, tokenize
+from mergeq.core.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def evaluate_full(
         "n_ctx": windows.n_ctx,
         "windows": windows.n_windows,
         "text_tokens": windows.text_tokens,
-        "versions": _versions(),
+        "versions": package_versions(("torch", "transformers")),
         "text_source": eval_text.describe(windows.text_tokens),
     }
     tool_peak = 0
@@ -154,9 +153,3 @@ def _evaluate_torch(artifact: Path, kind: str, reference: Path, windows: Windows
     for i, lp in eval_torch.model_logprobs(artifact, kind, windows, options, artifact.name):
         sums.add(ref.window(i), lp, windows.targets[i])
     return sums
-
-
-def _versions() -> dict:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__}

@@ -8,25 +8,11 @@ inputs give an equal manifest.
 
 from __future__ import annotations
 
-import importlib.metadata as md
-import platform
-
-from mergeq.core import VERSION as __version__
 from mergeq.core.hashing import tree_hashes
+from mergeq.core.versions import recorded_versions
 
 MANIFEST_NAME = "merge_manifest.json"
 SCHEMA = 1
-PACKAGES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "numpy")
-
-
-def versions() -> dict[str, str]:
-    found = {"mergeq": __version__, "python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = "missing"
-    return found
 
 
 def _source_entry(source, hashes: dict) -> dict:
@@ -90,6 +76,6 @@ def build(
         },
         "validation": validation if validation is not None else {"skipped": "--no-validate"},
         "qlora_fidelity": fidelity,
-        "versions": versions(),
+        "versions": recorded_versions(),
         "warnings": list(warnings),
     }

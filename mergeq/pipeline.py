@@ -34,13 +34,6 @@ class RunResult:
     plan: object = None  # the mergeq.plan.Plan that ran (or would run, with --check)
 
 
-def versions() -> dict[str, str]:
-    """Package versions that change what every stage writes (the merge manifest records the same)."""
-    from merge.manifest import versions as package_versions
-
-    return package_versions()
-
-
 def demo_config() -> PipelineConfig:
     """The embedded demo: demo base + demo QLoRA adapter -> merged -> GGUF Q8_0/Q4_K_M, AWQ, GPTQ."""
     from mergeq.demo import demo_assets

@@ -25,6 +25,7 @@ from mergeq.core import faults
 from mergeq.core.atomic import atomic_dir
 from mergeq.core.errors import MergeqError
 from mergeq.core.memory import peak_rss_bytes, release_freed_memory, reset_peak_rss, resident_bytes
+from mergeq.core.versions import recorded_versions
 from mergeq.exporting import run_export
 from mergeq.plan import MERGE, StageTask
 from mergeq.stages import Stage, stage_key, tree_hashes
@@ -41,9 +42,7 @@ class StageOutcome:
 
 def stage_of(config: PipelineConfig, task: StageTask) -> Stage:
     """The stage with its content-addressed key (an export's needs the merged checkpoint on disk)."""
-    from mergeq.pipeline import versions
-
-    tool_versions = versions()
+    tool_versions = recorded_versions()  # what the merge manifest records
     merged = task.out / "merged"
     if task.stage == MERGE:
         return Stage(

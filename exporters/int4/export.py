@@ -34,6 +34,7 @@ from mergeq.core.memory import peak_rss_bytes, reset_peak_rss
 from mergeq.core.modelfiles import copy_aux_files, read_model_config
 from mergeq.core.shards import ShardWriter
 from mergeq.core.texts import FORMATS_HELP, split_column
+from mergeq.core.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +330,7 @@ def report(
         provenance={
             "model": str(model_dir),
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
-            "torch": torch.__version__,
-            "transformers": _version("transformers"),
+            **package_versions(("torch", "transformers"), missing="unknown"),
             "python": platform.python_version(),
             **({"calib_sha256": calibration.sha256} if calibration else {}),
         },
@@ -344,12 +344,3 @@ def _numel(shape: list[int]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import shutil
 
 from rich.table import Table
 
 from mergeq.core.paths import cache_root
 from mergeq.core.progress import stderr_console
+from mergeq.core.versions import package_versions
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "gguf", "rich", "matplotlib")
 TOOLS = ("cmake", "c++", "make")
-
-
-def package_versions() -> dict[str, str | None]:
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def run(args) -> int:
     table = Table(title="mergeq doctor")
     table.add_column("piece")
     table.add_column("state")
-    for name, version in package_versions().items():
+    for name, version in package_versions(PACKAGES).items():
         table.add_row(f"python: {name}", version or "[red]missing")
     for tool in TOOLS:
         table.add_row(f"tool: {tool}", shutil.which(tool) or "[red]missing")
