@@ -14,6 +14,9 @@ Output layout, one directory per requested type (the orchestration writes report
 Each type directory appears in one rename when its GGUF is complete; the intermediate and the imatrix
 live in OUT/.gguf-work.tmp-*/ and are removed at the end. A killed export leaves only `.…tmp-…` entries
 (removed by the next run), never a finished-looking GGUF.
+
+The options: exporters/gguf_options.py; the checks before work: exporters/gguf_preflight.py; this module runs the
+sequence and writes the reports.
 """
 
 from __future__ import annotations
@@ -25,234 +28,27 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from exporters import chat_template_check
 from exporters.gguf_inspect import read_gguf, read_ggufs, size_info
+from exporters.gguf_options import FLOAT_TYPES, GGUFOptions
+from exporters.gguf_preflight import chat_template, check_disk, check_input, intermediate_type
 from exporters.llamacpp.build import ensure_built, find_build_tools, is_built, tool_command
-from exporters.llamacpp.convert import converter_command, supported_architectures
-from exporters.llamacpp.pin import canonical_quant_type, load_pin, version_info
+from exporters.llamacpp.convert import converter_command
+from exporters.llamacpp.pin import load_pin, version_info
 from exporters.llamacpp.quantize import quantize
 from exporters.llamacpp.run import run_tool
 from exporters.registry import register
 from exporters.report import ArtifactReport, StageCost
 from mergeq.core.atomic import atomic_dir, remove_stale_tmp
-from mergeq.core.errors import MergeqError
 from mergeq.core.hashing import sha256_file, tree_hashes
 from mergeq.core.modelfiles import read_model_config
-from mergeq.core.options import OptionError, option
-from mergeq.core.paths import free_bytes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUANTS = ("Q8_0", "Q4_K_M")
-INTERMEDIATES = ("f16", "bf16")
-FLOAT_TYPES = {"F16": "f16", "BF16": "bf16"}
 WORK_NAME = "gguf-work"  # OUT/.gguf-work.tmp-*: the intermediate and the imatrix, removed at the end
-DISK_MARGIN = 1.05  # planned bytes are estimates: ask for 5% more (plus 64 MiB)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-# Upper bound of the size of a quantized file relative to f16: the mixtures and fallbacks never put a
-# quantized tensor above Q8_0 (8.5 bits) unless a shape forces F16, which planned_bytes covers by 1.0.
-QUANTIZED_BOUND = 8.5 / 16
-
-
-@dataclass(frozen=True)
-class GGUFOptions:
-    """The options of `mergeq export gguf` and of a pipeline's [gguf] table (mergeq.core.options)."""
-
-    quants: tuple[str, ...] = option(
-        DEFAULT_QUANTS,
-        flag="--quant",
-        key="quant",
-        repeat=True,
-        metavar="TYPE",
-        help="llama-quantize type to write (repeatable or comma-separated): Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, "
-        "IQ4_XS, ..., F16, BF16",
-    )  # after checked(): llama-quantize spellings, request order, no duplicates
-    imatrix: bool = option(False, help="quantize with an importance matrix computed by llama-imatrix from --calib")
-    calib: Path | None = option(None, metavar="FILE", help="calibration text for --imatrix")
-    imatrix_ctx: int = option(
-        512,
-        metavar="N",
-        range=(8, None),
-        help="llama-imatrix context (tokens per chunk; the text needs at least 2N tokens)",
-    )
-    intermediate: str = option(
-        "auto",
-        choices=("auto", *INTERMEDIATES),
-        help="type of the one intermediate GGUF (auto: bf16 for bfloat16 checkpoints, else f16)",
-    )
-    threads: int | None = option(None, metavar="N", range=(1, None), default_help="all cores", help="llama.cpp threads")
-    # size budgets (exporters/gguf_budget): after checked(), every one in `targets` as "2.5GB", "4.5bpw" or
-    # "like:Q4_K_M"; each makes one more GGUF, OUT/MIX-.../, with the least predicted divergence at that size
-    targets: tuple[str, ...] = option(
-        (),
-        flag="--target",
-        key="target",
-        repeat=True,
-        metavar="SIZE|like:TYPE",
-        help="a GGUF that fits this size, its types chosen tensor by tensor from measurements (needs --imatrix "
-        "--calib): a file size (2.5GB, 700MiB), bits per weight (4.5bpw) or like:TYPE (the size of that "
-        "named mix, e.g. like:Q4_K_M); repeatable",
-    )
-    target_size: str | None = option(
-        None, metavar="SIZE", toml=False, help="the same as --target SIZE: a file size such as 2.5GB or 700MiB"
-    )
-    target_bpw: float | None = option(
-        None,
-        metavar="BITS",
-        range=(1.0, 16.0),
-        toml=False,
-        help="the same as --target BITSbpw: bits per weight over the whole file",
-    )
-
-    def checked(self) -> GGUFOptions:
-        """The quant types canonical (llama-quantize's spelling, comma lists split, no duplicates), and the
-        imatrix options consistent."""
-        requested = [part.strip() for value in self.quants for part in str(value).split(",") if part.strip()]
-        quants: list[str] = []
-        pin = load_pin()
-        for name in requested:
-            canonical = canonical_quant_type(name, pin)
-            if canonical is None or canonical == "COPY":
-                known = ", ".join(t for t in pin.quant_types if t != "COPY")
-                raise OptionError(
-                    "quants",
-                    f"--quant {name!r} is not a llama-quantize type",
-                    hint=f"llama.cpp {pin.commit} (llama-cpp-python {pin.version}) knows: {known}",
-                )
-            if canonical not in quants:
-                quants.append(canonical)
-        if self.imatrix and self.calib is None:
-            raise OptionError(
-                "calib", "--imatrix needs --calib FILE: the text that llama-imatrix runs through the model"
-            )
-        if self.calib is not None and not self.imatrix:
-            raise OptionError("calib", "--calib is only used with --imatrix", hint="add --imatrix, or drop --calib")
-        if not self.imatrix and (need := [q for q in quants if q in pin.needs_imatrix]):
-            raise OptionError(
-                "quants",
-                f"--quant {', '.join(need)} requires an importance matrix",
-                hint="add --imatrix --calib FILE, or choose e.g. IQ4_XS, Q3_K_M or Q4_K_M",
-            )
-        targets = list(self.targets)
-        if self.target_size is not None:
-            targets.append(self.target_size)
-        if self.target_bpw is not None:
-            targets.append(f"{self.target_bpw:g}bpw")
-        if targets:
-            from exporters.gguf_budget.target import check_targets
-
-            try:
-                check_targets(tuple(targets), self.imatrix, pin.quant_types)
-            except MergeqError as err:
-                raise OptionError("targets", str(err.args[0]), hint=err.hint) from None
-        return replace(self, quants=tuple(quants), targets=tuple(targets), target_size=None, target_bpw=None)
-
-
-# ----------------------------------------------------------------------------------------------- model facts
-
-
-def architecture(config: dict) -> str | None:
-    """The architecture name the converter routes on (the text model's, for a multimodal config)."""
-    text = config.get("text_config") or {}
-    if text.get("architectures"):
-        return text["architectures"][0]
-    arches = config.get("architectures") or []
-    return arches[0] if arches else None
-
-
-# Architectures whose layer layout the pinned converter does not write: llama.cpp assumes one (for Gemma 3: every
-# sixth layer global, the rest sliding-window, its load_swa_pattern(6)); name -> (period, what the layout is)
-FIXED_LAYER_LAYOUTS = {
-    "Gemma3ForCausalLM": (6, "five sliding-window layers, then one global layer, repeated"),
-    "Gemma3ForConditionalGeneration": (6, "five sliding-window layers, then one global layer, repeated"),
-}
-
-
-def check_layer_layout(config: dict, arch: str, config_path: Path) -> None:
-    """Refuse a checkpoint whose `layer_types` differ from the layout llama.cpp assumes for its architecture: the
-    GGUF would compute another model than the checkpoint, without any error from the converter."""
-    if arch not in FIXED_LAYER_LAYOUTS:
-        return
-    period, described = FIXED_LAYER_LAYOUTS[arch]
-    text = config.get("text_config") or config
-    layer_types = text.get("layer_types")
-    if not layer_types or not text.get("sliding_window"):
-        return
-    assumed = ["full_attention" if i % period == period - 1 else "sliding_attention" for i in range(len(layer_types))]
-    if list(layer_types) != assumed:
-        first = next(i for i, (a, b) in enumerate(zip(layer_types, assumed)) if a != b)
-        raise MergeqError(
-            f"{config_path}: layer_types give layer {first} {layer_types[first]!r}, but the pinned llama.cpp "
-            f"converter does not write the layer layout and llama.cpp assumes {described} for {arch} "
-            f"({assumed[first]!r} there): the GGUF would compute another model",
-            hint="export this model with `mergeq export awq` or `gptq` instead",
-        )
-
-
-def intermediate_type(config: dict, options: GGUFOptions) -> str:
-    if options.intermediate != "auto":
-        return options.intermediate
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
-    return "bf16" if "bfloat16" in dtype else "f16"
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-
-
-def f16_bytes_estimate(model_dir: Path, config: dict) -> int:
-    """About what the model takes at 16 bits: its weight files, scaled by the stored element size."""
-    total = sum(p.stat().st_size for p in weight_files(model_dir))
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
-    return total // 2 if "float32" in dtype else total
-
-
-def planned_bytes(quant: str, f16_bytes: int) -> int:
-    if quant in ("F16", "BF16"):
-        return f16_bytes
-    if quant == "F32":
-        return 2 * f16_bytes
-    return int(f16_bytes * QUANTIZED_BOUND)
-
-
-def chat_template(model_dir: Path) -> str | None:
-    """The checkpoint's chat template: chat_template.jinja, else tokenizer_config.json's."""
-    jinja = Path(model_dir) / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = Path(model_dir) / "tokenizer_config.json"
-    if config.is_file():
-        template = json.loads(config.read_text()).get("chat_template")
-        if isinstance(template, str):
-            return template
-    return None
-
-
-def check_disk(model_dir: Path, config: dict, options: GGUFOptions, where: Path) -> dict[str, int]:
-    """Raise unless `where` has room for the intermediate and every planned file; returns the plan."""
-    inter = intermediate_type(config, options)
-    f16 = f16_bytes_estimate(model_dir, config)
-    plan = {"intermediate": f16}
-    for quant in options.quants:
-        if FLOAT_TYPES.get(quant) != inter:  # the intermediate itself becomes that artifact
-            plan[quant] = planned_bytes(quant, f16)
-    for target in options.targets:  # each mix, and the named mix it is compared with (kept if the mix loses)
-        plan[f"target {target}"] = 2 * planned_bytes("Q8_0", f16)
-    if options.targets:  # the search holds its all-Q8_0 round, one more mix and the f16 logits at a time
-        plan["size-budget search"] = 2 * planned_bytes("Q8_0", f16) + (256 << 20)
-    need = int(sum(plan.values()) * DISK_MARGIN) + (64 << 20)
-    if (free := free_bytes(where)) < need:
-        detail = ", ".join(f"{k} ~{v / 2**20:.0f} MiB" for k, v in plan.items())
-        raise MergeqError(
-            f"not enough free disk for the GGUF export: about {need / 2**20:.0f} MiB needed "
-            f"({detail}), {free / 2**20:.0f} MiB free at {where}",
-            hint="free some space, or choose fewer --quant types",
-        )
-    return plan
 
 
 # ----------------------------------------------------------------------------------------------- the exporter
@@ -270,45 +66,8 @@ class GGUFExporter:
     # -- preflight
 
     def preflight(self, model_dir: Path, options: GGUFOptions) -> list[str]:
-        """Everything checkable before work: architecture, weights, tokenizer, calibration text, disk, build tools."""
-        model_dir = Path(model_dir)
-        config = read_model_config(model_dir)
-        warnings: list[str] = []
-        if options.targets:
-            from exporters.gguf_budget.target import check_targets
-
-            check_targets(options.targets, options.imatrix, load_pin().quant_types)
-        arch = architecture(config)
-        supported = supported_architectures()
-        if arch is None:
-            raise MergeqError(
-                f'{model_dir / "config.json"} names no architecture ("architectures" is missing)',
-                hint="the converter picks its model class by that name",
-            )
-        if arch not in supported:
-            pin = load_pin()
-            raise MergeqError(
-                f"architecture {arch!r} ({model_dir / 'config.json'}) is not supported by the pinned llama.cpp "
-                f"converter ({pin.commit}); it supports {len(supported)} architectures: {', '.join(supported)}",
-                hint="export this model with `mergeq export awq` or `gptq` instead",
-            )
-        check_layer_layout(config, arch, model_dir / "config.json")
-        if not weight_files(model_dir):
-            raise MergeqError(f"{model_dir} holds no .safetensors or .bin weights")
-        if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-            raise MergeqError(
-                f"{model_dir} has no tokenizer ({' or '.join(TOKENIZER_FILES)})",
-                hint="save the tokenizer next to the merged weights: GGUF files carry it",
-            )
-        if chat_template(model_dir) is None:
-            warnings.append(f"{model_dir} has no chat template; the GGUF files will carry none")
-        if options.imatrix:
-            calib = Path(options.calib)
-            if not calib.is_file():
-                raise MergeqError(f"calibration text {calib} does not exist", hint="pass a text file with --calib")
-            if calib.stat().st_size == 0:
-                raise MergeqError(f"calibration text {calib} is empty")
-        check_disk(model_dir, config, options, model_dir)  # export() checks again where OUT really is
+        """Everything checkable before work: the input (exporters/gguf_preflight.py), then the build tools."""
+        warnings = check_input(Path(model_dir), options)
         self._preflight_warnings = list(warnings)  # facts about the input: they go into every report
         if not is_built():
             find_build_tools()  # raises a clear error now rather than after the merge
@@ -543,21 +302,3 @@ def _input_hashes(model_dir: Path, options: GGUFOptions) -> dict:
 
 def _jsonable(data):
     return json.loads(json.dumps(data, default=str))
-
-
-def convert(model_dir: Path, outfile: Path, outtype: str = "f16") -> Path:
-    """One GGUF of `model_dir` by the pinned converter, written atomically (for callers other than export,
-    e.g. an evaluator that needs the f16 GGUF of a reference checkpoint)."""
-    outfile = Path(outfile)
-    outfile.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(outfile)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{outfile.name}.tmp-", dir=outfile.parent))
-    try:
-        run_tool(
-            converter_command(model_dir, tmp / outfile.name, outtype),
-            hint="the pinned converter could not read this checkpoint",
-        )
-        os.replace(tmp / outfile.name, outfile)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return outfile

@@ -127,7 +127,7 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
         if target == "gguf":
             sizes = [_gguf_bytes(shapes, quant) for quant in options.quants]
             # a size target: its mix and the named mix written beside it if the mix measures worse; the
-            # search holds one Q8_0-size round and one mix at a time (exporters.gguf.check_disk)
+            # search holds one Q8_0-size round and one mix at a time (exporters.gguf_preflight.check_disk)
             sizes += [2 * _gguf_bytes(shapes, "Q8_0") for _ in options.targets]
             sizes += [2 * _gguf_bytes(shapes, "Q8_0")] if options.targets else []
             intermediate = shapes.params * fp16

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters import gguf as gguf_exporter
+from exporters import gguf_preflight
 from exporters.gguf import GGUFExporter, GGUFOptions
 from exporters.registry import get_exporter
 from mergeq.core.errors import MergeqError
@@ -104,7 +104,7 @@ def test_preflight_checks_weights_tokenizer_calib_and_disk(tmp_path, monkeypatch
         GGUFExporter().preflight(model, GGUFOptions(imatrix=True, calib=tmp_path / "missing.txt"))
     warnings = GGUFExporter().preflight(model, GGUFOptions())
     assert any("no chat template" in w for w in warnings)
-    monkeypatch.setattr(gguf_exporter, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(gguf_preflight, "free_bytes", lambda path: 1000)
     with pytest.raises(MergeqError, match="not enough free disk for the GGUF export") as caught:
         GGUFExporter().preflight(model, GGUFOptions(quants=("Q8_0", "F32")))
     assert "F32" in str(caught.value) and "intermediate" in str(caught.value)
@@ -112,9 +112,9 @@ def test_preflight_checks_weights_tokenizer_calib_and_disk(tmp_path, monkeypatch
 
 def test_planned_sizes_bound_the_types():
     f16 = 1000
-    assert gguf_exporter.planned_bytes("F16", f16) == f16
-    assert gguf_exporter.planned_bytes("F32", f16) == 2 * f16
-    assert gguf_exporter.planned_bytes("Q4_K_M", f16) == gguf_exporter.planned_bytes("Q8_0", f16) < f16
+    assert gguf_preflight.planned_bytes("F16", f16) == f16
+    assert gguf_preflight.planned_bytes("F32", f16) == 2 * f16
+    assert gguf_preflight.planned_bytes("Q4_K_M", f16) == gguf_preflight.planned_bytes("Q8_0", f16) < f16
 
 
 @pytest.mark.llamacpp
