@@ -70,7 +70,7 @@ def detect_format(artifact: Path) -> str:
 
 def check_checkpoint(directory: Path) -> None:
     """Validate every safetensors header of a checkpoint (names the file on a truncated or damaged one)."""
-    from mergeq.core.checkpoint import read_safetensors_header
+    from mergeq.core.safetensors_file import read_safetensors_header
 
     directory = Path(directory)
     files = sorted(directory.glob("*.safetensors"))
@@ -82,7 +82,7 @@ def check_checkpoint(directory: Path) -> None:
 
 def artifact_size(artifact: Path, reference: Path) -> tuple[SizeInfo, str]:
     """Size facts of any artifact and a name for its quantization, for artifacts without an exporter report."""
-    from mergeq.core.checkpoint import read_safetensors_header
+    from mergeq.core.safetensors_file import read_safetensors_header
 
     def params_and_bytes(directory: Path) -> tuple[int, int, set[str]]:
         params = size = 0

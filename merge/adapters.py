@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from merge.experts import ExpertLora, wrapped_parameters
-from mergeq.core.checkpoint import SafetensorsFile, load_tensor_file
+from mergeq.core.checkpoint import load_tensor_file
 from mergeq.core.errors import MergeqError
 from mergeq.core.modelfiles import read_json_object
+from mergeq.core.safetensors_file import SafetensorsFile
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from merge.source import Source
-from mergeq.core.checkpoint import itemsize
 from mergeq.core.errors import MergeqError
 from mergeq.core.progress import track
+from mergeq.core.safetensors_file import itemsize
 from mergeq.core.shards import OutTensor, ShardWriter
 
 FP16_MAX = 65504.0

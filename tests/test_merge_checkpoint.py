@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergeq.core.checkpoint import Checkpoint, SafetensorsFile, read_safetensors_header
+from mergeq.core.checkpoint import Checkpoint
 from mergeq.core.errors import MergeqError
+from mergeq.core.safetensors_file import SafetensorsFile, read_safetensors_header
 from mergeq.core.shards import OutTensor, ShardWriter
 
 

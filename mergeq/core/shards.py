@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from mergeq.core.atomic import write_json
-from mergeq.core.checkpoint import CODES, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, itemsize
+from mergeq.core.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from mergeq.core.errors import MergeqError
+from mergeq.core.safetensors_file import CODES, itemsize
 
 
 @dataclass(frozen=True)
