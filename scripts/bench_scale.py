@@ -16,6 +16,7 @@ peak exceeds 1 GiB plus three times the largest tensor.
     .venv/bin/python scripts/bench_scale.py                       # 8B shapes, 32 layers: ~16 GB, ~55 GB of disk
     .venv/bin/python scripts/bench_scale.py --layers 12           # the same widths, 12 layers (~7.3 GB)
     .venv/bin/python scripts/bench_scale.py --limit-gib 6 --workdir /big/disk/scale
+    .venv/bin/python scripts/bench_scale.py --layers 1 --only gptq --samples 2 --seq-len 128  # GPTQ's peak alone
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ def stage_rows(out: Path) -> list[dict]:
     return rows
 
 
+def bound_verdict(rows: list[dict], bound: int) -> str:
+    worst = max((r["peak_gib"] for r in rows), default=0.0)
+    verdict = "ok" if worst * GiB <= bound else "MISSED"
+    return f"peak {worst:.2f} GiB vs 1 GiB + 3 x largest tensor = {bound / GiB:.2f} GiB: {verdict}"
+
+
 def main() -> int:
     from bench_merge import PEFT_JOB, run_job
     from memory_limit import run_limited, unavailable
@@ -118,6 +125,13 @@ def main() -> int:
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT merge run")
     parser.add_argument("--keep", action="store_true", help="keep the run's outputs")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--only",
+        choices=["gptq"],
+        help="run only this int4 export (no evaluation) on the base, under the same limit: its peak per layer",
+    )
+    parser.add_argument("--samples", type=int, default=8, help="--only: calibration samples")
+    parser.add_argument("--seq-len", type=int, default=256, help="--only: tokens per calibration sample")
     args = parser.parse_args()
     if (why := unavailable()) is not None:
         raise SystemExit(f"no hard memory limit can be set here: {why}")
@@ -133,6 +147,8 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
 
     limit = int(args.limit_gib * GiB)
+    if args.only:
+        return only_export(args, base, calib, out, limit, bound)
     print(
         f"running mergeq run under a {args.limit_gib:g} GiB cgroup on a {model_bytes / GiB:.2f} GiB model ...",
         flush=True,
@@ -184,11 +200,7 @@ def main() -> int:
     print(f"{'artifact':<24} {'step':<14} {'wall s':>8} {'peak GiB':>9}")
     for row in rows:
         print(f"{row['artifact']:<24} {row['step']:<14} {row['seconds']:>8.1f} {row['peak_gib']:>9.2f}")
-    worst = max((r["peak_gib"] for r in rows), default=0.0)
-    print(
-        f"largest stage peak {worst:.2f} GiB vs 1 GiB + 3 x largest tensor = {bound / GiB:.2f} GiB: "
-        f"{'ok' if worst * GiB <= bound else 'MISSED'}"
-    )
+    print("largest stage " + bound_verdict(rows, bound))
     print(
         f"rerun on the finished output ({on_disk / GiB:.1f} GiB of outputs): {skip_s:.1f} s, skipped "
         f"{', '.join(skipped) or 'nothing'} (exit {rerun.returncode}); file stamps spare re-reading unchanged files"
@@ -216,6 +228,32 @@ def main() -> int:
             )
             + "\n"
         )
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+def only_export(args, base: Path, calib: Path, out: Path, limit: int, bound: int) -> int:
+    from memory_limit import run_limited
+
+    argv = [sys.executable, "-m", "mergeq.cli", "export", args.only, "--model", str(base), "--out", str(out)]
+    argv += ["--no-eval", "--calib", str(calib), "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    argv += ["--group-size", "128"]
+    print(f"running mergeq export {args.only} under a {args.limit_gib:g} GiB cgroup ...", flush=True)
+    run = run_limited(argv, limit, env={**os.environ, "MERGEQ_QUIET": "1"}, cwd=ROOT, timeout=6 * 3600)
+    if run.returncode != 0:
+        print(run.stderr[-4000:])
+        raise SystemExit(f"mergeq export failed (exit {run.returncode}, OOM-killed: {run.oom_killed})")
+    rows = stage_rows(out)
+    print(
+        f"mergeq export {args.only}, {args.layers} layers of Llama-3.1-8B widths, calibration {args.samples} x "
+        f"{args.seq_len} tokens, no evaluation, under a {args.limit_gib:g} GiB cgroup: {run.seconds:.0f} s, "
+        f"cgroup high-water mark {(run.max_usage_bytes or 0) / GiB:.2f} GiB (page cache included)"
+    )
+    for row in rows:
+        print(f"{row['step']:<14} {row['seconds']:>8.1f} s {row['peak_gib']:>6.2f} GiB peak RSS")
+    print(bound_verdict(rows, bound))
+    print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return 0

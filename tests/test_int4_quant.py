@@ -7,7 +7,7 @@ import torch
 
 from exporters.int4 import awq
 from exporters.int4.formats import AWQ_ORDER, FORMATS
-from exporters.int4.gptq import HessianAccumulator, gptq_quantize
+from exporters.int4.gptq import _inverse_cholesky_upper_, _prepared, accumulate, gptq_quantize
 from exporters.int4.quant import QuantScheme, pack_first, pack_last, rtn_quantize, unpack_first, unpack_last
 from mergeq.core.errors import MergeqError
 
@@ -81,9 +81,8 @@ def test_writer_reader_round_trip(fmt, sym, desc_act):
     scheme = layout.adapt_scheme(QuantScheme(4, 16, sym))
     torch.manual_seed(1)
     w = torch.randn(32, 64)
-    h = HessianAccumulator(64, "cpu")
-    h.add(torch.randn(512, 64) * torch.linspace(0.1, 3, 64))
-    q = gptq_quantize(w, h.value(), scheme, act_order="dynamic" if desc_act else "static")
+    x = torch.randn(512, 64) * torch.linspace(0.1, 3, 64)
+    q = gptq_quantize(w, _hessian_of([x]), scheme, act_order="dynamic" if desc_act else "static")
     q.bias = torch.randn(32).half()
     tensors = layout.linear_tensors("l", q, scheme, desc_act)
     back = layout.read_linear(
@@ -122,6 +121,11 @@ def _correlated_inputs(n: int, features: int, seed: int = 0) -> torch.Tensor:
     return (torch.randn(n, features, generator=g) @ mix + 0.3 * torch.randn(n, features, generator=g)) * loud
 
 
+def _hessian_of(inputs):
+    """The Hessian source gptq_quantize takes: a fresh Hessian of `inputs` at every call."""
+    return lambda: accumulate(inputs[0].shape[-1], "cpu", lambda add: [add(x) for x in inputs]).value()
+
+
 def _output_error(w, wq, x):
     return float(((w - wq) @ x.t()).square().sum())
 
@@ -133,10 +137,7 @@ def test_gptq_beats_rtn_on_layer_output(sym, act_order):
     w = torch.randn(96, 128) * 0.05
     x = _correlated_inputs(2048, 128)
     scheme = QuantScheme(4, 32, sym)
-    acc = HessianAccumulator(128, "cpu")
-    for chunk in x.split(500):
-        acc.add(chunk)
-    q = gptq_quantize(w, acc.value(), scheme, act_order=act_order)
+    q = gptq_quantize(w, _hessian_of(x.split(500)), scheme, act_order=act_order)
     rtn = rtn_quantize(w, scheme)
     gptq_err = _output_error(w, q.dequantize(), x)
     rtn_err = _output_error(w, rtn.dequantize(), x)
@@ -176,3 +177,46 @@ def test_count_sketch_estimates_the_gram_matrix():
     estimate = stats.sketch.t() @ stats.sketch
     assert torch.linalg.norm(estimate - exact) / torch.linalg.norm(exact) < 0.2
     assert torch.allclose(stats.mean_abs, x.abs().mean(0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("permuted", [True, False])
+def test_gptq_in_place_factorization_equals_torch_out_of_place(permuted):
+    """GPTQ permutes, dampens and factors the Hessian in its own buffer (one in_features^2 matrix, not four):
+    bit for bit what the gather and torch's out-of-place Cholesky, inverse and upper Cholesky give."""
+    n = 1100  # not a multiple of the permutation's and transposition's blocks
+    x = _correlated_inputs(3000, n, seed=3)
+    x[:, 5] = 0.0  # a dead column
+    h = accumulate(n, "cpu", lambda add: add(x)).value()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)) if permuted else None
+    dead = torch.diagonal(h) == 0
+    dead = dead[perm] if permuted else dead
+    expected = h[perm[:, None], perm[None, :]] if permuted else h.clone()
+    expected[dead, dead] = 1.0
+    damp = 0.01 * float(torch.diagonal(expected).mean())
+    expected.diagonal().add_(damp)
+    lower, info = torch.linalg.cholesky_ex(expected)
+    assert int(info) == 0
+    expected, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    buffer = h.data_ptr()
+    got = _prepared(h, perm, dead)
+    assert _inverse_cholesky_upper_(got, damp, 0)
+    assert got.data_ptr() == buffer  # no copy was made
+    assert got.stride() == expected.stride()
+    assert torch.equal(got, expected)
+
+
+def test_gptq_builds_the_hessian_again_when_it_needs_more_dampening():
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    x = torch.randn(100, 256)  # rank 100 of 256: float32 Cholesky fails with a dampening of 1e-9 of the diagonal
+    built = []
+
+    def hessian():
+        built.append(1)
+        return _hessian_of([x])()
+
+    q = gptq_quantize(w, hessian, QuantScheme(4, 64, True), damp_percent=1e-9)
+    assert len(built) > 1  # the factorization overwrote the first one
+    assert torch.isfinite(q.scales.float()).all() and q.codes.max() <= 15
+    with pytest.raises(RuntimeError, match="not positive definite"):
+        gptq_quantize(w, _hessian_of([x[:50]]), QuantScheme(4, 64, True), damp_percent=0.0)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from exporters.int4 import awq as awq_alg
-from exporters.int4.gptq import HessianAccumulator, gptq_quantize
+from exporters.int4.gptq import accumulate, gptq_quantize
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
 from mergeq.core.errors import MergeqError
 
@@ -93,7 +93,7 @@ def rtn(module, scheme: QuantScheme) -> dict[int, tuple[QuantizedLinear, Quantiz
 
 
 def gptq(module, routed: Routed, scheme: QuantScheme, solve) -> tuple[dict, list[int]]:
-    """Each expert from its own tokens; `solve(weight, inputs)` is the engine's GPTQ for one matrix.
+    """Each expert from its own tokens; `solve(weight, feed)` is the engine's GPTQ for one matrix (gptq_solver).
     Returns ({expert: (gate_up, down)}, experts without tokens)."""
     out, idle = {}, []
     for e in range(module.num_experts):
@@ -103,25 +103,36 @@ def gptq(module, routed: Routed, scheme: QuantScheme, solve) -> tuple[dict, list
             gate_up = rtn_quantize(_gate_up(module, e), scheme)
             down = rtn_quantize(module.down_proj.data[e], scheme)
         else:
-            gate_up = solve(_gate_up(module, e), tokens)
+            gate_up = solve(_gate_up(module, e), lambda add, _tokens=tokens: [add(x) for x in _tokens])
             module.gate_up_proj.data[e].copy_(gate_up.dequantize(module.gate_up_proj.dtype))
-            down = solve(module.down_proj.data[e], [_down_input(module, e, x) for x in tokens])
+            down = solve(
+                module.down_proj.data[e],
+                lambda add, _e=e, _tokens=tokens: [add(_down_input(module, _e, x)) for x in _tokens],
+            )
         _store(module, e, gate_up, down)
         out[e] = (gate_up, down)
     return out, idle
 
 
 def gptq_solver(scheme: QuantScheme, given, block_size: int, where: str):
-    """GPTQ of one matrix from its inputs, with the user's options `given` (damp_percent, desc_act, act_order)."""
+    """GPTQ of one matrix, with the user's options `given` (damp_percent, desc_act, act_order).
 
-    def solve(weight: torch.Tensor, inputs: list[torch.Tensor]) -> QuantizedLinear:
-        acc = HessianAccumulator(weight.shape[1], weight.device)
-        for x in inputs:
-            acc.add(x)
+    solve(weight, feed): `feed(add)` calls add(x) for each of the matrix's inputs x, as they are produced, and
+    may be called more than once (to build the Hessian afresh with more dampening). Returns None when no input
+    came."""
+
+    def solve(weight: torch.Tensor, feed) -> QuantizedLinear | None:
+        first = [accumulate(weight.shape[1], weight.device, feed)]
+        if first[0].count == 0:
+            return None
+
+        def hessian() -> torch.Tensor:
+            return (first.pop() if first else accumulate(weight.shape[1], weight.device, feed)).value()
+
         try:
             return gptq_quantize(
-                weight.to(torch.float32),
-                acc.value(),
+                weight,
+                hessian,
                 scheme,
                 damp_percent=given.damp_percent,
                 act_order="dynamic" if given.desc_act else given.act_order,

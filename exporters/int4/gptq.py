@@ -5,17 +5,27 @@ loss ||W X - Q X||^2, whose Hessian is H = 2 X X^T over the calibration tokens.
 Rows are independent given H, so linears that read the same input (q, k, v; gate, up) are solved as one
 stacked matrix. Updates are applied lazily, one block of columns at a time (block = a whole number of
 groups), using the upper Cholesky factor of H^-1.
+
+Memory: one in_features^2 float32 matrix (0.8 GB for a 14336-wide down_proj) is the largest thing GPTQ holds.
+The Hessian is permuted, dampened and factored in its own buffer (Cholesky, inverse, upper Cholesky of the
+inverse, each written over the last); only when the dampened Hessian turns out not positive definite is it
+built again from the inputs, with more dampening.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
 from exporters.int4.quant import QuantizedLinear, QuantScheme, group_params
 
 log = logging.getLogger(__name__)
+
+DAMP_ATTEMPTS = 6  # dampening x1, x10, ... x10^5
+PERMUTE_ROWS = 256  # rows permuted at a time (the scratch is PERMUTE_ROWS x in_features)
+TRANSPOSE_BLOCK = 1024
 
 
 class HessianAccumulator:
@@ -37,39 +47,92 @@ class HessianAccumulator:
         return h.mul_(2.0 / max(self.count, 1))
 
 
-def _inverse_cholesky_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*I)^-1, damping more if H is not positive definite.
+def accumulate(features: int, device, feed: Callable[[Callable[[torch.Tensor], None]], None]) -> HessianAccumulator:
+    """A Hessian accumulator fed by `feed(add)`, which calls add(x) for each input as it is produced (no list of
+    inputs is kept: the inputs of a 14336-wide down_proj are 57 KB per token)."""
+    acc = HessianAccumulator(features, device)
+    feed(acc.add)
+    return acc
 
-    `h` is the caller's own copy and is overwritten: the dampening goes onto its diagonal in place, and each
-    factor is freed as soon as the next exists, so at most three in_features^2 matrices live at once (H, L,
-    L^-T L^-1), not seven."""
-    diagonal = h.diagonal().clone()
-    for attempt in range(6):
-        h.diagonal().copy_(diagonal + damp * 10**attempt)
-        lower, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            if attempt:
-                log.warning("GPTQ: Hessian needed %gx the dampening to be positive definite", 10**attempt)
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0:
-                return upper
-    raise RuntimeError("GPTQ: the Hessian is not positive definite even with 10^5 x dampening")
+
+def _permute_columns_(m: torch.Tensor, perm: torch.Tensor) -> None:
+    """m <- m[:, perm] in place, some rows at a time (a gather into a new matrix would hold two)."""
+    for start in range(0, m.shape[0], PERMUTE_ROWS):
+        m[start : start + PERMUTE_ROWS] = m[start : start + PERMUTE_ROWS, perm]
+
+
+def _permute_rows_(m: torch.Tensor, perm: list[int]) -> None:
+    """m <- m[perm] in place, one cycle of the permutation at a time with one row of scratch."""
+    done = bytearray(len(perm))
+    for start in range(len(perm)):
+        if done[start]:
+            continue
+        saved = m[start].clone()
+        i = start
+        while True:
+            done[i] = 1
+            source = perm[i]
+            if source == start:
+                m[i].copy_(saved)
+                break
+            m[i].copy_(m[source])
+            i = source
+
+
+def _transpose_(m: torch.Tensor) -> None:
+    """m <- m^T in place for a square m, one pair of blocks at a time."""
+    n = m.shape[0]
+    for i in range(0, n, TRANSPOSE_BLOCK):
+        rows = slice(i, min(i + TRANSPOSE_BLOCK, n))
+        m[rows, rows] = m[rows, rows].t().clone()
+        for j in range(i + TRANSPOSE_BLOCK, n, TRANSPOSE_BLOCK):
+            cols = slice(j, min(j + TRANSPOSE_BLOCK, n))
+            upper = m[rows, cols].clone()
+            m[rows, cols] = m[cols, rows].t()
+            m[cols, rows] = upper.t()
+
+
+def _prepared(hessian: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor) -> torch.Tensor:
+    """The Hessian, permuted, with dead columns set to 1 on the diagonal, as a column-major view of its own buffer
+    (the layout LAPACK factors in place: torch.linalg.cholesky then needs no copy)."""
+    h = hessian if hessian.dtype == torch.float32 else hessian.to(torch.float32)
+    if perm is not None:
+        _permute_columns_(h, perm)
+        _permute_rows_(h, perm.tolist())
+    _transpose_(h)
+    h = h.mT  # logically the permuted Hessian again, now column-major
+    h[dead, dead] = 1.0
+    return h
+
+
+def _inverse_cholesky_upper_(h: torch.Tensor, damp: float, attempt: int) -> bool:
+    """Overwrite the column-major `h` with the upper Cholesky factor of (H + damp * 10^attempt * I)^-1: Cholesky,
+    inverse and upper Cholesky all in h's buffer. False when the dampened H is not positive definite (h is then
+    garbage)."""
+    h.diagonal().add_(damp * 10**attempt)
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))
+    if int(info) != 0:
+        return False
+    torch.cholesky_inverse(h, out=h)
+    torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+    return int(info) == 0
 
 
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: Callable[[], torch.Tensor],
     scheme: QuantScheme,
     *,
     damp_percent: float = 0.01,
     act_order: str = "static",
     block_size: int = 128,
 ) -> QuantizedLinear:
-    """Quantize weight [out, in] (float32) against the Hessian [in, in]; codes come back in the original column
-    order with g_idx.
+    """Quantize weight [out, in] against the Hessian [in, in]; codes come back in the original column order
+    with g_idx. `weight` is read, not changed.
+
+    `hessian()` returns the Hessian (float32), which GPTQ takes over and overwrites; it is called again, for
+    a fresh one, only when the dampened Hessian is not positive definite and the dampening is raised.
 
     act_order: "none" processes columns in order; "static" processes them by decreasing Hessian diagonal
     but keeps the contiguous groups, with each group's scale fixed from the original weights before any
@@ -77,14 +140,15 @@ def gptq_quantize(
     that order, which needs g_idx."""
     if act_order not in ("none", "static", "dynamic"):
         raise ValueError(f"act_order must be none, static or dynamic, not {act_order!r}")
-    w = weight.to(torch.float32).clone()
+    h = hessian()
+    w = weight.to(torch.float32, copy=True)
     out_features, in_features = w.shape
     group = scheme.effective_group_size(in_features)
     n_groups = in_features // group
     maxq = scheme.maxq
 
     # columns no calibration token reached: their Hessian diagonal is 0; they count as 1 and quantize to 0
-    diagonal = torch.diagonal(hessian).to(torch.float32)
+    diagonal = torch.diagonal(h).to(torch.float32, copy=True)
     dead = diagonal == 0
     diagonal = diagonal.masked_fill(dead, 1.0)
     w[:, dead] = 0.0
@@ -95,18 +159,24 @@ def gptq_quantize(
     perm = None
     if act_order != "none":
         perm = torch.argsort(diagonal, descending=True, stable=True)
-        w = w[:, perm]
-        h = hessian.to(torch.float32)[perm[:, None], perm[None, :]]  # one permuted copy: the only one made
+        _permute_columns_(w, perm)
         dead = dead[perm]
-    else:
-        h = hessian.to(torch.float32).clone()
-    h[dead, dead] = 1.0
-
+    h = _prepared(h, perm, dead)
     damp = damp_percent * float(torch.diagonal(h).mean())
-    u = _inverse_cholesky_upper(h, damp)
+    for attempt in range(DAMP_ATTEMPTS):
+        if attempt:  # the failed factorization left garbage in h: build the Hessian afresh
+            del h
+            h = _prepared(hessian(), perm, dead)
+        if _inverse_cholesky_upper_(h, damp, attempt):
+            if attempt:
+                log.warning("GPTQ: Hessian needed %gx the dampening to be positive definite", 10**attempt)
+            break
+    else:
+        raise RuntimeError("GPTQ: the Hessian is not positive definite even with 10^5 x dampening")
+    u = h
     del h
 
-    codes = torch.zeros(out_features, in_features, dtype=torch.float32, device=w.device)
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=w.device)  # the codes are 0..maxq
     scales = torch.zeros(out_features, n_groups, dtype=torch.float32, device=w.device)
     zeros = torch.zeros(out_features, n_groups, dtype=torch.float32, device=w.device)
 

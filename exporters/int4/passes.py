@@ -102,10 +102,13 @@ def _gptq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext, units: lis
             _add_experts(quantized, ctx.the_family, per_expert)
             _idle_note(ctx, idle, info)
             continue
-        seen: list[torch.Tensor] = []
-        take = lambda args, kwargs, _into=seen: _into.append(first_arg(args, kwargs))  # noqa: E731
-        inputs(layer, linear(layer, unit.name), hidden, ctx, take)
-        if not seen:
+        first = linear(layer, unit.name)
+
+        def feed(add, _first=first):  # the unit's inputs, straight into its Hessian
+            inputs(layer, _first, hidden, ctx, lambda args, kwargs: add(first_arg(args, kwargs)))
+
+        q = solve(stacked(layer, unit.names), feed)
+        if q is None:
             idle_linears.extend(unit.names)
             for name in unit.names:
                 module = linear(layer, name)
@@ -113,8 +116,7 @@ def _gptq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext, units: lis
                 module.weight.data.copy_(q.dequantize(module.weight.dtype))
                 quantized[name] = q
             continue
-        quantized |= split(layer, unit.names, solve(stacked(layer, unit.names), seen))
-        seen.clear()
+        quantized |= split(layer, unit.names, q)
     if idle_linears:
         info["idle_linears"] = idle_linears
         log.warning(
