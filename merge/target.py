@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from merge.validate import UnmergedWeights, _with_adapters
+from merge.unmerged import UnmergedWeights, with_adapters
 from mergeq.core.errors import MergeqError
 from mergeq.core.metrics import MetricSums, first_scored, log_probs, make_windows, tokenize
 from mergeq.core.modelfiles import has_tokenizer, read_model_config
@@ -119,7 +119,7 @@ def choose_target(sources: list, reference_source, text_path: Path, tokenizer_di
     reference = _streamed_model(
         UnmergedWeights(reference_source),
         config,
-        hook=lambda index, layer: _with_adapters(reference_source, reference.arch, index, layer),
+        hook=lambda index, layer: with_adapters(reference_source, reference.arch, index, layer),
     )
     ref_hidden = streaming.final_hidden(reference, windows.tokens, positions, progress="trained model, layer by layer")
     results: dict[str, dict] = {}

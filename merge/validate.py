@@ -11,7 +11,7 @@ same reference, and the closer one is chosen.
 Both sides stream one decoder layer at a time (mergeq/core/streaming.py): the reference layer is built from the
 base's tensors (4-bit bases dequantized by merge.qlora) and PEFT puts the unmerged adapter(s) into it
 (`inject_adapter_in_model` on that one layer, under its full module path, so target patterns match as in the
-whole model); the merged layer is read from the merged files. The two are independent: PEFT computes
+whole model: merge/unmerged.py); the merged layer is read from the merged files. The two are independent: PEFT computes
 W x + s B(A x) (or its DoRA form) from the adapter files, never mergeq's merged weights, so a wrong merge
 shows. Adapters that change tensors outside the decoder layers (embeddings, lm_head: modules_to_save,
 trainable tokens, resized vocabularies) and families without a layer mapping are validated with whole
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from merge.unmerged import UnmergedWeights, with_adapters
 from mergeq.core.errors import MergeqError
 from mergeq.core.modelfiles import has_tokenizer, read_json_object, read_model_config
 
@@ -267,39 +268,6 @@ def compare_candidates(
 # ------------------------------------------------------------------------------------------------ streamed
 
 
-class UnmergedWeights:
-    """The reference base's tensors for mergeq.core.streaming, in fp32 as the merge reads them (4-bit bases
-    dequantized, `--requantize` applied); the adapters are not applied here (PEFT does that per layer)."""
-
-    def __init__(self, source):
-        self.source = source  # merge.source.Source
-        self.folder = source.folder
-
-    def names(self) -> list[str]:
-        return list(self.source.shapes)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.source.shapes
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.source.base_tensor(name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.source.shapes[name][1])
-
-    def row_blocks(self, name: str):
-        from mergeq.core.streaming import row_blocks
-
-        s = self.source
-        if name in s.shapes and not ({name} & (set(s.quant) | s.requantized | set(s.base_layers) | set(s.ops))):
-            yield from row_blocks(s.ckpt, name)  # stored as it is: read a block of rows at a time
-        else:  # dequantized, requantized or replaced: one tensor, built whole
-            yield 0, s.base_tensor(name)
-
-    def close(self) -> None:
-        self.source.ckpt.close()
-
-
 @dataclass
 class StreamPlan:
     reference: Reference
@@ -320,7 +288,7 @@ class StreamPlan:
                 UnmergedWeights(source),
                 self.config,
                 self.device,
-                hook=lambda index, layer: _with_adapters(source, model.arch, index, layer),
+                hook=lambda index, layer: with_adapters(source, model.arch, index, layer),
             )
             return _streamed_logits(model, prompts)
         finally:
@@ -378,50 +346,3 @@ def _streamed_logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
         for _, logits in logits_blocks(model, h):
             out.append(logits[0].to(device="cpu", dtype=torch.float64))
     return out
-
-
-def _with_adapters(source, arch, index: int, layer: torch.nn.Module) -> torch.nn.Module:
-    """PEFT's unmerged LoRA layers in this decoder layer, under the layer's full module path, with every
-    adapter active and scaled by its weight."""
-    import warnings
-
-    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from peft.tuners.lora import LoraLayer
-
-    prefix = arch.layer_prefix(index)
-    if not any(name.startswith(prefix) for name in source.ops):
-        return layer
-    root = torch.nn.Module()
-    parent = root
-    for part in prefix.rstrip(".").split(".")[:-1]:
-        parent.add_module(part, torch.nn.Module())
-        parent = getattr(parent, part)
-    parent.add_module(prefix.rstrip(".").rsplit(".", 1)[-1], layer)
-    names = []
-    key_prefix = "base_model.model." + prefix
-    for i, adapter in enumerate(source.adapters):
-        keys = [k for k in adapter.keys() if k.startswith(key_prefix)]
-        if not keys:
-            continue
-        name = f"a{i}"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            inject_adapter_in_model(PeftConfig.from_pretrained(str(adapter.path)), root, adapter_name=name)
-            state = {k[len("base_model.model.") :]: adapter.tensor(k) for k in keys}
-            loaded = set_peft_model_state_dict(root, state, adapter_name=name)
-        if loaded.unexpected_keys:
-            raise MergeqError(
-                f"validation: PEFT did not place {loaded.unexpected_keys[:3]} of adapter {adapter.path} "
-                f"in decoder layer {index}",
-                hint="pass --no-validate to merge without the check",
-            )
-        names.append((name, adapter.weight))
-    for module in root.modules():
-        if isinstance(module, LoraLayer):
-            present = [n for n, _ in names if n in module.scaling]
-            module.set_adapter(present)
-            for n, weight in names:
-                if n in module.scaling and weight != 1.0:
-                    module.scaling[n] *= weight
-    device = next(layer.parameters()).device
-    return layer.to(device).eval()
