@@ -106,8 +106,12 @@ def check_layer_layout(config: dict, arch: str, config_path: Path) -> None:
 def intermediate_type(config: dict, options: GGUFOptions) -> str:
     if options.intermediate != "auto":
         return options.intermediate
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
-    return "bf16" if "bfloat16" in dtype else "f16"
+    return "bf16" if "bfloat16" in _stored_dtype(config) else "f16"
+
+
+def _stored_dtype(config: dict) -> str:
+    """The weights' dtype as config.json names it (transformers writes `torch_dtype`, newer versions `dtype`)."""
+    return str(config.get("torch_dtype") or config.get("dtype") or "float16")
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -117,8 +121,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 def f16_bytes_estimate(model_dir: Path, config: dict) -> int:
     """About what the model takes at 16 bits: its weight files, scaled by the stored element size."""
     total = sum(p.stat().st_size for p in weight_files(model_dir))
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
-    return total // 2 if "float32" in dtype else total
+    return total // 2 if "float32" in _stored_dtype(config) else total
 
 
 def planned_bytes(quant: str, f16_bytes: int) -> int:

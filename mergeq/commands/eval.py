@@ -62,10 +62,9 @@ def artifact_report(model: Path, reference: Path, kind: str):
 
 
 def _int4_format(model: Path) -> str:
-    import json
+    from mergeq.core.modelfiles import read_model_config
 
-    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
-    return str(config["quantization_config"]["quant_method"])
+    return str(read_model_config(model)["quantization_config"]["quant_method"])
 
 
 def register(sub) -> None:
