@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters.int4 import kernels
+from exporters.int4 import exclude, kernels
 from exporters.int4.formats import FORMATS
 from exporters.int4.quant import QuantScheme
 from mergeq.core.arch import architecture_of
@@ -121,12 +121,25 @@ def _case(shape: str, scheme_name: str) -> tuple[dict, QuantScheme, str, bool]:
     return config, scheme, fmt, desc_act
 
 
+# --exclude (exporters/int4/exclude.py): layer 0 kept whole in fp16, and in layer 1 the attention's q, k, v
+EXCLUDE_PATTERNS = (r"layers\.0\.", r"layers\.1\.self_attn\.[qkv]_proj")
+EXCLUDE_SCHEMES = {"gptq": "gptq-g128", "awq": "awq-g128", "compressed-tensors": "ct-sym-g64"}
+
+
+def _excluded_config(fmt: str) -> dict:
+    _, bits, group, sym, desc_act = SCHEMES[EXCLUDE_SCHEMES[fmt]]
+    excluded = exclude.resolve(SHAPES["llama-1b"], EXCLUDE_PATTERNS)
+    qconfig = FORMATS[fmt].quantization_config(QuantScheme(bits, group, sym), desc_act, 0.01, excluded)
+    return dict(SHAPES["llama-1b"], quantization_config=qconfig)
+
+
 @pytest.fixture(scope="module")
 def vllm_choices(pytestconfig, tmp_path_factory) -> dict:
     ensure_live(pytestconfig, "vllm")
     work = tmp_path_factory.mktemp("vllm-kernels")
     request = {
-        "cases": [{"name": name, "config": _case(*parts)[0]} for name, parts in CASES.items()],
+        "cases": [{"name": name, "config": _case(*parts)[0]} for name, parts in CASES.items()]
+        + [{"name": f"exclude/{fmt}", "config": _excluded_config(fmt)} for fmt in EXCLUDE_SCHEMES],
         "tp": list(kernels.TP_SIZES),
         "capabilities": sorted(set(CAPABILITIES.values()), reverse=True),
     }
@@ -186,3 +199,17 @@ def test_the_cases_cover_every_kernel_and_a_refusal(vllm_choices):
     }
     assert {"machete", "marlin", "exllama", "awq_gemm", "none"} <= chosen, chosen
     assert any(case["refused"] for case in vllm_choices["cases"].values())
+
+
+@pytest.mark.parametrize("fmt", list(EXCLUDE_SCHEMES))
+def test_vllm_leaves_the_excluded_linears_unquantized(vllm_choices, fmt):
+    """vLLM reads the config mergeq writes for --exclude: the kept linears get vLLM's unquantized method, the
+    others an int4 kernel (q, k and v are one layer in vLLM, so the pattern keeps all three)."""
+    case = vllm_choices["cases"][f"exclude/{fmt}"]
+    assert case["refused"] is None, case["refused"]
+    by_layer = case["tp"]["1"]["90"]["by_layer"]
+    plain = "UnquantizedLinearMethod"
+    assert {fused: kinds[0] for fused, kinds in by_layer.items()} == dict.fromkeys(by_layer, plain), by_layer
+    assert by_layer["qkv_proj"][1] == plain, by_layer
+    for fused in ("o_proj", "gate_up_proj", "down_proj"):
+        assert by_layer[fused][1] in kernels.KERNEL_MIN_CAPABILITY, (fused, by_layer)

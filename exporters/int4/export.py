@@ -17,6 +17,7 @@ import torch
 from exporters.int4 import kernels
 from exporters.int4.calibration import Calibration, load_calibration
 from exporters.int4.checkpoint import TensorSource
+from exporters.int4.exclude import Exclusions, resolve
 from exporters.int4.families import family_of, require_awq
 from exporters.int4.formats import FORMATS
 from exporters.int4.layer import EngineOptions
@@ -75,6 +76,7 @@ class Plan:
     prediction: dict
     warnings: list[str]
     choices: list[str]  # automatic choices, recorded in the report
+    excluded: Exclusions  # the linears kept in fp16 (--exclude)
 
 
 # ------------------------------------------------------------------------------------------------ preflight
@@ -110,6 +112,7 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
     if options.method == "awq" and options.format == "native" and options.bits != 4:
         raise MergeqError(f"--bits {options.bits}: vLLM's AWQ kernels take 4-bit weights only", hint="use --bits 4")
     resolve_device(options.device)
+    excluded = resolve(config, tuple(options.exclude))
 
     sym = options.sym if options.sym is not None else options.method != "awq"
     group = options.group_size
@@ -137,7 +140,12 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
     if prediction["refused"]:
         warnings.append(f"vLLM will not load this checkpoint: {prediction['refused']} (transformers/GPTQModel do)")
     return Plan(
-        scheme=scheme, format_name=options.format_name, prediction=prediction, warnings=warnings, choices=choices
+        scheme=scheme,
+        format_name=options.format_name,
+        prediction=prediction,
+        warnings=warnings,
+        choices=choices,
+        excluded=excluded,
     )
 
 
@@ -232,7 +240,7 @@ def quantize(
 ) -> tuple[StreamResult, FormatSink]:
     """Every decoder layer quantized in turn, its tensors written to shards under tmp in the plan's format
     (each finished layer also saved beside out_dir, so a killed export resumes at the next layer)."""
-    engine = EngineOptions(given=options, scheme=the_plan.scheme)
+    engine = EngineOptions(given=options, scheme=the_plan.scheme, exclude=the_plan.excluded.engine_patterns())
     writer = ShardWriter(tmp, max_shard_bytes=SHARD_BYTES)
     sink = FormatSink(FORMATS[the_plan.format_name], writer, the_plan.scheme, options.desc_act)
     tokens = None if calibration is None else calibration.tokens
@@ -259,7 +267,7 @@ def write(model_dir: Path, tmp: Path, options: Int4Options, the_plan: Plan) -> l
     """config.json with the quantization config, the format's side files, the tokenizer and other small files."""
     fmt = FORMATS[the_plan.format_name]
     qconfig = fmt.quantization_config(
-        the_plan.scheme, options.desc_act, options.damp_percent if options.method == "gptq" else None
+        the_plan.scheme, options.desc_act, options.damp_percent if options.method == "gptq" else None, the_plan.excluded
     )
     out_config = dict(read_model_config(model_dir))
     out_config["quantization_config"] = qconfig
@@ -307,6 +315,7 @@ def report(
         "vllm_serve": kernels.serve_command(out_dir, the_plan.format_name),
         "device": str(resolve_device(options.device)),
         "automatic_choices": the_plan.choices,
+        "excluded_linears": list(the_plan.excluded.names),  # kept in fp16 by --exclude
         "copied_files": copied,
         "quantize_seconds": round(result.seconds, 3),
     }

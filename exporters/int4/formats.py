@@ -16,6 +16,7 @@ state dict with the original Hugging Face names.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from exporters.int4.checkpoint import TensorSource
+from exporters.int4.exclude import NONE_EXCLUDED, Exclusions
 from exporters.int4.families import family_of
 from exporters.int4.quant import (
     QuantizedLinear,
@@ -77,7 +79,9 @@ class GptqFormat:
             tensors[f"{prefix}.bias"] = q.bias.to(torch.float16)
         return tensors
 
-    def quantization_config(self, scheme: QuantScheme, desc_act: bool, damp_percent: float | None) -> dict:
+    def quantization_config(
+        self, scheme: QuantScheme, desc_act: bool, damp_percent: float | None, excluded: Exclusions = NONE_EXCLUDED
+    ) -> dict:
         return {
             "quant_method": "gptq",
             "bits": scheme.bits,
@@ -89,7 +93,11 @@ class GptqFormat:
             "static_groups": False,
             "lm_head": False,
             "checkpoint_format": "gptq",
-        }
+        } | (
+            # GPTQModel's negative `dynamic` rules, which vLLM and transformers follow: one per kept linear, and
+            # one per fused layer as vLLM names it
+            {"dynamic": {f"-:{re.escape(name)}$": {} for name in excluded.with_fused_names()}} if excluded else {}
+        )
 
     def side_files(self, qconfig: dict) -> dict[str, dict]:
         return {"quantize_config.json": qconfig}
@@ -140,14 +148,16 @@ class AwqFormat:
             tensors[f"{prefix}.bias"] = q.bias.to(torch.float16)
         return tensors
 
-    def quantization_config(self, scheme: QuantScheme, desc_act: bool, damp_percent: float | None) -> dict:
+    def quantization_config(
+        self, scheme: QuantScheme, desc_act: bool, damp_percent: float | None, excluded: Exclusions = NONE_EXCLUDED
+    ) -> dict:
         return {
             "quant_method": "awq",
             "bits": scheme.bits,
             "group_size": scheme.group_size,
             "zero_point": True,
             "version": "gemm",
-            "modules_to_not_convert": None,
+            "modules_to_not_convert": list(excluded.names) or None,  # matched as substrings of full names
         }
 
     def side_files(self, qconfig: dict) -> dict[str, dict]:
@@ -206,7 +216,9 @@ class CompressedTensorsFormat:
             tensors[f"{prefix}.bias"] = q.bias.to(torch.float16)
         return tensors
 
-    def quantization_config(self, scheme: QuantScheme, desc_act: bool, damp_percent: float | None) -> dict:
+    def quantization_config(
+        self, scheme: QuantScheme, desc_act: bool, damp_percent: float | None, excluded: Exclusions = NONE_EXCLUDED
+    ) -> dict:
         weights = {
             "num_bits": scheme.bits,
             "type": "int",
@@ -232,7 +244,7 @@ class CompressedTensorsFormat:
                     "format": "pack-quantized",
                 }
             },
-            "ignore": ["lm_head"],
+            "ignore": ["lm_head", *excluded.names],
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
             "sparsity_config": {},

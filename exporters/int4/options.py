@@ -44,6 +44,13 @@ class Int4Options:
     samples: int = option(128, range=(1, None), help="calibration samples")
     seq_len: int = option(512, range=(2, None), help="tokens per calibration sample")
     device: str = option("auto", help="cpu, cuda or auto", default_help="auto: cuda when present")
+    exclude: tuple[str, ...] = option(
+        (),
+        repeat=True,
+        metavar="REGEX",
+        help="keep the decoder-layer linears whose full name matches in fp16 (Python re, searched in names such "
+        "as model.layers.0.mlp.down_proj); repeatable. lm_head and MoE routers stay in fp16 anyway",
+    )
     damp_percent: float = 0.01  # GPTQ dampening, a fraction of the mean Hessian diagonal (GptqOptions offers it)
     act_order: str = "static"  # GPTQ without desc_act: "static" or "none" (GptqOptions offers it)
 

