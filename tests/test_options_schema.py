@@ -194,7 +194,7 @@ def _pipeline(tmp_path: Path, gptq: str) -> Path:
         (
             "colour = 1",
             "[gptq] colour: unknown key; allowed keys are act_order, bits, calib, damp_percent, desc_act, "
-            "device, format, group_size, samples, seq_len, sym",
+            "device, exclude, format, group_size, samples, seq_len, sym",
         ),
     ],
 )
