@@ -23,7 +23,7 @@ import torch
 from merge import manifest as manifest_mod
 from merge.adapters import describe_adapter, read_config
 from merge.options import AdapterRef, MergeConfig
-from merge.qlora import QuantSettings, check_quantization_config
+from merge.qlora import TORCH_DTYPES, QuantSettings, check_quantization_config
 from merge.qlora_detect import Decision, adapter_evidence, decide, user_base_evidence
 from merge.source import Source
 from merge.streaming import stream_merge
@@ -33,8 +33,6 @@ from mergeq.core.hashing import tree_hashes
 from mergeq.core.modelfiles import copy_aux_files, read_model_config
 
 log = logging.getLogger(__name__)
-
-OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -119,7 +117,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
     refs = config.adapter_refs()
     if not refs:
         raise MergeqError("no adapter given", hint="pass --adapter PATH (several allowed, PATH@WEIGHT to weight)")
-    if config.dtype not in OUT_DTYPES:
+    if config.dtype not in TORCH_DTYPES:
         raise MergeqError(f"--dtype {config.dtype!r} is not one of float16, bfloat16")
     if config.base is None and config.qlora_base is None:
         raise MergeqError("no base given", hint="pass --base (fp16/bf16 or bitsandbytes 4-bit) and/or --qlora-base")
@@ -171,7 +169,7 @@ def qlora_decision(config: MergeConfig, refs: list[AdapterRef]) -> Decision:
 
 
 def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
-    out_dtype = OUT_DTYPES[config.dtype]
+    out_dtype = TORCH_DTYPES[config.dtype]
     decision = qlora_decision(config, refs)
     log.info("merge target: %s (%s)", decision.target, decision.why)  # its warnings are logged with the others
     requantize = decision.settings if config.qlora_base is None else None

@@ -28,7 +28,8 @@ STATE_RE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4
 AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 EIGHT_BIT_SUFFIXES = (".SCB", ".weight_format")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# dtype names as config.json, bitsandbytes metadata and --dtype spell them
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def read_state(ckpt: Checkpoint, weight: str, state_key: str) -> QuantState:
     blocksize = meta.get("blocksize")
     if blocksize not in VALID_BLOCKSIZES:
         raise _state_error(weight, f"blocksize {blocksize!r} is not one of {VALID_BLOCKSIZES}")
-    dtype = DTYPES.get(meta.get("dtype"))
+    dtype = TORCH_DTYPES.get(meta.get("dtype"))
     if dtype is None:
         raise _state_error(weight, f"dtype {meta.get('dtype')!r} is not float32, float16 or bfloat16")
     shape = meta.get("shape")
@@ -318,7 +319,7 @@ def quantized_shape(ckpt: Checkpoint, state_key: str) -> tuple[torch.dtype, tupl
     raw = ckpt.get(state_key)
     try:
         meta = json.loads(bytes(raw.to(torch.uint8).numpy().tobytes()).decode("utf-8"))
-        return DTYPES[meta["dtype"]], tuple(int(d) for d in meta["shape"])
+        return TORCH_DTYPES[meta["dtype"]], tuple(int(d) for d in meta["shape"])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         weight = STATE_RE.match(state_key)["weight"]
         raise _state_error(weight, f"{state_key} does not hold a valid JSON state ({err})") from err
