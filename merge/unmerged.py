@@ -24,7 +24,11 @@ class UnmergedWeights:
         return name in self.source.shapes
 
     def get(self, name: str) -> torch.Tensor:
-        return self.source.base_tensor(name)
+        """The tensor as stored when the base file holds it as it is (load_layer casts it), else the fp32 value."""
+        s = self.source
+        if name in s.shapes and not ({name} & (set(s.quant) | s.requantized | set(s.base_layers))):
+            return s.ckpt.get(name)
+        return s.base_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.source.shapes[name][1])
@@ -69,6 +73,7 @@ def with_adapters(source, arch, index: int, layer: torch.nn.Module) -> torch.nn.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             inject_adapter_in_model(PeftConfig.from_pretrained(str(adapter.path)), root, adapter_name=name)
+            _adapter_in_fp32(root)  # PEFT gives the adapter its base layer's dtype: 16 bits for a stored weight
             state = {k[len("base_model.model.") :]: adapter.tensor(k) for k in keys}
             loaded = set_peft_model_state_dict(root, state, adapter_name=name)
         if loaded.unexpected_keys:
@@ -87,3 +92,10 @@ def with_adapters(source, arch, index: int, layer: torch.nn.Module) -> torch.nn.
                     module.scaling[n] *= weight
     device = next(layer.parameters()).device
     return layer.to(device).eval()
+
+
+def _adapter_in_fp32(root: torch.nn.Module) -> None:
+    """The adapters' parameters (lora_A, lora_B, DoRA magnitudes) in fp32, before their values are loaded."""
+    for name, parameter in root.named_parameters():
+        if "lora_" in name and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.to(torch.float32)

@@ -1,14 +1,16 @@
 """Built-in validation: the merged checkpoint against the unmerged base + adapter(s) run by PEFT.
 
-A few fixed prompts go through both models in fp32 on the CPU; the manifest records the largest
-|logit difference| and the mean KL divergence KL(reference || merged) per token. For a QLoRA adapter the
+A few fixed prompts, joined into one sequence, go through both models in fp32 on the CPU; the manifest records
+the largest |logit difference| and the mean KL divergence KL(reference || merged) per token. One sequence, not one
+call per prompt: for a few dozen tokens a call costs about one read of the layer's weights. For a QLoRA adapter the
 reference is the 4-bit base it was trained on (bitsandbytes runs on the CPU), so the numbers say how
 faithful the merged checkpoint is to the model that was actually trained.
 
 With both a 4-bit and an fp16 base (`--qlora-base` and `--base`), both merge targets are compared to that
 same reference, and the closer one is chosen.
 
-Both sides stream one decoder layer at a time (mergeq/core/streaming.py): the reference layer is built from the
+Both sides stream one decoder layer at a time (mergeq/core/streaming.py), their linear weights kept as stored
+(16-bit files) and cast to fp32 one linear at a time, while it computes: the reference layer is built from the
 base's tensors (4-bit bases dequantized by merge.qlora) and PEFT puts the unmerged adapter(s) into it
 (`inject_adapter_in_model` on that one layer, under its full module path, so target patterns match as in the
 whole model: merge/unmerged.py); the merged layer is read from the merged files. The two are independent: PEFT computes
@@ -63,7 +65,7 @@ def _round(x: float) -> float:
 
 
 def prompt_ids(tokenizer_dirs: list[Path], vocab_size: int) -> tuple[list[torch.Tensor], str]:
-    """Token ids of the fixed prompts; fixed random ids when no tokenizer fits this vocabulary."""
+    """Token ids [1, L] of each fixed prompt; fixed random ids when no tokenizer fits this vocabulary."""
     for folder in tokenizer_dirs:
         if not has_tokenizer(folder):
             continue
@@ -151,6 +153,11 @@ def reference_model(reference: Reference):
     return peft_model
 
 
+def _joined(prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The prompts as one sequence [1, sum of lengths]: one forward call per layer."""
+    return [torch.cat(prompts, dim=1)]
+
+
 @torch.no_grad()
 def logits_of(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [model(input_ids=ids).logits[0].to(torch.float64) for ids in prompts]
@@ -200,7 +207,7 @@ def compare_candidates(
     if stream_plan is not None:
         vocab = stream_plan.vocab
         prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, vocab)
-        ref_logits = stream_plan.reference_logits(prompts)
+        ref_logits = stream_plan.reference_logits(_joined(prompts))
         described = (
             "PEFT, unmerged adapter(s) on the dequantized 4-bit base, layer by layer"
             if stream_plan.quantized
@@ -211,7 +218,7 @@ def compare_candidates(
         ref_model = reference_model(reference)
         vocab = ref_model.get_input_embeddings().weight.shape[0]
         prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, vocab)
-        ref_logits = logits_of(ref_model, prompts)
+        ref_logits = logits_of(ref_model, _joined(prompts))
         quantized = bool(getattr(ref_model.base_model.model.config, "quantization_config", None))
         del ref_model
         described = (
@@ -226,7 +233,7 @@ def compare_candidates(
 
     results: dict[str, dict] = {}
     for label, folder in folders.items():
-        numbers = compare(ref_logits, candidate_logits(folder, prompts))
+        numbers = compare(ref_logits, candidate_logits(folder, _joined(prompts)))
         numbers.update(
             {
                 "reference": described,
@@ -289,6 +296,7 @@ class StreamPlan:
                 self.config,
                 self.device,
                 hook=lambda index, layer: with_adapters(source, model.arch, index, layer),
+                linears_as_stored=True,
             )
             return _streamed_logits(model, prompts)
         finally:
@@ -297,7 +305,7 @@ class StreamPlan:
     def candidate_logits(self, folder: Path, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
         from mergeq.core import streaming
 
-        with streaming.streamed(streaming.CheckpointWeights(folder), self.device) as model:
+        with streaming.streamed(streaming.CheckpointWeights(folder), self.device, linears_as_stored=True) as model:
             return _streamed_logits(model, prompts)
 
 

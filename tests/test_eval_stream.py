@@ -78,7 +78,9 @@ def test_streamed_evaluation_reads_one_layer_at_a_time(tmp_path, monkeypatch):
     built = []
     real = st.load_layer
     monkeypatch.setattr(
-        st, "load_layer", lambda src, arch, cfg, index, dev: built.append(index) or real(src, arch, cfg, index, dev)
+        st,
+        "load_layer",
+        lambda src, arch, cfg, index, dev, **kw: built.append(index) or real(src, arch, cfg, index, dev, **kw),
     )
     quality = evaluate(ref, ref, text, EvalOptions(n_ctx=32, max_windows=4, cache_dir=tmp_path / "c"))
     assert built == [0, 1, 2, 3] and quality.kl_divergence == 0
@@ -190,3 +192,38 @@ def test_streamed_evaluation_matches_whole_model_on_the_demo(tmp_path):
         _same(streamed, whole)
         assert streamed.eval_tokens == 4 * 255
     assert streamed.kl_divergence > 0
+
+
+def test_validation_keeps_16_bit_linears_as_stored_with_the_same_numbers(tmp_path):
+    """Validation builds each layer with its linear weights in the file's fp16 and casts one linear at a time to
+    fp32 while it computes: the outputs are bit for bit the fp32 layer's, and with DoRA and a weighted adapter on
+    an fp16 base the numbers equal the whole-model path's."""
+    from mergeq.core import streaming as st
+
+    base = tiny_llama(tmp_path / "base", dtype=torch.float16, seed=5, layers=2)
+    weights = st.CheckpointWeights(base)
+    model = st.StreamedModel(weights, json.loads((base / "config.json").read_text()), torch.device("cpu"))
+    fp32 = st.load_layer(weights, model.arch, model.hf_config, 1, torch.device("cpu"))
+    stored = st.load_layer(weights, model.arch, model.hf_config, 1, torch.device("cpu"), linears_as_stored=True)
+    linears = [m for m in stored.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.float16 for m in linears)
+    h = torch.randn(2, 7, model.hf_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rotary = st.rotary_embeddings(model.arch, model.hf_config, 7, torch.device("cpu"))
+    with torch.inference_mode():
+        assert torch.equal(
+            st.layer_forward(stored, h, model.arch, rotary), st.layer_forward(fp32, h, model.arch, rotary)
+        )
+    assert all(m.weight.dtype == torch.float16 for m in linears)  # the stored weight is back after the call
+    weights.close()
+
+    dora = make_adapter(
+        base, tmp_path / "a", seed=3, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"]
+    )
+    lora = make_adapter(base, tmp_path / "b", seed=4, r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"])
+    refs = [AdapterRef(dora, 1.0), AdapterRef(lora, 0.6)]
+    result = run_merge(MergeConfig(base=base, adapters=refs, out=tmp_path / "o", dtype="float16"))
+    streamed = result.manifest["validation"]
+    assert streamed["reference"].endswith("layer by layer") and streamed["ok"], streamed
+    whole = _validation(tmp_path, refs, tmp_path / "o", streaming=False)
+    assert whole["mean_kl"] == pytest.approx(streamed["mean_kl"], rel=1e-6, abs=1e-12)
+    assert whole["max_abs_logit_delta"] == pytest.approx(streamed["max_abs_logit_delta"], rel=1e-6, abs=1e-9)

@@ -38,7 +38,7 @@ from mergeq.core.modelfiles import read_model_config
 
 log = logging.getLogger(__name__)
 
-ROW_BLOCK_BYTES = 64 << 20  # embedding / lm_head rows read at once (in their stored dtype)
+ROW_BLOCK_BYTES = 16 << 20  # embedding / lm_head rows read at once (in their stored dtype; fp32 twice that)
 LOGITS_BUDGET_BYTES = 256 << 20  # fp32 logits held at once while projecting on the output embedding
 
 LayerHook = Callable[[int, nn.Module], nn.Module]  # (layer index, built layer) -> the layer to run
@@ -111,6 +111,9 @@ class StreamedModel:
     config: dict  # config.json
     device: torch.device
     hook: LayerHook | None = None  # e.g. merge validation puts the unmerged adapters into each layer
+    # linear weights stay as stored (fp16/bf16) and become fp32 only during their call: half the layer's memory,
+    # for one cast per call (worth it when each layer is called once, as in merge validation)
+    linears_as_stored: bool = False
 
     def __post_init__(self):
         self.arch: Architecture = architecture_of(self.config)
@@ -131,7 +134,9 @@ class StreamedModel:
         return gather_rows(self.weights, self.arch.embed, ids).to(self.device)
 
     def layer(self, index: int) -> nn.Module:
-        layer = load_layer(self.weights, self.arch, self.hf_config, index, self.device)
+        layer = load_layer(
+            self.weights, self.arch, self.hf_config, index, self.device, linears_as_stored=self.linears_as_stored
+        )
         return self.hook(index, layer) if self.hook is not None else layer
 
     def final_norm(self) -> nn.Module:
@@ -239,9 +244,11 @@ def logits_blocks(model: StreamedModel, hidden: torch.Tensor) -> Iterator[tuple[
 
 
 @contextlib.contextmanager
-def streamed(weights: CheckpointWeights, device: torch.device, hook: LayerHook | None = None):
+def streamed(
+    weights: CheckpointWeights, device: torch.device, hook: LayerHook | None = None, *, linears_as_stored: bool = False
+):
     """A StreamedModel of a weight source (the config.json of its folder), closed on exit."""
-    model = StreamedModel(weights, read_model_config(weights.folder), device, hook)
+    model = StreamedModel(weights, read_model_config(weights.folder), device, hook, linears_as_stored)
     try:
         yield model
     finally:
@@ -278,22 +285,49 @@ def layer_forward(layer: nn.Module, h: torch.Tensor, arch: Architecture, positio
     return out[0] if isinstance(out, tuple) else out
 
 
-def load_layer(source, arch: Architecture, hf_config, index: int, device) -> nn.Module:
-    """Decoder layer `index` of the family's class, built on the meta device and filled (fp32) from `source`."""
+def load_layer(
+    source, arch: Architecture, hf_config, index: int, device, *, linears_as_stored: bool = False
+) -> nn.Module:
+    """Decoder layer `index` of the family's class, built on the meta device and filled (fp32) from `source`.
+
+    `linears_as_stored`: the weights of its nn.Linear modules keep the 16-bit dtype `source.get` gives them and
+    are cast to fp32 for the length of each call (the same fp32 values, so the same results)."""
     decoder_cls, _ = arch.classes()
     prefix = arch.layer_prefix(index)
     with torch.device("meta"):
         layer = decoder_cls(hf_config, layer_idx=index)
-    state = {
-        name[len(prefix) :]: source.get(name).to(device=device, dtype=torch.float32)
-        for name in source.names()
-        if name.startswith(prefix)
-    }
+    stored = set()
+    if linears_as_stored:
+        stored = {f"{name}.weight" for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+    state = {}
+    for name in source.names():
+        if name.startswith(prefix):
+            local = name[len(prefix) :]
+            tensor = source.get(name)
+            keep = local in stored and tensor.dtype in (torch.float16, torch.bfloat16)
+            state[local] = tensor.to(device=device, dtype=None if keep else torch.float32)
     try:
         layer.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise MergeqError(f"decoder layer {index} ({prefix}*) does not match {arch.decoder_class}: {exc}") from exc
+    for module in layer.modules():
+        if isinstance(module, nn.Linear) and module.weight.dtype != torch.float32:
+            _fp32_while_called(module)
     return layer.eval()
+
+
+def _fp32_while_called(linear: nn.Linear) -> None:
+    """Give `linear` an fp32 copy of its 16-bit weight for each call, and its stored weight back afterwards."""
+    stored = linear.weight
+
+    def before(module, args):
+        module.weight = nn.Parameter(stored.to(torch.float32), requires_grad=False)
+
+    def after(module, args, output):
+        module.weight = stored
+
+    linear.register_forward_pre_hook(before)
+    linear.register_forward_hook(after)
 
 
 def rotary_embeddings(arch: Architecture, hf_config, seq_len: int, device):
