@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import sys
 import time
@@ -244,7 +245,8 @@ def only_export(args, base: Path, calib: Path, out: Path, limit: int, bound: int
     if run.returncode != 0:
         print(run.stderr[-4000:])
         raise SystemExit(f"mergeq export failed (exit {run.returncode}, OOM-killed: {run.oom_killed})")
-    rows = stage_rows(out)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the export is this script's only child
+    rows = stage_rows(out) or [{"step": args.only, "seconds": run.seconds, "peak_gib": peak / GiB}]
     print(
         f"mergeq export {args.only}, {args.layers} layers of Llama-3.1-8B widths, calibration {args.samples} x "
         f"{args.seq_len} tokens, no evaluation, under a {args.limit_gib:g} GiB cgroup: {run.seconds:.0f} s, "
