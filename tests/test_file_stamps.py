@@ -98,6 +98,22 @@ def test_verify_reads_everything_and_reports_a_change_the_stamp_hid(tmp_path, re
     assert "changed without a change of size, time or inode" in caplog.text
 
 
+def test_verify_reads_a_file_once_however_many_stages_ask(tmp_path, reads):
+    """merged/ is the merge stage's output and every export's input: --verify hashes it once per run."""
+    tree = make_tree(tmp_path / "tree")
+    with stages.file_stamps(tmp_path / "out", verify=True) as stamps:
+        first = stages.tree_hashes(tree)
+        assert stages.tree_hashes(tree) == first
+    assert sorted(reads) == ["a.bin", "b.bin"] and stamps.read_files == 2
+    (tree / "a.bin").write_bytes(b"c" * 1000)  # rewritten within the run: read again
+    reads.clear()
+    with stages.file_stamps(tmp_path / "out", verify=True):
+        stages.tree_hashes(tree)
+        (tree / "sub" / "b.bin").write_bytes(b"d" * 3000)
+        stages.tree_hashes(tree)
+    assert sorted(reads) == ["a.bin", "b.bin", "b.bin"]
+
+
 def test_stamps_keep_only_the_files_of_the_last_run(tmp_path):
     one, two = make_tree(tmp_path / "one"), make_tree(tmp_path / "two")
     with stages.file_stamps(tmp_path / "out"):

@@ -70,6 +70,9 @@ class FileStamps:
     def sha256(self, path: Path) -> str:
         key = os.path.realpath(path)
         before = _stat_stamp(path)
+        seen = self.used.get(key)
+        if seen is not None and seen[0] == before:  # read or trusted earlier in this run (one stage's output is
+            return seen[1]  # the next one's input): --verify too reads each file once
         entry = self.known.get(key)
         if entry is not None and entry[0] == before and not self.verify:
             self.trusted_files += 1
