@@ -1,14 +1,18 @@
-"""From measured errors to predicted KL: per-group scales fitted on real KL of a few whole-model mixes.
+"""From measured errors to predicted KL: scales fitted on the real KL of a few whole-model mixes.
 
 The relative error of a tensor says how much its output moves, not how much the model's next-token
-distribution moves: that depends on where the tensor sits (a query projection feeds a softmax, a down
-projection the residual stream, the embedding every position). So tensors are grouped by role, and for each
-group the search measures one probe mix: every tensor at Q8_0 except the group's, which take a low type.
-With KL(mix) ~ sum over tensors of scale[group] * error(tensor, type):
+distribution moves: that depends on what the tensor is (a query projection feeds a softmax, a down
+projection the residual stream, the embedding every position) and on how deep it sits. So tensors are
+grouped by role, and the layers into contiguous depth bands, and the search measures one probe mix per group
+and one per band: every tensor at Q8_0 except the group's (or the band's), which take a low type. With
 
-    scale[g] = (KL(probe g) - KL(all Q8_0)) / (error sum of g in probe g - error sum of g at Q8_0)
+    KL(mix) ~ intercept + sum over tensors of scale[group] * depth[band] * error(tensor, type)
 
-plus an intercept: the all-Q8_0 mix's KL beyond what its own errors predict.
+each probe's KL over the all-Q8_0 mix's is linear in the scales of one side given the other's, so the two
+sets are fitted in turn until they settle (a rank-one fit of the group x band table; with no band probes,
+depth is 1 everywhere and scale[g] is probe g's extra KL over its extra error). Tensors outside the layers
+(the token embedding) have depth 1. The intercept is the all-Q8_0 mix's KL beyond what its own errors
+predict.
 
 KL is measured by the pinned llama-perplexity (--kl-divergence) against the f16 intermediate's own logits
 on the calibration text (its first `chunks` windows), so the search needs no torch model.
@@ -40,7 +44,10 @@ GROUPS = {
     "token_embd": "token_embd",
     "output": "output",
 }
-PROBE_BITS = 4.0  # a probe gives its group the smallest candidate of at least this many bits per weight
+# a probe gives its tensors the smallest candidate of at least this many bits per weight: Q5_0 or Q5_K, which
+# llama-quantize makes 5-8 times faster than IQ4_NL (the search makes a dozen probes), near the types that
+# budgets around Q4_K_M's size choose
+PROBE_BITS = 5.5
 KL_ATTEMPTS = 4  # the search runs llama-perplexity a dozen times; its lost log tails (evaluate.py) add up
 MIN_SCALE_SHARE = 0.05  # a group whose probe moved KL by (about) nothing gets this share of the median scale
 
@@ -110,14 +117,32 @@ def measure_kl(gguf: Path, base: KLBase, threads: int | None) -> Measured:
     return Measured(stats["kl_divergence"], stats["top1_percent"] / 100, stats["perplexity"], result.seconds)
 
 
+def band_of(slot: Slot, n_layers: int, bands: int) -> int | None:
+    """The depth band of a layer's tensor; None for a tensor outside the layers. The first and the last layer
+    are bands of their own (on the demo model, lowering the last layer alone moved KL five times as much as its
+    errors predicted with one scale per group, the first 1.5 times, the others 0.5-0.95 times); the layers
+    between split into bands - 2 contiguous runs of near-equal length. Fewer than 3 bands split evenly."""
+    if slot.layer is None or bands <= 0 or n_layers <= 0:
+        return None
+    if bands < 3 or n_layers < bands:
+        return min(bands - 1, slot.layer * bands // n_layers)
+    if slot.layer == 0:
+        return 0
+    if slot.layer >= n_layers - 1:
+        return bands - 1
+    return 1 + (slot.layer - 1) * (bands - 2) // (n_layers - 2)
+
+
 def probe_types(
-    slots: list[Slot], errors: dict[str, dict[str, float]], bits: dict[str, float], group: str
+    slots: list[Slot], errors: dict[str, dict[str, float]], bits: dict[str, float], lowered
 ) -> dict[str, str]:
-    """All slots at their highest-bit type (Q8_0 by default) except `group`'s, at their probe type."""
+    """All slots at their highest-bit type (Q8_0 by default) except those `lowered(slot)` picks, at their probe
+    type. `lowered` may also be a group name: that group's slots."""
+    pick = (lambda s, g=lowered: group_of(s) == g) if isinstance(lowered, str) else lowered
     types = {}
     for slot in slots:
         options = errors[slot.name]
-        if group_of(slot) == group:
+        if pick(slot):
             low = [t for t in options if bits[t] >= PROBE_BITS] or list(options)
             types[slot.name] = min(low, key=lambda t: (bits[t], options[t], t))
         else:
@@ -125,39 +150,99 @@ def probe_types(
     return types
 
 
-def error_sum(slots: list[Slot], errors: dict[str, dict[str, float]], types: dict[str, str], group: str) -> float:
-    return sum(errors[s.name][types[s.name]] for s in slots if group_of(s) == group)
+def error_table(
+    slots: list[Slot], errors: dict[str, dict[str, float]], types: dict[str, str], n_layers: int, bands: int
+) -> dict[str, dict[str, float]]:
+    """group -> band (as a string, "-" outside the layers) -> summed error of `types` (JSON-ready)."""
+    table: dict[str, dict[str, float]] = {}
+    for s in slots:
+        band = band_of(s, n_layers, bands)
+        row = table.setdefault(group_of(s), {})
+        key = "-" if band is None else str(band)
+        row[key] = row.get(key, 0.0) + errors[s.name][types[s.name]]
+    return table
 
 
 @dataclass
 class Calibration:
-    scales: dict[str, float]  # group -> KL per unit of summed relative error
-    probes: dict[str, dict] = field(default_factory=dict)  # group (or "q8_0") -> its measurements
+    scales: dict[str, float]  # group -> KL per unit of summed relative error (at depth 1)
+    probes: dict[str, dict] = field(default_factory=dict)  # "q8_0", each group and "band N" -> its measurements
     # KL that no weight error explains: what the all-Q8_0 mix measures beyond its predicted part (llama.cpp also
     # quantizes the activations of a quantized matrix product, so any quantized mix has it)
     intercept: float = 0.0
+    depth: dict[int, float] = field(default_factory=dict)  # band -> multiplier (1 where absent)
+    n_layers: int = 0
+    bands: int = 0
+
+    def weight(self, slot: Slot) -> float:
+        """KL per unit of this tensor's relative error."""
+        band = band_of(slot, self.n_layers, self.bands)
+        return self.scales[group_of(slot)] * (1.0 if band is None else self.depth.get(band, 1.0))
 
     def predict(self, slots: list[Slot], errors: dict[str, dict[str, float]], types: dict[str, str]) -> float:
-        return self.intercept + sum(self.scales[group_of(s)] * errors[s.name][types[s.name]] for s in slots)
+        return self.intercept + sum(self.weight(s) * errors[s.name][types[s.name]] for s in slots)
+
+    def to_json(self) -> dict:
+        return {
+            "scales": self.scales,
+            "depth": {str(b): m for b, m in sorted(self.depth.items())},
+            "n_layers": self.n_layers,
+            "bands": self.bands,
+            "intercept": self.intercept,
+            "probes": self.probes,
+        }
 
 
-def fit(slots, errors, baseline: dict, probes: dict[str, dict]) -> Calibration:
-    """Scales from the probes' KL over the all-Q8_0 baseline (see the module doc)."""
-    scales: dict[str, float] = {}
-    for group, probe in sorted(probes.items()):
-        extra_error = probe["error_sum"] - baseline["error_sums"][group]
-        extra_kl = probe["kl"] - baseline["kl"]
-        scales[group] = extra_kl / extra_error if extra_error > 0 and extra_kl > 0 else 0.0
-    positive = sorted(v for v in scales.values() if v > 0)
+FIT_ROUNDS = 200  # alternations of the group and band fits (they settle within a few dozen on the demo model)
+
+
+def fit(
+    slots, errors, baseline: dict, probes: dict[str, dict], band_probes: dict[int, dict] | None = None, n_layers=0
+) -> Calibration:
+    """Scales (and depth multipliers, given band probes) from the probes' KL over the all-Q8_0 baseline.
+
+    baseline: {"kl", "table"}; probes: group -> {"kl", "table"}; band_probes: band -> {"kl", "table"}, each
+    "table" that mix's error_table. See the module doc."""
+    band_probes = band_probes or {}
+    bands = len(band_probes)
+    base_table = baseline["table"]
+
+    def extra(table: dict, group: str, band: str) -> float:
+        return max(0.0, table.get(group, {}).get(band, 0.0) - base_table.get(group, {}).get(band, 0.0))
+
+    def mult(depth: dict[int, float], band: str) -> float:
+        return 1.0 if band == "-" else depth.get(int(band), 1.0)
+
+    groups = sorted(probes)
+    depth = {b: 1.0 for b in band_probes}
+    scales = {g: 0.0 for g in groups}
+    for _ in range(FIT_ROUNDS if bands else 1):
+        for g in groups:
+            table, moved = probes[g]["table"], probes[g]["kl"] - baseline["kl"]
+            err = sum(mult(depth, b) * extra(table, g, b) for b in table.get(g, {}))
+            scales[g] = moved / err if err > 0 and moved > 0 else 0.0
+        for b, probe in band_probes.items():
+            moved = probe["kl"] - baseline["kl"]
+            err = sum(scales[g] * extra(probe["table"], g, str(b)) for g in groups)
+            depth[b] = moved / err if err > 0 and moved > 0 else 0.0
+        _floor(depth, "band", band_probes, baseline)
+    _floor(scales, "probe", probes, baseline)
+    calibration = Calibration(scales, {"q8_0": baseline, **probes}, 0.0, depth, n_layers, bands)
+    calibration.probes.update({f"band {b}": p for b, p in band_probes.items()})
+    explained = sum(
+        scales[g] * mult(depth, b) * err for g, row in base_table.items() if g in scales for b, err in row.items()
+    )
+    calibration.intercept = max(0.0, baseline["kl"] - explained)
+    return calibration
+
+
+def _floor(values: dict, what: str, probes: dict, baseline: dict) -> None:
+    """A probe that moved KL by (about) nothing gets MIN_SCALE_SHARE of the median positive value."""
+    positive = sorted(v for v in values.values() if v > 0)
     floor = (positive[len(positive) // 2] if positive else 1.0) * MIN_SCALE_SHARE
-    for group in scales:
-        if scales[group] <= 0:
+    for key in values:
+        if values[key] <= 0:
             log.info(
-                "calibration: probe %s moved KL by %.2e; its scale is set to %.3g",
-                group,
-                probes[group]["kl"] - baseline["kl"],
-                floor,
+                "calibration: %s %s moved KL by %.2e; set to %.3g", what, key, probes[key]["kl"] - baseline["kl"], floor
             )
-            scales[group] = floor
-    explained = sum(scales[g] * baseline["error_sums"].get(g, 0.0) for g in scales)
-    return Calibration(scales, {"q8_0": baseline, **probes}, max(0.0, baseline["kl"] - explained))
+            values[key] = floor

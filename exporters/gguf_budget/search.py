@@ -4,8 +4,8 @@
     mixes = search.run([parse_target("like:Q4_K_M"), parse_target("2.5GB")])
 
 1. sensitivity: every candidate type of every tensor, made by llama-quantize and measured (sensitivity.py);
-2. calibration: KL of the all-Q8_0 mix and of one probe per tensor group, against the f16 logits on the
-   calibration text (calibrate.py);
+2. calibration: KL of the all-Q8_0 mix, of one probe per tensor group and of one per depth band, against
+   the f16 logits on the calibration text (calibrate.py);
 3. per target: the byte budget (a named mix's real size for like:TYPE), the allocation (allocate.py), the
    file made by llama-quantize with one --tensor-type override per tensor, its real size checked against
    the prediction, its KL measured the same way, and the named mix nearest in size (at or under the
@@ -41,6 +41,7 @@ class SearchSettings:
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     n_ctx: int = 512  # llama-perplexity context of the calibration KL
     chunks: int = 4  # windows of the calibration text scored per KL measurement
+    depth_bands: int = 4  # depth bands of layers, one probe each (calibrate.band_of); 0: one scale per group
     threads: int | None = None
 
 
@@ -85,11 +86,7 @@ class SearchState:
 
     def to_json(self) -> dict:
         return {
-            "calibration": {
-                "scales": self.calibration.scales,
-                "intercept": self.calibration.intercept,
-                "probes": self.calibration.probes,
-            },
+            "calibration": self.calibration.to_json(),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "sensitivity": {n: {t: e for t, e in sorted(v.items())} for n, v in sorted(self.errors.items())},
         }
@@ -122,10 +119,13 @@ class BudgetSearch:
         rounds = sensitivity.rounds(slots)
         files, measured = [], {"errors": {}, "weighted": {}}
         seconds["quantize_rounds"] = seconds["error_pass"] = 0.0
+        # the slots a round does not measure are copied as they are (making them Q8_0 again in every round cost
+        # 1.5 s of CPU per round on the demo model, half of what a round of Q5_0 costs)
+        as_is = {t.name: t.type for t in summary.tensors if t.name in {x.name for x in slots}}
         for r, types in enumerate(rounds):  # one round file on disk at a time (round 0 is kept: the Q8_0 baseline)
             out = self.work / f"round-{r:02d}.gguf"
             started = time.perf_counter()
-            sensitivity.quantize_mix(self.intermediate, out, types, self.imatrix, s.threads)
+            sensitivity.quantize_mix(self.intermediate, out, {**as_is, **types}, self.imatrix, s.threads)
             seconds["quantize_rounds"] += time.perf_counter() - started
             started = time.perf_counter()
             found = sensitivity.errors_of(self.intermediate, self.imatrix, [out], sorted(types))
@@ -162,6 +162,9 @@ class BudgetSearch:
             self.intermediate, self.text, self.work / "kl-base.bin", s.n_ctx, s.chunks, s.threads
         )
         groups = sorted({calibrate.group_of(x) for x in slots})
+        layers = [x.layer for x in slots if x.layer is not None]
+        n_layers = max(layers) + 1 if layers else 0
+        bands = min(s.depth_bands, n_layers)
         top = {x.name: max(errors[x.name], key=lambda t: (bits[t], -errors[x.name][t], t)) for x in slots}
         if any(r0_types[n] != t for n, t in top.items()):
             sensitivity.quantize_mix(self.intermediate, files[0], top, self.imatrix, s.threads)
@@ -170,27 +173,31 @@ class BudgetSearch:
         baseline = {
             "kl": base.kl,
             "top1": base.top1,
-            "error_sums": {g: calibrate.error_sum(slots, errors, top, g) for g in groups},
+            "table": calibrate.error_table(slots, errors, top, n_layers, bands),
         }
         if on_step:
             on_step("calibration: all-Q8_0 mix")
+        lowered = {group: group for group in groups}
+        lowered.update({f"band {b}": (lambda x, b=b: calibrate.band_of(x, n_layers, bands) == b) for b in range(bands)})
         probes = {}
-        for group in groups:
-            types = calibrate.probe_types(slots, errors, bits, group)
-            out = self.work / f"probe-{group}.gguf"
+        for name, pick in lowered.items():
+            types = calibrate.probe_types(slots, errors, bits, pick)
+            out = self.work / f"probe-{name.replace(' ', '-')}.gguf"
             sensitivity.quantize_mix(self.intermediate, out, types, self.imatrix, s.threads)
             result = calibrate.measure_kl(out, self._base, s.threads)
             out.unlink(missing_ok=True)
-            probes[group] = {
+            probes[name] = {
                 "kl": result.kl,
                 "top1": result.top1,
-                "error_sum": calibrate.error_sum(slots, errors, types, group),
-                "types": sorted(set(types[x.name] for x in slots if calibrate.group_of(x) == group)),
+                "table": calibrate.error_table(slots, errors, types, n_layers, bands),
+                "types": sorted({types[x.name] for x in slots if types[x.name] != top[x.name]}),
             }
             if on_step:
-                on_step(f"calibration: probe {group}")
+                on_step(f"calibration: probe {name}")
+        band_probes = {b: probes.pop(f"band {b}") for b in range(bands)}
+        calibration = calibrate.fit(slots, errors, baseline, probes, band_probes, n_layers)
         seconds["calibration"] = time.perf_counter() - started
-        self.state = SearchState(slots, errors, sizes, calibrate.fit(slots, errors, baseline, probes), seconds)
+        self.state = SearchState(slots, errors, sizes, calibration, seconds)
         return self.state
 
     def _bits(self) -> dict[str, float]:
@@ -287,7 +294,7 @@ class BudgetSearch:
                 alloc.Option(
                     t,
                     state.sizes.slot_bytes(x, t),
-                    state.calibration.scales[calibrate.group_of(x)] * state.errors[x.name][t],
+                    state.calibration.weight(x) * state.errors[x.name][t],
                 )
                 for t in x.candidates
             ]

@@ -10,6 +10,13 @@ gguf-py then dequantizes each round's tensors and compares them with the interme
 with w_j the imatrix's mean squared activation of input column j (the expected squared error of the layer's
 output relative to the output itself); tensors the imatrix has no entry for (a token embedding) weigh every
 column equally.
+
+Each w_j is capped at COLUMN_CAP times the tensor's median. A few input columns can carry "massive
+activations": in the demo model's blk.11.ffn_down four of 1536 columns hold 99.9% of the imatrix's mass.
+Uncapped, both sums measure only those columns (which the imatrix-guided quantizer keeps precise), so that
+tensor's error ranked a thousand times below its neighbours' at every type and the allocator gave it Q2_K;
+alone, that one change raised the measured KL by 0.0034 over the all-Q8_0 mix (the proxy predicted 1e-5).
+Capped, the same type gives every ffn_down of the model a relative error within about 20% of the others'.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROW_CHUNK = 4096  # rows dequantized at a time in the error pass
+COLUMN_CAP = 100.0  # an input column weighs at most this many times the median column (see the module doc)
 
 
 def rounds(slots: list[Slot]) -> list[dict[str, str]]:
@@ -106,8 +114,8 @@ def _array(path: Path, info, mm):
 
 
 def _column_weights(imatrix: dict, name: str, n_cols: int, n_rows: int):
-    """The imatrix's mean squared activation per input column, shaped to broadcast over (rows, cols);
-    None when it has no entry for `name`."""
+    """The imatrix's mean squared activation per input column, capped at COLUMN_CAP times the median, shaped to
+    broadcast over (rows, cols); None when it has no entry for `name`."""
     import numpy as np
 
     sums, counts = imatrix.get(f"{name}.in_sum2"), imatrix.get(f"{name}.counts")
@@ -116,7 +124,8 @@ def _column_weights(imatrix: dict, name: str, n_cols: int, n_rows: int):
     sums = np.asarray(sums, dtype=np.float64).reshape(-1)
     counts = np.asarray(counts, dtype=np.float64).reshape(-1)
     groups = sums.size // n_cols  # experts of a 3-D tensor share rows in blocks
-    mean = (sums.reshape(groups, n_cols) / np.maximum(counts.reshape(groups, 1), 1.0)).astype(np.float32)
+    mean = sums.reshape(groups, n_cols) / np.maximum(counts.reshape(groups, 1), 1.0)
+    mean = np.minimum(mean, COLUMN_CAP * np.median(mean, axis=1, keepdims=True)).astype(np.float32)
     return np.repeat(mean, n_rows // groups, axis=0) if groups > 1 else mean
 
 
