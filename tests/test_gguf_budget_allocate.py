@@ -196,3 +196,49 @@ def test_targets_from_the_command_line_and_the_pipeline_table(tmp_path):
     assert problems == [] and options.targets == ("like:Q4_K_M", "2.5GB")
     from_table(GGUFOptions, {"target": ["like:Q9_Z"]}, problem=lambda key, message: problems.append((key, message)))
     assert problems and problems[0][0] == "target" and "Q9_Z" in problems[0][1]
+
+
+def test_low_probe_fits_the_factor_for_types_under_the_probes_bits():
+    """Probes at Q5_0 fit the scales; the low probe (IQ4_NL, the embedding kept at Q8_0) fits how much more an
+    IQ4_NL error weighs than its size says, and then mixes of all three types are predicted."""
+    from exporters.gguf_budget.calibrate import error_table, fit, group_of, low_probe_types
+    from exporters.gguf_budget.slots import Slot
+
+    bits = {"Q8_0": 8.5, "Q5_0": 5.5, "IQ4_NL": 4.5}
+    truth, floor, factor = {"attn_qk": 0.5, "ffn_in": 2.0, "token_embd": 9.0}, 0.003, 1.7
+    slots = [Slot("token_embd.weight", (64, 320), ("Q8_0", "Q5_0", "IQ4_NL"))]
+    for layer in range(2):
+        for role in ("attn_q", "attn_k", "ffn_up"):
+            slots.append(Slot(f"blk.{layer}.{role}.weight", (64, 64), ("Q8_0", "Q5_0", "IQ4_NL")))
+    errors = {s.name: {"Q8_0": 1e-5, "Q5_0": 1e-3 * (i + 1), "IQ4_NL": 3e-3 * (i + 2)} for i, s in enumerate(slots)}
+
+    def kl(types):
+        return floor + sum(
+            truth[group_of(s)] * errors[s.name][types[s.name]] * (factor if types[s.name] == "IQ4_NL" else 1.0)
+            for s in slots
+        )
+
+    def measured(types):
+        return {"kl": kl(types), "table": error_table(slots, errors, types, 2, 0)}
+
+    top = {s.name: "Q8_0" for s in slots}
+    probes = {g: measured({s.name: "Q5_0" if group_of(s) == g else "Q8_0" for s in slots}) for g in truth}
+    low = low_probe_types(slots, bits)
+    assert low["token_embd.weight"] == "Q8_0" and {low[s.name] for s in slots if s.layer is not None} == {"IQ4_NL"}
+    low_probe = {"kl": kl(low), "types": low}
+    calibration = fit(slots, errors, measured(top), probes, None, 2, low_probe, bits)
+    assert calibration.below == pytest.approx(factor)
+    mixed = {s.name: s.candidates[i % 3] for i, s in enumerate(slots)}
+    assert calibration.predict(slots, errors, mixed) == pytest.approx(kl(mixed))
+    assert fit(slots, errors, measured(top), probes).predict(slots, errors, mixed) < kl(mixed)
+
+
+def test_sensitivity_rounds_make_every_type_once_with_the_low_probe_second():
+    from exporters.gguf_budget.sensitivity import rounds
+    from exporters.gguf_budget.slots import Slot
+
+    slots = [Slot("a", (32, 4), ("Q8_0", "Q5_0", "IQ4_NL")), Slot("b", (256, 4), ("Q8_0", "Q6_K", "Q4_K", "Q2_K"))]
+    made = rounds(slots, {"a": "IQ4_NL", "b": "Q4_K"})
+    assert made[0] == {"a": "Q8_0", "b": "Q8_0"} and made[1] == {"a": "IQ4_NL", "b": "Q4_K"}
+    pairs = sorted((n, t) for r in made for n, t in r.items())
+    assert pairs == sorted((s.name, t) for s in slots for t in s.candidates)

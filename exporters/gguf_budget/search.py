@@ -4,8 +4,8 @@
     mixes = search.run([parse_target("like:Q4_K_M"), parse_target("2.5GB")])
 
 1. sensitivity: every candidate type of every tensor, made by llama-quantize and measured (sensitivity.py);
-2. calibration: KL of the all-Q8_0 mix, of one probe per tensor group and of one per depth band, against
-   the f16 logits on the calibration text (calibrate.py);
+2. calibration: KL of the all-Q8_0 mix, of one probe per tensor group, of one per depth band and of the low
+   probe (sensitivity round 1), against the f16 logits on the calibration text (calibrate.py);
 3. per target: the byte budget (a named mix's real size for like:TYPE), the allocation (allocate.py), the
    file made by llama-quantize with one --tensor-type override per tensor, its real size checked against
    the prediction, its KL measured the same way, and the named mix nearest in size (at or under the
@@ -41,7 +41,7 @@ class SearchSettings:
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     n_ctx: int = 512  # llama-perplexity context of the calibration KL
     chunks: int = 4  # windows of the calibration text scored per KL measurement
-    depth_bands: int = 4  # depth bands of layers, one probe each (calibrate.band_of); 0: one scale per group
+    depth_bands: int = 3  # depth bands of layers, one probe each (calibrate.band_of); 0: one scale per group
     threads: int | None = None
 
 
@@ -116,7 +116,15 @@ class BudgetSearch:
                 f"{self.intermediate} has no tensor that any candidate type fits",
                 hint=f"candidates: {', '.join(s.candidates)}",
             )
-        rounds = sensitivity.rounds(slots)
+        bits = self._bits()
+        low_types = calibrate.low_probe_types(slots, bits)
+        rounds = sensitivity.rounds(slots, low_types)  # round 1 is the low probe: its KL is measured too
+        started = time.perf_counter()
+        self._base = calibrate.kl_base(
+            self.intermediate, self.text, self.work / "kl-base.bin", s.n_ctx, s.chunks, s.threads
+        )
+        seconds["calibration"] = time.perf_counter() - started
+        low_probe = None
         files, measured = [], {"errors": {}, "weighted": {}}
         seconds["quantize_rounds"] = seconds["error_pass"] = 0.0
         # the slots a round does not measure are copied as they are (making them Q8_0 again in every round cost
@@ -134,6 +142,11 @@ class BudgetSearch:
                 measured["errors"].setdefault(name, {}).update(by_type)
             measured["weighted"].update(found["weighted"])
             files.append(out)
+            if r == 1:
+                started = time.perf_counter()
+                result = calibrate.measure_kl(out, self._base, s.threads)
+                low_probe = {"kl": result.kl, "top1": result.top1, "types": types}
+                seconds["calibration"] += time.perf_counter() - started
             if r:
                 out.unlink()
             if on_step:
@@ -157,10 +170,6 @@ class BudgetSearch:
         )
         # calibration: the all-highest mix is round 0 (every tensor's first candidate)
         started = time.perf_counter()
-        bits = self._bits()
-        self._base = calibrate.kl_base(
-            self.intermediate, self.text, self.work / "kl-base.bin", s.n_ctx, s.chunks, s.threads
-        )
         groups = sorted({calibrate.group_of(x) for x in slots})
         layers = [x.layer for x in slots if x.layer is not None]
         n_layers = max(layers) + 1 if layers else 0
@@ -195,8 +204,8 @@ class BudgetSearch:
             if on_step:
                 on_step(f"calibration: probe {name}")
         band_probes = {b: probes.pop(f"band {b}") for b in range(bands)}
-        calibration = calibrate.fit(slots, errors, baseline, probes, band_probes, n_layers)
-        seconds["calibration"] = time.perf_counter() - started
+        calibration = calibrate.fit(slots, errors, baseline, probes, band_probes, n_layers, low_probe, bits)
+        seconds["calibration"] += time.perf_counter() - started
         self.state = SearchState(slots, errors, sizes, calibration, seconds)
         return self.state
 
@@ -294,7 +303,7 @@ class BudgetSearch:
                 alloc.Option(
                     t,
                     state.sizes.slot_bytes(x, t),
-                    state.calibration.weight(x) * state.errors[x.name][t],
+                    state.calibration.cost(x, t, state.errors[x.name][t]),
                 )
                 for t in x.candidates
             ]

@@ -41,10 +41,19 @@ ROW_CHUNK = 4096  # rows dequantized at a time in the error pass
 COLUMN_CAP = 100.0  # an input column weighs at most this many times the median column (see the module doc)
 
 
-def rounds(slots: list[Slot]) -> list[dict[str, str]]:
-    """Round r: each tensor that has an r-th candidate type, with that type."""
-    depth = max((len(s.candidates) for s in slots), default=0)
-    return [{s.name: s.candidates[r] for s in slots if r < len(s.candidates)} for r in range(depth)]
+def rounds(slots: list[Slot], second: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """Round 0: every tensor at its first candidate type. Round 1, given `second`: those types (the search
+    measures that round's KL too: its low probe). Then each remaining (tensor, type) pair once, round r giving
+    each tensor its next type not yet made, in candidate order."""
+    out = [{s.name: s.candidates[0] for s in slots}]
+    if second:
+        out.append(dict(second))
+    todo = {
+        s.name: [t for t in s.candidates if t != s.candidates[0] and t != (second or {}).get(s.name)] for s in slots
+    }
+    while any(todo.values()):
+        out.append({name: left.pop(0) for name, left in todo.items() if left})
+    return out
 
 
 def quantize_mix(
