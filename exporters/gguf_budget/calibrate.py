@@ -257,16 +257,24 @@ def fit(
     groups = sorted(probes)
     depth = {b: 1.0 for b in band_probes}
     scales = {g: 0.0 for g in groups}
-    for _ in range(FIT_ROUNDS if bands else 1):
+
+    def fit_scales():
         for g in groups:
             table, moved = probes[g]["table"], probes[g]["kl"] - baseline["kl"]
             err = sum(mult(depth, b) * extra(table, g, b) for b in table.get(g, {}))
             scales[g] = moved / err if err > 0 and moved > 0 else 0.0
+
+    for _ in range(FIT_ROUNDS if bands else 0):
+        fit_scales()
         for b, probe in band_probes.items():
             moved = probe["kl"] - baseline["kl"]
             err = sum(scales[g] * extra(probe["table"], g, str(b)) for g in groups)
             depth[b] = moved / err if err > 0 and moved > 0 else 0.0
         _floor(depth, "band", band_probes, baseline)
+        # scale[g] * depth[b] is all a fit fixes: keep the depths' mean at 1 so that neither side drifts
+        mean = sum(depth.values()) / len(depth)
+        depth.update({b: m / mean for b, m in depth.items()})
+    fit_scales()
     _floor(scales, "probe", probes, baseline)
     calibration = Calibration(scales, {"q8_0": baseline, **probes}, 0.0, depth, n_layers, bands)
     calibration.probes.update({f"band {b}": p for b, p in band_probes.items()})
