@@ -13,9 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from torch import nn
-
-from exporters.int4.families import Family, excluded, family_of
+from exporters.int4.families import family_of, quantized_linears
 from mergeq.core.errors import MergeqError
 
 # vLLM's packed_modules_mapping for the decoder layers of the families mergeq quantizes: fused name -> members
@@ -70,19 +68,16 @@ def resolve(config: dict, patterns: tuple[str, ...]) -> Exclusions:
     pattern that matches none of the quantized linears, and a fused group kept in part."""
     if not patterns:
         return Exclusions()
-    from exporters.int4.kernels import meta_model
+    from exporters.int4.kernels import decoder_layers, meta_model
 
     compiled = compile_patterns(tuple(patterns))
     family = family_of(config)
-    model = meta_model(config)
-    layers_name, layers = next(
-        (n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith("layers")
-    )
+    layers_name, layers = decoder_layers(meta_model(config))
     matched: set[str] = set()
     kept: list[str] = []
     for index, layer in enumerate(layers):
         prefix = f"{layers_name}.{index}."
-        names = [prefix + name for name in _quantized_linears(layer, family)]
+        names = [prefix + name for name in quantized_linears(layer, family)]
         hits = set()
         for name in names:
             for pattern in compiled:
@@ -100,17 +95,6 @@ def resolve(config: dict, patterns: tuple[str, ...]) -> Exclusions:
             hint=HINT.replace("model.layers.0.mlp.down_proj", example),
         )
     return Exclusions(tuple(sorted(kept)))
-
-
-def _quantized_linears(layer: nn.Module, family: Family) -> list[str]:
-    experts = family.experts.module if family.experts else None
-    return [
-        name
-        for name, module in layer.named_modules()
-        if isinstance(module, nn.Linear)
-        and not excluded(family, name)
-        and not (experts and (name == experts or name.startswith(experts + ".")))
-    ]
 
 
 def _check_groups(names: list[str], hits: set[str]) -> None:

@@ -171,6 +171,22 @@ def excluded(family: Family, name: str, patterns: tuple[str, ...] = ()) -> bool:
     return any(re.search(p, name) for p in family.excluded + tuple(patterns))
 
 
+def quantized_linears(layer, family: Family) -> dict:
+    """The nn.Linear modules of one decoder layer that the int4 engine quantizes, by name inside the layer: all
+    but the family's routers and gates, and but what sits inside its stacked-experts module (quantized as
+    experts, not as linears). User exclusions (--exclude) are applied on top by the callers that take them."""
+    from torch import nn
+
+    experts = family.experts.module if family.experts else None
+    return {
+        name: module
+        for name, module in layer.named_modules()
+        if isinstance(module, nn.Linear)
+        and not excluded(family, name)
+        and not (experts and name.startswith(experts + "."))
+    }
+
+
 @dataclass
 class FoldReport:
     """What AWQ folded in one layer: group -> alpha (None: not folded, with the reason in `skipped`)."""

@@ -59,27 +59,28 @@ def linear_shapes(config: dict, arch=None) -> list[LinearShape]:
     model transformers defines for config.json: each linear (routers and gates excluded), and for a MoE
     family each expert's fused gate/up rows ("<experts>.w13", [2I, H]) and down matrix ("<experts>.w2").
     Shapes that differ between layers (dense and sparse layers) are each listed once."""
-    from exporters.int4.families import excluded, family_of
+    from exporters.int4.families import family_of, quantized_linears
 
     family = family_of(config)
-    model = meta_model(config)
-    layers = next(m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith("layers"))
+    _, layers = decoder_layers(meta_model(config))
     experts = family.experts.module if family.experts else None
     shapes: dict[tuple[str, int, int], LinearShape] = {}
     for layer in layers:
+        linears = quantized_linears(layer, family)
         for name, module in layer.named_modules():
             if experts and name == experts:
                 inter, hidden = module.down_proj.shape[-1], module.gate_up_proj.shape[-1]
                 for shape in (LinearShape(f"{name}.w13", hidden, 2 * inter), LinearShape(f"{name}.w2", inter, hidden)):
                     shapes.setdefault((shape.name, shape.in_features, shape.out_features), shape)
-            elif (
-                isinstance(module, nn.Linear)
-                and not excluded(family, name)
-                and not (experts and name.startswith(experts + "."))
-            ):
+            elif name in linears:
                 key = (name, module.in_features, module.out_features)
                 shapes.setdefault(key, LinearShape(name, module.in_features, module.out_features))
     return list(shapes.values())
+
+
+def decoder_layers(model) -> tuple[str, nn.ModuleList]:
+    """The name and the module list of a causal LM's decoder layers (the ModuleList named `...layers`)."""
+    return next((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith("layers"))
 
 
 def meta_model(config: dict):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from exporters.int4 import experts as moe
-from exporters.int4.families import Family, family_of
+from exporters.int4.families import Family, family_of, quantized_linears
 from exporters.int4.options import Int4Options
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
 from exporters.int4.skeleton import LayerCall
@@ -160,18 +160,13 @@ def _experts_name(layer: nn.Module, family: Family) -> str | None:
 def _quantizable(layer: nn.Module, ctx: LayerContext) -> dict[str, nn.Linear]:
     """The layer's linears that get quantized: all but routers/gates and the user's exclusions."""
     family = ctx.the_family
-    experts = _experts_name(layer, family)
+    _experts_name(layer, family)  # checks the experts module's layout
     user = ctx.options.exclude if ctx.options else ()
-    found = {}
-    for name, module in layer.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if experts and name.startswith(experts + "."):
-            continue
-        if any(re.search(p, name) for p in family.excluded) or any(re.search(p, ctx.prefix + name) for p in user):
-            continue
-        found[name] = module
-    return found
+    return {
+        name: module
+        for name, module in quantized_linears(layer, family).items()
+        if not any(re.search(p, ctx.prefix + name) for p in user)
+    }
 
 
 def _check_nothing_left(layer: nn.Module, linears: dict[str, nn.Linear], experts: str | None, prefix: str) -> None:
