@@ -78,15 +78,17 @@ def model_logprobs(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(window index, fp32 log-probabilities [scored, vocab]) of a checkpoint ("hf" or "int4") for every window.
 
-    Streamed one decoder layer at a time (mergeq/core/streaming.py) where the architecture has a layer mapping
-    and options.streaming is on; otherwise the whole model is loaded (the reference implementation)."""
+    Streamed one decoder layer at a time (mergeq/core/streaming.py) when options.streaming is on and the stream
+    takes the model (every decoder-only ...ForCausalLM family, see streaming.unsupported_reason); otherwise the
+    whole model is loaded (the reference implementation)."""
     from mergeq.core import streaming
 
-    if options.streaming and streaming.supported(read_model_config(artifact)):
+    why = streaming.unsupported_reason(read_model_config(artifact)) if options.streaming else None
+    if options.streaming and why is None:
         yield from streamed_logprobs(artifact, kind, windows, options, label)
         return
     if options.streaming:
-        log.info("%s: no layer mapping for this architecture; evaluating the whole model in memory", artifact)
+        log.info("%s: %s; evaluating the whole model in memory", artifact, why)
     model = load_torch_model(artifact, kind)
     yield from torch_logprobs(model, windows, _batch(options), label)
 

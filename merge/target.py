@@ -107,10 +107,10 @@ def choose_target(sources: list, reference_source, text_path: Path, tokenizer_di
     from mergeq.core import streaming
 
     config = read_model_config(reference_source.folder)
-    if not streaming.supported(config):
+    why = streaming.unsupported_reason(config)
+    if why is not None:
         raise MergeqError(
-            f"choosing the QLoRA merge target by measurement needs a layer mapping for "
-            f"{config.get('architectures')}, which mergeq does not have",
+            f"choosing the QLoRA merge target by measurement runs the model one decoder layer at a time: {why}",
             hint="pass only one base: --qlora-base (the 4-bit base it was trained on) is the usual choice",
         )
     vocab = reference_source.out_shapes[f"{reference_source.info.input_embedding}.weight"][0]
@@ -119,7 +119,7 @@ def choose_target(sources: list, reference_source, text_path: Path, tokenizer_di
     reference = _streamed_model(
         UnmergedWeights(reference_source),
         config,
-        hook=lambda index, layer: with_adapters(reference_source, reference.arch, index, layer),
+        hook=lambda index, layer: with_adapters(reference_source, reference.layer_prefix(index), layer),
     )
     ref_hidden = streaming.final_hidden(reference, windows.tokens, positions, progress="trained model, layer by layer")
     results: dict[str, dict] = {}

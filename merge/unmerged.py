@@ -46,15 +46,14 @@ class UnmergedWeights:
         self.source.ckpt.close()
 
 
-def with_adapters(source, arch, index: int, layer: torch.nn.Module) -> torch.nn.Module:
-    """PEFT's unmerged LoRA layers in this decoder layer, under the layer's full module path, with every
-    adapter active and scaled by its weight."""
+def with_adapters(source, prefix: str, layer: torch.nn.Module) -> torch.nn.Module:
+    """PEFT's unmerged LoRA layers in the decoder layer whose tensors are named `prefix`* (e.g.
+    "model.layers.3."), under the layer's full module path, with every adapter active and scaled by its weight."""
     import warnings
 
     from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
-    prefix = arch.layer_prefix(index)
     if not any(name.startswith(prefix) for name in source.ops):
         return layer
     root = torch.nn.Module()
@@ -79,7 +78,7 @@ def with_adapters(source, arch, index: int, layer: torch.nn.Module) -> torch.nn.
         if loaded.unexpected_keys:
             raise MergeqError(
                 f"validation: PEFT did not place {loaded.unexpected_keys[:3]} of adapter {adapter.path} "
-                f"in decoder layer {index}",
+                f"in decoder layer {prefix.rstrip('.')}",
                 hint="pass --no-validate to merge without the check",
             )
         names.append((name, adapter.weight))

@@ -16,8 +16,9 @@ base's tensors (4-bit bases dequantized by merge.qlora) and PEFT puts the unmerg
 whole model: merge/unmerged.py); the merged layer is read from the merged files. The two are independent: PEFT computes
 W x + s B(A x) (or its DoRA form) from the adapter files, never mergeq's merged weights, so a wrong merge
 shows. Adapters that change tensors outside the decoder layers (embeddings, lm_head: modules_to_save,
-trainable tokens, resized vocabularies) and families without a layer mapping are validated with whole
-models, as before. `--no-validate` turns validation off.
+trainable tokens, resized vocabularies) and models the stream cannot take (mergeq.core.streaming.unsupported_reason:
+model classes other than ...ForCausalLM, Mixture-of-Experts families without an expert layout) are validated with
+whole models, as before. `--no-validate` turns validation off.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ class StreamPlan:
                 UnmergedWeights(source),
                 self.config,
                 self.device,
-                hook=lambda index, layer: with_adapters(source, model.arch, index, layer),
+                hook=lambda index, layer: with_adapters(source, model.layer_prefix(index), layer),
                 linears_as_stored=True,
             )
             return _streamed_logits(model, prompts)
@@ -313,18 +314,16 @@ def streaming_plan(reference: Reference, folders: dict[str, Path], device: str =
     """How to validate layer by layer, or None (with the reason logged) when only whole models can."""
     from merge.source import Source
     from mergeq.core import streaming
-    from mergeq.core.arch import architecture_of
     from mergeq.core.device import resolve_device
+    from mergeq.core.skeleton import Skeleton
 
     config = read_model_config(reference.base)
-    why = None
-    if not streaming.supported(config):
-        why = f"architecture {config.get('architectures')} has no layer mapping"
-    else:
-        arch = architecture_of(config)
+    why = streaming.unsupported_reason(config)
+    if why is None:
+        layers_prefix = Skeleton(reference.base, None, torch.device("cpu")).prefix
         source = Source(reference.base, "reference", reference.adapters, torch.float32, reference.quantize)
         try:
-            outside = sorted(n for n in source.ops if not n.startswith(arch.layers_prefix))
+            outside = sorted(n for n in source.ops if not n.startswith(layers_prefix))
             if outside:
                 why = f"the adapter(s) change {', '.join(outside[:3])} outside the decoder layers"
             vocab = source.out_shapes.get(f"{source.info.input_embedding}.weight", (0,))[0]
@@ -337,9 +336,9 @@ def streaming_plan(reference: Reference, folders: dict[str, Path], device: str =
         log.info("validation with whole models: %s", why)
         return None
     for folder in folders.values():
-        merged = read_model_config(folder)
-        if not streaming.supported(merged):
-            log.info("validation with whole models: %s has no layer mapping", folder)
+        merged_why = streaming.unsupported_reason(read_model_config(folder))
+        if merged_why is not None:
+            log.info("validation with whole models: %s: %s", folder, merged_why)
             return None
     return StreamPlan(reference, config, int(vocab), quantized, resolve_device(device))
 

@@ -69,19 +69,15 @@ def test_streamed_evaluation_equals_whole_model_for_int4(tmp_path, family, metho
 def test_streamed_evaluation_reads_one_layer_at_a_time(tmp_path, monkeypatch):
     """The streamed path never builds a whole model and reads each decoder layer once."""
     import exporters.eval_torch as et
-    import mergeq.core.streaming as st
+    from mergeq.core.skeleton import Skeleton
 
     ref = tiny_llama(tmp_path / "ref", dtype=torch.float16, seed=3, layers=4)
     tiny_tokenizer(ref, add_bos=True)
     text = eval_text(tmp_path / "eval.txt", 200)
     monkeypatch.setattr(et, "load_torch_model", lambda *a: pytest.fail("whole model loaded"))
     built = []
-    real = st.load_layer
-    monkeypatch.setattr(
-        st,
-        "load_layer",
-        lambda src, arch, cfg, index, dev, **kw: built.append(index) or real(src, arch, cfg, index, dev, **kw),
-    )
+    real = Skeleton.load_layer
+    monkeypatch.setattr(Skeleton, "load_layer", lambda self, index, **kw: built.append(index) or real(self, index, **kw))
     quality = evaluate(ref, ref, text, EvalOptions(n_ctx=32, max_windows=4, cache_dir=tmp_path / "c"))
     assert built == [0, 1, 2, 3] and quality.kl_divergence == 0
 
@@ -203,16 +199,14 @@ def test_validation_keeps_16_bit_linears_as_stored_with_the_same_numbers(tmp_pat
     base = tiny_llama(tmp_path / "base", dtype=torch.float16, seed=5, layers=2)
     weights = st.CheckpointWeights(base)
     model = st.StreamedModel(weights, json.loads((base / "config.json").read_text()), torch.device("cpu"))
-    fp32 = st.load_layer(weights, model.arch, model.hf_config, 1, torch.device("cpu"))
-    stored = st.load_layer(weights, model.arch, model.hf_config, 1, torch.device("cpu"), linears_as_stored=True)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    (h,), calls = model.skeleton.capture(ids, 2)
+    fp32 = model.skeleton.load_layer(1)
+    stored = model.skeleton.load_layer(1, linears_as_stored=True)
     linears = [m for m in stored.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.dtype == torch.float16 for m in linears)
-    h = torch.randn(2, 7, model.hf_config.hidden_size, generator=torch.Generator().manual_seed(0))
-    rotary = st.rotary_embeddings(model.arch, model.hf_config, 7, torch.device("cpu"))
     with torch.inference_mode():
-        assert torch.equal(
-            st.layer_forward(stored, h, model.arch, rotary), st.layer_forward(fp32, h, model.arch, rotary)
-        )
+        assert torch.equal(calls[1][0](stored, h), calls[1][0](fp32, h))
     assert all(m.weight.dtype == torch.float16 for m in linears)  # the stored weight is back after the call
     weights.close()
 

@@ -1,7 +1,7 @@
 """What the int4 engine must know about a model family, as data: where AWQ's scales fold, and how a
-Mixture-of-Experts family stores its experts on disk. Everything else (which linears a decoder layer has,
-their order, what each layer receives) the engine finds by running the model's own modules, so a family
-without an entry still quantizes with GPTQ and RTN; AWQ refuses it.
+Mixture-of-Experts family stores its experts on disk (mergeq/core/experts.py). Everything else (which linears a
+decoder layer has, their order, what each layer receives) the engine finds by running the model's own modules, so
+a family without an entry still quantizes with GPTQ and RTN; AWQ refuses it.
 
 AWQ multiplies the input columns of a group of linears (those reading one input) by s and divides the
 producer of that input by s. A fold is exact only where the producer's output reaches the group unchanged
@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 
 from mergeq.core.errors import MergeqError
+from mergeq.core.experts import EXPERT_LAYOUTS, ExpertLayout
 
 FOLD_KINDS = ("norm", "norm_plus_one", "linear")
 
@@ -40,31 +41,6 @@ class Fold:
     def __post_init__(self):
         if self.kind not in FOLD_KINDS:
             raise ValueError(f"fold kind {self.kind!r} is not one of {FOLD_KINDS}")
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """A transformers-5 fused experts module (gate_up_proj [E, 2I, H], down_proj [E, H, I], act_fn) and the
-    per-expert linears the checkpoint (and vLLM) use: `{disk}.{e}.{gate|up|down}.weight`."""
-
-    module: str  # the experts module inside a decoder layer, e.g. "mlp.experts"
-    disk: str  # its prefix on disk, e.g. "mlp.experts" or "block_sparse_moe.experts"
-    gate: str
-    up: str
-    down: str
-    renames: tuple[tuple[str, str], ...] = ()  # (disk prefix, module prefix) for the layer's other tensors
-
-    def to_module(self, name: str) -> str:
-        for disk, module in self.renames:
-            if name.startswith(disk):
-                return module + name[len(disk) :]
-        return name
-
-    def to_disk(self, name: str) -> str:
-        for disk, module in self.renames:
-            if name.startswith(module):
-                return disk + name[len(module) :]
-        return name
 
 
 @dataclass(frozen=True)
@@ -133,15 +109,13 @@ FAMILIES: tuple[Family, ...] = (
         "mixtral",
         ("MixtralForCausalLM",),
         MOE_FOLDS,
-        experts=ExpertLayout(
-            "mlp.experts", "block_sparse_moe.experts", "w1", "w3", "w2", renames=(("block_sparse_moe.", "mlp."),)
-        ),
+        experts=EXPERT_LAYOUTS["MixtralForCausalLM"],
     ),
     Family(
         "qwen3_moe",
         ("Qwen3MoeForCausalLM",),
         MOE_FOLDS + _mlp_folds(),
-        experts=ExpertLayout("mlp.experts", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+        experts=EXPERT_LAYOUTS["Qwen3MoeForCausalLM"],
     ),
 )
 

@@ -35,8 +35,8 @@ from exporters.int4.quant import (
     unpack_first,
     unpack_last,
 )
-from exporters.int4.skeleton import module_state_dict
 from mergeq.core.errors import MergeqError
+from mergeq.core.experts import module_state_dict
 from mergeq.core.modelfiles import read_model_config
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -352,7 +352,7 @@ def dequantized_state_dict(
             state[f"{prefix}.bias"] = linear.bias
     state.update(plain)
     if module_names:
-        state = module_state_dict(state, family_of(read_model_config(model_dir)))
+        state = module_state_dict(state, family_of(read_model_config(model_dir)).experts)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return dict(sorted(state.items()))

@@ -15,9 +15,9 @@ from exporters.int4 import experts as moe
 from exporters.int4.families import Family, family_of, quantized_linears
 from exporters.int4.options import Int4Options
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
-from exporters.int4.skeleton import LayerCall
 from mergeq.core.arch import Architecture
 from mergeq.core.errors import MergeqError
+from mergeq.core.skeleton import LayerCall
 from mergeq.core.streaming import layer_forward
 
 METHODS = ("gptq", "awq", "rtn")

@@ -1,5 +1,5 @@
 """The streaming engine: one decoder layer in memory at a time, for any decoder-only family transformers
-defines (exporters/int4/skeleton.py builds the model on the meta device and fills one layer at a time).
+defines (mergeq/core/skeleton.py builds the model on the meta device and fills one layer at a time).
 
 1. The model's own forward runs over the calibration tokens with its decoder layers replaced by recorders:
    the first layer's inputs, and what every layer receives (position embeddings, masks, cache positions).
@@ -33,12 +33,12 @@ from exporters.int4.layer import EngineOptions, LayerContext
 from exporters.int4.passes import quantize_layer
 from exporters.int4.quant import QuantizedLinear
 from exporters.int4.resume import LayerCheckpoints, LayerOutput
-from exporters.int4.skeleton import LayerCall, Skeleton
 from mergeq.core.device import resolve_device
 from mergeq.core.errors import MergeqError
 from mergeq.core.memory import release_freed_memory
 from mergeq.core.modelfiles import read_model_config
 from mergeq.core.progress import track
+from mergeq.core.skeleton import LayerCall, Skeleton
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def quantize_streaming(
         require_awq(family)
     device = resolve_device(options.given.device)
     source = TensorSource(model_dir)
-    skeleton = Skeleton(model_dir, source, family, device)
+    skeleton = Skeleton(model_dir, source, device, family.experts)
     needs_data = options.method != "rtn"
     if needs_data and tokens is None:
         raise MergeqError(f"{options.method} needs calibration samples")
@@ -127,7 +127,6 @@ def quantize_streaming(
             checkpoints.save(index, done, outputs)
         hidden = outputs
         calls[index] = []
-        skeleton.unload_layer(index)
         del layer, outputs, quantized, done
         release_freed_memory()  # glibc keeps freed heap pages: RSS grew 70 MB per layer without this
     source.close()

@@ -1,22 +1,26 @@
 """Forward passes one decoder layer at a time, for evaluation (exporters/evaluate.py) and merge validation
-and target choice (merge/validate.py, merge/target.py).
+and target choice (merge/validate.py, merge/target.py), for any decoder-only family transformers defines.
 
-Each decoder layer is the model's own decoder-layer class from transformers, built on the meta device and
-filled from the files (the Llama-like layouts of mergeq/core/arch.py), with the rotary embeddings and masks
-computed as the model does:
+The model is the family's own `AutoModelForCausalLM`, built on the meta device (mergeq/core/skeleton.py, the
+int4 engine's skeleton): no architecture table.
 
-1. the embedding rows of the input tokens are gathered from the checkpoint, a block of rows at a time;
-2. for each decoder layer: its tensors are read from disk (mergeq.core.checkpoint's reader; int4 linears unpacked
-   from the files as written, by exporters/streaming.py), the layer is built, every sequence goes through it,
-   the layer is freed;
-3. the final norm, then logits against the output embedding read in blocks of rows.
+1. the model's own forward runs over the token ids with its decoder layers replaced by recorders: the first
+   layer's inputs (the embedding rows of the tokens, gathered from the checkpoint a block of rows at a time,
+   through the family's own embedding module: Gemma's scaling by sqrt(hidden)) and every layer's own arguments
+   (position embeddings, masks: Gemma 3's sliding and global layers each get theirs);
+2. for each decoder layer: its tensors are read from disk (mergeq.core.checkpoint's reader; int4 linears
+   unpacked from the files as written, by exporters/streaming.py; MoE experts stacked into transformers' fused
+   layout), the layer is built, every sequence goes through it with the arguments recorded for it, the layer is
+   freed;
+3. the decoder's final norm (its own module, filled from disk), then logits against the output embedding (the
+   input embedding when tied) read in blocks of rows, soft-capped where the config says so (Gemma 2).
 
 Peak memory is one layer in fp32 plus the activations, whatever the depth. Computation is fp32 on
 `device`; tensors move to the device one layer at a time.
 
-A weight source is anything with `names()` and `get(name)` (an fp32-convertible tensor) plus `row_blocks`
-for the embedding matrices: `CheckpointWeights` (a Hugging Face checkpoint) here, `Int4Weights` (AWQ, GPTQ,
-compressed-tensors) in exporters/streaming.py, the unmerged base + adapter in merge/validate.py.
+A weight source is anything with `names()`, `get(name)` (an fp32-convertible tensor) and `shape(name)`, plus
+`row_blocks` for the embedding matrices: `CheckpointWeights` (a Hugging Face checkpoint) here, `Int4Weights`
+(AWQ, GPTQ, compressed-tensors) in exporters/streaming.py, the unmerged base + adapter in merge/unmerged.py.
 """
 
 from __future__ import annotations
@@ -30,13 +34,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mergeq.core.arch import Architecture, architecture_of
+from mergeq.core.arch import Architecture
 from mergeq.core.checkpoint import Checkpoint
 from mergeq.core.errors import MergeqError
+from mergeq.core.experts import expert_layout_of, has_experts
 from mergeq.core.memory import release_freed_memory
 from mergeq.core.modelfiles import read_model_config
+from mergeq.core.skeleton import Skeleton, hf_config_of
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CheckpointWeights", "StreamedModel", "final_hidden", "hf_config_of", "logits_blocks", "streamed"]
 
 ROW_BLOCK_BYTES = 16 << 20  # embedding / lm_head rows read at once (in their stored dtype; fp32 twice that)
 LOGITS_BUDGET_BYTES = 256 << 20  # fp32 logits held at once while projecting on the output embedding
@@ -44,13 +52,22 @@ LOGITS_BUDGET_BYTES = 256 << 20  # fp32 logits held at once while projecting on 
 LayerHook = Callable[[int, nn.Module], nn.Module]  # (layer index, built layer) -> the layer to run
 
 
+def unsupported_reason(config: dict) -> str | None:
+    """Why the stream cannot take this config.json's model, or None when it can."""
+    names = config.get("architectures") or []
+    if not any(str(name).endswith("ForCausalLM") for name in names):
+        return (
+            f"architecture {names or config.get('model_type')!r} is not a causal LM class (...ForCausalLM): "
+            "other classes (vision-language models) store their decoder layers under other names"
+        )
+    if has_experts(config) and expert_layout_of(config) is None:
+        return f"{names[0]} is a Mixture-of-Experts model whose expert layout on disk is not in mergeq/core/experts.py"
+    return None
+
+
 def supported(config: dict) -> bool:
-    """True when the architecture has a layer mapping (mergeq/core/arch.py) the stream can use."""
-    try:
-        architecture_of(config)
-    except MergeqError:
-        return False
-    return True
+    """True when the stream can take the model (see unsupported_reason)."""
+    return unsupported_reason(config) is None
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -105,7 +122,7 @@ def row_blocks(
 
 @dataclass
 class StreamedModel:
-    """A causal LM as an architecture, a config and a weight source: nothing is held between layers."""
+    """A causal LM as its meta-device skeleton, a config and a weight source: nothing is held between layers."""
 
     weights: CheckpointWeights
     config: dict  # config.json
@@ -116,70 +133,42 @@ class StreamedModel:
     linears_as_stored: bool = False
 
     def __post_init__(self):
-        self.arch: Architecture = architecture_of(self.config)
-        self.hf_config = hf_config_of(self.weights.folder)
-        if hasattr(self.hf_config, "quantization_config"):  # the weights arrive unpacked, in fp32
-            del self.hf_config.quantization_config
-        self.layers = int(self.config["num_hidden_layers"])
+        why = unsupported_reason(self.config)
+        if why is not None:
+            raise MergeqError(f"{self.weights.folder}: cannot run one decoder layer at a time: {why}")
+        self.skeleton = Skeleton(self.weights.folder, self.weights, self.device, expert_layout_of(self.config))
+        self.hf_config = self.skeleton.hf_config
+        self.layers = self.skeleton.count
+
+    @property
+    def layers_prefix(self) -> str:
+        return self.skeleton.prefix
+
+    def layer_prefix(self, index: int) -> str:
+        return self.skeleton.layer_prefix(index)
 
     @property
     def head_name(self) -> str:
         """The output embedding; a tied model (or a file without lm_head) projects on the input embedding."""
-        if self.arch.lm_head in self.weights and not getattr(self.hf_config, "tie_word_embeddings", False):
-            return self.arch.lm_head
-        return self.arch.embed
+        head = self.skeleton.output_embedding
+        if head and head in self.weights and not getattr(self.hf_config, "tie_word_embeddings", False):
+            return head
+        return self.skeleton.input_embedding
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """fp32 embeddings [*ids.shape, hidden] of token ids, gathering only the rows used."""
-        return gather_rows(self.weights, self.arch.embed, ids).to(self.device)
+    @property
+    def logit_softcap(self) -> float | None:
+        """Gemma 2's final soft-capping of the logits (cap * tanh(logits / cap)), when the config has it."""
+        return getattr(self.skeleton.text_config, "final_logit_softcapping", None) or None
 
     def layer(self, index: int) -> nn.Module:
-        layer = load_layer(
-            self.weights, self.arch, self.hf_config, index, self.device, linears_as_stored=self.linears_as_stored
-        )
+        layer = self.skeleton.load_layer(index, linears_as_stored=self.linears_as_stored)
         return self.hook(index, layer) if self.hook is not None else layer
 
     def final_norm(self) -> nn.Module:
-        """The model's own final-norm module (from a meta-device skeleton of the whole model), filled from disk."""
-        from transformers import AutoModelForCausalLM
-
-        module_name = self.arch.final_norm.rpartition(".")[0]
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(self.hf_config)
-        norm = skeleton.get_submodule(module_name)
-        prefix = module_name + "."
-        state = {
-            n[len(prefix) :]: self.weights.get(n).to(device=self.device, dtype=torch.float32)
-            for n in self.weights.names()
-            if n.startswith(prefix)
-        }
-        norm.load_state_dict(state, strict=True, assign=True)
-        return norm.eval()
+        return self.skeleton.final_norm()
 
     def close(self) -> None:
         self.weights.close()
-
-
-def gather_rows(weights, name: str, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` of a 2-D tensor as fp32, read a block of rows at a time."""
-    flat = ids.reshape(-1).to(device="cpu", dtype=torch.int64)  # the rows are read on the CPU
-    unique, inverse = torch.unique(flat, return_inverse=True)
-    out = None
-    found = torch.zeros(unique.shape[0], dtype=torch.bool)
-    for first, block in weights.row_blocks(name):
-        inside = (unique >= first) & (unique < first + block.shape[0])
-        if out is None:
-            out = torch.empty(unique.shape[0], block.shape[1], dtype=torch.float32)
-        if bool(inside.any()):
-            out[inside] = block[unique[inside] - first].to(torch.float32)
-            found |= inside
-    if out is None or not bool(found.all()):
-        missing = unique[~found][:5].tolist()
-        raise MergeqError(
-            f"token ids {missing} are outside {name} of {weights.folder}",
-            hint="evaluate with the tokenizer of the checkpoint (the reference's vocabulary)",
-        )
-    return out[inverse].view(*ids.shape, out.shape[1])
 
 
 def final_hidden(
@@ -198,29 +187,30 @@ def final_hidden_groups(
     so every layer is read once."""
     from mergeq.core.progress import track
 
-    rotary = []
-    hidden = []
-    for tokens, _ in groups:
-        seq_len = tokens.shape[1]
-        hidden.append(model.embed(tokens))
-        rotary.append(rotary_embeddings(model.arch, model.hf_config, seq_len, model.device))
     step = max(1, batch)
+    hint = "evaluate with the tokenizer of the checkpoint (the reference's vocabulary)"
+    captured = [model.skeleton.capture(tokens, step, hint=hint) for tokens, _ in groups]
+    hidden = [chunks for chunks, _ in captured]
+    calls = [group_calls for _, group_calls in captured]
+    del captured
     indices = range(model.layers)
     for index in track(indices, progress) if progress else indices:
         layer = model.layer(index)  # built outside inference mode: a hook may still set up parameters
         model.weights.close()  # unmap what this layer read: resident memory stays one layer deep
         with torch.inference_mode():
-            for h, position_embeddings in zip(hidden, rotary):
-                for start in range(0, h.shape[0], step):
-                    h[start : start + step] = layer_forward(
-                        layer, h[start : start + step], model.arch, position_embeddings
-                    )
+            for chunks, group_calls in zip(hidden, calls):
+                for c, call in enumerate(group_calls[index]):
+                    chunks[c] = call(layer, chunks[c])
+                group_calls[index] = []  # its masks and position embeddings are no longer needed
         del layer
         release_freed_memory()
     norm = model.final_norm()
     model.weights.close()
     with torch.inference_mode():
-        return [norm(h[:, positions]).contiguous() for h, (_, positions) in zip(hidden, groups)]
+        return [
+            torch.cat([norm(h[:, positions]) for h in chunks]).contiguous()
+            for chunks, (_, positions) in zip(hidden, groups)
+        ]
 
 
 def logits_blocks(model: StreamedModel, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -231,6 +221,7 @@ def logits_blocks(model: StreamedModel, hidden: torch.Tensor) -> Iterator[tuple[
     n, positions, _ = hidden.shape
     vocab = model.weights.shape(model.head_name)[0]
     group = max(1, LOGITS_BUDGET_BYTES // max(1, positions * vocab * 4))
+    cap = model.logit_softcap
     with torch.inference_mode():
         for start in range(0, n, group):
             h = hidden[start : start + group]
@@ -240,6 +231,8 @@ def logits_blocks(model: StreamedModel, hidden: torch.Tensor) -> Iterator[tuple[
                 logits[:, :, first : first + w.shape[0]] = h @ w.T
                 del w
             model.weights.close()
+            if cap:
+                logits.div_(cap).tanh_().mul_(cap)
             yield start, logits
 
 
@@ -255,17 +248,9 @@ def streamed(
         model.close()
 
 
-# ------------------------------------------------------------------------------------------------ one layer
-
-
-def hf_config_of(model_dir: Path):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(model_dir))
-    config._attn_implementation = "sdpa"
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return config
+# ------------------------------------------------------------------------------------ a hand-built layer
+# A Llama-like decoder layer (mergeq/core/arch.py) run outside its model: the int4 engine's tests drive
+# exporters/int4/layer.py's LayerContext this way. The stream above does not use these.
 
 
 def _mask_for(attention: nn.Module, seq_len: int, device) -> torch.Tensor | None:
@@ -283,51 +268,6 @@ def layer_forward(layer: nn.Module, h: torch.Tensor, arch: Architecture, positio
     mask = _mask_for(layer.get_submodule(arch.attention), h.shape[1], h.device)
     out = layer(h, attention_mask=mask, position_embeddings=position_embeddings)
     return out[0] if isinstance(out, tuple) else out
-
-
-def load_layer(
-    source, arch: Architecture, hf_config, index: int, device, *, linears_as_stored: bool = False
-) -> nn.Module:
-    """Decoder layer `index` of the family's class, built on the meta device and filled (fp32) from `source`.
-
-    `linears_as_stored`: the weights of its nn.Linear modules keep the 16-bit dtype `source.get` gives them and
-    are cast to fp32 for the length of each call (the same fp32 values, so the same results)."""
-    decoder_cls, _ = arch.classes()
-    prefix = arch.layer_prefix(index)
-    with torch.device("meta"):
-        layer = decoder_cls(hf_config, layer_idx=index)
-    stored = set()
-    if linears_as_stored:
-        stored = {f"{name}.weight" for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
-    state = {}
-    for name in source.names():
-        if name.startswith(prefix):
-            local = name[len(prefix) :]
-            tensor = source.get(name)
-            keep = local in stored and tensor.dtype in (torch.float16, torch.bfloat16)
-            state[local] = tensor.to(device=device, dtype=None if keep else torch.float32)
-    try:
-        layer.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise MergeqError(f"decoder layer {index} ({prefix}*) does not match {arch.decoder_class}: {exc}") from exc
-    for module in layer.modules():
-        if isinstance(module, nn.Linear) and module.weight.dtype != torch.float32:
-            _fp32_while_called(module)
-    return layer.eval()
-
-
-def _fp32_while_called(linear: nn.Linear) -> None:
-    """Give `linear` an fp32 copy of its 16-bit weight for each call, and its stored weight back afterwards."""
-    stored = linear.weight
-
-    def before(module, args):
-        module.weight = nn.Parameter(stored.to(torch.float32), requires_grad=False)
-
-    def after(module, args, output):
-        module.weight = stored
-
-    linear.register_forward_pre_hook(before)
-    linear.register_forward_hook(after)
 
 
 def rotary_embeddings(arch: Architecture, hf_config, seq_len: int, device):
