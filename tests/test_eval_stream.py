@@ -77,7 +77,7 @@ def test_streamed_evaluation_reads_one_layer_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(et, "load_torch_model", lambda *a: pytest.fail("whole model loaded"))
     built = []
     real = Skeleton.load_layer
-    monkeypatch.setattr(Skeleton, "load_layer", lambda self, index, **kw: built.append(index) or real(self, index, **kw))
+    monkeypatch.setattr(Skeleton, "load_layer", lambda self, i, **kw: built.append(i) or real(self, i, **kw))
     quality = evaluate(ref, ref, text, EvalOptions(n_ctx=32, max_windows=4, cache_dir=tmp_path / "c"))
     assert built == [0, 1, 2, 3] and quality.kl_divergence == 0
 
