@@ -1,6 +1,6 @@
 """Synthetic Llama-shaped checkpoints and LoRA adapters of any size, for benchmarks and memory tests; also the
-Gemma 3 text model of the same widths (family="gemma3": q/k norms, sandwich norms, sliding and global layers,
-the output embedding tied to the input embedding).
+Gemma 3 text model of the same widths (Gemma3Shape: q/k norms, sandwich norms, sliding and global layers, the output
+embedding tied to the input embedding).
 
 Written tensor by tensor through the sharded writer, so a multi-billion-parameter model is produced
 without ever being in memory. Values are seeded per tensor name: the same arguments give the same bytes.
@@ -29,7 +29,6 @@ class LlamaShape:
     heads: int = 16
     kv_heads: int = 4
     vocab: int = 32000
-    family: str = "llama"  # or "gemma3"
 
     @property
     def head_dim(self) -> int:
@@ -51,12 +50,7 @@ class LlamaShape:
                 (f"{p}.mlp.up_proj.weight", (i, h)),
                 (f"{p}.mlp.down_proj.weight", (h, i)),
             ]
-            if self.family == "gemma3":
-                out += [(f"{p}.self_attn.{n}_norm.weight", (self.head_dim,)) for n in ("q", "k")]
-                out += [(f"{p}.{n}_feedforward_layernorm.weight", (h,)) for n in ("pre", "post")]
-        out += [("model.norm.weight", (h,))]
-        if self.family != "gemma3":  # Gemma ties lm_head to the input embedding
-            out += [("lm_head.weight", (self.vocab, h))]
+        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
         return out
 
     def params(self) -> int:
@@ -69,20 +63,6 @@ class LlamaShape:
         return total
 
     def config(self, dtype: str) -> dict:
-        if self.family == "gemma3":
-            return {
-                **self._llama_config(dtype),
-                "architectures": ["Gemma3ForCausalLM"],
-                "model_type": "gemma3_text",
-                "hidden_activation": "gelu_pytorch_tanh",
-                "query_pre_attn_scalar": self.head_dim,
-                "sliding_window": 16,
-                "rope_parameters": None,
-                "tie_word_embeddings": True,
-            }
-        return self._llama_config(dtype)
-
-    def _llama_config(self, dtype: str) -> dict:
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -101,6 +81,31 @@ class LlamaShape:
             "eos_token_id": 2,
             "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
             "dtype": dtype,
+        }
+
+
+@dataclass(frozen=True)
+class Gemma3Shape(LlamaShape):
+    """A Gemma 3 text model (Gemma3ForCausalLM) of Llama widths."""
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        out = [t for t in super().tensors() if t[0] != "lm_head.weight"]  # tied to the input embedding
+        for n in range(self.layers):
+            p = f"model.layers.{n}"
+            out += [(f"{p}.self_attn.{x}_norm.weight", (self.head_dim,)) for x in ("q", "k")]
+            out += [(f"{p}.{x}_feedforward_layernorm.weight", (self.hidden,)) for x in ("pre", "post")]
+        return out
+
+    def config(self, dtype: str) -> dict:
+        return {
+            **super().config(dtype),
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": self.head_dim,
+            "sliding_window": 16,
+            "rope_parameters": None,
+            "tie_word_embeddings": True,
         }
 
 

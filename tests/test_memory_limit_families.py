@@ -14,13 +14,13 @@ import sys
 import pytest
 from int4_models import calibration_text
 from memory_limit import run_limited, unavailable
-from synthetic import LlamaShape, write_llama
+from synthetic import Gemma3Shape, write_llama
 from tiny_models import sentencepiece_tokenizer
 
 MiB = 1 << 20
 LIMIT = 768 * MiB
 # 21.3 MiB of fp16 per decoder layer; 74 layers: 1.54 GiB, 2.05x the limit
-SHAPE = LlamaShape(hidden=1024, intermediate=2816, layers=74, heads=8, kv_heads=2, vocab=320, family="gemma3")
+SHAPE = Gemma3Shape(hidden=1024, intermediate=2816, layers=74, heads=8, kv_heads=2, vocab=320)
 
 
 def test_gemma3_evaluation_fits_in_half_the_model(tmp_path):
