@@ -117,3 +117,34 @@ def test_streamed_validation_equals_whole_model(tmp_path, family, monkeypatch):
     assert whole_wrong["max_abs_logit_delta"] == pytest.approx(wrong["max_abs_logit_delta"], rel=VALIDATION_REL)
     assert whole_good["mean_kl"] == pytest.approx(good["mean_kl"], abs=1e-12)
     assert whole_good["max_abs_logit_delta"] == pytest.approx(good["max_abs_logit_delta"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family,method", [("gemma3", "gptq"), ("phi3", "awq"), ("mixtral", "gptq"), ("qwen3_moe", "rtn")]
+)
+def test_streamed_evaluation_of_int4_exports_equals_whole_model(tmp_path, family, method, monkeypatch):
+    """The int4 linears (and a MoE family's per-expert int4 tensors) unpacked one layer at a time from the files
+    as written give the numbers of the whole dequantized model."""
+    from int4_models import byte_tokenizer, calibration_text, int4_options
+
+    from exporters.int4.export import export_int4
+
+    base = family_model(tmp_path / "base", family, dtype=torch.float16, vocab=256)
+    byte_tokenizer(base)
+    text = calibration_text(tmp_path / "text.txt", chars=4000)
+    out = tmp_path / "q"
+    export_int4(base, out, int4_options(method, calib=text, samples=4, seq_len=32, group_size=32, device="cpu"))
+    layers = family_config(family).num_hidden_layers
+
+    def quality(streaming: bool):
+        options = EvalOptions(n_ctx=64, max_windows=3, streaming=streaming, cache_dir=tmp_path / f"c-{streaming}")
+        return evaluate(out, base, text, options)
+
+    built = guard_streamed(monkeypatch)
+    streamed = quality(True)
+    assert built == list(range(layers)) * 2
+    monkeypatch.undo()
+    whole = quality(False)
+    for key in ("perplexity", "reference_perplexity", "kl_divergence", "top1_agreement"):
+        assert getattr(streamed, key) == pytest.approx(getattr(whole, key), rel=REL, abs=1e-12), key
+    assert streamed.kl_divergence > 0  # the int4 weights were read, not the reference's
