@@ -10,7 +10,7 @@ its lora_B is (out, r*experts), rank-major; expert e's delta is scale * B[:, :, 
 "o r e, e r i -> e o i"). A 2-D parameter (one expert) is a plain LoRA and never reaches this module.
 
 Here: which adapter modules are such wrappers and which parameter each one changes, and where each expert's delta
-lands on disk (EXPERT_LAYOUTS, from transformers' conversion mapping: gate and up concatenated along the rows).
+lands on disk (EXPERT_LAYOUTS: the layouts of mergeq/core/experts.py, by model_type).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from mergeq.core.errors import MergeqError
+from mergeq.core.experts import EXPERT_LAYOUTS as BY_ARCHITECTURE
+from mergeq.core.experts import ExpertLayout
 
 PEFT_HINT = (
     "PEFT can merge it: load the base with transformers, apply the adapter with PeftModel.from_pretrained, "
@@ -28,26 +30,12 @@ PEFT_HINT = (
 )
 
 
-@dataclass(frozen=True)
-class ExpertLayout:
-    """How a family stores the experts that transformers fuses: the experts' module on disk, relative to the
-    decoder layer (and in memory), and the per-expert tensors each fused parameter concatenates along its rows."""
-
-    disk_module: str
-    memory_module: str
-    parts: dict[str, tuple[str, ...]]
-
-
 # fused parameters in the order the experts module defines them (the nesting order of PEFT's wrappers)
 PARAMETER_ORDER = ("gate_up_proj", "down_proj")
 
-EXPERT_LAYOUTS: dict[str, ExpertLayout] = {  # by config.json model_type
-    "mixtral": ExpertLayout(
-        "block_sparse_moe.experts", "mlp.experts", {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
-    ),
-    "qwen3_moe": ExpertLayout(
-        "mlp.experts", "mlp.experts", {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-    ),
+EXPERT_LAYOUTS: dict[str, ExpertLayout] = {  # by config.json model_type (mergeq/core/experts.py's entries)
+    "mixtral": BY_ARCHITECTURE["MixtralForCausalLM"],
+    "qwen3_moe": BY_ARCHITECTURE["Qwen3MoeForCausalLM"],
 }
 
 
@@ -110,18 +98,18 @@ def disk_slices(lora: ExpertLora, model_type: str | None, shapes: dict, adapter_
     """The per-expert tensors on disk that `lora` changes, each with its expert and rows; refuses what it cannot
     place."""
     layout = EXPERT_LAYOUTS.get(model_type or "")
-    if layout is None or not lora.module.endswith(layout.memory_module) or lora.parameter not in layout.parts:
+    if layout is None or not lora.module.endswith(layout.module) or lora.parameter not in layout.parts:
         raise MergeqError(
             f"adapter {adapter_path}: LoRA on the fused parameter {lora.name} (target_parameters), but mergeq does "
             f"not know how a {model_type!r} checkpoint stores it on disk (known: {', '.join(sorted(EXPERT_LAYOUTS))})",
             hint=PEFT_HINT,
         )
-    prefix = lora.module[: len(lora.module) - len(layout.memory_module)]
+    prefix = lora.module[: len(lora.module) - len(layout.module)]
     slices: dict[str, ExpertSlice] = {}
     for expert in range(lora.experts):
         start = 0
         for part in layout.parts[lora.parameter]:
-            name = f"{prefix}{layout.disk_module}.{expert}.{part}.weight"
+            name = f"{prefix}{layout.disk}.{expert}.{part}.weight"
             if name not in shapes:
                 raise MergeqError(
                     f"adapter {adapter_path}: {lora.name} has {lora.experts} experts but the base has no tensor {name}",

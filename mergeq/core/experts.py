@@ -29,6 +29,11 @@ class ExpertLayout:
     down: str
     renames: tuple[tuple[str, str], ...] = ()  # (disk prefix, module prefix) for the layer's other tensors
 
+    @property
+    def parts(self) -> dict[str, tuple[str, ...]]:
+        """Each fused parameter -> the per-expert tensors it concatenates along its rows, in order."""
+        return {"gate_up_proj": (self.gate, self.up), "down_proj": (self.down,)}
+
     def to_module(self, name: str) -> str:
         for disk, module in self.renames:
             if name.startswith(disk):
@@ -42,7 +47,7 @@ class ExpertLayout:
         return name
 
 
-# by config.json architecture
+# by config.json architecture (gate and up concatenated along the rows, as transformers' conversion mapping does)
 EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
     "MixtralForCausalLM": ExpertLayout(
         "mlp.experts", "block_sparse_moe.experts", "w1", "w3", "w2", renames=(("block_sparse_moe.", "mlp."),)
