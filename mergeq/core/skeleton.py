@@ -279,8 +279,10 @@ class Skeleton:
         norm = getattr(decoder, "norm", None)
         if not isinstance(norm, nn.Module):
             raise MergeqError(
-                f"{type(decoder).__name__} has no final `norm` module after its decoder layers",
-                hint="evaluate this model with whole-model evaluation (streaming off)",
+                f"{type(decoder).__name__} has no final `norm` module after its decoder layers: the "
+                "layer-by-layer forward takes the decoder's final norm from there (every family of the README's "
+                "Model families table has one)",
+                hint="skip this step for this model (--no-eval, --no-validate)",
             )
         module_name = f"{decoder_name}.norm" if decoder_name else "norm"
         prefix = module_name + "."
