@@ -136,9 +136,14 @@ class MergeConfig:
         help="output shard size",
     )
     # compute threads while streaming: the merge is memory-bound in cache-sized blocks, where one thread is
-    # fastest and never stalls on a busy machine; another core hashes the inputs meanwhile
+    # fastest and never stalls on a busy machine; another core hashes the inputs meanwhile. The validation's
+    # one-layer forward passes (a few dozen tokens) run with the same count, so its numbers do not depend on
+    # the machine's core count
     threads: int = option(
-        1, toml=False, range=(0, None), help="compute threads for the streaming merge (0 = torch's default)"
+        1,
+        toml=False,
+        range=(0, None),
+        help="compute threads for the streaming merge and its validation (0 = torch's default)",
     )
     kl_warn: float = 0.01
     logit_warn: float = 1.0
