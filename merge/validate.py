@@ -161,21 +161,29 @@ def _joined(prompts: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def logits_of(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [model(input_ids=ids).logits[0].to(torch.float64) for ids in prompts]
+    return [model(input_ids=ids).logits[0].to(torch.float32) for ids in prompts]
+
+
+COMPARE_POSITIONS = 16  # positions compared at once: a few [16, vocab] float64 temporaries, not [positions, vocab]
 
 
 def compare(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> dict:
+    """Largest |logit difference| and mean KL(reference || merged) per position, in float64, over logits
+    [positions, vocab] (fp32, as the models compute them), a block of positions at a time."""
     max_abs = 0.0
     kl_sum = 0.0
     positions = 0
-    for ref, got in zip(reference, merged):
-        if ref.shape != got.shape:
-            raise MergeqError(f"validation: merged logits {tuple(got.shape)} vs reference {tuple(ref.shape)}")
-        max_abs = max(max_abs, float((ref - got).abs().max()))
-        log_p = torch.log_softmax(ref, dim=-1)
-        log_q = torch.log_softmax(got, dim=-1)
-        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-        positions += ref.shape[0]
+    for ref_all, got_all in zip(reference, merged):
+        if ref_all.shape != got_all.shape:
+            raise MergeqError(f"validation: merged logits {tuple(got_all.shape)} vs reference {tuple(ref_all.shape)}")
+        for start in range(0, ref_all.shape[0], COMPARE_POSITIONS):
+            ref = ref_all[start : start + COMPARE_POSITIONS].to(torch.float64)
+            got = got_all[start : start + COMPARE_POSITIONS].to(torch.float64)
+            max_abs = max(max_abs, float((ref - got).abs().max()))
+            log_p = torch.log_softmax(ref, dim=-1)
+            log_q = torch.log_softmax(got, dim=-1)
+            kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        positions += ref_all.shape[0]
     return {
         "max_abs_logit_delta": _round(max_abs),
         "mean_kl": _round(kl_sum / max(positions, 1)),
@@ -299,7 +307,10 @@ class StreamPlan:
                 hook=lambda index, layer: with_adapters(source, model.layer_prefix(index), layer),
                 linears_as_stored=True,
             )
-            return _streamed_logits(model, prompts)
+            try:
+                return _streamed_logits(model, prompts)
+            finally:
+                model.close()  # its hook refers to it: freed by the garbage collector, its buffers here
         finally:
             source.close()
 
@@ -351,5 +362,5 @@ def _streamed_logits(model, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
     out = []
     for h in hidden:
         for _, logits in logits_blocks(model, h):
-            out.append(logits[0].to(device="cpu", dtype=torch.float64))
+            out.append(logits[0].to(device="cpu"))  # fp32; compared in float64 a block at a time
     return out

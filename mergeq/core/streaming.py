@@ -169,6 +169,7 @@ class StreamedModel:
 
     def close(self) -> None:
         self.weights.close()
+        self.skeleton.scratch.release()
 
 
 def final_hidden(
