@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,73 @@ def test_cli_export_writes_artifact_and_refuses_foreign_output(tmp_path):
     (foreign / "notes.txt").write_text("keep me")
     assert main(argv[:5] + [str(foreign)] + argv[6:]) == 2
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_tensors_outside_the_layers_are_copied_a_piece_at_a_time(tmp_path, monkeypatch):
+    """The embedding and lm_head (1 GiB each at Llama-3.1-8B's vocabulary) are never read whole: the capture
+    gathers the calibration tokens' rows block by block and the copy-through streams pieces to the writer
+    (before, reading one whole held it twice, mapped pages and copy: GPTQ's 2.3 GiB before its first layer).
+    The bytes equal `ShardWriter.add` of the whole tensors, bf16 converted to fp16 as before."""
+    from safetensors.torch import load_file
+
+    from exporters.int4.checkpoint import TensorSource
+
+    base = tiny_model(tmp_path / "base", dtype=torch.bfloat16)
+    calib = calibration_text(tmp_path / "calib.txt")
+    whole: list[str] = []
+    original = TensorSource.get
+
+    def get(self, name):
+        whole.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(TensorSource, "get", get)
+    export_int4(base, tmp_path / "out", _options("gptq", calib, samples=4, seq_len=32))
+    assert whole and not [n for n in whole if not n.startswith("model.layers.")], whole
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    stored = load_file(base / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert written[name].dtype == torch.float16
+        assert torch.equal(written[name], stored[name].to(torch.float16)), name
+
+
+def test_shard_writer_pieces_write_the_bytes_of_the_whole_tensor(tmp_path):
+    from mergeq.core.shards import ShardWriter
+
+    tensors = {f"t{i}": torch.randn(37, 11 + i).to(torch.float16) for i in range(5)}
+    for mode in ("whole", "parts"):
+        (tmp_path / mode).mkdir()
+        writer = ShardWriter(tmp_path / mode, max_shard_bytes=2500)
+        for name, tensor in tensors.items():
+            if mode == "whole":
+                writer.add(name, tensor)
+            else:
+                writer.add_parts(name, tensor.dtype, tuple(tensor.shape), tensor.reshape(-1).split(100))
+        writer.finish()
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert len(files) > 2 and files == sorted(p.name for p in (tmp_path / "parts").iterdir())
+    for name in files:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "parts" / name).read_bytes(), name
+    short = ShardWriter(tmp_path / "whole", max_shard_bytes=2500)
+    with pytest.raises(RuntimeError, match="bytes for t0"):
+        short.add_parts("t0", torch.float16, (37, 11), [tensors["t0"].reshape(-1)[:10]])
+
+
+def test_cli_export_report_records_each_steps_peak_memory(tmp_path):
+    """`mergeq export` (outside `mergeq run`) records every step's peak resident memory in report.json, as the
+    pipeline's stages do: above what torch alone holds, below the machine's (or the cgroup's) memory."""
+    from mergeq.cli import main
+    from mergeq.core.memory import memory_limit_bytes
+
+    base = tiny_model(tmp_path / "base")
+    calib = calibration_text(tmp_path / "calib.txt")
+    text = calibration_text(tmp_path / "eval.txt", chars=6000, seed=1)
+    out = tmp_path / "awq"
+    argv = ["export", "awq", "--model", str(base), "--out", str(out), "--eval-text", str(text), "--calib", str(calib)]
+    assert main(argv + ["--samples", "4", "--seq-len", "32", "--group-size", "32", "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ceiling = min(total, memory_limit_bytes() or total)
+    assert set(report["peak_rss_bytes"]) == {"quantize", "eval"} == set(report["seconds"])
+    for step, peak in report["peak_rss_bytes"].items():
+        assert 64 * 2**20 < peak < ceiling, (step, peak)

@@ -10,6 +10,7 @@ import torch
 
 from mergeq.core.checkpoint import Checkpoint
 from mergeq.core.errors import MergeqError
+from mergeq.core.streaming import row_blocks
 
 
 class TensorSource:
@@ -36,9 +37,26 @@ class TensorSource:
         self._require(name)
         return list(self._checkpoint.info(name)[1])
 
+    def dtype(self, name: str) -> torch.dtype:
+        self._require(name)
+        return self._checkpoint.info(name)[0]
+
     def get(self, name: str) -> torch.Tensor:
+        """A fresh copy of the whole tensor (for the 128k-row embeddings, 1 GiB and its mapped pages at once:
+        use `chunks` or `row_blocks` where the whole is not needed)."""
         self._require(name)
         return self._checkpoint.get(name)
+
+    def chunks(self, name: str) -> Iterator[torch.Tensor]:
+        """Flat read-only pieces of one tensor in order, each dropped from memory after use."""
+        self._require(name)
+        return self._checkpoint.chunks(name)
+
+    def row_blocks(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows) of a 2-D tensor a block at a time: Skeleton.capture gathers the calibration
+        tokens' embedding rows through it without reading the whole table."""
+        self._require(name)
+        return row_blocks(self._checkpoint, name)
 
     def _require(self, name: str) -> None:
         if name not in self._checkpoint:

@@ -178,6 +178,10 @@ class FormatSink:
         self.writer.add(name, tensor)
         self.plain_tensors += 1
 
+    def tensor_parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], parts) -> None:
+        self.writer.add_parts(name, dtype, shape, parts)
+        self.plain_tensors += 1
+
 
 def _replaceable(out_dir: Path) -> bool:
     if not out_dir.exists():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -51,6 +52,10 @@ class Sink(Protocol):
     def linear(self, name: str, quantized: QuantizedLinear) -> None: ...
 
     def tensor(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def tensor_parts(
+        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], parts: Iterator[torch.Tensor]
+    ) -> None: ...
 
 
 @dataclass
@@ -96,7 +101,11 @@ def quantize_streaming(
         if not name.startswith(prefixes):
             if name.startswith(skeleton.prefix):
                 raise MergeqError(f"tensor {name} belongs to no decoder layer in 0..{skeleton.count - 1}")
-            sink.tensor(name, _to_output(source.get(name), name, output_dtype))
+            # a piece at a time: the embedding and lm_head (1 GiB each at Llama-3.1-8B's vocabulary) are never
+            # whole in memory, nor their mapped pages
+            stored = source.dtype(name)
+            dtype = output_dtype if stored.is_floating_point else stored
+            sink.tensor_parts(name, dtype, tuple(source.shape(name)), _output_parts(source, name, dtype))
 
     layers = skeleton.count
     result = StreamResult(layers=layers, seconds=0.0)
@@ -175,8 +184,26 @@ def _to_output(tensor: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Ten
         return tensor
     converted = tensor.to(dtype)
     if not torch.isfinite(converted).all() and torch.isfinite(tensor).all():
-        raise MergeqError(
-            f"tensor {name} overflows {dtype} (largest magnitude {float(tensor.abs().max()):g})",
-            hint="vLLM's int4 kernels run in float16; this checkpoint's values do not fit",
-        )
+        _overflow(name, dtype, float(tensor.abs().max()))
     return converted
+
+
+def _output_parts(source: TensorSource, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """`_to_output` of a stored tensor, a flat piece at a time (each piece used before the next is read)."""
+    for piece in source.chunks(name):
+        if piece.dtype == dtype:
+            yield piece
+            continue
+        converted = piece.to(dtype)
+        if not torch.isfinite(converted).all() and torch.isfinite(piece).all():
+            finite = all(bool(torch.isfinite(p).all()) for p in source.chunks(name))
+            if finite:  # the same test as _to_output's on the whole tensor
+                _overflow(name, dtype, max(float(p.abs().max()) for p in source.chunks(name)))
+        yield converted
+
+
+def _overflow(name: str, dtype: torch.dtype, largest: float) -> None:
+    raise MergeqError(
+        f"tensor {name} overflows {dtype} (largest magnitude {largest:g})",
+        hint="vLLM's int4 kernels run in float16; this checkpoint's values do not fit",
+    )

@@ -148,21 +148,33 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append a tensor to a writer without a plan (spilled until its shard is full)."""
+        tensor = tensor.detach().to("cpu").contiguous()
+        self.add_parts(name, tensor.dtype, tuple(tensor.shape), [tensor])
+
+    def add_parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], parts: Iterable[torch.Tensor]) -> None:
+        """`add` for a tensor given as consecutive flat pieces (row-major order) of `dtype`, never whole in
+        memory: the same bytes as `add` of the whole tensor."""
         if self.planned:
-            raise RuntimeError(f"add({name!r}) on a writer with a plan; use write()")
+            raise RuntimeError(f"add({name!r}) on a writer with a plan; use write() or write_parts()")
         if name in self._seen:
             raise MergeqError(f"tensor {name!r} written twice")
-        tensor = tensor.detach().to("cpu").contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+        out = OutTensor(name, dtype, tuple(shape))
+        if self._pending and self._pending_bytes + out.nbytes > self.max_shard_bytes:
             self._flush()
         if self._handle is None:
             self._handle = open(self._spill_path(len(self.shards)), "wb")
-        if size:
-            self._handle.write(_flat_bytes(tensor))
+        written = 0
+        for part in parts:
+            if part.dtype != dtype:
+                raise RuntimeError(f"writer expected {dtype} pieces of {name}, got {part.dtype}")
+            written += part.numel() * part.element_size()
+            if part.numel():
+                self._handle.write(_flat_bytes(part))
+        if written != out.nbytes:
+            raise RuntimeError(f"writer got {written} bytes for {name}, expected {out.nbytes}")
         self._seen.add(name)
-        self._pending.append(OutTensor(name, tensor.dtype, tuple(tensor.shape)))
-        self._pending_bytes += size
+        self._pending.append(out)
+        self._pending_bytes += out.nbytes
 
     def _spill_path(self, index: int) -> Path:
         return self.folder / f".shard-{index:05d}.spill"
