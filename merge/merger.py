@@ -218,6 +218,8 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
                 chosen = next(s for s in sources if s.label == choice.chosen)
             facts = {chosen.label: stream_merge(chosen, tmp, config.max_shard_bytes)}
             _write_config(chosen, tmp, facts[chosen.label], config.dtype)
+            for source in sources:  # unmap what the merge read (file pages it left mapped: 54 MB on the 1.1B bench)
+                source.close()  # before validation; the files reopen if read again
             if config.validate:
                 from merge import validate as validate_mod
 
