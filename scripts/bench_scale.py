@@ -91,9 +91,8 @@ seq_len = 256
 def stage_rows(out: Path) -> list[dict]:
     rows = []
     for report in sorted(out.rglob("report.json")):
-        data = json.loads(report.read_text())
-        stages = data.get("stages", {})
-        seconds, peaks = stages.get("seconds", {}), stages.get("peak_rss_bytes", {})
+        data = json.loads(report.read_text())  # report.json keeps every step's cost in these two maps
+        seconds, peaks = data.get("seconds", {}), data.get("peak_rss_bytes", {})
         for name in seconds:
             rows.append(
                 {
