@@ -128,9 +128,23 @@ def _budget_lines(section: dict | None) -> list[str]:
             else "this mix measures WORSE than the named mix, which is written beside it."
         ),
         "",
-        "| tensor | type |",
-        "|---|---|",
     ]
+    candidates = section.get("candidates") or []
+    if candidates:
+        lines += [
+            "Allocations the search measured (the factor on the types under the probes' bits; the least KL is kept):",
+            "",
+            "| factor | bytes | KL predicted | KL measured | kept |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['below']:.3g} | {c['bytes']:,} | {c['predicted_kl']:.5f} | {c['measured_kl']:.5f}"
+            + (f" (same mix as {c['same_as_below']:.3g})" if "same_as_below" in c else "")
+            + f" | {'yes' if c['chosen'] else ''} |"
+            for c in candidates
+        ]
+        lines.append("")
+    lines += ["| tensor | type |", "|---|---|"]
     lines += [f"| {name} | {qtype} |" for name, qtype in section["tensor_types"].items()]
     return lines + [""]
 

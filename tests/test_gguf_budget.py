@@ -85,6 +85,23 @@ def test_mix_fits_the_named_mix_size_and_its_types_are_in_the_file(exported):
     assert set(budget["search"]["calibration"]["scales"]) >= {"attn_qk", "attn_vo", "ffn_in", "ffn_down"}
 
 
+def test_the_mix_is_the_allocation_that_measured_least(exported):
+    """One allocation per step of the low-type factor, each made and measured unless a step repeats a mix;
+    the kept one has the least measured KL, and its numbers are the report's."""
+    from exporters.gguf_budget.search import BELOW_STEPS
+
+    _, reports = exported
+    budget = reports["MIX-like-Q4_K_M"].extra["budget"]
+    candidates = budget["candidates"]
+    fitted = budget["search"]["calibration"]["below"]
+    assert [c["below"] for c in candidates] == pytest.approx([fitted * step for step in BELOW_STEPS])
+    assert all(c["bytes"] <= budget["budget_bytes"] and c["measured_kl"] >= 0 for c in candidates)
+    (kept,) = [c for c in candidates if c["chosen"]]
+    assert kept["measured_kl"] == min(c["measured_kl"] for c in candidates) == budget["measured"]["kl"]
+    assert kept["bytes"] == budget["predicted_bytes"] and kept["predicted_kl"] == budget["predicted_kl"]
+    assert all("same_as_below" not in c for c in candidates if c["chosen"])
+
+
 def test_a_size_target_is_respected(exported):
     _, reports = exported
     mix = next(r for q, r in reports.items() if q.startswith("MIX-") and "like" not in q)
@@ -98,6 +115,7 @@ def test_report_lists_every_tensor_and_predicted_against_measured(exported):
     reports["MIX-like-Q4_K_M"].write(md.parent)
     text = md.read_text()
     assert "## Size budget" in text and "KL predicted" in text and "blk.1.ffn_down.weight" in text
+    assert "Allocations the search measured" in text
 
 
 def test_same_inputs_give_the_same_mix(model, calib, exported, tmp_path):

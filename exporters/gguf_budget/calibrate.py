@@ -90,7 +90,19 @@ def _flags(n_ctx: int, chunks: int, threads: int | None) -> list[str]:
     return flags + (["-t", str(threads)] if threads else [])
 
 
+# the pinned llama-perplexity prints no KL statistics over fewer scored tokens than this (`kld.count < 100` in
+# tools/perplexity/perplexity.cpp); each window scores its second half but the last token
+MIN_SCORED_TOKENS = 100
+
+
+def windows_for(n_ctx: int, chunks: int) -> int:
+    """`chunks`, or more where that many windows of `n_ctx` tokens score fewer than MIN_SCORED_TOKENS."""
+    scored = max(1, n_ctx - 1 - n_ctx // 2)
+    return max(chunks, -(-MIN_SCORED_TOKENS // scored))
+
+
 def kl_base(intermediate: Path, text: Path, out: Path, n_ctx: int, chunks: int, threads: int | None) -> KLBase:
+    chunks = windows_for(n_ctx, chunks)
     result = run_tool(
         tool_command(
             "llama-perplexity",
@@ -205,13 +217,16 @@ class Calibration:
         band = band_of(slot, self.n_layers, self.bands)
         return self.scales[group_of(slot)] * (1.0 if band is None else self.depth.get(band, 1.0))
 
-    def cost(self, slot: Slot, qtype: str, error: float) -> float:
-        """The predicted KL that `slot` in `qtype`, with this relative error, adds."""
-        factor = self.below if self.bits.get(qtype, PROBE_BITS) < PROBE_BITS else 1.0
+    def cost(self, slot: Slot, qtype: str, error: float, below: float | None = None) -> float:
+        """The predicted KL that `slot` in `qtype`, with this relative error, adds (`below`: another factor for the
+        types under PROBE_BITS than the fitted one)."""
+        factor = (self.below if below is None else below) if self.bits.get(qtype, PROBE_BITS) < PROBE_BITS else 1.0
         return self.weight(slot) * error * factor
 
-    def predict(self, slots: list[Slot], errors: dict[str, dict[str, float]], types: dict[str, str]) -> float:
-        return self.intercept + sum(self.cost(s, types[s.name], errors[s.name][types[s.name]]) for s in slots)
+    def predict(
+        self, slots: list[Slot], errors: dict[str, dict[str, float]], types: dict[str, str], below: float | None = None
+    ) -> float:
+        return self.intercept + sum(self.cost(s, types[s.name], errors[s.name][types[s.name]], below) for s in slots)
 
     def to_json(self) -> dict:
         return {
