@@ -112,6 +112,8 @@ def read_shapes(model_dir: Path) -> Shapes:
 
 def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
     """Predicted peak memory and disk of each stage of `config` (a PipelineConfig) on a base of `shapes`."""
+    from mergeq.core.streaming import LOGITS_BUDGET_BYTES  # (imports torch: not at this module's import)
+
     fp32, fp16 = 4, 2
     merged_bytes = shapes.params * fp16
     budgets = [
@@ -122,7 +124,9 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
             "runtime + 2 x largest tensor (merged, cast) + 2 x largest layer in fp32 (streamed validation)",
         )
     ]
-    eval_tokens = 512 * 4  # activations of a few evaluation windows beside one layer
+    # evaluation logits: a group of windows within LOGITS_BUDGET_BYTES, at least one 512-token window
+    # (mergeq.core.streaming.logits_blocks), and its log-softmax beside it
+    logits = 2 * max(LOGITS_BUDGET_BYTES, 512 * shapes.vocab * fp32)
     for target, options in config.exports.items():
         if target == "gguf":
             sizes = [_gguf_bytes(shapes, quant) for quant in options.quants]
@@ -152,21 +156,18 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
             )
             # while it runs, the per-layer checkpoints (exporters/int4/resume.py) hold another copy of the int4
             # tensors and one layer's outputs on disk; saving those outputs serializes them once in memory
-            # GPTQ: the Hessian of the widest linear, its permuted copy, two Cholesky factors (exporters/int4/gptq.py)
-            hessians = 4 * shapes.widest_input**2 * fp32 if target == "gptq" else 0
+            # GPTQ: the Hessian of the widest linear, permuted and factored in its own buffer (exporters/int4/gptq.py)
+            hessians = shapes.widest_input**2 * fp32 if target == "gptq" else 0
             budgets.append(
                 StageBudget(
                     target,
-                    RUNTIME_BYTES
-                    + 3 * shapes.largest_layer * fp32
-                    + activations * 3 // 2
-                    + hessians
-                    + eval_tokens * shapes.vocab * fp32,
+                    RUNTIME_BYTES + 3 * shapes.largest_layer * fp32 + activations * 3 // 2 + hessians + logits,
                     int(2 * int4 + activations // 2),
                     f"runtime + 3 x largest layer in fp32 + calibration activations ({options.samples} x "
                     f"{options.seq_len} x {shapes.hidden}, in and out, fp32, and one serialized copy)"
-                    f"{f' + 4 GPTQ matrices of {shapes.widest_input}^2 fp32' if hessians else ''} + evaluation "
-                    f"logits; disk: the checkpoint, and its per-layer resume copy while the stage runs",
+                    f"{f' + GPTQ matrix of {shapes.widest_input}^2 fp32' if hessians else ''} + evaluation "
+                    f"logits of one window and their log-softmax; disk: the checkpoint, and its per-layer resume copy "
+                    f"while the stage runs",
                 )
             )
     return budgets
