@@ -40,11 +40,9 @@ from mergeq.core.errors import MergeqError
 from mergeq.core.experts import expert_layout_of, has_experts
 from mergeq.core.memory import release_freed_memory
 from mergeq.core.modelfiles import read_model_config
-from mergeq.core.skeleton import Skeleton, hf_config_of
+from mergeq.core.skeleton import Skeleton
 
 log = logging.getLogger(__name__)
-
-__all__ = ["CheckpointWeights", "StreamedModel", "final_hidden", "hf_config_of", "logits_blocks", "streamed"]
 
 ROW_BLOCK_BYTES = 16 << 20  # embedding / lm_head rows read at once (in their stored dtype; fp32 twice that)
 LOGITS_BUDGET_BYTES = 256 << 20  # fp32 logits held at once while projecting on the output embedding
@@ -63,11 +61,6 @@ def unsupported_reason(config: dict) -> str | None:
     if has_experts(config) and expert_layout_of(config) is None:
         return f"{names[0]} is a Mixture-of-Experts model whose expert layout on disk is not in mergeq/core/experts.py"
     return None
-
-
-def supported(config: dict) -> bool:
-    """True when the stream can take the model (see unsupported_reason)."""
-    return unsupported_reason(config) is None
 
 
 # ------------------------------------------------------------------------------------------------ weights
