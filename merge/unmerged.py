@@ -25,10 +25,14 @@ class UnmergedWeights:
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor as stored when the base file holds it as it is (load_layer casts it), else the fp32 value."""
+        if self._as_stored(name):
+            return self.source.ckpt.get(name)
+        return self.source.base_tensor(name)
+
+    def _as_stored(self, name: str) -> bool:
+        """The base file holds this tensor's value as it is: not dequantized, requantized or replaced."""
         s = self.source
-        if name in s.shapes and not ({name} & (set(s.quant) | s.requantized | set(s.base_layers))):
-            return s.ckpt.get(name)
-        return s.base_tensor(name)
+        return name in s.shapes and name not in s.quant and name not in s.requantized and name not in s.base_layers
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.source.shapes[name][1])
@@ -37,7 +41,7 @@ class UnmergedWeights:
         from mergeq.core.streaming import row_blocks
 
         s = self.source
-        if name in s.shapes and not ({name} & (set(s.quant) | s.requantized | set(s.base_layers) | set(s.ops))):
+        if self._as_stored(name) and name not in s.ops:
             yield from row_blocks(s.ckpt, name)  # stored as it is: read a block of rows at a time
         else:  # dequantized, requantized or replaced: one tensor, built whole
             yield 0, s.base_tensor(name)
