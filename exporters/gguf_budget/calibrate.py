@@ -168,8 +168,19 @@ def probe_types(
             low = [t for t in options if bits[t] >= PROBE_BITS] or list(options)
             types[slot.name] = min(low, key=lambda t: (bits[t], options[t], t))
         else:
-            types[slot.name] = max(options, key=lambda t: (bits[t], -options[t], t))
+            types[slot.name] = highest_type(options, bits)
     return types
+
+
+def highest_type(options: dict[str, float], bits: dict[str, float]) -> str:
+    """Of a tensor's measured types (type -> relative error), the one with most bits (least error, then name,
+    among equals): what the all-Q8_0 baseline gives it."""
+    return max(options, key=lambda t: (bits[t], -options[t], t))
+
+
+def highest_types(slots: list[Slot], errors: dict[str, dict[str, float]], bits: dict[str, float]) -> dict[str, str]:
+    """Every slot at its highest_type: the all-Q8_0 baseline mix."""
+    return {x.name: highest_type(errors[x.name], bits) for x in slots}
 
 
 def low_probe_types(slots: list[Slot], bits: dict[str, float]) -> dict[str, str]:
@@ -304,7 +315,7 @@ def fit(
             "top1": low_probe.get("top1"),
             "types": sorted(set(low_probe["types"].values())),
         }
-        top = {x.name: max(errors[x.name], key=lambda t: (bits[t], -errors[x.name][t], t)) for x in slots}
+        top = highest_types(slots, errors, bits)
         lowered = [x for x in slots if low_probe["types"].get(x.name, top[x.name]) != top[x.name]]
         # KL(low) - KL(all-Q8_0) = below * (weighted errors under PROBE_BITS) + (weighted errors of the other
         # lowered tensors) - (the lowered tensors' weighted errors at their highest type)

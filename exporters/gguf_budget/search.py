@@ -195,7 +195,7 @@ class BudgetSearch:
         layers = [x.layer for x in slots if x.layer is not None]
         n_layers = max(layers) + 1 if layers else 0
         bands = min(s.depth_bands, n_layers)
-        top = {x.name: max(errors[x.name], key=lambda t: (bits[t], -errors[x.name][t], t)) for x in slots}
+        top = calibrate.highest_types(slots, errors, bits)
         if any(r0_types[n] != t for n, t in top.items()):
             sensitivity.quantize_mix(self.intermediate, files[0], top, self.imatrix, s.threads)
         base = calibrate.measure_kl(files[0], self._base, s.threads)
