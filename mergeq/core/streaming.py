@@ -133,10 +133,6 @@ class StreamedModel:
         self.hf_config = self.skeleton.hf_config
         self.layers = self.skeleton.count
 
-    @property
-    def layers_prefix(self) -> str:
-        return self.skeleton.prefix
-
     def layer_prefix(self, index: int) -> str:
         return self.skeleton.layer_prefix(index)
 
