@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeq.core.errors import MergeqError
+from mergeq.core.memory import LOGITS_BUDGET_BYTES
 from mergeq.core.paths import free_bytes
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,6 @@ def read_shapes(model_dir: Path) -> Shapes:
 
 def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
     """Predicted peak memory and disk of each stage of `config` (a PipelineConfig) on a base of `shapes`."""
-    from mergeq.core.streaming import LOGITS_BUDGET_BYTES  # (imports torch: not at this module's import)
-
     fp32, fp16 = 4, 2
     merged_bytes = shapes.params * fp16
     budgets = [

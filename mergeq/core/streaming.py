@@ -38,14 +38,13 @@ from mergeq.core.arch import Architecture
 from mergeq.core.checkpoint import Checkpoint
 from mergeq.core.errors import MergeqError
 from mergeq.core.experts import expert_layout_of, has_experts
-from mergeq.core.memory import release_freed_memory
+from mergeq.core.memory import LOGITS_BUDGET_BYTES, release_freed_memory
 from mergeq.core.modelfiles import read_model_config
 from mergeq.core.skeleton import Skeleton
 
 log = logging.getLogger(__name__)
 
 ROW_BLOCK_BYTES = 16 << 20  # embedding / lm_head rows read at once (in their stored dtype; fp32 twice that)
-LOGITS_BUDGET_BYTES = 256 << 20  # fp32 logits held at once while projecting on the output embedding
 
 LayerHook = Callable[[int, nn.Module], nn.Module]  # (layer index, built layer) -> the layer to run
 
