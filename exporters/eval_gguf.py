@@ -106,7 +106,7 @@ def run_kl_divergence(command, artifact: Path, attempts: int = 3):
     from exporters.llamacpp.run import quoted_tail, run_tool
 
     for attempt in range(1, attempts + 1):
-        result = run_tool(command, hint=f"if {artifact} is damaged, export it again")
+        result = run_tool(command, hint=f"if {artifact} is damaged, export it again", again=attempt > 1)
         try:
             return parse_kl_output(result.stdout + "\n" + result.stderr), result
         except ToolError as err:
@@ -150,8 +150,8 @@ def llama_token_count(gguf: Path, text: str, n_ctx_probe: int, options: EvalOpti
             options.threads or os.cpu_count() or 1,
             *weight_flags(gguf)[0],
         )
-        for _ in range(3):  # its last log lines can be lost at exit (run_kl_divergence): ask again
-            result = run_tool(command, hint=f"if {gguf} is damaged, export it again")
+        for attempt in range(3):  # its last log lines can be lost at exit (run_kl_divergence): ask again
+            result = run_tool(command, hint=f"if {gguf} is damaged, export it again", again=attempt > 0)
             if found := _TOKEN_COUNT.findall(result.stdout + result.stderr):
                 return int(found[-1])
     return None

@@ -170,9 +170,16 @@ if "--kl-divergence-base" in sys.argv and not m.exists():
     monkeypatch.setattr(
         build, "tool_command", lambda name, *args: ToolCommand(name, (sys.executable, str(wrapper), *map(str, args)))
     )
+    events = Path(str(calls) + ".progress")
+    monkeypatch.setenv("MERGEQ_FAULT", f"progress@{events}")
     q = ev.evaluate_full(gguf, ref, text, options).quality
     assert q.perplexity == 7.5 and marker.exists()
     assert "exited 0 without statistics" in caplog.text and "failed to decode" in caplog.text
+    # the run asked twice is one unit of work: one progress event, so a stage's events (the kill tests' hold
+    # points) are the same whether or not a tool had to be asked again
+    tools = [line.split("\t")[2].strip() for line in events.read_text().splitlines()]
+    assert tools.count("tool llama-perplexity") == 2, tools  # the token-count probe and the KL run
+    monkeypatch.delenv("MERGEQ_FAULT")
     monkeypatch.setenv("FAKE_STATS", flaky)
     with pytest.raises(ToolError, match=r"printed no perplexity; its last output lines:(.|\n)*failed to decode"):
         ev.evaluate_full(gguf, ref, text, options)

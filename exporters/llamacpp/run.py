@@ -44,8 +44,10 @@ def run_tool(
     *,
     on_line: Callable[[str], None] | None = None,
     hint: str | None = None,
+    again: bool = False,
 ) -> ToolResult:
-    """Run `command`, capturing stdout and stderr (each line also handed to `on_line`).
+    """Run `command`, capturing stdout and stderr (each line also handed to `on_line`). `again`: the caller runs
+    the same command once more because the last run's output was lost (mergeq.core.faults.tool_argv).
 
     A non-zero exit, a signal or a missing executable raises ToolError naming the tool, with its last
     stderr lines (stdout's when stderr is empty: llama.cpp logs to either). Ctrl-C stops the tool too.
@@ -64,7 +66,7 @@ def run_tool(
         from mergeq.core import faults  # inert unless MERGEQ_FAULT names this tool (hostile-input tests)
 
         proc = subprocess.Popen(
-            faults.tool_argv(command.name, command.argv),
+            faults.tool_argv(command.name, command.argv, again=again),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,

@@ -127,9 +127,12 @@ def _hold(marker: Path, line: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def tool_argv(name: str, argv: tuple[str, ...]) -> tuple[str, ...]:
-    """The argv to run for llama.cpp tool `name`: its own, or a stand-in that crashes like it."""
-    progress(f"tool {name}")
+def tool_argv(name: str, argv: tuple[str, ...], *, again: bool = False) -> tuple[str, ...]:
+    """The argv to run for llama.cpp tool `name`: its own, or a stand-in that crashes like it. `again`: the same
+    command run once more because its output was lost, the same unit of work, so no new progress event (the
+    events of a stage are then the same in every run, whether or not a tool had to be asked twice)."""
+    if not again:
+        progress(f"tool {name}")
     for action, arg in _specs():
         if action in ("crash", "killtool") and arg == name:
             return (sys.executable, "-c", _TOOL_STANDIN, action, name, *map(str, argv[1:]))
