@@ -239,8 +239,7 @@ class BudgetSearch:
                 self.intermediate, self.text, self.work / "kl-verify.bin", s.n_ctx, s.verify_chunks, s.threads
             )
             if self.state is not None:
-                self.state.seconds["verification"] = self.state.seconds.get("verification", 0.0)
-                self.state.seconds["verification"] += time.perf_counter() - started
+                self.state.seconds["verification"] = time.perf_counter() - started
         return self._verify
 
     def _bits(self) -> dict[str, float]:
@@ -351,7 +350,7 @@ class BudgetSearch:
         calibration = state.calibration
         started = time.perf_counter()
         candidates: list[dict] = []
-        best = None  # (kl, step index, path, allocation, measured, log, below); only the best file is kept
+        best = None  # (step index, path, allocation, measured, log); only the best file is kept
         for step in BELOW_STEPS:
             below = calibration.below * step
             choices = {
@@ -380,13 +379,14 @@ class BudgetSearch:
             measured = calibrate.measure_kl(out, self._verify_base(), self.settings.threads)
             entry["measured_kl"] = measured.kl
             candidates.append({**entry, "types": allocation.types})
-            if best is None or measured.kl < best[0]:
+            if best is None or measured.kl < best[3].kl:
                 if best is not None:
-                    best[2].unlink(missing_ok=True)
-                best = (measured.kl, len(candidates) - 1, out, allocation, measured, quantize_log, below)
+                    best[1].unlink(missing_ok=True)
+                best = (len(candidates) - 1, out, allocation, measured, quantize_log)
             else:
                 out.unlink(missing_ok=True)
-        kl, chosen, path, allocation, measured, quantize_log, below = best
+        chosen, path, allocation, measured, quantize_log = best
+        kept = candidates[chosen]
         final = self.work / f"{target.label}.gguf"
         path.replace(final)
         for i, c in enumerate(candidates):
@@ -398,7 +398,7 @@ class BudgetSearch:
             target.label,
             len(candidates),
             ", ".join(f"{c['measured_kl']:.5f}" for c in candidates),
-            below,
+            kept["below"],
         )
         named = self.named_mix(str(target.value) if target.kind == "like" else self.nearest_named(budget))
         return Mix(
@@ -407,7 +407,7 @@ class BudgetSearch:
             final,
             allocation.types,
             allocation.nbytes,
-            calibration.predict(state.slots, state.errors, allocation.types, below),
+            kept["predicted_kl"],
             measured,
             {k: v for k, v in named.items() if k != "log"},
             quantize_log,
