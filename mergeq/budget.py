@@ -68,6 +68,7 @@ class Shapes:
     hidden: int
     vocab: int
     widest_input: int = 0  # the largest in_features of a decoder layer's matrices (GPTQ's Hessian is its square)
+    largest_linear: int = 0  # elements of the largest matrix inside a decoder layer
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def read_shapes(model_dir: Path) -> Shapes:
     checkpoint = Checkpoint(Path(model_dir))
     total = matrices = largest = 0
     layers: dict[int, int] = {}
-    widest = 0
+    widest = linear = 0
     for name in checkpoint.names():
         _, shape = checkpoint.info(name)
         numel = 1
@@ -98,6 +99,7 @@ def read_shapes(model_dir: Path) -> Shapes:
             layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + numel
             if len(shape) == 2:
                 widest = max(widest, shape[1])
+                linear = max(linear, numel)
     config = read_model_config(model_dir)
     text = config.get("text_config", config)
     return Shapes(
@@ -108,6 +110,7 @@ def read_shapes(model_dir: Path) -> Shapes:
         int(text.get("hidden_size", 0)),
         int(text.get("vocab_size", 0)),
         widest,
+        linear,
     )
 
 
@@ -115,17 +118,21 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
     """Predicted peak memory and disk of each stage of `config` (a PipelineConfig) on a base of `shapes`."""
     fp32, fp16 = 4, 2
     merged_bytes = shapes.params * fp16
-    budgets = [
-        StageBudget(
-            "merge",
-            RUNTIME_BYTES + 2 * shapes.largest_tensor * fp32 + 2 * shapes.largest_layer * fp32,
-            merged_bytes,
-            "runtime + 2 x largest tensor (merged, cast) + 2 x largest layer in fp32 (streamed validation)",
-        )
-    ]
     # evaluation logits: a group of windows within LOGITS_BUDGET_BYTES, at least one 512-token window
     # (mergeq.core.streaming.logits_blocks), and its log-softmax beside it
     logits = 2 * max(LOGITS_BUDGET_BYTES, 512 * shapes.vocab * fp32)
+    # a streamed forward (validation, evaluation): one decoder layer as stored, one of its matrices cast to fp32
+    layer = shapes.largest_layer * fp16 + (shapes.largest_linear or shapes.largest_tensor) * fp32
+    budgets = [
+        StageBudget(
+            "merge",
+            RUNTIME_BYTES + max(shapes.largest_tensor * fp16, layer + logits),
+            merged_bytes,
+            "runtime + the larger of: the largest tensor in the output dtype (an upper bound: the merge writes in "
+            "row blocks), or one decoder layer as stored with one matrix in fp32 and the evaluation logits "
+            "(streamed validation and reference evaluation)",
+        )
+    ]
     for target, options in config.exports.items():
         if target == "gguf":
             sizes = [_gguf_bytes(shapes, quant) for quant in options.quants]

@@ -26,6 +26,7 @@ def test_shapes_are_read_from_the_checkpoint_headers(tmp_path):
     assert shapes.largest_layer == sum(t.numel() for n, t in state.items() if n.startswith("model.layers.0."))
     assert shapes.largest_tensor == 96 * 32 and shapes.hidden == 32 and shapes.vocab == 96
     assert shapes.widest_input == 64, "down_proj reads the intermediate width"
+    assert shapes.largest_linear == 64 * 32, "the largest matrix inside a layer (gate, up, down: 64 x 32)"
 
 
 def test_budgets_follow_the_shapes_and_options():
@@ -37,12 +38,18 @@ def test_budgets_follow_the_shapes_and_options():
         hidden=4096,
         vocab=128256,
         widest_input=14336,
+        largest_linear=14336 * 4096,
     )
     small = GptqOptions(samples=8, seq_len=256, group_size=128)
     large = GptqOptions(samples=16, seq_len=256, group_size=128)
     config = SimpleNamespace(exports={"gguf": GGUFOptions(quants=("Q8_0",)), "gptq": small})
     merge, gguf, gptq = budget.stage_budgets(config, shapes)
     assert merge.peak_bytes < shapes.params * 2, "the predicted merge peak is below the fp16 model's size"
+    # streamed: one layer as stored (fp16), one matrix cast to fp32, one group of logits and their log-softmax;
+    # never an fp32 copy of the embedding (measured at these widths: 1.25 GiB merging, 1.62 GiB evaluating)
+    logits = 2 * max(256 << 20, 512 * 128256 * 4)  # mergeq.core.memory.LOGITS_BUDGET_BYTES, or one window
+    assert merge.peak_bytes == budget.RUNTIME_BYTES + 218_112_000 * 2 + 14336 * 4096 * 4 + logits
+    assert merge.peak_bytes < 2.2 * budget.GIB
     assert merge.stage == "merge" and merge.disk_bytes == shapes.params * 2
     deeper = budget.Shapes(
         **{**shapes.__dict__, "params": 2 * shapes.params, "matrix_params": 2 * shapes.matrix_params}
