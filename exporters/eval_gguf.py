@@ -199,7 +199,8 @@ def evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: Ev
             write_llama_base(base, ref, windows)
     threads = options.threads or os.cpu_count() or 1
     n_ctx = windows.n_ctx
-    flags, why = weight_flags(artifact)
+    batch = parallel_windows(n_ctx, n_vocab)
+    flags, why = weight_flags(artifact, buffers=batch * n_ctx * n_vocab * 4)  # the batch's fp32 logits
     if why:
         log.warning("%s", why)
         provenance["llama_weights"] = why
@@ -213,7 +214,7 @@ def evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: Ev
         "-c",
         n_ctx,
         "-b",
-        n_ctx * parallel_windows(n_ctx, n_vocab),
+        n_ctx * batch,
         "-t",
         threads,
         *flags,

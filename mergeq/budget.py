@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeq.core.errors import MergeqError
-from mergeq.core.memory import LOGITS_BUDGET_BYTES
+from mergeq.core.memory import LLAMACPP_RUNTIME_BYTES, LOGITS_BUDGET_BYTES
 from mergeq.core.paths import free_bytes
 
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 RUNTIME_BYTES = 1 * GIB  # python, torch and transformers loaded, measured at 0.5-0.9 GiB here: rounded up
-LLAMACPP_RUNTIME_BYTES = 256 << 20  # a llama.cpp tool's own buffers and KV cache at the evaluation context
 # bits per weight of llama.cpp's tensor types (block bytes * 8 / block weights, from ggml's type table)
 GGUF_BPW = {
     "F32": 32.0,

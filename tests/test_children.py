@@ -132,7 +132,7 @@ def test_memory_limit_is_read_from_the_cgroup_and_turns_off_repacking(tmp_path, 
     by llama.cpp without repacking (weights stay in the page cache, which the kernel can reclaim)."""
     from memory_limit import run_limited, unavailable
 
-    from exporters.llamacpp.run import REPACK_HEADROOM, weight_flags
+    from exporters.llamacpp.run import weight_flags
     from mergeq.core import memory
 
     if (why := unavailable()) is not None:
@@ -153,8 +153,15 @@ def test_memory_limit_is_read_from_the_cgroup_and_turns_off_repacking(tmp_path, 
         handle.truncate(300 << 20)  # sparse: the size is what counts
     monkeypatch.setattr(memory, "memory_limit_bytes", lambda: None)
     assert weight_flags(gguf) == ((), None)
-    monkeypatch.setattr(memory, "memory_limit_bytes", lambda: (300 << 20) + REPACK_HEADROOM)
-    assert weight_flags(gguf) == ((), None)
-    monkeypatch.setattr(memory, "memory_limit_bytes", lambda: limit)
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 100 << 20)
+    fits = (300 << 20) + (100 << 20) + memory.LLAMACPP_RUNTIME_BYTES + (50 << 20)
+    monkeypatch.setattr(memory, "memory_limit_bytes", lambda: fits)
+    assert weight_flags(gguf, buffers=50 << 20) == ((), None)
+    flags, why = weight_flags(gguf, buffers=(50 << 20) + 1)  # one byte more beside it: no room for the copy
+    assert flags == ("--no-repack",)
+    monkeypatch.setattr(memory, "resident_bytes", lambda: (100 << 20) + 1)  # mergeq holding one byte more
+    assert weight_flags(gguf, buffers=50 << 20)[0] == ("--no-repack",)
+    monkeypatch.setattr(memory, "memory_limit_bytes", lambda: 600 << 20)
     flags, why = weight_flags(gguf)
-    assert flags == ("--no-repack",) and "model.gguf" in why and "0.68 GiB" in why
+    assert flags == ("--no-repack",) and "model.gguf (0.29 GiB)" in why and "0.35 GiB beside" in why
+    assert "limit (0.59 GiB)" in why

@@ -117,27 +117,29 @@ def run_tool(
     return result
 
 
-REPACK_HEADROOM = 512 << 20  # beside the weights: mergeq itself and the tool's own buffers
-
-
-def weight_flags(model: Path) -> tuple[tuple[str, ...], str | None]:
+def weight_flags(model: Path, buffers: int = 0) -> tuple[tuple[str, ...], str | None]:
     """Extra flags for a llama.cpp tool that loads `model`, and why (None: no flags).
 
     llama.cpp's CPU backend repacks quantized weights into anonymous memory for its faster kernels: a copy of
     the model that the kernel cannot page out. Under a memory limit (this process's cgroup: a container, a
-    `systemd-run -p MemoryMax=`) too small for that copy beside mergeq, `--no-repack` keeps the weights in the
-    memory-mapped file, which the kernel pages in and out as needed. Same model, slower kernels; the tool
-    would otherwise be OOM-killed."""
-    from mergeq.core.memory import memory_limit_bytes
+    `systemd-run -p MemoryMax=`) too small for that copy beside what else is held there, `--no-repack` keeps
+    the weights in the memory-mapped file, which the kernel pages in and out as needed. Same model, slower
+    kernels; the tool would otherwise be OOM-killed. What else is held: mergeq's own resident set now, the
+    tool's runtime (LLAMACPP_RUNTIME_BYTES) and `buffers`, what the caller knows the tool will allocate
+    (llama-perplexity: the logits of its batch)."""
+    from mergeq.core.memory import LLAMACPP_RUNTIME_BYTES, memory_limit_bytes, resident_bytes
 
     limit = memory_limit_bytes()
+    if limit is None:
+        return (), None
     size = Path(model).stat().st_size
-    if limit is None or size + REPACK_HEADROOM <= limit:
+    beside = (resident_bytes() or 0) + LLAMACPP_RUNTIME_BYTES + buffers
+    if size + beside <= limit:
         return (), None
     return ("--no-repack",), (
-        f"weights not repacked (--no-repack): {Path(model).name} ({size / 2**30:.2f} GiB) "
-        f"plus {REPACK_HEADROOM >> 20} MiB does not fit this process's memory limit "
-        f"({limit / 2**30:.2f} GiB)"
+        f"weights not repacked (--no-repack): {Path(model).name} ({size / 2**30:.2f} GiB) and "
+        f"{beside / 2**30:.2f} GiB beside it (mergeq's resident set, the tool's buffers) do not fit this "
+        f"process's memory limit ({limit / 2**30:.2f} GiB)"
     )
 
 

@@ -16,6 +16,8 @@ SAMPLE_SECONDS = 0.02
 # fp32 logits held at once while the stream projects on the output embedding (mergeq.core.streaming); here, not
 # there, so that mergeq.budget predicts with it without importing torch when a run is planned
 LOGITS_BUDGET_BYTES = 256 << 20
+# a llama.cpp tool's own compute buffers and KV cache at mergeq's contexts (<= 2048 tokens), beside its weights
+LLAMACPP_RUNTIME_BYTES = 256 << 20
 
 
 def _vm_hwm_bytes(pid: int | str = "self") -> int | None:
