@@ -55,6 +55,34 @@ def test_every_family_is_streamed_with_a_stated_exception():
     assert "ForCausalLM" in streaming.unsupported_reason({"architectures": ["Gemma3ForConditionalGeneration"]})
 
 
+def test_decoder_layers_is_the_one_list_of_num_hidden_layers_modules():
+    """The layer finder the stream, the int4 engine and its preflight share: the ModuleList named `...layers`
+    that holds num_hidden_layers modules (not the first list so named); none or several are refused."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from mergeq.core.errors import MergeqError
+    from mergeq.core.skeleton import decoder_layers
+
+    def modules(n):
+        return nn.ModuleList(nn.Identity() for _ in range(n))
+
+    model = nn.Module()
+    model.config = SimpleNamespace(num_hidden_layers=3)
+    model.vision = nn.Module()
+    model.vision.layers = modules(2)  # registered first, but not num_hidden_layers long
+    model.model = nn.Module()
+    model.model.layers = modules(3)
+    assert decoder_layers(model) == ("model.layers", model.model.layers)
+    model.extra_layers = modules(3)
+    with pytest.raises(MergeqError, match=r"^some/folder: cannot tell .* \(2 lists of 3 modules\)"):
+        decoder_layers(model, "some/folder")
+    del model.extra_layers, model.model
+    with pytest.raises(MergeqError, match=r"\(0 lists of 3 modules\)"):
+        decoder_layers(model)
+
+
 def type_name(family: str) -> str:
     from family_models import FAMILIES as ALL
 

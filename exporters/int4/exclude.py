@@ -68,7 +68,8 @@ def resolve(config: dict, patterns: tuple[str, ...]) -> Exclusions:
     pattern that matches none of the quantized linears, and a fused group kept in part."""
     if not patterns:
         return Exclusions()
-    from exporters.int4.kernels import decoder_layers, meta_model
+    from exporters.int4.kernels import meta_model
+    from mergeq.core.skeleton import decoder_layers
 
     compiled = compile_patterns(tuple(patterns))
     family = family_of(config)

@@ -27,10 +27,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from exporters.int4.quant import QuantScheme
 from mergeq.core.errors import MergeqError
+from mergeq.core.skeleton import decoder_layers
 
 VLLM_VERSION = "0.32"  # the vLLM whose rules these are (the `vllm` peer environment of tests/peer_env.py)
 TP_SIZES = (1, 2, 4, 8)
@@ -76,11 +75,6 @@ def linear_shapes(config: dict, arch=None) -> list[LinearShape]:
                 key = (name, module.in_features, module.out_features)
                 shapes.setdefault(key, LinearShape(name, module.in_features, module.out_features))
     return list(shapes.values())
-
-
-def decoder_layers(model) -> tuple[str, nn.ModuleList]:
-    """The name and the module list of a causal LM's decoder layers (the ModuleList named `...layers`)."""
-    return next((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith("layers"))
 
 
 def meta_model(config: dict):

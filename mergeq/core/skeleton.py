@@ -41,6 +41,26 @@ def hf_config_of(model_dir: Path):
     return config
 
 
+def decoder_layers(model: nn.Module, source: Path | str | None = None) -> tuple[str, nn.ModuleList]:
+    """The name and the module list of a causal LM's decoder layers: the one ModuleList named `...layers` that
+    holds num_hidden_layers modules (of the text config). Refuses a model with none or several such lists;
+    `source` (the model's folder) names it in the message."""
+    config = model.config
+    count = int((config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers)
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == count and name.endswith("layers")
+    ]
+    if len(found) != 1:
+        where = f"{source}: " if source is not None else ""
+        raise MergeqError(
+            f"{where}cannot tell the decoder layers of {type(model).__name__} ({len(found)} lists of {count} modules)",
+            hint="layer-by-layer processing takes decoder-only causal LMs with one list of layers",
+        )
+    return found[0]
+
+
 class _Stop(Exception):
     """Raised by the last recorder: nothing after the decoder layers is needed."""
 
@@ -112,28 +132,13 @@ class Skeleton:
                 self.hf_config._attn_implementation = "eager"
                 self.model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
         self.model.eval()
-        self.layers_name, self.layers = self._find_layers()
+        self.layers_name, self.layers = decoder_layers(self.model, self.model_dir)
         self.prefix = self.layers_name + "."
         self.scratch = Fp32Scratch()  # the fp32 weight of the 16-bit linear running now (linears_as_stored)
 
     @property
     def text_config(self):
         return self.hf_config.get_text_config() if hasattr(self.hf_config, "get_text_config") else self.hf_config
-
-    def _find_layers(self) -> tuple[str, nn.ModuleList]:
-        count = int(self.text_config.num_hidden_layers)
-        found = [
-            (name, module)
-            for name, module in self.model.named_modules()
-            if isinstance(module, nn.ModuleList) and len(module) == count and name.endswith("layers")
-        ]
-        if len(found) != 1:
-            raise MergeqError(
-                f"{self.model_dir}: cannot tell the decoder layers of {type(self.model).__name__} "
-                f"({len(found)} lists of {count} modules)",
-                hint="layer-by-layer processing takes decoder-only causal LMs with one list of layers",
-            )
-        return found[0]
 
     @property
     def count(self) -> int:
