@@ -294,7 +294,7 @@ def test_kernel_prediction_covers_fused_projections_and_experts():
     }
     names = {s.name for s in kernels.linear_shapes(phi3)}
     assert names == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}
-    predicted = kernels.predict_kernels(phi3, None, "gptq", scheme, False)
+    predicted = kernels.predict_kernels(phi3, "gptq", scheme, False)
     assert predicted["tp"]["1"]["kernels"] == dict.fromkeys(
         ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "machete"
     )
@@ -315,7 +315,7 @@ def test_kernel_prediction_covers_fused_projections_and_experts():
     shapes = {s.name: (s.in_features, s.out_features) for s in kernels.linear_shapes(moe)}
     assert shapes["mlp.experts.w13"] == (2048, 1536) and shapes["mlp.experts.w2"] == (768, 2048)
     assert not any("gate" == name.rpartition(".")[2] for name in shapes)  # the router is not quantized
-    predicted = kernels.predict_kernels(moe, None, "gptq", scheme, False)
+    predicted = kernels.predict_kernels(moe, "gptq", scheme, False)
     experts = {tp: predicted["tp"][tp]["kernels"]["experts"] for tp in ("1", "2", "4", "8")}
     assert experts == {"1": "marlin_moe", "2": "marlin_moe", "4": "moe_wna16", "8": "moe_wna16"}
     assert any("experts on sm90: moe_wna16" in p for p in predicted["tp"]["4"]["problems"])

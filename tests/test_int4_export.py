@@ -11,19 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_models import LINEAR_TARGETS
 from int4_models import calibration_text, int4_options, tiny_model
 
 from exporters.int4 import kernels
 from exporters.int4.calibration import load_calibration
 from exporters.int4.export import export_int4, plan
+from exporters.int4.families import family_of
 from exporters.int4.formats import dequantized_state_dict, read_quantized
 from exporters.int4.layer import EngineOptions, LayerContext
 from exporters.int4.options import AwqOptions, GptqOptions
 from exporters.int4.passes import quantize_layer
 from exporters.int4.quant import QuantScheme
-from mergeq.core.arch import architecture_of
 from mergeq.core.errors import MergeqError
-from mergeq.core.streaming import rotary_embeddings
+from mergeq.core.skeleton import LayerCall
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +63,9 @@ def test_export_reads_back_for_every_family(tmp_path, family, method):
         assert qc["sym"] is True and qc["desc_act"] is False and qc["checkpoint_format"] == "gptq"
     assert (out / "tokenizer.json").is_file()
     linears, plain = read_quantized(out)
-    arch = architecture_of(config)
-    assert len(linears) == 2 * len(arch.linears)
+    targets = LINEAR_TARGETS[family]
+    assert len(linears) == config["num_hidden_layers"] * len(targets)
+    assert {name.rsplit(".", 1)[1] for name in linears} == set(targets)
     assert all(not name.endswith("proj.weight") for name in plain)  # no float copy of a quantized weight
     assert "lm_head.weight" in plain and "model.embed_tokens.weight" in plain
     if family == "qwen2":
@@ -99,7 +101,7 @@ def test_compressed_tensors_export_matches_native(tmp_path, sym):
 
 def test_streaming_matches_whole_model_quantization(tmp_path):
     """The streamed export equals quantizing the layers of a fully loaded transformers model, whose own
-    forward (embeddings, rotary, masks) produces each layer's input."""
+    forward (embeddings, rotary, masks) produces each layer's input and arguments."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = tiny_model(tmp_path / "base", "llama", layers=3)
@@ -110,12 +112,8 @@ def test_streaming_matches_whole_model_quantization(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.config._attn_implementation = "sdpa"
     tokens = load_calibration(calib, AutoTokenizer.from_pretrained(base), 6, 48).tokens
-    config = json.loads((base / "config.json").read_text())
-    arch = architecture_of(config)
+    family = family_of(json.loads((base / "config.json").read_text()))
     options = EngineOptions(given=GptqOptions(device="cpu"), scheme=QuantScheme(4, 32, True))
-    ctx = LayerContext(
-        arch=arch, options=options, seq_len=48, position_embeddings=rotary_embeddings(arch, model.config, 48, "cpu")
-    )
 
     class Captured(Exception):
         pass
@@ -124,13 +122,18 @@ def test_streaming_matches_whole_model_quantization(tmp_path):
         captured = {}
 
         def hook(_module, args, kwargs, captured=captured):
-            captured["x"] = args[0] if args else kwargs["hidden_states"]
+            if args:
+                captured["x"], captured["call"] = args[0], LayerCall(tuple(args[1:]), dict(kwargs))
+            else:
+                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                captured["x"], captured["call"] = kwargs["hidden_states"], LayerCall((), rest, True)
             raise Captured
 
         handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
         with pytest.raises(Captured), torch.inference_mode():
-            model.model(tokens)
+            model.model(tokens, use_cache=False)
         handle.remove()
+        ctx = LayerContext(family=family, options=options, layer_index=index, calls=[captured["call"]])
         _, quantized, _ = quantize_layer(layer, [captured["x"].clone()], ctx)
         for name, q in quantized.items():
             mine = streamed[f"model.layers.{index}.{name}"]
@@ -174,8 +177,7 @@ def test_preflight_refuses_what_vllm_cannot_load(tmp_path):
         "head_dim": 64,
         "num_hidden_layers": 30,
     }
-    arch = architecture_of(demo_like)
-    sym = kernels.predict_kernels(demo_like, arch, "gptq", QuantScheme(4, 64, True), False)
+    sym = kernels.predict_kernels(demo_like, "gptq", QuantScheme(4, 64, True), False)
     assert sym["method"] == "auto_gptq"  # vLLM 0.32; tests/test_int4_kernels_vllm.py checks these against vLLM
     # Marlin pads misaligned tiles since vLLM 0.2x; Machete (SM 9.0) needs out % 128, which only gate_up has
     assert sym["tp"]["1"]["kernels"] == {
@@ -186,11 +188,11 @@ def test_preflight_refuses_what_vllm_cannot_load(tmp_path):
     }
     assert sym["tp"]["1"]["by_gpu"]["sm80"] == dict.fromkeys(sym["tp"]["1"]["kernels"], "marlin")
     assert not sym["tp"]["2"]["ok"] and "9 attention heads" in sym["tp"]["2"]["problems"][0]
-    asym = kernels.predict_kernels(demo_like, arch, "gptq", QuantScheme(4, 64, False), False)
+    asym = kernels.predict_kernels(demo_like, "gptq", QuantScheme(4, 64, False), False)
     assert not asym["tp"]["1"]["ok"] and "only symmetric" in asym["refused"]
-    awq = kernels.predict_kernels(demo_like, arch, "awq", QuantScheme(4, 64, False), False)
+    awq = kernels.predict_kernels(demo_like, "awq", QuantScheme(4, 64, False), False)
     assert awq["method"] == "auto_awq" and awq["tp"]["1"]["kernels"]["qkv_proj"] == "marlin"
-    ct_asym = kernels.predict_kernels(demo_like, arch, "compressed-tensors", QuantScheme(4, 64, False), False)
+    ct_asym = kernels.predict_kernels(demo_like, "compressed-tensors", QuantScheme(4, 64, False), False)
     assert ct_asym["tp"]["1"]["ok"]  # asymmetric WNA16 runs on Machete/Marlin in vLLM 0.32
     big = dict(
         demo_like,
@@ -200,12 +202,12 @@ def test_preflight_refuses_what_vllm_cannot_load(tmp_path):
         num_key_value_heads=8,
         head_dim=128,
     )
-    fast = kernels.predict_kernels(big, arch, "gptq", QuantScheme(4, 128, True), False)
+    fast = kernels.predict_kernels(big, "gptq", QuantScheme(4, 128, True), False)
     assert all(
         entry["kernels"] == dict.fromkeys(entry["kernels"], "machete") and entry["ok"] for entry in fast["tp"].values()
     )
     assert kernels.summarize(fast)["8"] == "auto_gptq: sm90 machete x4; sm80 sm75 marlin x4"
-    assert kernels.predict_kernels(big, arch, "gptq", QuantScheme(4, 128, True), True)["refused"]  # desc_act
+    assert kernels.predict_kernels(big, "gptq", QuantScheme(4, 128, True), True)["refused"]  # desc_act
 
     base = tiny_model(tmp_path / "base", hidden=64, intermediate=192, tokenizer=False)
     with pytest.raises(MergeqError, match="vLLM would refuse"):  # group 16: no vLLM kernel takes asymmetric codes

@@ -21,7 +21,6 @@ import pytest
 from exporters.int4 import exclude, kernels
 from exporters.int4.formats import FORMATS
 from exporters.int4.quant import QuantScheme
-from mergeq.core.arch import architecture_of
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peer_env import ensure_live, run_peer  # noqa: E402
@@ -157,7 +156,7 @@ def test_minimum_compute_capability_per_kernel(vllm_choices):
 @pytest.mark.parametrize("case", list(CASES))
 def test_prediction_matches_vllm_for_every_layer(vllm_choices, case):
     config, scheme, fmt, desc_act = _case(*CASES[case])
-    predicted = kernels.predict_kernels(config, architecture_of(config), fmt, scheme, desc_act)
+    predicted = kernels.predict_kernels(config, fmt, scheme, desc_act)
     actual = vllm_choices["cases"][case]
     if predicted["refused"]:
         # vLLM refuses the config itself, or builds no layer on any GPU

@@ -3,7 +3,6 @@
 Modules, one concept each:
 - quant: the group quantization math (scales, zero points, codes) and bit packing.
 - gptq / awq: the two calibration algorithms, acting on one group of linears at a time.
-- arch: architecture mappings (Llama, Mistral, Qwen2) as data.
 - calibration: calibration text -> token samples.
 - layerwise: the streaming loop (one decoder layer in memory at a time, resumable after a kill: resume).
 - layer: one decoder layer's units (linears reading one input, fused experts) and the capture of their inputs.

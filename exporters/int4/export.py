@@ -87,9 +87,8 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
     family = family_of(config)
     if options.method == "awq":
         require_awq(family)
-    arch = None  # the shapes come from transformers' model for the config
     layers = int(config["num_hidden_layers"])
-    shapes = kernels.linear_shapes(config, arch)
+    shapes = kernels.linear_shapes(config)
     fmt = FORMATS[options.format_name]
     choices: list[str] = []
     warnings: list[str] = []
@@ -126,7 +125,7 @@ def plan(model_dir: Path, options: Int4Options) -> Plan:
     kernels.check_group_size(shapes, scheme, layers)
     kernels.check_packing(shapes, fmt.layout(scheme), layers, options.format_name)
 
-    prediction = kernels.predict_kernels(config, arch, options.format_name, scheme, options.desc_act)
+    prediction = kernels.predict_kernels(config, options.format_name, scheme, options.desc_act)
     tp1 = prediction["tp"]["1"]
     if not tp1["ok"] and not prediction["refused"]:  # a refusal of the whole format is a warning below
         hint = (

@@ -53,7 +53,7 @@ class LinearShape:
     out_features: int
 
 
-def linear_shapes(config: dict, arch=None) -> list[LinearShape]:
+def linear_shapes(config: dict) -> list[LinearShape]:
     """The shape of every matrix the engine quantizes in the decoder layers, from a meta-device build of the
     model transformers defines for config.json: each linear (routers and gates excluded), and for a MoE
     family each expert's fused gate/up rows ("<experts>.w13", [2I, H]) and down matrix ("<experts>.w2").
@@ -335,13 +335,13 @@ def layer_kernel(fmt_name: str, layer: _Layer, cc: int) -> tuple[str, str | None
     return "none", "no vLLM kernel takes it: " + "; ".join(reasons)
 
 
-def predict_kernels(config: dict, arch, fmt_name: str, scheme: QuantScheme, desc_act: bool) -> dict:
+def predict_kernels(config: dict, fmt_name: str, scheme: QuantScheme, desc_act: bool) -> dict:
     """{"method", "vllm", "refused", "min_capability", "tp": {"1": {"ok", "kernels", "by_gpu", "problems"}, ...}}.
 
     `kernels` is the fused layer -> kernel map on the fastest GPU (sm90), `by_gpu` the same per GPU generation
     (GPUS). Kernels: "machete", "marlin", "exllama", "triton_w4a16", "awq_gemm", or "none" (vLLM refuses); a MoE
     model's "experts" layer gets "marlin_moe" or "moe_wna16"."""
-    shapes = {s.name: s for s in linear_shapes(config, arch)}
+    shapes = {s.name: s for s in linear_shapes(config)}
     layers = fused_layers(shapes)
     refused = refusal(fmt_name, scheme, desc_act)
     zero_points = not scheme.sym

@@ -12,13 +12,11 @@ import torch
 from torch import nn
 
 from exporters.int4 import experts as moe
-from exporters.int4.families import Family, family_of, quantized_linears
+from exporters.int4.families import Family, quantized_linears
 from exporters.int4.options import Int4Options
 from exporters.int4.quant import QuantizedLinear, QuantScheme, rtn_quantize
-from mergeq.core.arch import Architecture
 from mergeq.core.errors import MergeqError
 from mergeq.core.skeleton import LayerCall
-from mergeq.core.streaming import layer_forward
 
 METHODS = ("gptq", "awq", "rtn")
 
@@ -50,35 +48,17 @@ class EngineOptions:
 
 @dataclass
 class LayerContext:
-    """What quantize_layer needs besides the layer: the calls the model made to it (one per chunk), or for
-    Llama-like layers built by hand, the rotary embeddings (`arch`, `position_embeddings`)."""
+    """What quantize_layer needs besides the layer: its family, the options, and the calls the model made to it
+    (one per chunk of samples; None for RTN, which runs no data through the layer)."""
 
-    arch: Architecture | None = None
+    family: Family
     options: EngineOptions | None = None
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
-    seq_len: int = 0
     layer_index: int = 0
-    family: Family | None = None
     calls: list[LayerCall] | None = None
     prefix: str = ""  # the layer's name prefix in the checkpoint, for exclusion patterns and messages
 
     def call(self, layer: nn.Module, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
-        if self.calls is not None:
-            return self.calls[chunk](layer, hidden)
-        return layer_forward(layer, hidden, self.arch, self.position_embeddings)
-
-    @property
-    def the_family(self) -> Family:
-        if self.family is None:
-            self.family = family_of({"architectures": [_arch_class(self.arch)]})
-        return self.family
-
-
-def _arch_class(arch: Architecture | None) -> str:
-    """The model class of a hand-built Llama-like layer's architecture (tests drive quantize_layer this way)."""
-    if arch is None:
-        return "unknown"
-    return f"{arch.decoder_class[: -len('DecoderLayer')]}ForCausalLM"
+        return self.calls[chunk](layer, hidden)
 
 
 @dataclass(frozen=True)
@@ -159,7 +139,7 @@ def _experts_name(layer: nn.Module, family: Family) -> str | None:
 
 def _quantizable(layer: nn.Module, ctx: LayerContext) -> dict[str, nn.Linear]:
     """The layer's linears that get quantized: all but routers/gates and the user's exclusions."""
-    family = ctx.the_family
+    family = ctx.family
     _experts_name(layer, family)  # checks the experts module's layout
     user = ctx.options.exclude if ctx.options else ()
     return {
@@ -191,7 +171,7 @@ def find_units(layer: nn.Module, hidden: list[torch.Tensor], ctx: LayerContext) 
     """The layer's units in the order its forward uses them, from one forward of the first chunk (without
     calibration data: module order, one linear per unit). Linears the forward did not call come last."""
     linears = _quantizable(layer, ctx)
-    experts = _experts_name(layer, ctx.the_family)
+    experts = _experts_name(layer, ctx.family)
     _check_nothing_left(layer, linears, experts, ctx.prefix)
     if not hidden:
         return [Unit((name,)) for name in linears] + ([Unit((experts,), True)] if experts else [])

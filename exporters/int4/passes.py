@@ -72,7 +72,7 @@ def _rtn_layer(layer, hidden, ctx: LayerContext, units: list[Unit]):
             if hidden:
                 for e, (gate_up, down) in per_expert.items():
                     moe._store(module, e, gate_up, down)
-            _add_experts(quantized, ctx.the_family, per_expert)
+            _add_experts(quantized, ctx.family, per_expert)
             continue
         for name in unit.names:
             module = linear(layer, name)
@@ -99,7 +99,7 @@ def _gptq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext, units: lis
             routed = moe.Routed()
             inputs(layer, module, hidden, ctx, routed.add)
             per_expert, idle = moe.gptq(module, routed, ctx.options.scheme, solve)
-            _add_experts(quantized, ctx.the_family, per_expert)
+            _add_experts(quantized, ctx.family, per_expert)
             _idle_note(ctx, idle, info)
             continue
         first = linear(layer, unit.name)
@@ -133,7 +133,7 @@ def _gptq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext, units: lis
 
 def _awq_layer(layer, hidden: list[torch.Tensor], ctx: LayerContext, units: list[Unit]):
     """Statistics from one float forward -> scales searched and folded (checked) -> clipped and rounded."""
-    require_awq(ctx.the_family)
+    require_awq(ctx.family)
     stats, routed, outputs = _awq_statistics(layer, hidden, ctx, units)
     info: dict = {"alpha": {}, "not_folded": {}}
     scales, sketches = _awq_scale(layer, units, stats, ctx, info)
@@ -178,7 +178,7 @@ def _awq_scale(layer, units: list[Unit], stats: dict, ctx: LayerContext, info: d
     """Each unit's input scales searched and folded into its producer, the unit's weights multiplied by them
     (ones where there is no input, no fold in the family's map, or shapes that do not allow it: `info` says why).
     Returns the scales and, for the clip search, each unit's input sketch divided by them."""
-    family = ctx.the_family
+    family = ctx.family
     scales: dict[str, torch.Tensor] = {}
     sketches: dict[str, torch.Tensor] = {}
     for unit in units:
@@ -227,14 +227,14 @@ def _awq_round(layer, units: list[Unit], stats, routed, scales, sketches, ctx: L
                 seed=1000 * (index + 1),
                 shared=scales[unit.name],
             )
-            _add_experts(quantized, ctx.the_family, per_expert)
+            _add_experts(quantized, ctx.family, per_expert)
             info["expert_down_alpha"] = alphas
             _idle_note(ctx, idle, info)
             continue
         for name in unit.names:
             module = linear(layer, name)
             weight = module.weight.detach().to(torch.float32)
-            if ctx.the_family.clips(name) and stats[unit.name].count:
+            if ctx.family.clips(name) and stats[unit.name].count:
                 bound = awq_alg.search_clip(weight, sketches[unit.name], scheme)
                 weight = awq_alg.apply_clip(weight, bound, scheme)
             q = rtn(module, weight, scheme)
@@ -278,7 +278,7 @@ def _verify_folds(layer, hidden: torch.Tensor, expected: torch.Tensor, ctx: Laye
         raise MergeqError(
             f"AWQ's scale folding changed the output of decoder layer {ctx.layer_index} "
             f"({bad:.1%} of tokens, worst relative change {float(error.max()):.3g}): the "
-            f"{ctx.the_family.name} fold map in exporters/int4/families.py is wrong for this model",
+            f"{ctx.family.name} fold map in exporters/int4/families.py is wrong for this model",
             hint="use GPTQ, which needs no fold map",
         )
 

@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mergeq.core.arch import Architecture
 from mergeq.core.checkpoint import Checkpoint
 from mergeq.core.errors import MergeqError
 from mergeq.core.experts import expert_layout_of, has_experts
@@ -235,34 +234,3 @@ def streamed(
         yield model
     finally:
         model.close()
-
-
-# ------------------------------------------------------------------------------------ a hand-built layer
-# A Llama-like decoder layer (mergeq/core/arch.py) run outside its model: the int4 engine's tests drive
-# exporters/int4/layer.py's LayerContext this way. The stream above does not use these.
-
-
-def _mask_for(attention: nn.Module, seq_len: int, device) -> torch.Tensor | None:
-    """None (causal) unless the layer has a sliding window shorter than the samples."""
-    window = getattr(attention, "sliding_window", None)
-    if not window or window >= seq_len:
-        return None
-    i = torch.arange(seq_len, device=device)
-    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
-    return allowed[None, None]
-
-
-def layer_forward(layer: nn.Module, h: torch.Tensor, arch: Architecture, position_embeddings) -> torch.Tensor:
-    """One hand-built decoder layer on hidden states [N, L, hidden] (causal; a sliding window where it has one)."""
-    mask = _mask_for(layer.get_submodule(arch.attention), h.shape[1], h.device)
-    out = layer(h, attention_mask=mask, position_embeddings=position_embeddings)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def rotary_embeddings(arch: Architecture, hf_config, seq_len: int, device):
-    _, rotary_cls = arch.classes()
-    rotary = rotary_cls(config=hf_config).to(device)
-    position_ids = torch.arange(seq_len, device=device)[None, :]
-    dummy = torch.zeros(1, seq_len, 1, dtype=torch.float32, device=device)
-    with torch.inference_mode():
-        return rotary(dummy, position_ids)
