@@ -29,6 +29,11 @@ class UnmergedWeights:
             return self.source.ckpt.get(name)
         return self.source.base_tensor(name)
 
+    def stored_view(self, name: str):
+        """A read-only view of the tensor in the base file, with the function releasing its pages; None when the
+        file does not hold its value as it is (use `get`)."""
+        return self.source.ckpt.view(name) if self._as_stored(name) else None
+
     def _as_stored(self, name: str) -> bool:
         """The base file holds this tensor's value as it is: not dequantized, requantized or replaced."""
         s = self.source

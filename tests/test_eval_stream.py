@@ -191,9 +191,9 @@ def test_streamed_evaluation_matches_whole_model_on_the_demo(tmp_path):
 
 
 def test_validation_keeps_16_bit_linears_as_stored_with_the_same_numbers(tmp_path):
-    """Validation builds each layer with its linear weights in the file's fp16 and casts one linear at a time to
-    fp32 while it computes: the outputs are bit for bit the fp32 layer's, and with DoRA and a weighted adapter on
-    an fp16 base the numbers equal the whole-model path's."""
+    """Validation builds each layer with its linear weights in the file's fp16 (views of the file map) and casts
+    one linear at a time to fp32 while it computes: the outputs are bit for bit the fp32 layer's, and with DoRA
+    and a weighted adapter on an fp16 base the numbers equal the whole-model path's."""
     from mergeq.core import streaming as st
 
     base = tiny_llama(tmp_path / "base", dtype=torch.float16, seed=5, layers=2)
@@ -205,10 +205,12 @@ def test_validation_keeps_16_bit_linears_as_stored_with_the_same_numbers(tmp_pat
     stored = model.skeleton.load_layer(1, linears_as_stored=True)
     linears = [m for m in stored.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.dtype == torch.float16 for m in linears)
+    q_proj = weights.checkpoint.view("model.layers.1.self_attn.q_proj.weight")[0]
+    assert stored.self_attn.q_proj.weight.data_ptr() == q_proj.data_ptr()  # read in place from the file map
+    weights.close()  # the layer's views keep the map
     with torch.inference_mode():
         assert torch.equal(calls[1][0](stored, h), calls[1][0](fp32, h))
     assert all(m.weight.dtype == torch.float16 for m in linears)  # the stored weight is back after the call
-    weights.close()
 
     dora = make_adapter(
         base, tmp_path / "a", seed=3, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"]

@@ -39,6 +39,50 @@ def test_valid_file_reads_lazily(tmp_path):
     st.close()
 
 
+def _mapped_kib(path) -> int:
+    """KiB of `path` mapped into this process now (Rss of its mappings in /proc/self/smaps)."""
+    total, current = 0, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):
+                current = parts[5] if len(parts) > 5 else None
+            elif parts[0] == "Rss:" and current == str(path):
+                total += int(parts[1])
+    return total
+
+
+def test_view_reads_the_file_in_place_and_outlives_close(tmp_path):
+    t = {"w": torch.randn(256, 512).to(torch.float16), "b": torch.ones(3)}
+    save_file(t, tmp_path / "m.safetensors")
+    st = SafetensorsFile(tmp_path / "m.safetensors")
+    view, release = st.view("w")
+    assert torch.equal(view, t["w"]) and view.data_ptr() == st.view("w")[0].data_ptr()  # the map, not a copy
+    release()
+    release(1024, 4096)
+    assert torch.equal(view, t["w"])  # released pages fault back in from the page cache
+    st.close()  # the views keep the map: closing must not unmap memory they read
+    assert torch.equal(view, t["w"]) and torch.equal(st.get("b"), t["b"])
+    st.close()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_reading_a_file_tensor_by_tensor_leaves_no_pages_mapped(tmp_path):
+    """The kernel maps whole page-cache folios (up to 2 MiB) around a fault, so a tensor's read maps pages of its
+    neighbours; they are released with it and do not pile up over the file (54 MiB over a 1 GB shard before)."""
+    path = tmp_path / "m.safetensors"
+    save_file({f"t{i:03d}": torch.full((300_000,), float(i)) for i in range(48)}, path)  # 48 x 1.2 MB
+    st = SafetensorsFile(path)
+    for name in st.keys():
+        for part in st.chunks(name, 256 * 1024):
+            assert float(part[0]) == float(int(name[1:]))
+    assert _mapped_kib(path) <= 4096
+    for name in st.keys():
+        st.get(name)
+    assert _mapped_kib(path) <= 4096
+    st.close()
+
+
 @pytest.mark.parametrize(
     "case, header, data, length, message",
     [

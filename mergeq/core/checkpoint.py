@@ -6,7 +6,7 @@ index; each file validated and read lazily by mergeq/core/safetensors_file.py) a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -170,6 +170,15 @@ class Checkpoint:
             self._unmap_others(path)
             return self._st[path].get(name, dtype)
         return self._load_bin(path)[name].to(dtype or self._load_bin(path)[name].dtype, copy=True)
+
+    def view(self, name: str) -> tuple[torch.Tensor, Callable[..., None]] | None:
+        """A read-only view of one tensor in its safetensors file and a function releasing its pages
+        (SafetensorsFile.view); None for tensors of pickles and empty ones (use `get`)."""
+        path = self._where[name]
+        if path not in self._st:
+            return None
+        self._unmap_others(path)
+        return self._st[path].view(name)
 
     def _unmap_others(self, path: Path) -> None:
         """Keep one shard mapped: pages madvise could not drop (shared with the page cache, partial pages at

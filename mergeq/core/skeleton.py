@@ -21,6 +21,7 @@ rows at a time instead of reading the whole table.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,13 +247,20 @@ class Skeleton:
         stored = set()
         if linears_as_stored:
             stored = {f"{name}.weight" for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+        # on the CPU a stored 16-bit weight is not copied: a view of the file map, its pages released after each call
+        viewer = getattr(self.source, "stored_view", None) if self.device.type == "cpu" else None
         experts = self.experts
         state = {}
+        releases: dict[str, Callable[..., None]] = {}
         for name in self.source.names():
             if name.startswith(prefix):
                 local = name[len(prefix) :]
-                tensor = self.source.get(name)
                 module_name = experts.to_module(local) if experts else local
+                viewed = viewer(name) if viewer is not None and module_name in stored else None
+                if viewed is not None and viewed[0].dtype in (torch.float16, torch.bfloat16):
+                    state[local], releases[local.removesuffix(".weight")] = viewed
+                    continue
+                tensor = self.source.get(name)
                 keep = module_name in stored and tensor.dtype in (torch.float16, torch.bfloat16)
                 state[local] = tensor.to(device=self.device, dtype=None if keep else torch.float32)
         if experts is not None:
@@ -266,10 +274,10 @@ class Skeleton:
                 if experts or not stored_per_expert(state)
                 else "its experts are stored per expert; the family needs an expert layout in mergeq/core/experts.py",
             ) from exc
-        for module in layer.modules():
+        for module_name, module in layer.named_modules():
             _materialize_buffers(self.model, module, self.device)
             if isinstance(module, nn.Linear) and module.weight.dtype != torch.float32:
-                _fp32_while_called(module, self.scratch)
+                _fp32_while_called(module, self.scratch, releases.get(module_name))
         return layer.eval()
 
     def disk_name(self, name: str) -> str:
@@ -317,6 +325,9 @@ def _materialize_buffers(model: nn.Module, module: nn.Module, device) -> None:
         model._init_weights(module)
 
 
+CAST_BLOCK_BYTES = 4 << 20  # a weight viewed in the file map is cast this many of its bytes at a time
+
+
 class Fp32Scratch:
     """One fp32 buffer that the 16-bit linears of the layers cast their weight into, one call at a time.
 
@@ -328,30 +339,42 @@ class Fp32Scratch:
     def __init__(self):
         self.buffer: torch.Tensor | None = None
 
-    def cast(self, weight: torch.Tensor) -> torch.Tensor:
-        """`weight` in fp32, in the buffer: valid until the next cast."""
+    def cast(self, weight: torch.Tensor, release: Callable[..., None] | None = None) -> torch.Tensor:
+        """`weight` in fp32, in the buffer: valid until the next cast. `release` (a weight viewed in the file
+        map): cast CAST_BLOCK_BYTES of it at a time, each block's pages released once cast, so that the weight's
+        pages are never all mapped at once."""
         n = weight.numel()
         if self.buffer is None or self.buffer.numel() < n or self.buffer.device != weight.device:
             self.buffer = None  # freed before the larger one is allocated
             self.buffer = torch.empty(n, dtype=torch.float32, device=weight.device)
         out = self.buffer[:n].view(weight.shape)
-        out.copy_(weight)
+        if release is None or weight.dim() != 2 or not weight.is_contiguous():
+            out.copy_(weight)
+            return out
+        row_bytes = weight.shape[1] * weight.element_size()
+        rows = max(1, CAST_BLOCK_BYTES // max(1, row_bytes))
+        for first in range(0, weight.shape[0], rows):
+            last = min(weight.shape[0], first + rows)
+            out[first:last].copy_(weight[first:last])
+            release(first * row_bytes, last * row_bytes)
         return out
 
     def release(self) -> None:
         self.buffer = None
 
 
-def _fp32_while_called(linear: nn.Linear, scratch: Fp32Scratch) -> None:
+def _fp32_while_called(linear: nn.Linear, scratch: Fp32Scratch, release: Callable[..., None] | None = None) -> None:
     """Give `linear` its 16-bit weight in fp32 (in `scratch`) for each call, and its stored weight back
-    afterwards."""
+    afterwards; `release` (a weight viewed in the file map) then drops the weight's pages from the process."""
     stored = linear.weight
 
     def before(module, args):
-        module.weight = nn.Parameter(scratch.cast(stored), requires_grad=False)
+        module.weight = nn.Parameter(scratch.cast(stored, release), requires_grad=False)
 
     def after(module, args, output):
         module.weight = stored
+        if release is not None:
+            release()
 
     linear.register_forward_pre_hook(before)
     linear.register_forward_hook(after)
