@@ -17,6 +17,15 @@ peak exceeds 1 GiB plus three times the largest tensor.
     .venv/bin/python scripts/bench_scale.py --layers 12           # the same widths, 12 layers (~7.3 GB)
     .venv/bin/python scripts/bench_scale.py --limit-gib 6 --workdir /big/disk/scale
     .venv/bin/python scripts/bench_scale.py --layers 1 --only gptq --samples 2 --seq-len 128  # GPTQ's peak alone
+    .venv/bin/python scripts/bench_scale.py --only gguf-eval   # the kept run's GGUF evaluation under the bound
+    .venv/bin/python scripts/bench_scale.py --only peft        # the PEFT figures alone
+
+llama.cpp's tools cannot stream layers: llama-perplexity maps the whole GGUF, and where memory allows it
+copies (repacks) the quantized weights into anonymous memory for faster kernels, so its resident set is the
+whole file however large the limit. After the run the bench therefore evaluates each GGUF again with
+`mergeq eval` inside a cgroup set to the bound itself: mergeq then loads it without repacking (its weights stay
+in the page cache, which the kernel can evict), and the bench prints whether that finished, its time and its KL
+against the run's.
 """
 
 from __future__ import annotations
@@ -112,7 +121,6 @@ def bound_verdict(rows: list[dict], bound: int) -> str:
 
 
 def main() -> int:
-    from bench_merge import PEFT_JOB, run_job
     from memory_limit import run_limited, unavailable
 
     from mergeq.core.paths import cache_root
@@ -127,8 +135,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--only",
-        choices=["gptq"],
-        help="run only this int4 export (no evaluation) on the base, under the same limit: its peak per layer",
+        choices=["gptq", "gguf-eval", "peft"],
+        help="gptq: only this int4 export (no evaluation) on the base, under the same limit (its peak per layer); "
+        "gguf-eval: only the GGUF evaluation under the bound, on the output a --keep run left; "
+        "peft: only the PEFT merge, without a limit",
     )
     parser.add_argument("--samples", type=int, default=8, help="--only: calibration samples")
     parser.add_argument("--seq-len", type=int, default=256, help="--only: tokens per calibration sample")
@@ -144,9 +154,16 @@ def main() -> int:
     bound = 1 * GiB + 3 * largest
     config = write_config(work, base, adapter, calib, text)
     out = work / "out"
-    shutil.rmtree(out, ignore_errors=True)
+    if args.only != "gguf-eval":
+        shutil.rmtree(out, ignore_errors=True)
 
     limit = int(args.limit_gib * GiB)
+    if args.only == "gguf-eval":
+        bound_checks(out, text, bound)
+        return 0
+    if args.only == "peft":
+        print_peft(peft_run(work, base, adapter))
+        return 0
     if args.only:
         return only_export(args, base, calib, out, limit, bound)
     print(
@@ -181,11 +198,8 @@ def main() -> int:
     skip_s = time.perf_counter() - started
     skipped = json.loads(rerun.stdout).get("skipped", []) if rerun.returncode == 0 else []
     on_disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    peft = None
-    if not args.no_peft:
-        print("running PEFT load + merge_and_unload + save (no limit) ...", flush=True)
-        peft = run_job("peft", PEFT_JOB, base, adapter, work / "out-peft")
-        shutil.rmtree(work / "out-peft", ignore_errors=True)
+    checks = bound_checks(out, text, bound)
+    peft = None if args.no_peft else peft_run(work, base, adapter)
 
     print()
     print(
@@ -206,7 +220,7 @@ def main() -> int:
         f"{', '.join(skipped) or 'nothing'} (exit {rerun.returncode}); file stamps spare re-reading unchanged files"
     )
     if peft is not None:
-        print(f"PEFT merge (no limit): {peft['wall_s']:.0f} s, peak RSS {peft['peak_gib']:.2f} GiB")
+        print_peft(peft)
     print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     if args.json:
         args.json.write_text(
@@ -223,6 +237,7 @@ def main() -> int:
                     "rerun_s": skip_s,
                     "rerun_skipped": skipped,
                     "outputs_gib": on_disk / GiB,
+                    "gguf_eval_under_bound": checks,
                 },
                 indent=2,
             )
@@ -231,6 +246,61 @@ def main() -> int:
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return 0
+
+
+def peft_run(work: Path, base: Path, adapter: Path) -> dict:
+    from bench_merge import PEFT_JOB, run_job
+
+    print("running PEFT load + merge_and_unload + save (no limit) ...", flush=True)
+    try:
+        return run_job("peft", PEFT_JOB, base, adapter, work / "out-peft")
+    finally:
+        shutil.rmtree(work / "out-peft", ignore_errors=True)
+
+
+def print_peft(peft: dict) -> None:
+    wall, cpu, peak = peft["wall_s"], peft["cpu_s"], peft["peak_gib"]
+    print(f"PEFT merge (no limit): {wall:.0f} s, CPU {cpu:.0f} s, peak RSS {peak:.2f} GiB")
+
+
+def bound_checks(out: Path, text: Path, bound: int) -> list[dict]:
+    """Each GGUF of the run evaluated again by `mergeq eval` inside a cgroup of `bound` bytes: does it finish,
+    how long, and does its KL match the run's (where the run repacked the weights, a few ulps apart)."""
+    from memory_limit import run_limited
+
+    rows = []
+    for gguf in sorted(out.glob("gguf/**/*.gguf")):
+        run_kl = json.loads((gguf.parent / "report.json").read_text()).get("kl_divergence")
+        argv = [sys.executable, "-m", "mergeq.cli", "eval", "--model", str(gguf), "--reference", str(out / "merged")]
+        argv += ["--text", str(text), "--json"]
+        print(f"evaluating {gguf.name} again inside a {bound / GiB:.2f} GiB cgroup (the bound) ...", flush=True)
+        run = run_limited(argv, bound, env={**os.environ, "MERGEQ_QUIET": "1"}, cwd=ROOT, timeout=3 * 3600)
+        row = {
+            "file": gguf.name,
+            "gguf_gib": gguf.stat().st_size / GiB,
+            "limit_gib": bound / GiB,
+            "seconds": run.seconds,
+            "exit": run.returncode,
+            "oom_killed": run.oom_killed,
+            "cgroup_max_gib": (run.max_usage_bytes or 0) / GiB,
+            "run_kl": run_kl,
+        }
+        if run.returncode == 0:
+            result = json.loads(run.stdout)[0]
+            row["kl"] = result.get("kl_divergence")
+            row["tool_peak_gib"] = result.get("peak_rss_bytes", {}).get("eval", 0) / GiB
+            repack = result.get("provenance", {}).get("eval", {}).get("llama_weights")
+            row["weights"] = repack or "repacked (llama.cpp's default)"
+        else:
+            print(run.stderr[-3000:])
+        print(
+            f"{gguf.name} ({row['gguf_gib']:.2f} GiB) under {row['limit_gib']:.2f} GiB: exit {run.returncode}"
+            f"{' (OOM-killed)' if run.oom_killed else ''}, {run.seconds:.0f} s, cgroup high-water "
+            f"{row['cgroup_max_gib']:.2f} GiB; KL {row.get('kl')} (the run's: {run_kl}); weights {row.get('weights')}",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
 
 
 def only_export(args, base: Path, calib: Path, out: Path, limit: int, bound: int) -> int:
