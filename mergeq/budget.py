@@ -149,7 +149,8 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
                     ),
                     intermediate + sum(sizes),
                     f"converter: runtime + 2 x largest tensor; llama.cpp tools map the whole file they read "
-                    f"(f16 intermediate {intermediate / GIB:.2f} GiB, kept); files {', '.join(options.quants)}",
+                    f"(f16 intermediate {intermediate / GIB:.2f} GiB, on disk until the stage ends); "
+                    f"files {', '.join(options.quants)}",
                 )
             )
         elif target in ("awq", "gptq", "rtn"):
