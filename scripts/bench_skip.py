@@ -12,6 +12,8 @@ first), the fastest counts. Prints the wall time of each, the bytes behind the d
 
     .venv/bin/python scripts/bench_skip.py                 # 16 layers: 8.2 GB base, about 30 GB of disk at peak
     .venv/bin/python scripts/bench_skip.py --layers 32     # the whole 8B shape: 16 GB base, about 57 GB at peak
+    # a pipeline that already finished, e.g. the one `scripts/bench_scale.py --keep` leaves (no disk needed):
+    W=~/.cache/mergeq/bench-scale; .venv/bin/python scripts/bench_skip.py --config $W/run.toml --out $W/out
 """
 
 from __future__ import annotations
@@ -70,7 +72,16 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: <cache>/bench-scale")
     parser.add_argument("--keep", action="store_true", help="keep the pipeline's outputs")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each check; the fastest counts")
+    parser.add_argument("--config", type=Path, help="measure this finished pipeline (with --out) instead of making one")
+    parser.add_argument("--out", type=Path, help="the finished pipeline's output directory (with --config)")
     args = parser.parse_args()
+    if (args.config is None) != (args.out is None):
+        parser.error("--config and --out go together")
+    if args.config is not None:
+        config, out = args.config, args.out
+        if not (out / ".mergeq").is_dir():
+            parser.error(f"{out} holds no finished mergeq run (no {out / '.mergeq'})")
+        return measure(config, out, config_inputs(config), args.repeat, keep=True, first=None)
     work = args.workdir or cache_root() / "bench-scale"
     work.mkdir(parents=True, exist_ok=True)
     base, adapter, _calib, _text = build_inputs(work, args.layers, 16)
@@ -91,27 +102,44 @@ quant = ["Q8_0"]
         print(f"(reusing {out})", flush=True)
     print(f"first run: mergeq run {config} --out {out} (merge, GGUF Q8_0) ...", flush=True)
     first, _ = timed([*MERGEQ, "-q", "run", str(config), "--out", str(out), "--json"])
-    files = files_under(base, adapter, out)
+    return measure(config, out, [base, adapter], args.repeat, keep=args.keep, first=first)
+
+
+def config_inputs(config: Path) -> list[Path]:
+    """The files a pipeline config names as inputs: base, adapters, evaluation and calibration texts."""
+    import tomllib
+
+    data = tomllib.loads(config.read_text())
+    merge = data.get("merge", {})
+    found = [merge.get("base"), merge.get("qlora_base"), *(a.get("path") for a in merge.get("adapters", []))]
+    found += [data.get("eval", {}).get("text")]
+    found += [table.get("calib") for table in data.values() if isinstance(table, dict)]
+    return [Path(p).expanduser() for p in dict.fromkeys(f for f in found if f)]
+
+
+def measure(config: Path, out: Path, inputs: list[Path], repeat: int, *, keep: bool, first: float | None) -> int:
+    files = files_under(*[p for p in inputs if p.is_dir()], out) + [p for p in inputs if p.is_file()]
     total = sum(p.stat().st_size for p in files)
 
-    skip, stdout = timed([*MERGEQ, "-q", "run", str(config), "--out", str(out), "--json"], args.repeat)
+    skip, stdout = timed([*MERGEQ, "-q", "run", str(config), "--out", str(out), "--json"], repeat)
     result = json.loads(stdout)
     assert not result["ran"] and result["skipped"], result
-    verify, stdout = timed([*MERGEQ, "-q", "run", str(config), "--out", str(out), "--json", "--verify"], args.repeat)
+    verify, stdout = timed([*MERGEQ, "-q", "run", str(config), "--out", str(out), "--json", "--verify"], repeat)
     result = json.loads(stdout)
     assert not result["ran"] and result["skipped"], result
-    peer, _ = timed(["sha256sum", *map(str, files)], args.repeat)
+    peer, _ = timed(["sha256sum", *map(str, files)], repeat)
     cold = "cold page cache before each" if drop_caches() else "page cache as it was (not root: no drop_caches)"
 
-    print(f"\n{len(files)} files, {total / GiB:.2f} GiB (base, adapter, merged, GGUF); first run {first:.1f} s")
-    print(f"fastest of {args.repeat} runs each, {cold}")
+    made = f"; first run {first:.1f} s" if first is not None else ""
+    print(f"\n{len(files)} files, {total / GiB:.2f} GiB (inputs and outputs of {config.name}){made}")
+    print(f"fastest of {repeat} runs each, {cold}; skipped: {', '.join(result['skipped'])}")
     print("| check | wall | x sha256sum of the same files |")
     print("|---|---|---|")
     print(f"| `mergeq run` again (stamps) | {skip:.2f} s | {skip / peer:.3f} |")
     print(f"| `mergeq run --verify` (re-hash) | {verify:.2f} s | {verify / peer:.3f} |")
     print(f"| sha256sum (peer) | {peer:.2f} s | 1 |")
     print(f"stamps vs --verify: {skip / verify:.3f}x the time")
-    if not args.keep:
+    if not keep:
         import shutil
 
         shutil.rmtree(out)
