@@ -132,6 +132,12 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: <cache>/bench-scale")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT merge run")
     parser.add_argument("--keep", action="store_true", help="keep the run's outputs")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="start from the output an earlier run left (killed, or --keep): stages already done are skipped, an "
+        "int4 stage resumes at its next layer; their figures come from their reports",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--only",
@@ -154,7 +160,7 @@ def main() -> int:
     bound = 1 * GiB + 3 * largest
     config = write_config(work, base, adapter, calib, text)
     out = work / "out"
-    if args.only != "gguf-eval":
+    if args.only != "gguf-eval" and not args.resume:
         shutil.rmtree(out, ignore_errors=True)
 
     limit = int(args.limit_gib * GiB)
