@@ -14,13 +14,13 @@ built again from the inputs, with more dampening.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 
 import torch
 
 from exporters.int4.quant import QuantizedLinear, QuantScheme, group_params
+from mergeq.core.device import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +120,6 @@ def _inverse_cholesky_upper_(h: torch.Tensor, damp: float, attempt: int) -> bool
     return int(info) == 0
 
 
-@contextlib.contextmanager
-def _one_thread(threads: int):
-    """Torch on one thread inside the column loop: its operations are vectors of one column, too small to
-    share between threads (measured on 2 cores with another job running: 2.4 s per 128-column block of a
-    14336-row matrix on 2 threads, 0.15 s on 1). They are elementwise, so the bytes do not change."""
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: Callable[[], torch.Tensor],
@@ -202,13 +187,14 @@ def gptq_quantize(
         column_group = (perm // group).tolist()  # group of each processed (permuted) column
         block = block_size
     scale = zero = None
-    threads = torch.get_num_threads()
     for i1 in range(0, in_features, block):
         i2 = min(i1 + block, in_features)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
-        with _one_thread(threads):
+        # one thread: one column's vectors are too small to share (2 busy cores: 2.4 s per 128-column block of a
+        # 14336-row matrix on 2 threads, 0.15 s on 1); elementwise, so the same bytes on any thread count
+        with torch_threads(1):
             for i in range(i2 - i1):
                 col = i1 + i
                 if static is not None:
