@@ -126,7 +126,13 @@ def run_merge(config: MergeConfig) -> MergeResult:
     check_output(out, inputs, config.overwrite)
     created = _created_parents(out)
     try:
-        return _run(config, refs, out)
+        # one thread count for all of it (--threads): the merge, its validation, the target choice, and the checks
+        # before them. On a busy machine one thread is fastest (measured on a 1.1B Llama, 2 shared cores: the
+        # default merge cost 43 CPU s with torch's 2 threads, 25 with one), and the validation numbers no longer
+        # depend on the core count. Set before the first torch operation: a second OpenMP thread, once started
+        # (by the adapter's finiteness check), spun 1.5 CPU s waiting for work
+        with _torch_threads(config.threads):
+            return _run(config, refs, out)
     except BaseException:
         for folder in created:  # parents made for the output; removed only if still empty
             try:
@@ -206,10 +212,7 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
     fidelity = None
     try:
         exists_empty = out.exists()
-        with atomic_dir(out, overwrite=config.overwrite or exists_empty) as tmp, _torch_threads(config.threads):
-            # one thread count for the merge, its validation and the target choice (--threads): on a busy machine
-            # one thread is fastest (measured on a 1.1B Llama, 2 shared cores: the default merge cost 43 CPU s
-            # with torch's 2 threads, 25 with one), and the validation numbers no longer depend on the core count
+        with atomic_dir(out, overwrite=config.overwrite or exists_empty) as tmp:
             chosen = sources[0]
             if len(sources) > 1:  # measured before anything is written; only the chosen merge is written
                 choice = _choose(config, refs, sources)
