@@ -68,6 +68,7 @@ def with_adapters(source, prefix: str, layer: torch.nn.Module) -> torch.nn.Modul
 
     if not any(name.startswith(prefix) for name in source.ops):
         return layer
+    device = next(layer.parameters()).device
     root = torch.nn.Module()
     parent = root
     for part in prefix.rstrip(".").split(".")[:-1]:
@@ -83,14 +84,19 @@ def with_adapters(source, prefix: str, layer: torch.nn.Module) -> torch.nn.Modul
         name = f"a{i}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            inject_adapter_in_model(PeftConfig.from_pretrained(str(adapter.path)), root, adapter_name=name)
-            _adapter_in_fp32(root)  # PEFT gives the adapter its base layer's dtype: 16 bits for a stored weight
+            # the adapter's parameters on the meta device (low_cpu_mem_usage): no random initialization (and no
+            # DoRA norm over the base weight) of values the adapter file then replaces
+            inject_adapter_in_model(
+                PeftConfig.from_pretrained(str(adapter.path)), root, adapter_name=name, low_cpu_mem_usage=True
+            )
+            made = _adapter_in_fp32(root, device)
             state = {k[len("base_model.model.") :]: adapter.tensor(k) for k in keys}
             loaded = set_peft_model_state_dict(root, state, adapter_name=name)
-        if loaded.unexpected_keys:
+        unset = sorted(made.intersection(loaded.missing_keys))
+        if loaded.unexpected_keys or unset:
+            what = f"place {loaded.unexpected_keys[:3]}" if loaded.unexpected_keys else f"find values for {unset[:3]}"
             raise MergeqError(
-                f"validation: PEFT did not place {loaded.unexpected_keys[:3]} of adapter {adapter.path} "
-                f"in decoder layer {prefix.rstrip('.')}",
+                f"validation: PEFT did not {what} of adapter {adapter.path} in decoder layer {prefix.rstrip('.')}",
                 hint="pass --no-validate to merge without the check",
             )
         names.append((name, adapter.weight))
@@ -101,12 +107,18 @@ def with_adapters(source, prefix: str, layer: torch.nn.Module) -> torch.nn.Modul
             for n, weight in names:
                 if n in module.scaling and weight != 1.0:
                     module.scaling[n] *= weight
-    device = next(layer.parameters()).device
     return layer.to(device).eval()
 
 
-def _adapter_in_fp32(root: torch.nn.Module) -> None:
-    """The adapters' parameters (lora_A, lora_B, DoRA magnitudes) in fp32, before their values are loaded."""
-    for name, parameter in root.named_parameters():
-        if "lora_" in name and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.to(torch.float32)
+def _adapter_in_fp32(root: torch.nn.Module, device: torch.device) -> set[str]:
+    """The adapters' parameters (lora_A, lora_B, DoRA magnitudes) that PEFT made on the meta device, allocated in
+    fp32 on `device` (uninitialized: their values are loaded next). Returns their names."""
+    made = set()
+    for module_name, module in root.named_modules():
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            full = f"{module_name}.{name}" if module_name else name
+            if "lora_" in full and parameter.is_meta:
+                empty = torch.empty(parameter.shape, dtype=torch.float32, device=device)
+                setattr(module, name, torch.nn.Parameter(empty, requires_grad=parameter.requires_grad))
+                made.add(full)
+    return made
