@@ -11,7 +11,6 @@ Everything is written into a temporary sibling of --out and renamed into place a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from merge.qlora_detect import Decision, adapter_evidence, decide, user_base_evi
 from merge.source import Source
 from merge.streaming import stream_merge
 from mergeq.core.atomic import atomic_dir, write_json
+from mergeq.core.device import torch_threads
 from mergeq.core.errors import MergeqError
 from mergeq.core.hashing import tree_hashes
 from mergeq.core.modelfiles import copy_aux_files, read_model_config
@@ -89,18 +89,6 @@ def _write_config(source: Source, folder: Path, facts: dict, dtype_name: str) ->
     return config
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """torch's intra-op thread count for the duration of the block, then back to what it was."""
-    previous = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _created_parents(out: Path) -> list[Path]:
     missing = []
     parent = Path(out).resolve().parent
@@ -131,7 +119,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
         # default merge cost 43 CPU s with torch's 2 threads, 25 with one), and the validation numbers no longer
         # depend on the core count. Set before the first torch operation: a second OpenMP thread, once started
         # (by the adapter's finiteness check), spun 1.5 CPU s waiting for work
-        with _torch_threads(config.threads):
+        with torch_threads(config.threads):
             return _run(config, refs, out)
     except BaseException:
         for folder in created:  # parents made for the output; removed only if still empty
