@@ -302,7 +302,7 @@ def bound_checks(out: Path, text: Path, bound: int) -> list[dict]:
         print(
             f"{gguf.name} ({row['gguf_gib']:.2f} GiB) under {row['limit_gib']:.2f} GiB: exit {run.returncode}"
             f"{' (OOM-killed)' if run.oom_killed else ''}, {run.seconds:.0f} s, cgroup high-water "
-            f"{row['cgroup_max_gib']:.2f} GiB; KL {row.get('kl')} (the run's: {run_kl}); weights {row.get('weights')}",
+            f"{row['cgroup_max_gib']:.2f} GiB; KL {row.get('kl')} (the run's: {run_kl}); {row.get('weights')}",
             flush=True,
         )
         rows.append(row)
