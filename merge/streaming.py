@@ -85,6 +85,11 @@ def copy_parts(source: Source, name: str, out_dtype: torch.dtype):
             yield part
 
 
+def merged_vocab(source: Source) -> int | None:
+    """The merged model's vocabulary size (rows of its input embedding, resized by an adapter where it is)."""
+    return source.out_shapes.get(source.in_w, (None,))[0] if source.in_w else None
+
+
 def stream_merge(source: Source, folder: Path, max_shard_bytes: int) -> dict:
     """Merge `source` into `folder` (already existing, empty): shards + index. Returns facts for the manifest."""
     out_dtype = source.out_dtype
@@ -136,7 +141,7 @@ def stream_merge(source: Source, folder: Path, max_shard_bytes: int) -> dict:
     if len(written_sums) == 2:  # a tied pair stored twice: still tied only if the merge left them equal
         a, b = written_sums.values()
         tie_kept = a.shape == b.shape and torch.equal(a, b)
-    vocab = source.out_shapes.get(source.in_w, (None,))[0] if source.in_w else None
+    vocab = merged_vocab(source)
     return {
         "index": index,
         "shards": writer.names,

@@ -19,11 +19,15 @@ shows. Adapters that change tensors outside the decoder layers (embeddings, lm_h
 trainable tokens, resized vocabularies) and models the stream cannot take (mergeq.core.streaming.unsupported_reason:
 model classes other than ...ForCausalLM, Mixture-of-Experts families without an expert layout) are validated with
 whole models, as before. `--no-validate` turns validation off.
+
+The reference's half (`reference_side`) is computed once, apart from the candidates: the merge runs it in a thread
+while it streams (merge/merger.py) and hands it to `compare_candidates`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,6 +195,57 @@ def compare(reference: list[torch.Tensor], merged: list[torch.Tensor]) -> dict:
     }
 
 
+@dataclass
+class ReferenceSide:
+    """The reference's half of validation, computed once: its logits on the joined prompts, and how a merged
+    candidate's logits are computed to compare with them (the same way: streamed, or whole models)."""
+
+    prompts: list[torch.Tensor]  # token ids [1, L] of each prompt
+    prompt_source: str
+    logits: list[torch.Tensor]
+    described: str
+    plan: StreamPlan | None  # None: whole models
+
+    def candidate_logits(self, folder: Path) -> list[torch.Tensor]:
+        if self.plan is not None:
+            return self.plan.candidate_logits(folder, _joined(self.prompts))
+        return logits_of(_load(folder), _joined(self.prompts))
+
+
+class Stopped(Exception):
+    """The reference pass was asked to stop (the merge it runs beside failed)."""
+
+
+def reference_side(
+    reference: Reference, *, streaming: bool = True, device: str = "cpu", stop: threading.Event | None = None
+) -> ReferenceSide:
+    """The reference's logits (PEFT, unmerged adapters): one decoder layer at a time where possible (`streaming`),
+    else whole models. It does not depend on the merged files, so the merge runs it beside the merge (merge/merger.py);
+    `stop` set makes it raise Stopped at the next layer."""
+    plan = streaming_plan(reference, device) if streaming else None
+    if plan is not None:
+        prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, plan.vocab)
+        logits = plan.reference_logits(_joined(prompts), stop)
+        described = (
+            "PEFT, unmerged adapter(s) on the dequantized 4-bit base, layer by layer"
+            if plan.quantized
+            else "PEFT, unmerged adapter(s) on the base, layer by layer"
+        )
+        return ReferenceSide(prompts, prompt_source, logits, described, plan)
+    ref_model = reference_model(reference)
+    vocab = ref_model.get_input_embeddings().weight.shape[0]
+    prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, vocab)
+    logits = logits_of(ref_model, _joined(prompts))
+    quantized = bool(getattr(ref_model.base_model.model.config, "quantization_config", None))
+    del ref_model
+    described = (
+        "PEFT, unmerged adapter(s) on the 4-bit base (bitsandbytes, CPU)"
+        if quantized
+        else "PEFT, unmerged adapter(s) on the base"
+    )
+    return ReferenceSide(prompts, prompt_source, logits, described, None)
+
+
 def compare_candidates(
     reference: Reference,
     folders: dict[str, Path],
@@ -199,11 +254,13 @@ def compare_candidates(
     *,
     streaming: bool = True,
     device: str = "cpu",
+    side: ReferenceSide | None = None,
 ) -> Outcome:
     """Validate each merged candidate folder against the PEFT reference; pick the lowest mean KL.
 
     `streaming`: one decoder layer at a time where possible (False: whole models, the reference
-    implementation). `device`: where the streamed layers run."""
+    implementation). `device`: where the streamed layers run. `side`: the reference's logits when they were
+    already computed (reference_side, for this `reference`)."""
     warnings: list[str] = []
     skip = reference_skip_reason(reference.adapters)
     if skip is not None:
@@ -212,37 +269,21 @@ def compare_candidates(
         label = next(iter(folders))
         warnings.append(f"validation skipped: {skip}")
         return Outcome({label: {"skipped": skip}}, label, None, warnings)
-    stream_plan = streaming_plan(reference, folders) if streaming else None
-    if stream_plan is not None:
-        vocab = stream_plan.vocab
-        prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, vocab)
-        ref_logits = stream_plan.reference_logits(_joined(prompts))
-        described = (
-            "PEFT, unmerged adapter(s) on the dequantized 4-bit base, layer by layer"
-            if stream_plan.quantized
-            else "PEFT, unmerged adapter(s) on the base, layer by layer"
-        )
-        candidate_logits = stream_plan.candidate_logits
-    else:
-        ref_model = reference_model(reference)
-        vocab = ref_model.get_input_embeddings().weight.shape[0]
-        prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, vocab)
-        ref_logits = logits_of(ref_model, _joined(prompts))
-        quantized = bool(getattr(ref_model.base_model.model.config, "quantization_config", None))
-        del ref_model
-        described = (
-            "PEFT, unmerged adapter(s) on the 4-bit base (bitsandbytes, CPU)"
-            if quantized
-            else "PEFT, unmerged adapter(s) on the base"
-        )
+    if side is None:
+        side = reference_side(reference, streaming=streaming, device=device)
+    if side.plan is not None:
+        from mergeq.core.streaming import unsupported_reason
 
-        def candidate_logits(folder: Path, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-            model = _load(folder)
-            return logits_of(model, prompts)
-
+        for folder in folders.values():
+            merged_why = unsupported_reason(read_model_config(folder))
+            if merged_why is not None:  # both sides the same way: whole models
+                log.info("validation with whole models: %s: %s", folder, merged_why)
+                side = reference_side(reference, streaming=False, device=device)
+                break
+    prompts, prompt_source, ref_logits, described = side.prompts, side.prompt_source, side.logits, side.described
     results: dict[str, dict] = {}
     for label, folder in folders.items():
-        numbers = compare(ref_logits, candidate_logits(folder, _joined(prompts)))
+        numbers = compare(ref_logits, side.candidate_logits(folder))
         numbers.update(
             {
                 "reference": described,
@@ -292,9 +333,14 @@ class StreamPlan:
     quantized: bool
     device: torch.device
 
-    def reference_logits(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    def reference_logits(self, prompts: list[torch.Tensor], stop: threading.Event | None = None) -> list[torch.Tensor]:
         from merge.source import Source
         from mergeq.core.streaming import StreamedModel
+
+        def hook(index: int, layer: torch.nn.Module) -> torch.nn.Module:
+            if stop is not None and stop.is_set():
+                raise Stopped(f"reference stopped before decoder layer {index}")
+            return with_adapters(source, model.layer_prefix(index), layer)
 
         source = Source(
             self.reference.base, "reference", self.reference.adapters, torch.float32, self.reference.quantize
@@ -304,7 +350,7 @@ class StreamPlan:
                 UnmergedWeights(source),
                 self.config,
                 self.device,
-                hook=lambda index, layer: with_adapters(source, model.layer_prefix(index), layer),
+                hook=hook,
                 linears_as_stored=True,
             )
             try:
@@ -321,8 +367,9 @@ class StreamPlan:
             return _streamed_logits(model, prompts)
 
 
-def streaming_plan(reference: Reference, folders: dict[str, Path], device: str = "cpu") -> StreamPlan | None:
-    """How to validate layer by layer, or None (with the reason logged) when only whole models can."""
+def streaming_plan(reference: Reference, device: str = "cpu") -> StreamPlan | None:
+    """How to run the reference layer by layer, or None (with the reason logged) when only whole models can.
+    The merged candidates are checked when they are compared (compare_candidates)."""
     from merge.source import Source
     from mergeq.core import streaming
     from mergeq.core.device import resolve_device
@@ -346,11 +393,6 @@ def streaming_plan(reference: Reference, folders: dict[str, Path], device: str =
     if why is not None:
         log.info("validation with whole models: %s", why)
         return None
-    for folder in folders.values():
-        merged_why = streaming.unsupported_reason(read_model_config(folder))
-        if merged_why is not None:
-            log.info("validation with whole models: %s: %s", folder, merged_why)
-            return None
     return StreamPlan(reference, config, int(vocab), quantized, resolve_device(device))
 
 

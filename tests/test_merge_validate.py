@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from merge.merger import AdapterRef, MergeConfig, run_merge
 from merge.validate import Reference, compare_candidates
 
@@ -45,3 +47,79 @@ def test_adapters_recording_different_bases_warn(tmp_path, builders):
     )
     assert any("record different bases" in w and "some-org/another-model" in w for w in result.warnings)
     assert result.manifest["warnings"] == result.warnings
+
+
+def _reference_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("mergeq-reference")]
+
+
+def test_reference_runs_beside_the_merge_and_its_error_is_the_merges(tmp_path, builders, monkeypatch):
+    """The PEFT reference's logits are computed in a thread while the merge streams; an error there is the merge's
+    error, and nothing is left in or beside --out."""
+    import merge.unmerged as unmerged
+    import merge.validate as validate
+    from mergeq.core.errors import MergeqError
+
+    base = builders.llama(tmp_path / "base")
+    adapter = builders.adapter(base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    threads = []
+    real = unmerged.with_adapters
+
+    def failing(source, prefix, layer):
+        import threading
+
+        threads.append(threading.current_thread().name)
+        if prefix.endswith(".1."):
+            raise MergeqError(f"PEFT refused {prefix}")
+        return real(source, prefix, layer)
+
+    monkeypatch.setattr(validate, "with_adapters", failing)
+    out = tmp_path / "o"
+    with pytest.raises(MergeqError, match=r"PEFT refused model\.layers\.1\."):
+        run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=out, dtype="float16"))
+    assert threads and all(name.startswith("mergeq-reference") for name in threads)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "base"]
+    assert not _reference_threads()
+
+
+def test_a_failed_merge_stops_the_reference_at_its_next_layer(tmp_path, builders, monkeypatch):
+    """When the merge fails while the reference runs, the reference stops before its next layer and is waited for:
+    the merge's own error is raised and no thread runs on."""
+    import sys
+    import threading
+
+    import merge.merger as merger
+    import merge.unmerged as unmerged
+    import merge.validate as validate
+    from mergeq.core.errors import MergeqError
+
+    base = builders.llama(tmp_path / "base")
+    adapter = builders.adapter(base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])
+    started, stops, layers = threading.Event(), [], []
+    real_event, real_adapters = threading.Event, unmerged.with_adapters
+
+    class Recorded(real_event):  # the stop signal the merge gives its reference thread
+        def __init__(self):
+            super().__init__()
+            if sys._getframe(1).f_globals.get("__name__") == "merge.merger":
+                stops.append(self)
+
+    def first_layer_waits(source, prefix, layer):
+        layers.append(prefix)
+        started.set()
+        assert stops and stops[-1].wait(60), "the failed merge never signalled its reference to stop"
+        return real_adapters(source, prefix, layer)
+
+    def failing_merge(source, folder, max_shard_bytes):
+        assert started.wait(60), "the reference never started"
+        raise MergeqError("the disk is on fire")
+
+    monkeypatch.setattr(merger.threading, "Event", Recorded)
+    monkeypatch.setattr(validate, "with_adapters", first_layer_waits)
+    monkeypatch.setattr(merger, "stream_merge", failing_merge)
+    with pytest.raises(MergeqError, match="the disk is on fire"):
+        run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "o", dtype="float16"))
+    assert layers == ["model.layers.0."]  # stopped before layer 1
+    assert not _reference_threads() and not (tmp_path / "o").exists()
