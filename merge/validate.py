@@ -222,6 +222,12 @@ def reference_side(
     """The reference's logits (PEFT, unmerged adapters): one decoder layer at a time where possible (`streaming`),
     else whole models. It does not depend on the merged files, so the merge runs it beside the merge (merge/merger.py);
     `stop` set makes it raise Stopped at the next layer."""
+    from mergeq.core.memory import collector_paused
+
+    with collector_paused():  # the libraries the reference runs on, imported here: 280k objects
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
     plan = streaming_plan(reference, device) if streaming else None
     if plan is not None:
         prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, plan.vocab)

@@ -123,3 +123,26 @@ def test_a_failed_merge_stops_the_reference_at_its_next_layer(tmp_path, builders
         run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter)], out=tmp_path / "o", dtype="float16"))
     assert layers == ["model.layers.0."]  # stopped before layer 1
     assert not _reference_threads() and not (tmp_path / "o").exists()
+
+
+def test_collector_paused_freezes_what_the_block_imported():
+    """Imports of torch, transformers and PEFT run without the cyclic collector, whose full passes would walk their
+    objects again and again; afterwards those objects are frozen out of its reach and collection goes on. In a
+    child process: freezing pytest's objects would outlive the test."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, json\n"
+        "from mergeq.core.memory import collector_paused\n"
+        "before = gc.get_freeze_count()\n"
+        "with collector_paused():\n"
+        "    inside = gc.isenabled()\n"
+        "    import email.mime.text\n"
+        "frozen = gc.get_freeze_count()\n"
+        "with collector_paused():  # again: each use is a fresh block\n"
+        "    import xml.dom.minidom\n"
+        "print(json.dumps([inside, gc.isenabled(), before < frozen < gc.get_freeze_count()]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[false, true, true]"

@@ -13,7 +13,10 @@ from mergeq.core.options import add_options, from_namespace
 
 
 def run(args) -> int:
-    from merge.merger import run_merge
+    from mergeq.core.memory import collector_paused
+
+    with collector_paused():  # torch, imported here
+        from merge.merger import run_merge
 
     config = from_namespace(MergeConfig, args)
     eval_text = None
