@@ -68,14 +68,20 @@ class Shapes:
     vocab: int
     widest_input: int = 0  # the largest in_features of a decoder layer's matrices (GPTQ's Hessian is its square)
     largest_linear: int = 0  # elements of the largest matrix inside a decoder layer
+    layer_matrix_params: int = 0  # elements of the matrices inside decoder layers (what int4 quantizes)
 
 
 @dataclass(frozen=True)
 class StageBudget:
     stage: str
     peak_bytes: int
-    disk_bytes: int
+    disk_bytes: int  # on disk while the stage runs, at most
     basis: str  # what the prediction counts, in words
+    kept_bytes: int | None = None  # what stays when it is done (its outputs); None: all of disk_bytes
+
+    @property
+    def kept(self) -> int:
+        return self.disk_bytes if self.kept_bytes is None else self.kept_bytes
 
 
 def read_shapes(model_dir: Path) -> Shapes:
@@ -85,7 +91,7 @@ def read_shapes(model_dir: Path) -> Shapes:
     checkpoint = Checkpoint(Path(model_dir))
     total = matrices = largest = 0
     layers: dict[int, int] = {}
-    widest = linear = 0
+    widest = linear = layer_matrices = 0
     for name in checkpoint.names():
         _, shape = checkpoint.info(name)
         numel = 1
@@ -99,6 +105,7 @@ def read_shapes(model_dir: Path) -> Shapes:
             if len(shape) == 2:
                 widest = max(widest, shape[1])
                 linear = max(linear, numel)
+                layer_matrices += numel
     config = read_model_config(model_dir)
     text = config.get("text_config", config)
     return Shapes(
@@ -110,6 +117,7 @@ def read_shapes(model_dir: Path) -> Shapes:
         int(text.get("vocab_size", 0)),
         widest,
         linear,
+        layer_matrices,
     )
 
 
@@ -138,42 +146,47 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
             # a size target: its mix and the named mix written beside it if the mix measures worse; the
             # search holds one Q8_0-size round and one mix at a time (exporters.gguf_preflight.check_disk)
             sizes += [2 * _gguf_bytes(shapes, "Q8_0") for _ in options.targets]
-            sizes += [2 * _gguf_bytes(shapes, "Q8_0")] if options.targets else []
+            search = [2 * _gguf_bytes(shapes, "Q8_0")] if options.targets else []
             intermediate = shapes.params * fp16
             budgets.append(
                 StageBudget(
                     "gguf",
                     max(
                         RUNTIME_BYTES + 2 * shapes.largest_tensor * fp32,
-                        LLAMACPP_RUNTIME_BYTES + max(sizes + [intermediate]),
+                        LLAMACPP_RUNTIME_BYTES + shapes.largest_tensor * (2 * fp16 + fp32),
+                        LLAMACPP_RUNTIME_BYTES + max(sizes + search) + 2 * LOGITS_BUDGET_BYTES,
                     ),
-                    intermediate + sum(sizes),
-                    f"converter: runtime + 2 x largest tensor; llama.cpp tools map the whole file they read "
-                    f"(f16 intermediate {intermediate / GIB:.2f} GiB, on disk until the stage ends); "
-                    f"files {', '.join(options.quants)}",
+                    intermediate + sum(sizes + search),
+                    f"the largest of: the converter (runtime + 2 x largest tensor in fp32); llama-quantize (its "
+                    f"runtime + the largest tensor mapped, in fp32 and quantized); llama-perplexity (its runtime, "
+                    f"the largest file, which it copies into its CPU layout where memory allows, and a batch of "
+                    f"logits). Disk: the f16 intermediate ({intermediate / GIB:.2f} GiB, removed when the stage "
+                    f"ends) and the files {', '.join(options.quants)}",
+                    sum(sizes),
                 )
             )
         elif target in ("awq", "gptq", "rtn"):
             activations = options.samples * options.seq_len * shapes.hidden * fp32 * 2  # layer inputs and outputs
             group = options.group_size or 128
-            int4 = (
-                shapes.matrix_params * (options.bits / 8 + 2 * fp16 / group)
-                + (shapes.params - shapes.matrix_params) * fp16
-            )
-            # while it runs, the per-layer checkpoints (exporters/int4/resume.py) hold another copy of the int4
-            # tensors and one layer's outputs on disk; saving those outputs serializes them once in memory
+            # the decoder layers' linears; the embeddings and lm_head stay 16-bit
+            quantized = shapes.layer_matrix_params or shapes.matrix_params
+            layers = quantized * (options.bits / 8 + 2 * fp16 / group)
+            int4 = layers + (shapes.params - quantized) * fp16
+            # while it runs, the per-layer checkpoints (exporters/int4/resume.py) hold another copy of the layers'
+            # int4 tensors and one layer's outputs on disk; saving those outputs serializes them once in memory
             # GPTQ: the Hessian of the widest linear, permuted and factored in its own buffer (exporters/int4/gptq.py)
             hessians = shapes.widest_input**2 * fp32 if target == "gptq" else 0
             budgets.append(
                 StageBudget(
                     target,
                     RUNTIME_BYTES + 3 * shapes.largest_layer * fp32 + activations * 3 // 2 + hessians + logits,
-                    int(2 * int4 + activations // 2),
+                    int(int4 + layers + activations // 2),
                     f"runtime + 3 x largest layer in fp32 + calibration activations ({options.samples} x "
                     f"{options.seq_len} x {shapes.hidden}, in and out, fp32, and one serialized copy)"
                     f"{f' + GPTQ matrix of {shapes.widest_input}^2 fp32' if hessians else ''} + evaluation "
                     f"logits of one window and their log-softmax; disk: the checkpoint, and its per-layer resume copy "
                     f"while the stage runs",
+                    int(int4),
                 )
             )
     return budgets
@@ -188,26 +201,37 @@ def _gguf_bytes(shapes: Shapes, quant: str) -> int:
     return int((shapes.matrix_params * bpw / 8 * margin) + (shapes.params - shapes.matrix_params) * 4)
 
 
-def check_disk(budgets: list[StageBudget], out: Path, pending: list[str]) -> None:
+def disk_needed(budgets: list[StageBudget], one_at_a_time: bool = True) -> int:
+    """The most disk the stages need at once: everything they keep, plus the largest transient files of one
+    stage (the GGUF intermediate, an int4 stage's per-layer copy) when stages run one at a time, or of all of
+    them when they may run together (Ray)."""
+    transient = [b.disk_bytes - b.kept for b in budgets]
+    return sum(b.kept for b in budgets) + (max(transient, default=0) if one_at_a_time else sum(transient))
+
+
+def check_disk(budgets: list[StageBudget], out: Path, pending: list[str], one_at_a_time: bool = True) -> None:
     """Refuse before any work when the stages still to run cannot fit on the output's disk."""
-    need = sum(b.disk_bytes for b in budgets if b.stage in pending)
+    need = disk_needed([b for b in budgets if b.stage in pending], one_at_a_time)
     free = free_bytes(out)
     if need > free:
         raise MergeqError(
             f"the output disk of {out} has {free / GIB:.2f} GiB free, and the stages still to run "
-            f"({', '.join(pending)}) are predicted to write {need / GIB:.2f} GiB",
+            f"({', '.join(pending)}) are predicted to need {need / GIB:.2f} GiB at once",
             hint="free space there, choose another --out, or export fewer formats (mergeq run --check lists "
             "each stage's share)",
         )
 
 
 def format_table(budgets: list[StageBudget], out: Path) -> str:
-    lines = [f"{'stage':<6} {'peak memory':>12} {'disk':>10}  basis"]
+    lines = [f"{'stage':<6} {'peak memory':>12} {'disk':>10} {'kept':>10}  basis"]
     for b in budgets:
-        lines.append(f"{b.stage:<6} {b.peak_bytes / GIB:>8.2f} GiB {b.disk_bytes / GIB:>6.2f} GiB  {b.basis}")
-    total = sum(b.disk_bytes for b in budgets)
+        lines.append(
+            f"{b.stage:<6} {b.peak_bytes / GIB:>8.2f} GiB {b.disk_bytes / GIB:>6.2f} GiB {b.kept / GIB:>6.2f} GiB"
+            f"  {b.basis}"
+        )
     lines.append(
-        f"total disk {total / GIB:.2f} GiB; free on {out}'s disk: {free_bytes(out) / GIB:.2f} GiB; "
+        f"disk needed at once {disk_needed(budgets) / GIB:.2f} GiB (stages one at a time; all kept: "
+        f"{sum(b.kept for b in budgets) / GIB:.2f} GiB); free on {out}'s disk: {free_bytes(out) / GIB:.2f} GiB; "
         f"largest peak {max(b.peak_bytes for b in budgets) / GIB:.2f} GiB"
     )
     return "\n".join(lines)

@@ -54,7 +54,7 @@ def run_matrix(
         for b in row
         if not (matrix.out_dir(out, name) / STATE_DIR / "stages" / f"{b.stage}.json").is_file()
     ]
-    budget.check_disk(pending, out, [b.stage for b in pending])
+    budget.check_disk(pending, out, [b.stage for b in pending], one_at_a_time=executor == "local")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -105,9 +105,11 @@ def test_preflight_checks_weights_tokenizer_calib_and_disk(tmp_path, monkeypatch
     warnings = GGUFExporter().preflight(model, GGUFOptions())
     assert any("no chat template" in w for w in warnings)
     monkeypatch.setattr(gguf_preflight, "free_bytes", lambda path: 1000)
+    GGUFExporter().preflight(model, GGUFOptions(quants=("Q8_0", "F32")))  # the input's disk is not the output's
     with pytest.raises(MergeqError, match="not enough free disk for the GGUF export") as caught:
-        GGUFExporter().preflight(model, GGUFOptions(quants=("Q8_0", "F32")))
+        GGUFExporter().export(model, tmp_path / "out", GGUFOptions(quants=("Q8_0", "F32")))
     assert "F32" in str(caught.value) and "intermediate" in str(caught.value)
+    assert not (tmp_path / "out").exists(), "refused before any work"
 
 
 def test_planned_sizes_bound_the_types():
