@@ -160,7 +160,7 @@ def main() -> int:
     bound = 1 * GiB + 3 * largest
     config = write_config(work, base, adapter, calib, text)
     out = work / "out"
-    if args.only != "gguf-eval" and not args.resume:
+    if args.only in (None, "gptq") and not args.resume:  # --only gguf-eval and peft read or leave a kept run
         shutil.rmtree(out, ignore_errors=True)
 
     limit = int(args.limit_gib * GiB)
