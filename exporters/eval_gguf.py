@@ -21,6 +21,7 @@ from exporters.eval_reference import ReferenceLogprobs, reference_logprobs
 from mergeq.core.atomic import atomic_file
 from mergeq.core.errors import MergeqError, ToolError
 from mergeq.core.locks import exclusive
+from mergeq.core.memory import LLAMA_LOGITS_BUDGET_BYTES
 from mergeq.core.metrics import MetricSums, Windows
 
 log = logging.getLogger(__name__)
@@ -163,14 +164,11 @@ def llama_version() -> dict:
     return version_info()
 
 
-LOGITS_BUDGET = 512 << 20  # llama-perplexity holds fp32 logits of its whole batch: windows x n_ctx x n_vocab
-
-
 def parallel_windows(n_ctx: int, n_vocab: int) -> int:
     """How many windows llama-perplexity scores in one batch: up to 2048 tokens, fewer where the batch's logits
-    would pass LOGITS_BUDGET (a 128k vocabulary: one window of 512 tokens holds 0.25 GiB of logits). Same
-    results, less memory."""
-    return max(1, min(2048 // n_ctx, LOGITS_BUDGET // (n_ctx * n_vocab * 4)))
+    would pass LLAMA_LOGITS_BUDGET_BYTES (a 128k vocabulary: one window of 512 tokens holds 0.25 GiB of
+    logits). Same results, less memory."""
+    return max(1, min(2048 // n_ctx, LLAMA_LOGITS_BUDGET_BYTES // (n_ctx * n_vocab * 4)))
 
 
 def evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: EvalOptions, provenance: dict):

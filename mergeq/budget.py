@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeq.core.errors import MergeqError
-from mergeq.core.memory import LLAMACPP_RUNTIME_BYTES, LOGITS_BUDGET_BYTES
+from mergeq.core.memory import LLAMA_LOGITS_BUDGET_BYTES, LLAMACPP_RUNTIME_BYTES, LOGITS_BUDGET_BYTES
 from mergeq.core.paths import free_bytes
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
                     max(
                         RUNTIME_BYTES + 2 * shapes.largest_tensor * fp32,
                         LLAMACPP_RUNTIME_BYTES + shapes.largest_tensor * (2 * fp16 + fp32),
-                        LLAMACPP_RUNTIME_BYTES + max(sizes + search) + 2 * LOGITS_BUDGET_BYTES,
+                        LLAMACPP_RUNTIME_BYTES + max(sizes + search) + LLAMA_LOGITS_BUDGET_BYTES,
                     ),
                     intermediate + sum(sizes + search),
                     f"the largest of: the converter (runtime + 2 x largest tensor in fp32); llama-quantize (its "

@@ -20,6 +20,9 @@ SAMPLE_SECONDS = 0.02
 LOGITS_BUDGET_BYTES = 256 << 20
 # a llama.cpp tool's own compute buffers and KV cache at mergeq's contexts (<= 2048 tokens), beside its weights
 LLAMACPP_RUNTIME_BYTES = 256 << 20
+# fp32 logits llama-perplexity holds for one batch (windows x n_ctx x n_vocab): mergeq's evaluation sizes its
+# batches to stay within it (exporters.eval_gguf.parallel_windows), and mergeq.budget predicts with it
+LLAMA_LOGITS_BUDGET_BYTES = 512 << 20
 
 
 def _vm_hwm_bytes(pid: int | str = "self") -> int | None:
