@@ -136,14 +136,15 @@ class MergeConfig:
         help="output shard size",
     )
     # compute threads while streaming: the merge is memory-bound in cache-sized blocks, where one thread is
-    # fastest and never stalls on a busy machine; another core hashes the inputs meanwhile. The validation's
-    # one-layer forward passes (a few dozen tokens) run with the same count, so its numbers do not depend on
-    # the machine's core count
+    # fastest and never stalls on a busy machine; another core hashes the inputs and runs the validation's
+    # reference meanwhile, with the same count. The validation's merged side runs alone after them, on twice
+    # the count (merge.merger.alone_threads). Its numbers depend on this option, not on the machine's cores
     threads: int = option(
         1,
         toml=False,
         range=(0, None),
-        help="compute threads for the streaming merge and its validation (0 = torch's default)",
+        help="compute threads for the streaming merge and the validation reference beside it; the validation's "
+        "merged side, which runs alone after them, uses twice this (0 = torch's default)",
     )
     kl_warn: float = 0.01
     logit_warn: float = 1.0

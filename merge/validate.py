@@ -222,12 +222,9 @@ def reference_side(
     """The reference's logits (PEFT, unmerged adapters): one decoder layer at a time where possible (`streaming`),
     else whole models. It does not depend on the merged files, so the merge runs it beside the merge (merge/merger.py);
     `stop` set makes it raise Stopped at the next layer."""
-    from mergeq.core.memory import collector_paused
+    from mergeq.core.imports import peft_imported
 
-    with collector_paused():  # the libraries the reference runs on, imported here: 280k objects
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-        from transformers import AutoModelForCausalLM  # noqa: F401
+    peft_imported()  # the libraries the reference runs on, imported here: 280k objects
     plan = streaming_plan(reference, device) if streaming else None
     if plan is not None:
         prompts, prompt_source = prompt_ids(reference.tokenizer_dirs, plan.vocab)

@@ -220,3 +220,50 @@ def test_cli_reports_errors_without_traceback(tmp_path, llama, lora, capsys):
     assert scales["model.layers.0.self_attn.q_proj"] == pytest.approx(0.5 * 8 / 4)
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
+
+
+def test_an_error_before_the_merge_stops_the_input_digests(tmp_path, llama, lora, monkeypatch):
+    """The inputs are hashed in the background from the start; a refusal does not wait for a 16 GB base's
+    digest: the digest sees its stop event set and ends."""
+    import threading
+
+    from merge import merger
+    from mergeq.core.hashing import HashingStopped
+
+    seen = []
+
+    def slow_digest(path, stop=None):
+        seen.append(stop.wait(timeout=120))  # a digest that would take two minutes unless stopped
+        raise HashingStopped(str(path))
+
+    monkeypatch.setattr(merger, "sha256_file", slow_digest)
+    path = lora / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors[sorted(tensors)[0]][0, 0] = float("nan")
+    save_file(tensors, path)
+    refuse(tmp_path, "NaN or Inf", base=llama, adapters=[lora])
+    assert seen == [True], seen  # the first digest was stopped; the others never started
+    assert not [t for t in threading.enumerate() if t.name.startswith("mergeq-hash")]
+
+
+def test_each_input_file_is_hashed_once(tmp_path, llama, lora, monkeypatch):
+    from merge import manifest, merger
+    from mergeq.core.hashing import sha256_file
+
+    read = []
+
+    def counting(path, stop=None):
+        read.append(path.name)
+        return sha256_file(path, stop)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError(f"hashed again for the manifest: {args}")
+
+    monkeypatch.setattr(merger, "sha256_file", counting)
+    monkeypatch.setattr(manifest, "tree_hashes", no_second_pass)
+    out = tmp_path / "out"
+    run_merge(MergeConfig(base=llama, adapters=[AdapterRef(lora, 1.0)], out=out, validate=False))
+    inputs = [p.name for folder in (llama, lora) for p in folder.iterdir() if p.is_file()]
+    assert sorted(read) == sorted(inputs)
+    recorded = json.loads((out / "merge_manifest.json").read_text())
+    assert set(recorded["inputs"]["sources"]["base"]["files"]) == {p.name for p in llama.iterdir() if p.is_file()}

@@ -146,3 +146,37 @@ def test_collector_paused_freezes_what_the_block_imported():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[false, true, true]"
+
+
+def test_peft_import_compiles_nothing_and_bitsandbytes_still_works():
+    """bitsandbytes wraps kernels in torch.compile at import, which imports torch's inductor compiler (0.6 s, 35-50
+    MB per merge); the validation's import keeps them eager and drops bitsandbytes' warning about an optional hub
+    kernel. Its 4-bit round trip still works and matches the compiled build's (the same arithmetic). In child
+    processes: the imports are per process."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    roundtrip = (
+        "import torch, hashlib\n"
+        "import bitsandbytes.functional as F\n"
+        "torch.manual_seed(0)\n"
+        "w = torch.randn(64, 128)\n"
+        "q, state = F.quantize_4bit(w.to(torch.bfloat16), quant_type='nf4')\n"
+        "d = F.dequantize_4bit(q, state).float()\n"
+        "print(hashlib.sha256(d.numpy().tobytes()).hexdigest(), float((d - w).abs().mean()))\n"
+    )
+    ours = (
+        "import sys\n"
+        "from mergeq.core.imports import peft_imported\n"
+        "peft_imported()\n"
+        "assert 'peft' in sys.modules and 'bitsandbytes' in sys.modules\n"
+        "print('compile_fx' if 'torch._inductor.compile_fx' in sys.modules else 'eager')\n" + roundtrip
+    )
+    mine = subprocess.run([sys.executable, "-c", ours], capture_output=True, text=True, check=True)
+    plain = subprocess.run([sys.executable, "-c", "import peft\n" + roundtrip], capture_output=True, text=True, check=True)
+    assert mine.stdout.splitlines()[0] == "eager"
+    assert "kernels-community" not in mine.stderr, mine.stderr
+    digest, error = mine.stdout.splitlines()[1].split()
+    assert float(error) < 0.1  # nf4 of unit normals: mean |error| about 0.07
+    assert digest == plain.stdout.split()[0]  # bitsandbytes' own (compiled) kernels give the same bits

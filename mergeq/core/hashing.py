@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -15,12 +16,20 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 22
 
 
-def sha256_file(path: Path) -> str:
+class HashingStopped(Exception):
+    """A digest was asked to stop (its `stop` event set) before the end of its file."""
+
+
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
+    """sha256 of the file at `path`; with `stop`, checked every 4 MiB, raising HashingStopped once it is set
+    (a digest running in the background of work that failed is not waited for)."""
     digest = hashlib.sha256()
     buffer = bytearray(CHUNK)  # one buffer read into again and again: no fresh 4 MiB object per read
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as handle:
         while size := handle.readinto(buffer):
+            if stop is not None and stop.is_set():
+                raise HashingStopped(f"{path}: digest stopped")
             digest.update(view[:size])
     return digest.hexdigest()
 
