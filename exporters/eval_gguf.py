@@ -132,7 +132,7 @@ def llama_token_count(gguf: Path, text: str, n_ctx_probe: int, options: EvalOpti
     tokenizes, prints the count and stops. None when it never printed the count (three runs).
     """
     from exporters.llamacpp.build import tool_command
-    from exporters.llamacpp.run import run_tool, weight_flags
+    from exporters.llamacpp.run import EVAL_WEIGHT_FLAGS, run_tool
 
     with tempfile.TemporaryDirectory(prefix="mergeq-eval-") as tmp:
         probe = Path(tmp) / "prefix.txt"
@@ -149,7 +149,7 @@ def llama_token_count(gguf: Path, text: str, n_ctx_probe: int, options: EvalOpti
             min(2048, n_ctx_probe),
             "-t",
             options.threads or os.cpu_count() or 1,
-            *weight_flags(gguf)[0],
+            *EVAL_WEIGHT_FLAGS,
         )
         for attempt in range(3):  # its last log lines can be lost at exit (run_kl_divergence): ask again
             result = run_tool(command, hint=f"if {gguf} is damaged, export it again", again=attempt > 0)
@@ -174,7 +174,7 @@ def parallel_windows(n_ctx: int, n_vocab: int) -> int:
 def evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: EvalOptions, provenance: dict):
     """llama-perplexity in KL-divergence mode against the cached reference: our windows, llama.cpp's logits."""
     from exporters.llamacpp.build import tool_command
-    from exporters.llamacpp.run import weight_flags
+    from exporters.llamacpp.run import EVAL_WEIGHT_FLAGS, EVAL_WEIGHTS
 
     if windows.scored_tokens < 100:
         raise MergeqError(
@@ -198,10 +198,7 @@ def evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: Ev
     threads = options.threads or os.cpu_count() or 1
     n_ctx = windows.n_ctx
     batch = parallel_windows(n_ctx, n_vocab)
-    flags, why = weight_flags(artifact, buffers=batch * n_ctx * n_vocab * 4)  # the batch's fp32 logits
-    if why:
-        log.warning("%s", why)
-        provenance["llama_weights"] = why
+    provenance["llama_weights"] = EVAL_WEIGHTS
     command = tool_command(
         "llama-perplexity",
         "-m",
@@ -215,11 +212,13 @@ def evaluate_gguf(artifact: Path, reference: Path, windows: Windows, options: Ev
         n_ctx * batch,
         "-t",
         threads,
-        *flags,
+        *EVAL_WEIGHT_FLAGS,
     )
     log.info("running %s", " ".join(command.argv))
     stats, result = run_kl_divergence(command, artifact)
     stats["peak_rss_bytes"] = result.peak_rss_bytes
+    # what llama-perplexity held of its own at most; the rest of its peak was the GGUF's mapped pages
+    provenance["llama_perplexity_peak_anonymous_bytes"] = result.peak_anon_bytes
     provenance["llama.cpp"] = llama_version()
     if (int(stats["chunks"]), int(stats["n_ctx"])) != (windows.n_windows, n_ctx):
         raise ToolError(

@@ -159,7 +159,7 @@ def stage_budgets(config, shapes: Shapes) -> list[StageBudget]:
                     intermediate + sum(sizes + search),
                     f"the largest of: the converter (runtime + 2 x largest tensor in fp32); llama-quantize (its "
                     f"runtime + the largest tensor mapped, in fp32 and quantized); llama-perplexity (its runtime, "
-                    f"the largest file, which it copies into its CPU layout where memory allows, and a batch of "
+                    f"the largest file, mapped: its pages stay resident where memory allows, and a batch of "
                     f"logits). Disk: the f16 intermediate ({intermediate / GIB:.2f} GiB, removed when the stage "
                     f"ends) and the files {', '.join(options.quants)}",
                     sum(sizes),

@@ -127,8 +127,9 @@ def _tool_versions(target: str, options=None) -> dict:
         device = str(resolve_device(getattr(options, "device", "cpu")))
         return {"torch_threads": torch.get_num_threads(), "device": device}
     from exporters.llamacpp.pin import version_info
+    from exporters.llamacpp.run import EVAL_WEIGHT_FLAGS
 
-    return {"llama.cpp": version_info()}
+    return {"llama.cpp": version_info(), "llama_eval_flags": list(EVAL_WEIGHT_FLAGS)}
 
 
 def model_files(directory: Path) -> dict[str, str]:

@@ -88,6 +88,11 @@ def test_gguf_is_scored_on_the_reference_windows(fake):
     assert tokens.reshape(8, 64)[:, 0].tolist() == [1] * 8  # BOS in front of every window
     assert "-f" in probe_call and probe_call[probe_call.index("-c") + 1] == str(8 * 64)
     assert result.provenance["llama.cpp"] == {"version": "test"}
+    # the weights are used in place from the mapped file, whatever the memory limit: scores that do not depend on it
+    assert "--no-repack" in kl_call and "--no-repack" in probe_call
+    assert result.provenance["llama_weights"].startswith("mapped from the file")
+    anon = result.provenance["llama_perplexity_peak_anonymous_bytes"]
+    assert 0 < anon <= result.tool_peak_rss_bytes  # the stand-in's own memory (a Python process), sampled
 
 
 def test_gguf_tokenizer_difference_is_a_warning(fake):

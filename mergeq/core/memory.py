@@ -25,15 +25,22 @@ LLAMACPP_RUNTIME_BYTES = 256 << 20
 LLAMA_LOGITS_BUDGET_BYTES = 512 << 20
 
 
-def _vm_hwm_bytes(pid: int | str = "self") -> int | None:
+def _status_bytes(pid: int | str, *fields: str) -> list[int | None]:
+    """The named fields of /proc/PID/status (kB values) in bytes; None for each where /proc cannot tell."""
+    found: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                key = line.split(":", 1)[0]
+                if key in fields:
+                    found[key] = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        return [None] * len(fields)
+    return [found.get(field) for field in fields]
+
+
+def _vm_hwm_bytes(pid: int | str = "self") -> int | None:
+    return _status_bytes(pid, "VmHWM")[0]
 
 
 def resident_bytes() -> int | None:
@@ -71,7 +78,9 @@ def reset_peak_rss() -> bool:
 
 
 class ChildPeak:
-    """The peak RSS of a running child process, sampled from its VmHWM until it exits.
+    """The peak RSS of a running child process, sampled from its VmHWM until it exits; and the peak of its
+    anonymous memory (RssAnon, sampled every SAMPLE_SECONDS): what the child allocated, as opposed to pages of
+    files it maps (a llama.cpp tool's model file), which the kernel can drop and read again under pressure.
 
     Falls back to the rusage that wait4 returns (which may include the parent's mark) where /proc is missing.
     """
@@ -81,16 +90,18 @@ class ChildPeak:
 
         self.pid = pid
         self.peak = 0
+        self.peak_anon = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            hwm = _vm_hwm_bytes(self.pid)
+            hwm, anon = _status_bytes(self.pid, "VmHWM", "RssAnon")
             if hwm is None:
                 return
             self.peak = max(self.peak, hwm)
+            self.peak_anon = max(self.peak_anon, anon or 0)
             self._stop.wait(SAMPLE_SECONDS)
 
     def finish(self, rusage_maxrss_kib: int) -> int:
