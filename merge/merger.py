@@ -9,9 +9,10 @@ tokenizer files and merge_manifest.json (merge/manifest.py).
 Two threads work beside the merge: one hashes the inputs for the manifest (from the start, beside the imports
 and checks before the merge too), one computes the validation reference's logits (they do not depend on the
 merged files); only the merged side of the validation runs after the merge, alone, on the cores the merge and
-the reference used side by side (twice --threads). Both drop the GIL in their heavy parts (hashlib, torch), so with a free core the reference costs
-little wall time (1.1B bench, 2 cores shared with other work at load 5, best of two: 18.1 s wall for the default
-merge, 25.1 s with the reference after the merge; about the same CPU time, 15-16 s).
+the reference used side by side (twice --threads). Both threads drop the GIL in their heavy parts (hashlib,
+torch), so with a free core the reference costs little wall time (1.1B bench, 2 cores shared with other work at
+load 5, best of two: 18.1 s wall for the default merge, 25.1 s with the reference after the merge; about the same
+CPU time, 15-16 s).
 
 Everything is written into a temporary sibling of --out and renamed into place at the end.
 """

@@ -174,7 +174,9 @@ def test_peft_import_compiles_nothing_and_bitsandbytes_still_works():
         "print('compile_fx' if 'torch._inductor.compile_fx' in sys.modules else 'eager')\n" + roundtrip
     )
     mine = subprocess.run([sys.executable, "-c", ours], capture_output=True, text=True, check=True)
-    plain = subprocess.run([sys.executable, "-c", "import peft\n" + roundtrip], capture_output=True, text=True, check=True)
+    plain = subprocess.run(
+        [sys.executable, "-c", "import peft\n" + roundtrip], capture_output=True, text=True, check=True
+    )
     assert mine.stdout.splitlines()[0] == "eager"
     assert "kernels-community" not in mine.stderr, mine.stderr
     digest, error = mine.stdout.splitlines()[1].split()

@@ -61,4 +61,3 @@ def peft_imported() -> None:
         import peft  # noqa: F401
         import transformers  # noqa: F401
         from transformers import AutoModelForCausalLM  # noqa: F401
-
