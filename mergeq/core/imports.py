@@ -5,7 +5,8 @@ bitsandbytes wraps four of its CPU kernels in `torch.compile` when it is importe
 torch's inductor compiler: measured on the 1.1B merge bench, 0.6 s of wall time and 35 to 50 MB of resident
 memory, on every merge, for kernels that a merge of an fp16 base never runs. `peft_imported()` imports
 bitsandbytes with `torch.compile` standing aside, so those four kernels stay plain eager functions. bitsandbytes
-falls back to the same functions itself whenever compiling fails, so this is a path it supports. It also drops
+falls back to the same functions itself whenever compiling fails, so this is a path it supports. (For the
+moment of that import, `torch.compile` is the identity for the whole process: mergeq compiles nothing.) It also drops
 bitsandbytes' warning that an optional hub kernel (`kernels-community`) is not installed: that kernel is only a
 faster 4-bit matmul, and a user can do nothing about the warning inside mergeq."""
 

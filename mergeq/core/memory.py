@@ -45,14 +45,7 @@ def _vm_hwm_bytes(pid: int | str = "self") -> int | None:
 
 def resident_bytes() -> int | None:
     """This process's resident set now (VmRSS), or None where /proc cannot tell."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return _status_bytes("self", "VmRSS")[0]
 
 
 def peak_rss_bytes() -> int:
