@@ -133,15 +133,15 @@ EVAL_WEIGHTS = "mapped from the file, not repacked (--no-repack)"
 
 
 def weight_flags(model: Path, buffers: int = 0) -> tuple[tuple[str, ...], str | None]:
-    """Extra flags for a llama.cpp tool that loads `model`, and why (None: no flags).
+    """Extra flags for a llama.cpp tool that loads `model`, and why (None: no flags). llama-server's; the
+    evaluation's tools always map the weights (EVAL_WEIGHT_FLAGS above).
 
-    llama.cpp's CPU backend repacks quantized weights into anonymous memory for its faster kernels: a copy of
+    llama.cpp's CPU backend repacks quantized weights into anonymous memory for its own kernels: a copy of
     the model that the kernel cannot page out. Under a memory limit (this process's cgroup: a container, a
     `systemd-run -p MemoryMax=`) too small for that copy beside what else is held there, `--no-repack` keeps
-    the weights in the memory-mapped file, which the kernel pages in and out as needed. Same model, slower
-    kernels; the tool would otherwise be OOM-killed. What else is held: mergeq's own resident set now, the
-    tool's runtime (LLAMACPP_RUNTIME_BYTES) and `buffers`, what the caller knows the tool will allocate
-    (llama-perplexity: the logits of its batch)."""
+    the weights in the memory-mapped file, which the kernel pages in and out as needed; the tool would
+    otherwise be OOM-killed. What else is held: mergeq's own resident set now, the tool's runtime
+    (LLAMACPP_RUNTIME_BYTES) and `buffers`, what the caller knows the tool will allocate."""
     from mergeq.core.memory import LLAMACPP_RUNTIME_BYTES, memory_limit_bytes, resident_bytes
 
     limit = memory_limit_bytes()
