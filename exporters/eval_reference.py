@@ -18,7 +18,7 @@ import torch
 from exporters import eval_torch
 from exporters.eval_options import EvalOptions
 from mergeq.core.atomic import atomic_dir, write_json
-from mergeq.core.hashing import sha256_file
+from mergeq.core.hashing import file_digest
 from mergeq.core.locks import exclusive
 from mergeq.core.metrics import Windows
 
@@ -94,7 +94,7 @@ def _evict(root: Path) -> None:
 def _fingerprint_cached(directory: str, stamp: tuple) -> str:
     digest = hashlib.sha256()
     for name, _size, _mtime in stamp:
-        digest.update(name.encode() + b"\0" + sha256_file(Path(directory) / name).encode() + b"\n")
+        digest.update(name.encode() + b"\0" + file_digest(Path(directory) / name).encode() + b"\n")
     return digest.hexdigest()
 
 

@@ -43,7 +43,7 @@ from exporters.llamacpp.run import run_tool
 from exporters.registry import register
 from exporters.report import ArtifactReport, StageCost
 from mergeq.core.atomic import atomic_dir, remove_stale_tmp
-from mergeq.core.hashing import sha256_file, tree_hashes
+from mergeq.core.hashing import file_digest, tree_hashes
 from mergeq.core.modelfiles import read_model_config
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ def _quantize_hint(quant: str) -> str:
 def _input_hashes(model_dir: Path, options: GGUFOptions) -> dict:
     hashes = {"model": tree_hashes(model_dir, recursive=False)}
     if options.calib is not None:
-        hashes["calib_sha256"] = sha256_file(options.calib)
+        hashes["calib_sha256"] = file_digest(options.calib)
     return hashes
 
 

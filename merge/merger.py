@@ -40,7 +40,7 @@ from merge.streaming import merged_vocab, stream_merge
 from mergeq.core.atomic import atomic_dir, write_json
 from mergeq.core.device import torch_threads
 from mergeq.core.errors import MergeqError
-from mergeq.core.hashing import sha256_file, tree_hashes
+from mergeq.core.hashing import file_digest, tree_hashes
 from mergeq.core.modelfiles import copy_aux_files, read_model_config
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
     # for, when anything fails
     stop_hashing = threading.Event()
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeq-hash")
-    digest = functools.partial(sha256_file, stop=stop_hashing)
+    digest = functools.partial(file_digest, stop=stop_hashing)
     hashing = {
         folder: hasher.submit(tree_hashes, folder, recursive=False, digest=digest)
         for folder in dict.fromkeys([folder for _, folder, _ in candidates] + [Path(r.path) for r in refs])

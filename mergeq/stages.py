@@ -22,7 +22,7 @@ from pathlib import Path
 from mergeq.core import hashing
 from mergeq.core.atomic import write_json
 from mergeq.core.errors import MergeqError
-from mergeq.core.hashing import FileStamps, sha256_file
+from mergeq.core.hashing import FileStamps
 from mergeq.core.locks import exclusive
 
 log = logging.getLogger(__name__)
@@ -30,31 +30,22 @@ log = logging.getLogger(__name__)
 STATE_DIR = ".mergeq"
 STAMPS_NAME = "filestamps.json"
 
-_stamps: FileStamps | None = None  # set by file_stamps() for the length of a run
-
 
 @contextlib.contextmanager
 def file_stamps(out_root: Path, *, verify: bool = False, name: str | None = None):
-    """Hash through a FileStamps cache kept in OUT/.mergeq/ while the block runs (one run holds the lock); `name`:
-    a cache of its own (`.mergeq/stamps/NAME.json`), for one stage that may run beside others."""
-    global _stamps
+    """Hash through a FileStamps cache kept in OUT/.mergeq/ while the block runs (one run holds the lock): every
+    `hashing.file_digest` in this process, the merge's and the exporters' manifests included; `name`: a cache of
+    its own (`.mergeq/stamps/NAME.json`), for one stage that may run beside others."""
     path = Path(out_root) / STATE_DIR / (STAMPS_NAME if name is None else f"stamps/{name}.json")
-    previous, _stamps = _stamps, FileStamps(path, verify=verify)
-    try:
-        yield _stamps
-        _stamps.save()
-        log.info("up-to-date checks: %s", _stamps.summary())
-    finally:
-        _stamps = previous
-
-
-def file_sha256(path: Path) -> str:
-    return _stamps.sha256(path) if _stamps is not None else sha256_file(path)
+    with hashing.stamps_active(FileStamps(path, verify=verify)) as stamps:
+        yield stamps
+        stamps.save()
+        log.info("up-to-date checks: %s", stamps.summary())
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every regular file under `root` but mergeq's own state, through the run's FileStamps."""
-    return hashing.tree_hashes(root, skip=(STATE_DIR,), digest=file_sha256)
+    return hashing.tree_hashes(root, skip=(STATE_DIR,))
 
 
 def stage_key(name: str, inputs: dict, options: dict, versions: dict) -> str:

@@ -13,16 +13,14 @@ from mergeq.core.hashing import FileStamps
 
 @pytest.fixture
 def reads(monkeypatch):
-    """Count the files actually read by sha256_file."""
+    """Count the files actually read by sha256_file (every file the hashing module opens, whoever calls it)."""
     seen: list[str] = []
-    real = hashing.sha256_file
 
-    def counting(path):
+    def counting(path, *args, **kwargs):
         seen.append(os.path.basename(path))
-        return real(path)
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(hashing, "sha256_file", counting)
-    monkeypatch.setattr(stages, "sha256_file", counting)
+    monkeypatch.setattr(hashing, "open", counting, raising=False)
     return seen
 
 
@@ -123,3 +121,35 @@ def test_stamps_keep_only_the_files_of_the_last_run(tmp_path):
         stages.tree_hashes(two)
     kept = FileStamps(tmp_path / "out" / stages.STATE_DIR / stages.STAMPS_NAME).known
     assert all(path.startswith(os.path.realpath(two)) for path in kept) and len(kept) == 2
+
+
+def test_a_run_reads_each_file_once_whatever_asks_for_its_digest(tmp_path, reads, builders):
+    """Inside a run the merge's manifest and the exporters' keys take their digests from the run's stamps: the
+    base the merge stage's key hashed is not read again for the merge manifest, nor the merged checkpoint
+    that the stage stamp hashed for the GGUF manifest or the evaluation's reference key."""
+    from exporters.eval_reference import checkpoint_fingerprint
+    from merge.merger import AdapterRef, MergeConfig, run_merge
+
+    base = builders.llama(tmp_path / "base")
+    adapter = builders.adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    inputs = sorted(p.name for folder in (base, adapter) for p in folder.iterdir() if p.is_file())
+    out = tmp_path / "run"
+    with stages.file_stamps(out) as stamps:
+        key = {"base": stages.tree_hashes(base), "adapter": stages.tree_hashes(adapter)}  # as the merge stage's key
+        assert sorted(reads) == inputs
+        reads.clear()
+        merged = out / "merged"
+        run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter, 1.0)], out=merged, validate=False))
+        assert reads == [], "the merge manifest read inputs again"
+        manifest = __import__("json").loads((merged / "merge_manifest.json").read_text())
+        assert manifest["inputs"]["sources"]["base"]["files"] == key["base"]
+        outputs = stages.tree_hashes(merged)  # the stage stamp
+        assert sorted(reads) == sorted(outputs)
+        reads.clear()
+        hashing.tree_hashes(merged, recursive=False)  # the GGUF manifest's input hashes
+        checkpoint_fingerprint(merged)
+        assert reads == []
+    assert stamps.read_files == len(inputs) + len(outputs)
+    # outside a run every digest reads its file
+    hashing.tree_hashes(base, recursive=False)
+    assert sorted(reads) == sorted(p.name for p in base.iterdir() if p.is_file())

@@ -236,7 +236,7 @@ def test_an_error_before_the_merge_stops_the_input_digests(tmp_path, llama, lora
         seen.append(stop.wait(timeout=120))  # a digest that would take two minutes unless stopped
         raise HashingStopped(str(path))
 
-    monkeypatch.setattr(merger, "sha256_file", slow_digest)
+    monkeypatch.setattr(merger, "file_digest", slow_digest)
     path = lora / "adapter_model.safetensors"
     tensors = load_file(path)
     tensors[sorted(tensors)[0]][0, 0] = float("nan")
@@ -248,18 +248,18 @@ def test_an_error_before_the_merge_stops_the_input_digests(tmp_path, llama, lora
 
 def test_each_input_file_is_hashed_once(tmp_path, llama, lora, monkeypatch):
     from merge import manifest, merger
-    from mergeq.core.hashing import sha256_file
+    from mergeq.core.hashing import file_digest
 
     read = []
 
     def counting(path, stop=None):
         read.append(path.name)
-        return sha256_file(path, stop)
+        return file_digest(path, stop)
 
     def no_second_pass(*args, **kwargs):
         raise AssertionError(f"hashed again for the manifest: {args}")
 
-    monkeypatch.setattr(merger, "sha256_file", counting)
+    monkeypatch.setattr(merger, "file_digest", counting)
     monkeypatch.setattr(manifest, "tree_hashes", no_second_pass)
     out = tmp_path / "out"
     run_merge(MergeConfig(base=llama, adapters=[AdapterRef(lora, 1.0)], out=out, validate=False))

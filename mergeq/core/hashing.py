@@ -1,14 +1,20 @@
 """sha256 of files, folders and texts, streamed so that large checkpoints never sit in memory; and `FileStamps`,
-which remembers each file's digest against its stat so that an unchanged file is not read again."""
+which remembers each file's digest against its stat so that an unchanged file is not read again.
+
+`file_digest` is the digest every manifest and key uses: through the FileStamps cache a run made active
+(`stamps_active`, opened by mergeq.stages.file_stamps), else read. One `mergeq run` so reads each file at most
+once, however many stages and manifests ask for its digest: the base for the merge stage's key and for the merge
+manifest, the merged checkpoint for its stage stamp, the GGUF manifest and the evaluation's reference key."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,13 +40,35 @@ def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
     return digest.hexdigest()
 
 
+_active: FileStamps | None = None  # set by stamps_active() for the length of a run
+
+
+@contextlib.contextmanager
+def stamps_active(stamps: FileStamps) -> Iterator[FileStamps]:
+    """Every `file_digest` in the block (in any thread of this process) goes through `stamps`."""
+    global _active
+    previous, _active = _active, stamps
+    try:
+        yield stamps
+    finally:
+        _active = previous
+
+
+def file_digest(path: Path, stop: threading.Event | None = None) -> str:
+    """sha256 of the file at `path`, through the active FileStamps cache if a run opened one; `stop` as for
+    sha256_file (a trusted stamp returns at once)."""
+    stamps = _active
+    return stamps.sha256(path, stop=stop) if stamps is not None else sha256_file(path, stop)
+
+
 def tree_hashes(
-    root: Path, *, recursive: bool = True, skip: Collection[str] = (), digest: Callable[[Path], str] = sha256_file
+    root: Path, *, recursive: bool = True, skip: Collection[str] = (), digest: Callable[[Path], str] | None = None
 ) -> dict[str, str]:
     """sha256 of every regular file under `root` (only those directly in it when not `recursive`: checkpoints
     and adapters are flat folders), keyed by POSIX path relative to it, in sorted order. Files below a
     directory named in `skip` are left out; a file `root` gives {its name: its digest}. `digest` hashes one
-    file (a FileStamps cache's, for instance)."""
+    file (default: file_digest)."""
+    digest = digest or file_digest
     root = Path(root)
     if root.is_file():
         return {root.name: digest(root)}
@@ -78,7 +106,7 @@ class FileStamps:
             except (OSError, ValueError):
                 self.known = {}
 
-    def sha256(self, path: Path) -> str:
+    def sha256(self, path: Path, stop: threading.Event | None = None) -> str:
         key = os.path.realpath(path)
         before = _stat_stamp(path)
         seen = self.used.get(key)
@@ -90,7 +118,7 @@ class FileStamps:
             self.trusted_bytes += before[0]
             self.used[key] = entry
             return entry[1]
-        digest = sha256_file(path)
+        digest = sha256_file(path, stop)
         self.read_files += 1
         self.read_bytes += before[0]
         if entry is not None and entry[0] == before and entry[1] != digest:
