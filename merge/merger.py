@@ -40,8 +40,9 @@ from merge.streaming import merged_vocab, stream_merge
 from mergeq.core.atomic import atomic_dir, write_json
 from mergeq.core.device import torch_threads
 from mergeq.core.errors import MergeqError
-from mergeq.core.hashing import file_digest, tree_hashes
+from mergeq.core.hashing import FileStamps, file_digest, stamps_on, tree_hashes
 from mergeq.core.modelfiles import copy_aux_files, read_model_config
+from mergeq.core.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,8 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
     # for, when anything fails
     stop_hashing = threading.Event()
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeq-hash")
-    digest = functools.partial(file_digest, stop=stop_hashing)
+    kept = input_stamps(config.verify)
+    digest = functools.partial(kept.sha256 if kept is not None else file_digest, stop=stop_hashing)
     hashing = {
         folder: hasher.submit(tree_hashes, folder, recursive=False, digest=digest)
         for folder in dict.fromkeys([folder for _, folder, _ in candidates] + [Path(r.path) for r in refs])
@@ -282,11 +284,37 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
         hasher.shutdown(wait=True, cancel_futures=True)
         for source in sources:
             source.close()
+    if kept is not None:
+        _save_quietly(kept)
     for warning in warnings:
         log.warning("%s", warning)
     return MergeResult(
         out=out, manifest=manifest, warnings=warnings, shards=chosen_facts["shards"], validation=result_validation
     )
+
+
+INPUT_STAMPS = "stamps/merge-inputs.json"  # under the cache root
+INPUT_STAMPS_KEPT = 4096  # files: the most recently used
+
+
+def input_stamps(verify: bool) -> FileStamps | None:
+    """The digests of a merge's inputs, kept between merges (`<cache>/stamps/merge-inputs.json`): a base merged
+    again with another adapter is not read again for its manifest while its size, times and inode are unchanged
+    (`--verify` reads it). None inside `mergeq run`, whose own cache serves (mergeq.stages.file_stamps)."""
+    if stamps_on():
+        return None
+    return FileStamps(cache_root() / INPUT_STAMPS, verify=verify, keep=INPUT_STAMPS_KEPT)
+
+
+def _save_quietly(stamps: FileStamps) -> None:
+    """The digest cache is a convenience: failing to write it does not fail the merge."""
+    try:
+        stamps.save()
+    except OSError as err:
+        log.warning(
+            "could not save the input digests to %s (%s); the next merge reads its inputs again", stamps.path, err
+        )
+    log.debug("input digests: %s", stamps.summary())
 
 
 def _reference(config: MergeConfig, refs: list[AdapterRef], chosen: Source, requantize: QuantSettings | None):

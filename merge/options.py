@@ -93,6 +93,12 @@ class MergeConfig:
         off_help="skip the comparison with the unmerged PEFT model",
     )
     overwrite: bool = option(False, toml=False, help="replace a non-empty --out")
+    verify: bool = option(
+        False,
+        toml=False,
+        help="read and hash every input file for the manifest (default: a digest kept from an earlier merge is "
+        "trusted while the file's size, times and inode are unchanged; <cache>/stamps/merge-inputs.json)",
+    )
     # merge into dequant(quant(base)): the QLoRA target from an fp16 base. Given as nf4|fp4 (the older spelling of
     # --qlora nf4|fp4), made QuantSettings with quant_blocksize and double_quant by __post_init__
     requantize: QuantSettings | str | None = option(

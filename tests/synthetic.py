@@ -180,3 +180,26 @@ def write_lora(
     }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def write_tokenizer(folder: Path, vocab: int, source: Path) -> Path:
+    """The byte-level BPE tokenizer of the checkpoint in `source` (the demo base's), cut to the first `vocab` ids
+    when the model's vocabulary is smaller: the tokens past it and the merges that make them are dropped, so every
+    id it gives is in range. A real checkpoint ships its tokenizer, and the validation tokenizes its prompts with
+    it (without one it falls back to random ids, twice as many positions as the prompts tokenize to)."""
+    data = json.loads((Path(source) / "tokenizer.json").read_text())
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"{source}/tokenizer.json: a BPE tokenizer is needed, not {model.get('type')!r}")
+    if len(model["vocab"]) > vocab:
+        model["vocab"] = {token: i for token, i in model["vocab"].items() if i < vocab}
+        kept = model["vocab"]
+        pairs = [(pair, pair.split(" ") if isinstance(pair, str) else pair) for pair in model["merges"]]
+        model["merges"] = [pair for pair, (a, b) in pairs if a in kept and b in kept and a + b in kept]
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < vocab]
+    folder = Path(folder)
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n")
+    config = json.loads((Path(source) / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder

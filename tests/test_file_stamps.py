@@ -153,3 +153,53 @@ def test_a_run_reads_each_file_once_whatever_asks_for_its_digest(tmp_path, reads
     # outside a run every digest reads its file
     hashing.tree_hashes(base, recursive=False)
     assert sorted(reads) == sorted(p.name for p in base.iterdir() if p.is_file())
+
+
+def test_a_merge_keeps_its_input_digests_for_the_next_merge(tmp_path, reads, builders, monkeypatch):
+    """`mergeq merge` alone keeps its inputs' digests in the cache: the same base merged again is not read again
+    for the manifest, a file replaced since is, and --verify reads every one."""
+    import json
+
+    from merge.merger import INPUT_STAMPS, AdapterRef, MergeConfig, run_merge
+
+    monkeypatch.setenv("MERGEQ_CACHE", str(tmp_path / "cache"))
+    base = builders.llama(tmp_path / "base")
+    adapter = builders.adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    inputs = sorted(p.name for folder in (base, adapter) for p in folder.iterdir() if p.is_file())
+
+    def merge(name, **kw):
+        out = tmp_path / name
+        run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter, 1.0)], out=out, validate=False, **kw))
+        return json.loads((out / "merge_manifest.json").read_text())["inputs"]
+
+    first = merge("one")
+    assert sorted(reads) == inputs and (tmp_path / "cache" / INPUT_STAMPS).is_file()
+    reads.clear()
+    assert merge("two") == first and reads == []
+    assert merge("three", verify=True) == first and sorted(reads) == inputs
+    reads.clear()
+    shard = base / "model.safetensors"
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(shard.read_bytes())
+    os.replace(copy, shard)  # same bytes, a new inode
+    assert merge("four") == first and reads == ["model.safetensors"]
+    reads.clear()
+    (tmp_path / "cache" / INPUT_STAMPS).write_text("[not a cache")  # damaged: read everything, then rewrite it
+    assert merge("five") == first and sorted(reads) == inputs
+    reads.clear()
+    assert merge("six") == first and reads == []
+
+
+def test_the_shared_digest_cache_keeps_the_most_recently_used(tmp_path):
+    files = [tmp_path / f"f{i}.bin" for i in range(4)]
+    for i, path in enumerate(files):
+        path.write_bytes(bytes([i]) * 100)
+    cache = tmp_path / "stamps.json"
+    for path in files:  # four runs, one file each, two kept
+        stamps = FileStamps(cache, keep=2)
+        stamps.sha256(path)
+        stamps.save()
+    kept = FileStamps(cache, keep=2).known
+    assert sorted(kept) == sorted(os.path.realpath(p) for p in files[2:])
+    stamps = FileStamps(cache, keep=2)
+    assert stamps.sha256(files[2]) == hashing.sha256_file(files[2]) and stamps.trusted_files == 1

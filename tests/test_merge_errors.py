@@ -227,7 +227,7 @@ def test_an_error_before_the_merge_stops_the_input_digests(tmp_path, llama, lora
     digest: the digest sees its stop event set and ends."""
     import threading
 
-    from merge import merger
+    from mergeq.core import hashing
     from mergeq.core.hashing import HashingStopped
 
     seen = []
@@ -236,7 +236,8 @@ def test_an_error_before_the_merge_stops_the_input_digests(tmp_path, llama, lora
         seen.append(stop.wait(timeout=120))  # a digest that would take two minutes unless stopped
         raise HashingStopped(str(path))
 
-    monkeypatch.setattr(merger, "file_digest", slow_digest)
+    monkeypatch.setattr(hashing, "sha256_file", slow_digest)
+    monkeypatch.setenv("MERGEQ_CACHE", str(tmp_path / "cache"))  # no digest kept from an earlier merge
     path = lora / "adapter_model.safetensors"
     tensors = load_file(path)
     tensors[sorted(tensors)[0]][0, 0] = float("nan")
@@ -247,19 +248,21 @@ def test_an_error_before_the_merge_stops_the_input_digests(tmp_path, llama, lora
 
 
 def test_each_input_file_is_hashed_once(tmp_path, llama, lora, monkeypatch):
-    from merge import manifest, merger
-    from mergeq.core.hashing import file_digest
+    from merge import manifest
+    from mergeq.core import hashing
 
     read = []
+    real = hashing.sha256_file
 
     def counting(path, stop=None):
         read.append(path.name)
-        return file_digest(path, stop)
+        return real(path, stop)
 
     def no_second_pass(*args, **kwargs):
         raise AssertionError(f"hashed again for the manifest: {args}")
 
-    monkeypatch.setattr(merger, "file_digest", counting)
+    monkeypatch.setattr(hashing, "sha256_file", counting)
+    monkeypatch.setenv("MERGEQ_CACHE", str(tmp_path / "cache"))  # no digest kept from an earlier merge
     monkeypatch.setattr(manifest, "tree_hashes", no_second_pass)
     out = tmp_path / "out"
     run_merge(MergeConfig(base=llama, adapters=[AdapterRef(lora, 1.0)], out=out, validate=False))

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def stamps_active(stamps: FileStamps) -> Iterator[FileStamps]:
         _active = previous
 
 
+def stamps_on() -> bool:
+    """Whether a run's FileStamps cache is active (`stamps_active`)."""
+    return _active is not None
+
+
 def file_digest(path: Path, stop: threading.Event | None = None) -> str:
     """sha256 of the file at `path`, through the active FileStamps cache if a run opened one; `stop` as for
     sha256_file (a trusted stamp returns at once)."""
@@ -92,19 +98,23 @@ class FileStamps:
     writers rename new files into place (a new inode), so a rewritten file is always read again.
 
     `verify=True` reads every file (what `mergeq run --verify` asks for) and warns about any file whose content
-    changed while its stamp did not. The stamps live in a JSON file; `save` keeps only the files looked up.
+    changed while its stamp did not. The stamps live in a JSON file; `save` keeps only the files looked up, or,
+    with `keep` (a cache shared by many runs: the merge's inputs), the `keep` most recently used of those recorded
+    there by anyone and of this one's (each entry then also holds the time it was last used).
     """
 
-    def __init__(self, path: Path | None = None, *, verify: bool = False):
-        self.path, self.verify = path, verify
+    def __init__(self, path: Path | None = None, *, verify: bool = False, keep: int | None = None):
+        self.path, self.verify, self.keep = path, verify, keep
         self.known: dict[str, list] = {}
         self.used: dict[str, list] = {}
         self.read_files = self.read_bytes = self.trusted_files = self.trusted_bytes = 0
         if path is not None:
             try:
-                self.known = json.loads(Path(path).read_text())
+                known = json.loads(Path(path).read_text())
             except (OSError, ValueError):
-                self.known = {}
+                known = {}
+            if isinstance(known, dict):  # a damaged cache is an empty one
+                self.known = {k: v for k, v in known.items() if isinstance(v, list) and len(v) >= 2}
 
     def sha256(self, path: Path, stop: threading.Event | None = None) -> str:
         key = os.path.realpath(path)
@@ -132,7 +142,14 @@ class FileStamps:
             return
         from mergeq.core.atomic import write_json
 
-        write_json(self.path, dict(sorted(self.used.items())))
+        if self.keep is None:
+            write_json(self.path, dict(sorted(self.used.items())))
+            return
+        kept = FileStamps(self.path).known  # as it is now: another process may have saved since this one read it
+        now = time.time()
+        kept.update({key: [entry[0], entry[1], now] for key, entry in self.used.items()})  # [stamp, digest, used]
+        recent = sorted(kept.items(), key=lambda item: item[1][2] if len(item[1]) > 2 else 0.0)[-self.keep :]
+        write_json(self.path, dict(recent))
 
     def summary(self) -> str:
         return (
