@@ -310,7 +310,7 @@ def _save_quietly(stamps: FileStamps) -> None:
     """The digest cache is a convenience: failing to write it does not fail the merge."""
     try:
         stamps.save()
-    except OSError as err:
+    except (OSError, MergeqError) as err:  # MergeqError: a full disk, as mergeq.core.atomic reports it
         log.warning(
             "could not save the input digests to %s (%s); the next merge reads its inputs again", stamps.path, err
         )

@@ -203,3 +203,17 @@ def test_the_shared_digest_cache_keeps_the_most_recently_used(tmp_path):
     assert sorted(kept) == sorted(os.path.realpath(p) for p in files[2:])
     stamps = FileStamps(cache, keep=2)
     assert stamps.sha256(files[2]) == hashing.sha256_file(files[2]) and stamps.trusted_files == 1
+
+
+def test_a_digest_cache_that_cannot_be_written_does_not_fail_the_merge(tmp_path, builders, monkeypatch, caplog):
+    from merge.merger import AdapterRef, MergeConfig, run_merge
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the cache directory would be")
+    monkeypatch.setenv("MERGEQ_CACHE", str(blocked))
+    base = builders.llama(tmp_path / "base")
+    adapter = builders.adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    out = tmp_path / "out"
+    run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter, 1.0)], out=out, validate=False))
+    assert (out / "merge_manifest.json").is_file()
+    assert "could not save the input digests" in caplog.text
