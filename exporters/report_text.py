@@ -121,7 +121,9 @@ def _budget_lines(section: dict | None) -> list[str]:
         f"{_fmt(named.get('predicted_kl'), '.5f')} | {named['kl']:.5f} | {named['top1']:.4f} "
         f"| {named['ppl']:.4f} |",
         "",
-        f"KL here is measured on {section.get('kl_measured_on', 'the calibration text')}; "
+        f"KL here is measured on {section.get('kl_measured_on', 'the calibration text')}"
+        + (f", weights {section['kl_weights']}" if section.get("kl_weights") else "")
+        + "; "
         + (
             "this mix measures better than the named mix."
             if section["beats_named_mix"]

@@ -129,7 +129,10 @@ def _tool_versions(target: str, options=None) -> dict:
     from exporters.llamacpp.pin import version_info
     from exporters.llamacpp.run import EVAL_WEIGHT_FLAGS
 
-    return {"llama.cpp": version_info(), "llama_eval_flags": list(EVAL_WEIGHT_FLAGS)}
+    versions = {"llama.cpp": version_info(), "llama_eval_flags": list(EVAL_WEIGHT_FLAGS)}
+    if getattr(options, "targets", None):  # the size-budget search measures its candidates with the same flags
+        versions["llama_budget_flags"] = list(EVAL_WEIGHT_FLAGS)
+    return versions
 
 
 def model_files(directory: Path) -> dict[str, str]:

@@ -100,6 +100,9 @@ def test_the_mix_is_the_allocation_that_measured_least(exported):
     assert kept["measured_kl"] == min(c["measured_kl"] for c in candidates) == budget["measured"]["kl"]
     assert kept["bytes"] == budget["predicted_bytes"] and kept["predicted_kl"] == budget["predicted_kl"]
     assert all("same_as_below" not in c for c in candidates if c["chosen"])
+    from exporters.llamacpp.run import EVAL_WEIGHTS
+
+    assert budget["kl_weights"] == EVAL_WEIGHTS  # measured as the evaluation measures: mapped, never repacked
 
 
 def test_a_size_target_is_respected(exported):

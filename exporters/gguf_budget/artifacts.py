@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exporters.gguf_budget.calibrate import kl_weights
 from exporters.gguf_budget.search import BudgetSearch, Mix, SearchSettings
 from exporters.gguf_budget.target import Target
 from mergeq.core.atomic import atomic_dir
@@ -71,6 +72,7 @@ def _section(mix: Mix, state) -> dict:
     facts = state.to_json()
     data["search"] = {"calibration": facts["calibration"], "seconds": facts["seconds"]}
     data["kl_measured_on"] = "the calibration text, against the f16 intermediate (llama-perplexity)"
+    data["kl_weights"] = kl_weights()
     return data
 
 
