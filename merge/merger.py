@@ -20,7 +20,6 @@ Everything is written into a temporary sibling of --out and renamed into place a
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import threading
@@ -32,6 +31,7 @@ import torch
 
 from merge import manifest as manifest_mod
 from merge.adapters import describe_adapter, read_config
+from merge.digests import InputDigests, input_folders
 from merge.options import AdapterRef, MergeConfig
 from merge.qlora import TORCH_DTYPES, QuantSettings, check_quantization_config
 from merge.qlora_detect import Decision, adapter_evidence, decide, user_base_evidence
@@ -40,9 +40,7 @@ from merge.streaming import merged_vocab, stream_merge
 from mergeq.core.atomic import atomic_dir, write_json
 from mergeq.core.device import torch_threads
 from mergeq.core.errors import MergeqError
-from mergeq.core.hashing import FileStamps, file_digest, stamps_on, tree_hashes
 from mergeq.core.modelfiles import copy_aux_files, read_model_config
-from mergeq.core.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +108,10 @@ def _created_parents(out: Path) -> list[Path]:
     return missing
 
 
-def run_merge(config: MergeConfig) -> MergeResult:
-    """Merge, validate and write `config.out` atomically; on any error nothing is left behind."""
+def run_merge(config: MergeConfig, digests: InputDigests | None = None) -> MergeResult:
+    """Merge, validate and write `config.out` atomically; on any error nothing is left behind. `digests`: the
+    inputs' digests already started (`mergeq merge` starts them before importing torch); used if they are for
+    these inputs. The caller stops them if this fails before using them."""
     if config.out is None:
         raise MergeqError("no output folder given", hint="pass --out DIR")
     refs = config.adapter_refs()
@@ -132,7 +132,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
         # depend on the core count. Set before the first torch operation: a second OpenMP thread, once started
         # (by the adapter's finiteness check), spun 1.5 CPU s waiting for work
         with torch_threads(config.threads):
-            return _run(config, refs, out)
+            return _run(config, refs, out, digests)
     except BaseException:
         for folder in created:  # parents made for the output; removed only if still empty
             try:
@@ -182,7 +182,7 @@ def qlora_decision(config: MergeConfig, refs: list[AdapterRef]) -> Decision:
     return decide(config.qlora, evidence, has_4bit_base=given is not None, double_quant=config.double_quant)
 
 
-def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
+def _run(config: MergeConfig, refs: list[AdapterRef], out: Path, digests: InputDigests | None) -> MergeResult:
     out_dtype = TORCH_DTYPES[config.dtype]
     decision = qlora_decision(config, refs)
     log.info("merge target: %s (%s)", decision.target, decision.why)  # its warnings are logged with the others
@@ -193,16 +193,13 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
     if config.base is not None:
         candidates.append(("base", Path(config.base), requantize))
     # input hashes for the manifest, read in a background thread from the start (hashlib drops the GIL): beside
-    # the imports and checks before the merge, which run on one core, and beside the merge. Stopped, not waited
-    # for, when anything fails
-    stop_hashing = threading.Event()
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeq-hash")
-    kept = input_stamps(config.verify)
-    digest = functools.partial(kept.sha256 if kept is not None else file_digest, stop=stop_hashing)
-    hashing = {
-        folder: hasher.submit(tree_hashes, folder, recursive=False, digest=digest)
-        for folder in dict.fromkeys([folder for _, folder, _ in candidates] + [Path(r.path) for r in refs])
-    }
+    # the imports and checks before the merge, which run on one core, and beside the merge; `mergeq merge` starts
+    # them before it imports torch (merge.digests). Stopped, not waited for, when anything fails
+    folders = input_folders([config.qlora_base, config.base], [r.path for r in refs])
+    if digests is None or not digests.serves(folders, config.verify):
+        if digests is not None:
+            digests.stop()
+        digests = InputDigests(folders, verify=config.verify)
     sources: list[Source] = []
     try:
         for label, folder, requant in candidates:
@@ -210,8 +207,7 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
         for adapter in sources[0].adapters:
             adapter.check_finite()
     except BaseException:
-        stop_hashing.set()
-        hasher.shutdown(wait=True, cancel_futures=True)
+        digests.stop()
         for source in sources:
             source.close()
         raise
@@ -276,45 +272,19 @@ def _run(config: MergeConfig, refs: list[AdapterRef], out: Path) -> MergeResult:
                 fidelity=fidelity,
                 warnings=warnings,
                 qlora=decision.describe(),
-                hashes={folder: future.result() for folder, future in hashing.items()},
+                hashes=digests.result(),
             )
             write_json(tmp / manifest_mod.MANIFEST_NAME, manifest)
     finally:
-        stop_hashing.set()  # done by now unless the merge failed
-        hasher.shutdown(wait=True, cancel_futures=True)
+        digests.stop()  # done by now unless the merge failed
         for source in sources:
             source.close()
-    if kept is not None:
-        _save_quietly(kept)
+    digests.save()
     for warning in warnings:
         log.warning("%s", warning)
     return MergeResult(
         out=out, manifest=manifest, warnings=warnings, shards=chosen_facts["shards"], validation=result_validation
     )
-
-
-INPUT_STAMPS = "stamps/merge-inputs.json"  # under the cache root
-INPUT_STAMPS_KEPT = 4096  # files: the most recently used
-
-
-def input_stamps(verify: bool) -> FileStamps | None:
-    """The digests of a merge's inputs, kept between merges (`<cache>/stamps/merge-inputs.json`): a base merged
-    again with another adapter is not read again for its manifest while its size, times and inode are unchanged
-    (`--verify` reads it). None inside `mergeq run`, whose own cache serves (mergeq.stages.file_stamps)."""
-    if stamps_on():
-        return None
-    return FileStamps(cache_root() / INPUT_STAMPS, verify=verify, keep=INPUT_STAMPS_KEPT)
-
-
-def _save_quietly(stamps: FileStamps) -> None:
-    """The digest cache is a convenience: failing to write it does not fail the merge."""
-    try:
-        stamps.save()
-    except (OSError, MergeqError) as err:  # MergeqError: a full disk, as mergeq.core.atomic reports it
-        log.warning(
-            "could not save the input digests to %s (%s); the next merge reads its inputs again", stamps.path, err
-        )
-    log.debug("input digests: %s", stamps.summary())
 
 
 def _reference(config: MergeConfig, refs: list[AdapterRef], chosen: Source, requantize: QuantSettings | None):

@@ -160,7 +160,8 @@ def test_a_merge_keeps_its_input_digests_for_the_next_merge(tmp_path, reads, bui
     for the manifest, a file replaced since is, and --verify reads every one."""
     import json
 
-    from merge.merger import INPUT_STAMPS, AdapterRef, MergeConfig, run_merge
+    from merge.digests import INPUT_STAMPS
+    from merge.merger import AdapterRef, MergeConfig, run_merge
 
     monkeypatch.setenv("MERGEQ_CACHE", str(tmp_path / "cache"))
     base = builders.llama(tmp_path / "base")

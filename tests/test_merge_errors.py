@@ -270,3 +270,52 @@ def test_each_input_file_is_hashed_once(tmp_path, llama, lora, monkeypatch):
     assert sorted(read) == sorted(inputs)
     recorded = json.loads((out / "merge_manifest.json").read_text())
     assert set(recorded["inputs"]["sources"]["base"]["files"]) == {p.name for p in llama.iterdir() if p.is_file()}
+
+
+COMMAND_DIGESTS = """
+import json, sys
+import merge.digests as digests
+
+started = []
+real = digests.InputDigests.__init__
+
+
+def recording(self, *args, **kwargs):
+    started.append("torch" in sys.modules)
+    real(self, *args, **kwargs)
+
+
+digests.InputDigests.__init__ = recording
+from mergeq.cli import main
+
+code = main(["-q", "merge", "--base", sys.argv[1], "--adapter", sys.argv[2], "--out", sys.argv[3], "--no-validate"])
+print(json.dumps({"code": code, "started": started}))
+"""
+
+
+def test_the_merge_command_hashes_its_inputs_from_before_torch_is_imported(tmp_path, llama, lora):
+    """`mergeq merge` starts the inputs' digests before it imports torch, and the merge uses those: one start,
+    with torch not yet loaded, and the manifest's hashes are the files' own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mergeq.core.hashing import sha256_file
+
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MERGEQ_CACHE": str(tmp_path / "cache"), "MERGEQ_QUIET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", COMMAND_DIGESTS, str(llama), str(lora), str(out)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0, "started": [False]}, result
+    recorded = json.loads((out / "merge_manifest.json").read_text())["inputs"]["sources"]["base"]["files"]
+    assert recorded == {p.name: sha256_file(p) for p in sorted(llama.iterdir()) if p.is_file()}

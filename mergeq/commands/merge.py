@@ -8,24 +8,31 @@ import json
 import sys
 from dataclasses import replace
 
-from merge.options import MergeConfig
+from merge.options import AdapterRef, MergeConfig
 from mergeq.core.options import add_options, from_namespace
 
 
 def run(args) -> int:
+    from merge.digests import InputDigests, input_folders
     from mergeq.core.memory import collector_paused
 
-    with collector_paused():  # torch, imported here
-        from merge.merger import run_merge
+    # the inputs' sha256 first, in a thread, beside the 1-2 s of imports (torch, transformers) that run on one core
+    refs = [AdapterRef.parse(a) if isinstance(a, str) else a for a in args.adapters or ()]
+    digests = InputDigests(input_folders([args.qlora_base, args.base], [r.path for r in refs]), verify=args.verify)
+    try:
+        with collector_paused():  # torch, imported here
+            from merge.merger import run_merge
 
-    config = from_namespace(MergeConfig, args)
-    eval_text = None
-    if config.base is not None and config.qlora_base is not None:  # both bases: the target is measured on a text
-        from mergeq.textopts import resolve_text_option
+        config = from_namespace(MergeConfig, args)
+        eval_text = None
+        if config.base is not None and config.qlora_base is not None:  # both bases: the target is measured on a text
+            from mergeq.textopts import resolve_text_option
 
-        eval_text = resolve_text_option(config.eval_text, option="--eval-text", purpose="evaluation")
-    config = replace(config, eval_text=eval_text)
-    result = run_merge(config)
+            eval_text = resolve_text_option(config.eval_text, option="--eval-text", purpose="evaluation")
+        config = replace(config, eval_text=eval_text)
+        result = run_merge(config, digests)
+    finally:
+        digests.stop()  # at once when the merge used them; a refusal before that does not wait for them
     if args.json:
         json.dump(
             {
