@@ -8,7 +8,7 @@ import json
 import sys
 from dataclasses import replace
 
-from merge.options import AdapterRef, MergeConfig
+from merge.options import MergeConfig
 from mergeq.core.options import add_options, from_namespace
 
 
@@ -17,8 +17,8 @@ def run(args) -> int:
     from mergeq.core.memory import collector_paused
 
     # the inputs' sha256 first, in a thread, beside the 1-2 s of imports (torch, transformers) that run on one core
-    refs = [AdapterRef.parse(a) if isinstance(a, str) else a for a in args.adapters or ()]
-    digests = InputDigests(input_folders([args.qlora_base, args.base], [r.path for r in refs]), verify=args.verify)
+    adapters = [ref.path for ref in args.adapters or ()]  # AdapterRef, parsed by the option
+    digests = InputDigests(input_folders([args.qlora_base, args.base], adapters), verify=args.verify)
     try:
         with collector_paused():  # torch, imported here
             from merge.merger import run_merge
