@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporters.gguf_budget.calibrate import kl_weights
 from exporters.gguf_budget.search import BudgetSearch, Mix, SearchSettings
 from exporters.gguf_budget.target import Target
+from exporters.llamacpp.run import EVAL_WEIGHTS
 from mergeq.core.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _section(mix: Mix, state) -> dict:
     facts = state.to_json()
     data["search"] = {"calibration": facts["calibration"], "seconds": facts["seconds"]}
     data["kl_measured_on"] = "the calibration text, against the f16 intermediate (llama-perplexity)"
-    data["kl_weights"] = kl_weights()
+    data["kl_weights"] = EVAL_WEIGHTS  # every candidate measured with EVAL_WEIGHT_FLAGS (calibrate._flags)
     return data
 
 

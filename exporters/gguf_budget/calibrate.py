@@ -34,7 +34,7 @@ from pathlib import Path
 
 from exporters.gguf_budget.slots import Slot
 from exporters.llamacpp.build import tool_command
-from exporters.llamacpp.run import EVAL_WEIGHT_FLAGS, EVAL_WEIGHTS, run_tool
+from exporters.llamacpp.run import EVAL_WEIGHT_FLAGS, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,6 @@ def _flags(n_ctx: int, chunks: int, threads: int | None) -> list[str]:
     # the weights used in place from the mapped file, as the evaluation uses them: no repacked copy of each
     # candidate in the tool's own memory (a Q8_0-sized copy of a 70B model), and the same sums whatever the limit
     return flags + list(EVAL_WEIGHT_FLAGS) + (["-t", str(threads)] if threads else [])
-
-
-def kl_weights() -> str:
-    """How the candidates' weights were used when their KL was measured, in the words of the evaluation's."""
-    if "--no-repack" in _flags(512, 4, None):
-        return EVAL_WEIGHTS
-    return "repacked by llama.cpp where memory allows (its default)"
 
 
 # the pinned llama-perplexity prints no KL statistics over fewer scored tokens than this (`kld.count < 100` in
