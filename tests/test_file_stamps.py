@@ -143,13 +143,16 @@ def test_a_run_reads_each_file_once_whatever_asks_for_its_digest(tmp_path, reads
         assert reads == [], "the merge manifest read inputs again"
         manifest = __import__("json").loads((merged / "merge_manifest.json").read_text())
         assert manifest["inputs"]["sources"]["base"]["files"] == key["base"]
-        outputs = stages.tree_hashes(merged)  # the stage stamp
-        assert sorted(reads) == sorted(outputs)
+        outputs = stages.tree_hashes(merged)  # the stage stamp: the shards were hashed as the merge wrote them
+        shards = sorted(name for name in outputs if name.endswith(".safetensors"))
+        assert shards and sorted(reads) == sorted(set(outputs) - set(shards))
+        assert all(outputs[name] == hashing.sha256_file(merged / name) for name in shards)
         reads.clear()
         hashing.tree_hashes(merged, recursive=False)  # the GGUF manifest's input hashes
         checkpoint_fingerprint(merged)
         assert reads == []
-    assert stamps.read_files == len(inputs) + len(outputs)
+    assert stamps.read_files == len(inputs) + len(outputs) - len(shards)
+    assert stamps.written_files == len(shards)
     # outside a run every digest reads its file
     hashing.tree_hashes(base, recursive=False)
     assert sorted(reads) == sorted(p.name for p in base.iterdir() if p.is_file())
@@ -218,3 +221,40 @@ def test_a_digest_cache_that_cannot_be_written_does_not_fail_the_merge(tmp_path,
     run_merge(MergeConfig(base=base, adapters=[AdapterRef(adapter, 1.0)], out=out, validate=False))
     assert (out / "merge_manifest.json").is_file()
     assert "could not save the input digests" in caplog.text
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "unplanned"])
+def test_shards_are_hashed_as_they_are_written_inside_a_run(tmp_path, reads, planned):
+    """Inside a run the shard writer's digests are those of the files on disk, and a run's stamps take them without
+    reading the files, also after the folder around them is renamed (the atomic commit); a file rewritten or
+    renamed since is read. Outside a run the writer hashes nothing."""
+    import torch
+
+    from mergeq.core.shards import OutTensor, ShardWriter
+
+    tensors = {f"t{i}": torch.arange(i * 100, i * 100 + 300, dtype=torch.float32).reshape(3, 100) for i in range(5)}
+
+    def write(folder, **kw):
+        folder.mkdir()
+        plan = [OutTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()] if planned else None
+        writer = ShardWriter(folder, 2500, plan=plan, **kw)
+        for name, tensor in tensors.items():
+            writer.write(name, tensor) if planned else writer.add(name, tensor)
+        writer.finish()
+        return writer
+
+    with stages.file_stamps(tmp_path / "out") as stamps:
+        writer = write(tmp_path / "tmp-ckpt")
+        assert len(writer.digests) == 3
+        os.rename(tmp_path / "tmp-ckpt", tmp_path / "ckpt")
+        digests = {name: hashing.file_digest(tmp_path / "ckpt" / name) for name in writer.digests}
+        assert reads == [] and stamps.written_files == 3
+        assert digests == writer.digests == {n: hashing.sha256_file(tmp_path / "ckpt" / n) for n in writer.digests}
+        reads.clear()
+        first, second = sorted(writer.digests)[:2]
+        (tmp_path / "ckpt" / first).write_bytes(b"changed")
+        os.rename(tmp_path / "ckpt" / second, tmp_path / "ckpt" / "moved.safetensors")
+        hashing.file_digest(tmp_path / "ckpt" / first)
+        hashing.file_digest(tmp_path / "ckpt" / "moved.safetensors")
+        assert sorted(reads) == sorted([first, "moved.safetensors"])
+    assert write(tmp_path / "plain").digests == {}

@@ -4,7 +4,8 @@ which remembers each file's digest against its stat so that an unchanged file is
 `file_digest` is the digest every manifest and key uses: through the FileStamps cache a run made active
 (`stamps_active`, opened by mergeq.stages.file_stamps), else read. One `mergeq run` so reads each file at most
 once, however many stages and manifests ask for its digest: the base for the merge stage's key and for the merge
-manifest, the merged checkpoint for its stage stamp, the GGUF manifest and the evaluation's reference key."""
+manifest, the merged checkpoint for its stage stamp, the GGUF manifest and the evaluation's reference key. The
+checkpoints mergeq writes itself (merged, int4) are hashed as they are written (`note_written`), not read back."""
 
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
 
 
 _active: FileStamps | None = None  # set by stamps_active() for the length of a run
+_written: dict[tuple[int, ...], str] = {}  # stat stamp -> sha256, of files this process wrote (note_written)
+
+
+def note_written(path: Path, digest: str) -> None:
+    """Record the sha256 of a file this process has just written whole, computed from the bytes as they were
+    written (mergeq.core.shards: a run's merged and int4 checkpoints). A run's FileStamps trusts it while the
+    file's stat stamp is unchanged, so the stage stamp does not read back what the stage just wrote. The record is
+    keyed by the stamp, not the path: renaming the folder around the file (the atomic commit) keeps it valid;
+    renaming or rewriting the file itself changes the stamp."""
+    _written[tuple(_stat_stamp(path))] = digest
 
 
 @contextlib.contextmanager
@@ -108,6 +119,7 @@ class FileStamps:
         self.known: dict[str, list] = {}
         self.used: dict[str, list] = {}
         self.read_files = self.read_bytes = self.trusted_files = self.trusted_bytes = 0
+        self.written_files = self.written_bytes = 0  # digests taken as this process wrote the files
         if path is not None:
             try:
                 known = json.loads(Path(path).read_text())
@@ -128,6 +140,12 @@ class FileStamps:
             self.trusted_bytes += before[0]
             self.used[key] = entry
             return entry[1]
+        written = _written.get(tuple(before))
+        if written is not None and not self.verify:  # hashed by this process as it wrote the file
+            self.written_files += 1
+            self.written_bytes += before[0]
+            self.used[key] = [before, written]
+            return written
         digest = sha256_file(path, stop)
         self.read_files += 1
         self.read_bytes += before[0]
@@ -154,5 +172,6 @@ class FileStamps:
     def summary(self) -> str:
         return (
             f"{self.trusted_files} files ({self.trusted_bytes / 2**30:.2f} GiB) trusted from their stamps, "
+            f"{self.written_files} ({self.written_bytes / 2**30:.2f} GiB) hashed as they were written, "
             f"{self.read_files} read ({self.read_bytes / 2**30:.2f} GiB)"
         )

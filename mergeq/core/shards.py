@@ -9,24 +9,29 @@ Tensors go to disk as they arrive; memory never holds a shard. Two ways to feed 
   one shard is named model.safetensors (no index), several model-0000i-of-0000n.safetensors with an index.
 
 A shard closes before the tensor that would push it past `max_shard_bytes`. The bytes depend only on the
-tensors and their order: no timestamps, sorted JSON, fixed padding.
+tensors and their order: no timestamps, sorted JSON, fixed padding. Inside a `mergeq run` (a run's file stamps
+active) each shard's sha256 is computed from the bytes as they are written and recorded
+(`hashing.note_written`): the stage stamp then does not read the checkpoint back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mergeq.core import hashing
 from mergeq.core.atomic import write_json
 from mergeq.core.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from mergeq.core.errors import MergeqError
 from mergeq.core.safetensors_file import CODES, itemsize
+
+COPY_BYTES = 16 << 20  # a spilled shard is copied behind its header this many bytes at a time
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,12 @@ def _flat_bytes(tensor: torch.Tensor):
 class ShardWriter:
     """Write tensors in order into safetensors shards of at most `max_shard_bytes`; `finish()` checks that every
     planned tensor arrived, closes the last shard and writes the index. Returns the index (None: one unplanned
-    shard, model.safetensors, needs none)."""
+    shard, model.safetensors, needs none). `digests`: each shard's sha256 by file name, when `hash_shards`
+    (default: inside a run)."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int, plan: list[OutTensor] | None = None):
+    def __init__(
+        self, folder: Path, max_shard_bytes: int, plan: list[OutTensor] | None = None, hash_shards: bool | None = None
+    ):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
         self.planned = plan is not None
@@ -96,6 +104,10 @@ class ShardWriter:
         self._pending_bytes = 0
         self._seen: set[str] = set()
         self.total_bytes = 0
+        self.hash_shards = hashing.stamps_on() if hash_shards is None else hash_shards
+        self._sha = None  # the open planned shard's digest, or None
+        self._spilled: list[str] = []  # unplanned: each finished shard's digest, in order
+        self.digests: dict[str, str] = {}
 
     # -- planned
 
@@ -113,7 +125,7 @@ class ShardWriter:
                 f"got {name} {tensor.dtype} {tuple(tensor.shape)}"
             )
         if planned.nbytes:
-            self._handle.write(_flat_bytes(tensor))
+            self._put(_flat_bytes(tensor))
         self._next += 1
 
     def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
@@ -126,7 +138,7 @@ class ShardWriter:
             if part.dtype != planned.dtype:
                 raise RuntimeError(f"writer expected {planned.dtype} pieces of {name}, got {part.dtype}")
             written += part.numel() * part.element_size()
-            self._handle.write(_flat_bytes(part))
+            self._put(_flat_bytes(part))
         if written != planned.nbytes:
             raise RuntimeError(f"writer got {written} bytes for {name}, planned {planned.nbytes}")
         self._next += 1
@@ -140,9 +152,15 @@ class ShardWriter:
         if shard_index != self._open_shard:
             self._close_handle()
             self._handle = open(self.folder / self.names[shard_index], "wb")
-            self._handle.write(header_bytes(self.shards[shard_index]))
+            self._sha = hashlib.sha256() if self.hash_shards else None
             self._open_shard = shard_index
+            self._put(header_bytes(self.shards[shard_index]))
         return planned
+
+    def _put(self, data) -> None:
+        self._handle.write(data)
+        if self._sha is not None:
+            self._sha.update(data)
 
     # -- unplanned
 
@@ -186,10 +204,17 @@ class ShardWriter:
         index = len(self.shards)
         self._close_handle()
         spill = self._spill_path(index)
+        sha = hashlib.sha256() if self.hash_shards else None
         with open(self.folder / f".shard-{index:05d}.safetensors", "wb") as out, open(spill, "rb") as data:
-            out.write(header_bytes(self._pending))
-            shutil.copyfileobj(data, out, 16 << 20)
+            block = header_bytes(self._pending)
+            while block:
+                out.write(block)
+                if sha is not None:
+                    sha.update(block)
+                block = data.read(COPY_BYTES)
         spill.unlink()
+        if sha is not None:
+            self._spilled.append(sha.hexdigest())
         self.shards.append(self._pending)
         self.total_bytes += self._pending_bytes
         self._pending = []
@@ -202,6 +227,13 @@ class ShardWriter:
             self._handle.flush()
             self._handle.close()
             self._handle = None
+        if self._sha is not None:  # a planned shard, complete
+            self.digests[self.names[self._open_shard]] = self._sha.hexdigest()
+            self._sha = None
+
+    def _note_digests(self) -> None:
+        for name, digest in self.digests.items():
+            hashing.note_written(self.folder / name, digest)
 
     def finish(self) -> dict | None:
         if not self.planned:
@@ -213,24 +245,27 @@ class ShardWriter:
         for i, shard in enumerate(self.shards):  # a plan with no tensors still yields one valid (empty) shard
             if not shard:
                 (self.folder / self.names[i]).write_bytes(header_bytes([]))
+                if self.hash_shards:
+                    self.digests[self.names[i]] = hashlib.sha256(header_bytes([])).hexdigest()
         self.total_bytes = sum(t.nbytes for _, t in self._order)
         index = {
             "metadata": {"total_size": self.total_bytes},
             "weight_map": {t.name: self.names[si] for si, t in self._order},
         }
         write_json(self.folder / SAFETENSORS_INDEX, index)
+        self._note_digests()
         return index
 
     def _finish_unplanned(self) -> dict | None:
         self._flush()
         count = len(self.shards)
-        if count == 1:
-            (self.folder / ".shard-00000.safetensors").rename(self.folder / SAFETENSORS_SINGLE)
-            self.names = [SAFETENSORS_SINGLE]
-            return None
-        self.names = [shard_name(i, count) for i in range(count)]
+        self.names = [SAFETENSORS_SINGLE] if count == 1 else [shard_name(i, count) for i in range(count)]
         for i, name in enumerate(self.names):
             (self.folder / f".shard-{i:05d}.safetensors").rename(self.folder / name)
+        self.digests = dict(zip(self.names, self._spilled, strict=True)) if self.hash_shards else {}
+        self._note_digests()  # after the renames: a file's own rename changes its stamp
+        if count == 1:
+            return None
         index = {
             "metadata": {"total_size": self.total_bytes},
             "weight_map": {t.name: self.names[i] for i, shard in enumerate(self.shards) for t in shard},
