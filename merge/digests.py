@@ -2,9 +2,10 @@
 
 `mergeq merge` starts them before it imports torch (mergeq/commands/merge.py): hashlib and file reads drop the
 GIL, so a first merge of a base hashes it beside the imports and the checks, which run on one core, and not
-beside the merge. A digest kept from an earlier merge is trusted while the file's size, times and inode are
-unchanged (`<cache>/stamps/merge-inputs.json`; `--verify` reads every file); inside `mergeq run` the run's own
-stamp cache serves instead (mergeq.stages.file_stamps). No torch here: this module is imported first.
+beside the merge. A digest kept from an earlier merge or run is trusted while the file's size, times and inode
+are unchanged (`<cache>/stamps/inputs.json`, mergeq.core.hashing.shared_stamps; `--verify` reads every file);
+inside `mergeq run` the run's own stamp cache serves instead (mergeq.stages.file_stamps, which consults the
+same shared one for inputs). No torch here: this module is imported first.
 """
 
 from __future__ import annotations
@@ -16,14 +17,9 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from mergeq.core.errors import MergeqError
-from mergeq.core.hashing import FileStamps, file_digest, stamps_on, tree_hashes
-from mergeq.core.paths import cache_root
+from mergeq.core.hashing import FileStamps, file_digest, save_shared, shared_stamps, stamps_on, tree_hashes
 
 log = logging.getLogger(__name__)
-
-INPUT_STAMPS = "stamps/merge-inputs.json"  # under the cache root
-INPUT_STAMPS_KEPT = 4096  # files: the most recently used
 
 
 def input_folders(bases: Sequence[Path | str | None], adapters: Sequence[Path | str]) -> list[Path]:
@@ -32,10 +28,10 @@ def input_folders(bases: Sequence[Path | str | None], adapters: Sequence[Path | 
 
 
 def input_stamps(verify: bool) -> FileStamps | None:
-    """The digest cache kept between merges; None inside `mergeq run`, whose own cache serves."""
+    """The digest cache kept between merges and runs; None inside `mergeq run`, whose own cache serves."""
     if stamps_on():
         return None
-    return FileStamps(cache_root() / INPUT_STAMPS, verify=verify, keep=INPUT_STAMPS_KEPT)
+    return shared_stamps(verify)
 
 
 class InputDigests:
@@ -67,11 +63,5 @@ class InputDigests:
 
     def save(self) -> None:
         """Keep the digests for the next merge. The cache is a convenience: failing to write it warns only."""
-        if self.kept is None:
-            return
-        try:
-            self.kept.save()
-        except (OSError, MergeqError) as err:  # MergeqError: a full disk, as mergeq.core.atomic reports it
-            why = f"{self.kept.path} ({err})"
-            log.warning("could not save the input digests to %s; the next merge reads its inputs again", why)
-        log.debug("input digests: %s", self.kept.summary())
+        if self.kept is not None:
+            save_shared(self.kept)

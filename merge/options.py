@@ -96,8 +96,8 @@ class MergeConfig:
     verify: bool = option(
         False,
         toml=False,
-        help="read and hash every input file for the manifest (default: a digest kept from an earlier merge is "
-        "trusted while the file's size, times and inode are unchanged; <cache>/stamps/merge-inputs.json)",
+        help="read and hash every input file for the manifest (default: a digest kept from an earlier merge "
+        "or run is trusted while the file's size, times and inode are unchanged; <cache>/stamps/inputs.json)",
     )
     # merge into dequant(quant(base)): the QLoRA target from an fp16 base. Given as nf4|fp4 (the older spelling of
     # --qlora nf4|fp4), made QuantSettings with quant_blocksize and double_quant by __post_init__

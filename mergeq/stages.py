@@ -7,7 +7,9 @@ was in, and leaves nothing that looks finished.
 
 Within `file_stamps(...)`, every hash goes through a `FileStamps` cache: a file whose size, times and inode
 are as last seen is not read again (`OUT/.mergeq/filestamps.json`), so skipping a finished 70B pipeline
-costs a stat per file, not a re-read of every byte. `verify=True` reads everything.
+costs a stat per file, not a re-read of every byte. Inputs outside OUT are also looked up in, and recorded to,
+the cache every run and merge shares (`<cache>/stamps/inputs.json`): a new output directory does not read the
+base again. `verify=True` reads everything.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ def file_stamps(out_root: Path, *, verify: bool = False, name: str | None = None
     `hashing.file_digest` in this process, the merge's and the exporters' manifests included; `name`: a cache of
     its own (`.mergeq/stamps/NAME.json`), for one stage that may run beside others."""
     path = Path(out_root) / STATE_DIR / (STAMPS_NAME if name is None else f"stamps/{name}.json")
-    with hashing.stamps_active(FileStamps(path, verify=verify)) as stamps:
+    shared = hashing.shared_stamps(verify)
+    with hashing.stamps_active(FileStamps(path, verify=verify, shared=shared, own=out_root)) as stamps:
         yield stamps
         stamps.save()
+        stamps.save_shared()
         log.info("up-to-date checks: %s", stamps.summary())
 
 

@@ -149,7 +149,7 @@ def main() -> int:
         write_tokenizer(base, shape.vocab, demo_base())
 
     largest = max(shape.hidden * shape.vocab, shape.hidden * shape.intermediate) * 2
-    # mergeq keeps its inputs' digests between merges (<cache>/stamps/merge-inputs.json): "mergeq" is the first
+    # mergeq keeps its inputs' digests between merges (<cache>/stamps/inputs.json): "mergeq" is the first
     # merge of this base (its cache emptied: every input read and hashed), "mergeq-kept" the next merge of the
     # same base (another adapter, say), which trusts the base's digests while its files are unchanged
     digests = work / "mergeq-cache"

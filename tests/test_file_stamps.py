@@ -163,7 +163,6 @@ def test_a_merge_keeps_its_input_digests_for_the_next_merge(tmp_path, reads, bui
     for the manifest, a file replaced since is, and --verify reads every one."""
     import json
 
-    from merge.digests import INPUT_STAMPS
     from merge.merger import AdapterRef, MergeConfig, run_merge
 
     monkeypatch.setenv("MERGEQ_CACHE", str(tmp_path / "cache"))
@@ -177,7 +176,7 @@ def test_a_merge_keeps_its_input_digests_for_the_next_merge(tmp_path, reads, bui
         return json.loads((out / "merge_manifest.json").read_text())["inputs"]
 
     first = merge("one")
-    assert sorted(reads) == inputs and (tmp_path / "cache" / INPUT_STAMPS).is_file()
+    assert sorted(reads) == inputs and (tmp_path / "cache" / hashing.SHARED_STAMPS).is_file()
     reads.clear()
     assert merge("two") == first and reads == []
     assert merge("three", verify=True) == first and sorted(reads) == inputs
@@ -188,10 +187,37 @@ def test_a_merge_keeps_its_input_digests_for_the_next_merge(tmp_path, reads, bui
     os.replace(copy, shard)  # same bytes, a new inode
     assert merge("four") == first and reads == ["model.safetensors"]
     reads.clear()
-    (tmp_path / "cache" / INPUT_STAMPS).write_text("[not a cache")  # damaged: read everything, then rewrite it
+    (tmp_path / "cache" / hashing.SHARED_STAMPS).write_text("[not a cache")  # damaged: read everything, then rewrite it
     assert merge("five") == first and sorted(reads) == inputs
     reads.clear()
     assert merge("six") == first and reads == []
+
+
+def test_a_run_in_a_new_output_directory_trusts_the_inputs_another_run_or_merge_hashed(tmp_path, reads, monkeypatch):
+    """Inputs (files outside the run's output) go through the cache every run and merge shares: a second output
+    directory does not read the base again, --verify does, and the run's own outputs stay out of it."""
+    monkeypatch.setenv("MERGEQ_CACHE", str(tmp_path / "cache"))
+    tree = make_tree(tmp_path / "base")
+    with stages.file_stamps(tmp_path / "one") as stamps:
+        first = stages.tree_hashes(tree)
+        (tmp_path / "one").mkdir()
+        (tmp_path / "one" / "out.bin").write_bytes(b"an output")
+        stages.tree_hashes(tmp_path / "one")
+    assert sorted(reads) == ["a.bin", "b.bin", "out.bin"]
+    shared = FileStamps(tmp_path / "cache" / hashing.SHARED_STAMPS).known
+    assert sorted(shared) == sorted(os.path.realpath(p) for p in (tree / "a.bin", tree / "sub" / "b.bin"))
+    reads.clear()
+    with stages.file_stamps(tmp_path / "two") as stamps:
+        assert stages.tree_hashes(tree) == first
+    assert reads == [] and stamps.trusted_files == 2
+    with stages.file_stamps(tmp_path / "three", verify=True):
+        assert stages.tree_hashes(tree) == first
+    assert sorted(reads) == ["a.bin", "b.bin"]
+    reads.clear()
+    (tree / "a.bin").write_bytes(b"A" * 1000)  # changed in place: read again by the next run, wherever it writes
+    with stages.file_stamps(tmp_path / "four"):
+        assert stages.tree_hashes(tree)["a.bin"] == hashing.sha256_file(tree / "a.bin")
+    assert reads == ["a.bin", "a.bin"]  # the run's read, then this test's own
 
 
 def test_the_shared_digest_cache_keeps_the_most_recently_used(tmp_path):

@@ -5,7 +5,11 @@ which remembers each file's digest against its stat so that an unchanged file is
 (`stamps_active`, opened by mergeq.stages.file_stamps), else read. One `mergeq run` so reads each file at most
 once, however many stages and manifests ask for its digest: the base for the merge stage's key and for the merge
 manifest, the merged checkpoint for its stage stamp, the GGUF manifest and the evaluation's reference key. The
-checkpoints mergeq writes itself (merged, int4) are hashed as they are written (`note_written`), not read back."""
+checkpoints mergeq writes itself (merged, int4) are hashed as they are written (`note_written`), not read back.
+
+Inputs (files outside a run's output directory) also have a cache shared by every run and merge on the machine
+(`shared_stamps`: `<cache>/stamps/inputs.json`, the most recently used files): a base merged or exported before,
+from any output directory, is not read again while its stamp is unchanged."""
 
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 22
+SHARED_STAMPS = "stamps/inputs.json"  # under the cache root: input files' digests, kept between runs and merges
+SHARED_STAMPS_KEPT = 4096  # files: the most recently used
 
 
 class HashingStopped(Exception):
@@ -110,12 +116,25 @@ class FileStamps:
 
     `verify=True` reads every file (what `mergeq run --verify` asks for) and warns about any file whose content
     changed while its stamp did not. The stamps live in a JSON file; `save` keeps only the files looked up, or,
-    with `keep` (a cache shared by many runs: the merge's inputs), the `keep` most recently used of those recorded
+    with `keep` (a cache shared by many runs: `shared_stamps`), the `keep` most recently used of those recorded
     there by anyone and of this one's (each entry then also holds the time it was last used).
+
+    `shared` (a run's cache): the shared cache, consulted for files outside `own` (the run's output directory)
+    that this cache has no valid stamp for, and told every such file this one reads or trusts.
     """
 
-    def __init__(self, path: Path | None = None, *, verify: bool = False, keep: int | None = None):
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        verify: bool = False,
+        keep: int | None = None,
+        shared: FileStamps | None = None,
+        own: Path | None = None,
+    ):
         self.path, self.verify, self.keep = path, verify, keep
+        self.shared = shared
+        self._own = os.path.join(os.path.realpath(own), "") if own is not None else None
         self.known: dict[str, list] = {}
         self.used: dict[str, list] = {}
         self.read_files = self.read_bytes = self.trusted_files = self.trusted_bytes = 0
@@ -134,17 +153,20 @@ class FileStamps:
         seen = self.used.get(key)
         if seen is not None and seen[0] == before:  # read or trusted earlier in this run (one stage's output is
             return seen[1]  # the next one's input): --verify too reads each file once
+        shared = self.shared if self.shared is not None and not key.startswith(self._own or "\0") else None
         entry = self.known.get(key)
+        if shared is not None and (entry is None or entry[0] != before):
+            entry = shared.known.get(key)  # an input another run or merge hashed
         if entry is not None and entry[0] == before and not self.verify:
             self.trusted_files += 1
             self.trusted_bytes += before[0]
-            self.used[key] = entry
+            self._use(key, [before, entry[1]], shared)
             return entry[1]
         written = _written.get(tuple(before))
         if written is not None and not self.verify:  # hashed by this process as it wrote the file
             self.written_files += 1
             self.written_bytes += before[0]
-            self.used[key] = [before, written]
+            self._use(key, [before, written], shared)
             return written
         digest = sha256_file(path, stop)
         self.read_files += 1
@@ -152,8 +174,13 @@ class FileStamps:
         if entry is not None and entry[0] == before and entry[1] != digest:
             log.warning("%s changed without a change of size, time or inode: its stamp would have hidden it", path)
         if _stat_stamp(path) == before:  # not written to while it was read
-            self.used[key] = [before, digest]
+            self._use(key, [before, digest], shared)
         return digest
+
+    def _use(self, key: str, entry: list, shared: FileStamps | None) -> None:
+        self.used[key] = entry
+        if shared is not None:
+            shared.used[key] = entry
 
     def save(self) -> None:
         if self.path is None:
@@ -169,9 +196,33 @@ class FileStamps:
         recent = sorted(kept.items(), key=lambda item: item[1][2] if len(item[1]) > 2 else 0.0)[-self.keep :]
         write_json(self.path, dict(recent))
 
+    def save_shared(self) -> None:
+        """Save the shared cache too. It is a convenience: failing to write it warns only."""
+        if self.shared is not None:
+            save_shared(self.shared)
+
     def summary(self) -> str:
         return (
             f"{self.trusted_files} files ({self.trusted_bytes / 2**30:.2f} GiB) trusted from their stamps, "
             f"{self.written_files} ({self.written_bytes / 2**30:.2f} GiB) hashed as they were written, "
             f"{self.read_files} read ({self.read_bytes / 2**30:.2f} GiB)"
         )
+
+
+def shared_stamps(verify: bool = False) -> FileStamps:
+    """The input digests every run and merge on this machine shares (`<cache>/stamps/inputs.json`)."""
+    from mergeq.core.paths import cache_root
+
+    return FileStamps(cache_root() / SHARED_STAMPS, verify=verify, keep=SHARED_STAMPS_KEPT)
+
+
+def save_shared(stamps: FileStamps) -> None:
+    """Save the shared input digests; a cache that cannot be written (a full disk, not a directory) warns only."""
+    from mergeq.core.errors import MergeqError
+
+    try:
+        stamps.save()
+    except (OSError, MergeqError) as err:  # MergeqError: a full disk, as mergeq.core.atomic reports it
+        why = f"{stamps.path} ({err})"
+        log.warning("could not save the input digests to %s; the next run or merge reads its inputs again", why)
+    log.debug("input digests: %s", stamps.summary())
