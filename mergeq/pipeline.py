@@ -32,6 +32,7 @@ class RunResult:
     ran: list[str] = field(default_factory=list)
     budgets: list = field(default_factory=list)  # mergeq.budget.StageBudget, filled by --check
     plan: object = None  # the mergeq.plan.Plan that ran (or would run, with --check)
+    pending: list = field(default_factory=list)  # the budgets of the stages not done yet
 
 
 def demo_config() -> PipelineConfig:

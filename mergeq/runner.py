@@ -44,16 +44,16 @@ def run_matrix(
     for config in {config.merge.base: config for config in matrix.models.values()}.values():
         preflight(config)  # the exports' options against the base's shapes: the same for every row of one base
     plan = plan_run(matrix, out)
-    result = RunResult(out, budgets=[b for row in plan.budgets.values() for b in row], plan=plan)
-    if preflight_only:
-        return result
-    runner = get_executor(executor, address=address, num_cpus=num_cpus)
     pending = [
         b
         for name, row in plan.budgets.items()
         for b in row
         if not (matrix.out_dir(out, name) / STATE_DIR / "stages" / f"{b.stage}.json").is_file()
     ]
+    result = RunResult(out, budgets=[b for row in plan.budgets.values() for b in row], plan=plan, pending=pending)
+    if preflight_only:  # `--check` prints the budgets, then makes the same disk check (mergeq/commands/run.py)
+        return result
+    runner = get_executor(executor, address=address, num_cpus=num_cpus)
     budget.check_disk(pending, out, [b.stage for b in pending], one_at_a_time=executor == "local")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

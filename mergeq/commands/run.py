@@ -25,12 +25,15 @@ def run(args) -> int:
         verify=args.verify,
     )
     if args.check:
-        from mergeq.budget import format_table
+        from mergeq.budget import check_disk, format_table
 
         for name, budgets in result.plan.budgets.items():
             if name:
                 print(f"model {name}:")
             print(format_table(budgets, matrix.out_dir(args.out, name)))
+        pending = [b.stage for b in result.pending]
+        check_disk(result.pending, args.out, pending, one_at_a_time=args.executor == "local")  # refuses as run would
+        print(f"the output disk can hold the stages still to run ({', '.join(pending) or 'none'})")
         return 0
     from exporters.report_text import print_reports
 
@@ -59,7 +62,7 @@ def register(sub) -> None:
         "--check",
         action="store_true",
         help="validate the config, preflight every export, print each stage's predicted peak memory "
-        "and disk, then stop",
+        "and disk, then stop (exit 2 when the output disk cannot hold the stages still to run)",
     )
     parser.add_argument("--json", action="store_true", help="print the run's reports as JSON on stdout")
     parser.add_argument(

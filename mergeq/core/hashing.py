@@ -204,8 +204,8 @@ class FileStamps:
     def summary(self) -> str:
         return (
             f"{self.trusted_files} files ({self.trusted_bytes / 2**30:.2f} GiB) trusted from their stamps, "
-            f"{self.written_files} ({self.written_bytes / 2**30:.2f} GiB) hashed as they were written, "
-            f"{self.read_files} read ({self.read_bytes / 2**30:.2f} GiB)"
+            f"{self.read_files} read ({self.read_bytes / 2**30:.2f} GiB), "
+            f"{self.written_files} ({self.written_bytes / 2**30:.2f} GiB) hashed as this run wrote them"
         )
 
 
