@@ -179,6 +179,18 @@ def test_count_sketch_estimates_the_gram_matrix():
     assert torch.allclose(stats.mean_abs, x.abs().mean(0), rtol=1e-4)
 
 
+def test_the_sketch_by_matmul_adds_what_index_add_adds():
+    """The CUDA form of the CountSketch update (a signed one-hot matmul, in a fixed order) gives the sums the CPU's
+    index_add_ gives; run here on the CPU, where both are available."""
+    x = _correlated_inputs(3000, 48, seed=7)
+    bucket = torch.randint(0, 64, (3000,), generator=torch.Generator().manual_seed(1))
+    sign = (torch.randint(0, 2, (3000,), generator=torch.Generator().manual_seed(2)) * 2 - 1).to(torch.float32)
+    by_index, by_matmul = torch.zeros(64, 48), torch.zeros(64, 48)
+    awq.sketch_add(by_index, bucket, sign, x, by_matmul=False)
+    awq.sketch_add(by_matmul, bucket, sign, x, by_matmul=True)
+    assert by_index.abs().max() > 1 and (by_matmul - by_index).abs().max() <= 1e-5 * by_index.abs().max()
+
+
 @pytest.mark.parametrize("permuted", [True, False])
 def test_gptq_in_place_factorization_equals_torch_out_of_place(permuted):
     """GPTQ permutes, dampens and factors the Hessian in its own buffer (one in_features^2 matrix, not four):

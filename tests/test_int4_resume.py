@@ -169,3 +169,22 @@ def test_checkpoints_round_trip_and_refuse_other_inputs(tmp_path):
 
     (folder / "state.json").write_text(json.dumps({"key": "key-b", "layers": 3, "done": 2}))
     assert LayerCheckpoints(folder, "key-b", layers=3).done() == 0, "state names layers whose files are missing"
+
+
+def test_the_resume_key_names_the_device_the_layers_ran_on(inputs, monkeypatch):
+    """Layers computed on a GPU differ in their bytes from the CPU's: a run killed there and started again on the
+    CPU (or with --device auto on a machine without one) must not resume from them. The key has the device as run,
+    not as given ("auto")."""
+    from exporters.int4 import export
+    from exporters.int4.layer import EngineOptions
+    from exporters.int4.options import GptqOptions
+    from exporters.int4.quant import QuantScheme
+
+    root, model, _ = inputs
+    engine = EngineOptions(given=GptqOptions(device="auto"), scheme=QuantScheme(4, 32, True))
+    tokens = torch.arange(64).reshape(2, 32)
+    on_cpu = export.layer_checkpoints(model, root / "out", tokens, engine)
+    assert on_cpu.key == export.layer_checkpoints(model, root / "out", tokens, engine).key
+    monkeypatch.setattr(export, "resolve_device", lambda name: torch.device("cuda"))
+    on_gpu = export.layer_checkpoints(model, root / "out", tokens, engine)
+    assert on_gpu.key != on_cpu.key and on_gpu.directory != on_cpu.directory

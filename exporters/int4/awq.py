@@ -22,6 +22,20 @@ import torch
 from exporters.int4.quant import QuantScheme, group_params, quantize_codes
 
 
+def sketch_add(
+    sketch: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, x: torch.Tensor, by_matmul: bool
+) -> None:
+    """sketch[bucket[t]] += sign[t] * x[t] for every token t. On the CPU index_add_ adds in token order; on CUDA it
+    adds with atomics in no fixed order, so the sums (and AWQ's choices on near ties) would change from run to run:
+    there (`by_matmul`) the same sums are one matmul with a signed one-hot matrix, whose order is fixed."""
+    if not by_matmul:
+        sketch.index_add_(0, bucket, x * sign[:, None])
+        return
+    onehot = torch.zeros(sketch.shape[0], x.shape[0], dtype=x.dtype, device=x.device)
+    onehot[bucket, torch.arange(x.shape[0], device=x.device)] = sign
+    sketch.addmm_(onehot, x)
+
+
 class InputStats:
     """Mean |x| per channel and a CountSketch of the rows of X, accumulated chunk by chunk."""
 
@@ -38,7 +52,7 @@ class InputStats:
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         bucket = torch.randint(0, self.rows, (n,), generator=self._gen).to(x.device)
         sign = (torch.randint(0, 2, (n,), generator=self._gen) * 2 - 1).to(x.device, torch.float32)
-        self.sketch.index_add_(0, bucket, x * sign[:, None])
+        sketch_add(self.sketch, bucket, sign, x, by_matmul=x.device.type != "cpu")
         self.count += n
 
     @property

@@ -258,7 +258,8 @@ def layer_checkpoints(model_dir: Path, out_dir: Path, tokens, engine: EngineOpti
     """Where each finished decoder layer is saved, so a killed export resumes at the next layer. The folder sits
     beside the output and is named by the inputs' key, not by the output's (temporary) name: the pipeline's
     stage writes into a new temporary folder on every attempt. It is removed when the export finishes."""
-    key = inputs_key(model_dir, tokens, {"engine": asdict(engine), "version": VERSION})
+    device = str(resolve_device(engine.given.device))  # as run ("auto" is whatever this machine has)
+    key = inputs_key(model_dir, tokens, {"engine": asdict(engine), "version": VERSION, "device": device})
     return LayerCheckpoints(
         Path(out_dir).parent / f".mergeq-int4-resume-{key[:20]}",
         key,

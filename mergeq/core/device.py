@@ -17,7 +17,25 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MergeqError("--device cuda: no CUDA device is available to torch", hint="use --device cpu or auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise MergeqError(f"--device {name!r} is not a device torch knows: {exc}", hint="use cuda or cuda:N") from exc
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        raise MergeqError(
+            f"--device {name}: torch sees {count} CUDA device(s), numbered from 0",
+            hint="use --device cuda (the first one), or a number below the count (CUDA_VISIBLE_DEVICES renumbers them)",
+        )
+    return device
+
+
+def to_fp32_on(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` in float32 on `device`: moved first, then converted there. A blocking host-to-GPU copy that also
+    changes the dtype converts on the host (torch's copy), which makes an fp32 copy in host memory and sends twice
+    a 16-bit tensor's bytes; this way a 16-bit tensor crosses at its own size. On the CPU: one conversion, as
+    before."""
+    return tensor.to(device).to(torch.float32)
 
 
 @contextlib.contextmanager

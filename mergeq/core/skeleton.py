@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mergeq.core.device import to_fp32_on
 from mergeq.core.errors import MergeqError
 from mergeq.core.experts import ExpertLayout, stack_experts, stored_per_expert
 
@@ -215,7 +216,7 @@ class Skeleton:
         """fp32 rows `unique` (sorted) of a 2-D tensor, on the device."""
         if not hasattr(self.source, "row_blocks"):
             table = self.source.get(name)
-            return table[unique.to(table.device)].to(device=self.device, dtype=torch.float32)
+            return to_fp32_on(table[unique.to(table.device)], self.device)
         flat = unique.to(device="cpu", dtype=torch.int64)  # the rows are read on the CPU
         out = None
         for first, block in self.source.row_blocks(name):
@@ -262,7 +263,7 @@ class Skeleton:
                     continue
                 tensor = self.source.get(name)
                 keep = module_name in stored and tensor.dtype in (torch.float16, torch.bfloat16)
-                state[local] = tensor.to(device=self.device, dtype=None if keep else torch.float32)
+                state[local] = tensor.to(self.device) if keep else to_fp32_on(tensor, self.device)
         if experts is not None:
             state = stack_experts(state, experts, prefix)
         try:
@@ -301,7 +302,7 @@ class Skeleton:
         module_name = f"{decoder_name}.norm" if decoder_name else "norm"
         prefix = module_name + "."
         state = {
-            n[len(prefix) :]: self.source.get(n).to(device=self.device, dtype=torch.float32)
+            n[len(prefix) :]: to_fp32_on(self.source.get(n), self.device)
             for n in self.source.names()
             if n.startswith(prefix)
         }

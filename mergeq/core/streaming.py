@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from mergeq.core.checkpoint import Checkpoint
+from mergeq.core.device import to_fp32_on
 from mergeq.core.errors import MergeqError
 from mergeq.core.experts import expert_layout_of, has_experts
 from mergeq.core.memory import LOGITS_BUDGET_BYTES, release_freed_memory
@@ -226,7 +227,7 @@ def logits_blocks(model: StreamedModel, hidden: torch.Tensor) -> Iterator[tuple[
             h = hidden[start : start + group]
             logits = torch.empty(h.shape[0], positions, vocab, dtype=torch.float32, device=h.device)
             for first, block in model.weights.row_blocks(model.head_name):
-                w = block.to(device=h.device, dtype=torch.float32)
+                w = to_fp32_on(block, h.device)
                 logits[:, :, first : first + w.shape[0]] = h @ w.T
                 del w
             model.weights.close()
