@@ -1,4 +1,4 @@
-"""The reference's log-probabilities, computed once per (reference files, tokens, context) and cached as
+"""The reference's log-probabilities, computed once per (reference files, tokens, context, device type) and cached as
 full-vocabulary fp32 log-probabilities of the scored positions under `cache_root()/eval/`, one file per window."""
 
 from __future__ import annotations
@@ -49,17 +49,26 @@ def _tokens_sha(windows: Windows) -> str:
     return digest.hexdigest()
 
 
-def reference_logprobs(reference: Path, windows: Windows, options: EvalOptions) -> ReferenceLogprobs:
-    """The reference's log-probabilities for these windows: from the cache, or computed once and cached."""
-    from safetensors.torch import save_file
+def reference_key(reference: Path, windows: Windows, options: EvalOptions) -> dict:
+    """What a cached reference depends on: its files, the tokens, the context and the device type it ran on."""
+    from mergeq.core.device import resolve_device
 
-    key_data = {
+    return {
         "version": CACHE_VERSION,
         "reference": checkpoint_fingerprint(reference),
         "tokens": _tokens_sha(windows),
         "n_ctx": windows.n_ctx,
         "torch": torch.__version__,
+        # the forward passes sum in another order on a GPU: a CUDA run's scores never mix with a CPU reference
+        "device": resolve_device(options.device).type,
     }
+
+
+def reference_logprobs(reference: Path, windows: Windows, options: EvalOptions) -> ReferenceLogprobs:
+    """The reference's log-probabilities for these windows: from the cache, or computed once and cached."""
+    from safetensors.torch import save_file
+
+    key_data = reference_key(reference, windows, options)
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
     root = options.resolved_cache()
     entry = root / f"ref-{key}"

@@ -371,3 +371,21 @@ def test_reference_cache_keeps_recent_entries(tmp_path):
     kept = sorted(p.name for p in tmp_path.glob("ref-*"))
     # the CACHE_KEEP most recent stay, and so does any entry used within EVICT_AFTER
     assert CACHE_KEEP == 3 and kept == ["ref-0", "ref-1", "ref-2", "ref-5"]
+
+
+def test_the_reference_cache_key_names_the_device_type_it_ran_on(tiny, monkeypatch):
+    """A CUDA run computes its own reference: the forward passes there sum in another order than the CPU's."""
+    import mergeq.core.device as device_module
+    from exporters.eval_reference import reference_key
+    from mergeq.core.metrics import Windows
+
+    ref, _, root = tiny
+    windows = Windows(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 7, dtype=torch.long), 8, 16)
+    on_cpu = reference_key(ref, windows, options(root))
+    assert on_cpu["device"] == "cpu"
+    assert reference_key(ref, windows, options(root, device="auto")) == on_cpu or torch.cuda.is_available()
+    monkeypatch.setattr(device_module, "resolve_device", lambda name: torch.device("cuda"))
+    on_gpu = reference_key(ref, windows, options(root, device="cuda"))
+    assert on_gpu["device"] == "cuda" and {k: v for k, v in on_gpu.items() if k != "device"} == {
+        k: v for k, v in on_cpu.items() if k != "device"
+    }
