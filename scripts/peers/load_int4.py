@@ -2,7 +2,8 @@
 
 Runs inside the `int4-loaders` peer environment (tests/peer_env.py), never in mergeq's own:
   - quant_method gptq / awq: transformers' own GPTQ/AWQ integration, which builds GPTQModel's torch
-    quantized linear layers (GPTQModel 7.7); their weights are GPTQModel's own dequantization.
+    quantized linear layers (GPTQModel 7.7, the kernel it picks for this CPU: with AVX512-BF16 or without,
+    they differ); their weights are GPTQModel's own dequantization.
   - quant_method compressed-tensors: transformers' compressed-tensors integration with dequantize=True,
     so compressed-tensors' own decompressor (0.20) unpacks every layer into a dense weight.
 
@@ -51,8 +52,21 @@ def quantized_weights(method: str, model, model_dir: str) -> dict[str, torch.Ten
     weights = {}
     packed = packed_modules(model_dir) if method == "compressed-tensors" else set()
     for name, module in model.named_modules():
-        if hasattr(module, "dequantize_weight") and hasattr(module, "qweight"):  # GPTQModel layer: [in, out]
-            weights[name] = module.dequantize_weight().T.float().contiguous()
+        if not hasattr(module, "qweight"):
+            dequantized = None
+        elif hasattr(module, "dequantize_weight"):  # GPTQModel layer: [in, out]
+            dequantized = module.dequantize_weight()
+        elif hasattr(module, "awq_weight_dequantize"):
+            # the AWQ kernel GPTQModel picks on a CPU without AVX512-BF16 (TorchAtenAwqLinear) has no
+            # dequantize_weight; its own dequantization reads the checkpoint's packing as long as the layer has not
+            # been repacked for int4pack matmuls, which only a 16-bit forward pass does (this model runs in fp32)
+            if getattr(module, "_cpu_transformed", False):
+                raise RuntimeError(f"{name}: {type(module).__name__} was repacked before its weight could be read")
+            dequantized = module.awq_weight_dequantize("cpu", torch.float32)
+        else:
+            dequantized = None
+        if dequantized is not None:
+            weights[name] = dequantized.T.float().contiguous()
         elif name in packed:  # decompressed into a dense nn.Linear by compressed-tensors
             weights[name] = module.weight.detach().float().contiguous()
     return weights
