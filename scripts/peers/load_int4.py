@@ -48,27 +48,31 @@ def packed_modules(model_dir: str) -> set[str]:
     return names
 
 
+def gptqmodel_weight(name: str, module) -> torch.Tensor | None:
+    """A GPTQModel quantized layer's weight, [out, in], by GPTQModel's own dequantization; None for other modules."""
+    if not hasattr(module, "qweight"):
+        return None
+    if hasattr(module, "dequantize_weight"):  # [in, out]
+        return module.dequantize_weight().T
+    if not hasattr(module, "awq_weight_dequantize"):
+        return None
+    # the AWQ kernel GPTQModel picks on a CPU without AVX512-BF16 (TorchAtenAwqLinear) has no dequantize_weight; its
+    # own dequantization reads the checkpoint's packing as long as the layer has not been repacked for int4pack
+    # matmuls, which only a 16-bit forward pass does (this model runs in fp32)
+    if getattr(module, "_cpu_transformed", False):
+        raise RuntimeError(f"{name}: {type(module).__name__} was repacked before its weight could be read")
+    return module.awq_weight_dequantize("cpu", torch.float32).T
+
+
 def quantized_weights(method: str, model, model_dir: str) -> dict[str, torch.Tensor]:
     weights = {}
     packed = packed_modules(model_dir) if method == "compressed-tensors" else set()
     for name, module in model.named_modules():
-        if not hasattr(module, "qweight"):
-            dequantized = None
-        elif hasattr(module, "dequantize_weight"):  # GPTQModel layer: [in, out]
-            dequantized = module.dequantize_weight()
-        elif hasattr(module, "awq_weight_dequantize"):
-            # the AWQ kernel GPTQModel picks on a CPU without AVX512-BF16 (TorchAtenAwqLinear) has no
-            # dequantize_weight; its own dequantization reads the checkpoint's packing as long as the layer has not
-            # been repacked for int4pack matmuls, which only a 16-bit forward pass does (this model runs in fp32)
-            if getattr(module, "_cpu_transformed", False):
-                raise RuntimeError(f"{name}: {type(module).__name__} was repacked before its weight could be read")
-            dequantized = module.awq_weight_dequantize("cpu", torch.float32)
-        else:
-            dequantized = None
-        if dequantized is not None:
-            weights[name] = dequantized.T.float().contiguous()
-        elif name in packed:  # decompressed into a dense nn.Linear by compressed-tensors
-            weights[name] = module.weight.detach().float().contiguous()
+        weight = gptqmodel_weight(name, module)
+        if weight is None and name in packed:  # decompressed into a dense nn.Linear by compressed-tensors
+            weight = module.weight.detach()
+        if weight is not None:
+            weights[name] = weight.float().contiguous()
     return weights
 
 
