@@ -9,7 +9,13 @@ For each artifact directory (written by `mergeq export awq|gptq` or `mergeq run`
   (scripts/peers/vllm_serve.py, one process per artifact);
 - the perplexities are compared.
 
-Usage: .venv/bin/python scripts/vllm_check.py ARTIFACT_DIR [ARTIFACT_DIR ...] [--json]
+vLLM's CPU int4 GEMM exists only in its AVX-512 builds (vllm-project/vllm#55613). On a CPU without AVX-512 the
+check stops and says so, unless --reference-wna16 is given: then vLLM still parses, loads and repacks the
+checkpoint with its own code, and scripts/peers/wna16_reference.py does the GEMM in the op's place (the table's
+"int4 GEMM" column says which ran). On an AVX-512 CPU the flag runs vLLM's own op and also compares the
+reference with it on every quantized layer.
+
+Usage: .venv/bin/python scripts/vllm_check.py ARTIFACT_DIR [ARTIFACT_DIR ...] [--json] [--reference-wna16]
 Prints a Markdown table (or JSON with --json). The first use builds the peer environment (a few minutes).
 """
 
@@ -37,6 +43,7 @@ from mergeq.core.metrics import first_scored, make_windows, tokenize  # noqa: E4
 
 SERVE = ROOT / "scripts" / "peers" / "vllm_serve.py"
 QUESTION = "What is the capital of France? Answer in one word."
+CHAT_TOKENS = 24  # the chat answer's length limit (greedy)
 
 log = logging.getLogger("vllm_check")
 
@@ -52,6 +59,8 @@ class Served:
     kernels: dict  # kernel or linear-method class -> number of quantized modules
     vllm_version: str
     seconds: dict
+    int4_gemm: str  # "vllm": vLLM's own cpu_gemm_wna16 ran; "reference": wna16_reference.py in its place
+    reference_check: dict | None  # with --reference-wna16 where vLLM's op exists: reference against it
 
     @property
     def ratio(self) -> float:
@@ -99,8 +108,18 @@ def evaluation_windows(report: dict) -> tuple[list[list[int]], int, int]:
     return windows.tokens.tolist(), first_scored(windows.n_ctx), windows.scored_tokens
 
 
-def serve(artifact: Path, work: Path, quantization: str | None = None, *, from_report: bool = True) -> Served:
-    """Run vLLM on one artifact; `quantization` is taken from the report's vllm_serve line unless from_report=False."""
+def serve(
+    artifact: Path,
+    work: Path,
+    quantization: str | None = None,
+    *,
+    from_report: bool = True,
+    reference_wna16: bool = False,
+) -> Served:
+    """Run vLLM on one artifact; `quantization` is taken from the report's vllm_serve line unless from_report=False.
+
+    reference_wna16: where vLLM's build has no CPU int4 GEMM, run the torch reference in its place (else refuse).
+    """
     artifact = Path(artifact).resolve()
     report = read_report(artifact)
     if from_report:
@@ -113,6 +132,8 @@ def serve(artifact: Path, work: Path, quantization: str | None = None, *, from_r
         "windows": windows,
         "first_scored": first,
         "question": QUESTION,
+        "chat_tokens": CHAT_TOKENS,
+        "reference_wna16": reference_wna16,
     }
     work.mkdir(parents=True, exist_ok=True)
     request_path, out_path = work / f"{artifact.name}.request.json", work / f"{artifact.name}.vllm.json"
@@ -131,19 +152,22 @@ def serve(artifact: Path, work: Path, quantization: str | None = None, *, from_r
         kernels=result["kernels"],
         vllm_version=result["vllm"],
         seconds=result["seconds"],
+        int4_gemm=result["int4_gemm"],
+        reference_check=result["reference_check"],
     )
 
 
 def table(rows: list[Served]) -> str:
     lines = [
-        "| artifact | vLLM ppl | mergeq ppl | ratio | vLLM kernel (CPU) | --quantization | answer |",
-        "|---|---|---|---|---|---|---|",
+        "| artifact | vLLM ppl | mergeq ppl | ratio | vLLM kernel (CPU) | int4 GEMM | --quantization | answer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         kernels = ", ".join(f"{k} x{n}" for k, n in sorted(row.kernels.items()))
         lines.append(
             f"| {Path(row.artifact).name} | {row.vllm_perplexity:.3f} | {row.mergeq_perplexity:.3f} | "
-            f"{row.ratio:.4f} | {kernels} | {row.quantization or '(detected)'} | {row.answer.strip()!r} |"
+            f"{row.ratio:.4f} | {kernels} | {row.int4_gemm} | {row.quantization or '(detected)'} | "
+            f"{row.answer.strip()!r} |"
         )
     return "\n".join(lines)
 
@@ -152,10 +176,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifacts", nargs="+", type=Path)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--reference-wna16",
+        action="store_true",
+        help="where vLLM's CPU build has no int4 GEMM (no AVX-512), run mergeq's torch reference in its place",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="vllm-check-") as work:
-        rows = [serve(a, Path(work)) for a in args.artifacts]
+        rows = [serve(a, Path(work), reference_wna16=args.reference_wna16) for a in args.artifacts]
     if args.json:
         print(json.dumps([asdict(r) | {"ratio": r.ratio} for r in rows], indent=1))
     else:
