@@ -118,14 +118,12 @@ def _eval_inputs(spec: EvalOptions) -> dict:
 
 def _tool_versions(target: str, options=None) -> dict:
     if target != "gguf":
-        import torch
+        from mergeq.core.device import arithmetic_key, resolve_device
 
-        from mergeq.core.device import resolve_device
-
-        # GPTQ's float sums run in another order with another thread count or device, and its bytes change
-        # with them (on an H200, 39% of the packed words matched the CPU's)
+        # GPTQ's float sums run in another order with another thread count, device or CPU kernel set, and its
+        # bytes change with them (on an H200, 39% of the packed words matched the CPU's)
         device = str(resolve_device(getattr(options, "device", "cpu")))
-        return {"torch_threads": torch.get_num_threads(), "device": device}
+        return {**arithmetic_key(), "device": device}
     from exporters.llamacpp.pin import version_info
     from exporters.llamacpp.run import EVAL_WEIGHT_FLAGS
 

@@ -188,3 +188,34 @@ def test_the_resume_key_names_the_device_the_layers_ran_on(inputs, monkeypatch):
     monkeypatch.setattr(export, "resolve_device", lambda name: torch.device("cuda"))
     on_gpu = export.layer_checkpoints(model, root / "out", tokens, engine)
     assert on_gpu.key != on_cpu.key and on_gpu.directory != on_cpu.directory
+
+
+def test_the_resume_key_names_the_cpu_kernels_and_threads(inputs, monkeypatch):
+    """AVX2 and AVX-512 kernels round GPTQ's sums differently: layers computed on one CPU are not resumed on
+    another (an output directory on shared storage, a moved disk); nor with another thread count."""
+    from exporters.int4 import export
+    from exporters.int4.layer import EngineOptions
+    from exporters.int4.options import GptqOptions
+    from exporters.int4.quant import QuantScheme
+
+    root, model, _ = inputs
+    engine = EngineOptions(given=GptqOptions(device="cpu"), scheme=QuantScheme(4, 32, True))
+    tokens = torch.arange(64).reshape(2, 32)
+    here = export.layer_checkpoints(model, root / "out", tokens, engine).key
+    other = "AVX512" if torch.backends.cpu.get_cpu_capability() != "AVX512" else "AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    assert export.layer_checkpoints(model, root / "out", tokens, engine).key != here
+    monkeypatch.undo()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    assert export.layer_checkpoints(model, root / "out", tokens, engine).key != here
+
+
+def test_the_int4_stage_key_names_the_cpu_kernels(monkeypatch):
+    from mergeq.stagework import _tool_versions
+
+    here = _tool_versions("gptq")
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and here["device"] == "cpu"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert _tool_versions("gptq") != here
+    assert "cpu_capability" not in _tool_versions("gguf"), "llama.cpp's bytes do not depend on torch's kernels"

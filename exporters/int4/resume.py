@@ -7,10 +7,11 @@ flow into layer i+1, and the layer's info for the report. They are written to `l
 moment leaves either the old state (the new files are ignored and rewritten) or the new one.
 
 The directory belongs to one set of inputs: `state.json` records a key over the model's file stamps, the
-calibration tokens, the engine options, the torch thread count and the device. A directory with another key is
-cleared before use: a resume never splices layers of another run into this one. The replayed tensors are
-the exact bytes computed before (safetensors round-trips every dtype), and the hidden states are kept in fp32,
-so a resumed run writes the same files as an uninterrupted one.
+calibration tokens, the engine options, the device, and the torch thread count and CPU kernel set
+(mergeq.core.device.arithmetic_key). A directory with another key is cleared before use: a resume never
+splices layers of another run into this one. The replayed tensors are the exact bytes computed before
+(safetensors round-trips every dtype), and the hidden states are kept in fp32, so a resumed run writes the
+same files as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save
 
 from exporters.int4.quant import QuantizedLinear
 from mergeq.core.atomic import atomic_file, write_json
+from mergeq.core.device import arithmetic_key
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +56,7 @@ def inputs_key(model_dir: Path, tokens: torch.Tensor | None, options: dict) -> s
     if tokens is not None:
         digest.update(str(tuple(tokens.shape)).encode())
         digest.update(tokens.to(torch.int64).contiguous().numpy().tobytes())
-    digest.update(
-        json.dumps({**options, "torch_threads": torch.get_num_threads()}, sort_keys=True, default=str).encode()
-    )
+    digest.update(json.dumps({**options, **arithmetic_key()}, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

@@ -38,6 +38,13 @@ def to_fp32_on(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor
     return tensor.to(device).to(torch.float32)
 
 
+def arithmetic_key() -> dict:
+    """What, besides its inputs, options and device, decides the bytes of a float computation on this machine:
+    torch's thread count (it splits the sums) and the CPU kernels torch dispatches to (GPTQ wrote other bytes
+    with ATEN_CPU_CAPABILITY=default than with the machine's AVX2 kernels; README "Known limits")."""
+    return {"torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """torch's intra-op thread count for the duration of the block (n <= 0: unchanged), then back to what it was."""
