@@ -127,7 +127,7 @@ def main() -> None:
     start = time.monotonic()
     reply = llm.chat(
         [{"role": "user", "content": request["question"]}],
-        SamplingParams(max_tokens=request.get("chat_tokens", 24), temperature=0),
+        SamplingParams(max_tokens=request["chat_tokens"], temperature=0),
         use_tqdm=False,
     )
     seconds["chat"] = time.monotonic() - start
